@@ -1,0 +1,219 @@
+//! Kafka client setup shared by the programs: client properties, topic
+//! creation, and the source-position store.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::TopicPartitionList;
+
+/// How to reach the brokers: `bootstrap.servers` and any extra librdkafka
+/// properties (TLS, SASL, tuning). `Debug` hides secret values.
+#[derive(Clone, Default)]
+pub struct KafkaSettings {
+    /// `host:port,host:port`.
+    pub bootstrap_servers: String,
+    /// Extra librdkafka properties, applied last so they win.
+    pub properties: Vec<(String, String)>,
+}
+
+impl fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let props: Vec<String> = self
+            .properties
+            .iter()
+            .map(|(k, v)| {
+                if is_secret(k) {
+                    format!("{k}=***")
+                } else {
+                    format!("{k}={v}")
+                }
+            })
+            .collect();
+        f.debug_struct("KafkaSettings")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("properties", &props)
+            .finish()
+    }
+}
+
+fn is_secret(key: &str) -> bool {
+    key.contains("password") || key.contains("secret") || key.ends_with(".key.pem")
+}
+
+impl KafkaSettings {
+    /// Builds settings from the bootstrap list and `key=value` property
+    /// strings as given on the command line.
+    ///
+    /// Fails naming the property that is not `key=value`.
+    pub fn new(bootstrap_servers: &str, properties: &[String]) -> anyhow::Result<Self> {
+        if bootstrap_servers.trim().is_empty() {
+            bail!("no Kafka brokers given: set KAFKA_BOOTSTRAP_SERVERS or --bootstrap-servers (like 127.0.0.1:9092)");
+        }
+        let mut parsed = Vec::new();
+        for p in properties {
+            let (k, v) = p.split_once('=').with_context(|| {
+                format!(
+                    "kafka property `{}` is not key=value (like security.protocol=SSL)",
+                    redact_property(p)
+                )
+            })?;
+            parsed.push((k.trim().to_owned(), v.trim().to_owned()));
+        }
+        Ok(Self {
+            bootstrap_servers: bootstrap_servers.trim().to_owned(),
+            properties: parsed,
+        })
+    }
+
+    /// A client config with the brokers, Tidemark's defaults for `role`, and
+    /// the user's properties on top.
+    pub fn client_config(&self, defaults: &[(&str, &str)]) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.bootstrap_servers);
+        for (k, v) in defaults {
+            config.set(*k, *v);
+        }
+        for (k, v) in &self.properties {
+            config.set(k, v);
+        }
+        config
+    }
+
+    /// An admin client.
+    ///
+    /// Fails when librdkafka rejects a property.
+    pub fn admin(&self) -> anyhow::Result<AdminClient<DefaultClientContext>> {
+        self.client_config(&[])
+            .create()
+            .context("cannot create a Kafka admin client; check the kafka properties")
+    }
+}
+
+fn redact_property(p: &str) -> String {
+    match p.split_once('=') {
+        Some((k, _)) if is_secret(k) => format!("{k}=***"),
+        _ => p.to_owned(),
+    }
+}
+
+/// How a topic Tidemark creates looks.
+#[derive(Debug, Clone)]
+pub struct TopicSpec {
+    /// Partitions for a new topic.
+    pub partitions: i32,
+    /// Replication factor for a new topic; -1 takes the broker's default.
+    pub replication_factor: i32,
+    /// Topic configs (`cleanup.policy`, ...).
+    pub configs: Vec<(String, String)>,
+}
+
+/// Creates `topic` if it does not exist; an existing topic is left as it is.
+///
+/// Fails when the broker refuses (no permission, a bad replication factor),
+/// naming the topic and the likely fix.
+pub async fn ensure_topic(
+    admin: &AdminClient<DefaultClientContext>,
+    topic: &str,
+    spec: &TopicSpec,
+) -> anyhow::Result<bool> {
+    let replication = TopicReplication::Fixed(spec.replication_factor);
+    let mut new = NewTopic::new(topic, spec.partitions, replication);
+    for (k, v) in &spec.configs {
+        new = new.set(k, v);
+    }
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics([&new], &opts)
+        .await
+        .with_context(|| format!("cannot reach Kafka to create topic {topic}"))?;
+    for result in results {
+        match result {
+            Ok(_) => {
+                tracing::info!(topic, partitions = spec.partitions, "topic created");
+                return Ok(true);
+            }
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => return Ok(false),
+            Err((_, code @ RDKafkaErrorCode::TopicAuthorizationFailed))
+            | Err((_, code @ RDKafkaErrorCode::ClusterAuthorizationFailed)) => bail!(
+                "not allowed to create topic {topic} ({code}): create it yourself or grant CREATE on it"
+            ),
+            Err((_, code @ RDKafkaErrorCode::InvalidReplicationFactor)) => bail!(
+                "cannot create topic {topic}: {code}; lower topic.creation.default.replication.factor to at most the number of brokers"
+            ),
+            Err((_, code)) => bail!("cannot create topic {topic}: {code}"),
+        }
+    }
+    Ok(false)
+}
+
+/// Reads every record of a (small, compacted) topic up to its end as a
+/// `read_committed` consumer sees it, keeping the last value of each key.
+/// Tombstones remove the key.
+///
+/// This is how a source finds its position: positions are written in the same
+/// Kafka transaction as the records they cover, so what a `read_committed`
+/// reader sees here is exactly what was committed.
+///
+/// Fails when the topic cannot be read within `timeout`.
+pub fn read_compacted(
+    settings: &KafkaSettings,
+    topic: &str,
+    timeout: Duration,
+) -> anyhow::Result<HashMap<Vec<u8>, Vec<u8>>> {
+    let consumer: BaseConsumer = settings
+        .client_config(&[
+            ("isolation.level", "read_committed"),
+            ("enable.partition.eof", "true"),
+            ("enable.auto.commit", "false"),
+            ("group.id", "tidemark-position-reader"),
+        ])
+        .create()
+        .context("cannot create a Kafka consumer to read positions")?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .with_context(|| format!("cannot read metadata of topic {topic}"))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut values = HashMap::new();
+    if partitions.is_empty() {
+        return Ok(values);
+    }
+    let mut tpl = TopicPartitionList::new();
+    for p in &partitions {
+        tpl.add_partition_offset(topic, *p, rdkafka::Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let mut open: std::collections::HashSet<i32> = partitions.into_iter().collect();
+    let deadline = std::time::Instant::now() + timeout;
+    while !open.is_empty() {
+        if std::time::Instant::now() > deadline {
+            bail!("timed out reading positions from topic {topic}; is an open transaction of another producer holding it back?");
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            None => {}
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                open.remove(&p);
+            }
+            Some(Err(e)) => return Err(e).with_context(|| format!("cannot read topic {topic}")),
+            Some(Ok(msg)) => {
+                let Some(key) = msg.key() else { continue };
+                match msg.payload() {
+                    Some(v) => values.insert(key.to_vec(), v.to_vec()),
+                    None => values.remove(key),
+                };
+            }
+        }
+    }
+    Ok(values)
+}

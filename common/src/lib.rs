@@ -1,0 +1,17 @@
+//! What every Tidemark program shares.
+//!
+//! Organised by topic: the record [`envelope`] (how a Postgres row becomes a
+//! Kafka Connect JSON record), source and sink positions ([`offset`]),
+//! connector-config parsing ([`config`]), Postgres and Kafka client setup
+//! ([`pg`], [`kafka`]), and process plumbing ([`shutdown`], [`telemetry`]).
+
+pub mod config;
+pub mod envelope;
+pub mod error;
+pub mod kafka;
+pub mod offset;
+pub mod pg;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use error::ConfigError;

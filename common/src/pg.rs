@@ -1,0 +1,460 @@
+//! Postgres client setup: JDBC URLs, connection options and the retry policy.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
+use sqlx::PgPool;
+
+use crate::ConfigError;
+
+/// Where and how to connect to Postgres, with the password kept out of
+/// `Debug` and `Display` so it never reaches a log line or an error message.
+#[derive(Clone)]
+pub struct PgTarget {
+    /// The options sqlx connects with (they hold the password).
+    pub options: PgConnectOptions,
+    /// `user@host:port/database`, for messages.
+    pub display: String,
+}
+
+impl fmt::Debug for PgTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PgTarget({})", self.display)
+    }
+}
+
+impl fmt::Display for PgTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.display)
+    }
+}
+
+/// Query parameters of a JDBC URL that Tidemark honours.
+const JDBC_PARAMS: &[&str] = &[
+    "user",
+    "password",
+    "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "ApplicationName",
+    "applicationName",
+];
+
+impl PgTarget {
+    /// Builds a target from a JDBC URL (`jdbc:postgresql://host:port/db?...`)
+    /// as the JDBC connector's `connection.url` holds it, plus the separate
+    /// `connection.user` and `connection.password` keys (which win over the
+    /// URL's own parameters, as in the JDBC driver).
+    ///
+    /// Fails naming `key` when the URL is not a single-host Postgres JDBC URL
+    /// or carries a parameter Tidemark cannot honour.
+    pub fn from_jdbc(
+        key: &str,
+        url: &str,
+        user: Option<&str>,
+        password: Option<&str>,
+    ) -> Result<Self, ConfigError> {
+        let rest = url.strip_prefix("jdbc:postgresql:").ok_or_else(|| {
+            ConfigError::invalid(
+                key,
+                url,
+                "expected a JDBC URL like jdbc:postgresql://host:5432/database",
+            )
+        })?;
+        let rest = rest.strip_prefix("//").ok_or_else(|| {
+            ConfigError::invalid(
+                key,
+                url,
+                "expected a host after jdbc:postgresql:, like jdbc:postgresql://host:5432/database",
+            )
+        })?;
+        let parsed = url::Url::parse(&format!("postgres://{rest}"))
+            .map_err(|e| ConfigError::invalid(key, url, format!("not a valid URL: {e}")))?;
+        if rest.split(['/', '?']).next().unwrap_or("").contains(',') {
+            return Err(ConfigError::invalid(
+                key,
+                url,
+                "several hosts are not supported; name one host",
+            ));
+        }
+        let host = parsed
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| ConfigError::invalid(key, url, "the URL names no host"))?;
+        let database = parsed.path().trim_start_matches('/');
+        if database.is_empty() {
+            return Err(ConfigError::invalid(
+                key,
+                url,
+                "the URL names no database; add it after the host, like jdbc:postgresql://host:5432/streaming_example",
+            ));
+        }
+        let mut options = PgConnectOptions::new_without_pgpass()
+            .host(host)
+            .port(parsed.port().unwrap_or(5432))
+            .database(database);
+        let mut url_user = None;
+        let mut url_password = None;
+        for (name, value) in parsed.query_pairs() {
+            match name.as_ref() {
+                "user" => url_user = Some(value.into_owned()),
+                "password" => url_password = Some(value.into_owned()),
+                "sslmode" => {
+                    let mode = PgSslMode::from_str(&value).map_err(|_| {
+                        ConfigError::invalid(
+                            key,
+                            url,
+                            format!("sslmode `{value}` is not one of disable, allow, prefer, require, verify-ca, verify-full"),
+                        )
+                    })?;
+                    options = options.ssl_mode(mode);
+                }
+                "sslrootcert" => options = options.ssl_root_cert(value.as_ref()),
+                "sslcert" => options = options.ssl_client_cert(value.as_ref()),
+                "sslkey" => options = options.ssl_client_key(value.as_ref()),
+                "ApplicationName" | "applicationName" => options = options.application_name(&value),
+                other => {
+                    return Err(ConfigError::invalid(
+                        key,
+                        &redact_url(url),
+                        format!(
+                            "the JDBC parameter `{other}` is not supported; Tidemark honours {}",
+                            JDBC_PARAMS.join(", ")
+                        ),
+                    ))
+                }
+            }
+        }
+        let user = user
+            .map(str::to_owned)
+            .or(url_user)
+            .or_else(|| (!parsed.username().is_empty()).then(|| parsed.username().to_owned()))
+            .ok_or_else(|| ConfigError::missing("connection.user", "the JDBC URL names no user"))?;
+        options = options.username(&user);
+        if let Some(password) = password.map(str::to_owned).or(url_password) {
+            options = options.password(&password);
+        }
+        let display = format!("{user}@{host}:{}/{database}", parsed.port().unwrap_or(5432));
+        Ok(Self {
+            options: with_session_settings(options),
+            display,
+        })
+    }
+
+    /// Builds a target from a libpq-style URL (`postgres://user:pw@host/db`),
+    /// as `DATABASE_URL` holds it.
+    ///
+    /// Fails naming `key` when the URL does not parse.
+    pub fn from_url(key: &str, url: &str) -> Result<Self, ConfigError> {
+        let options = PgConnectOptions::from_str(url).map_err(|e| {
+            ConfigError::invalid(
+                key,
+                &redact_url(url),
+                format!("expected a URL like postgres://user:password@host:5432/database ({e})"),
+            )
+        })?;
+        let display = format!(
+            "{}@{}:{}/{}",
+            options.get_username(),
+            options.get_host(),
+            options.get_port(),
+            options.get_database().unwrap_or("(default)")
+        );
+        Ok(Self {
+            options: with_session_settings(options),
+            display,
+        })
+    }
+
+    /// The same server, another database.
+    pub fn with_database(&self, database: &str) -> Self {
+        let display = match self.display.rsplit_once('/') {
+            Some((server, _)) => format!("{server}/{database}"),
+            None => format!("{}/{database}", self.display),
+        };
+        Self {
+            options: self.options.clone().database(database),
+            display,
+        }
+    }
+
+    /// The database this target names.
+    pub fn database(&self) -> Option<&str> {
+        self.options.get_database()
+    }
+
+    /// Opens a small pool, retrying while the server is unreachable (it may be
+    /// starting) for up to `patience`.
+    ///
+    /// Fails at once on errors waiting cannot cure (a wrong password, a
+    /// missing database, no permission) with a message that says what to
+    /// change.
+    pub async fn connect(
+        &self,
+        max_connections: u32,
+        patience: Duration,
+    ) -> anyhow::Result<PgPool> {
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut delay = Duration::from_millis(200);
+        let mut logged = false;
+        loop {
+            let result = PgPoolOptions::new()
+                .max_connections(max_connections)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(self.options.clone())
+                .await;
+            match result {
+                Ok(pool) => {
+                    if logged {
+                        tracing::info!(postgres = %self, "connected to postgres");
+                    }
+                    return Ok(pool);
+                }
+                Err(e) if is_transient(&e) && tokio::time::Instant::now() + delay < deadline => {
+                    if !logged {
+                        tracing::warn!(postgres = %self, error = %e, "postgres unreachable, retrying");
+                        logged = true;
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(explain(e, self)),
+            }
+        }
+    }
+}
+
+/// Session settings every Tidemark connection needs: ISO 8601 intervals in
+/// the envelope, and a name that shows in `pg_stat_activity`. (sqlx already
+/// fixes `TimeZone=UTC` and `DateStyle=ISO`.)
+fn with_session_settings(options: PgConnectOptions) -> PgConnectOptions {
+    let options = options.options([("IntervalStyle", "iso_8601")]);
+    if options.get_application_name().is_none() {
+        options.application_name("tidemark")
+    } else {
+        options
+    }
+}
+
+/// Whether waiting may cure a connection error (the server is down or
+/// restarting) as opposed to a configuration error.
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
+        sqlx::Error::Database(db) => matches!(
+            db.code().as_deref(),
+            // admin_shutdown, crash_shutdown, cannot_connect_now, too_many_connections,
+            // serialization/deadlock failures are retried by re-running the batch.
+            Some("57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01")
+        ),
+        sqlx::Error::Protocol(_) => false,
+        sqlx::Error::Tls(_) => false,
+        _ => false,
+    }
+}
+
+/// Turns a connection error into one that says what to change.
+pub fn explain(e: sqlx::Error, target: &PgTarget) -> anyhow::Error {
+    let hint = match &e {
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            Some("28P01") | Some("28000") => {
+                "the password or user is wrong: check connection.user and connection.password (or DATABASE_URL)"
+            }
+            Some("3D000") => "the database does not exist: run schema-init first, or fix the database in the URL",
+            Some("42501") => "permission denied: grant the user access, or connect as the table's owner",
+            _ => "",
+        },
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => {
+            "the server is unreachable: check the host and port, and that Postgres runs"
+        }
+        sqlx::Error::Tls(_) => "the TLS handshake failed: check sslmode and the certificates",
+        _ => "",
+    };
+    if hint.is_empty() {
+        anyhow::anyhow!("cannot connect to postgres at {target}: {e}")
+    } else {
+        anyhow::anyhow!("cannot connect to postgres at {target}: {e}; {hint}")
+    }
+}
+
+/// Replaces a password in a URL with `***`.
+pub fn redact_url(url: &str) -> String {
+    let mut out = String::with_capacity(url.len());
+    // user:password@ form
+    let (scheme, rest) = match url.find("://") {
+        Some(i) => url.split_at(i + 3),
+        None => ("", url),
+    };
+    out.push_str(scheme);
+    let rest = match rest.find('@') {
+        Some(at) if rest[..at].contains(':') && !rest[..at].contains('/') => {
+            let colon = rest[..at].find(':').unwrap_or(at);
+            format!("{}:***{}", &rest[..colon], &rest[at..])
+        }
+        _ => rest.to_owned(),
+    };
+    // ?password=... form
+    let mut parts = rest.splitn(2, '?');
+    out.push_str(parts.next().unwrap_or(""));
+    if let Some(query) = parts.next() {
+        out.push('?');
+        let redacted: Vec<String> = query
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => kv.to_owned(),
+            })
+            .collect();
+        out.push_str(&redacted.join("&"));
+    }
+    out
+}
+
+/// Quotes an identifier for SQL (`"a""b"`), so names from config can never
+/// inject SQL.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A table name as the user wrote it: `table` or `schema.table`, optionally
+/// with double quotes around either part.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableName {
+    /// The schema; `public` when not given.
+    pub schema: String,
+    /// The table.
+    pub name: String,
+}
+
+impl TableName {
+    /// Parses `table`, `schema.table`, `"Odd.Name"` or `schema."Odd Name"`.
+    /// Unquoted parts are folded to lower case, as Postgres does.
+    ///
+    /// Fails when the name is empty or its quotes do not balance.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut chars = text.trim().chars().peekable();
+        let mut cur = String::new();
+        let mut quoted_part = false;
+        while let Some(c) = chars.next() {
+            match c {
+                '"' => {
+                    quoted_part = true;
+                    loop {
+                        match chars.next() {
+                            Some('"') if chars.peek() == Some(&'"') => {
+                                chars.next();
+                                cur.push('"');
+                            }
+                            Some('"') => break,
+                            Some(c) => cur.push(c),
+                            None => {
+                                return Err(format!("unbalanced quotes in table name `{text}`"))
+                            }
+                        }
+                    }
+                }
+                '.' => {
+                    parts.push(std::mem::take(&mut cur));
+                    quoted_part = false;
+                }
+                c if quoted_part => {
+                    return Err(format!("unexpected `{c}` after a quoted part in `{text}`"))
+                }
+                c => cur.extend(c.to_lowercase()),
+            }
+        }
+        parts.push(cur);
+        if parts.iter().any(|p| p.is_empty()) {
+            return Err(format!(
+                "`{text}` is not a table name like table or schema.table"
+            ));
+        }
+        match parts.len() {
+            1 => Ok(Self {
+                schema: "public".into(),
+                name: parts.remove(0),
+            }),
+            2 => Ok(Self {
+                name: parts.remove(1),
+                schema: parts.remove(0),
+            }),
+            _ => Err(format!("`{text}` has too many dots; write schema.table")),
+        }
+    }
+
+    /// `"schema"."table"`, safe to put in SQL.
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jdbc_urls_are_parsed_and_the_password_is_hidden() {
+        let t = PgTarget::from_jdbc(
+            "connection.url",
+            "jdbc:postgresql://postgres:5432/streaming_example",
+            Some("postgres"),
+            Some("secret"),
+        )
+        .unwrap();
+        assert_eq!(t.display, "postgres@postgres:5432/streaming_example");
+        assert!(!format!("{t:?}").contains("secret"));
+        assert_eq!(t.options.get_host(), "postgres");
+        assert_eq!(t.options.get_database(), Some("streaming_example"));
+    }
+
+    #[test]
+    fn malformed_jdbc_urls_name_the_key() {
+        for url in [
+            "postgres://x/y",
+            "jdbc:postgresql:db",
+            "jdbc:postgresql://h1,h2/db",
+            "jdbc:postgresql://host:5432/",
+            "jdbc:postgresql://host/db?loginTimeout=3",
+        ] {
+            let err = PgTarget::from_jdbc("connection.url", url, Some("u"), None)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("connection.url"), "{url}: {err}");
+        }
+    }
+
+    #[test]
+    fn passwords_are_redacted_from_urls() {
+        assert_eq!(
+            redact_url("postgres://u:pw@h:1/db"),
+            "postgres://u:***@h:1/db"
+        );
+        assert_eq!(
+            redact_url("jdbc:postgresql://h/db?user=u&password=pw"),
+            "jdbc:postgresql://h/db?user=u&password=***"
+        );
+    }
+
+    #[test]
+    fn table_names_fold_and_quote() {
+        assert_eq!(
+            TableName::parse("Streaming_Update_Table").unwrap().quoted(),
+            r#""public"."streaming_update_table""#
+        );
+        let odd = TableName::parse(r#"s."We""ird Name""#).unwrap();
+        assert_eq!(odd.name, r#"We"ird Name"#);
+        assert_eq!(odd.quoted(), r#""s"."We""ird Name""#);
+        assert!(TableName::parse("a.b.c").is_err());
+        assert!(TableName::parse("\"abc").is_err());
+    }
+}

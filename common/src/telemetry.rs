@@ -1,0 +1,25 @@
+//! Logging setup: `tracing` to stdout, human-readable or JSON.
+
+use tracing_subscriber::EnvFilter;
+
+/// Starts the global subscriber. `RUST_LOG` (or `TIDEMARK_LOG`) picks the
+/// level, `info` by default; `json` switches to one JSON object per line for
+/// log collectors.
+pub fn init(json: bool) {
+    let filter = std::env::var("TIDEMARK_LOG")
+        .ok()
+        .map(EnvFilter::new)
+        .unwrap_or_else(|| {
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,rdkafka=warn"))
+        });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
+    // A second init (tests start programs in-process) is harmless.
+    if json {
+        let _ = builder.json().try_init();
+    } else {
+        let _ = builder.try_init();
+    }
+}

@@ -1,0 +1,180 @@
+//! The transactional Kafka producer.
+//!
+//! Each batch of rows and the source position that covers it are written in
+//! one Kafka transaction: either both become visible to `read_committed`
+//! readers or neither does. On start, `init_transactions` fences any older
+//! instance with the same `transactional.id` and aborts its open transaction,
+//! so a crashed pg-source never leaves half a batch behind.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, Context as _};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use tidemark_common::kafka::KafkaSettings;
+
+/// How long a transaction step may take before it is treated as failed.
+const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One record to produce.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// Topic.
+    pub topic: String,
+    /// Key bytes.
+    pub key: Vec<u8>,
+    /// Value bytes.
+    pub value: Vec<u8>,
+}
+
+/// Why a batch did not commit.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    /// The transaction was aborted; the batch can be read and sent again.
+    #[error("kafka transaction aborted, the batch will be sent again: {0:#}")]
+    Retry(anyhow::Error),
+    /// The producer cannot go on (fenced by another instance, not
+    /// authorised); the program must stop.
+    #[error("{0:#}")]
+    Fatal(anyhow::Error),
+}
+
+/// A transactional producer.
+#[derive(Clone)]
+pub struct TxProducer {
+    producer: FutureProducer,
+}
+
+impl TxProducer {
+    /// Creates the producer and initialises transactions, fencing any older
+    /// instance with the same `transactional.id`.
+    ///
+    /// Fails when the brokers cannot be reached in time or refuse the
+    /// transactional id.
+    pub async fn new(settings: &KafkaSettings, transactional_id: &str) -> anyhow::Result<Self> {
+        let producer: FutureProducer = settings
+            .client_config(&[
+                ("transactional.id", transactional_id),
+                ("enable.idempotence", "true"),
+                ("acks", "all"),
+                ("linger.ms", "5"),
+                ("compression.type", "lz4"),
+                // The Java client's partitioner, so keys land where Java
+                // producers would put them.
+                ("partitioner", "murmur2_random"),
+                ("transaction.timeout.ms", "60000"),
+                ("queue.buffering.max.kbytes", "16384"),
+            ])
+            .create()
+            .context("cannot create the Kafka producer; check the kafka properties")?;
+        let p = producer.clone();
+        tokio::task::spawn_blocking(move || p.init_transactions(Duration::from_secs(60)))
+            .await?
+            .map_err(|e| classify(e, "initialise Kafka transactions").into_anyhow())
+            .with_context(|| {
+                format!("cannot start the transactional producer `{transactional_id}`; is Kafka reachable at the bootstrap servers?")
+            })?;
+        Ok(Self { producer })
+    }
+
+    /// Produces `records` and then `position` in one transaction and commits
+    /// it. When this returns `Ok`, Kafka has acknowledged every record.
+    ///
+    /// Fails with [`BatchError::Retry`] when the transaction was aborted, and
+    /// with [`BatchError::Fatal`] when the producer cannot continue.
+    pub async fn send_batch(
+        &self,
+        records: Vec<Record>,
+        position: Record,
+    ) -> Result<(), BatchError> {
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || send_blocking(&producer, &records, &position))
+            .await
+            .map_err(|e| BatchError::Fatal(anyhow!("producer task failed: {e}")))?
+    }
+}
+
+fn send_blocking(
+    producer: &FutureProducer,
+    records: &[Record],
+    position: &Record,
+) -> Result<(), BatchError> {
+    let run = || -> Result<(), KafkaError> {
+        producer.begin_transaction()?;
+        for r in records.iter().chain(std::iter::once(position)) {
+            let mut rec = FutureRecord::to(&r.topic).key(&r.key).payload(&r.value);
+            loop {
+                match producer.send_result(rec) {
+                    // The delivery outcome is checked by the commit: it fails
+                    // when any record of the transaction failed.
+                    Ok(_delivery) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        rec = back;
+                        producer.poll(Duration::from_millis(10));
+                    }
+                    Err((e, _)) => return Err(e),
+                }
+            }
+        }
+        producer.commit_transaction(TXN_TIMEOUT)
+    };
+    match run() {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let err = classify(e, "commit a batch");
+            if let BatchError::Retry(_) = &err {
+                if let Err(abort) = producer.abort_transaction(TXN_TIMEOUT) {
+                    return Err(classify_abort(abort));
+                }
+            }
+            Err(err)
+        }
+    }
+}
+
+fn classify_abort(e: KafkaError) -> BatchError {
+    match classify(e, "abort a failed transaction") {
+        BatchError::Retry(e) => BatchError::Fatal(e.context("the producer restarts to recover")),
+        fatal => fatal,
+    }
+}
+
+/// Sorts a Kafka error into retry or stop, with a message that says why.
+fn classify(e: KafkaError, what: &str) -> BatchError {
+    let code = e.rdkafka_error_code();
+    let fatal_hint = match code {
+        Some(RDKafkaErrorCode::TopicAuthorizationFailed) => Some(
+            "not allowed to write to the topic: grant WRITE on it to this user, or fix topic.prefix",
+        ),
+        Some(RDKafkaErrorCode::TransactionalIdAuthorizationFailed) => Some(
+            "not allowed to use the transactional id: grant WRITE on it to this user",
+        ),
+        Some(RDKafkaErrorCode::ClusterAuthorizationFailed) => {
+            Some("not allowed to use idempotent writes: grant IDEMPOTENT_WRITE on the cluster")
+        }
+        Some(RDKafkaErrorCode::ProducerFenced) | Some(RDKafkaErrorCode::InvalidProducerEpoch) => Some(
+            "another pg-source with the same name took over; run one instance per connector name",
+        ),
+        Some(RDKafkaErrorCode::MessageSizeTooLarge) => Some(
+            "a row is larger than the broker accepts: raise message.max.bytes on the topic and the producer",
+        ),
+        _ => None,
+    };
+    let is_fatal = match &e {
+        KafkaError::Transaction(t) => t.is_fatal(),
+        _ => false,
+    };
+    match fatal_hint {
+        Some(hint) => BatchError::Fatal(anyhow!("cannot {what}: {e}; {hint}")),
+        None if is_fatal => BatchError::Fatal(anyhow!("cannot {what}: {e}")),
+        None => BatchError::Retry(anyhow!("cannot {what}: {e}")),
+    }
+}
+
+impl BatchError {
+    fn into_anyhow(self) -> anyhow::Error {
+        match self {
+            Self::Retry(e) | Self::Fatal(e) => e,
+        }
+    }
+}

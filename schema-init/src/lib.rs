@@ -1,0 +1,283 @@
+//! schema-init: creates what capture needs in the user's database, once.
+//!
+//! It creates the database if it is missing, the seed's table with its
+//! `last_updated` trigger and sample row, an index on `(last_updated, id)`
+//! so each poll reads only what changed, and a statement-level trigger that
+//! sends a `NOTIFY tidemark` on every change so pg-source wakes at once
+//! instead of waiting for its next poll. Every statement is idempotent and
+//! the whole run is one transaction under an advisory lock, so running it
+//! again (or twice at once) changes nothing and adds no second sample row.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use sqlx::Connection as _;
+use tidemark_common::pg::{quote_ident, PgTarget, TableName};
+
+/// What to create, and where.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// A superuser or owner connection; its database is only used to create
+    /// the target database.
+    pub target: Option<PgTarget>,
+    /// The database to create and fill.
+    pub database: String,
+    /// The table to create.
+    pub table: TableName,
+    /// Install the NOTIFY trigger that wakes pg-source.
+    pub notify: bool,
+    /// Insert the seed's sample row when the table is new.
+    pub sample_row: bool,
+}
+
+/// One statement of the plan, with what it is for.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// What the statement does, for logs and `--dry-run`.
+    pub what: String,
+    /// The SQL.
+    pub sql: String,
+    /// Runs only when the table did not exist before this run.
+    pub only_if_new_table: bool,
+}
+
+/// The channel pg-source listens on.
+pub const NOTIFY_CHANNEL: &str = "tidemark";
+
+/// The statements to run in the target database, in order.
+pub fn plan(cfg: &Config) -> Vec<Step> {
+    let t = cfg.table.quoted();
+    let schema = quote_ident(&cfg.table.schema);
+    let short = cfg.table.name.chars().take(40).collect::<String>();
+    let index = quote_ident(&format!("{short}_last_updated_id_idx"));
+    let mut steps = vec![
+        Step {
+            what: format!("create schema {}", cfg.table.schema),
+            sql: format!("create schema if not exists {schema}"),
+            only_if_new_table: false,
+        },
+        Step {
+            what: format!("create table {}", cfg.table),
+            sql: format!(
+                r#"create table if not exists {t} (
+  id serial primary key,
+  data varchar(256) not null,
+  is_soft_deleted boolean default false,
+  create_date timestamp not null default now(),
+  last_updated timestamp not null default now()
+)"#
+            ),
+            only_if_new_table: false,
+        },
+        Step {
+            what: "create function update_last_updated_column".into(),
+            sql: format!(
+                r#"create or replace function {schema}.update_last_updated_column()
+returns trigger as $$
+begin
+  new.last_updated = now();
+  return new;
+end;
+$$ language plpgsql"#
+            ),
+            only_if_new_table: false,
+        },
+        Step {
+            what: "create trigger update_last_updated_column".into(),
+            sql: format!(
+                "create or replace trigger update_last_updated_column\n\
+                 before update on {t}\n\
+                 for each row execute procedure {schema}.update_last_updated_column()"
+            ),
+            only_if_new_table: false,
+        },
+        Step {
+            what: "create index on (last_updated, id)".into(),
+            sql: format!("create index if not exists {index} on {t} (last_updated, id)"),
+            only_if_new_table: false,
+        },
+    ];
+    if cfg.notify {
+        steps.extend([
+            Step {
+                what: "create schema tidemark".into(),
+                sql: "create schema if not exists tidemark".into(),
+                only_if_new_table: false,
+            },
+            Step {
+                what: "create function tidemark.notify_change".into(),
+                sql: format!(
+                    r#"create or replace function tidemark.notify_change()
+returns trigger as $$
+begin
+  perform pg_notify('{NOTIFY_CHANNEL}', tg_table_schema || '.' || tg_table_name);
+  return null;
+end;
+$$ language plpgsql"#
+                ),
+                only_if_new_table: false,
+            },
+            Step {
+                what: "create trigger tidemark_notify".into(),
+                sql: format!(
+                    "create or replace trigger tidemark_notify\n\
+                     after insert or update or delete on {t}\n\
+                     for each statement execute function tidemark.notify_change()"
+                ),
+                only_if_new_table: false,
+            },
+        ]);
+    }
+    if cfg.sample_row {
+        steps.push(Step {
+            what: "insert the sample row".into(),
+            sql: format!("insert into {t} (data) values ('test data')"),
+            only_if_new_table: true,
+        });
+    }
+    steps
+}
+
+/// What a run did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// The database was created by this run.
+    pub created_database: bool,
+    /// The table was created by this run.
+    pub created_table: bool,
+}
+
+/// Prints the SQL a run would execute, without connecting.
+pub fn dry_run(cfg: &Config) -> String {
+    let mut out = format!(
+        "-- run in the server's default database, when {db} is missing:\ncreate database {};\n\n-- then in {db}, in one transaction:\n",
+        quote_ident(&cfg.database),
+        db = cfg.database
+    );
+    for step in plan(cfg) {
+        if step.only_if_new_table {
+            out.push_str("-- only when the table was just created:\n");
+        }
+        out.push_str(&step.sql);
+        out.push_str(";\n\n");
+    }
+    out
+}
+
+/// Creates everything. Safe to run again.
+///
+/// Fails when the server is unreachable, the credentials are wrong, or the
+/// user may not create the database or table; the message says which.
+pub async fn run(cfg: &Config) -> anyhow::Result<Report> {
+    let target = cfg.target.as_ref().context(
+        "no database URL: set DATABASE_URL or --database-url to a superuser or owner URL like postgres://postgres:postgres@127.0.0.1:5432/postgres",
+    )?;
+    let admin = target.connect(1, Duration::from_secs(30)).await?;
+    let exists: bool =
+        sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
+            .bind(&cfg.database)
+            .fetch_one(&admin)
+            .await
+            .context("cannot list databases")?;
+    let mut created_database = false;
+    if !exists {
+        let sql = format!("create database {}", quote_ident(&cfg.database));
+        match sqlx::query(&sql).execute(&admin).await {
+            Ok(_) => {
+                created_database = true;
+                tracing::info!(database = %cfg.database, "database created");
+            }
+            // Another schema-init created it meanwhile.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("cannot create database {}; connect as a user with CREATEDB, or create it yourself", cfg.database)
+                })
+            }
+        }
+    } else {
+        tracing::info!(database = %cfg.database, "database exists");
+    }
+    admin.close().await;
+
+    let db_target = target.with_database(&cfg.database);
+    let pool = db_target.connect(1, Duration::from_secs(30)).await?;
+    let mut conn = pool.acquire().await?;
+    let mut tx = conn.begin().await?;
+    // Two schema-init runs at once must not both insert the sample row.
+    sqlx::query("select pg_advisory_xact_lock(hashtext('tidemark.schema-init'))")
+        .execute(&mut *tx)
+        .await?;
+    let table_existed: bool = sqlx::query_scalar("select to_regclass($1) is not null")
+        .bind(cfg.table.quoted())
+        .fetch_one(&mut *tx)
+        .await?;
+    for step in plan(cfg) {
+        if step.only_if_new_table && table_existed {
+            tracing::info!(step = %step.what, "skipped: the table already existed");
+            continue;
+        }
+        sqlx::query(&step.sql)
+            .execute(&mut *tx)
+            .await
+            .with_context(|| format!("cannot {} in {}", step.what, db_target))?;
+        tracing::info!(step = %step.what, "done");
+    }
+    tx.commit().await.context("cannot commit the schema")?;
+    drop(conn);
+    pool.close().await;
+    Ok(Report {
+        created_database,
+        created_table: !table_existed,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> Config {
+        Config {
+            target: None,
+            database: "streaming_example".into(),
+            table: TableName::parse("streaming_update_table").unwrap(),
+            notify: true,
+            sample_row: true,
+        }
+    }
+
+    #[test]
+    fn the_plan_has_the_seed_objects_and_only_one_conditional_insert() {
+        let steps = plan(&cfg());
+        let sql: Vec<&str> = steps.iter().map(|s| s.sql.as_str()).collect();
+        assert!(sql.iter().any(
+            |s| s.contains("create table if not exists \"public\".\"streaming_update_table\"")
+        ));
+        assert!(sql
+            .iter()
+            .any(|s| s.contains("on \"public\".\"streaming_update_table\" (last_updated, id)")));
+        let inserts: Vec<&Step> = steps
+            .iter()
+            .filter(|s| s.sql.starts_with("insert"))
+            .collect();
+        assert_eq!(inserts.len(), 1);
+        assert!(inserts[0].only_if_new_table);
+    }
+
+    #[test]
+    fn dry_run_prints_every_statement() {
+        let text = dry_run(&cfg());
+        assert!(text.contains("create database \"streaming_example\";"));
+        assert!(text.contains("for each statement execute function tidemark.notify_change()"));
+    }
+
+    #[test]
+    fn odd_names_are_quoted() {
+        let mut c = cfg();
+        c.database = "we\"ird".into();
+        c.table = TableName::parse(r#""My Table""#).unwrap();
+        let text = dry_run(&c);
+        assert!(text.contains(r#"create database "we""ird";"#));
+        assert!(text.contains(r#""public"."My Table""#));
+    }
+}
