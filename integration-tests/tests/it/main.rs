@@ -1,0 +1,10 @@
+//! End-to-end tests on a real Postgres and a real Kafka broker, taken from
+//! `DATABASE_URL` and `KAFKA_BOOTSTRAP_SERVERS` (`eval "$(dev/services up)"`).
+//! Every test has its own database, topics, consumer group and output file,
+//! so they run in parallel.
+
+mod bad_config;
+mod ordering;
+mod restart;
+mod seed;
+mod support;
