@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::TopicPartitionList;
@@ -104,6 +104,21 @@ fn redact_property(p: &str) -> String {
     }
 }
 
+/// A client context that logs librdkafka's errors like the default one,
+/// except end-of-partition, which position readers ask for on purpose.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct QuietEofContext;
+
+impl ClientContext for QuietEofContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::warn!(error = %error, reason, "kafka client error");
+        }
+    }
+}
+
+impl ConsumerContext for QuietEofContext {}
+
 /// How a topic Tidemark creates looks.
 #[derive(Debug, Clone)]
 pub struct TopicSpec {
@@ -168,14 +183,14 @@ pub fn read_compacted(
     topic: &str,
     timeout: Duration,
 ) -> anyhow::Result<HashMap<Vec<u8>, Vec<u8>>> {
-    let consumer: BaseConsumer = settings
+    let consumer: BaseConsumer<QuietEofContext> = settings
         .client_config(&[
             ("isolation.level", "read_committed"),
             ("enable.partition.eof", "true"),
             ("enable.auto.commit", "false"),
             ("group.id", "tidemark-position-reader"),
         ])
-        .create()
+        .create_with_context(QuietEofContext)
         .context("cannot create a Kafka consumer to read positions")?;
     let metadata = consumer
         .fetch_metadata(Some(topic), timeout)

@@ -450,11 +450,14 @@ async fn poll_all(
             .await
             .map_err(PollError::Postgres)?;
         loop {
+            let started = std::time::Instant::now();
             let rows = r
                 .poll(pool, &bound, cfg.batch_max_rows)
                 .await
                 .map_err(PollError::Postgres)?;
+            let read = started.elapsed();
             let n = rows.len();
+            tracing::debug!(table = %r.table.name, rows = n, bound = %bound, read = ?read, "polled");
             let Some(last) = rows.last().map(|row| row.position.clone()) else {
                 break;
             };
@@ -471,11 +474,21 @@ async fn poll_all(
                 key: r.position_key.clone(),
                 value: TimestampReader::encode_position(&last),
             };
+            let started = std::time::Instant::now();
             producer
                 .send_batch(records, position)
                 .await
                 .map_err(PollError::Kafka)?;
-            tracing::info!(table = %r.table.name, topic = %r.topic, rows = n, timestamp = %last.0, incrementing = last.1, "batch committed");
+            tracing::info!(
+                table = %r.table.name,
+                topic = %r.topic,
+                rows = n,
+                timestamp = %last.0,
+                incrementing = last.1,
+                read = ?read,
+                commit = ?started.elapsed(),
+                "batch committed"
+            );
             r.position = Some(last);
             total += n as u64;
             if (n as i64) < cfg.batch_max_rows || shutdown.is_cancelled() {

@@ -33,11 +33,11 @@ struct Cli {
     bootstrap_servers: String,
 
     /// Extra librdkafka property, key=value (TLS, SASL, tuning). Repeatable;
-    /// in the environment, comma-separated.
+    /// in the environment, separated by `;`.
     #[arg(
         long = "kafka-property",
         env = "TIDEMARK_KAFKA_PROPERTIES",
-        value_delimiter = ',',
+        value_delimiter = ';',
         hide_env_values = true
     )]
     kafka_properties: Vec<String>,

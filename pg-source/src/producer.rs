@@ -6,11 +6,14 @@
 //! instance with the same `transactional.id` and aborts its open transaction,
 //! so a crashed pg-source never leaves half a batch behind.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
+use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer as _, ProducerContext};
 use tidemark_common::kafka::KafkaSettings;
 
 /// How long a transaction step may take before it is treated as failed.
@@ -39,10 +42,32 @@ pub enum BatchError {
     Fatal(anyhow::Error),
 }
 
-/// A transactional producer.
+/// Counts acknowledgements, so a batch waits for exactly its own.
+#[derive(Default)]
+pub struct Acks {
+    done: AtomicU64,
+    first_error: Mutex<Option<KafkaError>>,
+}
+
+impl ClientContext for Acks {}
+
+impl ProducerContext for Acks {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            let mut slot = self.first_error.lock().unwrap_or_else(|p| p.into_inner());
+            slot.get_or_insert_with(|| e.clone());
+        }
+        self.done.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// A transactional producer. Batches are sent from a blocking thread that
+/// also serves the producer's delivery reports, so nothing else polls it.
 #[derive(Clone)]
 pub struct TxProducer {
-    producer: FutureProducer,
+    producer: Arc<BaseProducer<Acks>>,
 }
 
 impl TxProducer {
@@ -52,7 +77,7 @@ impl TxProducer {
     /// Fails when the brokers cannot be reached in time or refuse the
     /// transactional id.
     pub async fn new(settings: &KafkaSettings, transactional_id: &str) -> anyhow::Result<Self> {
-        let producer: FutureProducer = settings
+        let producer: BaseProducer<Acks> = settings
             .client_config(&[
                 ("transactional.id", transactional_id),
                 ("enable.idempotence", "true"),
@@ -65,8 +90,9 @@ impl TxProducer {
                 ("transaction.timeout.ms", "60000"),
                 ("queue.buffering.max.kbytes", "16384"),
             ])
-            .create()
+            .create_with_context(Acks::default())
             .context("cannot create the Kafka producer; check the kafka properties")?;
+        let producer = Arc::new(producer);
         let p = producer.clone();
         tokio::task::spawn_blocking(move || p.init_transactions(Duration::from_secs(60)))
             .await?
@@ -95,26 +121,51 @@ impl TxProducer {
 }
 
 fn send_blocking(
-    producer: &FutureProducer,
+    producer: &BaseProducer<Acks>,
     records: &[Record],
     position: &Record,
 ) -> Result<(), BatchError> {
+    let acks = producer.context();
     let run = || -> Result<(), KafkaError> {
         producer.begin_transaction()?;
+        let start = acks.done.load(Ordering::Acquire);
+        let mut sent = 0u64;
         for r in records.iter().chain(std::iter::once(position)) {
-            let mut rec = FutureRecord::to(&r.topic).key(&r.key).payload(&r.value);
+            let mut rec = BaseRecord::to(&r.topic).key(&r.key).payload(&r.value);
             loop {
-                match producer.send_result(rec) {
-                    // The delivery outcome is checked by the commit: it fails
-                    // when any record of the transaction failed.
-                    Ok(_delivery) => break,
+                match producer.send(rec) {
+                    Ok(()) => {
+                        sent += 1;
+                        break;
+                    }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                         rec = back;
-                        producer.poll(Duration::from_millis(10));
+                        producer.poll(Duration::from_millis(1));
                     }
                     Err((e, _)) => return Err(e),
                 }
             }
+        }
+        // Serve delivery reports until every record of the batch is
+        // acknowledged. Committing with nothing outstanding returns at once,
+        // where rust-rdkafka's flush inside the commit would sleep in 100 ms
+        // steps while anything is still in flight.
+        let deadline = std::time::Instant::now() + TXN_TIMEOUT;
+        while acks.done.load(Ordering::Acquire) - start < sent {
+            if std::time::Instant::now() > deadline {
+                return Err(KafkaError::MessageProduction(
+                    RDKafkaErrorCode::MessageTimedOut,
+                ));
+            }
+            producer.poll(Duration::from_millis(1));
+        }
+        if let Some(e) = acks
+            .first_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            return Err(e);
         }
         producer.commit_transaction(TXN_TIMEOUT)
     };

@@ -108,17 +108,25 @@ impl TimestampReader {
         let inc_sql_type = table.sql_type(inc_col).to_owned();
         let ts_q = format!("t.{}", quote_ident(ts_col));
         let inc_q = format!("t.{}", quote_ident(inc_col));
-        let select = format!(
-            "select {ts_q}::text as ts, {inc_q}::int8 as inc, {} as key, {} as value from {} t",
-            payload_sql(&table.key, "t"),
-            payload_sql(&table.columns, "t"),
-            table.name.quoted()
-        );
-        let sql_first =
-            format!("{select} where {ts_q} < $1::{ts_sql_type} order by {ts_q}, {inc_q} limit $2");
-        let sql_after = format!(
-            "{select} where ({ts_q}, {inc_q}) > ($1::{ts_sql_type}, $2::{inc_sql_type}) \
-             and {ts_q} < $3::{ts_sql_type} order by {ts_q}, {inc_q} limit $4"
+        // The inner query picks the batch by the (timestamp, id) index; the
+        // outer one converts only those rows, so a planner misled by stale
+        // statistics after a bulk load sorts keys, not whole JSON rows.
+        let select = |filter: &str, limit: &str| {
+            format!(
+                "select {ts_q}::text as ts, {inc_q}::int8 as inc, {} as key, {} as value \
+                 from (select * from {} t where {filter} order by {ts_q}, {inc_q} limit {limit}) t \
+                 order by {ts_q}, {inc_q}",
+                payload_sql(&table.key, "t"),
+                payload_sql(&table.columns, "t"),
+                table.name.quoted()
+            )
+        };
+        let sql_first = select(&format!("{ts_q} < $1::{ts_sql_type}"), "$2");
+        let sql_after = select(
+            &format!(
+                "({ts_q}, {inc_q}) > ($1::{ts_sql_type}, $2::{inc_sql_type}) and {ts_q} < $3::{ts_sql_type}"
+            ),
+            "$4",
         );
         // A `timestamp` column holds wall-clock time in the writers' zone; a
         // `timestamptz` column is compared as it is.
