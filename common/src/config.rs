@@ -239,10 +239,7 @@ pub struct KeySet {
 /// Tidemark replaces.
 pub const CONNECT_WORKER_KEYS: &[(&str, &str)] = &[
     ("connector.class", "Tidemark is the connector"),
-    (
-        "tasks.max",
-        "each Tidemark program is one task; scale by running more containers",
-    ),
+    ("tasks.max", "each Tidemark program is a single task"),
     ("errors.log.enable", "Tidemark always logs errors"),
     ("errors.log.include.messages", "Tidemark always logs errors"),
 ];

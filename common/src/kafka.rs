@@ -111,7 +111,11 @@ pub struct QuietEofContext;
 
 impl ClientContext for QuietEofContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
+        let eof = matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+        );
+        if !eof {
             tracing::warn!(error = %error, reason, "kafka client error");
         }
     }
