@@ -147,7 +147,7 @@ impl Config {
                 topics,
                 file: PathBuf::from(file),
                 kafka,
-                max_batch_records: 10_000,
+                max_batch_records: 5_000,
                 max_record_bytes: 16 * 1024 * 1024,
                 metadata_refresh: Duration::from_secs(10),
             },
@@ -183,7 +183,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
             ("enable.auto.commit", "false"),
             ("enable.auto.offset.store", "false"),
             ("auto.offset.reset", "earliest"),
-            ("queued.max.messages.kbytes", "8192"),
+            ("queued.max.messages.kbytes", "4096"),
             ("fetch.max.bytes", "8388608"),
         ])
         .create()

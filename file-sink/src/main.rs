@@ -51,7 +51,7 @@ struct Cli {
     kafka_properties: Vec<String>,
 
     /// Most records per fsync.
-    #[arg(long, env = "TIDEMARK_MAX_BATCH_RECORDS", default_value_t = 10_000)]
+    #[arg(long, env = "TIDEMARK_MAX_BATCH_RECORDS", default_value_t = 5_000)]
     max_batch_records: usize,
 
     /// Records larger than this many bytes go to the dead-letter file.
