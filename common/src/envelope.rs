@@ -253,6 +253,220 @@ impl RecordTemplate {
     }
 }
 
+/// Debezium's operation codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub enum Op {
+    /// A row was inserted.
+    #[serde(rename = "c")]
+    Create,
+    /// A row was updated.
+    #[serde(rename = "u")]
+    Update,
+    /// A row was deleted.
+    #[serde(rename = "d")]
+    Delete,
+    /// A row read by the initial snapshot.
+    #[serde(rename = "r")]
+    Read,
+}
+
+impl Op {
+    /// The one-letter code.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::Create => "c",
+            Self::Update => "u",
+            Self::Delete => "d",
+            Self::Read => "r",
+        }
+    }
+}
+
+/// Renders change events in Debezium's envelope, inside Kafka Connect JSON,
+/// so tools that read Debezium topics (Flink's `debezium-json`, Connect's
+/// `ExtractNewRecordState`) read Tidemark's.
+#[derive(Debug, Clone)]
+pub struct ChangeEnvelope {
+    /// `{"schema":...,"payload":{"before":`
+    prefix: Vec<u8>,
+    /// `"source":{..."name":"n","ts_ms":` is split around the varying parts.
+    source_head: String,
+    source_tail: String,
+}
+
+/// The Debezium version string Tidemark's events carry in `source.version`.
+pub const SOURCE_VERSION: &str = concat!("tidemark-", env!("CARGO_PKG_VERSION"));
+
+/// One change to render.
+#[derive(Debug, Clone, Copy)]
+pub struct Change<'a> {
+    /// The operation.
+    pub op: Op,
+    /// The row before (`row_to_json` text), for updates and deletes.
+    pub before: Option<&'a str>,
+    /// The row after, for creates, updates and reads.
+    pub after: Option<&'a str>,
+    /// When the change was made, ms since the epoch.
+    pub changed_ms: i64,
+    /// The writing transaction's id.
+    pub txid: Option<u64>,
+    /// The change's place in the change log.
+    pub seq: Option<i64>,
+    /// `"true"`, `"last"` or `"false"`.
+    pub snapshot: &'a str,
+    /// When Tidemark read it, ms since the epoch.
+    pub read_ms: i64,
+}
+
+impl ChangeEnvelope {
+    /// An envelope for the rows of `schema`.`table` with `columns`, in
+    /// database `db`, from connector `name` (Debezium's topic prefix slot).
+    pub fn new(name: &str, db: &str, schema: &str, table: &str, columns: &[Column]) -> Self {
+        let row = |field: &str| {
+            let mut s = struct_schema(&format!("{name}.{schema}.{table}.Value"), columns, true);
+            s["field"] = json!(field);
+            s
+        };
+        let source_fields = json!([
+            {"type": "string", "optional": false, "field": "version"},
+            {"type": "string", "optional": false, "field": "connector"},
+            {"type": "string", "optional": false, "field": "name"},
+            {"type": "int64", "optional": false, "field": "ts_ms"},
+            {"type": "string", "optional": true, "name": "io.debezium.data.Enum", "version": 1,
+             "parameters": {"allowed": "true,last,false,incremental"}, "default": "false", "field": "snapshot"},
+            {"type": "string", "optional": false, "field": "db"},
+            {"type": "string", "optional": true, "field": "sequence"},
+            {"type": "string", "optional": false, "field": "schema"},
+            {"type": "string", "optional": false, "field": "table"},
+            {"type": "int64", "optional": true, "field": "txId"},
+            {"type": "int64", "optional": true, "field": "lsn"},
+            {"type": "int64", "optional": true, "field": "xmin"},
+        ]);
+        let schema_json = json!({
+            "type": "struct",
+            "fields": [
+                row("before"),
+                row("after"),
+                {"type": "struct", "fields": source_fields, "optional": false,
+                 "name": "io.debezium.connector.postgresql.Source", "field": "source"},
+                {"type": "string", "optional": false, "field": "op"},
+                {"type": "int64", "optional": true, "field": "ts_ms"},
+            ],
+            "optional": false,
+            "name": format!("{name}.{schema}.{table}.Envelope"),
+            "version": 1,
+        });
+        let mut prefix = br#"{"schema":"#.to_vec();
+        serde_json::to_writer(&mut prefix, &schema_json).expect("a schema always serialises");
+        prefix.extend_from_slice(br#","payload":{"before":"#);
+        let q = |s: &str| serde_json::to_string(s).expect("a string always serialises");
+        Self {
+            prefix,
+            source_head: format!(
+                r#","source":{{"version":{},"connector":"tidemark","name":{},"ts_ms":"#,
+                q(SOURCE_VERSION),
+                q(name)
+            ),
+            source_tail: format!(r#","db":{},"#, q(db))
+                + &format!(r#""schema":{},"table":{},"#, q(schema), q(table)),
+        }
+    }
+
+    /// Renders one change event.
+    pub fn render(&self, c: &Change<'_>) -> Vec<u8> {
+        use std::io::Write as _;
+        let mut out = Vec::with_capacity(
+            self.prefix.len() + c.before.map_or(4, str::len) + c.after.map_or(4, str::len) + 300,
+        );
+        out.extend_from_slice(&self.prefix);
+        out.extend_from_slice(c.before.unwrap_or("null").as_bytes());
+        out.extend_from_slice(br#","after":"#);
+        out.extend_from_slice(c.after.unwrap_or("null").as_bytes());
+        out.extend_from_slice(self.source_head.as_bytes());
+        let _ = write!(out, "{}", c.changed_ms);
+        let _ = write!(out, r#","snapshot":"{}""#, c.snapshot);
+        out.extend_from_slice(self.source_tail.as_bytes());
+        match c.seq {
+            Some(seq) => {
+                let _ = write!(out, r#""sequence":"{seq}","#);
+            }
+            None => out.extend_from_slice(br#""sequence":null,"#),
+        }
+        match c.txid {
+            Some(txid) => {
+                let _ = write!(out, r#""txId":{txid},"#);
+            }
+            None => out.extend_from_slice(br#""txId":null,"#),
+        }
+        out.extend_from_slice(br#""lsn":null,"xmin":null},"op":""#);
+        out.extend_from_slice(c.op.code().as_bytes());
+        let _ = write!(out, r#"","ts_ms":{}}}}}"#, c.read_ms);
+        out
+    }
+}
+
+/// A Debezium-style change event as read back from a topic or a file line:
+/// the one definition every consumer of Tidemark's change topics shares.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ChangeEvent {
+    /// The row before the change (updates, deletes).
+    pub before: Option<Value>,
+    /// The row after the change (creates, updates, snapshot reads).
+    pub after: Option<Value>,
+    /// Where the change came from.
+    pub source: ChangeSource,
+    /// What happened.
+    pub op: Op,
+    /// When Tidemark read the change, ms since the epoch.
+    pub ts_ms: Option<i64>,
+}
+
+/// The `source` block of a change event.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ChangeSource {
+    /// Tidemark's version.
+    pub version: String,
+    /// The connector name.
+    pub name: String,
+    /// When the change was made, ms since the epoch.
+    pub ts_ms: i64,
+    /// `"true"`/`"last"` for snapshot reads, `"false"` for changes.
+    pub snapshot: Option<String>,
+    /// Database.
+    pub db: String,
+    /// Schema.
+    pub schema: String,
+    /// Table.
+    pub table: String,
+    /// The writing transaction.
+    #[serde(rename = "txId")]
+    pub tx_id: Option<u64>,
+    /// The change's place in the change log.
+    pub sequence: Option<String>,
+}
+
+impl ChangeEvent {
+    /// Decodes a change event from a record value or file line, with or
+    /// without the Connect `{"schema", "payload"}` wrapper.
+    ///
+    /// Fails when the JSON is not a change event, saying what is missing.
+    pub fn decode(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        let value: Value = serde_json::from_slice(bytes)?;
+        let payload = match value {
+            Value::Object(mut o) if o.contains_key("payload") && o.contains_key("schema") => {
+                o.remove("payload").unwrap_or(Value::Null)
+            }
+            other => other,
+        };
+        serde_json::from_value(payload)
+    }
+
+    /// The row the event leaves behind (`after`), or the deleted one.
+    pub fn row(&self) -> Option<&Value> {
+        self.after.as_ref().or(self.before.as_ref())
+    }
+}
+
 /// A Connect JSON record as read back from a topic or a file line.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct ConnectRecord {
@@ -337,6 +551,48 @@ mod tests {
         let rec = ConnectRecord::decode(&bytes).unwrap();
         assert_eq!(rec.field("id"), Some(&json!(7)));
         assert_eq!(rec.schema, schema);
+    }
+
+    #[test]
+    fn change_events_render_and_decode() {
+        let cols = [col("id", "int4", true), col("data", "text", false)];
+        let env = ChangeEnvelope::new("conn", "db", "public", "t", &cols);
+        let bytes = env.render(&Change {
+            op: Op::Update,
+            before: Some(r#"{"id":1,"data":"a"}"#),
+            after: Some(r#"{"id":1,"data":"b \"quoted\""}"#),
+            changed_ms: 1_700_000_000_000,
+            txid: Some(1234),
+            seq: Some(9),
+            snapshot: "false",
+            read_ms: 1_700_000_000_050,
+        });
+        let raw: Value = serde_json::from_slice(&bytes).expect("valid JSON");
+        assert_eq!(raw["schema"]["name"], "conn.public.t.Envelope");
+        assert_eq!(raw["schema"]["fields"][0]["name"], "conn.public.t.Value");
+        let ev = ChangeEvent::decode(&bytes).unwrap();
+        assert_eq!(ev.op, Op::Update);
+        assert_eq!(ev.before.unwrap()["data"], "a");
+        assert_eq!(ev.after.as_ref().unwrap()["data"], "b \"quoted\"");
+        assert_eq!(ev.source.tx_id, Some(1234));
+        assert_eq!(ev.source.sequence.as_deref(), Some("9"));
+        assert_eq!(ev.source.table, "t");
+        assert_eq!(ev.ts_ms, Some(1_700_000_000_050));
+
+        let del = env.render(&Change {
+            op: Op::Delete,
+            before: Some(r#"{"id":1,"data":"b"}"#),
+            after: None,
+            changed_ms: 1,
+            txid: None,
+            seq: None,
+            snapshot: "false",
+            read_ms: 2,
+        });
+        let ev = ChangeEvent::decode(&del).unwrap();
+        assert_eq!(ev.op, Op::Delete);
+        assert!(ev.after.is_none());
+        assert_eq!(ev.row().unwrap()["id"], 1);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod envelope;
 pub mod error;
+pub mod health;
 pub mod kafka;
 pub mod offset;
 pub mod pg;

@@ -23,3 +23,13 @@ pub fn init(json: bool) {
         let _ = builder.try_init();
     }
 }
+
+/// Logs into the test harness's captured output, shown for failing tests.
+pub fn init_for_tests() {
+    let filter =
+        std::env::var("TIDEMARK_LOG").unwrap_or_else(|_| "info,sqlx=warn,rdkafka=warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new(filter))
+        .with_test_writer()
+        .try_init();
+}

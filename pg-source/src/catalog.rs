@@ -138,3 +138,28 @@ pub async fn discover(
         .map(|(schema, name)| TableName { schema, name })
         .collect())
 }
+
+/// The tables that have schema-init's change-log triggers, for `changelog`
+/// mode when `table.whitelist` is not set.
+///
+/// Fails on a catalog error.
+pub async fn discover_captured(pool: &PgPool) -> anyhow::Result<Vec<TableName>> {
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        r#"
+        select distinct n.nspname::text, c.relname::text
+        from pg_trigger t
+        join pg_class c on c.oid = t.tgrelid
+        join pg_namespace n on n.oid = c.relnamespace
+        where t.tgname in ('tidemark_capture', 'tidemark_capture_insert')
+        order by 1, 2
+        limit 1000
+        "#,
+    )
+    .fetch_all(pool)
+    .await
+    .context("cannot list the captured tables")?;
+    Ok(rows
+        .into_iter()
+        .map(|(schema, name)| TableName { schema, name })
+        .collect())
+}

@@ -16,6 +16,7 @@
 //! - SIGTERM finishes the batch in flight, commits it, and exits.
 
 pub mod catalog;
+pub mod changelog_mode;
 pub mod producer;
 pub mod timestamp_mode;
 
@@ -28,12 +29,16 @@ use sqlx::PgPool;
 use tidemark_common::config::{
     accept_json_converter, accept_schemas_enabled, Conditional, ConnectorConfig, KeySet,
 };
+use tidemark_common::health::Health;
 use tidemark_common::kafka::{ensure_topic, read_compacted, KafkaSettings, TopicSpec};
 use tidemark_common::offset::{position_key, SourcePosition, DEFAULT_OFFSETS_TOPIC};
 use tidemark_common::pg::{is_transient, PgTarget, TableName};
 use tidemark_common::ConfigError;
 use tokio_util::sync::CancellationToken;
 
+use std::collections::HashMap;
+
+use crate::changelog_mode::{ChangeLogReader, ChangeTable, Chunk, SnapshotRun};
 use crate::producer::{BatchError, Record, TxProducer};
 use crate::timestamp_mode::{TimestampReader, CLOCK_GUARD_MS};
 
@@ -60,6 +65,8 @@ pub const KEYS: KeySet = KeySet {
         "topic.creation.default.partitions",
         "topic.creation.default.replication.factor",
         "validate.non.null",
+        "tombstones.on.delete",
+        "snapshot.mode",
     ],
     ignored: &[
         (
@@ -133,11 +140,28 @@ pub const KEYS: KeySet = KeySet {
     ],
 };
 
+/// How pg-source finds changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The JDBC connector's mode: row states by `(timestamp, id)`; needs no
+    /// trigger of Tidemark's, misses hard deletes.
+    TimestampIncrementing,
+    /// Every insert, update and delete from schema-init's change-log triggers.
+    ChangeLog,
+}
+
 /// Everything pg-source needs to run.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Connector name: names the stored position and the transactional id.
     pub name: String,
+    /// How changes are found.
+    pub mode: Mode,
+    /// `changelog` mode: send a tombstone after each delete.
+    pub tombstones: bool,
+    /// `changelog` mode: send every existing row first when no position is
+    /// stored (`snapshot.mode=initial`).
+    pub initial_snapshot: bool,
     /// The database to read.
     pub pg: PgTarget,
     /// The brokers.
@@ -169,6 +193,8 @@ pub struct Config {
     pub transactional_id: String,
     /// Wake on `NOTIFY tidemark` as well as on the poll interval.
     pub listen: bool,
+    /// Set ready once connected and reading; for `/healthz` and tests.
+    pub health: Health,
 }
 
 impl Config {
@@ -181,14 +207,45 @@ impl Config {
         kafka: KafkaSettings,
     ) -> Result<(Self, Vec<String>), ConfigError> {
         let warnings = c.check_keys(&KEYS)?;
-        let mode = c.get("mode").unwrap_or("timestamp+incrementing");
-        if mode != "timestamp+incrementing" {
-            return Err(ConfigError::invalid(
-                "mode",
-                mode,
-                "pg-source supports timestamp+incrementing (the bulk, timestamp and incrementing modes miss changes)",
-            ));
-        }
+        let mode = match c.get("mode").unwrap_or("timestamp+incrementing") {
+            "timestamp+incrementing" => Mode::TimestampIncrementing,
+            "changelog" => Mode::ChangeLog,
+            other => {
+                return Err(ConfigError::invalid(
+                    "mode",
+                    other,
+                    "pg-source supports changelog (every change, deletes included) and timestamp+incrementing (the bulk, timestamp and incrementing modes miss changes)",
+                ))
+            }
+        };
+        let column = |key: &str, why: &str| -> Result<String, ConfigError> {
+            match mode {
+                Mode::TimestampIncrementing => Ok(c.require(key, why)?.to_owned()),
+                Mode::ChangeLog => Ok(c.get(key).unwrap_or_default().to_owned()),
+            }
+        };
+        let tombstones = match c.get("tombstones.on.delete").unwrap_or("true") {
+            "true" => true,
+            "false" => false,
+            other => {
+                return Err(ConfigError::invalid(
+                    "tombstones.on.delete",
+                    other,
+                    "expected true or false",
+                ))
+            }
+        };
+        let initial_snapshot = match c.get("snapshot.mode").unwrap_or("initial") {
+            "initial" => true,
+            "no_data" | "never" => false,
+            other => {
+                return Err(ConfigError::invalid(
+                    "snapshot.mode",
+                    other,
+                    "expected initial (send existing rows first) or no_data (changes only)",
+                ))
+            }
+        };
         let url = c.require(
             "connection.url",
             "the database to read, like jdbc:postgresql://host:5432/streaming_example",
@@ -242,21 +299,20 @@ impl Config {
         let cfg = Self {
             transactional_id: format!("tidemark-pg-source-{}", c.name),
             name: c.name.clone(),
+            mode,
+            tombstones,
+            initial_snapshot,
             pg,
             kafka,
             tables,
-            timestamp_column: c
-                .require(
-                    "timestamp.column.name",
-                    "the column the trigger sets to now(), like last_updated",
-                )?
-                .to_owned(),
-            incrementing_column: c
-                .require(
-                    "incrementing.column.name",
-                    "the table's increasing id column, like id",
-                )?
-                .to_owned(),
+            timestamp_column: column(
+                "timestamp.column.name",
+                "the column the trigger sets to now(), like last_updated",
+            )?,
+            incrementing_column: column(
+                "incrementing.column.name",
+                "the table's increasing id column, like id",
+            )?,
             topic_prefix: c.get("topic.prefix").unwrap_or("").to_owned(),
             poll_interval: c.millis("poll.interval.ms", 5000)?,
             batch_max_rows: c.int("batch.max.rows", 1000, 1..=100_000)?,
@@ -270,10 +326,8 @@ impl Config {
             },
             offsets_topic: DEFAULT_OFFSETS_TOPIC.to_owned(),
             listen: true,
+            health: Health::new(),
         };
-        if cfg.topic_prefix.is_empty() && cfg.tables.is_none() {
-            // Allowed, as in the JDBC connector; topics are then bare table names.
-        }
         Ok((cfg, warnings))
     }
 }
@@ -284,39 +338,23 @@ impl Config {
 /// fences this instance; transient Postgres and Kafka errors are retried.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let pool = cfg.pg.connect(3, Duration::from_secs(60)).await?;
-    check_privileges(&pool, &cfg.db_timezone).await?;
+    if cfg.mode == Mode::TimestampIncrementing {
+        check_privileges(&pool, &cfg.db_timezone).await?;
+    }
     let tables = match &cfg.tables {
         Some(t) => t.clone(),
-        None => {
-            let found =
-                catalog::discover(&pool, &cfg.timestamp_column, &cfg.incrementing_column).await?;
-            if found.is_empty() {
-                bail!(
-                    "no table in {} has both columns `{}` and `{}`: run schema-init, set table.whitelist, or fix the column names",
-                    cfg.pg, cfg.timestamp_column, cfg.incrementing_column
-                );
-            }
-            found
-        }
+        None => discover_tables(&cfg, &pool).await?,
     };
-    let mut readers = Vec::new();
+    let mut infos = Vec::new();
     for t in &tables {
         let info = catalog::TableInfo::load(&pool, t).await?;
         let topic = format!("{}{}", cfg.topic_prefix, t.name);
-        let key = position_key(&cfg.name, &t.to_string());
-        readers.push(TimestampReader::new(
-            info,
-            topic,
-            key,
-            &cfg.timestamp_column,
-            &cfg.incrementing_column,
-            &cfg.db_timezone,
-        )?);
+        infos.push((info, topic));
     }
 
     let admin = cfg.kafka.admin()?;
-    for r in &readers {
-        ensure_topic(&admin, &r.topic, &cfg.topic).await?;
+    for (_, topic) in &infos {
+        ensure_topic(&admin, topic, &cfg.topic).await?;
     }
     let offsets_spec = TopicSpec {
         partitions: 1,
@@ -334,28 +372,16 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         read_compacted(&settings, &offsets_topic, Duration::from_secs(60))
     })
     .await??;
-    for r in &mut readers {
-        match stored.get(&r.position_key) {
-            Some(bytes) => match SourcePosition::decode(bytes)? {
-                SourcePosition::TimestampIncrementing {
-                    timestamp,
-                    incrementing,
-                } => {
-                    tracing::info!(table = %r.table.name, timestamp = %timestamp, incrementing, "resuming from stored position");
-                    r.position = Some((timestamp, incrementing));
-                }
-            },
-            None => match cfg.timestamp_initial {
-                Some(ms) => {
-                    r.start_at(&pool, ms).await?;
-                    tracing::info!(table = %r.table.name, position = ?r.position, "no stored position, starting at timestamp.initial");
-                }
-                None => {
-                    tracing::info!(table = %r.table.name, "no stored position, reading the table from the beginning")
-                }
-            },
+
+    let mut source = match cfg.mode {
+        Mode::TimestampIncrementing => {
+            Source::Timestamp(timestamp_readers(&cfg, &pool, infos, &stored).await?)
         }
-    }
+        Mode::ChangeLog => {
+            let (reader, snapshot) = changelog_reader(&cfg, &pool, infos, &stored).await?;
+            Source::ChangeLog(Box::new(reader), snapshot)
+        }
+    };
 
     let mut listener = if cfg.listen {
         listen(&pool).await
@@ -364,25 +390,38 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     };
     tracing::info!(
         connector = %cfg.name,
-        tables = readers.len(),
+        mode = ?cfg.mode,
+        tables = tables.len(),
         postgres = %cfg.pg,
         kafka = %cfg.kafka.bootstrap_servers,
         "pg-source started"
     );
 
+    cfg.health.set_ready(true);
     let mut pg_down = false;
     let mut follow_up = false;
     while !shutdown.is_cancelled() {
-        match poll_all(&cfg, &pool, &producer, &mut readers, &shutdown).await {
+        let result = match &mut source {
+            Source::Timestamp(readers) => {
+                poll_all(&cfg, &pool, &producer, readers, &shutdown).await
+            }
+            Source::ChangeLog(reader, snapshot) => {
+                poll_changelog(&pool, &producer, reader, snapshot, &shutdown).await
+            }
+        };
+        match result {
             Ok(_) => {
+                cfg.health.progress();
                 if pg_down {
                     tracing::info!("postgres reachable again");
+                    cfg.health.set_ready(true);
                     pg_down = false;
                 }
             }
             Err(PollError::Postgres(e)) if is_transient(&e) => {
                 if !pg_down {
                     tracing::warn!(error = %e, "postgres unreachable; retrying");
+                    cfg.health.set_ready(false);
                     pg_down = true;
                 }
             }
@@ -393,9 +432,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                 tracing::warn!(error = %format!("{e:#}"), "kafka transaction aborted; the batch will be read and sent again");
             }
             Err(PollError::Kafka(BatchError::Fatal(e))) => return Err(e),
+            Err(PollError::Other(e)) => return Err(e),
         }
-        // Rows committed just now may sit inside the clock guard; look again
-        // once it has passed, then fall back to the poll interval.
+        // In timestamp mode, rows committed just now may sit inside the
+        // clock guard; look again once it has passed, then fall back to the
+        // poll interval. The change log needs no guard.
         let wait = if pg_down {
             Duration::from_secs(1)
         } else if follow_up {
@@ -409,7 +450,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             _ = tokio::time::sleep(wait) => {}
             woke = wait_notify(&mut listener) => {
                 if woke {
-                    follow_up = true;
+                    follow_up = cfg.mode == Mode::TimestampIncrementing;
                     // Many commits, one poll.
                     if let Some(l) = listener.as_mut() {
                         while let Some(Ok(_)) = l.recv().now_or_never() {}
@@ -424,13 +465,223 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             listener = listen(&pool).await;
         }
     }
+    cfg.health.set_ready(false);
     tracing::info!("pg-source stopped");
     Ok(())
+}
+
+/// What is being read.
+enum Source {
+    Timestamp(Vec<TimestampReader>),
+    ChangeLog(Box<ChangeLogReader>, Option<SnapshotRun>),
+}
+
+/// The tables to read when `table.whitelist` is not set.
+async fn discover_tables(cfg: &Config, pool: &PgPool) -> anyhow::Result<Vec<TableName>> {
+    let found = match cfg.mode {
+        Mode::TimestampIncrementing => {
+            catalog::discover(pool, &cfg.timestamp_column, &cfg.incrementing_column).await?
+        }
+        Mode::ChangeLog => catalog::discover_captured(pool).await?,
+    };
+    if found.is_empty() {
+        match cfg.mode {
+            Mode::TimestampIncrementing => bail!(
+                "no table in {} has both columns `{}` and `{}`: run schema-init, set table.whitelist, or fix the column names",
+                cfg.pg, cfg.timestamp_column, cfg.incrementing_column
+            ),
+            Mode::ChangeLog => bail!(
+                "no table in {} has change-log capture: run schema-init --capture changelog --table <table>, or set table.whitelist",
+                cfg.pg
+            ),
+        }
+    }
+    Ok(found)
+}
+
+async fn timestamp_readers(
+    cfg: &Config,
+    pool: &PgPool,
+    infos: Vec<(catalog::TableInfo, String)>,
+    stored: &HashMap<Vec<u8>, Vec<u8>>,
+) -> anyhow::Result<Vec<TimestampReader>> {
+    let mut readers = Vec::new();
+    for (info, topic) in infos {
+        let key = position_key(&cfg.name, &info.name.to_string());
+        let mut r = TimestampReader::new(
+            info,
+            topic,
+            key,
+            &cfg.timestamp_column,
+            &cfg.incrementing_column,
+            &cfg.db_timezone,
+        )?;
+        match stored.get(&r.position_key).map(|b| SourcePosition::decode(b)).transpose()? {
+            Some(SourcePosition::TimestampIncrementing {
+                timestamp,
+                incrementing,
+            }) => {
+                tracing::info!(table = %r.table.name, timestamp = %timestamp, incrementing, "resuming from stored position");
+                r.position = Some((timestamp, incrementing));
+            }
+            Some(other) => bail!(
+                "the stored position of connector {} is for another mode ({other:?}): use a new connector name to change modes",
+                cfg.name
+            ),
+            None => match cfg.timestamp_initial {
+                Some(ms) => {
+                    r.start_at(pool, ms).await?;
+                    tracing::info!(table = %r.table.name, position = ?r.position, "no stored position, starting at timestamp.initial");
+                }
+                None => {
+                    tracing::info!(table = %r.table.name, "no stored position, reading the table from the beginning")
+                }
+            },
+        }
+        readers.push(r);
+    }
+    Ok(readers)
+}
+
+async fn changelog_reader(
+    cfg: &Config,
+    pool: &PgPool,
+    infos: Vec<(catalog::TableInfo, String)>,
+    stored: &HashMap<Vec<u8>, Vec<u8>>,
+) -> anyhow::Result<(ChangeLogReader, Option<SnapshotRun>)> {
+    let database = cfg.pg.database().unwrap_or("postgres").to_owned();
+    let mut tables = Vec::new();
+    for (info, topic) in infos {
+        tables.push(ChangeTable::new(pool, info, topic, &cfg.name, &database).await?);
+    }
+    let mut reader = ChangeLogReader {
+        tables,
+        position: Default::default(),
+        tombstones: cfg.tombstones,
+        chunk: cfg.batch_max_rows,
+        position_key: position_key(&cfg.name, "tidemark.change_log"),
+        offsets_topic: cfg.offsets_topic.clone(),
+    };
+    let fresh = match stored.get(&reader.position_key).map(|b| SourcePosition::decode(b)).transpose()? {
+        Some(SourcePosition::ChangeLog(p)) => {
+            tracing::info!(done = %p.done, snapshot_running = p.snapshot.is_some(), "resuming from stored position");
+            reader.position = p;
+            false
+        }
+        Some(other) => bail!(
+            "the stored position of connector {} is for another mode ({other:?}): use a new connector name to change modes",
+            cfg.name
+        ),
+        None => {
+            reader.start(pool, cfg.initial_snapshot).await?;
+            tracing::info!(initial_snapshot = cfg.initial_snapshot, "no stored position, starting now");
+            true
+        }
+    };
+    let snapshot = match reader.position.snapshot {
+        Some(_) => Some(SnapshotRun::open(pool, &mut reader, fresh).await?),
+        None => None,
+    };
+    Ok((reader, snapshot))
+}
+
+/// A snapshot error as a poll error: database errors keep their kind, so a
+/// dropped connection is retried.
+fn snapshot_error(e: anyhow::Error) -> PollError {
+    match e.downcast::<sqlx::Error>() {
+        Ok(e) => PollError::Postgres(e),
+        Err(e) => PollError::Other(e),
+    }
+}
+
+/// Sends snapshot rows while the snapshot runs, then changes until caught
+/// up, a chunk per Kafka transaction with the position.
+async fn poll_changelog(
+    pool: &PgPool,
+    producer: &TxProducer,
+    reader: &mut ChangeLogReader,
+    snapshot: &mut Option<SnapshotRun>,
+    shutdown: &CancellationToken,
+) -> Result<u64, PollError> {
+    let mut total = 0;
+    while !shutdown.is_cancelled() {
+        if reader.position.snapshot.is_some() && snapshot.is_none() {
+            // The snapshot transaction was lost (a dropped connection): go on
+            // in a new one, recording the rest as segments.
+            *snapshot = Some(
+                SnapshotRun::open(pool, reader, false)
+                    .await
+                    .map_err(snapshot_error)?,
+            );
+        }
+        let saved = reader.position.clone();
+        let (chunk, what) = match snapshot {
+            Some(run) => match run.next(reader).await.map_err(|e| {
+                *snapshot = None;
+                snapshot_error(e)
+            })? {
+                Some(chunk) => (Some(chunk), "snapshot chunk committed"),
+                None => {
+                    *snapshot = None;
+                    // The snapshot's end is a position too.
+                    (
+                        Some(Chunk {
+                            records: Vec::new(),
+                            rows: 0,
+                        }),
+                        "initial snapshot committed",
+                    )
+                }
+            },
+            None => {
+                let was_batch = reader.position.batch.clone();
+                match reader
+                    .next_changes(pool)
+                    .await
+                    .map_err(PollError::Postgres)?
+                {
+                    Some(chunk) => (Some(chunk), "changes committed"),
+                    None if was_batch.is_some() && !saved.after_seq.is_empty() => {
+                        // A batch with rows just finished: record it, then prune.
+                        (
+                            Some(Chunk {
+                                records: Vec::new(),
+                                rows: 0,
+                            }),
+                            "batch done",
+                        )
+                    }
+                    None => (None, ""),
+                }
+            }
+        };
+        let Some(chunk) = chunk else { break };
+        let started = std::time::Instant::now();
+        let records = chunk.records;
+        let n = records.len();
+        if let Err(e) = producer.send_batch(records, reader.position_record()).await {
+            // Read the same chunk again; a finished snapshot is reopened.
+            reader.position = saved;
+            return Err(PollError::Kafka(e));
+        }
+        tracing::info!(records = n, rows = chunk.rows, commit = ?started.elapsed(), "{what}");
+        total += chunk.rows as u64;
+        if what == "batch done" {
+            match reader.prune(pool).await {
+                Ok(pruned) => tracing::debug!(rows = pruned, "change log pruned"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot prune the change log; will retry after the next batch")
+                }
+            }
+        }
+    }
+    Ok(total)
 }
 
 enum PollError {
     Postgres(sqlx::Error),
     Kafka(BatchError),
+    Other(anyhow::Error),
 }
 
 /// Reads every table until it is caught up, a batch per transaction.
@@ -466,13 +717,13 @@ async fn poll_all(
                 .map(|row| Record {
                     topic: r.topic.clone(),
                     key: row.key,
-                    value: row.value,
+                    value: Some(row.value),
                 })
                 .collect();
             let position = Record {
                 topic: cfg.offsets_topic.clone(),
                 key: r.position_key.clone(),
-                value: TimestampReader::encode_position(&last),
+                value: Some(TimestampReader::encode_position(&last)),
             };
             let started = std::time::Instant::now();
             producer

@@ -54,7 +54,8 @@ struct Cli {
     #[arg(long, env = "TIDEMARK_CONNECTION_PASSWORD", hide_env_values = true)]
     connection_password: Option<String>,
 
-    /// `mode`: timestamp+incrementing.
+    /// `mode`: changelog (every insert, update and delete, from schema-init
+    /// --capture changelog) or timestamp+incrementing (the JDBC connector's).
     #[arg(long, env = "TIDEMARK_MODE")]
     mode: Option<String>,
 
@@ -93,6 +94,16 @@ struct Cli {
     /// every table with both columns.
     #[arg(long, env = "TIDEMARK_TABLE_WHITELIST")]
     table_whitelist: Option<String>,
+
+    /// `tombstones.on.delete` (true): changelog mode sends a null-valued
+    /// record after each delete, so compacted topics forget the row.
+    #[arg(long, env = "TIDEMARK_TOMBSTONES_ON_DELETE")]
+    tombstones_on_delete: Option<String>,
+
+    /// `snapshot.mode` (initial): changelog mode sends every existing row as
+    /// `op: r` first when no position is stored; `no_data` skips that.
+    #[arg(long, env = "TIDEMARK_SNAPSHOT_MODE")]
+    snapshot_mode: Option<String>,
 
     /// `db.timezone` (UTC): the zone writers' `timestamp` columns are in.
     #[arg(long, env = "TIDEMARK_DB_TIMEZONE")]
@@ -164,6 +175,8 @@ async fn run(cli: Cli, shutdown: tokio_util::sync::CancellationToken) -> anyhow:
         ("timestamp.initial", cli.timestamp_initial),
         ("table.whitelist", cli.table_whitelist),
         ("db.timezone", cli.db_timezone),
+        ("tombstones.on.delete", cli.tombstones_on_delete),
+        ("snapshot.mode", cli.snapshot_mode),
         ("topic.creation.default.partitions", cli.topic_partitions),
         (
             "topic.creation.default.replication.factor",

@@ -26,8 +26,8 @@ pub struct Record {
     pub topic: String,
     /// Key bytes.
     pub key: Vec<u8>,
-    /// Value bytes.
-    pub value: Vec<u8>,
+    /// Value bytes; `None` is a tombstone.
+    pub value: Option<Vec<u8>>,
 }
 
 /// Why a batch did not commit.
@@ -131,7 +131,10 @@ fn send_blocking(
         let start = acks.done.load(Ordering::Acquire);
         let mut sent = 0u64;
         for r in records.iter().chain(std::iter::once(position)) {
-            let mut rec = BaseRecord::to(&r.topic).key(&r.key).payload(&r.value);
+            let mut rec = BaseRecord::to(&r.topic).key(&r.key);
+            if let Some(value) = &r.value {
+                rec = rec.payload(value);
+            }
             loop {
                 match producer.send(rec) {
                     Ok(()) => {

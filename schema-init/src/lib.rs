@@ -7,6 +7,11 @@
 //! instead of waiting for its next poll. Every statement is idempotent and
 //! the whole run is one transaction under an advisory lock, so running it
 //! again (or twice at once) changes nothing and adds no second sample row.
+//!
+//! With `--capture changelog` it also installs change-log capture: triggers
+//! that record every insert, update and delete, with the row before and
+//! after, the transaction id and a sequence, in `tidemark.change_log`, in the
+//! writing transaction itself (see [`changelog_steps`]).
 
 use std::time::Duration;
 
@@ -28,6 +33,22 @@ pub struct Config {
     pub notify: bool,
     /// Insert the seed's sample row when the table is new.
     pub sample_row: bool,
+    /// Install the seed's `last_updated` trigger and `(last_updated, id)`
+    /// index; off for a table of the user's own shape.
+    pub seed_objects: bool,
+    /// Change-log capture to install, if any.
+    pub capture: Option<TriggerLevel>,
+}
+
+/// How change-log triggers fire. Both record the same changes; they differ
+/// in what they cost the writer (see the README's table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TriggerLevel {
+    /// One log insert per changed row: cheapest for single-row commits.
+    Row,
+    /// One log insert per statement from its transition tables: cheaper for
+    /// bulk statements.
+    Statement,
 }
 
 /// One statement of the plan, with what it is for.
@@ -69,6 +90,8 @@ pub fn plan(cfg: &Config) -> Vec<Step> {
             ),
             only_if_new_table: false,
         },
+    ];
+    let seed = [
         Step {
             what: "create function update_last_updated_column".into(),
             sql: format!(
@@ -97,6 +120,9 @@ $$ language plpgsql"#
             only_if_new_table: false,
         },
     ];
+    if cfg.seed_objects {
+        steps.extend(seed);
+    }
     if cfg.notify {
         steps.extend([
             Step {
@@ -128,12 +154,172 @@ $$ language plpgsql"#
             },
         ]);
     }
+    if let Some(level) = cfg.capture {
+        steps.extend(changelog_steps(&cfg.table, level));
+    }
     if cfg.sample_row {
         steps.push(Step {
             what: "insert the sample row".into(),
             sql: format!("insert into {t} (data) values ('test data')"),
             only_if_new_table: true,
         });
+    }
+    steps
+}
+
+/// The change log every captured table writes to.
+pub const CHANGE_LOG: &str = "tidemark.change_log";
+
+/// The change-log objects for one table.
+///
+/// `tidemark.change_log` holds one row per change: `seq` (the order in
+/// which the changes were written; for two changes of one row it is also
+/// their commit order, since the second writer waits for the first's row
+/// lock), `txid` (`pg_current_xact_id()`, which pg-source compares with its
+/// snapshots to read only finished transactions, in commit order), the
+/// table, the operation and the row before and after as `jsonb`. The
+/// trigger functions are `security definer`, so writers need no grant on the
+/// `tidemark` schema.
+pub fn changelog_steps(table: &TableName, level: TriggerLevel) -> Vec<Step> {
+    let t = table.quoted();
+    let step = |what: &str, sql: String| Step {
+        what: what.to_owned(),
+        sql,
+        only_if_new_table: false,
+    };
+    let mut steps = vec![
+        step(
+            "create schema tidemark",
+            "create schema if not exists tidemark".into(),
+        ),
+        step(
+            "create table tidemark.change_log",
+            format!(
+                r#"create table if not exists {CHANGE_LOG} (
+  seq bigint generated always as identity primary key,
+  txid xid8 not null default pg_current_xact_id(),
+  table_name text not null,
+  op "char" not null,
+  before jsonb,
+  after jsonb,
+  changed_at timestamptz not null default clock_timestamp()
+)"#
+            ),
+        ),
+        step(
+            "create function tidemark.capture_row",
+            format!(
+                r#"create or replace function tidemark.capture_row()
+returns trigger language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+begin
+  if tg_op = 'INSERT' then
+    insert into {CHANGE_LOG} (table_name, op, after)
+    values (format('%I.%I', tg_table_schema, tg_table_name), 'c', to_jsonb(new));
+  elsif tg_op = 'UPDATE' then
+    insert into {CHANGE_LOG} (table_name, op, before, after)
+    values (format('%I.%I', tg_table_schema, tg_table_name), 'u', to_jsonb(old), to_jsonb(new));
+  else
+    insert into {CHANGE_LOG} (table_name, op, before)
+    values (format('%I.%I', tg_table_schema, tg_table_name), 'd', to_jsonb(old));
+  end if;
+  return null;
+end;
+$$"#
+            ),
+        ),
+        step(
+            "create function tidemark.capture_statement",
+            format!(
+                r#"create or replace function tidemark.capture_statement()
+returns trigger language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+  name text := format('%I.%I', tg_table_schema, tg_table_name);
+  on_key text;
+begin
+  if tg_op = 'INSERT' then
+    insert into {CHANGE_LOG} (table_name, op, after)
+    select name, 'c', to_jsonb(n) from tidemark_new n;
+  elsif tg_op = 'DELETE' then
+    insert into {CHANGE_LOG} (table_name, op, before)
+    select name, 'd', to_jsonb(o) from tidemark_old o;
+  else
+    -- Pair old and new rows by primary key; a row whose key changed is
+    -- logged as a delete and an insert.
+    select string_agg(format('o.%1$I = n.%1$I', a.attname), ' and ')
+      into on_key
+      from pg_index i
+      join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
+     where i.indrelid = tg_relid and i.indisprimary;
+    execute format(
+      'insert into {CHANGE_LOG} (table_name, op, before, after)
+       select $1, case when n is null then ''d'' when o is null then ''c'' else ''u'' end,
+              to_jsonb(o), to_jsonb(n)
+       from tidemark_old o full join tidemark_new n on %s', on_key)
+      using name;
+  end if;
+  return null;
+end;
+$$"#
+            ),
+        ),
+    ];
+    let drop = |name: &str| format!("drop trigger if exists {name} on {t}");
+    match level {
+        TriggerLevel::Row => {
+            for name in [
+                "tidemark_capture_insert",
+                "tidemark_capture_update",
+                "tidemark_capture_delete",
+            ] {
+                steps.push(step(
+                    &format!("drop statement-level trigger {name}"),
+                    drop(name),
+                ));
+            }
+            steps.push(step(
+                "create trigger tidemark_capture",
+                format!(
+                    "create or replace trigger tidemark_capture\n\
+                     after insert or update or delete on {t}\n\
+                     for each row execute function tidemark.capture_row()"
+                ),
+            ));
+        }
+        TriggerLevel::Statement => {
+            steps.push(step(
+                "drop row-level trigger tidemark_capture",
+                drop("tidemark_capture"),
+            ));
+            for (name, event, tables) in [
+                (
+                    "tidemark_capture_insert",
+                    "insert",
+                    "new table as tidemark_new",
+                ),
+                (
+                    "tidemark_capture_update",
+                    "update",
+                    "old table as tidemark_old new table as tidemark_new",
+                ),
+                (
+                    "tidemark_capture_delete",
+                    "delete",
+                    "old table as tidemark_old",
+                ),
+            ] {
+                // A trigger's transition tables cannot be changed in place.
+                steps.push(step(&format!("drop trigger {name}"), drop(name)));
+                steps.push(step(
+                    &format!("create trigger {name}"),
+                    format!(
+                        "create trigger {name}\n\
+                         after {event} on {t}\n\
+                         referencing {tables}\n\
+                         for each statement execute function tidemark.capture_statement()"
+                    ),
+                ));
+            }
+        }
     }
     steps
 }
@@ -212,7 +398,26 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Report> {
         .bind(cfg.table.quoted())
         .fetch_one(&mut *tx)
         .await?;
+    let mut checked_key = false;
     for step in plan(cfg) {
+        if cfg.capture.is_some()
+            && !checked_key
+            && step.what.starts_with("create function tidemark.capture")
+        {
+            let has_pk: bool = sqlx::query_scalar(
+                "select exists (select 1 from pg_index where indrelid = to_regclass($1) and indisprimary)",
+            )
+            .bind(cfg.table.quoted())
+            .fetch_one(&mut *tx)
+            .await?;
+            if !has_pk {
+                anyhow::bail!(
+                    "table {} has no primary key, so its changes cannot be keyed: add one (alter table ... add primary key), or capture it with timestamp+incrementing mode",
+                    cfg.table
+                );
+            }
+            checked_key = true;
+        }
         if step.only_if_new_table && table_existed {
             tracing::info!(step = %step.what, "skipped: the table already existed");
             continue;
@@ -243,7 +448,23 @@ mod tests {
             table: TableName::parse("streaming_update_table").unwrap(),
             notify: true,
             sample_row: true,
+            seed_objects: true,
+            capture: None,
         }
+    }
+
+    #[test]
+    fn changelog_capture_installs_one_kind_of_trigger_and_drops_the_other() {
+        let mut c = cfg();
+        c.capture = Some(TriggerLevel::Row);
+        let text = dry_run(&c);
+        assert!(text.contains("create table if not exists tidemark.change_log"));
+        assert!(text.contains("for each row execute function tidemark.capture_row()"));
+        assert!(text.contains("drop trigger if exists tidemark_capture_update"));
+        c.capture = Some(TriggerLevel::Statement);
+        let text = dry_run(&c);
+        assert!(text.contains("referencing old table as tidemark_old new table as tidemark_new"));
+        assert!(text.contains("drop trigger if exists tidemark_capture on"));
     }
 
     #[test]

@@ -31,6 +31,21 @@ struct Cli {
     #[arg(long, env = "TIDEMARK_NO_SAMPLE_ROW")]
     no_sample_row: bool,
 
+    /// Install change-log capture on the table (`changelog`): every insert,
+    /// update and delete is recorded for pg-source's changelog mode.
+    #[arg(long, env = "TIDEMARK_CAPTURE", value_parser = ["changelog"])]
+    capture: Option<String>,
+
+    /// How change-log triggers fire: `row` (cheapest for small commits) or
+    /// `statement` (cheaper for bulk statements). See the README's costs.
+    #[arg(long, env = "TIDEMARK_CAPTURE_TRIGGER", default_value = "row", value_parser = ["row", "statement"])]
+    capture_trigger: String,
+
+    /// Do not install the seed's last_updated trigger and (last_updated, id)
+    /// index: for capturing a table of your own shape.
+    #[arg(long, env = "TIDEMARK_NO_SEED_OBJECTS")]
+    no_seed_objects: bool,
+
     /// Print the SQL it would run, and exit without connecting.
     #[arg(long)]
     dry_run: bool,
@@ -66,6 +81,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         table,
         notify: !cli.no_notify,
         sample_row: !cli.no_sample_row,
+        seed_objects: !cli.no_seed_objects,
+        capture: cli
+            .capture
+            .as_ref()
+            .map(|_| match cli.capture_trigger.as_str() {
+                "statement" => schema_init::TriggerLevel::Statement,
+                _ => schema_init::TriggerLevel::Row,
+            }),
     };
     if cli.dry_run {
         print!("{}", schema_init::dry_run(&cfg));

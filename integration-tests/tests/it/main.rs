@@ -4,6 +4,7 @@
 //! so they run in parallel.
 
 mod bad_config;
+mod changelog;
 mod ordering;
 mod restart;
 mod seed;

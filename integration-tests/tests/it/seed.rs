@@ -77,7 +77,6 @@ async fn the_seed_scenario_arrives_line_by_line_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_are_primary_keys_and_values_are_lossless() {
-    use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::Message;
 
     let fx = Fixture::new().await;
@@ -96,15 +95,7 @@ async fn keys_are_primary_keys_and_values_are_lossless() {
     .unwrap();
     let source = fx.start_source();
 
-    let consumer: StreamConsumer = kafka()
-        .client_config(&[
-            ("group.id", &unique("check")),
-            ("auto.offset.reset", "earliest"),
-            ("isolation.level", "read_committed"),
-        ])
-        .create()
-        .unwrap();
-    consumer.subscribe(&[&fx.topic()]).unwrap();
+    let consumer = topic_consumer(&fx.topic());
     let mut seen = Vec::new();
     while seen.len() < 2 {
         let msg = match tokio::time::timeout(WAIT, consumer.recv())

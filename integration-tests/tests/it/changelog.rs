@@ -1,0 +1,401 @@
+//! `changelog` mode: every insert, update and delete, in Debezium's envelope,
+//! exactly once, in commit order per key.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use schema_init::TriggerLevel;
+use sqlx::{ConnectOptions as _, Connection as _};
+use tidemark_common::envelope::Op;
+
+use crate::support::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Waits until playing the file back gives the table's rows.
+async fn wait_for_replay(fx: &Fixture, timeout: Duration) {
+    let start = std::time::Instant::now();
+    loop {
+        let want = table_state(&fx.pool).await;
+        let got = replay(&read_events(&fx.file()));
+        if got == want {
+            return;
+        }
+        if start.elapsed() > timeout {
+            let missing: Vec<_> = want
+                .iter()
+                .filter(|(k, v)| got.get(k) != Some(v))
+                .take(5)
+                .collect();
+            let extra: Vec<_> = got
+                .iter()
+                .filter(|(k, _)| !want.contains_key(k))
+                .take(5)
+                .collect();
+            panic!("after {timeout:?} the file plays back {} rows, the table has {}; differing: {missing:?}, extra: {extra:?}", got.len(), want.len());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn exec(pool: &sqlx::PgPool, sql: &str) {
+    sqlx::query(sql).execute(pool).await.unwrap();
+}
+
+async fn every_change_arrives(level: TriggerLevel) {
+    let fx = Fixture::changelog(level).await;
+    let source = fx.start_source();
+    let sink = fx.start_sink();
+
+    // The sample row, read by the initial snapshot.
+    let events = wait_for_events(&fx.file(), 1, WAIT).await;
+    assert_eq!(events[0].op, Op::Read);
+    assert_eq!(events[0].after.as_ref().unwrap()["data"], "test data");
+    assert_eq!(events[0].source.snapshot.as_deref(), Some("true"));
+
+    exec(
+        &fx.pool,
+        "insert into streaming_update_table (data) values ('two'), ('three')",
+    )
+    .await;
+    exec(
+        &fx.pool,
+        "update streaming_update_table set data = 'some new data' where id = 1",
+    )
+    .await;
+    exec(
+        &fx.pool,
+        "update streaming_update_table set data = 'again' where id = 1",
+    )
+    .await;
+    exec(&fx.pool, "delete from streaming_update_table where id = 2").await;
+    exec(
+        &fx.pool,
+        "update streaming_update_table set id = 30 where id = 3",
+    )
+    .await;
+
+    // c, c, u, u, d, then the key change as d + c.
+    let events = wait_for_events(&fx.file(), 8, WAIT).await;
+    let ops: Vec<Op> = events.iter().map(|e| e.op).collect();
+    assert_eq!(
+        ops,
+        [
+            Op::Read,
+            Op::Create,
+            Op::Create,
+            Op::Update,
+            Op::Update,
+            Op::Delete,
+            Op::Delete,
+            Op::Create
+        ]
+    );
+    assert_eq!(events[3].before.as_ref().unwrap()["data"], "test data");
+    assert_eq!(events[3].after.as_ref().unwrap()["data"], "some new data");
+    assert_eq!(events[4].after.as_ref().unwrap()["data"], "again");
+    assert_eq!(events[5].before.as_ref().unwrap()["id"], 2);
+    assert!(events[5].after.is_none());
+    assert_eq!(events[6].before.as_ref().unwrap()["id"], 3);
+    assert_eq!(events[7].after.as_ref().unwrap()["id"], 30);
+    assert!(events[1].source.tx_id.is_some());
+    assert_eq!(events[1].source.table, "streaming_update_table");
+    assert_eq!(replay(&events), table_state(&fx.pool).await);
+
+    // The change log is pruned once Kafka has the changes.
+    let mut left = i64::MAX;
+    for _ in 0..100 {
+        left = sqlx::query_scalar("select count(*) from tidemark.change_log")
+            .fetch_one(&fx.pool)
+            .await
+            .unwrap();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(left, 0, "the change log keeps what Kafka confirmed");
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(read_events(&fx.file()).len(), 8, "nothing twice");
+    source.stop().await.unwrap();
+    sink.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_triggers_send_every_change_deletes_included() {
+    every_change_arrives(TriggerLevel::Row).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_triggers_send_every_change_deletes_included() {
+    every_change_arrives(TriggerLevel::Statement).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletes_are_followed_by_a_tombstone_in_the_topic() {
+    use rdkafka::Message;
+
+    let fx = Fixture::changelog(TriggerLevel::Row).await;
+    exec(&fx.pool, "delete from streaming_update_table where id = 1").await;
+    let source = fx
+        .start_source_with(&[("snapshot.mode", "no_data")])
+        .ready()
+        .await;
+    exec(
+        &fx.pool,
+        "insert into streaming_update_table (data) values ('x')",
+    )
+    .await;
+    exec(&fx.pool, "delete from streaming_update_table where id = 2").await;
+    let consumer = topic_consumer(&fx.topic());
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let Ok(msg) = tokio::time::timeout(WAIT, consumer.recv())
+            .await
+            .expect("records arrive")
+        else {
+            continue;
+        };
+        let key: serde_json::Value = serde_json::from_slice(msg.key().unwrap()).unwrap();
+        seen.push((
+            key["payload"]["id"].as_i64().unwrap(),
+            msg.payload().map(|p| p.to_vec()),
+        ));
+    }
+    source.stop().await.unwrap();
+    assert_eq!(seen[0].0, 2);
+    assert_eq!(seen[1].0, 2);
+    assert_eq!(
+        seen[2],
+        (2, None),
+        "a tombstone with the same key follows the delete"
+    );
+    let delete =
+        tidemark_common::envelope::ChangeEvent::decode(seen[1].1.as_ref().unwrap()).unwrap();
+    assert_eq!(delete.op, Op::Delete);
+}
+
+/// What the writers committed: per key, the data values in commit order.
+type Committed = BTreeMap<i64, Vec<Option<String>>>;
+
+/// A writer owning keys `base..base+keys`: inserts, updates, deletes, some of
+/// it in transactions it rolls back or holds open for a while.
+async fn writer(
+    pool: sqlx::PgPool,
+    target: sqlx::postgres::PgConnectOptions,
+    base: i64,
+    keys: i64,
+    rounds: usize,
+) -> Committed {
+    let mut committed: Committed = BTreeMap::new();
+    let mut conn = target.connect().await.unwrap();
+    for round in 0..rounds {
+        let key = base + (round as i64 % keys);
+        let value = format!("w{base}-r{round}");
+        let exists = committed
+            .get(&key)
+            .and_then(|v| v.last().cloned())
+            .flatten()
+            .is_some();
+        let mut tx = conn.begin().await.unwrap();
+        let op = if !exists {
+            sqlx::query("insert into streaming_update_table (id, data) values ($1, $2)")
+                .bind(key as i32)
+                .bind(&value)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            Some(value)
+        } else if round % 7 == 3 {
+            sqlx::query("delete from streaming_update_table where id = $1")
+                .bind(key as i32)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            None
+        } else {
+            sqlx::query("update streaming_update_table set data = $2 where id = $1")
+                .bind(key as i32)
+                .bind(&value)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            Some(value)
+        };
+        if round % 11 == 5 {
+            // A long transaction: others commit past it meanwhile.
+            tokio::time::sleep(Duration::from_millis(700)).await;
+        }
+        if round % 5 == 4 {
+            tx.rollback().await.unwrap();
+        } else {
+            tx.commit().await.unwrap();
+            committed.entry(key).or_default().push(op);
+        }
+    }
+    drop(pool);
+    committed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_long_transactions_and_rollbacks_arrive_exactly_once_in_order() {
+    let fx = Fixture::changelog(TriggerLevel::Row).await;
+    exec(&fx.pool, "delete from streaming_update_table").await;
+    let source = fx
+        .start_source_with(&[("snapshot.mode", "no_data"), ("batch.max.rows", "50")])
+        .ready()
+        .await;
+    let sink = fx.start_sink();
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        writers.push(tokio::spawn(writer(
+            fx.pool.clone(),
+            fx.target.options.clone(),
+            1000 * (w + 1),
+            6,
+            60,
+        )));
+    }
+    let mut committed: Committed = BTreeMap::new();
+    for w in writers {
+        committed.extend(w.await.unwrap());
+    }
+    let expected: usize = committed.values().map(Vec::len).sum();
+    let events = wait_for_events(&fx.file(), expected, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let events_after = read_events(&fx.file());
+    assert_eq!(
+        events_after.len(),
+        events.len().max(expected),
+        "nothing twice"
+    );
+
+    let mut seen: Committed = BTreeMap::new();
+    for e in &events_after {
+        let row = e.row().unwrap();
+        let id = row["id"].as_i64().unwrap();
+        let data = match e.op {
+            Op::Delete => None,
+            _ => Some(
+                e.after.as_ref().unwrap()["data"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            ),
+        };
+        seen.entry(id).or_default().push(data);
+    }
+    assert_eq!(
+        seen, committed,
+        "every committed change once, in commit order per key; no rolled-back change"
+    );
+    assert_eq!(replay(&events_after), table_state(&fx.pool).await);
+    source.stop().await.unwrap();
+    sink.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_initial_snapshot_meets_the_stream_with_no_gap_and_no_overlap() {
+    let fx = Fixture::changelog(TriggerLevel::Row).await;
+    exec(&fx.pool, "insert into streaming_update_table (data) select 'row ' || g from generate_series(2, 3000) g").await;
+    // A transaction open while the snapshot starts: its change must come
+    // after the snapshot, exactly once.
+    let mut open = fx.target.options.clone().connect().await.unwrap();
+    let mut tx = open.begin().await.unwrap();
+    sqlx::query("update streaming_update_table set data = 'late' where id = 2500")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+
+    let source = fx
+        .start_source_with(&[("batch.max.rows", "200")])
+        .ready()
+        .await;
+    let sink = fx.start_sink();
+    // Changes while the snapshot runs.
+    for i in 0..20 {
+        sqlx::query("update streaming_update_table set data = $1 where id = $2")
+            .bind(format!("during {i}"))
+            .bind(1 + i * 150)
+            .execute(&fx.pool)
+            .await
+            .unwrap();
+    }
+    exec(
+        &fx.pool,
+        "delete from streaming_update_table where id = 2999",
+    )
+    .await;
+    tx.commit().await.unwrap();
+
+    wait_for_replay(&fx, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let events = read_events(&fx.file());
+    let reads: Vec<i64> = events
+        .iter()
+        .filter(|e| e.op == Op::Read)
+        .map(|e| e.after.as_ref().unwrap()["id"].as_i64().unwrap())
+        .collect();
+    let mut unique_reads = reads.clone();
+    unique_reads.sort();
+    unique_reads.dedup();
+    assert_eq!(unique_reads.len(), reads.len(), "each row read once");
+    assert_eq!(replay(&events), table_state(&fx.pool).await);
+    let lates = events
+        .iter()
+        .filter(|e| e.op == Op::Update && e.after.as_ref().unwrap()["data"] == "late")
+        .count();
+    assert_eq!(
+        lates, 1,
+        "the transaction open at the snapshot arrives once, as a change"
+    );
+    source.stop().await.unwrap();
+    sink.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_in_the_middle_of_the_snapshot_resumes_without_gap_or_overlap() {
+    let fx = Fixture::changelog(TriggerLevel::Row).await;
+    exec(&fx.pool, "insert into streaming_update_table (data) select 'row ' || g from generate_series(2, 20000) g").await;
+    let overrides = [("batch.max.rows", "100")];
+    let source = fx.start_source_with(&overrides);
+    let sink = fx.start_sink();
+    wait_for_events(&fx.file(), 2000, WAIT).await;
+    source.kill().await;
+    // Changes after the crash, to rows already read and rows not yet read.
+    for id in [5, 1500, 15000, 19999] {
+        sqlx::query("update streaming_update_table set data = 'after crash' where id = $1")
+            .bind(id)
+            .execute(&fx.pool)
+            .await
+            .unwrap();
+    }
+    exec(
+        &fx.pool,
+        "delete from streaming_update_table where id in (6, 16000)",
+    )
+    .await;
+    let source = fx.start_source_with(&overrides);
+    wait_for_replay(&fx, Duration::from_secs(120)).await;
+    // Let the stream settle.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let events = read_events(&fx.file());
+    let mut reads = BTreeMap::new();
+    for e in events.iter().filter(|e| e.op == Op::Read) {
+        *reads
+            .entry(e.after.as_ref().unwrap()["id"].as_i64().unwrap())
+            .or_insert(0) += 1;
+    }
+    assert!(reads.values().all(|n| *n == 1), "a row read twice");
+    // Rows already read before the crash get their changes as events; rows
+    // read after it carry them in their snapshot state: either way, once.
+    assert_eq!(replay(&events), table_state(&fx.pool).await);
+    let after_crash_updates = events
+        .iter()
+        .filter(|e| e.op == Op::Update && e.after.as_ref().unwrap()["data"] == "after crash")
+        .count();
+    assert!(after_crash_updates <= 4);
+    source.stop().await.unwrap();
+    sink.stop().await.unwrap();
+}

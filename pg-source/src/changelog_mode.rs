@@ -1,0 +1,620 @@
+//! `changelog` mode: reads the change log schema-init's triggers fill, and
+//! sends every insert, update and delete as a Debezium-style change event.
+//!
+//! Commit-safe order without logical decoding: pg-source takes a snapshot
+//! (`pg_current_snapshot()`) and sends the changes of the transactions that
+//! became visible since the previous one, table by table in `seq` order. A
+//! transaction still open is in neither snapshot's visible set, so it is sent
+//! in a later batch, once it has committed: nothing is missed, however long
+//! it runs, and a rolled-back transaction is never visible at all. Batches
+//! follow commit order; inside a batch two changes of one row are in `seq`
+//! order, which is their commit order too, since the second writer had to
+//! wait for the first's row lock.
+//!
+//! The initial snapshot reads every row in one `repeatable read`
+//! transaction whose snapshot is where streaming starts, so there is neither
+//! a gap nor an overlap between the two. A snapshot interrupted by a crash
+//! resumes after its last key in a new snapshot; the key ranges read in later
+//! snapshots are kept as segments in the position, and a change already
+//! contained in a segment's rows is skipped.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use sqlx::PgPool;
+use tidemark_common::envelope::{
+    payload_sql, struct_schema, Change, ChangeEnvelope, Op, RecordTemplate,
+};
+use tidemark_common::health::now_ms;
+use tidemark_common::offset::{ChangeLogPosition, Segment, SnapshotProgress, SourcePosition};
+use tidemark_common::pg::quote_ident;
+
+use crate::catalog::TableInfo;
+use crate::producer::Record;
+
+/// One captured table.
+#[derive(Debug)]
+pub struct ChangeTable {
+    /// The table.
+    pub info: TableInfo,
+    /// Its topic.
+    pub topic: String,
+    /// Its name as the triggers write it (`format('%I.%I')`).
+    pub log_name: String,
+    key_template: RecordTemplate,
+    envelope: ChangeEnvelope,
+    sql_changes: String,
+    sql_snapshot_first: String,
+    sql_snapshot_after: String,
+}
+
+#[derive(sqlx::FromRow)]
+struct ChangeRow {
+    seq: i64,
+    txid: String,
+    op: String,
+    changed_ms: i64,
+    before: Option<String>,
+    after: Option<String>,
+    key_before: Option<String>,
+    key_after: Option<String>,
+}
+
+#[derive(sqlx::FromRow)]
+struct SnapshotRow {
+    raw_key: serde_json::Value,
+    key: String,
+    after: String,
+}
+
+impl ChangeTable {
+    /// Prepares the queries of a table.
+    ///
+    /// Fails when the table has no primary key or no capture trigger.
+    pub async fn new(
+        pool: &PgPool,
+        info: TableInfo,
+        topic: String,
+        connector: &str,
+        database: &str,
+    ) -> anyhow::Result<Self> {
+        let name = info.name.clone();
+        if info.key.is_empty() {
+            bail!("table {name} has no primary key, so its changes cannot be keyed: add one, or use mode timestamp+incrementing");
+        }
+        let (log_name, has_trigger): (String, bool) = sqlx::query_as(
+            "select format('%I.%I', $1::text, $2::text),
+                    exists (select 1 from pg_trigger where tgrelid = to_regclass($3)
+                            and tgname in ('tidemark_capture', 'tidemark_capture_insert'))",
+        )
+        .bind(&name.schema)
+        .bind(&name.name)
+        .bind(name.quoted())
+        .fetch_one(pool)
+        .await?;
+        if !has_trigger {
+            bail!("table {name} has no change-log trigger: run schema-init --capture changelog --table {name}");
+        }
+        let t = name.quoted();
+        let key_cols: Vec<String> = info.key.iter().map(|c| quote_ident(&c.name)).collect();
+        let order = key_cols
+            .iter()
+            .map(|c| format!("t.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        // A key given as to_jsonb of the key columns, as typed values: each
+        // field cast from its text to the column's type, so the comparison
+        // uses the primary key's index.
+        let typed_key = |param: &str| {
+            info.key
+                .iter()
+                .map(|c| {
+                    format!(
+                        "({param}->>{})::{}",
+                        quote_literal(&c.name),
+                        info.sql_type(&c.name)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let raw_key = format!(
+            "(select to_jsonb(k) from (select {}) k)",
+            info.key
+                .iter()
+                .map(|c| format!("t.{}", quote_ident(&c.name)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let snapshot = |filter: &str, limit: &str| {
+            format!(
+                "select {raw_key} as raw_key, {} as key, {} as after \
+                 from (select * from {t} t {filter} order by {order} limit {limit}) t order by {order}",
+                payload_sql(&info.key, "t"),
+                payload_sql(&info.columns, "t"),
+            )
+        };
+        let sql_snapshot_first = snapshot("", "$1");
+        let sql_snapshot_after = snapshot(
+            &format!("where ({order}) > ({})", typed_key("$1::jsonb")),
+            "$2",
+        );
+        // The key of a changed row, for the segment check.
+        let changed_key = info
+            .key
+            .iter()
+            .map(|c| {
+                let q = quote_ident(&c.name);
+                format!("coalesce(a.{q}, b.{q})")
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql_changes = format!(
+            r#"select l.seq, l.txid::text as txid, l.op::text as op,
+                      (extract(epoch from l.changed_at) * 1000)::int8 as changed_ms,
+                      case when l.before is not null then {before} end as before,
+                      case when l.after is not null then {after} end as after,
+                      case when l.before is not null then {key_before} end as key_before,
+                      case when l.after is not null then {key_after} end as key_after
+               from tidemark.change_log l
+               cross join lateral jsonb_populate_record(null::{t}, l.before) b
+               cross join lateral jsonb_populate_record(null::{t}, l.after) a
+               where l.table_name = $1 and l.seq > $2
+                 and l.txid >= pg_snapshot_xmin($3::pg_snapshot)
+                 and l.txid < pg_snapshot_xmax($4::pg_snapshot)
+                 and pg_visible_in_snapshot(l.txid, $4::pg_snapshot)
+                 and not pg_visible_in_snapshot(l.txid, $3::pg_snapshot)
+                 and not exists (
+                   select 1 from jsonb_array_elements($5::jsonb) s
+                   where pg_visible_in_snapshot(l.txid, (s->>'snapshot')::pg_snapshot)
+                     and (jsonb_typeof(s->'lo') is distinct from 'object' or ({changed_key}) > ({lo}))
+                     and (jsonb_typeof(s->'hi') is distinct from 'object' or ({changed_key}) <= ({hi})))
+               order by l.seq
+               limit $6"#,
+            before = payload_sql(&info.columns, "b"),
+            after = payload_sql(&info.columns, "a"),
+            key_before = payload_sql(&info.key, "b"),
+            key_after = payload_sql(&info.key, "a"),
+            lo = typed_key("(s->'lo')"),
+            hi = typed_key("(s->'hi')"),
+        );
+        let key_schema = struct_schema(
+            &format!("{connector}.{}.{}.Key", name.schema, name.name),
+            &info.key,
+            false,
+        );
+        Ok(Self {
+            key_template: RecordTemplate::new(&key_schema),
+            envelope: ChangeEnvelope::new(
+                connector,
+                database,
+                &name.schema,
+                &name.name,
+                &info.columns,
+            ),
+            info,
+            topic,
+            log_name,
+            sql_changes,
+            sql_snapshot_first,
+            sql_snapshot_after,
+        })
+    }
+}
+
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// What one read produced.
+pub struct Chunk {
+    /// Records for Kafka, in order.
+    pub records: Vec<Record>,
+    /// Rows (changes or snapshot rows) read.
+    pub rows: usize,
+}
+
+/// The change-log reader with its position.
+pub struct ChangeLogReader {
+    /// The tables, in the order they are read.
+    pub tables: Vec<ChangeTable>,
+    /// Where reading stands.
+    pub position: ChangeLogPosition,
+    /// Send a tombstone (null value) after each delete, for compaction.
+    pub tombstones: bool,
+    /// Rows per chunk (and per Kafka transaction).
+    pub chunk: i64,
+    /// Where the position is stored in the offsets topic.
+    pub position_key: Vec<u8>,
+    /// The offsets topic.
+    pub offsets_topic: String,
+}
+
+impl ChangeLogReader {
+    /// The position as a record for the offsets topic.
+    pub fn position_record(&self) -> Record {
+        Record {
+            topic: self.offsets_topic.clone(),
+            key: self.position_key.clone(),
+            value: Some(SourcePosition::ChangeLog(self.position.clone()).encode()),
+        }
+    }
+
+    /// Starts from nothing: takes the snapshot streaming starts at. With
+    /// `initial_snapshot`, every existing row is sent first.
+    ///
+    /// Fails on a database error.
+    pub async fn start(&mut self, pool: &PgPool, initial_snapshot: bool) -> anyhow::Result<()> {
+        let done: String = sqlx::query_scalar("select pg_current_snapshot()::text")
+            .fetch_one(pool)
+            .await?;
+        self.position = ChangeLogPosition {
+            done,
+            ..Default::default()
+        };
+        if initial_snapshot {
+            self.position.snapshot = Some(SnapshotProgress {
+                tables: self.tables.iter().map(|t| t.log_name.clone()).collect(),
+                last_key: None,
+                rows: 0,
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads the next chunk of changes, or `None` when caught up. Advances
+    /// the in-memory position; the caller commits the records together with
+    /// [`Self::position_record`], or calls [`Self::rewind`] when that fails.
+    ///
+    /// Fails on a database error.
+    pub async fn next_changes(&mut self, pool: &PgPool) -> Result<Option<Chunk>, sqlx::Error> {
+        if self.position.batch.is_none() {
+            let cur: String = sqlx::query_scalar("select pg_current_snapshot()::text")
+                .fetch_one(pool)
+                .await?;
+            if cur == self.position.done {
+                return Ok(None);
+            }
+            self.position.batch = Some(cur);
+        }
+        let cur = self.position.batch.clone().expect("set above");
+        for table in &self.tables {
+            let after_seq = self
+                .position
+                .after_seq
+                .get(&table.log_name)
+                .copied()
+                .unwrap_or(0);
+            let segments = serde_json::to_value(
+                self.position
+                    .segments
+                    .get(&table.log_name)
+                    .cloned()
+                    .unwrap_or_default(),
+            )
+            .expect("segments always serialise");
+            let rows: Vec<ChangeRow> = sqlx::query_as(&table.sql_changes)
+                .bind(&table.log_name)
+                .bind(after_seq)
+                .bind(&self.position.done)
+                .bind(&cur)
+                .bind(segments)
+                .bind(self.chunk)
+                .fetch_all(pool)
+                .await?;
+            let Some(last) = rows.last().map(|r| r.seq) else {
+                continue;
+            };
+            let n = rows.len();
+            let mut records = Vec::with_capacity(n + n / 8);
+            let read_ms = now_ms();
+            for r in &rows {
+                self.render_change(table, r, read_ms, &mut records);
+            }
+            self.position.after_seq.insert(table.log_name.clone(), last);
+            return Ok(Some(Chunk { records, rows: n }));
+        }
+        // Every table has sent the batch: it is done.
+        self.position.done = cur;
+        self.position.batch = None;
+        self.position.after_seq.clear();
+        self.drop_old_segments(pool).await?;
+        Ok(None)
+    }
+
+    fn render_change(
+        &self,
+        table: &ChangeTable,
+        r: &ChangeRow,
+        read_ms: i64,
+        out: &mut Vec<Record>,
+    ) {
+        let txid = r.txid.parse::<u64>().ok();
+        let change = |op, before: Option<&str>, after: Option<&str>| {
+            table.envelope.render(&Change {
+                op,
+                before,
+                after,
+                changed_ms: r.changed_ms,
+                txid,
+                seq: Some(r.seq),
+                snapshot: "false",
+                read_ms,
+            })
+        };
+        let record = |key: &str, value: Vec<u8>| Record {
+            topic: table.topic.clone(),
+            key: table.key_template.render(key),
+            value: Some(value),
+        };
+        let tombstone = |key: &str| Record {
+            topic: table.topic.clone(),
+            key: table.key_template.render(key),
+            value: None,
+        };
+        let (before, after) = (r.before.as_deref(), r.after.as_deref());
+        match (
+            r.op.as_str(),
+            r.key_before.as_deref(),
+            r.key_after.as_deref(),
+        ) {
+            ("c", _, Some(k)) => out.push(record(k, change(Op::Create, None, after))),
+            ("u", Some(kb), Some(ka)) if kb != ka => {
+                // The primary key changed: the old key is deleted, the new
+                // one created, as Debezium does.
+                out.push(record(kb, change(Op::Delete, before, None)));
+                if self.tombstones {
+                    out.push(tombstone(kb));
+                }
+                out.push(record(ka, change(Op::Create, None, after)));
+            }
+            ("u", _, Some(k)) => out.push(record(k, change(Op::Update, before, after))),
+            ("d", Some(k), _) => {
+                out.push(record(k, change(Op::Delete, before, None)));
+                if self.tombstones {
+                    out.push(tombstone(k));
+                }
+            }
+            (op, _, _) => {
+                tracing::warn!(seq = r.seq, op, table = %table.info.name, "skipping a change-log row that is not c, u or d")
+            }
+        }
+    }
+
+    /// Forgets segments whose snapshot lies wholly below `done`: their
+    /// transactions are excluded as done already.
+    async fn drop_old_segments(&mut self, pool: &PgPool) -> Result<(), sqlx::Error> {
+        let done = self.position.done.clone();
+        for segments in self.position.segments.values_mut() {
+            let mut keep = Vec::new();
+            for s in segments.drain(..) {
+                let old: bool = sqlx::query_scalar(
+                    "select pg_snapshot_xmax($1::pg_snapshot) <= pg_snapshot_xmin($2::pg_snapshot)",
+                )
+                .bind(&s.snapshot)
+                .bind(&done)
+                .fetch_one(pool)
+                .await?;
+                if !old {
+                    keep.push(s);
+                }
+            }
+            *segments = keep;
+        }
+        self.position.segments.retain(|_, s| !s.is_empty());
+        Ok(())
+    }
+
+    /// Deletes the change-log rows of this reader's tables that are sent and
+    /// committed to Kafka (visible in `done`), in bounded chunks.
+    ///
+    /// Fails on a database error.
+    pub async fn prune(&self, pool: &PgPool) -> Result<u64, sqlx::Error> {
+        let names: Vec<String> = self.tables.iter().map(|t| t.log_name.clone()).collect();
+        let mut total = 0;
+        loop {
+            let n = sqlx::query(
+                "delete from tidemark.change_log where seq in (
+                   select seq from tidemark.change_log
+                   where table_name = any($1) and txid < pg_snapshot_xmax($2::pg_snapshot)
+                     and pg_visible_in_snapshot(txid, $2::pg_snapshot)
+                   limit 5000)",
+            )
+            .bind(&names)
+            .bind(&self.position.done)
+            .execute(pool)
+            .await?
+            .rows_affected();
+            total += n;
+            if n < 5000 {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+/// The initial snapshot: a `repeatable read` transaction and its progress.
+pub struct SnapshotRun {
+    /// Rolled back if dropped, so a stopped snapshot never leaves its
+    /// snapshot on a pooled connection.
+    tx: Option<sqlx::Transaction<'static, sqlx::Postgres>>,
+    /// Rows in all tables at the start, for progress.
+    pub total: i64,
+    started: Instant,
+    last_log: Instant,
+    started_rows: u64,
+}
+
+impl SnapshotRun {
+    /// Opens the snapshot transaction. On a fresh start its snapshot must be
+    /// the reader's `done`; on a resume after a crash, the rest of the tables
+    /// are read in this new snapshot and recorded as segments.
+    ///
+    /// Fails on a database error.
+    pub async fn open(
+        pool: &PgPool,
+        reader: &mut ChangeLogReader,
+        fresh: bool,
+    ) -> anyhow::Result<Self> {
+        let mut tx = pool.begin().await?;
+        sqlx::query("set transaction isolation level repeatable read, read only")
+            .execute(&mut *tx)
+            .await?;
+        let snap: String = sqlx::query_scalar("select pg_current_snapshot()::text")
+            .fetch_one(&mut *tx)
+            .await?;
+        let progress = reader
+            .position
+            .snapshot
+            .clone()
+            .context("no snapshot to run")?;
+        if fresh {
+            // Streaming starts exactly where the snapshot's rows end.
+            reader.position.done = snap;
+        } else {
+            for (i, name) in progress.tables.iter().enumerate() {
+                let lo = if i == 0 {
+                    progress.last_key.clone()
+                } else {
+                    None
+                };
+                let segments = reader.position.segments.entry(name.clone()).or_default();
+                if let Some(open) = segments.last_mut().filter(|s| s.hi.is_none()) {
+                    open.hi = lo.clone();
+                }
+                segments.push(Segment {
+                    snapshot: snap.clone(),
+                    lo,
+                    hi: None,
+                });
+            }
+            tracing::info!(
+                tables = progress.tables.len(),
+                rows_done = progress.rows,
+                "resuming the initial snapshot in a new snapshot"
+            );
+        }
+        let mut total = 0i64;
+        for name in &progress.tables {
+            if let Some(t) = reader.tables.iter().find(|t| &t.log_name == name) {
+                let n: i64 =
+                    sqlx::query_scalar(&format!("select count(*) from {}", t.info.name.quoted()))
+                        .fetch_one(&mut *tx)
+                        .await?;
+                total += n;
+            }
+        }
+        tracing::info!(
+            rows = total + progress.rows as i64,
+            tables = progress.tables.len(),
+            "initial snapshot started"
+        );
+        Ok(Self {
+            tx: Some(tx),
+            total: total + progress.rows as i64,
+            started: Instant::now(),
+            last_log: Instant::now(),
+            started_rows: progress.rows,
+        })
+    }
+
+    /// Reads the next chunk of snapshot rows as `op: r` events, or `None`
+    /// when every table is read (the snapshot is then over).
+    ///
+    /// Fails on a database error.
+    pub async fn next(&mut self, reader: &mut ChangeLogReader) -> anyhow::Result<Option<Chunk>> {
+        loop {
+            let Some(progress) = reader.position.snapshot.as_mut() else {
+                return Ok(None);
+            };
+            let Some(name) = progress.tables.first().cloned() else {
+                reader.position.snapshot = None;
+                return Ok(None);
+            };
+            let table = reader
+                .tables
+                .iter()
+                .find(|t| t.log_name == name)
+                .with_context(|| {
+                    format!("the stored position names table {name}, which is not configured")
+                })?;
+            let tx = self
+                .tx
+                .as_mut()
+                .context("the snapshot transaction is closed")?;
+            let rows: Vec<SnapshotRow> = match &progress.last_key {
+                None => {
+                    sqlx::query_as(&table.sql_snapshot_first)
+                        .bind(reader.chunk)
+                        .fetch_all(&mut **tx)
+                        .await?
+                }
+                Some(k) => {
+                    sqlx::query_as(&table.sql_snapshot_after)
+                        .bind(k)
+                        .bind(reader.chunk)
+                        .fetch_all(&mut **tx)
+                        .await?
+                }
+            };
+            if rows.is_empty() {
+                progress.tables.remove(0);
+                progress.last_key = None;
+                tracing::info!(table = %table.info.name, "snapshot of table done");
+                if progress.tables.is_empty() {
+                    reader.position.snapshot = None;
+                    if let Some(tx) = self.tx.take() {
+                        tx.commit().await?;
+                    }
+                    tracing::info!(rows = self.total, elapsed = ?self.started.elapsed(), "initial snapshot done; streaming changes");
+                    return Ok(None);
+                }
+                continue;
+            }
+            let read_ms = now_ms();
+            let records = rows
+                .iter()
+                .map(|r| Record {
+                    topic: table.topic.clone(),
+                    key: table.key_template.render(&r.key),
+                    value: Some(table.envelope.render(&Change {
+                        op: Op::Read,
+                        before: None,
+                        after: Some(&r.after),
+                        changed_ms: read_ms,
+                        txid: None,
+                        seq: None,
+                        snapshot: "true",
+                        read_ms,
+                    })),
+                })
+                .collect();
+            let n = rows.len();
+            progress.last_key = rows.last().map(|r| r.raw_key.clone());
+            progress.rows += n as u64;
+            if self.last_log.elapsed() >= Duration::from_secs(2) {
+                self.log_progress(progress.rows);
+                self.last_log = Instant::now();
+            }
+            return Ok(Some(Chunk { records, rows: n }));
+        }
+    }
+
+    fn log_progress(&self, done: u64) {
+        let secs = self.started.elapsed().as_secs_f64().max(0.001);
+        let rate = (done - self.started_rows) as f64 / secs;
+        let left = (self.total as f64 - done as f64).max(0.0);
+        let eta = if rate > 0.0 {
+            Duration::from_secs_f64(left / rate)
+        } else {
+            Duration::ZERO
+        };
+        tracing::info!(
+            rows_done = done,
+            rows_total = self.total,
+            rows_per_sec = rate as u64,
+            time_left = %humantime::format_duration(Duration::from_secs(eta.as_secs())),
+            "initial snapshot progress"
+        );
+    }
+}
