@@ -18,6 +18,7 @@
 //! - A write error (full disk, permission) stops the sink with the error
 //!   before anything is committed, so nothing is lost.
 
+pub mod cli;
 pub mod output;
 
 use std::collections::BTreeSet;

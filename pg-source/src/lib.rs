@@ -17,6 +17,7 @@
 
 pub mod catalog;
 pub mod changelog_mode;
+pub mod cli;
 pub mod producer;
 pub mod timestamp_mode;
 

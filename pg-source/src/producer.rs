@@ -88,6 +88,9 @@ impl TxProducer {
                 // producers would put them.
                 ("partitioner", "murmur2_random"),
                 ("transaction.timeout.ms", "60000"),
+                // Below the transaction timeout, so a record that cannot be
+                // delivered fails its batch before the broker aborts it.
+                ("message.timeout.ms", "30000"),
                 ("queue.buffering.max.kbytes", "16384"),
             ])
             .create_with_context(Acks::default())
@@ -177,19 +180,47 @@ fn send_blocking(
         Err(e) => {
             let err = classify(e, "commit a batch");
             if let BatchError::Retry(_) = &err {
-                if let Err(abort) = producer.abort_transaction(TXN_TIMEOUT) {
-                    return Err(classify_abort(abort));
-                }
+                abort(producer)?;
             }
             Err(err)
         }
     }
 }
 
-fn classify_abort(e: KafkaError) -> BatchError {
-    match classify(e, "abort a failed transaction") {
-        BatchError::Retry(e) => BatchError::Fatal(e.context("the producer restarts to recover")),
-        fatal => fatal,
+/// How long to keep trying to abort a transaction while the brokers are
+/// unreachable before giving up (and exiting, to be restarted).
+const ABORT_PATIENCE: Duration = Duration::from_secs(300);
+
+/// Aborts the open transaction, waiting out a broker restart.
+///
+/// librdkafka aborts only once every in-flight record has a delivery report,
+/// and with a `BaseProducer` nothing serves those reports unless this thread
+/// does, so it polls them first.
+fn abort(producer: &BaseProducer<Acks>) -> Result<(), BatchError> {
+    let deadline = std::time::Instant::now() + ABORT_PATIENCE;
+    let mut logged = false;
+    loop {
+        let drained = std::time::Instant::now() + TXN_TIMEOUT;
+        while producer.in_flight_count() > 0 && std::time::Instant::now() < drained {
+            producer.poll(Duration::from_millis(10));
+        }
+        match producer.abort_transaction(TXN_TIMEOUT) {
+            Ok(()) => return Ok(()),
+            Err(KafkaError::Transaction(e))
+                if e.is_retriable() && std::time::Instant::now() < deadline =>
+            {
+                if !logged {
+                    tracing::warn!(error = %e, "cannot abort the failed transaction yet; retrying");
+                    logged = true;
+                }
+            }
+            Err(e) => return Err(match classify(e, "abort a failed transaction") {
+                BatchError::Retry(e) => BatchError::Fatal(e.context(
+                    "Kafka stayed unreachable; exiting so that a restart starts a fresh producer",
+                )),
+                fatal => fatal,
+            }),
+        }
     }
 }
 

@@ -1,0 +1,114 @@
+//! The command line: flags, environment variables and the connector file,
+//! shared by the binary and the test harness's copies of it.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use tidemark_common::config::ConnectorConfig;
+use tidemark_common::kafka::KafkaSettings;
+
+/// Writes every record of Kafka topics into a file, one line of JSON per
+/// record, like Kafka Connect's FileStreamSink, but fsynced before its
+/// position moves, so the file holds each record exactly once across
+/// crashes. Reads FileStreamSink's JSON (`--connector-config`); every key can
+/// also be set by a flag or an environment variable, which win over the file.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// Kafka Connect connector JSON ({"name": ..., "config": {"topics", "file"}}).
+    #[arg(long, env = "TIDEMARK_CONNECTOR_CONFIG")]
+    connector_config: Option<PathBuf>,
+
+    /// Connector name (`name`); the consumer group is connect-<name>.
+    #[arg(long, env = "TIDEMARK_NAME")]
+    name: Option<String>,
+
+    /// `topics`: comma-separated topics to read.
+    #[arg(long, env = "TIDEMARK_TOPICS")]
+    topics: Option<String>,
+
+    /// `file`: the output file. Its folder must exist. The checkpoint
+    /// `<file>.tidemark-checkpoint` and bad records' `<file>.dead-letter`
+    /// sit beside it.
+    #[arg(long, env = "TIDEMARK_FILE")]
+    file: Option<String>,
+
+    /// Kafka brokers, host:port[,host:port].
+    #[arg(
+        long,
+        env = "KAFKA_BOOTSTRAP_SERVERS",
+        default_value = "127.0.0.1:9092"
+    )]
+    bootstrap_servers: String,
+
+    /// Extra librdkafka property, key=value (TLS, SASL, tuning). Repeatable;
+    /// in the environment, separated by `;`.
+    #[arg(
+        long = "kafka-property",
+        env = "TIDEMARK_KAFKA_PROPERTIES",
+        value_delimiter = ';',
+        hide_env_values = true
+    )]
+    kafka_properties: Vec<String>,
+
+    /// Most records per fsync.
+    #[arg(long, env = "TIDEMARK_MAX_BATCH_RECORDS", default_value_t = 5_000)]
+    max_batch_records: usize,
+
+    /// Records larger than this many bytes go to the dead-letter file.
+    #[arg(long, env = "TIDEMARK_MAX_RECORD_BYTES", default_value_t = 16 * 1024 * 1024)]
+    max_record_bytes: usize,
+
+    /// Log one JSON object per line.
+    #[arg(long, env = "TIDEMARK_JSON_LOGS")]
+    json_logs: bool,
+}
+
+/// Parses the command line, runs the program and returns its exit code.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("file-sink: error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async_main(cli))
+}
+
+async fn async_main(cli: Cli) -> std::process::ExitCode {
+    tidemark_common::telemetry::init(cli.json_logs);
+    let shutdown = tidemark_common::shutdown::on_signal();
+    match run(cli, shutdown).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "file-sink failed");
+            eprintln!("file-sink: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli, shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
+    let mut connector = match &cli.connector_config {
+        Some(path) => ConnectorConfig::from_file(path)?,
+        None => ConnectorConfig {
+            name: "file-sink".into(),
+            ..Default::default()
+        },
+    };
+    connector.apply_overrides([
+        ("name", cli.name),
+        ("topics", cli.topics),
+        ("file", cli.file),
+    ]);
+    let kafka = KafkaSettings::new(&cli.bootstrap_servers, &cli.kafka_properties)?;
+    let (mut cfg, warnings) = crate::Config::from_connector(&connector, kafka)?;
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+    cfg.max_batch_records = cli.max_batch_records.max(1);
+    cfg.max_record_bytes = cli.max_record_bytes;
+    crate::run(cfg, shutdown).await.map(|_| ())
+}

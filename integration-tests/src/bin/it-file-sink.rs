@@ -1,0 +1,6 @@
+//! file-sink, built inside this package so its tests can run it as a real
+//! process (killed with SIGKILL, restarted) through `CARGO_BIN_EXE_`.
+
+fn main() -> std::process::ExitCode {
+    file_sink::cli::main()
+}

@@ -1,0 +1,206 @@
+//! The command line: flags, environment variables and the connector file,
+//! shared by the binary and the test harness's copies of it.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use tidemark_common::config::ConnectorConfig;
+use tidemark_common::kafka::KafkaSettings;
+
+/// Streams the rows of Postgres tables into Kafka, like Kafka Connect's JDBC
+/// source in timestamp+incrementing mode, but missing no row when
+/// transactions commit out of order, keeping microseconds and exact numerics,
+/// and writing each batch and its position in one Kafka transaction.
+///
+/// Reads the JDBC connector's JSON (`--connector-config`); every key can also
+/// be set by a flag or an environment variable, which win over the file.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// Kafka Connect connector JSON ({"name": ..., "config": {...}}).
+    #[arg(long, env = "TIDEMARK_CONNECTOR_CONFIG")]
+    connector_config: Option<PathBuf>,
+
+    /// Connector name (`name`); names the stored position.
+    #[arg(long, env = "TIDEMARK_NAME")]
+    name: Option<String>,
+
+    /// Kafka brokers, host:port[,host:port].
+    #[arg(
+        long,
+        env = "KAFKA_BOOTSTRAP_SERVERS",
+        default_value = "127.0.0.1:9092"
+    )]
+    bootstrap_servers: String,
+
+    /// Extra librdkafka property, key=value (TLS, SASL, tuning). Repeatable;
+    /// in the environment, separated by `;`.
+    #[arg(
+        long = "kafka-property",
+        env = "TIDEMARK_KAFKA_PROPERTIES",
+        value_delimiter = ';',
+        hide_env_values = true
+    )]
+    kafka_properties: Vec<String>,
+
+    /// `connection.url`: JDBC URL, like jdbc:postgresql://127.0.0.1:5432/streaming_example.
+    #[arg(long, env = "TIDEMARK_CONNECTION_URL")]
+    connection_url: Option<String>,
+
+    /// `connection.user`.
+    #[arg(long, env = "TIDEMARK_CONNECTION_USER")]
+    connection_user: Option<String>,
+
+    /// `connection.password`.
+    #[arg(long, env = "TIDEMARK_CONNECTION_PASSWORD", hide_env_values = true)]
+    connection_password: Option<String>,
+
+    /// `mode`: changelog (every insert, update and delete, from schema-init
+    /// --capture changelog) or timestamp+incrementing (the JDBC connector's).
+    #[arg(long, env = "TIDEMARK_MODE")]
+    mode: Option<String>,
+
+    /// `timestamp.column.name`, like last_updated.
+    #[arg(long, env = "TIDEMARK_TIMESTAMP_COLUMN_NAME")]
+    timestamp_column_name: Option<String>,
+
+    /// `incrementing.column.name`, like id.
+    #[arg(long, env = "TIDEMARK_INCREMENTING_COLUMN_NAME")]
+    incrementing_column_name: Option<String>,
+
+    /// `topic.prefix`: topic = prefix + table name.
+    #[arg(long, env = "TIDEMARK_TOPIC_PREFIX")]
+    topic_prefix: Option<String>,
+
+    /// `poll.interval.ms` (5000): longest wait between polls; a NOTIFY from
+    /// schema-init's trigger wakes pg-source sooner.
+    #[arg(long, env = "TIDEMARK_POLL_INTERVAL_MS")]
+    poll_interval_ms: Option<String>,
+
+    /// `batch.max.rows` (1000): rows per batch and per Kafka transaction.
+    #[arg(long, env = "TIDEMARK_BATCH_MAX_ROWS")]
+    batch_max_rows: Option<String>,
+
+    /// `timestamp.delay.interval.ms` (0): extra lag behind the clock. Not
+    /// needed for safety: open transactions already hold the poll back.
+    #[arg(long, env = "TIDEMARK_TIMESTAMP_DELAY_INTERVAL_MS")]
+    timestamp_delay_interval_ms: Option<String>,
+
+    /// `timestamp.initial`: epoch ms to start at with no stored position; -1
+    /// for now. Unset reads the whole table first.
+    #[arg(long, env = "TIDEMARK_TIMESTAMP_INITIAL", allow_hyphen_values = true)]
+    timestamp_initial: Option<String>,
+
+    /// `table.whitelist`: comma-separated tables (schema.table); unset reads
+    /// every table with both columns.
+    #[arg(long, env = "TIDEMARK_TABLE_WHITELIST")]
+    table_whitelist: Option<String>,
+
+    /// `tombstones.on.delete` (true): changelog mode sends a null-valued
+    /// record after each delete, so compacted topics forget the row.
+    #[arg(long, env = "TIDEMARK_TOMBSTONES_ON_DELETE")]
+    tombstones_on_delete: Option<String>,
+
+    /// `snapshot.mode` (initial): changelog mode sends every existing row as
+    /// `op: r` first when no position is stored; `no_data` skips that.
+    #[arg(long, env = "TIDEMARK_SNAPSHOT_MODE")]
+    snapshot_mode: Option<String>,
+
+    /// `db.timezone` (UTC): the zone writers' `timestamp` columns are in.
+    #[arg(long, env = "TIDEMARK_DB_TIMEZONE")]
+    db_timezone: Option<String>,
+
+    /// `topic.creation.default.partitions` (1) for topics pg-source creates.
+    #[arg(long, env = "TIDEMARK_TOPIC_PARTITIONS")]
+    topic_partitions: Option<String>,
+
+    /// `topic.creation.default.replication.factor` (-1: broker default).
+    #[arg(
+        long,
+        env = "TIDEMARK_TOPIC_REPLICATION_FACTOR",
+        allow_hyphen_values = true
+    )]
+    topic_replication_factor: Option<String>,
+
+    /// Compacted topic holding source positions.
+    #[arg(long, env = "TIDEMARK_OFFSETS_TOPIC", default_value = tidemark_common::offset::DEFAULT_OFFSETS_TOPIC)]
+    offsets_topic: String,
+
+    /// Do not LISTEN for NOTIFY tidemark; find changes by polling only.
+    #[arg(long, env = "TIDEMARK_NO_LISTEN")]
+    no_listen: bool,
+
+    /// Log one JSON object per line.
+    #[arg(long, env = "TIDEMARK_JSON_LOGS")]
+    json_logs: bool,
+}
+
+/// Parses the command line, runs the program and returns its exit code.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pg-source: error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async_main(cli))
+}
+
+async fn async_main(cli: Cli) -> std::process::ExitCode {
+    tidemark_common::telemetry::init(cli.json_logs);
+    let shutdown = tidemark_common::shutdown::on_signal();
+    match run(cli, shutdown).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "pg-source failed");
+            eprintln!("pg-source: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli, shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
+    let mut connector = match &cli.connector_config {
+        Some(path) => ConnectorConfig::from_file(path)?,
+        None => ConnectorConfig {
+            name: "pg-source".into(),
+            ..Default::default()
+        },
+    };
+    connector.apply_overrides([
+        ("name", cli.name),
+        ("connection.url", cli.connection_url),
+        ("connection.user", cli.connection_user),
+        ("connection.password", cli.connection_password),
+        ("mode", cli.mode),
+        ("timestamp.column.name", cli.timestamp_column_name),
+        ("incrementing.column.name", cli.incrementing_column_name),
+        ("topic.prefix", cli.topic_prefix),
+        ("poll.interval.ms", cli.poll_interval_ms),
+        ("batch.max.rows", cli.batch_max_rows),
+        (
+            "timestamp.delay.interval.ms",
+            cli.timestamp_delay_interval_ms,
+        ),
+        ("timestamp.initial", cli.timestamp_initial),
+        ("table.whitelist", cli.table_whitelist),
+        ("db.timezone", cli.db_timezone),
+        ("tombstones.on.delete", cli.tombstones_on_delete),
+        ("snapshot.mode", cli.snapshot_mode),
+        ("topic.creation.default.partitions", cli.topic_partitions),
+        (
+            "topic.creation.default.replication.factor",
+            cli.topic_replication_factor,
+        ),
+    ]);
+    let kafka = KafkaSettings::new(&cli.bootstrap_servers, &cli.kafka_properties)?;
+    let (mut cfg, warnings) = crate::Config::from_connector(&connector, kafka)?;
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+    cfg.offsets_topic = cli.offsets_topic;
+    cfg.listen = !cli.no_listen;
+    crate::run(cfg, shutdown).await
+}
