@@ -11,6 +11,7 @@ pub mod error;
 pub mod health;
 pub mod kafka;
 pub mod offset;
+pub mod ops;
 pub mod pg;
 pub mod shutdown;
 pub mod telemetry;

@@ -62,6 +62,11 @@ struct Cli {
     /// Log one JSON object per line.
     #[arg(long, env = "TIDEMARK_JSON_LOGS")]
     json_logs: bool,
+
+    /// Where to serve GET /healthz and GET /metrics (Prometheus); `off` to
+    /// serve nothing.
+    #[arg(long, env = "TIDEMARK_HTTP_ADDR", default_value = "0.0.0.0:9465")]
+    http_addr: String,
 }
 
 /// Parses the command line, runs the program and returns its exit code.
@@ -110,5 +115,11 @@ async fn run(cli: Cli, shutdown: tokio_util::sync::CancellationToken) -> anyhow:
     }
     cfg.max_batch_records = cli.max_batch_records.max(1);
     cfg.max_record_bytes = cli.max_record_bytes;
+    cfg.http_addr = match cli.http_addr.as_str() {
+        "off" | "" => None,
+        addr => Some(addr.parse().map_err(|e| {
+            anyhow::anyhow!("--http-addr (TIDEMARK_HTTP_ADDR) `{addr}` is not an address like 0.0.0.0:9464: {e}")
+        })?),
+    };
     crate::run(cfg, shutdown).await.map(|_| ())
 }

@@ -32,7 +32,9 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tidemark_common::config::{Conditional, ConnectorConfig, KeySet};
+use tidemark_common::health::Health;
 use tidemark_common::kafka::KafkaSettings;
+use tidemark_common::ops::names;
 use tidemark_common::ConfigError;
 use tokio_util::sync::CancellationToken;
 
@@ -110,6 +112,10 @@ pub struct Config {
     pub max_record_bytes: usize,
     /// How often to look for new partitions or topics that appeared.
     pub metadata_refresh: Duration,
+    /// Set ready once reading; for `/healthz` and tests.
+    pub health: Health,
+    /// Where to serve `/healthz` and `/metrics`; `None` serves nothing.
+    pub http_addr: Option<std::net::SocketAddr>,
 }
 
 impl Config {
@@ -151,6 +157,8 @@ impl Config {
                 max_batch_records: 5_000,
                 max_record_bytes: 16 * 1024 * 1024,
                 metadata_refresh: Duration::from_secs(10),
+                health: Health::new(),
+                http_addr: None,
             },
             warnings,
         ))
@@ -174,6 +182,9 @@ pub struct Totals {
 /// full disk, no permission) or Kafka refuses the consumer; nothing that was
 /// not durably written is ever committed.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Totals> {
+    if let Some(addr) = cfg.http_addr {
+        tidemark_common::ops::serve(addr, cfg.health.clone(), shutdown.clone()).await?;
+    }
     let path = cfg.file.clone();
     let mut out = tokio::task::spawn_blocking(move || Output::open(&path)).await??;
     let consumer: StreamConsumer = cfg
@@ -213,6 +224,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
         kafka = %cfg.kafka.bootstrap_servers,
         "file-sink started"
     );
+    cfg.health.set_ready(true);
 
     let mut totals = Totals::default();
     let mut refresh = tokio::time::interval(cfg.metadata_refresh);
@@ -222,6 +234,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
         let first = tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = refresh.tick() => {
+                cfg.health.progress();
+                report_lag(&consumer, &out, &assigned);
                 if let Err(e) = assign_new(&consumer, &cfg.topics, &out, &mut assigned) {
                     tracing::warn!(error = %format!("{e:#}"), "cannot refresh topic metadata");
                 }
@@ -239,6 +253,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
                 add(&mut batch, &msg, cfg.max_record_bytes);
             }
             Err(e) => {
+                metrics::counter!(names::SINK_ERRORS, "kind" => "kafka").increment(1);
                 if !kafka_error_logged {
                     tracing::warn!(error = %e, "kafka consumer error; retrying");
                     kafka_error_logged = true;
@@ -259,12 +274,19 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
         })
         .await?;
         out = o;
+        if result.is_err() {
+            metrics::counter!(names::SINK_ERRORS, "kind" => "file").increment(1);
+        }
         result.with_context(|| {
             format!(
                 "stopped without committing: the last {} records will be written again after a restart",
                 batch.written + batch.dead_count
             )
         })?;
+        cfg.health.progress();
+        metrics::counter!(names::SINK_LINES_WRITTEN).increment(batch.written);
+        metrics::counter!(names::SINK_DEAD_LETTERS).increment(batch.dead_count);
+        metrics::counter!(names::SINK_TOMBSTONES_SKIPPED).increment(batch.skipped);
         totals.written += batch.written;
         totals.dead += batch.dead_count;
         totals.skipped += batch.skipped;
@@ -344,6 +366,22 @@ fn add(batch: &mut Batch, msg: &BorrowedMessage<'_>, max_bytes: usize) {
             batch.dead_count += 1;
         }
     }
+}
+
+/// Sets the lag gauge: records in Kafka not yet in the file. The watermark
+/// look-ups are short network calls, made once per metadata refresh.
+fn report_lag(consumer: &StreamConsumer, out: &Output, assigned: &BTreeSet<(String, i32)>) {
+    let mut lag = 0i64;
+    for (topic, p) in assigned {
+        match consumer.fetch_watermarks(topic, *p, Duration::from_secs(1)) {
+            Ok((_, high)) => {
+                let next = out.checkpoint.next_offset(topic, *p).unwrap_or(0);
+                lag += (high - next).max(0);
+            }
+            Err(_) => return,
+        }
+    }
+    metrics::gauge!(names::SINK_LAG_RECORDS).set(lag as f64);
 }
 
 fn commit_hint(consumer: &StreamConsumer, batch: &Batch) {

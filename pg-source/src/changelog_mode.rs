@@ -207,11 +207,14 @@ fn quote_literal(s: &str) -> String {
 }
 
 /// What one read produced.
+#[derive(Default)]
 pub struct Chunk {
     /// Records for Kafka, in order.
     pub records: Vec<Record>,
     /// Rows (changes or snapshot rows) read.
     pub rows: usize,
+    /// When the newest change in the chunk was made, ms since the epoch.
+    pub newest_change_ms: Option<i64>,
 }
 
 /// The change-log reader with its position.
@@ -312,7 +315,11 @@ impl ChangeLogReader {
                 self.render_change(table, r, read_ms, &mut records);
             }
             self.position.after_seq.insert(table.log_name.clone(), last);
-            return Ok(Some(Chunk { records, rows: n }));
+            return Ok(Some(Chunk {
+                records,
+                rows: n,
+                newest_change_ms: rows.iter().map(|r| r.changed_ms).max(),
+            }));
         }
         // Every table has sent the batch: it is done.
         self.position.done = cur;
@@ -596,7 +603,11 @@ impl SnapshotRun {
                 self.log_progress(progress.rows);
                 self.last_log = Instant::now();
             }
-            return Ok(Some(Chunk { records, rows: n }));
+            return Ok(Some(Chunk {
+                records,
+                rows: n,
+                newest_change_ms: None,
+            }));
         }
     }
 

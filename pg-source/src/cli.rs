@@ -133,6 +133,11 @@ struct Cli {
     /// Log one JSON object per line.
     #[arg(long, env = "TIDEMARK_JSON_LOGS")]
     json_logs: bool,
+
+    /// Where to serve GET /healthz and GET /metrics (Prometheus); `off` to
+    /// serve nothing.
+    #[arg(long, env = "TIDEMARK_HTTP_ADDR", default_value = "0.0.0.0:9464")]
+    http_addr: String,
 }
 
 /// Parses the command line, runs the program and returns its exit code.
@@ -202,5 +207,11 @@ async fn run(cli: Cli, shutdown: tokio_util::sync::CancellationToken) -> anyhow:
     }
     cfg.offsets_topic = cli.offsets_topic;
     cfg.listen = !cli.no_listen;
+    cfg.http_addr = match cli.http_addr.as_str() {
+        "off" | "" => None,
+        addr => Some(addr.parse().map_err(|e| {
+            anyhow::anyhow!("--http-addr (TIDEMARK_HTTP_ADDR) `{addr}` is not an address like 0.0.0.0:9464: {e}")
+        })?),
+    };
     crate::run(cfg, shutdown).await
 }

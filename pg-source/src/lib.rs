@@ -33,6 +33,7 @@ use tidemark_common::config::{
 use tidemark_common::health::Health;
 use tidemark_common::kafka::{ensure_topic, read_compacted, KafkaSettings, TopicSpec};
 use tidemark_common::offset::{position_key, SourcePosition, DEFAULT_OFFSETS_TOPIC};
+use tidemark_common::ops::names;
 use tidemark_common::pg::{is_transient, PgTarget, TableName};
 use tidemark_common::ConfigError;
 use tokio_util::sync::CancellationToken;
@@ -196,6 +197,8 @@ pub struct Config {
     pub listen: bool,
     /// Set ready once connected and reading; for `/healthz` and tests.
     pub health: Health,
+    /// Where to serve `/healthz` and `/metrics`; `None` serves nothing.
+    pub http_addr: Option<std::net::SocketAddr>,
 }
 
 impl Config {
@@ -328,6 +331,7 @@ impl Config {
             offsets_topic: DEFAULT_OFFSETS_TOPIC.to_owned(),
             listen: true,
             health: Health::new(),
+            http_addr: None,
         };
         Ok((cfg, warnings))
     }
@@ -338,6 +342,9 @@ impl Config {
 /// Fails on a bad table or column, on a permission error, or when Kafka
 /// fences this instance; transient Postgres and Kafka errors are retried.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if let Some(addr) = cfg.http_addr {
+        tidemark_common::ops::serve(addr, cfg.health.clone(), shutdown.clone()).await?;
+    }
     let pool = cfg.pg.connect(3, Duration::from_secs(60)).await?;
     if cfg.mode == Mode::TimestampIncrementing {
         check_privileges(&pool, &cfg.db_timezone).await?;
@@ -420,6 +427,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                 }
             }
             Err(PollError::Postgres(e)) if is_transient(&e) => {
+                metrics::counter!(names::SOURCE_ERRORS, "kind" => "postgres").increment(1);
                 if !pg_down {
                     tracing::warn!(error = %e, "postgres unreachable; retrying");
                     cfg.health.set_ready(false);
@@ -430,6 +438,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                 return Err(e).context("cannot read the source table");
             }
             Err(PollError::Kafka(BatchError::Retry(e))) => {
+                metrics::counter!(names::SOURCE_ERRORS, "kind" => "kafka").increment(1);
                 tracing::warn!(error = %format!("{e:#}"), "kafka transaction aborted; the batch will be read and sent again");
             }
             Err(PollError::Kafka(BatchError::Fatal(e))) => return Err(e),
@@ -586,6 +595,13 @@ async fn changelog_reader(
     Ok((reader, snapshot))
 }
 
+/// Counts one committed batch.
+fn count_batch(rows: usize, records: usize) {
+    metrics::counter!(names::SOURCE_ROWS_READ).increment(rows as u64);
+    metrics::counter!(names::SOURCE_RECORDS_PRODUCED).increment(records as u64);
+    metrics::counter!(names::SOURCE_BATCHES).increment(1);
+}
+
 /// A snapshot error as a poll error: database errors keep their kind, so a
 /// dropped connection is retried.
 fn snapshot_error(e: anyhow::Error) -> PollError {
@@ -625,13 +641,7 @@ async fn poll_changelog(
                 None => {
                     *snapshot = None;
                     // The snapshot's end is a position too.
-                    (
-                        Some(Chunk {
-                            records: Vec::new(),
-                            rows: 0,
-                        }),
-                        "initial snapshot committed",
-                    )
+                    (Some(Chunk::default()), "initial snapshot committed")
                 }
             },
             None => {
@@ -644,19 +654,16 @@ async fn poll_changelog(
                     Some(chunk) => (Some(chunk), "changes committed"),
                     None if was_batch.is_some() && !saved.after_seq.is_empty() => {
                         // A batch with rows just finished: record it, then prune.
-                        (
-                            Some(Chunk {
-                                records: Vec::new(),
-                                rows: 0,
-                            }),
-                            "batch done",
-                        )
+                        (Some(Chunk::default()), "batch done")
                     }
                     None => (None, ""),
                 }
             }
         };
-        let Some(chunk) = chunk else { break };
+        let Some(chunk) = chunk else {
+            metrics::gauge!(names::SOURCE_LAG_SECONDS).set(0.0);
+            break;
+        };
         let started = std::time::Instant::now();
         let records = chunk.records;
         let n = records.len();
@@ -667,6 +674,11 @@ async fn poll_changelog(
         }
         tracing::info!(records = n, rows = chunk.rows, commit = ?started.elapsed(), "{what}");
         total += chunk.rows as u64;
+        count_batch(chunk.rows, n);
+        if let Some(ms) = chunk.newest_change_ms {
+            let lag = (tidemark_common::health::now_ms() - ms).max(0) as f64 / 1000.0;
+            metrics::gauge!(names::SOURCE_LAG_SECONDS).set(lag);
+        }
         if what == "batch done" {
             match reader.prune(pool).await {
                 Ok(pruned) => tracing::debug!(rows = pruned, "change log pruned"),
@@ -743,6 +755,7 @@ async fn poll_all(
             );
             r.position = Some(last);
             total += n as u64;
+            count_batch(n, n);
             if (n as i64) < cfg.batch_max_rows || shutdown.is_cancelled() {
                 break;
             }

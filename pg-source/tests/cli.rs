@@ -87,7 +87,13 @@ fn sigterm_stops_it_cleanly() {
     psql(&db, "insert into t default values");
     let dir = tempfile::tempdir().unwrap();
     let file = connector_file(&dir, "");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut child = pg_source()
+        .args(["--http-addr", &format!("127.0.0.1:{port}")])
         .arg("--connector-config")
         .arg(&file)
         .args([
@@ -140,4 +146,26 @@ fn sigterm_stops_it_cleanly() {
         rest.iter().any(|l| l.contains("pg-source stopped")),
         "{rest:?}"
     );
+}
+
+/// A plain HTTP/1.0 GET: (status code, body).
+fn http_get(port: u16, path: &str) -> (String, String) {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }

@@ -267,7 +267,12 @@ async fn fault_injection_every_committed_change_exactly_once() {
             .to_string(),
     )
     .unwrap();
-    let kafka_args = vec!["--bootstrap-servers".to_owned(), bootstrap()];
+    let kafka_args = vec![
+        "--bootstrap-servers".to_owned(),
+        bootstrap(),
+        "--http-addr".to_owned(),
+        "off".to_owned(),
+    ];
     let mut source = Proc::start(
         "pg-source",
         env!("CARGO_BIN_EXE_it-pg-source"),
