@@ -13,6 +13,8 @@
 //! after, the transaction id and a sequence, in `tidemark.change_log`, in the
 //! writing transaction itself (see [`changelog_steps`]).
 
+pub mod cli;
+
 use std::time::Duration;
 
 use anyhow::Context as _;

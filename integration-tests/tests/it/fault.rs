@@ -230,6 +230,10 @@ async fn writer(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "restarts the shared Kafka broker and Postgres; run alone (see the module doc)"]
 async fn fault_injection_every_committed_change_exactly_once() {
+    assert!(
+        std::env::var("DATABASE_URL").is_ok() && std::env::var("KAFKA_BOOTSTRAP_SERVERS").is_ok(),
+        "the fault suite restarts Kafka and Postgres through dev/services: run `eval \"$(dev/services up)\"` first"
+    );
     let seconds = env_num("TIDEMARK_FAULT_SECONDS", 30);
     let writers = env_num("TIDEMARK_FAULT_WRITERS", 4);
     let seed = env_num("TIDEMARK_FAULT_SEED", rand::rng().random());

@@ -5,6 +5,7 @@
 
 mod bad_config;
 mod changelog;
+mod cli;
 mod fault;
 mod ordering;
 mod restart;

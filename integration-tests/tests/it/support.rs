@@ -20,18 +20,183 @@ pub fn example(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// `DATABASE_URL`, a superuser URL.
+/// `DATABASE_URL`, a superuser URL: the external Postgres when the variable
+/// is set, otherwise the test run's own container.
 pub fn database_url() -> String {
-    std::env::var("DATABASE_URL").expect(
-        "DATABASE_URL is not set: run `eval \"$(dev/services up)\"` before `cargo test --workspace`",
-    )
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| services().database_url.clone())
 }
 
-/// `KAFKA_BOOTSTRAP_SERVERS`.
+/// `KAFKA_BOOTSTRAP_SERVERS`: the external broker when the variable is set,
+/// otherwise the test run's own container.
 pub fn bootstrap() -> String {
-    std::env::var("KAFKA_BOOTSTRAP_SERVERS").expect(
-        "KAFKA_BOOTSTRAP_SERVERS is not set: run `eval \"$(dev/services up)\"` before `cargo test --workspace`",
-    )
+    std::env::var("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_else(|_| services().bootstrap.clone())
+}
+
+/// The Postgres and Kafka one test run shares.
+pub struct Services {
+    pub database_url: String,
+    pub bootstrap: String,
+}
+
+/// Starts (once per test run) a Postgres and a Kafka container with
+/// testcontainers, from `TIDEMARK_POSTGRES_IMAGE` (default `postgres:15`) and
+/// `TIDEMARK_KAFKA_IMAGE` (default `apache/kafka:4.3.1`); on machines without
+/// a registry, `docker/build-images.sh` builds local ones and prints these
+/// variables. The containers carry this process's id as a label; a later run
+/// removes those whose process is gone, and `.ci/run` removes them all.
+pub fn services() -> &'static Services {
+    static SERVICES: std::sync::OnceLock<Services> = std::sync::OnceLock::new();
+    SERVICES.get_or_init(|| {
+        // testcontainers' blocking runner makes its own runtime, which cannot
+        // start inside a test's: start the containers from a plain thread.
+        std::thread::spawn(start_containers)
+            .join()
+            .expect("containers start")
+    })
+}
+
+fn image(var: &str, default: &str) -> (String, String) {
+    let full = std::env::var(var).unwrap_or_else(|_| default.to_owned());
+    match full.rsplit_once(':') {
+        Some((name, tag)) if !tag.contains('/') => (name.to_owned(), tag.to_owned()),
+        _ => (full, "latest".to_owned()),
+    }
+}
+
+fn start_containers() -> Services {
+    use testcontainers::core::{IntoContainerPort as _, WaitFor};
+    use testcontainers::runners::SyncRunner as _;
+    use testcontainers::{GenericImage, ImageExt as _};
+
+    reap_stale_containers();
+    let pid = std::process::id().to_string();
+    let (pg_name, pg_tag) = image("TIDEMARK_POSTGRES_IMAGE", "postgres:15");
+    let pg = GenericImage::new(pg_name, pg_tag)
+        .with_exposed_port(5432.tcp())
+        .with_wait_for(WaitFor::Nothing)
+        .with_env_var("POSTGRES_PASSWORD", "postgres")
+        .with_label("tidemark.tests.pid", &pid)
+        .with_cmd(["postgres", "-c", "max_connections=300"])
+        .start()
+        .unwrap_or_else(|e| panic!("cannot start the Postgres container (is Docker running? on a machine without a registry, run `eval \"$(docker/build-images.sh)\"` first): {e}"));
+    let pg_port = pg.get_host_port_ipv4(5432.tcp()).unwrap();
+    let database_url = format!("postgres://postgres:postgres@127.0.0.1:{pg_port}/postgres");
+
+    // Kafka must advertise the address the tests reach it on, so its port
+    // is chosen here and mapped one to one.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (kafka_name, kafka_tag) = image("TIDEMARK_KAFKA_IMAGE", "apache/kafka:4.3.1");
+    let kafka = GenericImage::new(kafka_name, kafka_tag)
+        .with_wait_for(WaitFor::Nothing)
+        .with_mapped_port(port, port.tcp())
+        .with_label("tidemark.tests.pid", &pid)
+        .with_env_var("KAFKA_NODE_ID", "1")
+        .with_env_var("KAFKA_PROCESS_ROLES", "broker,controller")
+        .with_env_var(
+            "KAFKA_LISTENERS",
+            format!("PLAINTEXT://0.0.0.0:{port},CONTROLLER://0.0.0.0:9093"),
+        )
+        .with_env_var(
+            "KAFKA_ADVERTISED_LISTENERS",
+            format!("PLAINTEXT://127.0.0.1:{port}"),
+        )
+        .with_env_var("KAFKA_CONTROLLER_LISTENER_NAMES", "CONTROLLER")
+        .with_env_var("KAFKA_CONTROLLER_QUORUM_VOTERS", "1@localhost:9093")
+        .with_env_var(
+            "KAFKA_LISTENER_SECURITY_PROTOCOL_MAP",
+            "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        )
+        .with_env_var("KAFKA_INTER_BROKER_LISTENER_NAME", "PLAINTEXT")
+        .with_env_var("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR", "1")
+        .with_env_var("KAFKA_OFFSETS_TOPIC_NUM_PARTITIONS", "1")
+        .with_env_var("KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR", "1")
+        .with_env_var("KAFKA_TRANSACTION_STATE_LOG_MIN_ISR", "1")
+        .with_env_var("KAFKA_TRANSACTION_STATE_LOG_NUM_PARTITIONS", "1")
+        .with_env_var(
+            "KAFKA_SHARE_COORDINATOR_STATE_TOPIC_REPLICATION_FACTOR",
+            "1",
+        )
+        .with_env_var("KAFKA_SHARE_COORDINATOR_STATE_TOPIC_MIN_ISR", "1")
+        .with_env_var("KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS", "0")
+        .with_env_var("KAFKA_HEAP_OPTS", "-Xmx512m -Xms512m")
+        .start()
+        .unwrap_or_else(|e| panic!("cannot start the Kafka container: {e}"));
+    let bootstrap = format!("127.0.0.1:{port}");
+    wait_until_ready(&database_url, &bootstrap);
+    // The containers live as long as the test process.
+    std::mem::forget(pg);
+    std::mem::forget(kafka);
+    Services {
+        database_url,
+        bootstrap,
+    }
+}
+
+/// Waits until Postgres accepts a login and Kafka answers a metadata request.
+fn wait_until_ready(database_url: &str, bootstrap: &str) {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let target = PgTarget::from_url("DATABASE_URL", database_url).unwrap();
+    rt.block_on(async {
+        loop {
+            match target.connect(1, Duration::from_secs(1)).await {
+                Ok(pool) => {
+                    pool.close().await;
+                    break;
+                }
+                Err(e) if Instant::now() > deadline => {
+                    panic!("the Postgres container never accepted a login: {e:#}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
+    });
+    let consumer: BaseConsumer = KafkaSettings::new(bootstrap, &[])
+        .unwrap()
+        .client_config(&[])
+        .create()
+        .unwrap();
+    while let Err(e) = consumer.fetch_metadata(None, Duration::from_secs(2)) {
+        assert!(
+            Instant::now() < deadline,
+            "the Kafka container never answered: {e}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Removes containers of earlier test runs whose process is gone.
+fn reap_stale_containers() {
+    let Ok(out) = std::process::Command::new("docker")
+        .args([
+            "ps",
+            "-aq",
+            "--filter",
+            "label=tidemark.tests.pid",
+            "--format",
+            "{{.ID}} {{.Label \"tidemark.tests.pid\"}}",
+        ])
+        .output()
+    else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Some((id, pid)) = line.split_once(' ') {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::process::Command::new("docker")
+                    .args(["rm", "-f", "-v", id])
+                    .output();
+            }
+        }
+    }
 }
 
 /// A short random suffix, so parallel tests never share a database, topic or

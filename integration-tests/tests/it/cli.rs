@@ -1,0 +1,182 @@
+//! The programs as a user runs them: real processes, their exit codes,
+//! messages, endpoints and signals.
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// A plain HTTP/1.0 GET: (status code, body).
+fn http_get(port: u16, path: &str) -> (String, String) {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Sends SIGTERM and expects exit 0 within 10 s.
+fn sigterm_and_wait(child: &mut std::process::Child) {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "did not stop within 10 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test]
+async fn schema_init_twice_changes_nothing_the_second_time() {
+    let db = unique("tm_cli_");
+    for _ in 0..2 {
+        let out = Command::new(env!("CARGO_BIN_EXE_it-schema-init"))
+            .args(["--database", &db, "--capture", "changelog"])
+            .env("DATABASE_URL", database_url())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let target = tidemark_common::pg::PgTarget::from_url("DATABASE_URL", &database_url())
+        .unwrap()
+        .with_database(&db);
+    let pool = target.connect(1, Duration::from_secs(10)).await.unwrap();
+    let rows: i64 = sqlx::query_scalar("select count(*) from streaming_update_table")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1, "one sample row");
+    let triggers: i64 = sqlx::query_scalar(
+        "select count(*) from pg_trigger where tgrelid = 'streaming_update_table'::regclass and not tgisinternal",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        triggers, 3,
+        "last_updated, notify and capture triggers, once each"
+    );
+}
+
+#[tokio::test]
+async fn schema_init_with_a_wrong_password_exits_non_zero_without_echoing_it() {
+    let mut u = url::Url::parse(&database_url()).unwrap();
+    u.set_password(Some("wrong-secret")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_it-schema-init"))
+        .env("DATABASE_URL", u.as_str())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("password or user is wrong"), "{err}");
+    assert!(!err.contains("wrong-secret"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_source_and_file_sink_serve_health_and_metrics_and_stop_on_sigterm() {
+    let fx = Fixture::changelog(schema_init::TriggerLevel::Row).await;
+    let dir = fx.dir.path();
+    let c = fx.source_connector();
+    let mut config = serde_json::Map::new();
+    for (k, v) in &c.props {
+        config.insert(k.clone(), serde_json::Value::String(v.clone()));
+    }
+    let source_file = dir.join("source.json");
+    std::fs::write(
+        &source_file,
+        serde_json::json!({"name": c.name, "config": config}).to_string(),
+    )
+    .unwrap();
+    let (source_port, sink_port) = (free_port(), free_port());
+    let mut source = Command::new(env!("CARGO_BIN_EXE_it-pg-source"))
+        .arg("--connector-config")
+        .arg(&source_file)
+        .args(["--offsets-topic", &format!("{}offsets", fx.prefix)])
+        .args(["--bootstrap-servers", &bootstrap()])
+        .args(["--http-addr", &format!("127.0.0.1:{source_port}")])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut sink = Command::new(env!("CARGO_BIN_EXE_it-file-sink"))
+        .args(["--name", &fx.sink_name, "--topics", &fx.topic()])
+        .arg("--file")
+        .arg(fx.file())
+        .args(["--bootstrap-servers", &bootstrap()])
+        .args(["--http-addr", &format!("127.0.0.1:{sink_port}")])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(source.stdout.take().unwrap()).lines();
+    let start = Instant::now();
+    loop {
+        let line = lines
+            .next()
+            .expect("pg-source logs until it commits")
+            .unwrap();
+        if line.contains("committed") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no commit within 60 s"
+        );
+    }
+    wait_for_events(&fx.file(), 1, Duration::from_secs(30)).await;
+
+    let (status, body) = http_get(source_port, "/healthz");
+    assert_eq!((status.as_str(), body.as_str()), ("200", "ok\n"));
+    let (status, body) = http_get(source_port, "/metrics");
+    assert_eq!(status, "200");
+    assert!(body.contains("tidemark_source_rows_read_total 1"), "{body}");
+    assert!(body.contains("tidemark_source_batches_total"), "{body}");
+    let (status, _) = http_get(sink_port, "/healthz");
+    assert_eq!(status, "200");
+    let (_, body) = http_get(sink_port, "/metrics");
+    assert!(
+        body.contains("tidemark_sink_lines_written_total 1"),
+        "{body}"
+    );
+
+    sigterm_and_wait(&mut source);
+    sigterm_and_wait(&mut sink);
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(
+        rest.iter().any(|l| l.contains("pg-source stopped")),
+        "{rest:?}"
+    );
+}

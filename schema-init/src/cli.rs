@@ -1,0 +1,118 @@
+//! The command line: flags and environment variables, shared by the binary
+//! and the test harness's copy of it.
+
+use clap::Parser;
+use tidemark_common::pg::{PgTarget, TableName};
+
+/// Creates the database, the seed table with its `last_updated` trigger and
+/// sample row, an index on (last_updated, id), and the NOTIFY trigger that
+/// wakes pg-source. Safe to run again: it changes nothing the second time.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Superuser or owner URL, like postgres://postgres:postgres@127.0.0.1:5432/postgres.
+    /// Its database is used only to create the target database.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+
+    /// Database to create and fill.
+    #[arg(long, env = "TIDEMARK_DATABASE", default_value = "streaming_example")]
+    database: String,
+
+    /// Table to create: `table` or `schema.table`.
+    #[arg(long, env = "TIDEMARK_TABLE", default_value = "streaming_update_table")]
+    table: String,
+
+    /// Do not install the trigger that sends NOTIFY tidemark on each change
+    /// (pg-source then finds changes only by polling).
+    #[arg(long, env = "TIDEMARK_NO_NOTIFY")]
+    no_notify: bool,
+
+    /// Do not insert the seed's sample row into a new table.
+    #[arg(long, env = "TIDEMARK_NO_SAMPLE_ROW")]
+    no_sample_row: bool,
+
+    /// Install change-log capture on the table (`changelog`): every insert,
+    /// update and delete is recorded for pg-source's changelog mode.
+    #[arg(long, env = "TIDEMARK_CAPTURE", value_parser = ["changelog"])]
+    capture: Option<String>,
+
+    /// How change-log triggers fire: `row` (cheapest for small commits) or
+    /// `statement` (cheaper for bulk statements). See the README's costs.
+    #[arg(long, env = "TIDEMARK_CAPTURE_TRIGGER", default_value = "row", value_parser = ["row", "statement"])]
+    capture_trigger: String,
+
+    /// Do not install the seed's last_updated trigger and (last_updated, id)
+    /// index: for capturing a table of your own shape.
+    #[arg(long, env = "TIDEMARK_NO_SEED_OBJECTS")]
+    no_seed_objects: bool,
+
+    /// Print the SQL it would run, and exit without connecting.
+    #[arg(long)]
+    dry_run: bool,
+
+    /// Log one JSON object per line.
+    #[arg(long, env = "TIDEMARK_JSON_LOGS")]
+    json_logs: bool,
+}
+
+/// Parses the command line, runs schema-init and returns its exit code.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("schema-init: error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async_main(cli))
+}
+
+async fn async_main(cli: Cli) -> std::process::ExitCode {
+    tidemark_common::telemetry::init(cli.json_logs);
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("schema-init: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let table = TableName::parse(&cli.table).map_err(|e| anyhow::anyhow!("--table: {e}"))?;
+    let target = cli
+        .database_url
+        .as_deref()
+        .map(|url| PgTarget::from_url("DATABASE_URL", url))
+        .transpose()?;
+    let cfg = crate::Config {
+        target,
+        database: cli.database,
+        table,
+        notify: !cli.no_notify,
+        sample_row: !cli.no_sample_row,
+        seed_objects: !cli.no_seed_objects,
+        capture: cli
+            .capture
+            .as_ref()
+            .map(|_| match cli.capture_trigger.as_str() {
+                "statement" => crate::TriggerLevel::Statement,
+                _ => crate::TriggerLevel::Row,
+            }),
+    };
+    if cli.dry_run {
+        print!("{}", crate::dry_run(&cfg));
+        return Ok(());
+    }
+    let report = crate::run(&cfg).await?;
+    tracing::info!(
+        database = %cfg.database,
+        table = %cfg.table,
+        created_database = report.created_database,
+        created_table = report.created_table,
+        "schema ready"
+    );
+    Ok(())
+}
