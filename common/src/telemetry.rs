@@ -13,8 +13,11 @@ pub fn init(json: bool) {
             EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,rdkafka=warn"))
         });
+    // Colours only on a terminal: not in `docker logs` or CI logs.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stdout);
     // A second init (tests start programs in-process) is harmless.
     if json {
