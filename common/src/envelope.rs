@@ -84,7 +84,9 @@ pub fn map_type(typname: &str, typtype: &str) -> Mapping {
     use ConnectType::*;
     const AS_IS: &str = "{c}";
     const AS_TEXT: &str = "{c}::text";
-    const MICROS: &str = "case when {c} is null then null when isfinite({c}) then (extract(epoch from {c}) * 1000000)::bigint when {c} > 'epoch' then 9223372036854775807 else -9223372036854775808 end";
+    // Days and time of day separately: extract(epoch) goes through float8
+    // and drops the last microseconds of far-off timestamps.
+    const MICROS: &str = "case when {c} is null then null when isfinite({c}) then ({c}::date - date '1970-01-01')::int8 * 86400000000 + (extract(epoch from {c}::time) * 1000000)::int8 when {c} > 'epoch' then 9223372036854775807 else -9223372036854775808 end";
     match (typname, typtype) {
         ("int2", _) => Mapping::new(Int16, None, AS_IS),
         ("int4", _) => Mapping::new(Int32, None, AS_IS),
@@ -98,12 +100,14 @@ pub fn map_type(typname: &str, typtype: &str) -> Mapping {
         ("timestamptz", _) => Mapping::new(
             String,
             Some("io.debezium.time.ZonedTimestamp"),
-            "case when isfinite({c}) then to_char({c} at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') else {c}::text end",
+            "case when not isfinite({c}) then {c}::text \
+             when {c} < '0001-01-01 00:00:00+00' then to_char({c} at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\" BC') \
+             else to_char({c} at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') end",
         ),
         ("date", _) => Mapping::new(
             Int32,
             Some("io.debezium.time.Date"),
-            "case when isfinite({c}) then {c} - date '1970-01-01' else null end",
+            "case when {c} is null then null when isfinite({c}) then {c} - date '1970-01-01' when {c} > 'epoch' then 2147483647 else -2147483648 end",
         ),
         ("time", _) => Mapping::new(
             Int64,
@@ -221,7 +225,7 @@ pub fn struct_schema(name: &str, columns: &[Column], optional: bool) -> Value {
 pub fn payload_sql(columns: &[Column], qualifier: &str) -> String {
     let exprs: Vec<String> = columns.iter().map(|c| c.select_expr(qualifier)).collect();
     format!(
-        "(select row_to_json(p) from (select {}) p)::text",
+        "(select row_to_json(\"tidemark.row\") from (select {}) \"tidemark.row\")::text",
         exprs.join(", ")
     )
 }
@@ -490,6 +494,134 @@ impl ConnectRecord {
     }
 }
 
+/// The largest and smallest `MicroTimestamp`: how [`map_type`] carries
+/// `infinity` and `-infinity`.
+const MICROS_INFINITY: &str = "9223372036854775807";
+const MICROS_MINUS_INFINITY: &str = "-9223372036854775808";
+
+/// Plays a field back into Postgres: the SQL expression that turns the
+/// field's JSON value, held by the `jsonb` placeholder `param` (like `$1`),
+/// into a Postgres value whose text form is the original column's. It is the
+/// inverse of [`Column::select_expr`], driven by the field's Connect schema
+/// (as [`Column::field_schema`] writes it and as every record carries it), so
+/// a restore or a checker needs nothing but the record.
+///
+/// The arithmetic is exact: microsecond timestamps and times are rebuilt
+/// from integer days, seconds and microseconds (never via `float8` seconds),
+/// numerics and other plain strings come back as their exact text, numbers
+/// are read from `jsonb`'s decimal text. JSON `null` (or an SQL NULL
+/// parameter) gives NULL. Per schema:
+///
+/// | field schema | SQL result |
+/// |---|---|
+/// | `int16`/`int32`/`int64`, `float`/`double`, `boolean` | `int2`/`int4`/`int8`, `float4`/`float8`, `bool` |
+/// | `bytes` (base64) | `bytea` |
+/// | `string` (text, numeric, enums, any other type as text) | `text` |
+/// | `io.debezium.time.MicroTimestamp` | `timestamp` (`±infinity` from the int64 extremes) |
+/// | `io.debezium.time.ZonedTimestamp` | `timestamptz` |
+/// | `io.debezium.time.Date` | `date` |
+/// | `io.debezium.time.MicroTime` | `time` (`24:00:00` included) |
+/// | `io.debezium.time.ZonedTime` | `timetz` |
+/// | `io.debezium.time.Interval` | `interval` |
+/// | `io.debezium.data.Uuid` | `uuid` |
+/// | `io.debezium.data.Json` | `json` (the exact text, so `json` and `jsonb` columns alike) |
+/// | `array` of numbers or booleans | an array of that type, any number of dimensions |
+/// | `array` of strings | `text[]`, any number of dimensions |
+/// | `array` of bytes | `bytea[]`, one dimension |
+///
+/// What the text form does not carry cannot come back: the enum's type and
+/// the column's own type for plain strings (cast the result, like
+/// `::my_enum` or `::numeric`), and the sign of a float `-0` (`jsonb` holds
+/// numbers as decimals).
+pub fn decode_sql(field_schema: &Value, param: &str) -> String {
+    let p = format!("({param})::jsonb");
+    // The scalar as text; NULL for JSON null.
+    let text = format!("({p} #>> '{{}}')");
+    let logical = field_schema.get("name").and_then(Value::as_str);
+    let connect = field_schema
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("string");
+    match (logical, connect) {
+        (Some("io.debezium.time.MicroTimestamp"), _) => format!(
+            "(case when {text} is null then null::timestamp \
+             when {text} = '{MICROS_INFINITY}' then 'infinity'::timestamp \
+             when {text} = '{MICROS_MINUS_INFINITY}' then '-infinity'::timestamp \
+             else 'epoch'::timestamp + {} end)",
+            micros_interval(&format!("{text}::int8"), true)
+        ),
+        (Some("io.debezium.time.ZonedTimestamp"), _) => format!("{text}::timestamptz"),
+        (Some("io.debezium.time.Date"), _) => format!(
+            "case {text}::int4 when 2147483647 then 'infinity'::date when -2147483648 then '-infinity'::date \
+             else date '1970-01-01' + {text}::int4 end"
+        ),
+        (Some("io.debezium.time.MicroTime"), _) => format!(
+            "(case when {text} is null then null::time \
+             when {text} = '86400000000' then '24:00:00'::time \
+             else time '00:00' + {} end)",
+            micros_interval(&format!("{text}::int8"), false)
+        ),
+        (Some("io.debezium.time.ZonedTime"), _) => format!("{text}::timetz"),
+        (Some("io.debezium.time.Interval"), _) => format!("{text}::interval"),
+        (Some("io.debezium.data.Uuid"), _) => format!("{text}::uuid"),
+        (Some("io.debezium.data.Json"), _) => format!("{text}::json"),
+        (_, "array") => {
+            let items = field_schema
+                .get("items")
+                .and_then(|i| i.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("string");
+            match items {
+                "bytes" => format!(
+                    "(case when jsonb_typeof({p}) = 'array' then \
+                     array(select decode(e #>> '{{}}', 'base64') \
+                     from jsonb_array_elements({p}) with ordinality a(e, i) order by i) end)"
+                ),
+                // Postgres' own JSON-to-record conversion builds arrays of
+                // any dimension from nested JSON arrays, each element from
+                // its text.
+                other => format!(
+                    "(select x.a from jsonb_to_record(jsonb_build_object('a', {p})) as x(a {}[]))",
+                    scalar_type(other)
+                ),
+            }
+        }
+        (_, "bytes") => format!("decode({text}, 'base64')"),
+        (_, "string") => text,
+        (_, other) => format!("{text}::{}", scalar_type(other)),
+    }
+}
+
+/// The Postgres type of a Connect scalar type; `text` for strings and
+/// anything else.
+fn scalar_type(connect: &str) -> &'static str {
+    match connect {
+        "int8" | "int16" => "int2",
+        "int32" => "int4",
+        "int64" => "int8",
+        "float" | "float32" => "float4",
+        "double" | "float64" => "float8",
+        "boolean" => "bool",
+        _ => "text",
+    }
+}
+
+/// An exact `interval` of `micros` (an `int8` SQL expression) microseconds:
+/// its days (with `days`), seconds and microseconds are each small integers,
+/// read by interval input without any floating-point step.
+fn micros_interval(micros: &str, days: bool) -> String {
+    if days {
+        format!(
+            "format('%s days %s seconds %s microseconds', {micros} / 86400000000, \
+             {micros} % 86400000000 / 1000000, {micros} % 1000000)::interval"
+        )
+    } else {
+        format!(
+            "format('%s seconds %s microseconds', {micros} / 1000000, {micros} % 1000000)::interval"
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -520,7 +652,7 @@ mod tests {
         let sql = payload_sql(&cols, "t");
         assert!(sql.contains(r#"t."amount"::text as "amount""#), "{sql}");
         assert!(
-            sql.contains(r#"extract(epoch from t."last_updated")"#),
+            sql.contains(r#"(t."last_updated"::date - date '1970-01-01')::int8 * 86400000000"#),
             "{sql}"
         );
     }
@@ -605,5 +737,174 @@ mod tests {
             rec.field("n").unwrap().to_string(),
             "123456789012345678901234567890.123"
         );
+    }
+
+    fn decode(typname: &str, element: Option<(&str, &str)>) -> String {
+        let c = Column::from_catalog("c", typname, "b", element, false);
+        decode_sql(&c.field_schema(), "$1")
+    }
+
+    const TEXT: &str = "(($1)::jsonb #>> '{}')";
+
+    #[test]
+    fn plain_fields_are_cast_from_their_json_text() {
+        assert_eq!(decode("int2", None), format!("{TEXT}::int2"));
+        assert_eq!(decode("int4", None), format!("{TEXT}::int4"));
+        assert_eq!(decode("int8", None), format!("{TEXT}::int8"));
+        assert_eq!(decode("float4", None), format!("{TEXT}::float4"));
+        assert_eq!(decode("float8", None), format!("{TEXT}::float8"));
+        assert_eq!(decode("bool", None), format!("{TEXT}::bool"));
+        assert_eq!(decode("bytea", None), format!("decode({TEXT}, 'base64')"));
+        // Numerics, text and types without a mapping are their exact text.
+        for typname in ["numeric", "text", "varchar", "inet", "money"] {
+            assert_eq!(decode(typname, None), TEXT, "{typname}");
+        }
+        let e = Column::from_catalog("c", "mood", "e", None, false);
+        assert_eq!(decode_sql(&e.field_schema(), "$1"), TEXT);
+    }
+
+    #[test]
+    fn the_placeholder_is_used_as_given() {
+        let c = Column::from_catalog("c", "int4", "b", None, false);
+        assert_eq!(
+            decode_sql(&c.field_schema(), "$7"),
+            "(($7)::jsonb #>> '{}')::int4"
+        );
+        assert_eq!(
+            decode_sql(&c.field_schema(), "t.v -> 'id'"),
+            "((t.v -> 'id')::jsonb #>> '{}')::int4"
+        );
+    }
+
+    #[test]
+    fn time_fields_are_rebuilt_with_integer_arithmetic_only() {
+        let ts = decode("timestamp", None);
+        assert!(
+            ts.contains(&format!("when {TEXT} is null then null::timestamp")),
+            "{ts}"
+        );
+        assert!(
+            ts.contains(&format!(
+                "when {TEXT} = '9223372036854775807' then 'infinity'::timestamp"
+            )),
+            "{ts}"
+        );
+        assert!(
+            ts.contains(&format!(
+                "when {TEXT} = '-9223372036854775808' then '-infinity'::timestamp"
+            )),
+            "{ts}"
+        );
+        assert!(
+            ts.contains(&format!(
+                "else 'epoch'::timestamp + format('%s days %s seconds %s microseconds', {TEXT}::int8 / 86400000000, {TEXT}::int8 % 86400000000 / 1000000, {TEXT}::int8 % 1000000)::interval end"
+            )),
+            "{ts}"
+        );
+        let time = decode("time", None);
+        assert!(
+            time.contains("when (($1)::jsonb #>> '{}') = '86400000000' then '24:00:00'::time"),
+            "{time}"
+        );
+        assert!(
+            time.contains(&format!(
+                "else time '00:00' + format('%s seconds %s microseconds', {TEXT}::int8 / 1000000, {TEXT}::int8 % 1000000)::interval end"
+            )),
+            "{time}"
+        );
+        for sql in [&ts, &time] {
+            // No floating-point step anywhere: no float types, no seconds
+            // as a fraction, no interval scaled by a number.
+            for bad in [
+                "float",
+                "double",
+                "to_timestamp",
+                "make_interval",
+                "epoch from",
+                "* interval",
+                "1e6",
+                "1000000.0",
+            ] {
+                assert!(!sql.contains(bad), "{bad} in {sql}");
+            }
+        }
+        assert!(
+            decode("date", None).contains(&format!("else date '1970-01-01' + {TEXT}::int4 end"))
+        );
+        assert_eq!(decode("timestamptz", None), format!("{TEXT}::timestamptz"));
+        assert_eq!(decode("timetz", None), format!("{TEXT}::timetz"));
+        assert_eq!(decode("interval", None), format!("{TEXT}::interval"));
+    }
+
+    #[test]
+    fn strings_with_a_logical_type_get_their_type_back() {
+        assert_eq!(decode("uuid", None), format!("{TEXT}::uuid"));
+        assert_eq!(decode("json", None), format!("{TEXT}::json"));
+        assert_eq!(decode("jsonb", None), format!("{TEXT}::json"));
+    }
+
+    #[test]
+    fn arrays_come_back_as_arrays_of_their_element_type() {
+        let convert = |t: &str| {
+            format!("(select x.a from jsonb_to_record(jsonb_build_object('a', ($1)::jsonb)) as x(a {t}[]))")
+        };
+        assert_eq!(decode("_int4", Some(("int4", "b"))), convert("int4"));
+        assert_eq!(decode("_int8", Some(("int8", "b"))), convert("int8"));
+        assert_eq!(decode("_float8", Some(("float8", "b"))), convert("float8"));
+        assert_eq!(decode("_bool", Some(("bool", "b"))), convert("bool"));
+        assert_eq!(decode("_text", Some(("text", "b"))), convert("text"));
+        // Other elements travel as their text.
+        assert_eq!(
+            decode("_timestamp", Some(("timestamp", "b"))),
+            convert("text")
+        );
+        assert_eq!(decode("_numeric", Some(("numeric", "b"))), convert("text"));
+        let bytes = decode_sql(
+            &json!({"type": "array", "items": {"type": "bytes", "optional": true}, "optional": true}),
+            "$1",
+        );
+        assert!(bytes.starts_with("(case when jsonb_typeof(($1)::jsonb) = 'array' then array(select decode(e #>> '{}', 'base64')"), "{bytes}");
+        assert!(
+            bytes.contains("with ordinality a(e, i) order by i"),
+            "{bytes}"
+        );
+    }
+
+    #[test]
+    fn every_mapped_type_has_a_way_back() {
+        let scalars = [
+            "int2",
+            "int4",
+            "int8",
+            "oid",
+            "float4",
+            "float8",
+            "bool",
+            "text",
+            "varchar",
+            "bpchar",
+            "name",
+            "char",
+            "numeric",
+            "timestamp",
+            "timestamptz",
+            "date",
+            "time",
+            "timetz",
+            "interval",
+            "uuid",
+            "json",
+            "jsonb",
+            "bytea",
+        ];
+        for typname in scalars {
+            let c = Column::from_catalog("c", typname, "b", None, false);
+            let sql = decode_sql(&c.field_schema(), "$1");
+            assert!(sql.contains("($1)::jsonb"), "{typname}: {sql}");
+            // A value with a logical type or a non-string type gets a cast.
+            if c.mapping.logical.is_some() || c.mapping.connect != ConnectType::String {
+                assert_ne!(sql, TEXT, "{typname} comes back as bare text");
+            }
+        }
     }
 }

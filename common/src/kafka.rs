@@ -153,7 +153,8 @@ pub async fn ensure_topic(
         .create_topics([&new], &opts)
         .await
         .with_context(|| format!("cannot reach Kafka to create topic {topic}"))?;
-    for result in results {
+    // One topic asked for, one result.
+    if let Some(result) = results.into_iter().next() {
         match result {
             Ok(_) => {
                 tracing::info!(topic, partitions = spec.partitions, "topic created");

@@ -204,13 +204,22 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
     let mut assigned = BTreeSet::new();
     let mut waiting_logged = false;
     while assigned.is_empty() {
-        assign_new(&consumer, &cfg.topics, &out, &mut assigned)?;
-        if !assigned.is_empty() {
-            break;
-        }
-        if !waiting_logged {
-            tracing::info!(topics = ?cfg.topics, "waiting for the topics to exist");
-            waiting_logged = true;
+        match assign_new(&consumer, &cfg.topics, &out, &mut assigned) {
+            Ok(()) if !assigned.is_empty() => break,
+            Ok(()) => {
+                if !waiting_logged {
+                    tracing::info!(topics = ?cfg.topics, "waiting for the topics to exist");
+                    waiting_logged = true;
+                }
+            }
+            // Waiting cannot cure a refused authorisation.
+            Err(e) if format!("{e:#}").contains("not allowed") => return Err(e),
+            Err(e) => {
+                if !waiting_logged {
+                    tracing::warn!(error = %format!("{e:#}"), "kafka unreachable; retrying");
+                    waiting_logged = true;
+                }
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(Totals::default()),
@@ -334,9 +343,12 @@ fn add(batch: &mut Batch, msg: &BorrowedMessage<'_>, max_bytes: usize) {
             value.len()
         ))
     } else {
-        match serde_json::from_slice::<serde::de::IgnoredAny>(value) {
-            Ok(_) => None,
-            Err(e) => Some(format!("not JSON: {e}")),
+        match std::str::from_utf8(value) {
+            Err(e) => Some(format!("not JSON: the bytes are not UTF-8 text ({e})")),
+            Ok(text) => match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+                Ok(_) => None,
+                Err(e) => Some(format!("not JSON: {e}")),
+            },
         }
     };
     match reason {
@@ -410,13 +422,13 @@ fn assign_new(
     let mut fresh = TopicPartitionList::new();
     for topic in topics {
         let md = consumer
-            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .fetch_metadata(Some(topic), Duration::from_secs(2))
             .with_context(|| {
                 format!("cannot read the metadata of topic {topic}; is Kafka reachable?")
             })?;
         for t in md.topics() {
             if let Some(err) = t.error() {
-                let code = rdkafka::types::RDKafkaRespErr::from(err);
+                let code = err;
                 if code
                     == rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED
                 {

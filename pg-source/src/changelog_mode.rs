@@ -119,7 +119,7 @@ impl ChangeTable {
                 .join(", ")
         };
         let raw_key = format!(
-            "(select to_jsonb(k) from (select {}) k)",
+            "(select to_jsonb(\"tidemark.key\") from (select {}) \"tidemark.key\")",
             info.key
                 .iter()
                 .map(|c| format!("t.{}", quote_ident(&c.name)))
@@ -165,18 +165,18 @@ impl ChangeTable {
                  and pg_visible_in_snapshot(l.txid, $4::pg_snapshot)
                  and not pg_visible_in_snapshot(l.txid, $3::pg_snapshot)
                  and not exists (
-                   select 1 from jsonb_array_elements($5::jsonb) s
-                   where pg_visible_in_snapshot(l.txid, (s->>'snapshot')::pg_snapshot)
-                     and (jsonb_typeof(s->'lo') is distinct from 'object' or ({changed_key}) > ({lo}))
-                     and (jsonb_typeof(s->'hi') is distinct from 'object' or ({changed_key}) <= ({hi})))
+                   select 1 from jsonb_array_elements($5::jsonb) as "tidemark.seg"(seg)
+                   where pg_visible_in_snapshot(l.txid, ("tidemark.seg".seg->>'snapshot')::pg_snapshot)
+                     and (jsonb_typeof("tidemark.seg".seg->'lo') is distinct from 'object' or ({changed_key}) > ({lo}))
+                     and (jsonb_typeof("tidemark.seg".seg->'hi') is distinct from 'object' or ({changed_key}) <= ({hi})))
                order by l.seq
                limit $6"#,
             before = payload_sql(&info.columns, "b"),
             after = payload_sql(&info.columns, "a"),
             key_before = payload_sql(&info.key, "b"),
             key_after = payload_sql(&info.key, "a"),
-            lo = typed_key("(s->'lo')"),
-            hi = typed_key("(s->'hi')"),
+            lo = typed_key("(\"tidemark.seg\".seg->'lo')"),
+            hi = typed_key("(\"tidemark.seg\".seg->'hi')"),
         );
         let key_schema = struct_schema(
             &format!("{connector}.{}.{}.Key", name.schema, name.name),

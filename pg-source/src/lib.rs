@@ -356,7 +356,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let mut infos = Vec::new();
     for t in &tables {
         let info = catalog::TableInfo::load(&pool, t).await?;
-        let topic = format!("{}{}", cfg.topic_prefix, t.name);
+        let topic = topic_name(&cfg.topic_prefix, &t.name);
         infos.push((info, topic));
     }
 
@@ -478,6 +478,22 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     cfg.health.set_ready(false);
     tracing::info!("pg-source stopped");
     Ok(())
+}
+
+/// The topic of a table: the prefix and the table name, with every
+/// character Kafka does not allow in a topic name (anything but letters,
+/// digits, `.`, `_` and `-`) replaced by `_`.
+pub fn topic_name(prefix: &str, table: &str) -> String {
+    format!("{prefix}{table}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// What is being read.
@@ -810,7 +826,7 @@ async fn check_privileges(pool: &PgPool, tz: &str) -> anyhow::Result<()> {
             "the user is not a member of pg_read_all_stats: transactions of other roles that commit late may be missed; run `grant pg_read_all_stats to <user>`"
         );
     }
-    if !server_tz.eq_ignore_ascii_case(tz) && !(is_utc(&server_tz) && is_utc(tz)) {
+    if !(server_tz.eq_ignore_ascii_case(tz) || is_utc(&server_tz) && is_utc(tz)) {
         tracing::warn!(db_timezone = tz, server_timezone = %server_tz, "db.timezone differs from the server's time zone; set db.timezone to the zone writers use");
     }
     Ok(())

@@ -212,7 +212,8 @@ pub fn changelog_steps(table: &TableName, level: TriggerLevel) -> Vec<Step> {
             "create function tidemark.capture_row",
             format!(
                 r#"create or replace function tidemark.capture_row()
-returns trigger language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+returns trigger language plpgsql security definer
+set search_path = pg_catalog, pg_temp set extra_float_digits = 3 as $$
 begin
   if tg_op = 'INSERT' then
     insert into {CHANGE_LOG} (table_name, op, after)
@@ -233,7 +234,8 @@ $$"#
             "create function tidemark.capture_statement",
             format!(
                 r#"create or replace function tidemark.capture_statement()
-returns trigger language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+returns trigger language plpgsql security definer
+set search_path = pg_catalog, pg_temp set extra_float_digits = 3 as $$
 declare
   name text := format('%I.%I', tg_table_schema, tg_table_name);
   on_key text;

@@ -4,6 +4,7 @@
 //! so they run in parallel.
 
 mod bad_config;
+mod bad_input;
 mod changelog;
 mod cli;
 mod fault;
