@@ -13,6 +13,7 @@ pub mod kafka;
 pub mod offset;
 pub mod ops;
 pub mod pg;
+pub mod program;
 pub mod shutdown;
 pub mod telemetry;
 

@@ -72,27 +72,7 @@ struct Cli {
 /// Parses the command line, runs the program and returns its exit code.
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("file-sink: error: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async_main(cli))
-}
-
-async fn async_main(cli: Cli) -> std::process::ExitCode {
-    tidemark_common::telemetry::init(cli.json_logs);
-    let shutdown = tidemark_common::shutdown::on_signal();
-    match run(cli, shutdown).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "file-sink failed");
-            eprintln!("file-sink: error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    tidemark_common::program::main("file-sink", cli.json_logs, |shutdown| run(cli, shutdown))
 }
 
 async fn run(cli: Cli, shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
@@ -115,11 +95,6 @@ async fn run(cli: Cli, shutdown: tokio_util::sync::CancellationToken) -> anyhow:
     }
     cfg.max_batch_records = cli.max_batch_records.max(1);
     cfg.max_record_bytes = cli.max_record_bytes;
-    cfg.http_addr = match cli.http_addr.as_str() {
-        "off" | "" => None,
-        addr => Some(addr.parse().map_err(|e| {
-            anyhow::anyhow!("--http-addr (TIDEMARK_HTTP_ADDR) `{addr}` is not an address like 0.0.0.0:9464: {e}")
-        })?),
-    };
+    cfg.http_addr = tidemark_common::program::parse_http_addr(&cli.http_addr)?;
     crate::run(cfg, shutdown).await.map(|_| ())
 }
