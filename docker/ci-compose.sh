@@ -69,6 +69,7 @@ expected = [
     {"id": 1, "data": "test data", "is_soft_deleted": False},
     {"id": 1, "data": "some new data", "is_soft_deleted": False},
     {"id": 1, "data": "some new data", "is_soft_deleted": True},
+    {"id": 1, "data": "after restart", "is_soft_deleted": True},
 ]
 
 def complete_lines():
@@ -172,4 +173,17 @@ wait_healthy file-sink 60
 check_lines 3 0
 step_end "healthchecks"
 
-echo "[ci-compose] seed scenario passed: 3 lines in $OUT"
+step "docker compose restart pg-source file-sink: nothing lost or repeated"
+compose restart --timeout 20 pg-source file-sink
+wait_healthy pg-source 60
+wait_healthy file-sink 60
+for service in pg-source file-sink; do
+  compose logs --no-color "$service" | grep -q "${service} stopped" \
+    || { echo "[ci-compose] $service did not stop cleanly on SIGTERM" >&2; exit 1; }
+done
+check_lines 3 0
+psql_in_postgres "UPDATE streaming_update_table SET data = 'after restart' WHERE id = 1"
+check_lines 4 "$CHANGE_WAIT"
+step_end "restart"
+
+echo "[ci-compose] seed scenario passed: 4 lines in $OUT, across a restart"
