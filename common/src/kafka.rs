@@ -14,6 +14,37 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::TopicPartitionList;
 
+/// The Kafka flags every program takes, flattened into its command line.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KafkaArgs {
+    /// Kafka brokers, host:port[,host:port].
+    #[arg(
+        long,
+        env = "KAFKA_BOOTSTRAP_SERVERS",
+        default_value = "127.0.0.1:9092"
+    )]
+    pub bootstrap_servers: String,
+
+    /// Extra librdkafka property, key=value (TLS, SASL, tuning). Repeatable;
+    /// in the environment, separated by `;`.
+    #[arg(
+        long = "kafka-property",
+        env = "TIDEMARK_KAFKA_PROPERTIES",
+        value_delimiter = ';',
+        hide_env_values = true
+    )]
+    pub kafka_properties: Vec<String>,
+}
+
+impl KafkaArgs {
+    /// The settings these flags describe.
+    ///
+    /// Fails naming a property that is not `key=value`.
+    pub fn settings(&self) -> anyhow::Result<KafkaSettings> {
+        KafkaSettings::new(&self.bootstrap_servers, &self.kafka_properties)
+    }
+}
+
 /// How to reach the brokers: `bootstrap.servers` and any extra librdkafka
 /// properties (TLS, SASL, tuning). `Debug` hides secret values.
 #[derive(Clone, Default)]

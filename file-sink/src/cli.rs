@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use tidemark_common::config::ConnectorConfig;
-use tidemark_common::kafka::KafkaSettings;
+use tidemark_common::kafka::KafkaArgs;
 
 /// Writes every record of Kafka topics into a file, one line of JSON per
 /// record, like Kafka Connect's FileStreamSink, but fsynced before its
@@ -33,23 +33,8 @@ struct Cli {
     #[arg(long, env = "TIDEMARK_FILE")]
     file: Option<String>,
 
-    /// Kafka brokers, host:port[,host:port].
-    #[arg(
-        long,
-        env = "KAFKA_BOOTSTRAP_SERVERS",
-        default_value = "127.0.0.1:9092"
-    )]
-    bootstrap_servers: String,
-
-    /// Extra librdkafka property, key=value (TLS, SASL, tuning). Repeatable;
-    /// in the environment, separated by `;`.
-    #[arg(
-        long = "kafka-property",
-        env = "TIDEMARK_KAFKA_PROPERTIES",
-        value_delimiter = ';',
-        hide_env_values = true
-    )]
-    kafka_properties: Vec<String>,
+    #[command(flatten)]
+    kafka: KafkaArgs,
 
     /// Most records per fsync.
     #[arg(long, env = "TIDEMARK_MAX_BATCH_RECORDS", default_value_t = 5_000)]
@@ -88,7 +73,7 @@ async fn run(cli: Cli, shutdown: tokio_util::sync::CancellationToken) -> anyhow:
         ("topics", cli.topics),
         ("file", cli.file),
     ]);
-    let kafka = KafkaSettings::new(&cli.bootstrap_servers, &cli.kafka_properties)?;
+    let kafka = cli.kafka.settings()?;
     let (mut cfg, warnings) = crate::Config::from_connector(&connector, kafka)?;
     for w in warnings {
         tracing::warn!("{w}");

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use tidemark_common::config::ConnectorConfig;
-use tidemark_common::kafka::KafkaSettings;
+use tidemark_common::kafka::KafkaArgs;
 
 /// Streams the rows of Postgres tables into Kafka, like Kafka Connect's JDBC
 /// source in timestamp+incrementing mode, but missing no row when
@@ -25,23 +25,8 @@ struct Cli {
     #[arg(long, env = "TIDEMARK_NAME")]
     name: Option<String>,
 
-    /// Kafka brokers, host:port[,host:port].
-    #[arg(
-        long,
-        env = "KAFKA_BOOTSTRAP_SERVERS",
-        default_value = "127.0.0.1:9092"
-    )]
-    bootstrap_servers: String,
-
-    /// Extra librdkafka property, key=value (TLS, SASL, tuning). Repeatable;
-    /// in the environment, separated by `;`.
-    #[arg(
-        long = "kafka-property",
-        env = "TIDEMARK_KAFKA_PROPERTIES",
-        value_delimiter = ';',
-        hide_env_values = true
-    )]
-    kafka_properties: Vec<String>,
+    #[command(flatten)]
+    kafka: KafkaArgs,
 
     /// `connection.url`: JDBC URL, like jdbc:postgresql://127.0.0.1:5432/streaming_example.
     #[arg(long, env = "TIDEMARK_CONNECTION_URL")]
@@ -180,7 +165,7 @@ async fn run(cli: Cli, shutdown: tokio_util::sync::CancellationToken) -> anyhow:
             cli.topic_replication_factor,
         ),
     ]);
-    let kafka = KafkaSettings::new(&cli.bootstrap_servers, &cli.kafka_properties)?;
+    let kafka = cli.kafka.settings()?;
     let (mut cfg, warnings) = crate::Config::from_connector(&connector, kafka)?;
     for w in warnings {
         tracing::warn!("{w}");
