@@ -7,6 +7,10 @@
 //!
 //! - `timestamp` is int64 microseconds (`io.debezium.time.MicroTimestamp`),
 //!   `timestamptz` an ISO-8601 string in UTC (`io.debezium.time.ZonedTimestamp`);
+//! - a row with a `timestamp` that int64 microseconds cannot hold (from
+//!   [`MICROS_LIMIT`] to 294276 AD) is a *wide* record: its own schema carries
+//!   its `timestamp` columns as ISO-8601 strings (`io.debezium.time.IsoTimestamp`),
+//!   see [`wide_columns`];
 //! - `numeric` is its exact decimal text, never base64 bytes;
 //! - NULL stays JSON `null`.
 //!
@@ -79,6 +83,31 @@ impl Mapping {
     }
 }
 
+/// The logical type of `timestamp` columns in ordinary records.
+const MICRO_TIMESTAMP: &str = "io.debezium.time.MicroTimestamp";
+
+/// The logical type of `timestamp` columns in wide records.
+const ISO_TIMESTAMP: &str = "io.debezium.time.IsoTimestamp";
+
+/// The first `timestamp` that `io.debezium.time.MicroTimestamp` cannot carry:
+/// its microseconds since 1970 are `i64::MAX`, which already stands for
+/// `infinity`, and every later value overflows `int8`. Postgres' own
+/// `timestamp` goes on to 294276-12-31 23:59:59.999999.
+pub const MICROS_LIMIT: &str = "294247-01-10 04:00:54.775807";
+
+/// How wide records carry a `timestamp`: its exact ISO-8601 text without a
+/// zone, with ` BC` after years before 1 AD as the `timestamptz` mapping
+/// writes them, and `infinity`/`-infinity` as they are.
+fn iso_timestamp() -> Mapping {
+    Mapping::new(
+        ConnectType::String,
+        Some(ISO_TIMESTAMP),
+        "case when not isfinite({c}) then {c}::text \
+         when {c} < '0001-01-01 00:00:00'::timestamp then to_char({c}, 'YYYY-MM-DD\"T\"HH24:MI:SS.US BC') \
+         else to_char({c}, 'YYYY-MM-DD\"T\"HH24:MI:SS.US') end",
+    )
+}
+
 /// The mapping of a scalar Postgres type by `pg_type.typname` and `typtype`.
 pub fn map_type(typname: &str, typtype: &str) -> Mapping {
     use ConnectType::*;
@@ -96,7 +125,7 @@ pub fn map_type(typname: &str, typtype: &str) -> Mapping {
         ("bool", _) => Mapping::new(Boolean, None, AS_IS),
         ("text" | "varchar" | "bpchar" | "name" | "char", _) => Mapping::new(String, None, AS_IS),
         ("numeric", _) => Mapping::new(String, None, AS_TEXT),
-        ("timestamp", _) => Mapping::new(Int64, Some("io.debezium.time.MicroTimestamp"), MICROS),
+        ("timestamp", _) => Mapping::new(Int64, Some(MICRO_TIMESTAMP), MICROS),
         ("timestamptz", _) => Mapping::new(
             String,
             Some("io.debezium.time.ZonedTimestamp"),
@@ -187,6 +216,12 @@ impl Column {
         format!("{expr} as {}", quote_ident(&self.name))
     }
 
+    /// Whether the column is a `timestamp` carried as int64 microseconds,
+    /// which some values do not fit (arrays of `timestamp` travel as text).
+    fn is_micro_timestamp(&self) -> bool {
+        self.mapping.logical == Some(MICRO_TIMESTAMP)
+    }
+
     /// The Connect schema of the field.
     pub fn field_schema(&self) -> Value {
         let mut field = type_schema(&self.mapping.connect, self.optional);
@@ -228,6 +263,97 @@ pub fn payload_sql(columns: &[Column], qualifier: &str) -> String {
         "(select row_to_json(\"tidemark.row\") from (select {}) \"tidemark.row\")::text",
         exprs.join(", ")
     )
+}
+
+/// SQL that is true when a `timestamp` column of the row `qualifier` holds
+/// a finite value at or past [`MICROS_LIMIT`], so the row must be a wide
+/// record; never NULL. `None` when `columns` has no `timestamp` column: such
+/// a table's rows are never wide, and its queries pay nothing.
+pub fn out_of_range_sql(columns: &[Column], qualifier: &str) -> Option<String> {
+    let tests: Vec<String> = columns
+        .iter()
+        .filter(|c| c.is_micro_timestamp())
+        .map(|c| {
+            let col = format!("{qualifier}.{}", quote_ident(&c.name));
+            format!("({col} >= '{MICROS_LIMIT}'::timestamp and {col} < 'infinity'::timestamp)")
+        })
+        .collect();
+    if tests.is_empty() {
+        None
+    } else {
+        Some(format!("coalesce({}, false)", tests.join(" or ")))
+    }
+}
+
+/// The columns as a wide record carries them: `timestamp` columns as
+/// `io.debezium.time.IsoTimestamp` strings, every other column unchanged.
+/// Every record carries its own schema, so a consumer reads a wide record
+/// by its schema like any other.
+pub fn wide_columns(columns: &[Column]) -> Vec<Column> {
+    columns
+        .iter()
+        .map(|c| {
+            let mut c = c.clone();
+            if c.is_micro_timestamp() {
+                c.mapping = iso_timestamp();
+            }
+            c
+        })
+        .collect()
+}
+
+/// SQL that yields a row's payload as JSON text in the encoding the SQL
+/// boolean `wide` picks: [`wide_columns`] when true, `columns` otherwise.
+/// The caller renders the record with the schema of the same choice.
+pub fn either_payload_sql(columns: &[Column], qualifier: &str, wide: &str) -> String {
+    format!(
+        "case when {wide} then {} else {} end",
+        payload_sql(&wide_columns(columns), qualifier),
+        payload_sql(columns, qualifier)
+    )
+}
+
+/// A row's payload as JSON text and whether it is wide, as two SQL
+/// expressions over the row `qualifier`: a row is rendered with the wide
+/// schema when the second is true. A column list without `timestamp`
+/// columns gets the plain [`payload_sql`] and `false`.
+pub fn payload_and_wide_sql(columns: &[Column], qualifier: &str) -> (String, String) {
+    match out_of_range_sql(columns, qualifier) {
+        Some(wide) => (either_payload_sql(columns, qualifier, &wide), wide),
+        None => (payload_sql(columns, qualifier), "false".to_owned()),
+    }
+}
+
+/// The record templates of one column list: the ordinary one and, when the
+/// list has `timestamp` columns, the one for wide rows.
+#[derive(Debug, Clone)]
+pub struct RecordTemplates {
+    narrow: RecordTemplate,
+    wide: Option<RecordTemplate>,
+}
+
+impl RecordTemplates {
+    /// Templates for the struct `name` of `columns` (not optional, as keys
+    /// and `timestamp+incrementing` values are).
+    pub fn new(name: &str, columns: &[Column]) -> Self {
+        let wide = columns
+            .iter()
+            .any(Column::is_micro_timestamp)
+            .then(|| RecordTemplate::new(&struct_schema(name, &wide_columns(columns), false)));
+        Self {
+            narrow: RecordTemplate::new(&struct_schema(name, columns, false)),
+            wide,
+        }
+    }
+
+    /// A record with `payload`, in the wide schema when `wide` (as the SQL
+    /// of [`payload_and_wide_sql`] says).
+    pub fn render(&self, payload: &str, wide: bool) -> Vec<u8> {
+        match (&self.wide, wide) {
+            (Some(t), true) => t.render(payload),
+            _ => self.narrow.render(payload),
+        }
+    }
 }
 
 /// A pre-rendered schema: records are `prefix + payload + "}"`, so the hot
@@ -518,6 +644,7 @@ const MICROS_MINUS_INFINITY: &str = "-9223372036854775808";
 /// | `bytes` (base64) | `bytea` |
 /// | `string` (text, numeric, enums, any other type as text) | `text` |
 /// | `io.debezium.time.MicroTimestamp` | `timestamp` (`±infinity` from the int64 extremes) |
+/// | `io.debezium.time.IsoTimestamp` | `timestamp` (wide records) |
 /// | `io.debezium.time.ZonedTimestamp` | `timestamptz` |
 /// | `io.debezium.time.Date` | `date` |
 /// | `io.debezium.time.MicroTime` | `time` (`24:00:00` included) |
@@ -543,13 +670,14 @@ pub fn decode_sql(field_schema: &Value, param: &str) -> String {
         .and_then(Value::as_str)
         .unwrap_or("string");
     match (logical, connect) {
-        (Some("io.debezium.time.MicroTimestamp"), _) => format!(
+        (Some(MICRO_TIMESTAMP), _) => format!(
             "(case when {text} is null then null::timestamp \
              when {text} = '{MICROS_INFINITY}' then 'infinity'::timestamp \
              when {text} = '{MICROS_MINUS_INFINITY}' then '-infinity'::timestamp \
              else 'epoch'::timestamp + {} end)",
             micros_interval(&format!("{text}::int8"), true)
         ),
+        (Some(ISO_TIMESTAMP), _) => format!("{text}::timestamp"),
         (Some("io.debezium.time.ZonedTimestamp"), _) => format!("{text}::timestamptz"),
         (Some("io.debezium.time.Date"), _) => format!(
             "case {text}::int4 when 2147483647 then 'infinity'::date when -2147483648 then '-infinity'::date \
@@ -667,6 +795,90 @@ mod tests {
         let stamps = Column::from_catalog("s", "_timestamp", "b", Some(("timestamp", "b")), false);
         assert_eq!(stamps.field_schema()["items"]["type"], "string");
         assert!(stamps.select_expr("t").starts_with(r#"t."s"::text[]"#));
+    }
+
+    #[test]
+    fn rows_are_wide_only_by_their_timestamp_columns() {
+        // No `timestamp` column, or only arrays of them (text): never wide.
+        let plain = [
+            col("id", "int4", true),
+            col("tstz", "timestamptz", false),
+            Column::from_catalog("s", "_timestamp", "b", Some(("timestamp", "b")), false),
+        ];
+        assert_eq!(out_of_range_sql(&plain, "t"), None);
+        assert_eq!(wide_columns(&plain), plain);
+        assert_eq!(
+            either_payload_sql(&plain, "t", "false"),
+            format!(
+                "case when false then {0} else {0} end",
+                payload_sql(&plain, "t")
+            )
+        );
+
+        let cols = [
+            col("id", "int4", true),
+            col("ts", "timestamp", true),
+            col(r#"la"st"#, "timestamp", false),
+        ];
+        assert_eq!(
+            out_of_range_sql(&cols, "b").unwrap(),
+            "coalesce(\
+             (b.\"ts\" >= '294247-01-10 04:00:54.775807'::timestamp and b.\"ts\" < 'infinity'::timestamp) or \
+             (b.\"la\"\"st\" >= '294247-01-10 04:00:54.775807'::timestamp and b.\"la\"\"st\" < 'infinity'::timestamp), \
+             false)"
+        );
+    }
+
+    #[test]
+    fn wide_records_carry_timestamps_as_iso_text() {
+        let cols = [
+            col("id", "int4", true),
+            col("ts", "timestamp", false),
+            col("d", "date", false),
+        ];
+        let wide = wide_columns(&cols);
+        assert_eq!(wide[0], cols[0]);
+        assert_eq!(wide[2], cols[2]);
+        assert_eq!(
+            wide[1].field_schema(),
+            json!({"type": "string", "optional": true, "name": "io.debezium.time.IsoTimestamp",
+                   "version": 1, "field": "ts"})
+        );
+        let expr = wide[1].select_expr("t");
+        assert!(
+            expr.starts_with(r#"case when not isfinite(t."ts") then t."ts"::text "#),
+            "{expr}"
+        );
+        assert!(
+            expr.contains(r#"to_char(t."ts", 'YYYY-MM-DD"T"HH24:MI:SS.US BC')"#),
+            "{expr}"
+        );
+        assert!(
+            expr.ends_with(r#"else to_char(t."ts", 'YYYY-MM-DD"T"HH24:MI:SS.US') end as "ts""#),
+            "{expr}"
+        );
+        let either = either_payload_sql(&cols, "t", "w.wide");
+        assert_eq!(
+            either,
+            format!(
+                "case when w.wide then {} else {} end",
+                payload_sql(&wide, "t"),
+                payload_sql(&cols, "t")
+            )
+        );
+        // The wide schema is the ordinary one with only `ts` changed.
+        let narrow = struct_schema("t", &cols, false);
+        let wide_schema = struct_schema("t", &wide, false);
+        assert_eq!(narrow["fields"][0], wide_schema["fields"][0]);
+        assert_eq!(narrow["fields"][2], wide_schema["fields"][2]);
+        assert_eq!(
+            narrow["fields"][1]["name"],
+            "io.debezium.time.MicroTimestamp"
+        );
+        assert_eq!(
+            decode_sql(&wide_schema["fields"][1], "$1"),
+            format!("{TEXT}::timestamp")
+        );
     }
 
     #[test]
@@ -897,8 +1109,9 @@ mod tests {
             "jsonb",
             "bytea",
         ];
-        for typname in scalars {
-            let c = Column::from_catalog("c", typname, "b", None, false);
+        let columns = scalars.map(|typname| Column::from_catalog("c", typname, "b", None, false));
+        for c in columns.iter().chain(&wide_columns(&columns)) {
+            let typname = &c.pg_type;
             let sql = decode_sql(&c.field_schema(), "$1");
             assert!(sql.contains("($1)::jsonb"), "{typname}: {sql}");
             // A value with a logical type or a non-string type gets a cast.

@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use sqlx::PgPool;
 use tidemark_common::envelope::{
-    payload_sql, struct_schema, Change, ChangeEnvelope, Op, RecordTemplate,
+    either_payload_sql, out_of_range_sql, payload_and_wide_sql, payload_sql, wide_columns, Change,
+    ChangeEnvelope, Op, RecordTemplates,
 };
 use tidemark_common::health::now_ms;
 use tidemark_common::offset::{ChangeLogPosition, Segment, SnapshotProgress, SourcePosition};
@@ -41,8 +42,12 @@ pub struct ChangeTable {
     pub topic: String,
     /// Its name as the triggers write it (`format('%I.%I')`).
     pub log_name: String,
-    key_template: RecordTemplate,
+    key_template: RecordTemplates,
     envelope: ChangeEnvelope,
+    /// The envelope of wide changes, whose `timestamp` columns are ISO text
+    /// because a value in `before` or `after` does not fit int64
+    /// microseconds; `None` when the table has no `timestamp` column.
+    wide_envelope: Option<ChangeEnvelope>,
     sql_changes: String,
     sql_snapshot_first: String,
     sql_snapshot_after: String,
@@ -58,13 +63,18 @@ struct ChangeRow {
     after: Option<String>,
     key_before: Option<String>,
     key_after: Option<String>,
+    wide: bool,
+    key_before_wide: bool,
+    key_after_wide: bool,
 }
 
 #[derive(sqlx::FromRow)]
 struct SnapshotRow {
     raw_key: serde_json::Value,
     key: String,
+    key_wide: bool,
     after: String,
+    wide: bool,
 }
 
 impl ChangeTable {
@@ -126,12 +136,13 @@ impl ChangeTable {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        let (key, key_wide) = payload_and_wide_sql(&info.key, "t");
+        let (after, wide) = payload_and_wide_sql(&info.columns, "t");
         let snapshot = |filter: &str, limit: &str| {
             format!(
-                "select {raw_key} as raw_key, {} as key, {} as after \
-                 from (select * from {t} t {filter} order by {order} limit {limit}) t order by {order}",
-                payload_sql(&info.key, "t"),
-                payload_sql(&info.columns, "t"),
+                "select {raw_key} as raw_key, {key} as key, {key_wide} as key_wide, \
+                 {after} as after, {wide} as wide \
+                 from (select * from {t} t {filter} order by {order} limit {limit}) t order by {order}"
             )
         };
         let sql_snapshot_first = snapshot("", "$1");
@@ -149,16 +160,45 @@ impl ChangeTable {
             })
             .collect::<Vec<_>>()
             .join(", ");
+        // One envelope schema covers `before` and `after`, so a change is
+        // wide when either side is, and both sides are then rendered wide.
+        // Keys are judged on their own: a key's bytes depend on its value
+        // only, as partitioning and compaction need.
+        let (wide, before, after, wide_join) = match (
+            out_of_range_sql(&info.columns, "b"),
+            out_of_range_sql(&info.columns, "a"),
+        ) {
+            (Some(wb), Some(wa)) => {
+                let w = "\"tidemark.w\".wide";
+                (
+                    w.to_owned(),
+                    either_payload_sql(&info.columns, "b", w),
+                    either_payload_sql(&info.columns, "a", w),
+                    format!("cross join lateral (select {wb} or {wa} as wide) \"tidemark.w\""),
+                )
+            }
+            _ => (
+                "false".to_owned(),
+                payload_sql(&info.columns, "b"),
+                payload_sql(&info.columns, "a"),
+                String::new(),
+            ),
+        };
+        let (key_before, key_before_wide) = payload_and_wide_sql(&info.key, "b");
+        let (key_after, key_after_wide) = payload_and_wide_sql(&info.key, "a");
         let sql_changes = format!(
             r#"select l.seq, l.txid::text as txid, l.op::text as op,
                       (extract(epoch from l.changed_at) * 1000)::int8 as changed_ms,
                       case when l.before is not null then {before} end as before,
                       case when l.after is not null then {after} end as after,
                       case when l.before is not null then {key_before} end as key_before,
-                      case when l.after is not null then {key_after} end as key_after
+                      case when l.after is not null then {key_after} end as key_after,
+                      {wide} as wide, {key_before_wide} as key_before_wide,
+                      {key_after_wide} as key_after_wide
                from tidemark.change_log l
                cross join lateral jsonb_populate_record(null::{t}, l.before) b
                cross join lateral jsonb_populate_record(null::{t}, l.after) a
+               {wide_join}
                where l.table_name = $1 and l.seq > $2
                  and l.txid >= pg_snapshot_xmin($3::pg_snapshot)
                  and l.txid < pg_snapshot_xmax($4::pg_snapshot)
@@ -171,27 +211,20 @@ impl ChangeTable {
                      and (jsonb_typeof("tidemark.seg".seg->'hi') is distinct from 'object' or ({changed_key}) <= ({hi})))
                order by l.seq
                limit $6"#,
-            before = payload_sql(&info.columns, "b"),
-            after = payload_sql(&info.columns, "a"),
-            key_before = payload_sql(&info.key, "b"),
-            key_after = payload_sql(&info.key, "a"),
             lo = typed_key("(\"tidemark.seg\".seg->'lo')"),
             hi = typed_key("(\"tidemark.seg\".seg->'hi')"),
         );
-        let key_schema = struct_schema(
-            &format!("{connector}.{}.{}.Key", name.schema, name.name),
-            &info.key,
-            false,
-        );
+        let envelope = |columns: &[_]| {
+            ChangeEnvelope::new(connector, database, &name.schema, &name.name, columns)
+        };
         Ok(Self {
-            key_template: RecordTemplate::new(&key_schema),
-            envelope: ChangeEnvelope::new(
-                connector,
-                database,
-                &name.schema,
-                &name.name,
-                &info.columns,
+            key_template: RecordTemplates::new(
+                &format!("{connector}.{}.{}.Key", name.schema, name.name),
+                &info.key,
             ),
+            envelope: envelope(&info.columns),
+            wide_envelope: out_of_range_sql(&info.columns, "t")
+                .map(|_| envelope(&wide_columns(&info.columns))),
             info,
             topic,
             log_name,
@@ -199,6 +232,14 @@ impl ChangeTable {
             sql_snapshot_first,
             sql_snapshot_after,
         })
+    }
+
+    /// The envelope of a change, wide or not.
+    fn envelope_for(&self, wide: bool) -> &ChangeEnvelope {
+        match (&self.wide_envelope, wide) {
+            (Some(e), true) => e,
+            _ => &self.envelope,
+        }
     }
 }
 
@@ -337,8 +378,9 @@ impl ChangeLogReader {
         out: &mut Vec<Record>,
     ) {
         let txid = r.txid.parse::<u64>().ok();
+        let envelope = table.envelope_for(r.wide);
         let change = |op, before: Option<&str>, after: Option<&str>| {
-            table.envelope.render(&Change {
+            envelope.render(&Change {
                 op,
                 before,
                 after,
@@ -349,37 +391,38 @@ impl ChangeLogReader {
                 read_ms,
             })
         };
-        let record = |key: &str, value: Vec<u8>| Record {
+        let record = |key: &str, key_wide: bool, value: Vec<u8>| Record {
             topic: table.topic.clone(),
-            key: table.key_template.render(key),
+            key: table.key_template.render(key, key_wide),
             value: Some(value),
         };
-        let tombstone = |key: &str| Record {
+        let tombstone = |key: &str, key_wide: bool| Record {
             topic: table.topic.clone(),
-            key: table.key_template.render(key),
+            key: table.key_template.render(key, key_wide),
             value: None,
         };
+        let (kbw, kaw) = (r.key_before_wide, r.key_after_wide);
         let (before, after) = (r.before.as_deref(), r.after.as_deref());
         match (
             r.op.as_str(),
             r.key_before.as_deref(),
             r.key_after.as_deref(),
         ) {
-            ("c", _, Some(k)) => out.push(record(k, change(Op::Create, None, after))),
+            ("c", _, Some(k)) => out.push(record(k, kaw, change(Op::Create, None, after))),
             ("u", Some(kb), Some(ka)) if kb != ka => {
                 // The primary key changed: the old key is deleted, the new
                 // one created, as Debezium does.
-                out.push(record(kb, change(Op::Delete, before, None)));
+                out.push(record(kb, kbw, change(Op::Delete, before, None)));
                 if self.tombstones {
-                    out.push(tombstone(kb));
+                    out.push(tombstone(kb, kbw));
                 }
-                out.push(record(ka, change(Op::Create, None, after)));
+                out.push(record(ka, kaw, change(Op::Create, None, after)));
             }
-            ("u", _, Some(k)) => out.push(record(k, change(Op::Update, before, after))),
+            ("u", _, Some(k)) => out.push(record(k, kaw, change(Op::Update, before, after))),
             ("d", Some(k), _) => {
-                out.push(record(k, change(Op::Delete, before, None)));
+                out.push(record(k, kbw, change(Op::Delete, before, None)));
                 if self.tombstones {
-                    out.push(tombstone(k));
+                    out.push(tombstone(k, kbw));
                 }
             }
             (op, _, _) => {
@@ -583,8 +626,8 @@ impl SnapshotRun {
                 .iter()
                 .map(|r| Record {
                     topic: table.topic.clone(),
-                    key: table.key_template.render(&r.key),
-                    value: Some(table.envelope.render(&Change {
+                    key: table.key_template.render(&r.key, r.key_wide),
+                    value: Some(table.envelope_for(r.wide).render(&Change {
                         op: Op::Read,
                         before: None,
                         after: Some(&r.after),

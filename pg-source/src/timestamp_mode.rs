@@ -14,7 +14,7 @@
 
 use anyhow::bail;
 use sqlx::PgPool;
-use tidemark_common::envelope::{payload_sql, struct_schema, RecordTemplate};
+use tidemark_common::envelope::{payload_and_wide_sql, RecordTemplates};
 use tidemark_common::offset::SourcePosition;
 use tidemark_common::pg::quote_ident;
 
@@ -36,8 +36,8 @@ pub struct TimestampReader {
     pub position_key: Vec<u8>,
     /// The last row sent and committed; `None` reads from the beginning.
     pub position: Option<(String, i64)>,
-    key_template: RecordTemplate,
-    value_template: RecordTemplate,
+    key_template: RecordTemplates,
+    value_template: RecordTemplates,
     sql_first: String,
     sql_after: String,
     sql_bound: String,
@@ -62,7 +62,9 @@ struct RawRow {
     ts: String,
     inc: i64,
     key: String,
+    key_wide: bool,
     value: String,
+    wide: bool,
 }
 
 impl TimestampReader {
@@ -111,13 +113,14 @@ impl TimestampReader {
         // The inner query picks the batch by the (timestamp, id) index; the
         // outer one converts only those rows, so a planner misled by stale
         // statistics after a bulk load sorts keys, not whole JSON rows.
+        let (key, key_wide) = payload_and_wide_sql(&table.key, "t");
+        let (value, wide) = payload_and_wide_sql(&table.columns, "t");
         let select = |filter: &str, limit: &str| {
             format!(
-                "select {ts_q}::text as ts, {inc_q}::int8 as inc, {} as key, {} as value \
+                "select {ts_q}::text as ts, {inc_q}::int8 as inc, {key} as key, {key_wide} as key_wide, \
+                 {value} as value, {wide} as wide \
                  from (select * from {} t where {filter} order by {ts_q}, {inc_q} limit {limit}) t \
                  order by {ts_q}, {inc_q}",
-                payload_sql(&table.key, "t"),
-                payload_sql(&table.columns, "t"),
                 table.name.quoted()
             )
         };
@@ -149,15 +152,12 @@ impl TimestampReader {
         } else {
             "select (case when $1::int8 < 0 then clock_timestamp() else to_timestamp($1::int8 / 1000.0) end)::text where $2::text is not null".to_owned()
         };
-        let key_schema = struct_schema(
-            &format!("{}.{}.Key", name.schema, name.name),
-            &table.key,
-            false,
-        );
-        let value_schema = struct_schema(&name.name, &table.columns, false);
         Ok(Self {
-            key_template: RecordTemplate::new(&key_schema),
-            value_template: RecordTemplate::new(&value_schema),
+            key_template: RecordTemplates::new(
+                &format!("{}.{}.Key", name.schema, name.name),
+                &table.key,
+            ),
+            value_template: RecordTemplates::new(&name.name, &table.columns),
             table,
             topic,
             position_key,
@@ -229,8 +229,8 @@ impl TimestampReader {
         Ok(rows
             .into_iter()
             .map(|r| Row {
-                key: self.key_template.render(&r.key),
-                value: self.value_template.render(&r.value),
+                key: self.key_template.render(&r.key, r.key_wide),
+                value: self.value_template.render(&r.value, r.wide),
                 position: (r.ts, r.inc),
             })
             .collect())

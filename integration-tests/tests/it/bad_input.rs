@@ -598,7 +598,6 @@ async fn edge_values_round_trip_through_the_file_and_back() {
 /// value also stands for `infinity`: the one real timestamp at that value
 /// must not come back as `infinity`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug, open: int64 microseconds end at 294247-01-10 04:00:54.775807 AD, whose value is also the +infinity sentinel, and later timestamps overflow and stop pg-source; needs a wider encoding for those rows"]
 async fn the_timestamp_at_the_int64_microsecond_limit_round_trips() {
     let lossy = round_trip(
         "ts timestamp",
@@ -612,7 +611,6 @@ async fn the_timestamp_at_the_int64_microsecond_limit_round_trips() {
 /// Postgres' `timestamp` reaches 294276 AD, past what int64 microseconds
 /// since 1970 hold: such a row must neither stop the stream nor be lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug, open: int64 microseconds end at 294247-01-10 04:00:54.775807 AD, whose value is also the +infinity sentinel, and later timestamps overflow and stop pg-source; needs a wider encoding for those rows"]
 async fn timestamps_past_the_int64_microsecond_limit_round_trip() {
     let lossy = round_trip(
         "ts timestamp",
@@ -621,6 +619,274 @@ async fn timestamps_past_the_int64_microsecond_limit_round_trip() {
     )
     .await;
     assert!(lossy.is_empty(), "lossy:\n{}", lossy.join("\n"));
+}
+
+/// The first `timestamp` int64 microseconds cannot carry, the one before
+/// it, and the last one Postgres has, as SQL literals.
+const LIMIT: &str = "'294247-01-10 04:00:54.775807'::timestamp";
+const BELOW_LIMIT: &str = "'294247-01-10 04:00:54.775806'::timestamp";
+const LAST: &str = "'294276-12-31 23:59:59.999999'::timestamp";
+
+/// Reads `topic` from its beginning as a `read_committed` consumer until `n`
+/// records arrived: each key's bytes, the key and the value (`None` for a
+/// tombstone). Fails at once if pg-source stops.
+async fn wait_for_records(
+    topic: &str,
+    n: usize,
+    source: &mut Task<()>,
+) -> Vec<(Vec<u8>, Value, Option<Value>)> {
+    let consumer = topic_consumer(topic);
+    let start = Instant::now();
+    let mut records = Vec::new();
+    while records.len() < n {
+        source.assert_running("pg-source").await;
+        assert!(
+            start.elapsed() < WAIT,
+            "waited {WAIT:?} for {n} records in {topic}, found {}",
+            records.len()
+        );
+        let Ok(received) = tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await
+        else {
+            continue;
+        };
+        // The topic may not exist yet when the consumer starts.
+        let Ok(msg) = received else { continue };
+        let key = msg.key().expect("records are keyed").to_vec();
+        let parsed: Value = serde_json::from_slice(&key).expect("the key is JSON");
+        let value = msg
+            .payload()
+            .map(|v| serde_json::from_slice(v).expect("the value is JSON"));
+        records.push((key, parsed, value));
+    }
+    records
+}
+
+/// Plays each field of `row` back with [`decode_sql`], as the record's own
+/// field schemas say, and prints it as Postgres does.
+async fn played_back(pool: &sqlx::PgPool, fields: &[Value], row: &Value) -> Vec<Option<String>> {
+    let exprs: Vec<String> = fields
+        .iter()
+        .map(|f| {
+            let name = f["field"]
+                .as_str()
+                .expect("a field name")
+                .replace('\'', "''");
+            format!(
+                "({})::text",
+                decode_sql(f, &format!("$1::jsonb -> '{name}'"))
+            )
+        })
+        .collect();
+    let sql = format!("select array[{}]::text[]", exprs.join(", "));
+    sqlx::query_scalar(&sql)
+        .bind(row)
+        .fetch_one(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{row} does not play back ({e}): {sql}"))
+}
+
+/// How Postgres prints `values` (SQL expressions).
+async fn printed(pool: &sqlx::PgPool, values: &[&str]) -> Vec<Option<String>> {
+    let exprs: Vec<String> = values.iter().map(|v| format!("({v})::text")).collect();
+    let sql = format!("select array[{}]::text[]", exprs.join(", "));
+    sqlx::query_scalar(&sql)
+        .fetch_one(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// The logical type of field `name` among `fields`.
+fn logical<'a>(fields: &'a [Value], name: &str) -> &'a str {
+    fields
+        .iter()
+        .find(|f| f["field"] == name)
+        .and_then(|f| f["name"].as_str())
+        .unwrap_or_else(|| panic!("no logical type for {name} in {fields:?}"))
+}
+
+/// The logical type a record carries its `timestamp` columns with.
+fn timestamp_type(wide: bool) -> &'static str {
+    if wide {
+        "io.debezium.time.IsoTimestamp"
+    } else {
+        "io.debezium.time.MicroTimestamp"
+    }
+}
+
+/// `changelog` mode sends rows whose `timestamp` values int64 microseconds
+/// cannot hold in every kind of event: a snapshot read, a create, an update
+/// into the wide encoding, a primary key change and deletes with their
+/// tombstones. One schema covers `before` and `after`, so a change is wide
+/// when either side is; a key is wide by its own values only, so one key
+/// always has the same bytes. Everything plays back exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changelog_mode_sends_wide_rows_in_every_kind_of_event() {
+    let fx = Fixture::changelog(TriggerLevel::Row).await;
+    exec(
+        &fx.pool,
+        "create table wide (id int, k timestamp, ts timestamp, stamps timestamp[], primary key (id, k))",
+    )
+    .await;
+    install_capture(&fx.pool, &TableName::parse("wide").unwrap()).await;
+    let stamps = r#"'{"294276-12-31 23:59:59.999999",infinity}'::timestamp[]"#;
+    exec(
+        &fx.pool,
+        &format!("insert into wide values (1, {LAST}, 'infinity', {stamps})"),
+    )
+    .await;
+    let mut source = start_source(&fx, &[("table.whitelist", "wide")]).await;
+    let early = "'2024-01-01 00:00:00'::timestamp";
+    for sql in [
+        format!("insert into wide values (2, {early}, {BELOW_LIMIT}, null)"),
+        format!("update wide set ts = {LIMIT} where id = 2"),
+        format!("update wide set k = {LIMIT}, ts = '-infinity' where id = 2"),
+        "delete from wide where id = 1".to_owned(),
+    ] {
+        exec(&fx.pool, &sql).await;
+    }
+    let records = wait_for_records(&format!("{}wide", fx.prefix), 8, &mut source).await;
+
+    let row1 = ["1", LAST, "'infinity'::timestamp", stamps];
+    let row2a = ["2", early, BELOW_LIMIT, "null"];
+    let row2b = ["2", early, LIMIT, "null"];
+    let row2c = ["2", LIMIT, "'-infinity'::timestamp", "null"];
+    // (key, wide key, and unless a tombstone: op, wide value, before, after).
+    type Row = [&'static str; 4];
+    type Expected = (
+        [&'static str; 2],
+        bool,
+        Option<(Op, bool, Option<Row>, Option<Row>)>,
+    );
+    let expected: [Expected; 8] = [
+        (["1", LAST], true, Some((Op::Read, true, None, Some(row1)))),
+        (
+            ["2", early],
+            false,
+            Some((Op::Create, false, None, Some(row2a))),
+        ),
+        (
+            ["2", early],
+            false,
+            Some((Op::Update, true, Some(row2a), Some(row2b))),
+        ),
+        (
+            ["2", early],
+            false,
+            Some((Op::Delete, true, Some(row2b), None)),
+        ),
+        (["2", early], false, None),
+        (
+            ["2", LIMIT],
+            true,
+            Some((Op::Create, true, None, Some(row2c))),
+        ),
+        (
+            ["1", LAST],
+            true,
+            Some((Op::Delete, true, Some(row1), None)),
+        ),
+        (["1", LAST], true, None),
+    ];
+    for (i, ((_, key, value), (key_row, key_wide, event))) in
+        records.iter().zip(&expected).enumerate()
+    {
+        let fields = key["schema"]["fields"].as_array().expect("a key schema");
+        assert_eq!(
+            logical(fields, "k"),
+            timestamp_type(*key_wide),
+            "key {i}: {key}"
+        );
+        assert_eq!(
+            played_back(&fx.pool, fields, &key["payload"]).await,
+            printed(&fx.pool, key_row).await,
+            "key {i}: {key}"
+        );
+        let Some((op, wide, before, after)) = event else {
+            assert_eq!(value, &None, "record {i} is a tombstone");
+            continue;
+        };
+        let value = value
+            .as_ref()
+            .unwrap_or_else(|| panic!("record {i} has a value"));
+        let bytes = serde_json::to_vec(value).unwrap();
+        let line = Line {
+            raw: value.clone(),
+            event: ChangeEvent::decode(&bytes).expect("a change event"),
+        };
+        assert_eq!(line.event.op, *op, "record {i}");
+        let fields = line.row_fields();
+        for name in ["k", "ts"] {
+            assert_eq!(
+                logical(&fields, name),
+                timestamp_type(*wide),
+                "record {i}: {value}"
+            );
+        }
+        for (which, got, want) in [
+            ("before", &line.event.before, before),
+            ("after", &line.event.after, after),
+        ] {
+            match (got, want) {
+                (None, None) => {}
+                (Some(got), Some(want)) => assert_eq!(
+                    played_back(&fx.pool, &fields, got).await,
+                    printed(&fx.pool, want).await,
+                    "record {i} {which}: {value}"
+                ),
+                _ => panic!("record {i} {which}: {value}"),
+            }
+        }
+    }
+    // One key, one byte string, however its events are encoded.
+    assert!(records[1..=4].iter().all(|r| r.0 == records[1].0));
+    assert!([6, 7].iter().all(|&i| records[i].0 == records[0].0));
+    // Just below the limit, a row keeps the int64 encoding.
+    assert_eq!(
+        records[1].2.as_ref().unwrap()["payload"]["after"]["ts"],
+        serde_json::json!(i64::MAX - 1)
+    );
+    source.stop().await.unwrap();
+}
+
+/// `timestamp+incrementing` mode renders wide rows and keys the same way.
+/// Its position column, `last_updated`, stays near the clock; the position
+/// itself is the timestamp's text, which any `timestamp` survives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timestamp_mode_sends_rows_past_the_int64_microsecond_limit() {
+    let fx = Fixture::new().await;
+    exec(
+        &fx.pool,
+        "create table far (id serial, ts timestamp, other timestamp, \
+         last_updated timestamp not null default now(), primary key (id, ts))",
+    )
+    .await;
+    exec(
+        &fx.pool,
+        &format!(
+            "insert into far (ts, other) values ({LAST}, null), ({BELOW_LIMIT}, 'infinity'), \
+             ('2024-01-01', {LIMIT}), ({LIMIT}, '-infinity')"
+        ),
+    )
+    .await;
+    let mut source = start_source(&fx, &[("table.whitelist", "far")]).await;
+    let records = wait_for_records(&format!("{}far", fx.prefix), 4, &mut source).await;
+    // (wide key, wide value) of ids 1 to 4.
+    let expected = [(true, true), (false, false), (false, true), (true, true)];
+    let mut lossy = Vec::new();
+    for ((_, key, value), (key_wide, wide)) in records.iter().zip(expected) {
+        let value = value.as_ref().expect("a value");
+        let id = &key["payload"]["id"];
+        for (record, wide) in [(key, key_wide), (value, wide)] {
+            let fields = record["schema"]["fields"].as_array().expect("a schema");
+            assert_eq!(logical(fields, "ts"), timestamp_type(wide), "{record}");
+            for problem in lossy_fields(&fx.pool, "far", "id", fields, &record["payload"], id).await
+            {
+                lossy.push(format!("id {id}: {problem}"));
+            }
+        }
+    }
+    assert!(lossy.is_empty(), "lossy:\n{}", lossy.join("\n"));
+    source.stop().await.unwrap();
 }
 
 /// The capture trigger's `to_jsonb` runs in the writer's session, so a
