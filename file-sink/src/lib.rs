@@ -179,8 +179,8 @@ pub struct Totals {
 /// Runs until `shutdown` is cancelled.
 ///
 /// Fails when the output cannot be opened or written (a missing folder, a
-/// full disk, no permission) or Kafka refuses the consumer; nothing that was
-/// not durably written is ever committed.
+/// full disk, no permission) or Kafka refuses the consumer (no READ on a
+/// topic); nothing that was not durably written is ever committed.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Totals> {
     if let Some(addr) = cfg.http_addr {
         tidemark_common::ops::serve(addr, cfg.health.clone(), shutdown.clone()).await?;
@@ -260,6 +260,19 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
                     kafka_error_logged = false;
                 }
                 add(&mut batch, &msg, cfg.max_record_bytes);
+            }
+            // A refused fetch stays refused until someone grants READ:
+            // retrying would only hide it.
+            Err(e)
+                if e.rdkafka_error_code()
+                    == Some(rdkafka::error::RDKafkaErrorCode::TopicAuthorizationFailed) =>
+            {
+                metrics::counter!(names::SINK_ERRORS, "kind" => "kafka").increment(1);
+                bail!(
+                    "not allowed to read topic {}: {e}; grant READ on it and on group connect-{} to this user",
+                    cfg.topics.join(", "),
+                    cfg.name
+                );
             }
             Err(e) => {
                 metrics::counter!(names::SINK_ERRORS, "kind" => "kafka").increment(1);

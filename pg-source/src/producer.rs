@@ -171,19 +171,44 @@ fn send_blocking(
             .unwrap_or_else(|p| p.into_inner())
             .take()
         {
-            return Err(e);
+            return Err(transaction_cause(producer, e));
         }
         producer.commit_transaction(TXN_TIMEOUT)
     };
     match run() {
         Ok(()) => Ok(()),
         Err(e) => {
-            let err = classify(e, "commit a batch");
+            let mut topics: Vec<&str> = records
+                .iter()
+                .chain(std::iter::once(position))
+                .map(|r| r.topic.as_str())
+                .collect();
+            topics.sort_unstable();
+            topics.dedup();
+            let err = classify(e, &format!("commit a batch to {}", topics.join(", ")));
             if let BatchError::Retry(_) = &err {
                 abort(producer)?;
             }
             Err(err)
         }
+    }
+}
+
+/// The error that explains a failed delivery. Records purged from the queue
+/// only say that the transaction failed (a refused topic, say); librdkafka
+/// purges them when it moves the transaction to its abortable-error state,
+/// and in that state `commit_transaction` commits nothing and returns the
+/// transaction's own error at once. Any other delivery error is the cause
+/// itself.
+fn transaction_cause(producer: &BaseProducer<Acks>, delivery: KafkaError) -> KafkaError {
+    match delivery.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight) => {
+            match producer.commit_transaction(TXN_TIMEOUT) {
+                Err(e @ KafkaError::Transaction(_)) => e,
+                _ => delivery,
+            }
+        }
+        _ => delivery,
     }
 }
 

@@ -3,6 +3,7 @@
 //! Every test has its own database, topics, consumer group and output file,
 //! so they run in parallel.
 
+mod acl;
 mod bad_config;
 mod bad_input;
 mod changelog;

@@ -36,6 +36,8 @@ pub fn bootstrap() -> String {
 pub struct Services {
     pub database_url: String,
     pub bootstrap: String,
+    /// The Kafka container, for Kafka's own tools (`kafka-acls.sh`).
+    pub kafka_container: String,
 }
 
 /// Starts (once per test run) a Postgres and a Kafka container with
@@ -122,10 +124,18 @@ fn start_containers() -> Services {
         )
         .with_env_var("KAFKA_SHARE_COORDINATOR_STATE_TOPIC_MIN_ISR", "1")
         .with_env_var("KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS", "0")
+        // ACLs are enforced but a resource without any is open to everyone,
+        // so only a test that adds ACLs to its own topic sees a refusal.
+        .with_env_var(
+            "KAFKA_AUTHORIZER_CLASS_NAME",
+            "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+        )
+        .with_env_var("KAFKA_ALLOW_EVERYONE_IF_NO_ACL_FOUND", "true")
         .with_env_var("KAFKA_HEAP_OPTS", "-Xmx512m -Xms512m")
         .start()
         .unwrap_or_else(|e| panic!("cannot start the Kafka container: {e}"));
     let bootstrap = format!("127.0.0.1:{port}");
+    let kafka_container = kafka.id().to_owned();
     wait_until_ready(&database_url, &bootstrap);
     // The containers live as long as the test process.
     std::mem::forget(pg);
@@ -133,6 +143,7 @@ fn start_containers() -> Services {
     Services {
         database_url,
         bootstrap,
+        kafka_container,
     }
 }
 
@@ -197,6 +208,96 @@ fn reap_stale_containers() {
             }
         }
     }
+}
+
+/// Refuses `operation` (a Kafka ACL operation: `Read`, `Write`, ...) on
+/// `topic` to the tests' Kafka user, `User:ANONYMOUS`, and leaves it every
+/// other operation there, like a cluster whose operator forgot one grant.
+/// The brokers allow everything on a resource without ACLs but nothing that
+/// no ACL allows on one with ACLs, hence the ALLOW beside the DENY. The ACLs
+/// go when the returned guard is dropped, so a shared broker keeps none.
+///
+/// Runs Kafka's own ACL tool: in the Kafka container, or with
+/// `dev/services kafka-tool` for the broker in `KAFKA_BOOTSTRAP_SERVERS`.
+pub async fn deny_acl(topic: &str, operation: &str) -> TopicAcls {
+    let acls = TopicAcls {
+        topic: topic.to_owned(),
+    };
+    for (permission, op) in [
+        ("--allow-principal", "All"),
+        ("--deny-principal", operation),
+    ] {
+        let args = acl_args(&[
+            "--add",
+            permission,
+            "User:ANONYMOUS",
+            "--operation",
+            op,
+            "--topic",
+            topic,
+        ]);
+        let out = tokio::task::spawn_blocking(move || run_acl_tool(&args))
+            .await
+            .unwrap();
+        if let Err(e) = out {
+            panic!("{e}");
+        }
+    }
+    acls
+}
+
+/// The ACLs [`deny_acl`] put on a topic; dropping it removes them all.
+pub struct TopicAcls {
+    topic: String,
+}
+
+impl Drop for TopicAcls {
+    fn drop(&mut self) {
+        // Blocks for the tool's run (a JVM start); not a panic, since this
+        // also runs while a failed test unwinds.
+        let args = acl_args(&["--remove", "--force", "--topic", &self.topic]);
+        if let Err(e) = run_acl_tool(&args) {
+            eprintln!("cannot remove the ACLs of {}: {e}", self.topic);
+        }
+    }
+}
+
+/// The command line of Kafka's `AclCommand` against the test brokers.
+fn acl_args(args: &[&str]) -> Vec<String> {
+    let mut cmd: Vec<String> = if std::env::var_os("KAFKA_BOOTSTRAP_SERVERS").is_some() {
+        let services = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dev/services");
+        vec![
+            services.display().to_string(),
+            "kafka-tool".into(),
+            "org.apache.kafka.tools.AclCommand".into(),
+        ]
+    } else {
+        vec![
+            "docker".into(),
+            "exec".into(),
+            services().kafka_container.clone(),
+            "/opt/kafka/bin/kafka-acls.sh".into(),
+        ]
+    };
+    cmd.extend(["--bootstrap-server".to_owned(), bootstrap()]);
+    cmd.extend(args.iter().map(|a| (*a).to_owned()));
+    cmd
+}
+
+/// Runs the tool; fails with its output when it fails.
+fn run_acl_tool(cmd: &[String]) -> Result<(), String> {
+    let out = std::process::Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", cmd[0]))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
 }
 
 /// A short random suffix, so parallel tests never share a database, topic or
@@ -409,6 +510,18 @@ impl<T: Send + 'static> Running<T> {
     pub async fn kill(self) {
         self.handle.abort();
         let _ = self.handle.await;
+    }
+
+    /// Waits for the program to stop on its own, as a bad run must, and
+    /// returns its result; fails the test if it still runs after `within`.
+    pub async fn exited(self, within: Duration) -> anyhow::Result<T> {
+        match tokio::time::timeout(within, self.handle).await {
+            Ok(joined) => joined.expect("does not panic"),
+            Err(_) => {
+                self.token.cancel();
+                panic!("still running after {within:?} instead of exiting")
+            }
+        }
     }
 
     /// Fails the test if the program already stopped with an error.
