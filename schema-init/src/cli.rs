@@ -37,10 +37,19 @@ struct Cli {
     #[arg(long, env = "TIDEMARK_CAPTURE", value_parser = ["changelog"])]
     capture: Option<String>,
 
-    /// How change-log triggers fire: `row` (cheapest for small commits) or
-    /// `statement` (cheaper for bulk statements). See the README's costs.
-    #[arg(long, env = "TIDEMARK_CAPTURE_TRIGGER", default_value = "row", value_parser = ["row", "statement"])]
+    /// How change-log triggers fire: `statement` (one log insert per
+    /// statement, from its transition tables: cheapest for bulk statements,
+    /// as cheap as `row` for single-row commits) or `row` (a function call
+    /// per changed row). See the README's costs.
+    #[arg(long, env = "TIDEMARK_CAPTURE_TRIGGER", default_value = "statement", value_parser = ["row", "statement"])]
     capture_trigger: String,
+
+    /// What an update's change event carries as `before`: `full` (the whole
+    /// old row, like Debezium with REPLICA IDENTITY FULL) or `null` (like
+    /// Debezium's default replica identity; logs half as much per update).
+    /// Deletes always carry the whole old row.
+    #[arg(long, env = "TIDEMARK_UPDATE_BEFORE", default_value = "full", value_parser = ["full", "null"])]
+    update_before: String,
 
     /// Do not install the seed's last_updated trigger and (last_updated, id)
     /// index: for capturing a table of your own shape.
@@ -94,13 +103,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         notify: !cli.no_notify,
         sample_row: !cli.no_sample_row,
         seed_objects: !cli.no_seed_objects,
-        capture: cli
-            .capture
-            .as_ref()
-            .map(|_| match cli.capture_trigger.as_str() {
-                "statement" => crate::TriggerLevel::Statement,
-                _ => crate::TriggerLevel::Row,
-            }),
+        capture: cli.capture.as_ref().map(|_| crate::Capture {
+            trigger: match cli.capture_trigger.as_str() {
+                "row" => crate::TriggerLevel::Row,
+                _ => crate::TriggerLevel::Statement,
+            },
+            update_before: match cli.update_before.as_str() {
+                "null" => crate::UpdateBefore::Null,
+                _ => crate::UpdateBefore::Full,
+            },
+        }),
     };
     if cli.dry_run {
         print!("{}", crate::dry_run(&cfg));

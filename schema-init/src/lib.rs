@@ -13,7 +13,10 @@
 //! after, the transaction id and a sequence, in `tidemark.change_log`, in the
 //! writing transaction itself (see [`changelog_steps`]).
 
+pub mod capture;
 pub mod cli;
+
+pub use capture::{changelog_steps, Capture, TriggerLevel, UpdateBefore, CHANGE_LOG};
 
 use std::time::Duration;
 
@@ -39,18 +42,7 @@ pub struct Config {
     /// index; off for a table of the user's own shape.
     pub seed_objects: bool,
     /// Change-log capture to install, if any.
-    pub capture: Option<TriggerLevel>,
-}
-
-/// How change-log triggers fire. Both record the same changes; they differ
-/// in what they cost the writer (see the README's table).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TriggerLevel {
-    /// One log insert per changed row: cheapest for single-row commits.
-    Row,
-    /// One log insert per statement from its transition tables: cheaper for
-    /// bulk statements.
-    Statement,
+    pub capture: Option<Capture>,
 }
 
 /// One statement of the plan, with what it is for.
@@ -156,8 +148,8 @@ $$ language plpgsql"#
             },
         ]);
     }
-    if let Some(level) = cfg.capture {
-        steps.extend(changelog_steps(&cfg.table, level));
+    if let Some(capture) = cfg.capture {
+        steps.extend(changelog_steps(&cfg.table, capture));
     }
     if cfg.sample_row {
         steps.push(Step {
@@ -165,165 +157,6 @@ $$ language plpgsql"#
             sql: format!("insert into {t} (data) values ('test data')"),
             only_if_new_table: true,
         });
-    }
-    steps
-}
-
-/// The change log every captured table writes to.
-pub const CHANGE_LOG: &str = "tidemark.change_log";
-
-/// The change-log objects for one table.
-///
-/// `tidemark.change_log` holds one row per change: `seq` (the order in
-/// which the changes were written; for two changes of one row it is also
-/// their commit order, since the second writer waits for the first's row
-/// lock), `txid` (`pg_current_xact_id()`, which pg-source compares with its
-/// snapshots to read only finished transactions, in commit order), the
-/// table, the operation and the row before and after as `jsonb`. The
-/// trigger functions are `security definer`, so writers need no grant on the
-/// `tidemark` schema.
-pub fn changelog_steps(table: &TableName, level: TriggerLevel) -> Vec<Step> {
-    let t = table.quoted();
-    let step = |what: &str, sql: String| Step {
-        what: what.to_owned(),
-        sql,
-        only_if_new_table: false,
-    };
-    let mut steps = vec![
-        step(
-            "create schema tidemark",
-            "create schema if not exists tidemark".into(),
-        ),
-        step(
-            "create table tidemark.change_log",
-            format!(
-                r#"create table if not exists {CHANGE_LOG} (
-  seq bigint generated always as identity primary key,
-  txid xid8 not null default pg_current_xact_id(),
-  table_name text not null,
-  op "char" not null,
-  before jsonb,
-  after jsonb,
-  changed_at timestamptz not null default clock_timestamp()
-)"#
-            ),
-        ),
-        step(
-            "create function tidemark.capture_row",
-            format!(
-                r#"create or replace function tidemark.capture_row()
-returns trigger language plpgsql security definer
-set search_path = pg_catalog, pg_temp set extra_float_digits = 3 as $$
-begin
-  if tg_op = 'INSERT' then
-    insert into {CHANGE_LOG} (table_name, op, after)
-    values (format('%I.%I', tg_table_schema, tg_table_name), 'c', to_jsonb(new));
-  elsif tg_op = 'UPDATE' then
-    insert into {CHANGE_LOG} (table_name, op, before, after)
-    values (format('%I.%I', tg_table_schema, tg_table_name), 'u', to_jsonb(old), to_jsonb(new));
-  else
-    insert into {CHANGE_LOG} (table_name, op, before)
-    values (format('%I.%I', tg_table_schema, tg_table_name), 'd', to_jsonb(old));
-  end if;
-  return null;
-end;
-$$"#
-            ),
-        ),
-        step(
-            "create function tidemark.capture_statement",
-            format!(
-                r#"create or replace function tidemark.capture_statement()
-returns trigger language plpgsql security definer
-set search_path = pg_catalog, pg_temp set extra_float_digits = 3 as $$
-declare
-  name text := format('%I.%I', tg_table_schema, tg_table_name);
-  on_key text;
-begin
-  if tg_op = 'INSERT' then
-    insert into {CHANGE_LOG} (table_name, op, after)
-    select name, 'c', to_jsonb(n) from tidemark_new n;
-  elsif tg_op = 'DELETE' then
-    insert into {CHANGE_LOG} (table_name, op, before)
-    select name, 'd', to_jsonb(o) from tidemark_old o;
-  else
-    -- Pair old and new rows by primary key; a row whose key changed is
-    -- logged as a delete and an insert.
-    select string_agg(format('o.%1$I = n.%1$I', a.attname), ' and ')
-      into on_key
-      from pg_index i
-      join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
-     where i.indrelid = tg_relid and i.indisprimary;
-    execute format(
-      'insert into {CHANGE_LOG} (table_name, op, before, after)
-       select $1, case when n is null then ''d'' when o is null then ''c'' else ''u'' end,
-              to_jsonb(o), to_jsonb(n)
-       from tidemark_old o full join tidemark_new n on %s', on_key)
-      using name;
-  end if;
-  return null;
-end;
-$$"#
-            ),
-        ),
-    ];
-    let drop = |name: &str| format!("drop trigger if exists {name} on {t}");
-    match level {
-        TriggerLevel::Row => {
-            for name in [
-                "tidemark_capture_insert",
-                "tidemark_capture_update",
-                "tidemark_capture_delete",
-            ] {
-                steps.push(step(
-                    &format!("drop statement-level trigger {name}"),
-                    drop(name),
-                ));
-            }
-            steps.push(step(
-                "create trigger tidemark_capture",
-                format!(
-                    "create or replace trigger tidemark_capture\n\
-                     after insert or update or delete on {t}\n\
-                     for each row execute function tidemark.capture_row()"
-                ),
-            ));
-        }
-        TriggerLevel::Statement => {
-            steps.push(step(
-                "drop row-level trigger tidemark_capture",
-                drop("tidemark_capture"),
-            ));
-            for (name, event, tables) in [
-                (
-                    "tidemark_capture_insert",
-                    "insert",
-                    "new table as tidemark_new",
-                ),
-                (
-                    "tidemark_capture_update",
-                    "update",
-                    "old table as tidemark_old new table as tidemark_new",
-                ),
-                (
-                    "tidemark_capture_delete",
-                    "delete",
-                    "old table as tidemark_old",
-                ),
-            ] {
-                // A trigger's transition tables cannot be changed in place.
-                steps.push(step(&format!("drop trigger {name}"), drop(name)));
-                steps.push(step(
-                    &format!("create trigger {name}"),
-                    format!(
-                        "create trigger {name}\n\
-                         after {event} on {t}\n\
-                         referencing {tables}\n\
-                         for each statement execute function tidemark.capture_statement()"
-                    ),
-                ));
-            }
-        }
     }
     steps
 }
@@ -460,12 +293,13 @@ mod tests {
     #[test]
     fn changelog_capture_installs_one_kind_of_trigger_and_drops_the_other() {
         let mut c = cfg();
-        c.capture = Some(TriggerLevel::Row);
+        c.capture = Some(TriggerLevel::Row.into());
         let text = dry_run(&c);
         assert!(text.contains("create table if not exists tidemark.change_log"));
-        assert!(text.contains("for each row execute function tidemark.capture_row()"));
+        assert!(text
+            .contains("for each row execute function tidemark.\"capture_streaming_update_table_"));
         assert!(text.contains("drop trigger if exists tidemark_capture_update"));
-        c.capture = Some(TriggerLevel::Statement);
+        c.capture = Some(TriggerLevel::Statement.into());
         let text = dry_run(&c);
         assert!(text.contains("referencing old table as tidemark_old new table as tidemark_new"));
         assert!(text.contains("drop trigger if exists tidemark_capture on"));

@@ -1245,7 +1245,7 @@ async fn schema_init_refuses_to_capture_a_table_without_a_primary_key() {
         notify: true,
         sample_row: false,
         seed_objects: false,
-        capture: Some(TriggerLevel::Row),
+        capture: Some(TriggerLevel::Row.into()),
     };
     let err = format!(
         "{:#}",
@@ -1272,9 +1272,14 @@ async fn schema_init_refuses_to_capture_a_table_without_a_primary_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changelog_mode_refuses_a_table_without_a_primary_key() {
     let fx = Fixture::changelog(TriggerLevel::Row).await;
-    exec(&fx.pool, "create table no_pk (id int, data text)").await;
-    // The trigger added by hand, past schema-init's check.
+    exec(
+        &fx.pool,
+        "create table no_pk (id int primary key, data text)",
+    )
+    .await;
     install_capture(&fx.pool, &TableName::parse("no_pk").unwrap()).await;
+    // The key dropped after capture was installed, past schema-init's check.
+    exec(&fx.pool, "alter table no_pk drop constraint no_pk_pkey").await;
     let cfg = source_config(&fx, &[("table.whitelist", "no_pk")]);
     let run = pg_source::run(cfg, CancellationToken::new());
     let err = match tokio::time::timeout(Duration::from_secs(30), run).await {

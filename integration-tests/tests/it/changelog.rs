@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use schema_init::TriggerLevel;
+use schema_init::{Capture, TriggerLevel, UpdateBefore};
 use sqlx::{ConnectOptions as _, Connection as _};
 use tidemark_common::envelope::Op;
 
@@ -42,8 +42,8 @@ async fn exec(pool: &sqlx::PgPool, sql: &str) {
     sqlx::query(sql).execute(pool).await.unwrap();
 }
 
-async fn every_change_arrives(level: TriggerLevel) {
-    let fx = Fixture::changelog(level).await;
+async fn every_change_arrives(capture: Capture) {
+    let fx = Fixture::changelog(capture).await;
     let source = fx.start_source();
     let sink = fx.start_sink();
 
@@ -91,12 +91,20 @@ async fn every_change_arrives(level: TriggerLevel) {
             Op::Create
         ]
     );
-    assert_eq!(events[3].before.as_ref().unwrap()["data"], "test data");
+    match capture.update_before {
+        UpdateBefore::Full => {
+            assert_eq!(events[3].before.as_ref().unwrap()["data"], "test data")
+        }
+        UpdateBefore::Null => assert!(events[3].before.is_none(), "{:?}", events[3]),
+    }
     assert_eq!(events[3].after.as_ref().unwrap()["data"], "some new data");
     assert_eq!(events[4].after.as_ref().unwrap()["data"], "again");
+    // Deletes carry the whole old row whatever updates log.
     assert_eq!(events[5].before.as_ref().unwrap()["id"], 2);
+    assert_eq!(events[5].before.as_ref().unwrap()["data"], "two");
     assert!(events[5].after.is_none());
     assert_eq!(events[6].before.as_ref().unwrap()["id"], 3);
+    assert_eq!(events[6].before.as_ref().unwrap()["data"], "three");
     assert_eq!(events[7].after.as_ref().unwrap()["id"], 30);
     assert!(events[1].source.tx_id.is_some());
     assert_eq!(events[1].source.table, "streaming_update_table");
@@ -124,12 +132,32 @@ async fn every_change_arrives(level: TriggerLevel) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row_triggers_send_every_change_deletes_included() {
-    every_change_arrives(TriggerLevel::Row).await;
+    every_change_arrives(Capture::full(TriggerLevel::Row)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statement_triggers_send_every_change_deletes_included() {
-    every_change_arrives(TriggerLevel::Statement).await;
+    every_change_arrives(Capture::full(TriggerLevel::Statement)).await;
+}
+
+/// Updates that log no old row still send every change, deletes with the
+/// whole old row, and a key change as a delete and a create.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_triggers_without_update_before_images_send_every_change() {
+    every_change_arrives(Capture {
+        trigger: TriggerLevel::Row,
+        update_before: UpdateBefore::Null,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_triggers_without_update_before_images_send_every_change() {
+    every_change_arrives(Capture {
+        trigger: TriggerLevel::Statement,
+        update_before: UpdateBefore::Null,
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -88,8 +88,8 @@ async fn schema_init_twice_changes_nothing_the_second_time() {
     .await
     .unwrap();
     assert_eq!(
-        triggers, 3,
-        "last_updated, notify and capture triggers, once each"
+        triggers, 5,
+        "last_updated, notify and the three statement-level capture triggers (the default), once each"
     );
 }
 
@@ -141,20 +141,25 @@ async fn pg_source_and_file_sink_serve_health_and_metrics_and_stop_on_sigterm() 
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(source.stdout.take().unwrap()).lines();
-    let start = Instant::now();
-    loop {
-        let line = lines
-            .next()
-            .expect("pg-source logs until it commits")
-            .unwrap();
-        if line.contains("committed") {
-            break;
+    // Read on a thread, so a pg-source that logs nothing fails the test
+    // instead of blocking it.
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    let stdout = source.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "no commit within 60 s"
-        );
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains("committed") => break,
+            Ok(_) => {}
+            Err(e) => panic!("pg-source logged no commit within 60 s: {e}"),
+        }
     }
     wait_for_events(&fx.file(), 1, Duration::from_secs(30)).await;
 
@@ -174,7 +179,7 @@ async fn pg_source_and_file_sink_serve_health_and_metrics_and_stop_on_sigterm() 
 
     sigterm_and_wait(&mut source);
     sigterm_and_wait(&mut sink);
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let rest: Vec<String> = lines.iter().collect();
     assert!(
         rest.iter().any(|l| l.contains("pg-source stopped")),
         "{rest:?}"

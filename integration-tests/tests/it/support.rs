@@ -328,11 +328,11 @@ impl Fixture {
 
     /// Like [`Fixture::new`], with change-log capture installed, and the
     /// source connector switched to `changelog` mode.
-    pub async fn changelog(level: schema_init::TriggerLevel) -> Self {
-        Self::with_capture(Some(level)).await
+    pub async fn changelog(capture: impl Into<schema_init::Capture>) -> Self {
+        Self::with_capture(Some(capture.into())).await
     }
 
-    async fn with_capture(capture: Option<schema_init::TriggerLevel>) -> Self {
+    async fn with_capture(capture: Option<schema_init::Capture>) -> Self {
         tidemark_common::telemetry::init_for_tests();
         let database = unique("tm_");
         let admin = PgTarget::from_url("DATABASE_URL", &database_url()).unwrap();
