@@ -20,6 +20,7 @@
 
 pub mod cli;
 pub mod output;
+pub mod pipeline;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -34,11 +35,13 @@ use rdkafka::{Offset, TopicPartitionList};
 use tidemark_common::config::{Conditional, ConnectorConfig, KeySet};
 use tidemark_common::health::Health;
 use tidemark_common::kafka::KafkaSettings;
+use tidemark_common::offset::SinkCheckpoint;
 use tidemark_common::ops::names;
 use tidemark_common::ConfigError;
 use tokio_util::sync::CancellationToken;
 
 use crate::output::{Batch, Output};
+use crate::pipeline::{Committed, Pipeline};
 
 /// The connector keys file-sink reads.
 pub const KEYS: KeySet = KeySet {
@@ -106,7 +109,9 @@ pub struct Config {
     pub file: PathBuf,
     /// The brokers.
     pub kafka: KafkaSettings,
-    /// Records per fsync at most; a batch also ends when no record is waiting.
+    /// Records per batch handed to the writer at most; a batch also ends at
+    /// [`BATCH_BYTES`] or when no record is waiting. One fsync covers every
+    /// batch written by the time it starts.
     pub max_batch_records: usize,
     /// Larger records go to the dead-letter file.
     pub max_record_bytes: usize,
@@ -176,6 +181,34 @@ pub struct Totals {
     pub skipped: u64,
 }
 
+/// Bytes of lines after which a batch goes to the writer even when more
+/// records wait: large enough that each write moves a good stretch, small
+/// enough that batches in flight hold little memory.
+pub const BATCH_BYTES: usize = 1 << 20;
+
+/// librdkafka settings of the consumer; the user's `--kafka-property` values
+/// win over them.
+///
+/// The read-ahead is what sets the sink's memory: librdkafka fetches until
+/// `queued.max.messages.kbytes` of (uncompressed) records wait, and one
+/// fetch may overshoot that by `fetch.message.max.bytes` of compressed data
+/// per partition, which can expand many times (Debezium records with a
+/// per-record schema compress about 40:1). A record larger than the fetch
+/// limits still arrives, alone (the broker always returns the first batch),
+/// and goes to the dead-letter file if it is over `max_record_bytes`.
+/// librdkafka's default `fetch.queue.backoff.ms` (1 s) would idle the sink
+/// each time the queue was full; the reader drains it within milliseconds.
+const CONSUMER_SETTINGS: &[(&str, &str)] = &[
+    ("isolation.level", "read_committed"),
+    ("enable.auto.commit", "false"),
+    ("enable.auto.offset.store", "false"),
+    ("auto.offset.reset", "earliest"),
+    ("queued.max.messages.kbytes", "4096"),
+    ("fetch.message.max.bytes", "262144"),
+    ("fetch.max.bytes", "1048576"),
+    ("fetch.queue.backoff.ms", "5"),
+];
+
 /// Runs until `shutdown` is cancelled.
 ///
 /// Fails when the output cannot be opened or written (a missing folder, a
@@ -186,25 +219,20 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
         tidemark_common::ops::serve(addr, cfg.health.clone(), shutdown.clone()).await?;
     }
     let path = cfg.file.clone();
-    let mut out = tokio::task::spawn_blocking(move || Output::open(&path)).await??;
+    let out = tokio::task::spawn_blocking(move || Output::open(&path)).await??;
+    let group = format!("connect-{}", cfg.name);
+    let mut settings = vec![("group.id", group.as_str())];
+    settings.extend_from_slice(CONSUMER_SETTINGS);
     let consumer: StreamConsumer = cfg
         .kafka
-        .client_config(&[
-            ("group.id", &format!("connect-{}", cfg.name)),
-            ("isolation.level", "read_committed"),
-            ("enable.auto.commit", "false"),
-            ("enable.auto.offset.store", "false"),
-            ("auto.offset.reset", "earliest"),
-            ("queued.max.messages.kbytes", "4096"),
-            ("fetch.max.bytes", "8388608"),
-        ])
+        .client_config(&settings)
         .create()
         .context("cannot create the Kafka consumer; check the kafka properties")?;
 
     let mut assigned = BTreeSet::new();
     let mut waiting_logged = false;
     while assigned.is_empty() {
-        match assign_new(&consumer, &cfg.topics, &out, &mut assigned) {
+        match assign_new(&consumer, &cfg.topics, &out.checkpoint, &mut assigned) {
             Ok(()) if !assigned.is_empty() => break,
             Ok(()) => {
                 if !waiting_logged {
@@ -235,24 +263,40 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
     );
     cfg.health.set_ready(true);
 
-    let mut totals = Totals::default();
+    let mut pipeline = Pipeline::start(out)?;
+    let mut reported = Totals::default();
     let mut refresh = tokio::time::interval(cfg.metadata_refresh);
     refresh.tick().await;
     let mut kafka_error_logged = false;
+    let mut sent = 0u64;
     loop {
         let first = tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = refresh.tick() => {
                 cfg.health.progress();
-                report_lag(&consumer, &out, &assigned);
-                if let Err(e) = assign_new(&consumer, &cfg.topics, &out, &mut assigned) {
+                let checkpoint = pipeline.committed().borrow().checkpoint.clone();
+                report_lag(&consumer, &checkpoint, &assigned);
+                if let Err(e) = assign_new(&consumer, &cfg.topics, &checkpoint, &mut assigned) {
                     tracing::warn!(error = %format!("{e:#}"), "cannot refresh topic metadata");
                 }
                 continue;
             }
+            changed = pipeline.committed().changed() => {
+                // An error means the syncer stopped on a failure, which
+                // `finish` returns below.
+                if changed.is_err() {
+                    break;
+                }
+                let committed = pipeline.committed().borrow_and_update().clone();
+                report_committed(&cfg, &consumer, &committed, &mut reported);
+                continue;
+            }
             m = consumer.recv() => m,
         };
-        let mut batch = Batch::default();
+        let mut batch = Batch {
+            lines: Vec::with_capacity(BATCH_BYTES + BATCH_BYTES / 4),
+            ..Default::default()
+        };
         match first {
             Ok(msg) => {
                 if kafka_error_logged {
@@ -283,63 +327,91 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
                 continue;
             }
         }
-        // Take whatever is already waiting, so one fsync covers it all.
-        while batch.written + batch.dead_count + batch.skipped < cfg.max_batch_records as u64 {
+        // Take whatever is already waiting, up to a bounded batch; the
+        // syncer covers as many batches as were written by the time it
+        // starts each fsync.
+        while batch.records() < cfg.max_batch_records as u64
+            && batch.lines.len() + batch.dead.len() < BATCH_BYTES
+        {
             match consumer.recv().now_or_never() {
                 Some(Ok(msg)) => add(&mut batch, &msg, cfg.max_record_bytes),
                 _ => break,
             }
         }
-        let (o, result, batch) = tokio::task::spawn_blocking(move || {
-            let r = out.commit(&batch);
-            (out, r, batch)
-        })
-        .await?;
-        out = o;
-        if result.is_err() {
-            metrics::counter!(names::SINK_ERRORS, "kind" => "file").increment(1);
-        }
-        result.with_context(|| {
-            format!(
-                "stopped without committing: the last {} records will be written again after a restart",
-                batch.written + batch.dead_count
-            )
-        })?;
-        cfg.health.progress();
-        metrics::counter!(names::SINK_LINES_WRITTEN).increment(batch.written);
-        metrics::counter!(names::SINK_DEAD_LETTERS).increment(batch.dead_count);
-        metrics::counter!(names::SINK_TOMBSTONES_SKIPPED).increment(batch.skipped);
-        totals.written += batch.written;
-        totals.dead += batch.dead_count;
-        totals.skipped += batch.skipped;
-        tracing::debug!(
-            lines = batch.written,
-            dead = batch.dead_count,
-            "batch written"
-        );
-        if batch.dead_count > 0 {
-            tracing::warn!(records = batch.dead_count, file = %output::dead_letter_path(&cfg.file).display(), "records sent to the dead-letter file");
-        }
-        commit_hint(&consumer, &batch);
-    }
-    // Everything read was already committed to the file; leave the hint too.
-    let mut tpl = TopicPartitionList::new();
-    for (topic, parts) in &out.checkpoint.offsets {
-        for (p, next) in parts {
-            tpl.add_partition_offset(topic, *p, Offset::Offset(*next))?;
+        sent += batch.records();
+        if !pipeline.send(batch).await {
+            break;
         }
     }
-    if tpl.count() > 0 {
+    let result = pipeline.finish().await;
+    if result.is_err() {
+        metrics::counter!(names::SINK_ERRORS, "kind" => "file").increment(1);
+    }
+    let committed = result.with_context(|| {
+        format!(
+            "stopped without committing: the last {} records will be read again after a restart",
+            sent - reported.written - reported.dead - reported.skipped
+        )
+    })?;
+    report_committed(&cfg, &consumer, &committed, &mut reported);
+    // Everything read was already committed to the file; leave the hint too,
+    // synchronously, so lag tools see it after the exit.
+    if let Some(tpl) = checkpoint_offsets(&committed.checkpoint) {
         if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
             tracing::debug!(error = %e, "cannot commit the offset hint on exit");
         }
     }
     tracing::info!(
-        lines = totals.written,
-        dead = totals.dead,
+        lines = committed.totals.written,
+        dead = committed.totals.dead,
         "file-sink stopped"
     );
-    Ok(totals)
+    Ok(committed.totals)
+}
+
+/// Counts what the syncer made durable since the last report, and leaves the
+/// offset hint for lag tools.
+fn report_committed(
+    cfg: &Config,
+    consumer: &StreamConsumer,
+    committed: &Committed,
+    reported: &mut Totals,
+) {
+    let now = committed.totals;
+    let dead = now.dead - reported.dead;
+    metrics::counter!(names::SINK_LINES_WRITTEN).increment(now.written - reported.written);
+    metrics::counter!(names::SINK_DEAD_LETTERS).increment(dead);
+    metrics::counter!(names::SINK_TOMBSTONES_SKIPPED).increment(now.skipped - reported.skipped);
+    if now == *reported {
+        return;
+    }
+    cfg.health.progress();
+    tracing::debug!(
+        lines = now.written - reported.written,
+        dead,
+        "batches written"
+    );
+    if dead > 0 {
+        tracing::warn!(records = dead, file = %output::dead_letter_path(&cfg.file).display(), "records sent to the dead-letter file");
+    }
+    *reported = now;
+    if let Some(tpl) = checkpoint_offsets(&committed.checkpoint) {
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+            tracing::debug!(error = %e, "cannot commit the offset hint");
+        }
+    }
+}
+
+/// The checkpoint's offsets as a partition list; `None` when it has none.
+fn checkpoint_offsets(checkpoint: &SinkCheckpoint) -> Option<TopicPartitionList> {
+    let mut tpl = TopicPartitionList::new();
+    for (topic, parts) in &checkpoint.offsets {
+        for (p, next) in parts {
+            tpl.add_partition_offset(topic, *p, Offset::Offset(*next))
+                .ok()?;
+        }
+    }
+    (tpl.count() > 0).then_some(tpl)
 }
 
 /// Adds one record to the batch: a line, a dead letter or a skipped
@@ -366,7 +438,7 @@ fn add(batch: &mut Batch, msg: &BorrowedMessage<'_>, max_bytes: usize) {
     };
     match reason {
         None => {
-            if value.contains(&b'\n') || value.contains(&b'\r') {
+            if has_line_break(value) {
                 // Pretty-printed JSON: one line per record, so compact it.
                 let v: serde_json::Value = serde_json::from_slice(value).expect("checked above");
                 serde_json::to_writer(&mut batch.lines, &v).expect("a value always serialises");
@@ -393,14 +465,36 @@ fn add(batch: &mut Batch, msg: &BorrowedMessage<'_>, max_bytes: usize) {
     }
 }
 
+/// Whether `value` holds a line break. Fixed-size blocks with a byte
+/// accumulator let the compiler compare 32 bytes per instruction; this runs
+/// on every byte of every record, and `contains` twice costs two slower
+/// passes.
+fn has_line_break(value: &[u8]) -> bool {
+    let mut blocks = value.chunks_exact(32);
+    for block in &mut blocks {
+        let mut found = 0u8;
+        for &b in block {
+            found |= u8::from(b == b'\n') | u8::from(b == b'\r');
+        }
+        if found != 0 {
+            return true;
+        }
+    }
+    blocks.remainder().iter().any(|&b| b == b'\n' || b == b'\r')
+}
+
 /// Sets the lag gauge: records in Kafka not yet in the file. The watermark
 /// look-ups are short network calls, made once per metadata refresh.
-fn report_lag(consumer: &StreamConsumer, out: &Output, assigned: &BTreeSet<(String, i32)>) {
+fn report_lag(
+    consumer: &StreamConsumer,
+    checkpoint: &SinkCheckpoint,
+    assigned: &BTreeSet<(String, i32)>,
+) {
     let mut lag = 0i64;
     for (topic, p) in assigned {
         match consumer.fetch_watermarks(topic, *p, Duration::from_secs(1)) {
             Ok((_, high)) => {
-                let next = out.checkpoint.next_offset(topic, *p).unwrap_or(0);
+                let next = checkpoint.next_offset(topic, *p).unwrap_or(0);
                 lag += (high - next).max(0);
             }
             Err(_) => return,
@@ -409,27 +503,12 @@ fn report_lag(consumer: &StreamConsumer, out: &Output, assigned: &BTreeSet<(Stri
     metrics::gauge!(names::SINK_LAG_RECORDS).set(lag as f64);
 }
 
-fn commit_hint(consumer: &StreamConsumer, batch: &Batch) {
-    let mut tpl = TopicPartitionList::new();
-    for (topic, p, next) in &batch.reached {
-        if tpl
-            .add_partition_offset(topic, *p, Offset::Offset(*next))
-            .is_err()
-        {
-            return;
-        }
-    }
-    if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-        tracing::debug!(error = %e, "cannot commit the offset hint");
-    }
-}
-
 /// Assigns partitions of `topics` not yet assigned, each at the checkpoint's
 /// offset or the beginning.
 fn assign_new(
     consumer: &StreamConsumer,
     topics: &[String],
-    out: &Output,
+    checkpoint: &SinkCheckpoint,
     assigned: &mut BTreeSet<(String, i32)>,
 ) -> anyhow::Result<()> {
     let mut fresh = TopicPartitionList::new();
@@ -454,7 +533,7 @@ fn assign_new(
                 if assigned.contains(&key) {
                     continue;
                 }
-                let offset = match out.checkpoint.next_offset(topic, p.id()) {
+                let offset = match checkpoint.next_offset(topic, p.id()) {
                     Some(next) => Offset::Offset(next),
                     None => Offset::Beginning,
                 };
@@ -470,4 +549,24 @@ fn assign_new(
             .context("cannot assign partitions")?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_breaks_are_found_at_every_position() {
+        for len in [0, 1, 31, 32, 33, 64, 100] {
+            let plain = vec![b'x'; len];
+            assert!(!has_line_break(&plain), "{len}");
+            for at in 0..len {
+                for brk in [b'\n', b'\r'] {
+                    let mut v = plain.clone();
+                    v[at] = brk;
+                    assert!(has_line_break(&v), "{len} {at} {brk}");
+                }
+            }
+        }
+    }
 }

@@ -1,11 +1,17 @@
 //! The output file and the checkpoint that says what it covers.
 //!
-//! The sink owns its position: after each batch the data file (and the
-//! dead-letter file) is written and fsynced, and only then is the checkpoint
-//! "file length L covers offsets O" replaced atomically. On start the file is
-//! cut back to L, dropping any tail written after the last checkpoint (a torn
-//! line included), and reading resumes at O. So a crash at any instant loses
-//! no line and writes none twice.
+//! The sink owns its position: the data file (and the dead-letter file) is
+//! written and fsynced, and only then is the checkpoint "file length L covers
+//! offsets O" replaced atomically. On start the file is cut back to L,
+//! dropping any tail written after the last checkpoint (a torn line
+//! included), and reading resumes at O. So a crash at any instant loses no
+//! line and writes none twice.
+//!
+//! Writing ([`Output::write`]) and making durable ([`Syncer::commit`]) are
+//! separate steps so that they can run on two threads: the next lines are
+//! copied into the file while the disk flushes the previous ones. A sync
+//! covers every write that returned before it started, so a checkpoint never
+//! claims bytes the disk may not hold.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
@@ -14,18 +20,24 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context as _};
 use tidemark_common::offset::{sync_dir, SinkCheckpoint};
 
-/// The output file, its dead-letter file and its checkpoint.
+/// The output file and its dead-letter file, for appending; see [`Syncer`]
+/// for making what was appended durable.
 pub struct Output {
     path: PathBuf,
     file: File,
     dead_letter_path: PathBuf,
     dead_letter: Option<File>,
     checkpoint_path: PathBuf,
-    /// What is durably written.
+    /// Bytes of the output file written so far, synced or not.
+    file_len: u64,
+    /// Bytes of the dead-letter file written so far, synced or not.
+    dead_letter_len: u64,
+    /// What is durably written, as found on open (or as advanced by
+    /// [`Output::commit`]).
     pub checkpoint: SinkCheckpoint,
 }
 
-/// One batch to make durable.
+/// One batch of records, ready to append.
 #[derive(Default)]
 pub struct Batch {
     /// Lines for the output file, each ending in `\n`.
@@ -45,19 +57,61 @@ pub struct Batch {
 impl Batch {
     /// Records that everything before `next` in a partition is handled.
     pub fn reach(&mut self, topic: &str, partition: i32, next: i64) {
-        match self
-            .reached
-            .iter_mut()
-            .find(|(t, p, _)| t == topic && *p == partition)
-        {
-            Some(slot) => slot.2 = slot.2.max(next),
-            None => self.reached.push((topic.to_owned(), partition, next)),
-        }
+        reach(&mut self.reached, topic, partition, next);
     }
 
     /// Whether the batch holds nothing.
     pub fn is_empty(&self) -> bool {
         self.reached.is_empty()
+    }
+
+    /// Records handled by the batch: lines, dead letters and tombstones.
+    pub fn records(&self) -> u64 {
+        self.written + self.dead_count + self.skipped
+    }
+}
+
+fn reach(reached: &mut Vec<(String, i32, i64)>, topic: &str, partition: i32, next: i64) {
+    match reached
+        .iter_mut()
+        .find(|(t, p, _)| t == topic && *p == partition)
+    {
+        Some(slot) => slot.2 = slot.2.max(next),
+        None => reached.push((topic.to_owned(), partition, next)),
+    }
+}
+
+/// What a checkpoint may claim once the bytes written so far are synced:
+/// the lengths of both files and the offsets the written batches reach.
+/// Points of consecutive batches merge into one, so one sync can cover many
+/// batches.
+#[derive(Debug, Clone, Default)]
+pub struct CommitPoint {
+    /// Length of the output file after the batches.
+    pub file_len: u64,
+    /// Length of the dead-letter file after the batches.
+    pub dead_letter_len: u64,
+    /// `(topic, partition, next offset)` the batches reach.
+    pub reached: Vec<(String, i32, i64)>,
+    /// Lines the batches wrote.
+    pub written: u64,
+    /// Dead letters the batches wrote.
+    pub dead_count: u64,
+    /// Tombstones the batches skipped.
+    pub skipped: u64,
+}
+
+impl CommitPoint {
+    /// Folds a later point into this one.
+    pub fn merge(&mut self, later: CommitPoint) {
+        self.file_len = later.file_len;
+        self.dead_letter_len = later.dead_letter_len;
+        for (topic, partition, next) in &later.reached {
+            reach(&mut self.reached, topic, *partition, *next);
+        }
+        self.written += later.written;
+        self.dead_count += later.dead_count;
+        self.skipped += later.skipped;
     }
 }
 
@@ -137,23 +191,40 @@ impl Output {
             dead_letter_path,
             dead_letter: None,
             checkpoint_path,
+            file_len: checkpoint.file_len,
+            dead_letter_len: checkpoint.dead_letter_len,
             checkpoint,
         })
     }
 
-    /// Writes a batch, fsyncs it, then saves the checkpoint. When this
-    /// returns `Ok` the batch survives a crash; when it fails, the checkpoint
-    /// is unchanged, so the batch is written again after a restart.
+    /// The syncer for this output, starting from its checkpoint.
     ///
-    /// Fails on any write or sync error (a full disk, a revoked permission).
-    pub fn commit(&mut self, batch: &Batch) -> anyhow::Result<()> {
+    /// Fails when the file handle cannot be duplicated (out of descriptors).
+    pub fn syncer(&self) -> anyhow::Result<Syncer> {
+        Ok(Syncer {
+            path: self.path.clone(),
+            file: self
+                .file
+                .try_clone()
+                .with_context(|| format!("cannot reopen {}", self.path.display()))?,
+            dead_letter_path: self.dead_letter_path.clone(),
+            dead_letter: None,
+            checkpoint_path: self.checkpoint_path.clone(),
+            checkpoint: self.checkpoint.clone(),
+        })
+    }
+
+    /// Appends a batch's lines and dead letters, without syncing them, and
+    /// returns the point a checkpoint may claim once they are synced.
+    ///
+    /// Fails on any write error (a full disk, a revoked permission); what was
+    /// appended is then past every checkpoint and is cut off on restart.
+    pub fn write(&mut self, batch: Batch) -> anyhow::Result<CommitPoint> {
         if !batch.lines.is_empty() {
-            self.file
-                .write_all(&batch.lines)
-                .and_then(|_| self.file.sync_data())
-                .with_context(|| {
-                    format!("cannot write to the output file {}", self.path.display())
-                })?;
+            self.file.write_all(&batch.lines).with_context(|| {
+                format!("cannot write to the output file {}", self.path.display())
+            })?;
+            self.file_len += batch.lines.len() as u64;
         }
         if !batch.dead.is_empty() {
             if self.dead_letter.is_none() {
@@ -171,19 +242,90 @@ impl Output {
                 self.dead_letter = Some(f);
             }
             let f = self.dead_letter.as_mut().expect("opened above");
-            f.write_all(&batch.dead)
-                .and_then(|_| f.sync_data())
-                .with_context(|| {
-                    format!(
-                        "cannot write to the dead-letter file {}",
-                        self.dead_letter_path.display()
-                    )
-                })?;
+            f.write_all(&batch.dead).with_context(|| {
+                format!(
+                    "cannot write to the dead-letter file {}",
+                    self.dead_letter_path.display()
+                )
+            })?;
+            self.dead_letter_len += batch.dead.len() as u64;
+        }
+        Ok(CommitPoint {
+            file_len: self.file_len,
+            dead_letter_len: self.dead_letter_len,
+            reached: batch.reached,
+            written: batch.written,
+            dead_count: batch.dead_count,
+            skipped: batch.skipped,
+        })
+    }
+
+    /// Writes a batch, fsyncs it, then saves the checkpoint, all on the
+    /// calling thread. When this returns `Ok` the batch survives a crash;
+    /// when it fails, the checkpoint is unchanged, so the batch is written
+    /// again after a restart.
+    ///
+    /// Fails on any write or sync error (a full disk, a revoked permission).
+    pub fn commit(&mut self, batch: Batch) -> anyhow::Result<()> {
+        let mut syncer = self.syncer()?;
+        let point = self.write(batch)?;
+        syncer.commit(&point)?;
+        self.checkpoint = syncer.checkpoint;
+        Ok(())
+    }
+}
+
+/// Makes what an [`Output`] wrote durable and saves the checkpoint; it may
+/// run on another thread than the writes.
+pub struct Syncer {
+    path: PathBuf,
+    file: File,
+    dead_letter_path: PathBuf,
+    dead_letter: Option<File>,
+    checkpoint_path: PathBuf,
+    /// What is durably written.
+    pub checkpoint: SinkCheckpoint,
+}
+
+impl Syncer {
+    /// Fsyncs both files, then saves the checkpoint for `point`. Every write
+    /// that returned before this call is covered by the fsync. When this
+    /// returns `Ok` the point survives a crash; when it fails, the checkpoint
+    /// is unchanged.
+    ///
+    /// Fails on any sync or write error (a full disk, a revoked permission).
+    pub fn commit(&mut self, point: &CommitPoint) -> anyhow::Result<()> {
+        if point.file_len > self.checkpoint.file_len {
+            self.file.sync_data().with_context(|| {
+                format!("cannot write to the output file {}", self.path.display())
+            })?;
+        }
+        if point.dead_letter_len > self.checkpoint.dead_letter_len {
+            if self.dead_letter.is_none() {
+                // The writer created the file and synced its folder.
+                let f = OpenOptions::new()
+                    .append(true)
+                    .open(&self.dead_letter_path)
+                    .with_context(|| {
+                        format!(
+                            "cannot open the dead-letter file {}",
+                            self.dead_letter_path.display()
+                        )
+                    })?;
+                self.dead_letter = Some(f);
+            }
+            let f = self.dead_letter.as_ref().expect("opened above");
+            f.sync_data().with_context(|| {
+                format!(
+                    "cannot write to the dead-letter file {}",
+                    self.dead_letter_path.display()
+                )
+            })?;
         }
         let mut next = self.checkpoint.clone();
-        next.file_len += batch.lines.len() as u64;
-        next.dead_letter_len += batch.dead.len() as u64;
-        for (topic, partition, offset) in &batch.reached {
+        next.file_len = point.file_len;
+        next.dead_letter_len = point.dead_letter_len;
+        for (topic, partition, offset) in &point.reached {
             next.advance(topic, *partition, *offset);
         }
         next.save(&self.checkpoint_path)?;
@@ -230,7 +372,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.txt");
         let mut out = Output::open(&path).unwrap();
-        out.commit(&batch("{\"a\":1}\n", "t", 1)).unwrap();
+        out.commit(batch("{\"a\":1}\n", "t", 1)).unwrap();
         drop(out);
         // A crash after writing half a line, before the checkpoint.
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
@@ -246,7 +388,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.txt");
         let mut out = Output::open(&path).unwrap();
-        out.commit(&batch("{\"a\":1}\n", "t", 1)).unwrap();
+        out.commit(batch("{\"a\":1}\n", "t", 1)).unwrap();
         drop(out);
         // The second batch reached the file and a temp checkpoint, not the rename.
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
@@ -281,7 +423,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.txt");
         let mut out = Output::open(&path).unwrap();
-        out.commit(&batch("{\"a\":1}\n", "t", 1)).unwrap();
+        out.commit(batch("{\"a\":1}\n", "t", 1)).unwrap();
         drop(out);
         std::fs::write(&path, "").unwrap();
         let err = Output::open(&path).err().unwrap().to_string();
