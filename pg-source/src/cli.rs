@@ -115,6 +115,13 @@ struct Cli {
     #[arg(long, env = "TIDEMARK_NO_LISTEN")]
     no_listen: bool,
 
+    /// Changelog mode: how often to look for new commits (`20ms`, `1s`). Each
+    /// look compares Postgres' current snapshot with the last one read and
+    /// reads no table, so writers need no NOTIFY trigger; poll.interval.ms
+    /// caps it.
+    #[arg(long, env = "TIDEMARK_PROBE_INTERVAL", default_value = "20ms", value_parser = humantime::parse_duration)]
+    probe_interval: std::time::Duration,
+
     /// Log one JSON object per line.
     #[arg(long, env = "TIDEMARK_JSON_LOGS")]
     json_logs: bool,
@@ -172,6 +179,10 @@ async fn run(cli: Cli, shutdown: tokio_util::sync::CancellationToken) -> anyhow:
     }
     cfg.offsets_topic = cli.offsets_topic;
     cfg.listen = !cli.no_listen;
+    if cli.probe_interval.is_zero() {
+        anyhow::bail!("--probe-interval (TIDEMARK_PROBE_INTERVAL) must be at least 1ms, like 20ms");
+    }
+    cfg.probe_interval = cli.probe_interval;
     cfg.http_addr = tidemark_common::program::parse_http_addr(&cli.http_addr)?;
     crate::run(cfg, shutdown).await
 }

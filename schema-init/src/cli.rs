@@ -24,7 +24,8 @@ struct Cli {
     table: String,
 
     /// Do not install the trigger that sends NOTIFY tidemark on each change
-    /// (pg-source then finds changes only by polling).
+    /// (pg-source then finds changes only by polling). With --capture
+    /// changelog it is never installed: pg-source finds commits without it.
     #[arg(long, env = "TIDEMARK_NO_NOTIFY")]
     no_notify: bool,
 
