@@ -221,6 +221,10 @@ impl PgTarget {
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
+                Err(e) if is_transient(&e) => {
+                    return Err(explain(e, self)
+                        .context(format!("postgres still unreachable after {patience:?}")))
+                }
                 Err(e) => return Err(explain(e, self)),
             }
         }

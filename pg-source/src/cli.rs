@@ -62,6 +62,16 @@ struct Cli {
     #[arg(long, env = "TIDEMARK_POLL_INTERVAL_MS")]
     poll_interval_ms: Option<String>,
 
+    /// `connection.attempts` (3): how long pg-source waits for Postgres at
+    /// start is attempts x connection.backoff.ms; a wrong password or a
+    /// missing database fails at once.
+    #[arg(long, env = "TIDEMARK_CONNECTION_ATTEMPTS")]
+    connection_attempts: Option<String>,
+
+    /// `connection.backoff.ms` (10000): see --connection-attempts.
+    #[arg(long, env = "TIDEMARK_CONNECTION_BACKOFF_MS")]
+    connection_backoff_ms: Option<String>,
+
     /// `batch.max.rows` (1000): rows per batch and per Kafka transaction.
     #[arg(long, env = "TIDEMARK_BATCH_MAX_ROWS")]
     batch_max_rows: Option<String>,
@@ -156,6 +166,8 @@ async fn run(cli: Cli, shutdown: tokio_util::sync::CancellationToken) -> anyhow:
         ("incrementing.column.name", cli.incrementing_column_name),
         ("topic.prefix", cli.topic_prefix),
         ("poll.interval.ms", cli.poll_interval_ms),
+        ("connection.attempts", cli.connection_attempts),
+        ("connection.backoff.ms", cli.connection_backoff_ms),
         ("batch.max.rows", cli.batch_max_rows),
         (
             "timestamp.delay.interval.ms",

@@ -58,6 +58,8 @@ pub const KEYS: KeySet = KeySet {
         "incrementing.column.name",
         "topic.prefix",
         "poll.interval.ms",
+        "connection.attempts",
+        "connection.backoff.ms",
         "batch.max.rows",
         "timestamp.delay.interval.ms",
         "timestamp.initial",
@@ -178,6 +180,10 @@ pub struct Config {
     pub topic_prefix: String,
     /// The longest wait between polls; a NOTIFY wakes it sooner.
     pub poll_interval: Duration,
+    /// How long to wait for Postgres at start (`connection.attempts` x
+    /// `connection.backoff.ms`); once running, pg-source waits for it
+    /// without limit.
+    pub connect_patience: Duration,
     /// Rows per batch (and per Kafka transaction).
     pub batch_max_rows: i64,
     /// `timestamp.delay.interval.ms`: how far behind the clock the poll stays.
@@ -324,6 +330,8 @@ impl Config {
             )?,
             topic_prefix: c.get("topic.prefix").unwrap_or("").to_owned(),
             poll_interval: c.millis("poll.interval.ms", 5000)?,
+            connect_patience: c.millis("connection.backoff.ms", 10_000)?
+                * c.int("connection.attempts", 3, 1..=i64::from(u16::MAX))? as u32,
             batch_max_rows: c.int("batch.max.rows", 1000, 1..=100_000)?,
             timestamp_delay_ms: c.int("timestamp.delay.interval.ms", 0, 0..=i64::from(i32::MAX))?,
             timestamp_initial,
@@ -355,7 +363,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     if let Some(addr) = cfg.http_addr {
         tidemark_common::ops::serve(addr, cfg.health.clone(), shutdown.clone()).await?;
     }
-    let pool = cfg.pg.connect(3, Duration::from_secs(60)).await?;
+    let pool = cfg.pg.connect(3, cfg.connect_patience).await?;
     if cfg.mode == Mode::TimestampIncrementing {
         check_privileges(&pool, &cfg.db_timezone).await?;
     }

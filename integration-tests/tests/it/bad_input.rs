@@ -1624,10 +1624,9 @@ async fn records_the_sink_cannot_write_go_to_the_dead_letter_file_and_the_sink_g
 // ---------------------------------------------------------------------------
 // 5. Connection failures.
 
-/// pg-source waits for an unreachable Postgres (it may be starting) and then
-/// exits with a clear error. `pg_source::Config` has no setting for that
-/// patience (`run` passes a fixed 60 s to `PgTarget::connect`), so this test
-/// takes a minute.
+/// pg-source waits for an unreachable Postgres (it may be starting) for
+/// `connection.attempts` x `connection.backoff.ms`, then exits with a clear
+/// error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_postgres_is_retried_then_reported() {
     tidemark_common::telemetry::init_for_tests();
@@ -1638,22 +1637,28 @@ async fn an_unreachable_postgres_is_retried_then_reported() {
             "connection.url",
             Some("jdbc:postgresql://127.0.0.1:1/x".to_owned()),
         ),
+        ("connection.attempts", Some("4".to_owned())),
+        ("connection.backoff.ms", Some("1500".to_owned())),
     ]);
     let (cfg, _) = pg_source::Config::from_connector(&c, kafka()).unwrap();
+    assert_eq!(cfg.connect_patience, Duration::from_secs(6));
     let started = Instant::now();
     let run = pg_source::run(cfg, CancellationToken::new());
-    let err = match tokio::time::timeout(Duration::from_secs(70), run).await {
+    let err = match tokio::time::timeout(Duration::from_secs(30), run).await {
         Ok(Err(e)) => format!("{e:#}"),
         Ok(Ok(())) => panic!("pg-source ran without its database"),
-        Err(_) => panic!("pg-source neither connected nor gave up within 70 s"),
+        Err(_) => panic!("pg-source neither connected nor gave up within 30 s"),
     };
     let took = started.elapsed();
     assert!(
-        took >= Duration::from_secs(30),
-        "gave up after {took:?} without retrying: {err}"
+        took >= Duration::from_secs(4) && took < Duration::from_secs(20),
+        "gave up after {took:?}, not after about 6 s of retrying: {err}"
     );
     assert!(err.contains("127.0.0.1:1/x"), "names the server: {err}");
-    assert!(err.contains("unreachable"), "says what is wrong: {err}");
+    assert!(
+        err.contains("still unreachable after 6s"),
+        "says what is wrong: {err}"
+    );
     assert!(
         !err.contains("postgres:postgres"),
         "no password in the message: {err}"
