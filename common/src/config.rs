@@ -255,12 +255,13 @@ pub fn accept_json_converter(value: &str) -> Result<(), String> {
     }
 }
 
-/// Accepts `schemas.enable=true`, the only setting Tidemark writes.
+/// Accepts `schemas.enable` `true` (the Connect schema beside each payload,
+/// the default) or `false` (the payload alone).
 pub fn accept_schemas_enabled(value: &str) -> Result<(), String> {
-    if value.eq_ignore_ascii_case("true") {
+    if value.eq_ignore_ascii_case("true") || value.eq_ignore_ascii_case("false") {
         Ok(())
     } else {
-        Err("Tidemark always writes the schema beside the payload; remove the key or set it to true".into())
+        Err("expected true (the schema beside each payload) or false (the payload alone)".into())
     }
 }
 

@@ -346,6 +346,15 @@ impl RecordTemplates {
         }
     }
 
+    /// Templates for records without a schema (`schemas.enable=false`):
+    /// wide rows need no schema of their own then.
+    pub fn schemaless() -> Self {
+        Self {
+            narrow: RecordTemplate::schemaless(),
+            wide: None,
+        }
+    }
+
     /// A record with `payload`, in the wide schema when `wide` (as the SQL
     /// of [`payload_and_wide_sql`] says).
     pub fn render(&self, payload: &str, wide: bool) -> Vec<u8> {
@@ -361,6 +370,8 @@ impl RecordTemplates {
 #[derive(Debug, Clone)]
 pub struct RecordTemplate {
     prefix: Vec<u8>,
+    /// Whether the record closes the `{"schema":..., "payload":` wrapper.
+    wrapped: bool,
 }
 
 impl RecordTemplate {
@@ -369,7 +380,19 @@ impl RecordTemplate {
         let mut prefix = br#"{"schema":"#.to_vec();
         serde_json::to_writer(&mut prefix, schema).expect("a schema always serialises");
         prefix.extend_from_slice(br#","payload":"#);
-        Self { prefix }
+        Self {
+            prefix,
+            wrapped: true,
+        }
+    }
+
+    /// A template for records that are the payload alone, as Kafka
+    /// Connect's JSON converter writes them with `schemas.enable=false`.
+    pub fn schemaless() -> Self {
+        Self {
+            prefix: Vec::new(),
+            wrapped: false,
+        }
     }
 
     /// A record with `payload`, which must be one JSON value (Postgres'
@@ -378,7 +401,9 @@ impl RecordTemplate {
         let mut out = Vec::with_capacity(self.prefix.len() + payload.len() + 1);
         out.extend_from_slice(&self.prefix);
         out.extend_from_slice(payload.as_bytes());
-        out.push(b'}');
+        if self.wrapped {
+            out.push(b'}');
+        }
         out
     }
 }
@@ -417,8 +442,10 @@ impl Op {
 /// `ExtractNewRecordState`) read Tidemark's.
 #[derive(Debug, Clone)]
 pub struct ChangeEnvelope {
-    /// `{"schema":...,"payload":{"before":`
+    /// `{"schema":...,"payload":{"before":`, or `{"before":` without schema.
     prefix: Vec<u8>,
+    /// Whether events close the `{"schema":..., "payload":` wrapper.
+    wrapped: bool,
     /// `"source":{..."name":"n","ts_ms":` is split around the varying parts.
     source_head: String,
     source_tail: String,
@@ -492,6 +519,7 @@ impl ChangeEnvelope {
         let q = |s: &str| serde_json::to_string(s).expect("a string always serialises");
         Self {
             prefix,
+            wrapped: true,
             source_head: format!(
                 r#","source":{{"version":{},"connector":"tidemark","name":{},"ts_ms":"#,
                 q(SOURCE_VERSION),
@@ -500,6 +528,15 @@ impl ChangeEnvelope {
             source_tail: format!(r#","db":{},"#, q(db))
                 + &format!(r#""schema":{},"table":{},"#, q(schema), q(table)),
         }
+    }
+
+    /// The same envelope for events that are the payload alone, as Kafka
+    /// Connect's JSON converter writes them with `schemas.enable=false`
+    /// (what Flink's `debezium-json` reads by default).
+    pub fn without_schema(mut self) -> Self {
+        self.prefix = br#"{"before":"#.to_vec();
+        self.wrapped = false;
+        self
     }
 
     /// Renders one change event.
@@ -530,7 +567,10 @@ impl ChangeEnvelope {
         }
         out.extend_from_slice(br#""lsn":null,"xmin":null},"op":""#);
         out.extend_from_slice(c.op.code().as_bytes());
-        let _ = write!(out, r#"","ts_ms":{}}}}}"#, c.read_ms);
+        let _ = write!(out, r#"","ts_ms":{}}}"#, c.read_ms);
+        if self.wrapped {
+            out.push(b'}');
+        }
         out
     }
 }
@@ -937,6 +977,35 @@ mod tests {
         assert_eq!(ev.op, Op::Delete);
         assert!(ev.after.is_none());
         assert_eq!(ev.row().unwrap()["id"], 1);
+
+        // Without a schema the event is the payload alone, and decodes the same.
+        let bare = env.clone().without_schema().render(&Change {
+            op: Op::Delete,
+            before: Some(r#"{"id":1,"data":"b"}"#),
+            after: None,
+            changed_ms: 1,
+            txid: None,
+            seq: None,
+            snapshot: "false",
+            read_ms: 2,
+        });
+        let raw: Value = serde_json::from_slice(&bare).expect("valid JSON");
+        assert!(raw.get("schema").is_none(), "{raw}");
+        assert_eq!(raw["op"], "d");
+        assert_eq!(ChangeEvent::decode(&bare).unwrap(), ev);
+        assert!(bare.len() * 3 < del.len(), "the schema is most of an event");
+    }
+
+    #[test]
+    fn schemaless_records_are_the_payload_alone() {
+        let t = RecordTemplates::schemaless();
+        assert_eq!(t.render(r#"{"id":1}"#, false), br#"{"id":1}"#);
+        assert_eq!(t.render(r#"{"id":1}"#, true), br#"{"id":1}"#);
+        let with = RecordTemplate::new(&json!({"type": "int32"}));
+        assert_eq!(
+            with.render("1"),
+            br#"{"schema":{"type":"int32"},"payload":1}"#
+        );
     }
 
     #[test]

@@ -234,6 +234,19 @@ impl ChangeTable {
         })
     }
 
+    /// Leaves the Connect schema out of keys and/or values
+    /// (`schemas.enable=false`).
+    pub fn drop_schemas(&mut self, keys: bool, values: bool) {
+        if keys {
+            self.key_template = RecordTemplates::schemaless();
+        }
+        if values {
+            self.envelope = self.envelope.clone().without_schema();
+            // Without a schema a wide row needs no envelope of its own.
+            self.wide_envelope = None;
+        }
+    }
+
     /// The envelope of a change, wide or not.
     fn envelope_for(&self, wide: bool) -> &ChangeEnvelope {
         match (&self.wide_envelope, wide) {

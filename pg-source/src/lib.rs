@@ -163,6 +163,11 @@ pub struct Config {
     pub mode: Mode,
     /// `changelog` mode: send a tombstone after each delete.
     pub tombstones: bool,
+    /// `key.converter.schemas.enable`: keys carry their Connect schema.
+    pub key_schemas: bool,
+    /// `value.converter.schemas.enable`: values carry their Connect schema;
+    /// without it a record is the payload alone, several times smaller.
+    pub value_schemas: bool,
     /// `changelog` mode: send every existing row first when no position is
     /// stored (`snapshot.mode=initial`).
     pub initial_snapshot: bool,
@@ -250,6 +255,11 @@ impl Config {
                 ))
             }
         };
+        let schemas = |key: &str| !c.get(key).is_some_and(|v| v.eq_ignore_ascii_case("false"));
+        let (key_schemas, value_schemas) = (
+            schemas("key.converter.schemas.enable"),
+            schemas("value.converter.schemas.enable"),
+        );
         let initial_snapshot = match c.get("snapshot.mode").unwrap_or("initial") {
             "initial" => true,
             "no_data" | "never" => false,
@@ -316,6 +326,8 @@ impl Config {
             name: c.name.clone(),
             mode,
             tombstones,
+            key_schemas,
+            value_schemas,
             initial_snapshot,
             pg,
             kafka,
@@ -562,6 +574,7 @@ async fn timestamp_readers(
             &cfg.incrementing_column,
             &cfg.db_timezone,
         )?;
+        r.drop_schemas(!cfg.key_schemas, !cfg.value_schemas);
         match stored.get(&r.position_key).map(|b| SourcePosition::decode(b)).transpose()? {
             Some(SourcePosition::TimestampIncrementing {
                 timestamp,
@@ -598,7 +611,9 @@ async fn changelog_reader(
     let database = cfg.pg.database().unwrap_or("postgres").to_owned();
     let mut tables = Vec::new();
     for (info, topic) in infos {
-        tables.push(ChangeTable::new(pool, info, topic, &cfg.name, &database).await?);
+        let mut table = ChangeTable::new(pool, info, topic, &cfg.name, &database).await?;
+        table.drop_schemas(!cfg.key_schemas, !cfg.value_schemas);
+        tables.push(table);
     }
     let mut reader = ChangeLogReader {
         tables,

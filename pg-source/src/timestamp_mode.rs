@@ -68,6 +68,17 @@ struct RawRow {
 }
 
 impl TimestampReader {
+    /// Leaves the Connect schema out of keys and/or values
+    /// (`schemas.enable=false`).
+    pub fn drop_schemas(&mut self, keys: bool, values: bool) {
+        if keys {
+            self.key_template = RecordTemplates::schemaless();
+        }
+        if values {
+            self.value_template = RecordTemplates::schemaless();
+        }
+    }
+
     /// Prepares the queries for a table.
     ///
     /// Fails when the timestamp or incrementing column is missing or of the

@@ -427,3 +427,49 @@ async fn a_crash_in_the_middle_of_the_snapshot_resumes_without_gap_or_overlap() 
     source.stop().await.unwrap();
     sink.stop().await.unwrap();
 }
+
+/// With `schemas.enable=false` keys and values are the payload alone, as
+/// Connect's JSON converter writes them (what Flink's `debezium-json` reads
+/// by default), and still decode as change events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemaless_records_are_the_payload_alone() {
+    use rdkafka::Message;
+
+    let fx = Fixture::changelog(TriggerLevel::Statement).await;
+    let source = fx
+        .start_source_with(&[
+            ("key.converter.schemas.enable", "false"),
+            ("value.converter.schemas.enable", "false"),
+        ])
+        .ready()
+        .await;
+    exec(
+        &fx.pool,
+        "update streaming_update_table set data = 'bare' where id = 1",
+    )
+    .await;
+    let consumer = topic_consumer(&fx.topic());
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let Ok(msg) = tokio::time::timeout(WAIT, consumer.recv())
+            .await
+            .expect("records arrive")
+        else {
+            continue;
+        };
+        seen.push((msg.key().unwrap().to_vec(), msg.payload().unwrap().to_vec()));
+    }
+    source.stop().await.unwrap();
+    for (key, value) in &seen {
+        assert_eq!(key, br#"{"id":1}"#);
+        let raw: serde_json::Value = serde_json::from_slice(value).unwrap();
+        assert!(raw.get("schema").is_none(), "{raw}");
+        assert!(raw.get("payload").is_none(), "{raw}");
+    }
+    let read = tidemark_common::envelope::ChangeEvent::decode(&seen[0].1).unwrap();
+    assert_eq!(read.op, Op::Read);
+    let update = tidemark_common::envelope::ChangeEvent::decode(&seen[1].1).unwrap();
+    assert_eq!(update.op, Op::Update);
+    assert_eq!(update.after.as_ref().unwrap()["data"], "bare");
+    assert_eq!(update.before.as_ref().unwrap()["data"], "test data");
+}
