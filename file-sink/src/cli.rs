@@ -36,7 +36,7 @@ struct Cli {
     #[command(flatten)]
     kafka: KafkaArgs,
 
-    /// Most records per write to the file (a write also ends at 1 MiB or
+    /// Most records per write to the file (a write also ends at 256 KiB or
     /// when no record waits); one fsync covers every write before it.
     #[arg(long, env = "TIDEMARK_MAX_BATCH_RECORDS", default_value_t = 5_000)]
     max_batch_records: usize,
