@@ -16,6 +16,7 @@ where
     F: FnOnce(CancellationToken) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
+    limit_malloc_arenas();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -35,6 +36,37 @@ where
             }
         }
     })
+}
+
+/// Makes glibc's allocator keep two arenas instead of up to eight per core.
+///
+/// glibc gives each thread that finds the heap busy an arena of its own, and
+/// freed memory stays resident per arena; with tokio's and librdkafka's
+/// threads passing batches around, that kept tens of MB of freed batches
+/// resident (pg-source's peak RSS over a 200k-row snapshot: 54 MB by
+/// default, 34 MB with two arenas). glibc reads `MALLOC_ARENA_MAX` only when
+/// the process starts, so the program runs itself again with it set, as the
+/// same process (`exec`), unless it is set already (to any value, which is
+/// also how to opt out).
+fn limit_malloc_arenas() {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt as _;
+        if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+            return;
+        }
+        let Ok(exe) = std::env::current_exe() else {
+            return;
+        };
+        let mut args = std::env::args_os();
+        let mut command = std::process::Command::new(exe);
+        if let Some(arg0) = args.next() {
+            command.arg0(arg0);
+        }
+        // `exec` returns only when it fails; then run with glibc's default.
+        let e = command.args(args).env("MALLOC_ARENA_MAX", "2").exec();
+        eprintln!("note: cannot restart with MALLOC_ARENA_MAX=2 ({e}); memory use may be higher");
+    }
 }
 
 /// Parses `--http-addr`: an address, or `off` (or empty) for none.

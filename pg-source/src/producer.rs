@@ -117,7 +117,7 @@ impl TxProducer {
         position: Record,
     ) -> Result<(), BatchError> {
         let producer = self.producer.clone();
-        tokio::task::spawn_blocking(move || send_blocking(&producer, &records, &position))
+        tokio::task::spawn_blocking(move || send_blocking(&producer, records, &position))
             .await
             .map_err(|e| BatchError::Fatal(anyhow!("producer task failed: {e}")))?
     }
@@ -125,15 +125,24 @@ impl TxProducer {
 
 fn send_blocking(
     producer: &BaseProducer<Acks>,
-    records: &[Record],
+    records: Vec<Record>,
     position: &Record,
 ) -> Result<(), BatchError> {
     let acks = producer.context();
-    let run = || -> Result<(), KafkaError> {
+    let mut topics: Vec<String> = records
+        .iter()
+        .chain(std::iter::once(position))
+        .map(|r| r.topic.clone())
+        .collect();
+    topics.sort_unstable();
+    topics.dedup();
+    let run = move || -> Result<(), KafkaError> {
         producer.begin_transaction()?;
         let start = acks.done.load(Ordering::Acquire);
         let mut sent = 0u64;
-        for r in records.iter().chain(std::iter::once(position)) {
+        // librdkafka copies each record: drop ours once it is queued, so a
+        // batch is held once, not twice.
+        for r in records.into_iter().chain(std::iter::once(position.clone())) {
             let mut rec = BaseRecord::to(&r.topic).key(&r.key);
             if let Some(value) = &r.value {
                 rec = rec.payload(value);
@@ -178,13 +187,6 @@ fn send_blocking(
     match run() {
         Ok(()) => Ok(()),
         Err(e) => {
-            let mut topics: Vec<&str> = records
-                .iter()
-                .chain(std::iter::once(position))
-                .map(|r| r.topic.as_str())
-                .collect();
-            topics.sort_unstable();
-            topics.dedup();
             let err = classify(e, &format!("commit a batch to {}", topics.join(", ")));
             if let BatchError::Retry(_) = &err {
                 abort(producer)?;
