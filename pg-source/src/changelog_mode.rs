@@ -269,6 +269,9 @@ pub struct Chunk {
     pub rows: usize,
     /// When the newest change in the chunk was made, ms since the epoch.
     pub newest_change_ms: Option<i64>,
+    /// The chunk ends its batch: its position already says so, and the
+    /// change log can be pruned once it is committed.
+    pub batch_done: bool,
 }
 
 /// The change-log reader with its position.
@@ -335,7 +338,8 @@ impl ChangeLogReader {
             self.position.batch = Some(cur);
         }
         let cur = self.position.batch.clone().expect("set above");
-        for table in &self.tables {
+        let last_table = self.tables.len().saturating_sub(1);
+        for (i, table) in self.tables.iter().enumerate() {
             let after_seq = self
                 .position
                 .after_seq
@@ -369,18 +373,32 @@ impl ChangeLogReader {
                 self.render_change(table, r, read_ms, &mut records);
             }
             self.position.after_seq.insert(table.log_name.clone(), last);
+            let newest_change_ms = rows.iter().map(|r| r.changed_ms).max();
+            // Fewer rows than asked from the last table (the tables before
+            // it had none left): the batch ends with this chunk, so the same
+            // Kafka transaction records it, sparing one per batch.
+            let batch_done = i == last_table && (n as i64) < self.chunk;
+            if batch_done {
+                self.finish_batch(pool, cur).await?;
+            }
             return Ok(Some(Chunk {
                 records,
                 rows: n,
-                newest_change_ms: rows.iter().map(|r| r.changed_ms).max(),
+                newest_change_ms,
+                batch_done,
             }));
         }
         // Every table has sent the batch: it is done.
+        self.finish_batch(pool, cur).await?;
+        Ok(None)
+    }
+
+    /// Marks the batch read up to snapshot `cur` as done.
+    async fn finish_batch(&mut self, pool: &PgPool, cur: String) -> Result<(), sqlx::Error> {
         self.position.done = cur;
         self.position.batch = None;
         self.position.after_seq.clear();
-        self.drop_old_segments(pool).await?;
-        Ok(None)
+        self.drop_old_segments(pool).await
     }
 
     fn render_change(
@@ -663,6 +681,7 @@ impl SnapshotRun {
                 records,
                 rows: n,
                 newest_change_ms: None,
+                batch_done: false,
             }));
         }
     }

@@ -716,6 +716,7 @@ async fn poll_changelog(
             break;
         };
         let started = std::time::Instant::now();
+        let prune = what == "batch done" || chunk.batch_done;
         let records = chunk.records;
         let n = records.len();
         if let Err(e) = producer.send_batch(records, reader.position_record()).await {
@@ -730,7 +731,7 @@ async fn poll_changelog(
             let lag = (tidemark_common::health::now_ms() - ms).max(0) as f64 / 1000.0;
             metrics::gauge!(names::SOURCE_LAG_SECONDS).set(lag);
         }
-        if what == "batch done" {
+        if prune {
             match reader.prune(pool).await {
                 Ok(pruned) => tracing::debug!(rows = pruned, "change log pruned"),
                 Err(e) => {
