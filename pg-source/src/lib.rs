@@ -622,6 +622,7 @@ async fn changelog_reader(
         chunk: cfg.batch_max_rows,
         position_key: position_key(&cfg.name, "tidemark.change_log"),
         offsets_topic: cfg.offsets_topic.clone(),
+        prune_pending: false,
     };
     let fresh = match stored.get(&reader.position_key).map(|b| SourcePosition::decode(b)).transpose()? {
         Some(SourcePosition::ChangeLog(p)) => {
@@ -664,6 +665,20 @@ fn snapshot_error(e: anyhow::Error) -> PollError {
 
 /// Sends snapshot rows while the snapshot runs, then changes until caught
 /// up, a chunk per Kafka transaction with the position.
+/// Prunes a chunk of the change log; a failure only delays it.
+async fn prune(pool: &PgPool, reader: &mut ChangeLogReader) {
+    match reader.prune(pool).await {
+        Ok(pruned) => tracing::debug!(
+            rows = pruned,
+            more = reader.prune_pending,
+            "change log pruned"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot prune the change log; will retry after the next batch")
+        }
+    }
+}
+
 async fn poll_changelog(
     pool: &PgPool,
     producer: &TxProducer,
@@ -713,10 +728,14 @@ async fn poll_changelog(
         };
         let Some(chunk) = chunk else {
             metrics::gauge!(names::SOURCE_LAG_SECONDS).set(0.0);
+            if reader.prune_pending {
+                // Caught up: a good moment for the rest of a backlog.
+                prune(pool, reader).await;
+            }
             break;
         };
         let started = std::time::Instant::now();
-        let prune = what == "batch done" || chunk.batch_done;
+        let prune_log = what == "batch done" || chunk.batch_done;
         let records = chunk.records;
         let n = records.len();
         if let Err(e) = producer.send_batch(records, reader.position_record()).await {
@@ -731,13 +750,8 @@ async fn poll_changelog(
             let lag = (tidemark_common::health::now_ms() - ms).max(0) as f64 / 1000.0;
             metrics::gauge!(names::SOURCE_LAG_SECONDS).set(lag);
         }
-        if prune {
-            match reader.prune(pool).await {
-                Ok(pruned) => tracing::debug!(rows = pruned, "change log pruned"),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot prune the change log; will retry after the next batch")
-                }
-            }
+        if prune_log {
+            prune(pool, reader).await;
         }
     }
     Ok(total)
