@@ -217,6 +217,7 @@ const CONSUMER_SETTINGS: &[(&str, &str)] = &[
     ("fetch.message.max.bytes", "65536"),
     ("fetch.max.bytes", "1048576"),
     ("fetch.queue.backoff.ms", "1"),
+    ("fetch.wait.max.ms", "10"),
 ];
 
 /// Runs until `shutdown` is cancelled.
