@@ -78,7 +78,14 @@ pub fn function_name(table: &TableName) -> String {
         hash ^= u32::from(b);
         hash = hash.wrapping_mul(0x0100_0193);
     }
-    let short: String = table.name.chars().take(40).collect();
+    // At most 40 bytes of the name, so the hash always fits in 63.
+    let mut short = String::new();
+    for c in table.name.chars() {
+        if short.len() + c.len_utf8() > 40 {
+            break;
+        }
+        short.push(c);
+    }
     format!("capture_{short}_{hash:08x}")
 }
 
@@ -91,11 +98,11 @@ pub fn function_name(table: &TableName) -> String {
 /// snapshots to read only finished transactions, in commit order), the
 /// table, the operation and the row before and after as `jsonb`. The
 /// trigger function is `security definer`, so writers need no grant on the
-/// `tidemark` schema. Every name in it is schema-qualified, operators
-/// included, so a writer's `search_path` cannot redirect it (a
-/// `set search_path` clause would do the same at about a quarter of the
-/// trigger's cost per statement); `extra_float_digits = 3` keeps a writer's
-/// own setting from shortening the floats it logs.
+/// `tidemark` schema. Its `search_path` is fixed (`pg_catalog, pg_temp`)
+/// and every name in it is schema-qualified as well: a writer's own
+/// `search_path` or temporary objects (a `pg_temp.text` domain, say) must
+/// not run code as the function's owner. `extra_float_digits = 3` keeps a
+/// writer's own setting from shortening the floats it logs.
 pub fn changelog_steps(table: &TableName, capture: impl Into<Capture>) -> Vec<Step> {
     let capture = capture.into();
     let t = table.quoted();
@@ -196,8 +203,9 @@ pub fn changelog_steps(table: &TableName, capture: impl Into<Capture>) -> Vec<St
 fn function_sql(table: &TableName, function: &str, capture: Capture) -> String {
     let table_literal = quote_literal(&table.quoted());
     let function_literal = quote_literal(function);
-    // The body, as a format() pattern: %2$s is the key match of the two
-    // row images (`o.k = n.k and ...` or `old.k = new.k and ...`).
+    // The body, as a format() pattern: %2$s matches the two row images'
+    // keys by the key's own equality (`o.k = n.k and ...`), %3$s by the
+    // key's text.
     let body = match (capture.trigger, capture.update_before) {
         (TriggerLevel::Row, UpdateBefore::Full) => format!(
             r#"begin
@@ -217,7 +225,7 @@ end"#
         (TriggerLevel::Row, UpdateBefore::Null) => format!(
             r#"begin
   if tg_op operator(pg_catalog.=) 'UPDATE' then
-    if %2$s then
+    if %3$s then
       insert into {CHANGE_LOG} (table_name, op, after)
       values (pg_catalog.format('%%I.%%I', tg_table_schema, tg_table_name), 'u', pg_catalog.to_jsonb(new));
     else
@@ -239,23 +247,28 @@ end"#
         (TriggerLevel::Statement, before) => {
             let before = match before {
                 UpdateBefore::Full => "pg_catalog.to_jsonb(o)",
-                UpdateBefore::Null => "case when n is null then pg_catalog.to_jsonb(o) end",
+                // The old row too when the key's text changed (numeric
+                // 1.0 to 1.00, citext case): pg-source then sends a delete
+                // of the old key and a create, so no stale key remains.
+                UpdateBefore::Null => {
+                    "case when n is null or not (%3$s) then pg_catalog.to_jsonb(o) end"
+                }
             };
             format!(
                 r#"declare
-  name text := pg_catalog.format('%%I.%%I', tg_table_schema, tg_table_name);
+  tidemark_table pg_catalog.text := pg_catalog.format('%%I.%%I', tg_table_schema, tg_table_name);
 begin
   if tg_op operator(pg_catalog.=) 'INSERT' then
     insert into {CHANGE_LOG} (table_name, op, after)
-    select name, 'c', pg_catalog.to_jsonb(n) from tidemark_new n;
+    select tidemark_table, 'c', pg_catalog.to_jsonb(n) from tidemark_new n;
   elsif tg_op operator(pg_catalog.=) 'DELETE' then
     insert into {CHANGE_LOG} (table_name, op, before)
-    select name, 'd', pg_catalog.to_jsonb(o) from tidemark_old o;
+    select tidemark_table, 'd', pg_catalog.to_jsonb(o) from tidemark_old o;
   else
     -- Old and new rows paired by primary key; a row whose key changed is
     -- logged as a delete and a create.
     insert into {CHANGE_LOG} (table_name, op, before, after)
-    select name, case when n is null then 'd' when o is null then 'c' else 'u' end,
+    select tidemark_table, case when n is null then 'd' when o is null then 'c' else 'u' end,
            {before}, pg_catalog.to_jsonb(n)
       from tidemark_old o full join tidemark_new n on %2$s;
   end if;
@@ -293,12 +306,15 @@ begin
   end if;
   execute format(
     $function$create or replace function %1$s() returns trigger
-language plpgsql security definer set extra_float_digits = 3 as $body$
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp set extra_float_digits = 3 as $body$
 {body}
 $body$$function$,
     {function_literal},
     (select string_agg(format('{old}.%1$I %2$s {new}.%1$I', c, e), ' and ')
-       from unnest(key, eq) as u(c, e)));
+       from unnest(key, eq) as u(c, e)),
+    (select string_agg(format('{old}.%1$I::pg_catalog.text operator(pg_catalog.=) {new}.%1$I::pg_catalog.text', c), ' and ')
+       from unnest(key) as u(c)));
   execute format('comment on function %s() is %L', {function_literal},
     format('Tidemark change-log capture of %s, primary key (%s)', {table_literal}, array_to_string(key, ', ')));
 end
@@ -329,6 +345,8 @@ mod tests {
         let b = TableName::parse("a.b_c").unwrap();
         assert_ne!(function_name(&a), function_name(&b));
         assert_eq!(function_name(&a), function_name(&a));
+        let wide = TableName::parse(&"é".repeat(31)).unwrap();
+        assert!(function_name(&wide).len() <= 63, "{}", function_name(&wide));
         let long = TableName::parse(&"x".repeat(63)).unwrap();
         assert!(function_name(&long).len() <= 63);
         assert!(function_name(&long).starts_with(&format!("capture_{}", "x".repeat(40))));
@@ -361,8 +379,10 @@ mod tests {
             update_before: UpdateBefore::Null,
         });
         assert!(null.contains(
-            "case when n is null then pg_catalog.to_jsonb(o) end, pg_catalog.to_jsonb(n)"
+            "case when n is null or not (%3$s) then pg_catalog.to_jsonb(o) end, pg_catalog.to_jsonb(n)"
         ));
+        assert!(null.contains("set search_path = pg_catalog, pg_temp"));
+        assert!(null.contains("tidemark_table pg_catalog.text"));
     }
 
     #[test]
