@@ -52,7 +52,10 @@ fn limit_malloc_arenas() {
     #[cfg(target_os = "linux")]
     {
         use std::os::unix::process::CommandExt as _;
-        if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+        // Once only: the marker stops a loop should the variable not reach
+        // the new image (glibc drops MALLOC_* for setuid programs).
+        const MARKER: &str = "TIDEMARK_MALLOC_REEXEC";
+        if std::env::var_os("MALLOC_ARENA_MAX").is_some() || std::env::var_os(MARKER).is_some() {
             return;
         }
         let Ok(exe) = std::env::current_exe() else {
@@ -64,7 +67,11 @@ fn limit_malloc_arenas() {
             command.arg0(arg0);
         }
         // `exec` returns only when it fails; then run with glibc's default.
-        let e = command.args(args).env("MALLOC_ARENA_MAX", "2").exec();
+        let e = command
+            .args(args)
+            .env("MALLOC_ARENA_MAX", "2")
+            .env(MARKER, "1")
+            .exec();
         eprintln!("note: cannot restart with MALLOC_ARENA_MAX=2 ({e}); memory use may be higher");
     }
 }

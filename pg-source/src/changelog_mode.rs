@@ -467,24 +467,29 @@ impl ChangeLogReader {
     /// Forgets segments whose snapshot lies wholly below `done`: their
     /// transactions are excluded as done already.
     async fn drop_old_segments(&mut self, pool: &PgPool) -> Result<(), sqlx::Error> {
-        let done = self.position.done.clone();
-        for segments in self.position.segments.values_mut() {
+        // Built aside and swapped in whole, so an error leaves the segments
+        // as they were.
+        let done = &self.position.done;
+        let mut kept = std::collections::BTreeMap::new();
+        for (table, segments) in &self.position.segments {
             let mut keep = Vec::new();
-            for s in segments.drain(..) {
+            for s in segments {
                 let old: bool = sqlx::query_scalar(
                     "select pg_snapshot_xmax($1::pg_snapshot) <= pg_snapshot_xmin($2::pg_snapshot)",
                 )
                 .bind(&s.snapshot)
-                .bind(&done)
+                .bind(done)
                 .fetch_one(pool)
                 .await?;
                 if !old {
-                    keep.push(s);
+                    keep.push(s.clone());
                 }
             }
-            *segments = keep;
+            if !keep.is_empty() {
+                kept.insert(table.clone(), keep);
+            }
         }
-        self.position.segments.retain(|_, s| !s.is_empty());
+        self.position.segments = kept.into_iter().collect();
         Ok(())
     }
 

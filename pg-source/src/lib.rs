@@ -438,6 +438,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     cfg.health.set_ready(true);
     let mut pg_down = false;
     let mut follow_up = false;
+    // An aborted Kafka transaction is read and sent again after a second,
+    // not at the next probe.
+    let mut kafka_retry = false;
     while !shutdown.is_cancelled() {
         let result = match &mut source {
             Source::Timestamp(readers) => {
@@ -468,6 +471,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                 return Err(e).context("cannot read the source table");
             }
             Err(PollError::Kafka(BatchError::Retry(e))) => {
+                kafka_retry = true;
                 metrics::counter!(names::SOURCE_ERRORS, "kind" => "kafka").increment(1);
                 tracing::warn!(error = %format!("{e:#}"), "kafka transaction aborted; the batch will be read and sent again");
             }
@@ -477,7 +481,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         // In timestamp mode, rows committed just now may sit inside the
         // clock guard; look again once it has passed, then fall back to the
         // poll interval. The change log needs no guard.
-        let wait = if pg_down {
+        let wait = if pg_down || std::mem::take(&mut kafka_retry) {
             Duration::from_secs(1)
         } else if follow_up {
             Duration::from_millis(CLOCK_GUARD_MS as u64 + 10)
@@ -622,7 +626,8 @@ async fn changelog_reader(
         chunk: cfg.batch_max_rows,
         position_key: position_key(&cfg.name, "tidemark.change_log"),
         offsets_topic: cfg.offsets_topic.clone(),
-        prune_pending: false,
+        // Rows sent before a stop may be left: prune them from the start.
+        prune_pending: true,
     };
     let fresh = match stored.get(&reader.position_key).map(|b| SourcePosition::decode(b)).transpose()? {
         Some(SourcePosition::ChangeLog(p)) => {
@@ -699,24 +704,36 @@ async fn poll_changelog(
         }
         let saved = reader.position.clone();
         let (chunk, what) = match snapshot {
-            Some(run) => match run.next(reader).await.map_err(|e| {
-                *snapshot = None;
-                snapshot_error(e)
-            })? {
-                Some(chunk) => (Some(chunk), "snapshot chunk committed"),
-                None => {
-                    *snapshot = None;
-                    // The snapshot's end is a position too.
-                    (Some(Chunk::default()), "initial snapshot committed")
+            Some(run) => {
+                let next = match run.next(reader).await {
+                    Ok(next) => next,
+                    Err(e) => {
+                        // Whatever the failed read moved, it is read again.
+                        *snapshot = None;
+                        reader.position = saved;
+                        return Err(snapshot_error(e));
+                    }
+                };
+                match next {
+                    Some(chunk) => (Some(chunk), "snapshot chunk committed"),
+                    None => {
+                        *snapshot = None;
+                        // The snapshot's end is a position too.
+                        (Some(Chunk::default()), "initial snapshot committed")
+                    }
                 }
-            },
+            }
             None => {
                 let was_batch = reader.position.batch.clone();
-                match reader
-                    .next_changes(pool)
-                    .await
-                    .map_err(PollError::Postgres)?
-                {
+                let next = match reader.next_changes(pool).await {
+                    Ok(next) => next,
+                    Err(e) => {
+                        // A batch may have been marked done in memory.
+                        reader.position = saved;
+                        return Err(PollError::Postgres(e));
+                    }
+                };
+                match next {
                     Some(chunk) => (Some(chunk), "changes committed"),
                     None if was_batch.is_some() && !saved.after_seq.is_empty() => {
                         // A batch with rows just finished: record it, then prune.
@@ -750,7 +767,7 @@ async fn poll_changelog(
             let lag = (tidemark_common::health::now_ms() - ms).max(0) as f64 / 1000.0;
             metrics::gauge!(names::SOURCE_LAG_SECONDS).set(lag);
         }
-        if prune_log {
+        if prune_log || reader.prune_pending {
             prune(pool, reader).await;
         }
     }

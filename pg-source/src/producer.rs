@@ -136,7 +136,8 @@ fn send_blocking(
         .collect();
     topics.sort_unstable();
     topics.dedup();
-    let run = move || -> Result<(), KafkaError> {
+    let committed_anyway = std::cell::Cell::new(false);
+    let run = || -> Result<(), KafkaError> {
         producer.begin_transaction()?;
         let start = acks.done.load(Ordering::Acquire);
         let mut sent = 0u64;
@@ -180,11 +181,18 @@ fn send_blocking(
             .unwrap_or_else(|p| p.into_inner())
             .take()
         {
-            return Err(transaction_cause(producer, e));
+            return Err(transaction_cause(producer, e, &committed_anyway));
         }
         producer.commit_transaction(TXN_TIMEOUT)
     };
-    match run() {
+    let result = run();
+    if committed_anyway.get() {
+        return Err(BatchError::Fatal(anyhow!(
+            "Kafka committed a transaction to {} although some of its records were not delivered; stopping, so that nothing is sent past them (a restart sends the batch again)",
+            topics.join(", ")
+        )));
+    }
+    match result {
         Ok(()) => Ok(()),
         Err(e) => {
             let err = classify(e, &format!("commit a batch to {}", topics.join(", ")));
@@ -202,12 +210,22 @@ fn send_blocking(
 /// and in that state `commit_transaction` commits nothing and returns the
 /// transaction's own error at once. Any other delivery error is the cause
 /// itself.
-fn transaction_cause(producer: &BaseProducer<Acks>, delivery: KafkaError) -> KafkaError {
+fn transaction_cause(
+    producer: &BaseProducer<Acks>,
+    delivery: KafkaError,
+    committed_anyway: &std::cell::Cell<bool>,
+) -> KafkaError {
     match delivery.rdkafka_error_code() {
         Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight) => {
             match producer.commit_transaction(TXN_TIMEOUT) {
                 Err(e @ KafkaError::Transaction(_)) => e,
-                _ => delivery,
+                Err(_) => delivery,
+                // Not expected in that state; if it happens the commit is
+                // partial, and the caller stops.
+                Ok(()) => {
+                    committed_anyway.set(true);
+                    delivery
+                }
             }
         }
         _ => delivery,
