@@ -39,6 +39,20 @@ impl ConnectorConfig {
         })
     }
 
+    /// The connector file at `path` or, without one, an empty config named
+    /// `name` for flags and variables to fill.
+    ///
+    /// Fails like [`Self::from_file`].
+    pub fn from_file_or_named(path: Option<&Path>, name: &str) -> Result<Self, ConfigError> {
+        match path {
+            Some(path) => Self::from_file(path),
+            None => Ok(Self {
+                name: name.to_owned(),
+                ..Default::default()
+            }),
+        }
+    }
+
     /// Parses connector JSON. Accepts both the REST body
     /// (`{"name": .., "config": {..}}`) and a bare config object with a
     /// `name` key, as Connect's standalone properties do.

@@ -62,13 +62,8 @@ pub fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli, shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
-    let mut connector = match &cli.connector_config {
-        Some(path) => ConnectorConfig::from_file(path)?,
-        None => ConnectorConfig {
-            name: "file-sink".into(),
-            ..Default::default()
-        },
-    };
+    let mut connector =
+        ConnectorConfig::from_file_or_named(cli.connector_config.as_deref(), "file-sink")?;
     connector.apply_overrides([
         ("name", cli.name),
         ("topics", cli.topics),

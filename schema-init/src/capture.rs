@@ -207,25 +207,14 @@ fn function_sql(table: &TableName, function: &str, capture: Capture) -> String {
     // keys by the key's own equality (`o.k = n.k and ...`), %3$s by the
     // key's text.
     let body = match (capture.trigger, capture.update_before) {
-        (TriggerLevel::Row, UpdateBefore::Full) => format!(
-            r#"begin
-  if tg_op operator(pg_catalog.=) 'UPDATE' then
-    insert into {CHANGE_LOG} (table_name, op, before, after)
-    values (pg_catalog.format('%%I.%%I', tg_table_schema, tg_table_name), 'u', pg_catalog.to_jsonb(old), pg_catalog.to_jsonb(new));
-  elsif tg_op operator(pg_catalog.=) 'INSERT' then
-    insert into {CHANGE_LOG} (table_name, op, after)
-    values (pg_catalog.format('%%I.%%I', tg_table_schema, tg_table_name), 'c', pg_catalog.to_jsonb(new));
-  else
-    insert into {CHANGE_LOG} (table_name, op, before)
-    values (pg_catalog.format('%%I.%%I', tg_table_schema, tg_table_name), 'd', pg_catalog.to_jsonb(old));
-  end if;
-  return null;
-end"#
-        ),
-        (TriggerLevel::Row, UpdateBefore::Null) => format!(
-            r#"begin
-  if tg_op operator(pg_catalog.=) 'UPDATE' then
-    if %3$s then
+        (TriggerLevel::Row, before) => {
+            let update = match before {
+                UpdateBefore::Full => format!(
+                    r#"    insert into {CHANGE_LOG} (table_name, op, before, after)
+    values (pg_catalog.format('%%I.%%I', tg_table_schema, tg_table_name), 'u', pg_catalog.to_jsonb(old), pg_catalog.to_jsonb(new));"#
+                ),
+                UpdateBefore::Null => format!(
+                    r#"    if %3$s then
       insert into {CHANGE_LOG} (table_name, op, after)
       values (pg_catalog.format('%%I.%%I', tg_table_schema, tg_table_name), 'u', pg_catalog.to_jsonb(new));
     else
@@ -233,7 +222,13 @@ end"#
       insert into {CHANGE_LOG} (table_name, op, before, after)
       values (pg_catalog.format('%%I.%%I', tg_table_schema, tg_table_name), 'd', pg_catalog.to_jsonb(old), null),
              (pg_catalog.format('%%I.%%I', tg_table_schema, tg_table_name), 'c', null, pg_catalog.to_jsonb(new));
-    end if;
+    end if;"#
+                ),
+            };
+            format!(
+                r#"begin
+  if tg_op operator(pg_catalog.=) 'UPDATE' then
+{update}
   elsif tg_op operator(pg_catalog.=) 'INSERT' then
     insert into {CHANGE_LOG} (table_name, op, after)
     values (pg_catalog.format('%%I.%%I', tg_table_schema, tg_table_name), 'c', pg_catalog.to_jsonb(new));
@@ -243,7 +238,8 @@ end"#
   end if;
   return null;
 end"#
-        ),
+            )
+        }
         (TriggerLevel::Statement, before) => {
             let before = match before {
                 UpdateBefore::Full => "pg_catalog.to_jsonb(o)",
