@@ -180,10 +180,20 @@ pub async fn ensure_topic(
         new = new.set(k, v);
     }
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    let results = admin
-        .create_topics([&new], &opts)
-        .await
-        .with_context(|| format!("cannot reach Kafka to create topic {topic}"))?;
+    let create = admin.create_topics([&new], &opts);
+    tokio::pin!(create);
+    let started = std::time::Instant::now();
+    let results = loop {
+        tokio::select! {
+            r = &mut create => break r,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => tracing::warn!(
+                topic,
+                waited = ?started.elapsed(),
+                "waiting for Kafka to answer (is the broker up and bootstrap.servers right?)"
+            ),
+        }
+    }
+    .with_context(|| format!("cannot reach Kafka to create topic {topic}"))?;
     // One topic asked for, one result.
     if let Some(result) = results.into_iter().next() {
         match result {
@@ -213,7 +223,9 @@ pub async fn ensure_topic(
 /// Kafka transaction as the records they cover, so what a `read_committed`
 /// reader sees here is exactly what was committed.
 ///
-/// Fails when the topic cannot be read within `timeout`.
+/// Waits through transient errors (a broker restarting) and fails when the
+/// topic cannot be read within `timeout`, or at once when reading it is not
+/// allowed.
 pub fn read_compacted(
     settings: &KafkaSettings,
     topic: &str,
@@ -247,16 +259,36 @@ pub fn read_compacted(
     consumer.assign(&tpl)?;
     let mut open: std::collections::HashSet<i32> = partitions.into_iter().collect();
     let deadline = std::time::Instant::now() + timeout;
+    let mut last_error: Option<KafkaError> = None;
     while !open.is_empty() {
         if std::time::Instant::now() > deadline {
-            bail!("timed out reading positions from topic {topic}; is an open transaction of another producer holding it back?");
+            match &last_error {
+                Some(e) => bail!(
+                    "cannot read positions from topic {topic} within {timeout:?}; last error: {e}"
+                ),
+                None => bail!(
+                    "timed out reading positions from topic {topic}; is an open transaction of another producer holding it back?"
+                ),
+            }
         }
         match consumer.poll(Duration::from_millis(200)) {
             None => {}
             Some(Err(KafkaError::PartitionEOF(p))) => {
                 open.remove(&p);
             }
-            Some(Err(e)) => return Err(e).with_context(|| format!("cannot read topic {topic}")),
+            Some(Err(e)) if is_refusal(&e) => {
+                return Err(e).with_context(|| {
+                    format!("not allowed to read topic {topic}; grant READ on it to this user")
+                })
+            }
+            // A broker restarting, a leader moving: librdkafka reconnects by
+            // itself, so wait for it until the deadline.
+            Some(Err(e)) => {
+                if last_error.as_ref() != Some(&e) {
+                    tracing::warn!(topic, error = %e, "reading positions, waiting for Kafka");
+                }
+                last_error = Some(e);
+            }
             Some(Ok(msg)) => {
                 let Some(key) = msg.key() else { continue };
                 match msg.payload() {
@@ -267,4 +299,18 @@ pub fn read_compacted(
         }
     }
     Ok(values)
+}
+
+/// Whether a consumer error is a refusal that waiting cannot cure.
+fn is_refusal(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::GroupAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed
+                | RDKafkaErrorCode::SaslAuthenticationFailed
+                | RDKafkaErrorCode::Authentication
+        )
+    )
 }

@@ -25,6 +25,9 @@ use tidemark_common::envelope::Op;
 
 use crate::support::*;
 
+/// The tests here restart the shared services, so they take turns.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -115,6 +118,65 @@ fn services(cmd: &str) {
         .status()
         .unwrap();
     assert!(status.success(), "dev/services {cmd} failed");
+}
+
+/// Starts pg-source (changelog mode, small batches) and file-sink on the
+/// fixture's table as real processes, logging into the fixture's directory.
+fn start_programs(fx: &Fixture) -> (Proc, Proc) {
+    let dir = fx.dir.path();
+    let source_cfg = dir.join("pg.source.connector.json");
+    let c = fx.source_connector();
+    let mut config = serde_json::Map::new();
+    for (k, v) in &c.props {
+        config.insert(k.clone(), serde_json::Value::String(v.clone()));
+    }
+    config.insert("batch.max.rows".into(), "100".into());
+    config.insert("table.whitelist".into(), "streaming_update_table".into());
+    std::fs::write(
+        &source_cfg,
+        serde_json::json!({"name": c.name, "config": config}).to_string(),
+    )
+    .unwrap();
+    let sink = fx.sink_connector();
+    let sink_cfg = dir.join("sink.json");
+    std::fs::write(
+        &sink_cfg,
+        serde_json::json!({"name": sink.name, "config": {"topics": fx.topic(), "file": fx.file()}})
+            .to_string(),
+    )
+    .unwrap();
+    let kafka_args = vec![
+        "--bootstrap-servers".to_owned(),
+        bootstrap(),
+        "--http-addr".to_owned(),
+        "off".to_owned(),
+    ];
+    let source = Proc::start(
+        "pg-source",
+        env!("CARGO_BIN_EXE_it-pg-source"),
+        [
+            vec![
+                "--connector-config".into(),
+                source_cfg.display().to_string(),
+                "--offsets-topic".into(),
+                format!("{}offsets", fx.prefix),
+            ],
+            kafka_args.clone(),
+        ]
+        .concat(),
+        dir.join("pg-source.log"),
+    );
+    let sink = Proc::start(
+        "file-sink",
+        env!("CARGO_BIN_EXE_it-file-sink"),
+        [
+            vec!["--connector-config".into(), sink_cfg.display().to_string()],
+            kafka_args,
+        ]
+        .concat(),
+        dir.join("file-sink.log"),
+    );
+    (source, sink)
 }
 
 /// What the writers committed: per key, the data values in commit order
@@ -230,6 +292,7 @@ async fn writer(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "restarts the shared Kafka broker and Postgres; run alone (see the module doc)"]
 async fn fault_injection_every_committed_change_exactly_once() {
+    let _serial = SERIAL.lock().await;
     assert!(
         std::env::var("DATABASE_URL").is_ok() && std::env::var("KAFKA_BOOTSTRAP_SERVERS").is_ok(),
         "the fault suite restarts Kafka and Postgres through dev/services: run `eval \"$(dev/services up)\"` first"
@@ -250,58 +313,7 @@ async fn fault_injection_every_committed_change_exactly_once() {
         .unwrap();
 
     let dir = fx.dir.path();
-    let source_cfg = dir.join("pg.source.connector.json");
-    let c = fx.source_connector();
-    let mut config = serde_json::Map::new();
-    for (k, v) in &c.props {
-        config.insert(k.clone(), serde_json::Value::String(v.clone()));
-    }
-    config.insert("batch.max.rows".into(), "100".into());
-    config.insert("table.whitelist".into(), "streaming_update_table".into());
-    std::fs::write(
-        &source_cfg,
-        serde_json::json!({"name": c.name, "config": config}).to_string(),
-    )
-    .unwrap();
-    let sink = fx.sink_connector();
-    let sink_cfg = dir.join("sink.json");
-    std::fs::write(
-        &sink_cfg,
-        serde_json::json!({"name": sink.name, "config": {"topics": fx.topic(), "file": fx.file()}})
-            .to_string(),
-    )
-    .unwrap();
-    let kafka_args = vec![
-        "--bootstrap-servers".to_owned(),
-        bootstrap(),
-        "--http-addr".to_owned(),
-        "off".to_owned(),
-    ];
-    let mut source = Proc::start(
-        "pg-source",
-        env!("CARGO_BIN_EXE_it-pg-source"),
-        [
-            vec![
-                "--connector-config".into(),
-                source_cfg.display().to_string(),
-                "--offsets-topic".into(),
-                format!("{}offsets", fx.prefix),
-            ],
-            kafka_args.clone(),
-        ]
-        .concat(),
-        dir.join("pg-source.log"),
-    );
-    let mut sink = Proc::start(
-        "file-sink",
-        env!("CARGO_BIN_EXE_it-file-sink"),
-        [
-            vec!["--connector-config".into(), sink_cfg.display().to_string()],
-            kafka_args,
-        ]
-        .concat(),
-        dir.join("file-sink.log"),
-    );
+    let (mut source, mut sink) = start_programs(&fx);
     // Let the source take its starting snapshot before writers begin.
     let started = Instant::now();
     while !std::fs::read_to_string(dir.join("pg-source.log"))
@@ -428,4 +440,71 @@ async fn fault_injection_every_committed_change_exactly_once() {
     assert_eq!(unexpected, 0, "changes from rolled-back transactions");
     assert_eq!(seen, committed);
     assert!(kills_total > 0, "the run was too short to kill anything");
+}
+
+/// Both programs started while the broker is down wait for it, then stream;
+/// so does pg-source when the broker goes away between its start-up steps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "stops the shared Kafka broker; run alone (see the module doc)"]
+async fn fault_programs_started_without_a_broker_wait_for_it() {
+    let _serial = SERIAL.lock().await;
+    assert!(
+        std::env::var("DATABASE_URL").is_ok() && std::env::var("KAFKA_BOOTSTRAP_SERVERS").is_ok(),
+        "this test stops Kafka through dev/services: run `eval \"$(dev/services up)\"` first"
+    );
+    let fx = Fixture::changelog(TriggerLevel::Row).await;
+    let before = sqlx::query_scalar::<_, i64>("select count(*) from streaming_update_table")
+        .fetch_one(&fx.pool)
+        .await
+        .unwrap();
+
+    tokio::task::spawn_blocking(|| services("stop-kafka"))
+        .await
+        .unwrap();
+    let (mut source, mut sink) = start_programs(&fx);
+    // Long enough for every start-up step to have met the missing broker.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    source.assert_running();
+    sink.assert_running();
+    sqlx::query("insert into streaming_update_table (data) values ('after the outage')")
+        .execute(&fx.pool)
+        .await
+        .unwrap();
+    tokio::task::spawn_blocking(|| services("start-kafka"))
+        .await
+        .unwrap();
+
+    let want = before as usize + 1;
+    wait_for_events(&fx.file(), want, Duration::from_secs(120)).await;
+    // Anything sent twice would show up by now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let events = read_events(&fx.file());
+    source.assert_running();
+    sink.assert_running();
+    assert_eq!(
+        events.len(),
+        want,
+        "every row once: the snapshot, then the insert"
+    );
+    // The row written during the outage is there, as a snapshot read or as
+    // a change, depending on how far pg-source got before the broker left.
+    assert_eq!(replay(&events), table_state(&fx.pool).await);
+    assert!(events
+        .iter()
+        .any(|e| e.after.as_ref().and_then(|a| a["data"].as_str()) == Some("after the outage")));
+    let log = std::fs::read_to_string(fx.dir.path().join("pg-source.log")).unwrap();
+    assert!(
+        log.contains("pg-source started"),
+        "pg-source never started:\n{log}"
+    );
+    println!(
+        "pg-source while the broker was down:\n{}",
+        log.lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .take(8)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    source.stop();
+    sink.stop();
 }
