@@ -6,18 +6,23 @@
 //! instance with the same `transactional.id` and aborts its open transaction,
 //! so a crashed pg-source never leaves half a batch behind.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
 use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer as _, ProducerContext};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer,
+};
 use tidemark_common::kafka::KafkaSettings;
 
 /// How long a transaction step may take before it is treated as failed.
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a record that found librdkafka's queue full waits for room
+/// before it tries again.
+const QUEUE_FULL_WAIT: Duration = Duration::from_millis(10);
 
 /// One record to produce.
 #[derive(Debug, Clone)]
@@ -43,10 +48,54 @@ pub enum BatchError {
 }
 
 /// Counts acknowledgements, so a batch waits for exactly its own.
+///
+/// The producer's own polling thread serves delivery reports as they
+/// arrive and wakes the waiting batch. (Polling from the batch's thread
+/// instead needs short `poll` timeouts, and rust-rdkafka spins through
+/// the last millisecond of each: that cost half a core at 1000 changes/s.)
 #[derive(Default)]
 pub struct Acks {
-    done: AtomicU64,
-    first_error: Mutex<Option<KafkaError>>,
+    state: Mutex<AckState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct AckState {
+    done: u64,
+    first_error: Option<KafkaError>,
+}
+
+impl Acks {
+    fn lock(&self) -> std::sync::MutexGuard<'_, AckState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Acknowledgements so far.
+    fn done(&self) -> u64 {
+        self.lock().done
+    }
+
+    /// Waits until `done` has passed `target`, or until `until`; returns
+    /// whether it did.
+    fn wait_for(&self, target: u64, until: Instant) -> bool {
+        let mut state = self.lock();
+        while state.done < target {
+            let now = Instant::now();
+            if now >= until {
+                return false;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, until - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    fn take_error(&self) -> Option<KafkaError> {
+        self.lock().first_error.take()
+    }
 }
 
 impl ClientContext for Acks {}
@@ -55,19 +104,23 @@ impl ProducerContext for Acks {
     type DeliveryOpaque = ();
 
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        let mut state = self.lock();
         if let Err((e, _)) = result {
-            let mut slot = self.first_error.lock().unwrap_or_else(|p| p.into_inner());
-            slot.get_or_insert_with(|| e.clone());
+            state.first_error.get_or_insert_with(|| e.clone());
         }
-        self.done.fetch_add(1, Ordering::Release);
+        state.done += 1;
+        drop(state);
+        self.changed.notify_all();
     }
 }
 
-/// A transactional producer. Batches are sent from a blocking thread that
-/// also serves the producer's delivery reports, so nothing else polls it.
+type Producer = ThreadedProducer<Acks>;
+
+/// A transactional producer. Batches are sent from a blocking thread;
+/// rust-rdkafka's polling thread serves the delivery reports.
 #[derive(Clone)]
 pub struct TxProducer {
-    producer: Arc<BaseProducer<Acks>>,
+    producer: Arc<Producer>,
 }
 
 impl TxProducer {
@@ -77,7 +130,7 @@ impl TxProducer {
     /// Fails when the brokers cannot be reached in time or refuse the
     /// transactional id.
     pub async fn new(settings: &KafkaSettings, transactional_id: &str) -> anyhow::Result<Self> {
-        let producer: BaseProducer<Acks> = settings
+        let producer: Producer = settings
             .client_config(&[
                 ("transactional.id", transactional_id),
                 ("enable.idempotence", "true"),
@@ -124,7 +177,7 @@ impl TxProducer {
 }
 
 fn send_blocking(
-    producer: &BaseProducer<Acks>,
+    producer: &Producer,
     records: Vec<Record>,
     position: &Record,
 ) -> Result<(), BatchError> {
@@ -139,7 +192,7 @@ fn send_blocking(
     let committed_anyway = std::cell::Cell::new(false);
     let run = || -> Result<(), KafkaError> {
         producer.begin_transaction()?;
-        let start = acks.done.load(Ordering::Acquire);
+        let start = acks.done();
         let mut sent = 0u64;
         // librdkafka copies each record: drop ours once it is queued, so a
         // batch is held once, not twice.
@@ -156,31 +209,31 @@ fn send_blocking(
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                         rec = back;
-                        producer.poll(Duration::from_millis(1));
+                        // The queue drains as acknowledgements come in.
+                        acks.wait_for(acks.done() + 1, Instant::now() + QUEUE_FULL_WAIT);
                     }
                     Err((e, _)) => return Err(e),
                 }
             }
         }
-        // Serve delivery reports until every record of the batch is
-        // acknowledged. Committing with nothing outstanding returns at once,
-        // where rust-rdkafka's flush inside the commit would sleep in 100 ms
-        // steps while anything is still in flight.
-        let deadline = std::time::Instant::now() + TXN_TIMEOUT;
-        while acks.done.load(Ordering::Acquire) - start < sent {
-            if std::time::Instant::now() > deadline {
-                return Err(KafkaError::MessageProduction(
-                    RDKafkaErrorCode::MessageTimedOut,
-                ));
-            }
-            producer.poll(Duration::from_millis(1));
+        // Wait until every record of the batch is acknowledged. Committing
+        // with nothing outstanding returns at once, where rust-rdkafka's
+        // flush inside the commit would sleep in 100 ms steps while
+        // anything is still in flight.
+        if !acks.wait_for(start + sent, Instant::now() + TXN_TIMEOUT) {
+            return Err(KafkaError::MessageProduction(
+                RDKafkaErrorCode::MessageTimedOut,
+            ));
         }
-        if let Some(e) = acks
-            .first_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
+        // librdkafka counts a record as outstanding until the polling
+        // thread has finished with its delivery report, a moment after the
+        // callback above; the commit's flush must find none, or it sleeps
+        // in 100 ms steps.
+        let until = Instant::now() + TXN_TIMEOUT;
+        while producer.in_flight_count() > 0 && Instant::now() < until {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        if let Some(e) = acks.take_error() {
             return Err(transaction_cause(producer, e, &committed_anyway));
         }
         producer.commit_transaction(TXN_TIMEOUT)
@@ -211,7 +264,7 @@ fn send_blocking(
 /// transaction's own error at once. Any other delivery error is the cause
 /// itself.
 fn transaction_cause(
-    producer: &BaseProducer<Acks>,
+    producer: &Producer,
     delivery: KafkaError,
     committed_anyway: &std::cell::Cell<bool>,
 ) -> KafkaError {
@@ -238,22 +291,19 @@ const ABORT_PATIENCE: Duration = Duration::from_secs(300);
 
 /// Aborts the open transaction, waiting out a broker restart.
 ///
-/// librdkafka aborts only once every in-flight record has a delivery report,
-/// and with a `BaseProducer` nothing serves those reports unless this thread
-/// does, so it polls them first.
-fn abort(producer: &BaseProducer<Acks>) -> Result<(), BatchError> {
-    let deadline = std::time::Instant::now() + ABORT_PATIENCE;
+/// librdkafka aborts only once every in-flight record has a delivery
+/// report, so it waits for those first.
+fn abort(producer: &Producer) -> Result<(), BatchError> {
+    let deadline = Instant::now() + ABORT_PATIENCE;
     let mut logged = false;
     loop {
-        let drained = std::time::Instant::now() + TXN_TIMEOUT;
-        while producer.in_flight_count() > 0 && std::time::Instant::now() < drained {
-            producer.poll(Duration::from_millis(10));
+        let drained = Instant::now() + TXN_TIMEOUT;
+        while producer.in_flight_count() > 0 && Instant::now() < drained {
+            std::thread::sleep(Duration::from_millis(10));
         }
         match producer.abort_transaction(TXN_TIMEOUT) {
             Ok(()) => return Ok(()),
-            Err(KafkaError::Transaction(e))
-                if e.is_retriable() && std::time::Instant::now() < deadline =>
-            {
+            Err(KafkaError::Transaction(e)) if e.is_retriable() && Instant::now() < deadline => {
                 if !logged {
                     tracing::warn!(error = %e, "cannot abort the failed transaction yet; retrying");
                     logged = true;

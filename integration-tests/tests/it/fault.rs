@@ -90,6 +90,14 @@ impl Proc {
     }
 }
 
+impl Drop for Proc {
+    /// A failing test must not leave its programs running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn spawn(exe: &str, args: &[String], log: &Path) -> Child {
     let out = std::fs::OpenOptions::new()
         .create(true)
