@@ -21,6 +21,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+use futures::TryStreamExt as _;
 use sqlx::PgPool;
 use tidemark_common::envelope::{
     either_payload_sql, out_of_range_sql, payload_and_wide_sql, payload_sql, wide_columns, Change,
@@ -632,22 +633,39 @@ impl SnapshotRun {
                 .tx
                 .as_mut()
                 .context("the snapshot transaction is closed")?;
-            let rows: Vec<SnapshotRow> = match &progress.last_key {
-                None => {
-                    sqlx::query_as(&table.sql_snapshot_first)
-                        .bind(reader.chunk)
-                        .fetch_all(&mut **tx)
-                        .await?
-                }
-                Some(k) => {
-                    sqlx::query_as(&table.sql_snapshot_after)
-                        .bind(k)
-                        .bind(reader.chunk)
-                        .fetch_all(&mut **tx)
-                        .await?
-                }
+            // Each row becomes its record as it arrives, so a chunk is held
+            // once, as records, and not also as rows.
+            let mut stream = match &progress.last_key {
+                None => sqlx::query_as::<_, SnapshotRow>(&table.sql_snapshot_first)
+                    .bind(reader.chunk)
+                    .fetch(&mut **tx),
+                Some(k) => sqlx::query_as::<_, SnapshotRow>(&table.sql_snapshot_after)
+                    .bind(k)
+                    .bind(reader.chunk)
+                    .fetch(&mut **tx),
             };
-            if rows.is_empty() {
+            let read_ms = now_ms();
+            let mut records = Vec::with_capacity(reader.chunk as usize);
+            let mut last_key = None;
+            while let Some(r) = stream.try_next().await? {
+                records.push(Record {
+                    topic: table.topic.clone(),
+                    key: table.key_template.render(&r.key, r.key_wide),
+                    value: Some(table.envelope_for(r.wide).render(&Change {
+                        op: Op::Read,
+                        before: None,
+                        after: Some(&r.after),
+                        changed_ms: read_ms,
+                        txid: None,
+                        seq: None,
+                        snapshot: "true",
+                        read_ms,
+                    })),
+                });
+                last_key = Some(r.raw_key);
+            }
+            drop(stream);
+            if records.is_empty() {
                 progress.tables.remove(0);
                 progress.last_key = None;
                 tracing::info!(table = %table.info.name, "snapshot of table done");
@@ -661,26 +679,8 @@ impl SnapshotRun {
                 }
                 continue;
             }
-            let read_ms = now_ms();
-            let records = rows
-                .iter()
-                .map(|r| Record {
-                    topic: table.topic.clone(),
-                    key: table.key_template.render(&r.key, r.key_wide),
-                    value: Some(table.envelope_for(r.wide).render(&Change {
-                        op: Op::Read,
-                        before: None,
-                        after: Some(&r.after),
-                        changed_ms: read_ms,
-                        txid: None,
-                        seq: None,
-                        snapshot: "true",
-                        read_ms,
-                    })),
-                })
-                .collect();
-            let n = rows.len();
-            progress.last_key = rows.last().map(|r| r.raw_key.clone());
+            let n = records.len();
+            progress.last_key = last_key;
             progress.rows += n as u64;
             if self.last_log.elapsed() >= Duration::from_secs(2) {
                 self.log_progress(progress.rows);
