@@ -240,25 +240,44 @@ pub fn read_compacted(
         ])
         .create_with_context(QuietEofContext)
         .context("cannot create a Kafka consumer to read positions")?;
-    let metadata = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .with_context(|| format!("cannot read metadata of topic {topic}"))?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
+    // The caller has just made sure the topic exists: a topic without
+    // partitions in the answer is a broker still starting, not an empty
+    // topic, and reading nothing there would lose every stored position.
+    let deadline = std::time::Instant::now() + timeout;
+    let partitions: Vec<i32> = loop {
+        let metadata = consumer
+            .fetch_metadata(
+                Some(topic),
+                deadline.saturating_duration_since(std::time::Instant::now()),
+            )
+            .with_context(|| format!("cannot read metadata of topic {topic}"))?;
+        let found = metadata.topics().iter().find(|t| t.name() == topic);
+        let problem = match found {
+            Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
+                break t.partitions().iter().map(|p| p.id()).collect();
+            }
+            Some(t) => match t.error().map(RDKafkaErrorCode::from) {
+                Some(code @ RDKafkaErrorCode::TopicAuthorizationFailed) => bail!(
+                    "not allowed to read topic {topic} ({code}); grant READ and DESCRIBE on it to this user"
+                ),
+                Some(code) => format!("{code:?}"),
+                None => "no partitions".to_owned(),
+            },
+            None => "not in the metadata".to_owned(),
+        };
+        if std::time::Instant::now() >= deadline {
+            bail!("cannot read positions: topic {topic} stayed unavailable for {timeout:?} ({problem})");
+        }
+        tracing::warn!(topic, problem, "topic of positions not ready yet; waiting");
+        std::thread::sleep(Duration::from_millis(500));
+    };
     let mut values = HashMap::new();
-    if partitions.is_empty() {
-        return Ok(values);
-    }
     let mut tpl = TopicPartitionList::new();
     for p in &partitions {
         tpl.add_partition_offset(topic, *p, rdkafka::Offset::Beginning)?;
     }
     consumer.assign(&tpl)?;
     let mut open: std::collections::HashSet<i32> = partitions.into_iter().collect();
-    let deadline = std::time::Instant::now() + timeout;
     let mut last_error: Option<KafkaError> = None;
     while !open.is_empty() {
         if std::time::Instant::now() > deadline {

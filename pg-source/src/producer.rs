@@ -192,7 +192,15 @@ fn send_blocking(
     let committed_anyway = std::cell::Cell::new(false);
     let run = || -> Result<(), KafkaError> {
         producer.begin_transaction()?;
-        let start = acks.done();
+        // A failed or aborted batch before this one may have left an error
+        // behind (its purged records report one each): it is not this
+        // batch's.
+        let start = {
+            let mut state = acks.lock();
+            state.first_error = None;
+            state.done
+        };
+        let queue_deadline = Instant::now() + TXN_TIMEOUT;
         let mut sent = 0u64;
         // librdkafka copies each record: drop ours once it is queued, so a
         // batch is held once, not twice.
@@ -209,6 +217,9 @@ fn send_blocking(
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                         rec = back;
+                        if Instant::now() > queue_deadline {
+                            return Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull));
+                        }
                         // The queue drains as acknowledgements come in.
                         acks.wait_for(acks.done() + 1, Instant::now() + QUEUE_FULL_WAIT);
                     }
@@ -291,16 +302,12 @@ const ABORT_PATIENCE: Duration = Duration::from_secs(300);
 
 /// Aborts the open transaction, waiting out a broker restart.
 ///
-/// librdkafka aborts only once every in-flight record has a delivery
-/// report, so it waits for those first.
+/// librdkafka purges what is still queued or in flight, and the polling
+/// thread serves the reports the abort waits for.
 fn abort(producer: &Producer) -> Result<(), BatchError> {
     let deadline = Instant::now() + ABORT_PATIENCE;
     let mut logged = false;
     loop {
-        let drained = Instant::now() + TXN_TIMEOUT;
-        while producer.in_flight_count() > 0 && Instant::now() < drained {
-            std::thread::sleep(Duration::from_millis(10));
-        }
         match producer.abort_transaction(TXN_TIMEOUT) {
             Ok(()) => return Ok(()),
             Err(KafkaError::Transaction(e)) if e.is_retriable() && Instant::now() < deadline => {
@@ -308,6 +315,7 @@ fn abort(producer: &Producer) -> Result<(), BatchError> {
                     tracing::warn!(error = %e, "cannot abort the failed transaction yet; retrying");
                     logged = true;
                 }
+                std::thread::sleep(Duration::from_millis(500));
             }
             Err(e) => return Err(match classify(e, "abort a failed transaction") {
                 BatchError::Retry(e) => BatchError::Fatal(e.context(
@@ -334,6 +342,9 @@ fn classify(e: KafkaError, what: &str) -> BatchError {
         }
         Some(RDKafkaErrorCode::ProducerFenced) | Some(RDKafkaErrorCode::InvalidProducerEpoch) => Some(
             "another pg-source with the same name took over; run one instance per connector name",
+        ),
+        Some(RDKafkaErrorCode::QueueFull) => Some(
+            "a record found no room in librdkafka's queue for 30 s: raise queue.buffering.max.kbytes above the largest row",
         ),
         Some(RDKafkaErrorCode::MessageSizeTooLarge) => Some(
             "a row is larger than the broker accepts: raise message.max.bytes on the topic and the producer",
