@@ -28,6 +28,16 @@ use crate::support::*;
 /// The tests here restart the shared services, so they take turns.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Waits for this test's turn with the shared services, which these tests
+/// stop and restart through `dev/services`.
+async fn take_services() -> tokio::sync::MutexGuard<'static, ()> {
+    assert!(
+        std::env::var("DATABASE_URL").is_ok() && std::env::var("KAFKA_BOOTSTRAP_SERVERS").is_ok(),
+        "the fault tests stop and restart Kafka and Postgres through dev/services: run `eval \"$(dev/services up)\"` first"
+    );
+    SERIAL.lock().await
+}
+
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -300,11 +310,7 @@ async fn writer(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "restarts the shared Kafka broker and Postgres; run alone (see the module doc)"]
 async fn fault_injection_every_committed_change_exactly_once() {
-    let _serial = SERIAL.lock().await;
-    assert!(
-        std::env::var("DATABASE_URL").is_ok() && std::env::var("KAFKA_BOOTSTRAP_SERVERS").is_ok(),
-        "the fault suite restarts Kafka and Postgres through dev/services: run `eval \"$(dev/services up)\"` first"
-    );
+    let _serial = take_services().await;
     let seconds = env_num("TIDEMARK_FAULT_SECONDS", 30);
     let writers = env_num("TIDEMARK_FAULT_WRITERS", 4);
     let seed = env_num("TIDEMARK_FAULT_SEED", rand::rng().random());
@@ -450,16 +456,12 @@ async fn fault_injection_every_committed_change_exactly_once() {
     assert!(kills_total > 0, "the run was too short to kill anything");
 }
 
-/// Both programs started while the broker is down wait for it, then stream;
-/// so does pg-source when the broker goes away between its start-up steps.
+/// Both programs started while the broker is down wait for it (pg-source
+/// logging that it waits), then stream with nothing lost or repeated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "stops the shared Kafka broker; run alone (see the module doc)"]
 async fn fault_programs_started_without_a_broker_wait_for_it() {
-    let _serial = SERIAL.lock().await;
-    assert!(
-        std::env::var("DATABASE_URL").is_ok() && std::env::var("KAFKA_BOOTSTRAP_SERVERS").is_ok(),
-        "this test stops Kafka through dev/services: run `eval \"$(dev/services up)\"` first"
-    );
+    let _serial = take_services().await;
     let fx = Fixture::changelog(TriggerLevel::Row).await;
     let before = sqlx::query_scalar::<_, i64>("select count(*) from streaming_update_table")
         .fetch_one(&fx.pool)
@@ -501,6 +503,10 @@ async fn fault_programs_started_without_a_broker_wait_for_it() {
         .iter()
         .any(|e| e.after.as_ref().and_then(|a| a["data"].as_str()) == Some("after the outage")));
     let log = std::fs::read_to_string(fx.dir.path().join("pg-source.log")).unwrap();
+    assert!(
+        log.contains("waiting for Kafka"),
+        "pg-source did not say it was waiting for the broker:\n{log}"
+    );
     assert!(
         log.contains("pg-source started"),
         "pg-source never started:\n{log}"
