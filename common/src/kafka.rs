@@ -118,6 +118,26 @@ impl KafkaSettings {
         config
     }
 
+    /// Like [`Self::client_config`], with `fixed` settings (key, value, why)
+    /// set last: a guarantee rests on them, so a property that sets one to
+    /// anything else is an error naming it.
+    pub fn client_config_fixed(
+        &self,
+        defaults: &[(&str, &str)],
+        fixed: &[(&str, &str, &str)],
+    ) -> anyhow::Result<ClientConfig> {
+        let mut config = self.client_config(defaults);
+        for (k, v, why) in fixed {
+            if let Some((_, user)) = self.properties.iter().find(|(pk, _)| pk == k) {
+                if user != v {
+                    bail!("kafka property {k}={user} is not allowed: {k} must be {v} ({why}); remove it");
+                }
+            }
+            config.set(*k, *v);
+        }
+        Ok(config)
+    }
+
     /// An admin client.
     ///
     /// Fails when librdkafka rejects a property.
@@ -232,12 +252,22 @@ pub fn read_compacted(
     timeout: Duration,
 ) -> anyhow::Result<HashMap<Vec<u8>, Vec<u8>>> {
     let consumer: BaseConsumer<QuietEofContext> = settings
-        .client_config(&[
-            ("isolation.level", "read_committed"),
-            ("enable.partition.eof", "true"),
-            ("enable.auto.commit", "false"),
-            ("group.id", "tidemark-position-reader"),
-        ])
+        .client_config_fixed(
+            &[("group.id", "tidemark-position-reader")],
+            &[
+                (
+                    "isolation.level",
+                    "read_committed",
+                    "only committed positions are positions",
+                ),
+                (
+                    "enable.partition.eof",
+                    "true",
+                    "the reader stops at the end",
+                ),
+                ("enable.auto.commit", "false", "the reader commits nothing"),
+            ],
+        )?
         .create_with_context(QuietEofContext)
         .context("cannot create a Kafka consumer to read positions")?;
     // The caller has just made sure the topic exists: a topic without

@@ -209,15 +209,39 @@ pub const BATCH_BYTES: usize = 256 * 1024;
 /// memory for fewer round trips. `fetch.max.bytes` bounds one response over
 /// all partitions; librdkafka allows no less than `message.max.bytes` (1 MB).
 const CONSUMER_SETTINGS: &[(&str, &str)] = &[
-    ("isolation.level", "read_committed"),
-    ("enable.auto.commit", "false"),
-    ("enable.auto.offset.store", "false"),
-    ("auto.offset.reset", "earliest"),
     ("queued.max.messages.kbytes", "1024"),
     ("fetch.message.max.bytes", "65536"),
     ("fetch.max.bytes", "1048576"),
     ("fetch.queue.backoff.ms", "1"),
     ("fetch.wait.max.ms", "10"),
+];
+
+/// What exactly-once into the file rests on; `--kafka-property` may not
+/// change them. A partition without a checkpoint is assigned at its
+/// beginning explicitly, so `auto.offset.reset` only ever acts on a
+/// checkpoint's offset that the topic no longer has, and that must stop the
+/// sink rather than silently re-read or skip.
+const FIXED_SETTINGS: &[(&str, &str, &str)] = &[
+    (
+        "isolation.level",
+        "read_committed",
+        "only committed records may reach the file",
+    ),
+    (
+        "enable.auto.commit",
+        "false",
+        "the checkpoint beside the file is the position",
+    ),
+    (
+        "enable.auto.offset.store",
+        "false",
+        "the checkpoint beside the file is the position",
+    ),
+    (
+        "auto.offset.reset",
+        "error",
+        "a checkpoint's offset the topic no longer has must stop the sink",
+    ),
 ];
 
 /// Runs until `shutdown` is cancelled.
@@ -236,7 +260,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
     settings.extend_from_slice(CONSUMER_SETTINGS);
     let consumer: StreamConsumer = cfg
         .kafka
-        .client_config(&settings)
+        .client_config_fixed(&settings, FIXED_SETTINGS)?
         .create()
         .context("cannot create the Kafka consumer; check the kafka properties")?;
 
@@ -279,6 +303,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
     let mut refresh = tokio::time::interval(cfg.metadata_refresh);
     refresh.tick().await;
     let mut kafka_error_logged = false;
+    let mut fatal: Option<anyhow::Error> = None;
     let mut sent = 0u64;
     loop {
         let first = tokio::select! {
@@ -323,11 +348,27 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
                     == Some(rdkafka::error::RDKafkaErrorCode::TopicAuthorizationFailed) =>
             {
                 metrics::counter!(names::SINK_ERRORS, "kind" => "kafka").increment(1);
-                bail!(
+                fatal = Some(anyhow::anyhow!(
                     "not allowed to read topic {}: {e}; grant READ on it and on group connect-{} to this user",
                     cfg.topics.join(", "),
                     cfg.name
-                );
+                ));
+                break;
+            }
+            Err(e)
+                if e.rdkafka_error_code()
+                    == Some(rdkafka::error::RDKafkaErrorCode::AutoOffsetReset) =>
+            {
+                metrics::counter!(names::SINK_ERRORS, "kind" => "kafka").increment(1);
+                let checkpoint = pipeline.committed().borrow().checkpoint.clone();
+                fatal = Some(anyhow::anyhow!(
+                    "the checkpoint's position is not in the topic any more: {e}; checkpoint offsets {}. \
+                     Records were deleted (retention, a lost broker) or the topic was recreated. \
+                     To start the file over, move it and {} away",
+                    serde_json::to_string(&checkpoint.offsets).unwrap_or_default(),
+                    SinkCheckpoint::path_for(&cfg.file).display()
+                ));
+                break;
             }
             Err(e) => {
                 metrics::counter!(names::SINK_ERRORS, "kind" => "kafka").increment(1);
@@ -346,6 +387,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
         {
             match consumer.recv().now_or_never() {
                 Some(Ok(msg)) => add(&mut batch, &msg, cfg.max_record_bytes),
+                // The next recv() sees the error again and handles it.
                 _ => break,
             }
         }
@@ -365,6 +407,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
         )
     })?;
     report_committed(&cfg, &consumer, &committed, &mut reported);
+    if let Some(e) = fatal {
+        return Err(e);
+    }
     // Everything read was already committed to the file; leave the hint too,
     // synchronously, so lag tools see it after the exit.
     if let Some(tpl) = checkpoint_offsets(&committed.checkpoint) {
@@ -523,6 +568,7 @@ fn assign_new(
     assigned: &mut BTreeSet<(String, i32)>,
 ) -> anyhow::Result<()> {
     let mut fresh = TopicPartitionList::new();
+    let mut keys = Vec::new();
     for topic in topics {
         let md = consumer
             .fetch_metadata(Some(topic), Duration::from_secs(2))
@@ -549,7 +595,7 @@ fn assign_new(
                     None => Offset::Beginning,
                 };
                 fresh.add_partition_offset(topic, p.id(), offset)?;
-                assigned.insert(key);
+                keys.push(key);
             }
         }
     }
@@ -559,6 +605,9 @@ fn assign_new(
             .incremental_assign(&fresh)
             .context("cannot assign partitions")?;
     }
+    // Only now: a partition marked before an error above would never be
+    // read.
+    assigned.extend(keys);
     Ok(())
 }
 

@@ -158,11 +158,22 @@ impl Output {
             .map(|m| m.len())
             .unwrap_or(0);
         let checkpoint = match stored {
-            Some(cp) => {
+            Some(mut cp) => {
                 cut_back(&file, path, len, cp.file_len)?;
                 if dead_len > cp.dead_letter_len {
                     let dl = OpenOptions::new().write(true).open(&dead_letter_path)?;
                     cut_back(&dl, &dead_letter_path, dead_len, cp.dead_letter_len)?;
+                } else if dead_len < cp.dead_letter_len {
+                    // Rotated or removed by someone: count from what is
+                    // there, or a crash's unsynced tail would never be cut.
+                    tracing::warn!(
+                        file = %dead_letter_path.display(),
+                        was = cp.dead_letter_len,
+                        now = dead_len,
+                        "the dead-letter file is shorter than the checkpoint says; counting from its length"
+                    );
+                    cp.dead_letter_len = dead_len;
+                    cp.save(&checkpoint_path)?;
                 }
                 cp
             }

@@ -146,7 +146,15 @@ fn write_loop(
     mut batches: mpsc::Receiver<Batch>,
     handoff: &Handoff,
 ) -> anyhow::Result<()> {
-    let result = (|| {
+    // Closed even if a write panics, so the syncer does not wait forever.
+    struct Closed<'a>(&'a Handoff);
+    impl Drop for Closed<'_> {
+        fn drop(&mut self) {
+            self.0.update(|a| a.closed = true);
+        }
+    }
+    let _closed = Closed(handoff);
+    (|| {
         while let Some(batch) = batches.blocking_recv() {
             if handoff.lock().failed {
                 return Ok(());
@@ -158,9 +166,7 @@ fn write_loop(
             });
         }
         Ok(())
-    })();
-    handoff.update(|a| a.closed = true);
-    result
+    })()
 }
 
 fn sync_loop(

@@ -131,10 +131,8 @@ impl TxProducer {
     /// transactional id.
     pub async fn new(settings: &KafkaSettings, transactional_id: &str) -> anyhow::Result<Self> {
         let producer: Producer = settings
-            .client_config(&[
-                ("transactional.id", transactional_id),
-                ("enable.idempotence", "true"),
-                ("acks", "all"),
+            .client_config_fixed(
+                &[
                 ("linger.ms", "5"),
                 ("compression.type", "lz4"),
                 // The Java client's partitioner, so keys land where Java
@@ -145,7 +143,17 @@ impl TxProducer {
                 // delivered fails its batch before the broker aborts it.
                 ("message.timeout.ms", "30000"),
                 ("queue.buffering.max.kbytes", "16384"),
-            ])
+                ],
+                &[
+                    (
+                        "transactional.id",
+                        transactional_id,
+                        "records and positions are written in one transaction; set the name instead",
+                    ),
+                    ("enable.idempotence", "true", "transactions need it"),
+                    ("acks", "all", "transactions need it"),
+                ],
+            )?
             .create_with_context(Acks::default())
             .context("cannot create the Kafka producer; check the kafka properties")?;
         let producer = Arc::new(producer);

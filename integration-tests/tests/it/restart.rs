@@ -82,3 +82,73 @@ async fn crashes_mid_stream_lose_and_repeat_nothing() {
     sink.stop().await.unwrap();
     assert_each_row_once(&fx.file(), 1501);
 }
+
+/// A checkpoint whose offset the topic no longer has (records deleted, the
+/// topic recreated) stops file-sink with the offsets and the way out,
+/// instead of silently reading the topic again from its start; the file is
+/// left as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_past_the_topic_stops_the_sink_with_the_way_out() {
+    let fx = Fixture::new().await;
+    let source = fx.start_source();
+    let sink = fx.start_sink();
+    insert_rows(&fx.pool, 2, 20).await;
+    wait_for_lines(&fx.file(), 21, Duration::from_secs(30)).await;
+    source.stop().await.unwrap();
+    sink.stop().await.unwrap();
+    let before = std::fs::read(fx.file()).unwrap();
+
+    let cp_path = tidemark_common::offset::SinkCheckpoint::path_for(&fx.file());
+    let mut cp: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cp_path).unwrap()).unwrap();
+    cp["offsets"][fx.topic()]["0"] = serde_json::json!(1_000_000);
+    std::fs::write(&cp_path, cp.to_string()).unwrap();
+
+    let err = fx
+        .start_sink()
+        .exited(Duration::from_secs(60))
+        .await
+        .expect_err("file-sink must stop")
+        .to_string();
+    assert!(err.contains("not in the topic any more"), "{err}");
+    assert!(err.contains("1000000"), "the error names the offset: {err}");
+    assert!(
+        err.contains("move it and"),
+        "the error says how to start over: {err}"
+    );
+    assert_eq!(
+        std::fs::read(fx.file()).unwrap(),
+        before,
+        "the file is untouched"
+    );
+}
+
+/// Properties that exactly-once rests on cannot be overridden.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_properties_that_would_break_exactly_once_are_refused() {
+    let fx = Fixture::new().await;
+    let mut cfg = fx.sink_config();
+    cfg.kafka
+        .properties
+        .push(("isolation.level".into(), "read_uncommitted".into()));
+    let err = file_sink::run(cfg, tokio_util::sync::CancellationToken::new())
+        .await
+        .expect_err("file-sink must refuse")
+        .to_string();
+    assert!(
+        err.contains("isolation.level=read_uncommitted is not allowed"),
+        "{err}"
+    );
+    let mut cfg = fx.source_config();
+    cfg.kafka
+        .properties
+        .push(("enable.idempotence".into(), "false".into()));
+    let err = pg_source::run(cfg, tokio_util::sync::CancellationToken::new())
+        .await
+        .expect_err("pg-source must refuse")
+        .to_string();
+    assert!(
+        err.contains("enable.idempotence=false is not allowed"),
+        "{err}"
+    );
+}
