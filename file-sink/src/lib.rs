@@ -407,15 +407,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
         )
     })?;
     report_committed(&cfg, &consumer, &committed, &mut reported);
+    close(consumer, checkpoint_offsets(&committed.checkpoint)).await;
     if let Some(e) = fatal {
         return Err(e);
-    }
-    // Everything read was already committed to the file; leave the hint too,
-    // synchronously, so lag tools see it after the exit.
-    if let Some(tpl) = checkpoint_offsets(&committed.checkpoint) {
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-            tracing::debug!(error = %e, "cannot commit the offset hint on exit");
-        }
     }
     tracing::info!(
         lines = committed.totals.written,
@@ -423,6 +417,40 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
         "file-sink stopped"
     );
     Ok(committed.totals)
+}
+
+/// How long closing the consumer may take. With the broker down, librdkafka
+/// holds the last offset commit and the close for `session.timeout.ms`
+/// (45 s), longer than an orchestrator's grace period.
+const CLOSE_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Leaves the offset hint for lag tools (everything read is already
+/// durable in the file) and closes the consumer, waiting at most
+/// [`CLOSE_PATIENCE`]: the position is the checkpoint beside the file, so
+/// nothing depends on either.
+async fn close(consumer: StreamConsumer, hint: Option<TopicPartitionList>) {
+    let (done, closed) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("file-sink-close".into())
+        .spawn(move || {
+            if let Some(tpl) = hint {
+                if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+                    tracing::debug!(error = %e, "cannot commit the offset hint on exit");
+                }
+            }
+            drop(consumer);
+            let _ = done.send(());
+        });
+    if spawned.is_err() {
+        return;
+    }
+    let waited = tokio::task::spawn_blocking(move || closed.recv_timeout(CLOSE_PATIENCE)).await;
+    if !matches!(waited, Ok(Ok(()))) {
+        tracing::warn!(
+            patience = ?CLOSE_PATIENCE,
+            "Kafka did not answer while closing; lag tools may show an older offset until the next start (the checkpoint beside the file holds the position)"
+        );
+    }
 }
 
 /// Counts what the syncer made durable since the last report, and leaves the

@@ -403,7 +403,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
 
     // Fence older instances first, so their open transaction is aborted and
     // the positions read next are final.
-    let producer = TxProducer::new(&cfg.kafka, &cfg.transactional_id).await?;
+    let producer = TxProducer::new(&cfg.kafka, &cfg.transactional_id, shutdown.clone()).await?;
     let settings = cfg.kafka.clone();
     let offsets_topic = cfg.offsets_topic.clone();
     let stored = tokio::task::spawn_blocking(move || {
@@ -476,6 +476,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                 tracing::warn!(error = %format!("{e:#}"), "kafka transaction aborted; the batch will be read and sent again");
             }
             Err(PollError::Kafka(BatchError::Fatal(e))) => return Err(e),
+            Err(PollError::Kafka(BatchError::Stopped)) => {
+                tracing::info!("{}", BatchError::Stopped);
+                break;
+            }
             Err(PollError::Other(e)) => return Err(e),
         }
         // In timestamp mode, rows committed just now may sit inside the

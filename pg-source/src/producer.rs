@@ -16,6 +16,7 @@ use rdkafka::producer::{
     BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer,
 };
 use tidemark_common::kafka::KafkaSettings;
+use tokio_util::sync::CancellationToken;
 
 /// How long a transaction step may take before it is treated as failed.
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -23,6 +24,9 @@ const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a record that found librdkafka's queue full waits for room
 /// before it tries again.
 const QUEUE_FULL_WAIT: Duration = Duration::from_millis(10);
+
+/// How often a batch waiting for acknowledgements checks for a stop.
+const STOP_CHECK: Duration = Duration::from_millis(100);
 
 /// One record to produce.
 #[derive(Debug, Clone)]
@@ -45,6 +49,11 @@ pub enum BatchError {
     /// authorised); the program must stop.
     #[error("{0:#}")]
     Fatal(anyhow::Error),
+    /// The program is stopping and the batch was left uncommitted: the
+    /// next start fences this producer, which aborts the transaction, and
+    /// sends the batch again.
+    #[error("stopping; the batch in flight was not committed and is sent again after a restart")]
+    Stopped,
 }
 
 /// Counts acknowledgements, so a batch waits for exactly its own.
@@ -121,6 +130,7 @@ type Producer = ThreadedProducer<Acks>;
 #[derive(Clone)]
 pub struct TxProducer {
     producer: Arc<Producer>,
+    stop: CancellationToken,
 }
 
 impl TxProducer {
@@ -129,7 +139,14 @@ impl TxProducer {
     ///
     /// Fails when the brokers cannot be reached in time or refuse the
     /// transactional id.
-    pub async fn new(settings: &KafkaSettings, transactional_id: &str) -> anyhow::Result<Self> {
+    ///
+    /// Once `stop` is cancelled, a batch still waiting for Kafka gives up
+    /// (uncommitted) instead of waiting out its timeouts.
+    pub async fn new(
+        settings: &KafkaSettings,
+        transactional_id: &str,
+        stop: CancellationToken,
+    ) -> anyhow::Result<Self> {
         let producer: Producer = settings
             .client_config_fixed(
                 &[
@@ -164,7 +181,7 @@ impl TxProducer {
             .with_context(|| {
                 format!("cannot start the transactional producer `{transactional_id}`; is Kafka reachable at the bootstrap servers?")
             })?;
-        Ok(Self { producer })
+        Ok(Self { producer, stop })
     }
 
     /// Produces `records` and then `position` in one transaction and commits
@@ -178,7 +195,8 @@ impl TxProducer {
         position: Record,
     ) -> Result<(), BatchError> {
         let producer = self.producer.clone();
-        tokio::task::spawn_blocking(move || send_blocking(&producer, records, &position))
+        let stop = self.stop.clone();
+        tokio::task::spawn_blocking(move || send_blocking(&producer, records, &position, &stop))
             .await
             .map_err(|e| BatchError::Fatal(anyhow!("producer task failed: {e}")))?
     }
@@ -188,8 +206,10 @@ fn send_blocking(
     producer: &Producer,
     records: Vec<Record>,
     position: &Record,
+    stop: &CancellationToken,
 ) -> Result<(), BatchError> {
     let acks = producer.context();
+    let stopped = std::cell::Cell::new(false);
     let mut topics: Vec<String> = records
         .iter()
         .chain(std::iter::once(position))
@@ -228,6 +248,10 @@ fn send_blocking(
                         if Instant::now() > queue_deadline {
                             return Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull));
                         }
+                        if stop.is_cancelled() {
+                            stopped.set(true);
+                            return Err(KafkaError::Canceled);
+                        }
                         // The queue drains as acknowledgements come in.
                         acks.wait_for(acks.done() + 1, Instant::now() + QUEUE_FULL_WAIT);
                     }
@@ -239,10 +263,20 @@ fn send_blocking(
         // with nothing outstanding returns at once, where rust-rdkafka's
         // flush inside the commit would sleep in 100 ms steps while
         // anything is still in flight.
-        if !acks.wait_for(start + sent, Instant::now() + TXN_TIMEOUT) {
-            return Err(KafkaError::MessageProduction(
-                RDKafkaErrorCode::MessageTimedOut,
-            ));
+        let deadline = Instant::now() + TXN_TIMEOUT;
+        loop {
+            if acks.wait_for(start + sent, deadline.min(Instant::now() + STOP_CHECK)) {
+                break;
+            }
+            if stop.is_cancelled() {
+                stopped.set(true);
+                return Err(KafkaError::Canceled);
+            }
+            if Instant::now() >= deadline {
+                return Err(KafkaError::MessageProduction(
+                    RDKafkaErrorCode::MessageTimedOut,
+                ));
+            }
         }
         // librdkafka counts a record as outstanding until the polling
         // thread has finished with its delivery report, a moment after the
@@ -258,6 +292,9 @@ fn send_blocking(
         producer.commit_transaction(TXN_TIMEOUT)
     };
     let result = run();
+    if stopped.get() {
+        return Err(BatchError::Stopped);
+    }
     if committed_anyway.get() {
         return Err(BatchError::Fatal(anyhow!(
             "Kafka committed a transaction to {} although some of its records were not delivered; stopping, so that nothing is sent past them (a restart sends the batch again)",
@@ -374,6 +411,7 @@ impl BatchError {
     fn into_anyhow(self) -> anyhow::Error {
         match self {
             Self::Retry(e) | Self::Fatal(e) => e,
+            Self::Stopped => anyhow!("{}", Self::Stopped),
         }
     }
 }
