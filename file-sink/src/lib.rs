@@ -300,6 +300,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
 
     let mut pipeline = Pipeline::start(out)?;
     let mut reported = Totals::default();
+    let mut hinted = std::time::Instant::now()
+        .checked_sub(HINT_INTERVAL)
+        .unwrap_or_else(std::time::Instant::now);
     let mut refresh = tokio::time::interval(cfg.metadata_refresh);
     refresh.tick().await;
     let mut kafka_error_logged = false;
@@ -324,7 +327,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
                     break;
                 }
                 let committed = pipeline.committed().borrow_and_update().clone();
-                report_committed(&cfg, &consumer, &committed, &mut reported);
+                report_committed(&cfg, &consumer, &committed, &mut reported, &mut hinted);
                 continue;
             }
             m = consumer.recv() => m,
@@ -406,7 +409,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
             sent - reported.written - reported.dead - reported.skipped
         )
     })?;
-    report_committed(&cfg, &consumer, &committed, &mut reported);
+    report_committed(&cfg, &consumer, &committed, &mut reported, &mut hinted);
     close(consumer, checkpoint_offsets(&committed.checkpoint)).await;
     if let Some(e) = fatal {
         return Err(e);
@@ -460,6 +463,7 @@ fn report_committed(
     consumer: &StreamConsumer,
     committed: &Committed,
     reported: &mut Totals,
+    hinted: &mut std::time::Instant,
 ) {
     let now = committed.totals;
     let dead = now.dead - reported.dead;
@@ -479,12 +483,21 @@ fn report_committed(
         tracing::warn!(records = dead, file = %output::dead_letter_path(&cfg.file).display(), "records sent to the dead-letter file");
     }
     *reported = now;
-    if let Some(tpl) = checkpoint_offsets(&committed.checkpoint) {
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-            tracing::debug!(error = %e, "cannot commit the offset hint");
+    // A hint for lag tools: once a second is enough, where every fsync
+    // could be hundreds of commits a second (queued while the coordinator
+    // is away). The exit leaves the last one.
+    if hinted.elapsed() >= HINT_INTERVAL {
+        *hinted = std::time::Instant::now();
+        if let Some(tpl) = checkpoint_offsets(&committed.checkpoint) {
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+                tracing::debug!(error = %e, "cannot commit the offset hint");
+            }
         }
     }
 }
+
+/// How often file-sink leaves its offset hint in Kafka.
+const HINT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The checkpoint's offsets as a partition list; `None` when it has none.
 fn checkpoint_offsets(checkpoint: &SinkCheckpoint) -> Option<TopicPartitionList> {
