@@ -963,7 +963,7 @@ mod tests {
         assert_eq!(ev.source.table, "t");
         assert_eq!(ev.ts_ms, Some(1_700_000_000_050));
 
-        let del = env.render(&Change {
+        let delete = Change {
             op: Op::Delete,
             before: Some(r#"{"id":1,"data":"b"}"#),
             after: None,
@@ -972,23 +972,15 @@ mod tests {
             seq: None,
             snapshot: "false",
             read_ms: 2,
-        });
+        };
+        let del = env.render(&delete);
         let ev = ChangeEvent::decode(&del).unwrap();
         assert_eq!(ev.op, Op::Delete);
         assert!(ev.after.is_none());
         assert_eq!(ev.row().unwrap()["id"], 1);
 
         // Without a schema the event is the payload alone, and decodes the same.
-        let bare = env.clone().without_schema().render(&Change {
-            op: Op::Delete,
-            before: Some(r#"{"id":1,"data":"b"}"#),
-            after: None,
-            changed_ms: 1,
-            txid: None,
-            seq: None,
-            snapshot: "false",
-            read_ms: 2,
-        });
+        let bare = env.clone().without_schema().render(&delete);
         let raw: Value = serde_json::from_slice(&bare).expect("valid JSON");
         assert!(raw.get("schema").is_none(), "{raw}");
         assert_eq!(raw["op"], "d");

@@ -239,18 +239,8 @@ impl Output {
         }
         if !batch.dead.is_empty() {
             if self.dead_letter.is_none() {
-                let f = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&self.dead_letter_path)
-                    .with_context(|| {
-                        format!(
-                            "cannot open the dead-letter file {}",
-                            self.dead_letter_path.display()
-                        )
-                    })?;
+                self.dead_letter = Some(open_dead_letter(&self.dead_letter_path, true)?);
                 sync_dir(&self.dead_letter_path)?;
-                self.dead_letter = Some(f);
             }
             let f = self.dead_letter.as_mut().expect("opened above");
             f.write_all(&batch.dead).with_context(|| {
@@ -314,16 +304,7 @@ impl Syncer {
         if point.dead_letter_len > self.checkpoint.dead_letter_len {
             if self.dead_letter.is_none() {
                 // The writer created the file and synced its folder.
-                let f = OpenOptions::new()
-                    .append(true)
-                    .open(&self.dead_letter_path)
-                    .with_context(|| {
-                        format!(
-                            "cannot open the dead-letter file {}",
-                            self.dead_letter_path.display()
-                        )
-                    })?;
-                self.dead_letter = Some(f);
+                self.dead_letter = Some(open_dead_letter(&self.dead_letter_path, false)?);
             }
             let f = self.dead_letter.as_ref().expect("opened above");
             f.sync_data().with_context(|| {
@@ -363,6 +344,15 @@ fn cut_back(file: &File, path: &Path, len: u64, covered: u64) -> anyhow::Result<
             .with_context(|| format!("cannot cut {} back to its checkpoint", path.display()))?;
     }
     Ok(())
+}
+
+/// Opens the dead-letter file for appending, creating it if `create`.
+fn open_dead_letter(path: &Path, create: bool) -> anyhow::Result<File> {
+    OpenOptions::new()
+        .create(create)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot open the dead-letter file {}", path.display()))
 }
 
 #[cfg(test)]

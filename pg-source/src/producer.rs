@@ -209,7 +209,6 @@ fn send_blocking(
     stop: &CancellationToken,
 ) -> Result<(), BatchError> {
     let acks = producer.context();
-    let stopped = std::cell::Cell::new(false);
     let mut topics: Vec<String> = records
         .iter()
         .chain(std::iter::once(position))
@@ -249,7 +248,6 @@ fn send_blocking(
                             return Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull));
                         }
                         if stop.is_cancelled() {
-                            stopped.set(true);
                             return Err(KafkaError::Canceled);
                         }
                         // The queue drains as acknowledgements come in.
@@ -269,7 +267,6 @@ fn send_blocking(
                 break;
             }
             if stop.is_cancelled() {
-                stopped.set(true);
                 return Err(KafkaError::Canceled);
             }
             if Instant::now() >= deadline {
@@ -292,7 +289,8 @@ fn send_blocking(
         producer.commit_transaction(TXN_TIMEOUT)
     };
     let result = run();
-    if stopped.get() {
+    // Only the waits above give `Canceled`: the program is stopping.
+    if let Err(KafkaError::Canceled) = result {
         return Err(BatchError::Stopped);
     }
     if committed_anyway.get() {
