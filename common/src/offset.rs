@@ -31,6 +31,10 @@ pub enum SourcePosition {
     },
     /// `changelog` mode: how far the change log has been read.
     ChangeLog(ChangeLogPosition),
+    /// `logical` mode: how far the replication slot has been read, in
+    /// [`ChangeLogPosition::lsn`]; the initial snapshot and its segments
+    /// are kept as in `changelog` mode.
+    Logical(ChangeLogPosition),
 }
 
 /// How far `changelog` mode has read, in Postgres snapshots (`pg_snapshot`
@@ -60,6 +64,18 @@ pub struct ChangeLogPosition {
     /// snapshot's rows, so it is not sent again.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub segments: BTreeMap<String, Vec<Segment>>,
+    /// `logical` mode: the end LSN of the last transaction sent whole; the
+    /// replication stream resumes after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lsn: Option<u64>,
+    /// `logical` mode: changes already sent of the transaction after `lsn`,
+    /// when a large one is split over several Kafka transactions.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub in_txn: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Where an initial snapshot stands.

@@ -17,6 +17,36 @@ pub struct PgTarget {
     pub options: PgConnectOptions,
     /// `user@host:port/database`, for messages.
     pub display: String,
+    /// The password and TLS settings again, for the replication connection
+    /// of `logical` mode, which sqlx does not make.
+    replication: ReplicationAuth,
+}
+
+/// What a replication connection needs that [`PgConnectOptions`] does not
+/// give back.
+#[derive(Clone, Default)]
+struct ReplicationAuth {
+    password: Option<String>,
+    ssl_root_cert: Option<String>,
+}
+
+/// How to open a replication connection to a [`PgTarget`]'s server.
+#[derive(Clone)]
+pub struct ReplicationTarget {
+    /// Host name or address.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// User (needs the `REPLICATION` attribute, or superuser).
+    pub user: String,
+    /// Password, empty for none.
+    pub password: String,
+    /// Database.
+    pub database: String,
+    /// The sqlx TLS mode.
+    pub ssl_mode: PgSslMode,
+    /// CA file for `verify-ca` / `verify-full`.
+    pub ssl_root_cert: Option<String>,
 }
 
 impl fmt::Debug for PgTarget {
@@ -134,13 +164,21 @@ impl PgTarget {
             .or_else(|| (!parsed.username().is_empty()).then(|| parsed.username().to_owned()))
             .ok_or_else(|| ConfigError::missing("connection.user", "the JDBC URL names no user"))?;
         options = options.username(&user);
-        if let Some(password) = password.map(str::to_owned).or(url_password) {
-            options = options.password(&password);
-        }
         let display = format!("{user}@{host}:{}/{database}", parsed.port().unwrap_or(5432));
+        let replication = ReplicationAuth {
+            password: password.map(str::to_owned).or(url_password),
+            ssl_root_cert: parsed
+                .query_pairs()
+                .find(|(k, _)| k == "sslrootcert")
+                .map(|(_, v)| v.into_owned()),
+        };
+        if let Some(password) = &replication.password {
+            options = options.password(password);
+        }
         Ok(Self {
             options: with_session_settings(options),
             display,
+            replication,
         })
     }
 
@@ -163,9 +201,46 @@ impl PgTarget {
             options.get_port(),
             options.get_database().unwrap_or("(default)")
         );
+        let parsed = url::Url::parse(url).ok();
+        let replication = ReplicationAuth {
+            password: parsed
+                .as_ref()
+                .and_then(|u| u.password())
+                .map(percent_decode)
+                .or_else(|| {
+                    parsed.as_ref().and_then(|u| {
+                        u.query_pairs()
+                            .find(|(k, _)| k == "password")
+                            .map(|(_, v)| v.into_owned())
+                    })
+                }),
+            ssl_root_cert: parsed.as_ref().and_then(|u| {
+                u.query_pairs()
+                    .find(|(k, _)| k == "sslrootcert")
+                    .map(|(_, v)| v.into_owned())
+            }),
+        };
         Ok(Self {
             options: with_session_settings(options),
             display,
+            replication,
+        })
+    }
+
+    /// Where a replication connection to this server goes; `None` for a
+    /// Unix socket, which the replication client here does not reach.
+    pub fn replication_target(&self) -> Option<ReplicationTarget> {
+        if self.options.get_socket().is_some() {
+            return None;
+        }
+        Some(ReplicationTarget {
+            host: self.options.get_host().to_owned(),
+            port: self.options.get_port(),
+            user: self.options.get_username().to_owned(),
+            password: self.replication.password.clone().unwrap_or_default(),
+            database: self.database().unwrap_or("postgres").to_owned(),
+            ssl_mode: self.options.get_ssl_mode(),
+            ssl_root_cert: self.replication.ssl_root_cert.clone(),
         })
     }
 
@@ -178,6 +253,7 @@ impl PgTarget {
         Self {
             options: self.options.clone().database(database),
             display,
+            replication: self.replication.clone(),
         }
     }
 
@@ -315,6 +391,56 @@ pub fn redact_url(url: &str) -> String {
         out.push_str(&redacted.join("&"));
     }
     out
+}
+
+/// Decodes `%XX` escapes (a URL's password), leaving anything else as is.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The publication schema-init creates for `logical` capture of `table`:
+/// readable, under Postgres' 63-byte limit, and distinct for tables whose
+/// names differ only in where the dot is.
+pub fn publication_name(table: &TableName) -> String {
+    format!("tidemark_{}", short_hashed(table))
+}
+
+/// The first 40 bytes of `table`'s name and a hash of its quoted full name.
+pub fn short_hashed(table: &TableName) -> String {
+    // FNV-1a, 32 bits: stable across releases, unlike std's hasher.
+    let mut hash: u32 = 0x811c_9dc5;
+    for b in table.quoted().bytes() {
+        hash ^= u32::from(b);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    let mut short = String::new();
+    for c in table.name.chars() {
+        if short.len() + c.len_utf8() > 40 {
+            break;
+        }
+        short.push(c);
+    }
+    format!("{short}_{hash:08x}")
 }
 
 /// Quotes an identifier for SQL (`"a""b"`), so names from config can never

@@ -163,3 +163,21 @@ pub async fn discover_captured(pool: &PgPool) -> anyhow::Result<Vec<TableName>> 
         .map(|(schema, name)| TableName { schema, name })
         .collect())
 }
+
+/// The tables schema-init gave logical capture (a `tidemark_` publication),
+/// for when `table.whitelist` is not set.
+///
+/// Fails on a catalog error.
+pub async fn discover_published(pool: &PgPool) -> anyhow::Result<Vec<TableName>> {
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        r"select distinct schemaname::text, tablename::text from pg_publication_tables
+          where pubname like 'tidemark\_%' order by 1, 2",
+    )
+    .fetch_all(pool)
+    .await
+    .context("cannot list the publications")?;
+    Ok(rows
+        .into_iter()
+        .map(|(schema, name)| TableName { schema, name })
+        .collect())
+}

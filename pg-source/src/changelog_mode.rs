@@ -50,12 +50,15 @@ pub struct ChangeTable {
     /// microseconds; `None` when the table has no `timestamp` column.
     wide_envelope: Option<ChangeEnvelope>,
     sql_changes: String,
+    /// `logical` mode: renders decoded changes passed as arrays, with the
+    /// same expressions as `sql_changes` (see [`crate::logical_mode`]).
+    pub(crate) sql_render: String,
     sql_snapshot_first: String,
     sql_snapshot_after: String,
 }
 
 #[derive(sqlx::FromRow)]
-struct ChangeRow {
+pub(crate) struct ChangeRow {
     seq: i64,
     txid: String,
     op: String,
@@ -81,13 +84,15 @@ struct SnapshotRow {
 impl ChangeTable {
     /// Prepares the queries of a table.
     ///
-    /// Fails when the table has no primary key or no capture trigger.
+    /// Fails when the table has no primary key or no capture (triggers, or
+    /// with `logical` its publication and full replica identity).
     pub async fn new(
         pool: &PgPool,
         info: TableInfo,
         topic: String,
         connector: &str,
         database: &str,
+        logical: bool,
     ) -> anyhow::Result<Self> {
         let name = info.name.clone();
         if info.key.is_empty() {
@@ -103,7 +108,23 @@ impl ChangeTable {
         .bind(name.quoted())
         .fetch_one(pool)
         .await?;
-        if !has_trigger {
+        if logical {
+            let publication = tidemark_common::pg::publication_name(&name);
+            let (published, identity): (bool, String) = sqlx::query_as(
+                "select exists (select 1 from pg_publication_tables
+                                where pubname = $1 and schemaname = $2 and tablename = $3),
+                        (select relreplident::text from pg_class where oid = to_regclass($4))",
+            )
+            .bind(&publication)
+            .bind(&name.schema)
+            .bind(&name.name)
+            .bind(name.quoted())
+            .fetch_one(pool)
+            .await?;
+            if !published || identity != "f" {
+                bail!("table {name} has no logical capture (publication {publication} and replica identity full): run schema-init --capture logical --table {name}");
+            }
+        } else if !has_trigger {
             bail!("table {name} has no change-log trigger: run schema-init --capture changelog --table {name}");
         }
         let t = name.quoted();
@@ -215,6 +236,32 @@ impl ChangeTable {
             lo = typed_key("(\"tidemark.seg\".seg->'lo')"),
             hi = typed_key("(\"tidemark.seg\".seg->'hi')"),
         );
+        // Logical mode: the same expressions over decoded changes passed as
+        // arrays (row images as jsonb of each column's text); transactions
+        // the initial snapshot already holds are left out as above.
+        let sql_render = format!(
+            r#"select l.lsn as seq, l.txid, l.op, l.changed_ms,
+                      case when l.before is not null then {before} end as before,
+                      case when l.after is not null then {after} end as after,
+                      case when l.before is not null then {key_before} end as key_before,
+                      case when l.after is not null then {key_after} end as key_after,
+                      {wide} as wide, {key_before_wide} as key_before_wide,
+                      {key_after_wide} as key_after_wide
+               from unnest($1::int8[], $2::int8[], $3::text[], $4::text[], $5::int8[], $6::text[]::jsonb[], $7::text[]::jsonb[])
+                    as l(ord, lsn, txid, op, changed_ms, before, after)
+               cross join lateral jsonb_populate_record(null::{t}, l.before) b
+               cross join lateral jsonb_populate_record(null::{t}, l.after) a
+               {wide_join}
+               where not pg_visible_in_snapshot(l.txid::xid8, $8::pg_snapshot)
+                 and not exists (
+                   select 1 from jsonb_array_elements($9::jsonb) as "tidemark.seg"(seg)
+                   where pg_visible_in_snapshot(l.txid::xid8, ("tidemark.seg".seg->>'snapshot')::pg_snapshot)
+                     and (jsonb_typeof("tidemark.seg".seg->'lo') is distinct from 'object' or ({changed_key}) > ({lo}))
+                     and (jsonb_typeof("tidemark.seg".seg->'hi') is distinct from 'object' or ({changed_key}) <= ({hi})))
+               order by l.ord"#,
+            lo = typed_key("(\"tidemark.seg\".seg->'lo')"),
+            hi = typed_key("(\"tidemark.seg\".seg->'hi')"),
+        );
         let envelope = |columns: &[_]| {
             ChangeEnvelope::new(connector, database, &name.schema, &name.name, columns)
         };
@@ -230,6 +277,7 @@ impl ChangeTable {
             topic,
             log_name,
             sql_changes,
+            sql_render,
             sql_snapshot_first,
             sql_snapshot_after,
         })
@@ -291,6 +339,8 @@ pub struct ChangeLogReader {
     pub offsets_topic: String,
     /// Sent log rows may remain after the last prune.
     pub prune_pending: bool,
+    /// `logical` mode: the position is stored as [`SourcePosition::Logical`].
+    pub logical: bool,
 }
 
 impl ChangeLogReader {
@@ -299,7 +349,14 @@ impl ChangeLogReader {
         Record {
             topic: self.offsets_topic.clone(),
             key: self.position_key.clone(),
-            value: Some(SourcePosition::ChangeLog(self.position.clone()).encode()),
+            value: Some(
+                if self.logical {
+                    SourcePosition::Logical(self.position.clone())
+                } else {
+                    SourcePosition::ChangeLog(self.position.clone())
+                }
+                .encode(),
+            ),
         }
     }
 
@@ -404,7 +461,7 @@ impl ChangeLogReader {
         self.drop_old_segments(pool).await
     }
 
-    fn render_change(
+    pub(crate) fn render_change(
         &self,
         table: &ChangeTable,
         r: &ChangeRow,

@@ -40,8 +40,10 @@ struct Cli {
     #[arg(long, env = "TIDEMARK_CONNECTION_PASSWORD", hide_env_values = true)]
     connection_password: Option<String>,
 
-    /// `mode`: changelog (every insert, update and delete, from schema-init
-    /// --capture changelog) or timestamp+incrementing (the JDBC connector's).
+    /// `mode`: logical (every insert, update and delete, from a replication
+    /// slot; schema-init --capture logical, wal_level = logical), changelog
+    /// (the same from triggers; schema-init --capture changelog) or
+    /// timestamp+incrementing (the JDBC connector's).
     #[arg(long, env = "TIDEMARK_MODE")]
     mode: Option<String>,
 
@@ -95,6 +97,12 @@ struct Cli {
     /// record after each delete, so compacted topics forget the row.
     #[arg(long, env = "TIDEMARK_TOMBSTONES_ON_DELETE")]
     tombstones_on_delete: Option<String>,
+
+    /// `slot.name` (tidemark_<name>): logical mode's replication slot,
+    /// created at the first start. Drop it when the connector is retired
+    /// (`select pg_drop_replication_slot('...')`): a slot keeps WAL.
+    #[arg(long, env = "TIDEMARK_SLOT_NAME")]
+    slot_name: Option<String>,
 
     /// `snapshot.mode` (initial): changelog mode sends every existing row as
     /// `op: r` first when no position is stored; `no_data` skips that.
@@ -173,6 +181,7 @@ async fn run(cli: Cli, shutdown: tokio_util::sync::CancellationToken) -> anyhow:
         ("db.timezone", cli.db_timezone),
         ("tombstones.on.delete", cli.tombstones_on_delete),
         ("snapshot.mode", cli.snapshot_mode),
+        ("slot.name", cli.slot_name),
         ("topic.creation.default.partitions", cli.topic_partitions),
         (
             "topic.creation.default.replication.factor",
@@ -185,7 +194,7 @@ async fn run(cli: Cli, shutdown: tokio_util::sync::CancellationToken) -> anyhow:
         tracing::warn!("{w}");
     }
     cfg.offsets_topic = cli.offsets_topic;
-    cfg.listen = !cli.no_listen;
+    cfg.listen = cfg.listen && !cli.no_listen;
     if cli.probe_interval.is_zero() {
         anyhow::bail!("--probe-interval (TIDEMARK_PROBE_INTERVAL) must be at least 1ms, like 20ms");
     }

@@ -18,6 +18,7 @@
 pub mod catalog;
 pub mod changelog_mode;
 pub mod cli;
+pub mod logical_mode;
 pub mod producer;
 pub mod timestamp_mode;
 
@@ -41,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use std::collections::HashMap;
 
 use crate::changelog_mode::{ChangeLogReader, ChangeTable, Chunk, SnapshotRun};
+use crate::logical_mode::LogicalStream;
 use crate::producer::{BatchError, Record, TxProducer};
 use crate::timestamp_mode::{TimestampReader, CLOCK_GUARD_MS};
 
@@ -71,6 +73,7 @@ pub const KEYS: KeySet = KeySet {
         "validate.non.null",
         "tombstones.on.delete",
         "snapshot.mode",
+        "slot.name",
     ],
     ignored: &[
         (
@@ -152,6 +155,9 @@ pub enum Mode {
     TimestampIncrementing,
     /// Every insert, update and delete from schema-init's change-log triggers.
     ChangeLog,
+    /// Every insert, update and delete from a logical replication slot:
+    /// nothing runs in the writers' transactions.
+    Logical,
 }
 
 /// Everything pg-source needs to run.
@@ -204,6 +210,8 @@ pub struct Config {
     pub offsets_topic: String,
     /// The Kafka transactional id.
     pub transactional_id: String,
+    /// `logical` mode: the replication slot (`slot.name`).
+    pub slot_name: String,
     /// Wake on `NOTIFY tidemark` as well as on the poll interval.
     pub listen: bool,
     /// Changelog mode: how often to compare the database's snapshot with
@@ -230,18 +238,19 @@ impl Config {
         let mode = match c.get("mode").unwrap_or("timestamp+incrementing") {
             "timestamp+incrementing" => Mode::TimestampIncrementing,
             "changelog" => Mode::ChangeLog,
+            "logical" => Mode::Logical,
             other => {
                 return Err(ConfigError::invalid(
                     "mode",
                     other,
-                    "pg-source supports changelog (every change, deletes included) and timestamp+incrementing (the bulk, timestamp and incrementing modes miss changes)",
+                    "pg-source supports logical and changelog (every change, deletes included) and timestamp+incrementing (the bulk, timestamp and incrementing modes miss changes)",
                 ))
             }
         };
         let column = |key: &str, why: &str| -> Result<String, ConfigError> {
             match mode {
                 Mode::TimestampIncrementing => Ok(c.require(key, why)?.to_owned()),
-                Mode::ChangeLog => Ok(c.get(key).unwrap_or_default().to_owned()),
+                Mode::ChangeLog | Mode::Logical => Ok(c.get(key).unwrap_or_default().to_owned()),
             }
         };
         let tombstones = match c.get("tombstones.on.delete").unwrap_or("true") {
@@ -354,7 +363,25 @@ impl Config {
                 configs: Vec::new(),
             },
             offsets_topic: DEFAULT_OFFSETS_TOPIC.to_owned(),
-            listen: true,
+            slot_name: match c.get("slot.name") {
+                Some(name) => {
+                    if name.is_empty()
+                        || name.len() > 63
+                        || !name
+                            .chars()
+                            .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_')
+                    {
+                        return Err(ConfigError::invalid(
+                            "slot.name",
+                            name,
+                            "a replication slot name has 1 to 63 lower-case letters, digits and underscores",
+                        ));
+                    }
+                    name.to_owned()
+                }
+                None => logical_mode::default_slot_name(&c.name),
+            },
+            listen: mode != Mode::Logical,
             probe_interval: DEFAULT_PROBE_INTERVAL,
             health: Health::new(),
             http_addr: None,
@@ -419,6 +446,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             let (reader, snapshot) = changelog_reader(&cfg, &pool, infos, &stored).await?;
             Source::ChangeLog(Box::new(reader), snapshot)
         }
+        Mode::Logical => {
+            let (reader, snapshot) = changelog_reader(&cfg, &pool, infos, &stored).await?;
+            Source::Logical(Box::new(reader), snapshot, None, std::time::Instant::now())
+        }
     };
 
     let mut listener = if cfg.listen {
@@ -449,6 +480,19 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             Source::ChangeLog(reader, snapshot) => {
                 poll_changelog(&pool, &producer, reader, snapshot, &shutdown).await
             }
+            Source::Logical(reader, snapshot, stream, last_commit) => {
+                poll_logical(
+                    &cfg,
+                    &pool,
+                    &producer,
+                    reader,
+                    snapshot,
+                    stream,
+                    last_commit,
+                    &shutdown,
+                )
+                .await
+            }
         };
         match result {
             Ok(_) => {
@@ -469,6 +513,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             }
             Err(PollError::Postgres(e)) => {
                 return Err(e).context("cannot read the source table");
+            }
+            Err(PollError::Transient(e)) => {
+                metrics::counter!(names::SOURCE_ERRORS, "kind" => "postgres").increment(1);
+                if !pg_down {
+                    tracing::warn!(error = %format!("{e:#}"), "replication stream lost; resuming from the stored position");
+                    cfg.health.set_ready(false);
+                    pg_down = true;
+                }
             }
             Err(PollError::Kafka(BatchError::Retry(e))) => {
                 kafka_retry = true;
@@ -491,6 +543,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             Duration::from_millis(CLOCK_GUARD_MS as u64 + 10)
         } else if cfg.mode == Mode::ChangeLog {
             cfg.poll_interval.min(cfg.probe_interval)
+        } else if cfg.mode == Mode::Logical {
+            // The stream waits for changes itself.
+            Duration::ZERO
         } else {
             cfg.poll_interval
         };
@@ -537,9 +592,16 @@ pub fn topic_name(prefix: &str, table: &str) -> String {
 }
 
 /// What is being read.
+#[allow(clippy::large_enum_variant)]
 enum Source {
     Timestamp(Vec<TimestampReader>),
     ChangeLog(Box<ChangeLogReader>, Option<SnapshotRun>),
+    Logical(
+        Box<ChangeLogReader>,
+        Option<SnapshotRun>,
+        Option<LogicalStream>,
+        std::time::Instant,
+    ),
 }
 
 /// The tables to read when `table.whitelist` is not set.
@@ -549,6 +611,7 @@ async fn discover_tables(cfg: &Config, pool: &PgPool) -> anyhow::Result<Vec<Tabl
             catalog::discover(pool, &cfg.timestamp_column, &cfg.incrementing_column).await?
         }
         Mode::ChangeLog => catalog::discover_captured(pool).await?,
+        Mode::Logical => catalog::discover_published(pool).await?,
     };
     if found.is_empty() {
         match cfg.mode {
@@ -558,6 +621,10 @@ async fn discover_tables(cfg: &Config, pool: &PgPool) -> anyhow::Result<Vec<Tabl
             ),
             Mode::ChangeLog => bail!(
                 "no table in {} has change-log capture: run schema-init --capture changelog --table <table>, or set table.whitelist",
+                cfg.pg
+            ),
+            Mode::Logical => bail!(
+                "no table in {} has logical capture: run schema-init --capture logical --table <table>, or set table.whitelist",
                 cfg.pg
             ),
         }
@@ -619,7 +686,15 @@ async fn changelog_reader(
     let database = cfg.pg.database().unwrap_or("postgres").to_owned();
     let mut tables = Vec::new();
     for (info, topic) in infos {
-        let mut table = ChangeTable::new(pool, info, topic, &cfg.name, &database).await?;
+        let mut table = ChangeTable::new(
+            pool,
+            info,
+            topic,
+            &cfg.name,
+            &database,
+            cfg.mode == Mode::Logical,
+        )
+        .await?;
         table.drop_schemas(!cfg.key_schemas, !cfg.value_schemas);
         tables.push(table);
     }
@@ -631,11 +706,24 @@ async fn changelog_reader(
         position_key: position_key(&cfg.name, "tidemark.change_log"),
         offsets_topic: cfg.offsets_topic.clone(),
         // Rows sent before a stop may be left: prune them from the start.
-        prune_pending: true,
+        prune_pending: cfg.mode == Mode::ChangeLog,
+        logical: cfg.mode == Mode::Logical,
     };
+    let logical = cfg.mode == Mode::Logical;
+    if logical {
+        // Logical positions live under their own key: a connector that
+        // changes mode is told so instead of reading another mode's position.
+        reader.position_key = position_key(&cfg.name, "tidemark.logical");
+    }
     let fresh = match stored.get(&reader.position_key).map(|b| SourcePosition::decode(b)).transpose()? {
-        Some(SourcePosition::ChangeLog(p)) => {
+        Some(SourcePosition::ChangeLog(p)) if !logical => {
             tracing::info!(done = %p.done, snapshot_running = p.snapshot.is_some(), "resuming from stored position");
+            reader.position = p;
+            false
+        }
+        Some(SourcePosition::Logical(p)) if logical => {
+            let lsn = logical_mode::prepare_slot(pool, &cfg.slot_name, Some(p.lsn.unwrap_or(0))).await?;
+            tracing::info!(slot = %cfg.slot_name, lsn = %pgwire_replication::Lsn(lsn), in_txn = p.in_txn, snapshot_running = p.snapshot.is_some(), "resuming from stored position");
             reader.position = p;
             false
         }
@@ -644,7 +732,15 @@ async fn changelog_reader(
             cfg.name
         ),
         None => {
+            // The slot first: every transaction committed after it is in
+            // its stream, every one before is in the snapshot taken next.
+            let lsn = if logical {
+                Some(logical_mode::prepare_slot(pool, &cfg.slot_name, None).await?)
+            } else {
+                None
+            };
             reader.start(pool, cfg.initial_snapshot).await?;
+            reader.position.lsn = lsn;
             tracing::info!(initial_snapshot = cfg.initial_snapshot, "no stored position, starting now");
             true
         }
@@ -697,36 +793,10 @@ async fn poll_changelog(
 ) -> Result<u64, PollError> {
     let mut total = 0;
     while !shutdown.is_cancelled() {
-        if reader.position.snapshot.is_some() && snapshot.is_none() {
-            // The snapshot transaction was lost (a dropped connection): go on
-            // in a new one, recording the rest as segments.
-            *snapshot = Some(
-                SnapshotRun::open(pool, reader, false)
-                    .await
-                    .map_err(snapshot_error)?,
-            );
-        }
+        reopen_snapshot(pool, reader, snapshot).await?;
         let saved = reader.position.clone();
-        let (chunk, what) = match snapshot {
-            Some(run) => {
-                let next = match run.next(reader).await {
-                    Ok(next) => next,
-                    Err(e) => {
-                        // Whatever the failed read moved, it is read again.
-                        *snapshot = None;
-                        reader.position = saved;
-                        return Err(snapshot_error(e));
-                    }
-                };
-                match next {
-                    Some(chunk) => (Some(chunk), "snapshot chunk committed"),
-                    None => {
-                        *snapshot = None;
-                        // The snapshot's end is a position too.
-                        (Some(Chunk::default()), "initial snapshot committed")
-                    }
-                }
-            }
+        let (chunk, what) = match snapshot_chunk(reader, snapshot, &saved).await? {
+            Some((chunk, what)) => (Some(chunk), what),
             None => {
                 let was_batch = reader.position.batch.clone();
                 let next = match reader.next_changes(pool).await {
@@ -778,7 +848,146 @@ async fn poll_changelog(
     Ok(total)
 }
 
+/// Reopens the snapshot transaction when it was lost (a dropped connection):
+/// the rest is read in a new one and recorded as segments.
+async fn reopen_snapshot(
+    pool: &PgPool,
+    reader: &mut ChangeLogReader,
+    snapshot: &mut Option<SnapshotRun>,
+) -> Result<(), PollError> {
+    if reader.position.snapshot.is_some() && snapshot.is_none() {
+        *snapshot = Some(
+            SnapshotRun::open(pool, reader, false)
+                .await
+                .map_err(snapshot_error)?,
+        );
+    }
+    Ok(())
+}
+
+/// The next chunk of the initial snapshot (an empty one records its end),
+/// or `None` when no snapshot runs. On an error the position is `saved`
+/// again and the snapshot transaction closed.
+async fn snapshot_chunk(
+    reader: &mut ChangeLogReader,
+    snapshot: &mut Option<SnapshotRun>,
+    saved: &tidemark_common::offset::ChangeLogPosition,
+) -> Result<Option<(Chunk, &'static str)>, PollError> {
+    let Some(run) = snapshot else {
+        return Ok(None);
+    };
+    let next = match run.next(reader).await {
+        Ok(next) => next,
+        Err(e) => {
+            // Whatever the failed read moved, it is read again.
+            *snapshot = None;
+            reader.position = saved.clone();
+            return Err(snapshot_error(e));
+        }
+    };
+    Ok(Some(match next {
+        Some(chunk) => (chunk, "snapshot chunk committed"),
+        None => {
+            *snapshot = None;
+            // The snapshot's end is a position too.
+            (Chunk::default(), "initial snapshot committed")
+        }
+    }))
+}
+
+/// Logical mode: sends the initial snapshot while it runs, then what the
+/// replication stream brings, a batch per Kafka transaction with the
+/// position; returns after a second without changes.
+#[allow(clippy::too_many_arguments)]
+async fn poll_logical(
+    cfg: &Config,
+    pool: &PgPool,
+    producer: &TxProducer,
+    reader: &mut ChangeLogReader,
+    snapshot: &mut Option<SnapshotRun>,
+    stream: &mut Option<LogicalStream>,
+    last_commit: &mut std::time::Instant,
+    shutdown: &CancellationToken,
+) -> Result<u64, PollError> {
+    let mut total = 0;
+    while !shutdown.is_cancelled() {
+        reopen_snapshot(pool, reader, snapshot).await?;
+        let saved = reader.position.clone();
+        let (chunk, what) = match snapshot_chunk(reader, snapshot, &saved).await? {
+            Some((chunk, what)) => (chunk, what),
+            None => {
+                if stream.is_none() {
+                    let opened = LogicalStream::open(pool, &cfg.pg, &cfg.slot_name, reader)
+                        .await
+                        .map_err(logical_error)?;
+                    *stream = Some(opened);
+                }
+                let s = stream.as_mut().expect("opened above");
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => None,
+                    next = s.next(pool, reader, *last_commit) => Some(next),
+                };
+                let Some(next) = next else {
+                    // Stopped mid-read: nothing of it was sent.
+                    *stream = None;
+                    reader.position = saved;
+                    return Ok(total);
+                };
+                match next {
+                    Ok(Some(batch)) if batch.position_only => (batch.chunk, "position committed"),
+                    Ok(Some(batch)) => (batch.chunk, "changes committed"),
+                    Ok(None) => {
+                        metrics::gauge!(names::SOURCE_LAG_SECONDS).set(0.0);
+                        break;
+                    }
+                    Err(e) => {
+                        // The stream resumes from the stored position.
+                        *stream = None;
+                        reader.position = saved;
+                        return Err(logical_error(e));
+                    }
+                }
+            }
+        };
+        let started = std::time::Instant::now();
+        let records = chunk.records;
+        let n = records.len();
+        if let Err(e) = producer.send_batch(records, reader.position_record()).await {
+            // Read the same changes again, from the stored position.
+            *stream = None;
+            reader.position = saved;
+            return Err(PollError::Kafka(e));
+        }
+        *last_commit = std::time::Instant::now();
+        if let (Some(s), Some(lsn)) = (stream.as_mut(), reader.position.lsn) {
+            s.acknowledge(lsn);
+        }
+        tracing::info!(records = n, rows = chunk.rows, lsn = %pgwire_replication::Lsn(reader.position.lsn.unwrap_or(0)), commit = ?started.elapsed(), "{what}");
+        total += chunk.rows as u64;
+        count_batch(chunk.rows, n);
+        if let Some(ms) = chunk.newest_change_ms {
+            let lag = (tidemark_common::health::now_ms() - ms).max(0) as f64 / 1000.0;
+            metrics::gauge!(names::SOURCE_LAG_SECONDS).set(lag);
+        }
+    }
+    Ok(total)
+}
+
+/// A logical-stream error as a poll error: transient ones are retried.
+fn logical_error(e: anyhow::Error) -> PollError {
+    if logical_mode::is_transient(&e) {
+        PollError::Transient(e)
+    } else {
+        match e.downcast::<sqlx::Error>() {
+            Ok(e) => PollError::Postgres(e),
+            Err(e) => PollError::Other(e),
+        }
+    }
+}
+
 enum PollError {
+    /// A replication-stream error that waiting may cure.
+    Transient(anyhow::Error),
     Postgres(sqlx::Error),
     Kafka(BatchError),
     Other(anyhow::Error),

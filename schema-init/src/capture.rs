@@ -72,21 +72,7 @@ impl From<TriggerLevel> for Capture {
 /// `tidemark`: readable, under Postgres' 63-byte limit, and distinct for
 /// tables whose names differ only in where the dot is.
 pub fn function_name(table: &TableName) -> String {
-    // FNV-1a, 32 bits: stable across releases, unlike std's hasher.
-    let mut hash: u32 = 0x811c_9dc5;
-    for b in table.quoted().bytes() {
-        hash ^= u32::from(b);
-        hash = hash.wrapping_mul(0x0100_0193);
-    }
-    // At most 40 bytes of the name, so the hash always fits in 63.
-    let mut short = String::new();
-    for c in table.name.chars() {
-        if short.len() + c.len_utf8() > 40 {
-            break;
-        }
-        short.push(c);
-    }
-    format!("capture_{short}_{hash:08x}")
+    format!("capture_{}", tidemark_common::pg::short_hashed(table))
 }
 
 /// The change-log objects for one table.
@@ -194,6 +180,54 @@ pub fn changelog_steps(table: &TableName, capture: impl Into<Capture>) -> Vec<St
             }
         }
     }
+    steps
+}
+
+/// The objects of `logical` capture for one table: the whole old row in
+/// the WAL (`replica identity full`, so updates and deletes carry their
+/// `before` as change-log capture does) and a publication of its inserts,
+/// updates and deletes, which pg-source's replication slot reads. Nothing
+/// runs in the writers' transactions: Postgres decodes the WAL in its own
+/// process. Change-log triggers left from `--capture changelog` are
+/// dropped, so writers do not pay for both.
+pub fn logical_steps(table: &TableName) -> Vec<Step> {
+    let t = table.quoted();
+    let publication = tidemark_common::pg::publication_name(table);
+    let step = |what: &str, sql: String| Step {
+        what: what.to_owned(),
+        sql,
+        only_if_new_table: false,
+    };
+    let mut steps = Vec::new();
+    for name in [
+        "tidemark_capture",
+        "tidemark_capture_insert",
+        "tidemark_capture_update",
+        "tidemark_capture_delete",
+    ] {
+        steps.push(step(
+            &format!("drop change-log trigger {name}"),
+            format!("drop trigger if exists {name} on {t}"),
+        ));
+    }
+    steps.push(step(
+        &format!("set replica identity full on {table}"),
+        format!("alter table {t} replica identity full"),
+    ));
+    steps.push(step(
+        &format!("create publication {publication}"),
+        format!(
+            r#"do $tidemark$
+begin
+  if not exists (select 1 from pg_catalog.pg_publication where pubname = {name}) then
+    create publication {ident} for table {t} with (publish = 'insert, update, delete');
+  end if;
+end
+$tidemark$"#,
+            name = quote_literal(&publication),
+            ident = quote_ident(&publication),
+        ),
+    ));
     steps
 }
 

@@ -33,9 +33,13 @@ struct Cli {
     #[arg(long, env = "TIDEMARK_NO_SAMPLE_ROW")]
     no_sample_row: bool,
 
-    /// Install change-log capture on the table (`changelog`): every insert,
-    /// update and delete is recorded for pg-source's changelog mode.
-    #[arg(long, env = "TIDEMARK_CAPTURE", value_parser = ["changelog"])]
+    /// Install capture of every insert, update and delete on the table, for
+    /// pg-source's mode of the same name. `logical`: a publication read
+    /// through a replication slot, with `replica identity full`; costs the
+    /// writers least, needs `wal_level = logical`. `changelog`: triggers
+    /// that write each change to `tidemark.change_log`; works on any
+    /// server. See the README's costs.
+    #[arg(long, env = "TIDEMARK_CAPTURE", value_parser = ["changelog", "logical"])]
     capture: Option<String>,
 
     /// How change-log triggers fire: `statement` (one log insert per
@@ -104,16 +108,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         notify: !cli.no_notify,
         sample_row: !cli.no_sample_row,
         seed_objects: !cli.no_seed_objects,
-        capture: cli.capture.as_ref().map(|_| crate::Capture {
-            trigger: match cli.capture_trigger.as_str() {
-                "row" => crate::TriggerLevel::Row,
-                _ => crate::TriggerLevel::Statement,
-            },
-            update_before: match cli.update_before.as_str() {
-                "null" => crate::UpdateBefore::Null,
-                _ => crate::UpdateBefore::Full,
-            },
-        }),
+        logical: cli.capture.as_deref() == Some("logical"),
+        capture: cli
+            .capture
+            .as_ref()
+            .filter(|c| *c == "changelog")
+            .map(|_| crate::Capture {
+                trigger: match cli.capture_trigger.as_str() {
+                    "row" => crate::TriggerLevel::Row,
+                    _ => crate::TriggerLevel::Statement,
+                },
+                update_before: match cli.update_before.as_str() {
+                    "null" => crate::UpdateBefore::Null,
+                    _ => crate::UpdateBefore::Full,
+                },
+            }),
     };
     if cli.dry_run {
         print!("{}", crate::dry_run(&cfg));

@@ -17,7 +17,9 @@
 pub mod capture;
 pub mod cli;
 
-pub use capture::{changelog_steps, Capture, TriggerLevel, UpdateBefore, CHANGE_LOG};
+pub use capture::{
+    changelog_steps, logical_steps, Capture, TriggerLevel, UpdateBefore, CHANGE_LOG,
+};
 
 use std::time::Duration;
 
@@ -44,6 +46,9 @@ pub struct Config {
     pub seed_objects: bool,
     /// Change-log capture to install, if any.
     pub capture: Option<Capture>,
+    /// Install `logical` capture (a publication and `replica identity
+    /// full`) instead; needs `wal_level = logical`.
+    pub logical: bool,
 }
 
 /// One statement of the plan, with what it is for.
@@ -118,13 +123,13 @@ $$ language plpgsql"#
     if cfg.seed_objects {
         steps.extend(seed);
     }
-    if cfg.capture.is_some() {
-        // pg-source's changelog mode finds commits by comparing snapshots;
+    if cfg.capture.is_some() || cfg.logical {
+        // pg-source's changelog and logical modes finds commits by comparing snapshots;
         // a NOTIFY per transaction would cost writers a turn on Postgres'
         // global notification queue lock (about a fifth of single-row
         // commit throughput, measured by dev/bench-triggers).
         steps.push(Step {
-            what: "drop trigger tidemark_notify (changelog mode needs none)".into(),
+            what: "drop trigger tidemark_notify (changelog and logical modes need none)".into(),
             sql: format!("drop trigger if exists tidemark_notify on {t}"),
             only_if_new_table: false,
         });
@@ -159,7 +164,9 @@ $$ language plpgsql"#
             },
         ]);
     }
-    if let Some(capture) = cfg.capture {
+    if cfg.logical {
+        steps.extend(logical_steps(&cfg.table));
+    } else if let Some(capture) = cfg.capture {
         steps.extend(changelog_steps(&cfg.table, capture));
     }
     if cfg.sample_row {
@@ -236,6 +243,18 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Report> {
 
     let db_target = target.with_database(&cfg.database);
     let pool = db_target.connect(1, Duration::from_secs(30)).await?;
+    if cfg.logical {
+        let wal_level: String = sqlx::query_scalar("select current_setting('wal_level')")
+            .fetch_one(&pool)
+            .await?;
+        if wal_level != "logical" {
+            anyhow::bail!(
+                "--capture logical needs wal_level = logical, and {db_target} has wal_level = {wal_level}: \
+                 run `alter system set wal_level = logical` as a superuser and restart Postgres \
+                 (or start it with -c wal_level=logical), or use --capture changelog"
+            );
+        }
+    }
     let mut conn = pool.acquire().await?;
     let mut tx = conn.begin().await?;
     // Two schema-init runs at once must not both insert the sample row.
@@ -248,9 +267,10 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Report> {
         .await?;
     let mut checked_key = false;
     for step in plan(cfg) {
-        if cfg.capture.is_some()
+        if (cfg.capture.is_some() || cfg.logical)
             && !checked_key
-            && step.what.starts_with("create function tidemark.capture")
+            && (step.what.starts_with("create function tidemark.capture")
+                || step.what.starts_with("set replica identity"))
         {
             let has_pk: bool = sqlx::query_scalar(
                 "select exists (select 1 from pg_index where indrelid = to_regclass($1) and indisprimary)",
@@ -298,6 +318,7 @@ mod tests {
             sample_row: true,
             seed_objects: true,
             capture: None,
+            logical: false,
         }
     }
 

@@ -130,6 +130,26 @@ async fn install_capture(pool: &sqlx::PgPool, table: &TableName) {
     }
 }
 
+/// A fixture with change-log capture, or with `logical` capture.
+async fn capture_fixture(logical: bool) -> Fixture {
+    if logical {
+        Fixture::logical().await
+    } else {
+        Fixture::changelog(TriggerLevel::Row).await
+    }
+}
+
+/// Installs the fixture's kind of capture on `table`, as schema-init does.
+async fn install_fixture_capture(fx: &Fixture, table: &TableName) {
+    if fx.logical {
+        for step in schema_init::logical_steps(table) {
+            exec(&fx.pool, &step.sql).await;
+        }
+    } else {
+        install_capture(&fx.pool, table).await;
+    }
+}
+
 /// Polls `f` every 50 ms until it gives a value, for at most `timeout`.
 async fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
@@ -429,7 +449,18 @@ async fn lossy_fields(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_column_type_round_trips_through_the_file_and_back() {
-    let fx = Fixture::changelog(TriggerLevel::Row).await;
+    every_column_type_round_trips(false).await;
+}
+
+/// Logical mode reads values as the replication stream prints them: they
+/// must play back as exactly as the change log's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_column_type_round_trips_in_logical_mode() {
+    every_column_type_round_trips(true).await;
+}
+
+async fn every_column_type_round_trips(logical: bool) {
+    let fx = capture_fixture(logical).await;
     exec(
         &fx.pool,
         "create type mood as enum ('happy', 'it''s \"complicated\"')",
@@ -437,7 +468,7 @@ async fn every_column_type_round_trips_through_the_file_and_back() {
     .await;
     exec(&fx.pool, ALL_TYPES).await;
     let table = TableName::parse("all_types").unwrap();
-    install_capture(&fx.pool, &table).await;
+    install_fixture_capture(&fx, &table).await;
 
     // A writer whose session settings differ from pg-source's in every way
     // that changes how values print: capture must not depend on them.
@@ -524,6 +555,7 @@ async fn every_column_type_round_trips_through_the_file_and_back() {
     }
     source.stop().await.unwrap();
     sink.stop().await.unwrap();
+    fx.drop_slot().await;
 }
 
 /// Creates table `edges` (`id int primary key` and `columns`) with capture,
@@ -531,13 +563,27 @@ async fn every_column_type_round_trips_through_the_file_and_back() {
 /// `writer_settings`, and plays every field of the events back: returns
 /// what differs from the table.
 async fn round_trip(columns: &str, rows: &[&str], writer_settings: &[&str]) -> Vec<String> {
-    let fx = Fixture::changelog(TriggerLevel::Row).await;
+    let mut lossy = round_trip_in(false, columns, rows, writer_settings).await;
+    for problem in round_trip_in(true, columns, rows, writer_settings).await {
+        lossy.push(format!("logical mode: {problem}"));
+    }
+    lossy
+}
+
+/// [`round_trip`] with change-log capture, or with `logical` capture.
+async fn round_trip_in(
+    logical: bool,
+    columns: &str,
+    rows: &[&str],
+    writer_settings: &[&str],
+) -> Vec<String> {
+    let fx = capture_fixture(logical).await;
     exec(
         &fx.pool,
         &format!("create table edges (id int primary key, {columns})"),
     )
     .await;
-    install_capture(&fx.pool, &TableName::parse("edges").unwrap()).await;
+    install_fixture_capture(&fx, &TableName::parse("edges").unwrap()).await;
     let mut source = start_source(&fx, &[("table.whitelist", "edges")]).await;
     let topic = format!("{}edges", fx.prefix);
     let file = fx.dir.path().join("edges.txt");
@@ -565,6 +611,7 @@ async fn round_trip(columns: &str, rows: &[&str], writer_settings: &[&str]) -> V
     }
     source.stop().await.unwrap();
     sink.stop().await.unwrap();
+    fx.drop_slot().await;
     lossy
 }
 
@@ -1246,6 +1293,7 @@ async fn schema_init_refuses_to_capture_a_table_without_a_primary_key() {
         sample_row: false,
         seed_objects: false,
         capture: Some(TriggerLevel::Row.into()),
+        logical: false,
     };
     let err = format!(
         "{:#}",

@@ -78,7 +78,18 @@ fn start_containers() -> Services {
         .with_wait_for(WaitFor::Nothing)
         .with_env_var("POSTGRES_PASSWORD", "postgres")
         .with_label("tidemark.tests.pid", &pid)
-        .with_cmd(["postgres", "-c", "max_connections=300"])
+        .with_cmd([
+            "postgres",
+            "-c",
+            "max_connections=300",
+            // logical mode: every test's connector has a slot of its own.
+            "-c",
+            "wal_level=logical",
+            "-c",
+            "max_replication_slots=200",
+            "-c",
+            "max_wal_senders=100",
+        ])
         .start()
         .unwrap_or_else(|e| panic!("cannot start the Postgres container (is Docker running? on a machine without a registry, run `eval \"$(docker/build-images.sh)\"` first): {e}"));
     let pg_port = pg.get_host_port_ipv4(5432.tcp()).unwrap();
@@ -311,6 +322,8 @@ pub fn unique(prefix: &str) -> String {
 /// prefix, connector names and output file.
 pub struct Fixture {
     pub changelog: bool,
+    /// `logical` capture and mode.
+    pub logical: bool,
     pub database: String,
     pub prefix: String,
     pub source_name: String,
@@ -332,7 +345,17 @@ impl Fixture {
         Self::with_capture(Some(capture.into())).await
     }
 
+    /// Like [`Fixture::new`], with logical capture installed, and the
+    /// source connector switched to `logical` mode.
+    pub async fn logical() -> Self {
+        Self::with_kind(None, true).await
+    }
+
     async fn with_capture(capture: Option<schema_init::Capture>) -> Self {
+        Self::with_kind(capture, false).await
+    }
+
+    async fn with_kind(capture: Option<schema_init::Capture>, logical: bool) -> Self {
         tidemark_common::telemetry::init_for_tests();
         let database = unique("tm_");
         let admin = PgTarget::from_url("DATABASE_URL", &database_url()).unwrap();
@@ -344,12 +367,14 @@ impl Fixture {
             sample_row: true,
             seed_objects: true,
             capture,
+            logical,
         };
         schema_init::run(&cfg).await.expect("schema-init runs");
         let target = admin.with_database(&database);
         let pool = target.connect(4, Duration::from_secs(10)).await.unwrap();
         Self {
             changelog: capture.is_some(),
+            logical,
             prefix: format!("{}.", unique("t")),
             source_name: unique("src"),
             sink_name: unique("sink"),
@@ -394,7 +419,27 @@ impl Fixture {
         if self.changelog {
             c.apply_overrides([("mode", Some("changelog".to_owned()))]);
         }
+        if self.logical {
+            c.apply_overrides([("mode", Some("logical".to_owned()))]);
+        }
         c
+    }
+
+    /// Drops the replication slot of the fixture's source (logical mode), so
+    /// it keeps no WAL after the test.
+    pub async fn drop_slot(&self) {
+        let slot = pg_source::logical_mode::default_slot_name(&self.source_name);
+        for _ in 0..50 {
+            let r = sqlx::query("select pg_drop_replication_slot(slot_name) from pg_replication_slots where slot_name = $1")
+                .bind(&slot)
+                .execute(&self.pool)
+                .await;
+            if r.is_ok() {
+                return;
+            }
+            // Still held by a stream that is closing.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// The seed's sink connector JSON, pointed at this fixture's topic and file.
