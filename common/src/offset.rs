@@ -68,8 +68,13 @@ pub struct ChangeLogPosition {
     /// replication stream resumes after it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lsn: Option<u64>,
-    /// `logical` mode: changes already sent of the transaction after `lsn`,
-    /// when a large one is split over several Kafka transactions.
+    /// `logical` mode, when a large transaction is split over several Kafka
+    /// transactions: the WAL position of the last change sent of the
+    /// transaction after `lsn`. A restart skips its changes up to there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_txn_lsn: Option<u64>,
+    /// How many changes at `in_txn_lsn` were sent (a multi-row insert, as
+    /// `COPY` writes, has several changes at one position).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub in_txn: u64,
 }

@@ -28,6 +28,8 @@ pub struct PgTarget {
 struct ReplicationAuth {
     password: Option<String>,
     ssl_root_cert: Option<String>,
+    ssl_cert: Option<String>,
+    ssl_key: Option<String>,
 }
 
 /// How to open a replication connection to a [`PgTarget`]'s server.
@@ -47,6 +49,8 @@ pub struct ReplicationTarget {
     pub ssl_mode: PgSslMode,
     /// CA file for `verify-ca` / `verify-full`.
     pub ssl_root_cert: Option<String>,
+    /// Client certificate and key files, for certificate authentication.
+    pub ssl_cert_key: Option<(String, String)>,
 }
 
 impl fmt::Debug for PgTarget {
@@ -171,6 +175,14 @@ impl PgTarget {
                 .query_pairs()
                 .find(|(k, _)| k == "sslrootcert")
                 .map(|(_, v)| v.into_owned()),
+            ssl_cert: parsed
+                .query_pairs()
+                .find(|(k, _)| k == "sslcert")
+                .map(|(_, v)| v.into_owned()),
+            ssl_key: parsed
+                .query_pairs()
+                .find(|(k, _)| k == "sslkey")
+                .map(|(_, v)| v.into_owned()),
         };
         if let Some(password) = &replication.password {
             options = options.password(password);
@@ -214,11 +226,9 @@ impl PgTarget {
                             .map(|(_, v)| v.into_owned())
                     })
                 }),
-            ssl_root_cert: parsed.as_ref().and_then(|u| {
-                u.query_pairs()
-                    .find(|(k, _)| k == "sslrootcert")
-                    .map(|(_, v)| v.into_owned())
-            }),
+            ssl_root_cert: query_param(parsed.as_ref(), "sslrootcert"),
+            ssl_cert: query_param(parsed.as_ref(), "sslcert"),
+            ssl_key: query_param(parsed.as_ref(), "sslkey"),
         };
         Ok(Self {
             options: with_session_settings(options),
@@ -241,6 +251,11 @@ impl PgTarget {
             database: self.database().unwrap_or("postgres").to_owned(),
             ssl_mode: self.options.get_ssl_mode(),
             ssl_root_cert: self.replication.ssl_root_cert.clone(),
+            ssl_cert_key: self
+                .replication
+                .ssl_cert
+                .clone()
+                .zip(self.replication.ssl_key.clone()),
         })
     }
 
@@ -391,6 +406,14 @@ pub fn redact_url(url: &str) -> String {
         out.push_str(&redacted.join("&"));
     }
     out
+}
+
+fn query_param(url: Option<&url::Url>, name: &str) -> Option<String> {
+    url.and_then(|u| {
+        u.query_pairs()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+    })
 }
 
 /// Decodes `%XX` escapes (a URL's password), leaving anything else as is.

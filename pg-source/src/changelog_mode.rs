@@ -124,6 +124,16 @@ impl ChangeTable {
             if !published || identity != "f" {
                 bail!("table {name} has no logical capture (publication {publication} and replica identity full): run schema-init --capture logical --table {name}");
             }
+            let generated: Option<String> = sqlx::query_scalar(
+                "select string_agg(attname::text, ', ' order by attnum) from pg_attribute
+                 where attrelid = to_regclass($1) and attnum > 0 and not attisdropped and attgenerated <> ''",
+            )
+            .bind(name.quoted())
+            .fetch_one(pool)
+            .await?;
+            if let Some(columns) = generated {
+                bail!("table {name} has generated columns ({columns}), whose values logical decoding does not send: capture it with --capture changelog and mode changelog");
+            }
         } else if !has_trigger {
             bail!("table {name} has no change-log trigger: run schema-init --capture changelog --table {name}");
         }

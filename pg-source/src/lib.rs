@@ -447,7 +447,16 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             Source::ChangeLog(Box::new(reader), snapshot)
         }
         Mode::Logical => {
-            let (reader, snapshot) = changelog_reader(&cfg, &pool, infos, &stored).await?;
+            // Creating the slot waits for open transactions, however long:
+            // a stop must not wait with it.
+            let prepared = tokio::select! {
+                r = changelog_reader(&cfg, &pool, infos, &stored) => Some(r?),
+                _ = shutdown.cancelled() => None,
+            };
+            let Some((reader, snapshot)) = prepared else {
+                tracing::info!("pg-source stopped before it began reading");
+                return Ok(());
+            };
             Source::Logical(Box::new(reader), snapshot, None, std::time::Instant::now())
         }
     };
@@ -925,7 +934,7 @@ async fn poll_logical(
                 let s = stream.as_mut().expect("opened above");
                 let next = tokio::select! {
                     _ = shutdown.cancelled() => None,
-                    next = s.next(pool, reader, *last_commit) => Some(next),
+                    next = s.next(reader, *last_commit) => Some(next),
                 };
                 let Some(next) = next else {
                     // Stopped mid-read: nothing of it was sent.

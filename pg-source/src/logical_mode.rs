@@ -89,7 +89,7 @@ pub async fn prepare_slot(pool: &PgPool, slot: &str, stored: Option<u64>) -> any
     type SlotRow = (Option<String>, Option<String>, Option<String>, bool);
     let found: Option<SlotRow> = sqlx::query_as(
         "select confirmed_flush_lsn::text, plugin::text, database::text,
-                database = current_database()
+                database = current_database() and wal_status is distinct from 'lost'
          from pg_replication_slots where slot_name = $1",
     )
     .bind(slot)
@@ -98,13 +98,29 @@ pub async fn prepare_slot(pool: &PgPool, slot: &str, stored: Option<u64>) -> any
     match (found, stored) {
         (None, None) => {
             tracing::info!(slot, "creating the replication slot; Postgres first waits for the transactions open on the server to finish");
-            let lsn: String = sqlx::query_scalar(
+            let create = sqlx::query_scalar::<_, String>(
                 "select lsn::text from pg_create_logical_replication_slot($1, 'pgoutput')",
             )
             .bind(slot)
-            .fetch_one(pool)
-            .await
-            .map_err(|e| {
+            .fetch_one(pool);
+            tokio::pin!(create);
+            let created = loop {
+                tokio::select! {
+                    r = &mut create => break r,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                        let waiting: Vec<String> = sqlx::query_scalar(
+                            "select format('pid %s (%s, %s, in a transaction since %s)', pid, usename, datname, xact_start)
+                             from pg_stat_activity where backend_xid is not null and pid <> pg_backend_pid()
+                             order by xact_start limit 5",
+                        )
+                        .fetch_all(pool)
+                        .await
+                        .unwrap_or_default();
+                        tracing::warn!(slot, sessions = ?waiting, "still creating the replication slot: Postgres waits for these transactions to end");
+                    }
+                }
+            };
+            let lsn = created.map_err(|e| {
                 anyhow::Error::new(e).context(format!(
                     "cannot create replication slot {slot}: the user needs the REPLICATION attribute (alter role <user> replication), and max_replication_slots a free slot"
                 ))
@@ -119,7 +135,8 @@ pub async fn prepare_slot(pool: &PgPool, slot: &str, stored: Option<u64>) -> any
         (Some((flushed, plugin, database, same_db)), stored) => {
             if plugin.as_deref() != Some("pgoutput") || !same_db {
                 bail!(
-                    "replication slot {slot} exists but is not a pgoutput slot of this database (plugin {}, database {}): drop it, or set slot.name to another name",
+                    "replication slot {slot} exists but is not a usable pgoutput slot of this database (plugin {}, database {}; or Postgres removed WAL it needed, max_slot_wal_keep_size): \
+                     drop it (select pg_drop_replication_slot('{slot}')) and start over with a new connector name, or set slot.name to another name",
                     plugin.unwrap_or_default(),
                     database.unwrap_or_default()
                 );
@@ -128,7 +145,7 @@ pub async fn prepare_slot(pool: &PgPool, slot: &str, stored: Option<u64>) -> any
             match stored {
                 Some(at) if flushed > at => bail!(
                     "replication slot {slot} was confirmed up to {} but the stored position is {}: something else reads this slot, and the changes between are lost to this connector; \
-                     give each connector its own slot.name, and start over with a new connector name",
+                     give each connector its own slot.name, drop this slot (select pg_drop_replication_slot('{slot}')) and start over with a new connector name",
                     Lsn(flushed),
                     Lsn(at)
                 ),
@@ -179,19 +196,43 @@ enum Value<'a> {
     Text(&'a [u8]),
 }
 
+/// A transaction being read from the stream.
+struct Txn {
+    xid: u64,
+    commit_ms: i64,
+    /// The WAL position of its last change read, and how many changes were
+    /// read at that position.
+    last_lsn: u64,
+    at_last: u64,
+}
+
+/// The stream ended without an error: the server closed it.
+#[derive(Debug, thiserror::Error)]
+#[error("the replication stream of slot {0} ended: the server closed it")]
+pub struct StreamClosed(String);
+
 /// The open replication stream and what decoding it needs.
 pub struct LogicalStream {
     client: ReplicationClient,
     relations: HashMap<u32, Relation>,
-    /// The open transaction: full xid, commit time (ms), changes seen.
-    txn: Option<(u64, i64, u64)>,
-    /// Changes of the first transaction to skip: sent before a restart.
-    skip: u64,
+    /// The open transaction.
+    txn: Option<Txn>,
+    /// Where the first transaction was cut before a restart: its changes up
+    /// to this WAL position (and this many at it) were sent already.
+    skip: Option<(u64, u64)>,
+    /// Per table read, its `json`/`jsonb` columns (domains over them
+    /// included), whose text goes into row images as JSON.
+    json_columns: Vec<std::collections::HashSet<String>>,
     /// A recent full transaction id, to widen the stream's 32-bit xids.
     xid_base: u64,
     slot: String,
     /// The position last told to the slot.
     acked: Option<u64>,
+    /// The connection that renders changes: the stream's own, so that when
+    /// Postgres shuts down (and waits for this stream to confirm what it
+    /// sent) a render fails at once instead of waiting for the pool to
+    /// connect again, which would hold the shutdown up.
+    conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
 }
 
 impl LogicalStream {
@@ -207,14 +248,21 @@ impl LogicalStream {
         let t = target.replication_target().context(
             "mode logical needs a TCP connection.url (host and port), not a Unix socket",
         )?;
-        let tls = match t.ssl_mode {
-            PgSslMode::Disable | PgSslMode::Allow | PgSslMode::Prefer => TlsConfig::disabled(),
+        let mut tls = match t.ssl_mode {
+            PgSslMode::Disable | PgSslMode::Allow => TlsConfig::disabled(),
+            PgSslMode::Prefer => TlsConfig {
+                mode: pgwire_replication::SslMode::Prefer,
+                ..TlsConfig::default()
+            },
             PgSslMode::Require => TlsConfig::require(),
             PgSslMode::VerifyCa => TlsConfig::verify_ca(t.ssl_root_cert.clone().map(Into::into)),
             PgSslMode::VerifyFull => {
                 TlsConfig::verify_full(t.ssl_root_cert.clone().map(Into::into))
             }
         };
+        if let Some((cert, key)) = &t.ssl_cert_key {
+            tls = tls.with_client_cert(cert, key);
+        }
         let at = reader.position.lsn.unwrap_or(0);
         let publications: Vec<String> = reader
             .tables
@@ -241,22 +289,42 @@ impl LogicalStream {
         .with_options(
             "-c client_encoding=UTF8 -c datestyle=ISO -c intervalstyle=iso_8601 -c extra_float_digits=3 -c timezone=UTC",
         );
+        let mut conn = pool.acquire().await?;
+        let mut json_columns = Vec::new();
+        for table in &reader.tables {
+            let names: Vec<String> = sqlx::query_scalar(
+                "select a.attname::text from pg_attribute a join pg_type t on t.oid = a.atttypid
+                 where a.attrelid = to_regclass($1) and a.attnum > 0 and not a.attisdropped
+                   and (case when t.typtype = 'd' then t.typbasetype else t.oid end)
+                       in ('json'::regtype, 'jsonb'::regtype)",
+            )
+            .bind(table.info.name.quoted())
+            .fetch_all(&mut *conn)
+            .await?;
+            json_columns.push(names.into_iter().collect());
+        }
         let xid_base: i64 =
             sqlx::query_scalar("select pg_snapshot_xmax(pg_current_snapshot())::text::int8")
-                .fetch_one(pool)
+                .fetch_one(&mut *conn)
                 .await?;
         let client = ReplicationClient::connect(config)
             .await
             .map_err(|e| stream_error(e, slot))?;
-        tracing::info!(slot, lsn = %Lsn(at), skip = reader.position.in_txn, "replication stream opened");
+        let skip = reader
+            .position
+            .in_txn_lsn
+            .map(|l| (l, reader.position.in_txn));
+        tracing::info!(slot, lsn = %Lsn(at), resume_inside = ?skip.map(|(l, n)| (Lsn(l).to_string(), n)), "replication stream opened");
         Ok(Self {
             client,
             relations: HashMap::new(),
             txn: None,
-            skip: reader.position.in_txn,
+            skip,
+            json_columns,
             xid_base: xid_base as u64,
             slot: slot.to_owned(),
             acked: reader.position.lsn,
+            conn,
         })
     }
 
@@ -278,15 +346,19 @@ impl LogicalStream {
         for _ in 0..n {
             let _flags = take_u8(&mut b)?;
             let column = take_cstr(&mut b)?;
-            let oid = take_u32(&mut b)?;
+            let _oid = take_u32(&mut b)?;
             let _typmod = take_u32(&mut b)?;
-            // json and jsonb
-            columns.push((column, oid == 114 || oid == 3802));
+            columns.push((column, false));
         }
         let table = reader
             .tables
             .iter()
             .position(|t| t.info.name.schema == schema && t.info.name.name == name);
+        if let Some(i) = table {
+            for (column, json) in &mut columns {
+                *json = self.json_columns[i].contains(column.as_str());
+            }
+        }
         if let Some(i) = table {
             let known = &reader.tables[i].info.columns;
             if columns.len() != known.len()
@@ -326,10 +398,6 @@ impl LogicalStream {
             // Type, Origin and other messages carry nothing to send.
             _ => return Ok(None),
         };
-        let (txid, changed_ms, seen) = self
-            .txn
-            .as_mut()
-            .context("a change outside a transaction in the replication stream")?;
         let id = take_u32(&mut b)?;
         let rel = self.relations.get(&id).with_context(|| {
             format!("a change of relation {id}, which the stream never described")
@@ -337,11 +405,23 @@ impl LogicalStream {
         let Some(table) = rel.table else {
             return Ok(None);
         };
-        *seen += 1;
-        if *seen <= self.skip {
-            return Ok(None);
+        let txn = self
+            .txn
+            .as_mut()
+            .context("a change outside a transaction in the replication stream")?;
+        if lsn == txn.last_lsn {
+            txn.at_last += 1;
+        } else {
+            txn.last_lsn = lsn;
+            txn.at_last = 1;
         }
-        let (txid, changed_ms) = (*txid, *changed_ms);
+        // Sent before a restart that cut this transaction.
+        if let Some((cut, n)) = self.skip {
+            if lsn < cut || (lsn == cut && txn.at_last <= n) {
+                return Ok(None);
+            }
+        }
+        let (txid, changed_ms) = (txn.xid, txn.commit_ms);
         let mut old = None;
         let mut new = None;
         while let Some((&tag, rest)) = b.split_first() {
@@ -485,14 +565,20 @@ pub enum StreamError {
 
 fn stream_error(e: PgWireError, slot: &str) -> anyhow::Error {
     let hint = match &e {
-        PgWireError::Auth(_) => "; check connection.user and connection.password",
+        PgWireError::Auth(_) => "; check connection.user and connection.password".to_owned(),
         PgWireError::Server(m) if m.contains("SQLSTATE 42501") => {
-            "; the user needs the REPLICATION attribute: alter role <user> replication"
+            "; the user needs the REPLICATION attribute: alter role <user> replication".to_owned()
+        }
+        PgWireError::Server(m) if m.contains("SQLSTATE 42704") && m.contains("slot") => {
+            "; the slot is gone, so the changes since the stored position cannot be read: start over with a new connector name (a new initial snapshot)".to_owned()
         }
         PgWireError::Server(m) if m.contains("SQLSTATE 42704") => {
-            "; run schema-init --capture logical for every table read"
+            "; run schema-init --capture logical for every table read".to_owned()
         }
-        _ => "",
+        PgWireError::Server(m) if m.contains("SQLSTATE 55006") => format!(
+            "; another session is reading slot {slot}: a dying one lets go within seconds; if it is another connector, give each its own slot.name"
+        ),
+        _ => String::new(),
     };
     anyhow::anyhow!("replication stream of slot {slot}: {e}{hint}")
 }
@@ -502,17 +588,31 @@ pub fn is_transient(e: &anyhow::Error) -> bool {
     if let Some(e) = e.downcast_ref::<sqlx::Error>() {
         return tidemark_common::pg::is_transient(e);
     }
+    if e.downcast_ref::<StreamClosed>().is_some() {
+        return true;
+    }
     let text = format!("{e:#}");
-    text.contains("io error")
+    // A lost connection, a server restarting or shutting down, a slot still
+    // held by a dying session, too many connections; not a protocol
+    // violation (08P01) or a dropped database (57P04).
+    let transient_code = [
+        "SQLSTATE 08000",
+        "SQLSTATE 08001",
+        "SQLSTATE 08003",
+        "SQLSTATE 08004",
+        "SQLSTATE 08006",
+        "SQLSTATE 57P01",
+        "SQLSTATE 57P02",
+        "SQLSTATE 57P03",
+        "SQLSTATE 55006",
+        "SQLSTATE 53300",
+    ]
+    .iter()
+    .any(|c| text.contains(c));
+    transient_code
+        || text.contains("io error")
         || text.contains("task error")
-        || [
-            "SQLSTATE 08",
-            "SQLSTATE 57P",
-            "SQLSTATE 55006",
-            "SQLSTATE 53300",
-        ]
-        .iter()
-        .any(|c| text.contains(c))
+        || text.contains("internal error")
 }
 
 /// A batch read from the stream, ready to commit with the reader's
@@ -534,7 +634,6 @@ impl LogicalStream {
     /// Fails on a stream, decoding or rendering error.
     pub async fn next(
         &mut self,
-        pool: &PgPool,
         reader: &mut ChangeLogReader,
         last_commit: Instant,
     ) -> anyhow::Result<Option<Batch>> {
@@ -567,14 +666,19 @@ impl LogicalStream {
             };
             let ev = ev.map_err(|e| stream_error(e, &self.slot))?;
             match ev {
-                None => bail!("the replication stream of slot {} ended", self.slot),
+                None => return Err(StreamClosed(self.slot.clone()).into()),
                 Some(ReplicationEvent::Begin {
                     xid,
                     commit_time_micros,
                     ..
                 }) => {
                     let full = self.full_xid(xid);
-                    self.txn = Some((full, commit_time_micros / 1000 + PG_EPOCH_MS, 0));
+                    self.txn = Some(Txn {
+                        xid: full,
+                        commit_ms: commit_time_micros / 1000 + PG_EPOCH_MS,
+                        last_lsn: 0,
+                        at_last: 0,
+                    });
                 }
                 Some(ReplicationEvent::XLogData {
                     wal_start, data, ..
@@ -584,9 +688,9 @@ impl LogicalStream {
                         if changes.len() as i64 >= reader.chunk {
                             // A large transaction goes in parts; the next
                             // start skips what this one sends.
-                            if let Some((_, _, seen)) = self.txn {
-                                reader.position.in_txn = seen;
-                                self.skip = seen;
+                            if let Some(txn) = &self.txn {
+                                reader.position.in_txn_lsn = Some(txn.last_lsn);
+                                reader.position.in_txn = txn.at_last;
                             }
                             break;
                         }
@@ -594,14 +698,40 @@ impl LogicalStream {
                 }
                 Some(ReplicationEvent::Commit { end_lsn, .. }) => {
                     self.txn = None;
-                    self.skip = 0;
+                    self.skip = None;
                     reader.position.lsn = Some(end_lsn.0);
+                    reader.position.in_txn_lsn = None;
                     reader.position.in_txn = 0;
                     if changes.len() as i64 >= reader.chunk {
                         break;
                     }
                 }
-                Some(ReplicationEvent::KeepAlive { .. } | ReplicationEvent::Message { .. }) => {}
+                Some(ReplicationEvent::KeepAlive {
+                    wal_end,
+                    reply_requested,
+                    ..
+                }) => {
+                    // Between transactions with nothing unsent, everything the
+                    // server sent before `wal_end` is in Kafka: the position
+                    // may move there. A server shutting down waits for its
+                    // slot to be confirmed that far (it asks for a reply), so
+                    // that position is committed and confirmed at once.
+                    if self.txn.is_none()
+                        && changes.is_empty()
+                        && Some(wal_end.0) > reader.position.lsn
+                    {
+                        reader.position.lsn = Some(wal_end.0);
+                        reader.position.in_txn_lsn = None;
+                        reader.position.in_txn = 0;
+                        if reply_requested {
+                            return Ok(Some(Batch {
+                                chunk: Chunk::default(),
+                                position_only: true,
+                            }));
+                        }
+                    }
+                }
+                Some(ReplicationEvent::Message { .. }) => {}
                 Some(ReplicationEvent::StoppedAt { .. }) => {
                     bail!("the replication stream of slot {} stopped", self.slot)
                 }
@@ -609,7 +739,7 @@ impl LogicalStream {
         }
         let rows = changes.len();
         let newest_change_ms = changes.iter().map(|c| c.changed_ms).max();
-        let records = render(pool, reader, changes).await?;
+        let records = render(&mut self.conn, reader, changes).await?;
         Ok(Some(Batch {
             chunk: Chunk {
                 records,
@@ -630,7 +760,7 @@ impl LogicalStream {
 
 /// Renders decoded changes into records, a query per run of one table.
 async fn render(
-    pool: &PgPool,
+    conn: &mut sqlx::PgConnection,
     reader: &ChangeLogReader,
     changes: Vec<Decoded>,
 ) -> anyhow::Result<Vec<crate::producer::Record>> {
@@ -671,7 +801,7 @@ async fn render(
             .bind(&after)
             .bind(&reader.position.done)
             .bind(segments)
-            .fetch_all(pool)
+            .fetch_all(&mut *conn)
             .await?;
         for r in &rows {
             reader.render_change(table, r, read_ms, &mut records);

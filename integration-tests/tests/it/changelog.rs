@@ -488,27 +488,59 @@ async fn crash_mid_snapshot(fx: Fixture) {
     fx.drop_slot().await;
 }
 
+/// The logical position pg-source stored for the fixture's connector.
+async fn stored_logical_position(fx: &Fixture) -> tidemark_common::offset::ChangeLogPosition {
+    let settings = kafka();
+    let topic = format!("{}offsets", fx.prefix);
+    let stored = tokio::task::spawn_blocking(move || {
+        tidemark_common::kafka::read_compacted(&settings, &topic, Duration::from_secs(30))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let key = tidemark_common::offset::position_key(&fx.source_name, "tidemark.logical");
+    match stored
+        .get(&key)
+        .map(|v| tidemark_common::offset::SourcePosition::decode(v))
+    {
+        Some(Ok(tidemark_common::offset::SourcePosition::Logical(p))) => p,
+        other => panic!("no logical position stored: {other:?}"),
+    }
+}
+
 /// A transaction larger than a batch goes to Kafka in parts; a crash between
 /// parts resumes inside it, sending each change once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logical_mode_splits_a_large_transaction_and_resumes_inside_it_after_a_crash() {
+    const ROWS: i64 = 60000;
     let fx = Fixture::logical().await;
-    exec(&fx.pool, "insert into streaming_update_table (data) select 'row ' || g from generate_series(2, 30000) g").await;
+    exec(&fx.pool, &format!("insert into streaming_update_table (data) select 'row ' || g from generate_series(2, {ROWS}) g")).await;
     let overrides = [("batch.max.rows", "100"), ("snapshot.mode", "no_data")];
     let source = fx.start_source_with(&overrides).ready().await;
     let sink = fx.start_sink();
-    // One transaction: 30000 updates.
+    // One transaction updating every row.
     exec(
         &fx.pool,
         "update streaming_update_table set data = data || ' updated'",
     )
     .await;
-    wait_for_events(&fx.file(), 3000, WAIT).await;
+    // Crash once Kafka holds part of it.
+    let started = std::time::Instant::now();
+    loop {
+        if stored_logical_position(&fx).await.in_txn_lsn.is_some() {
+            break;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "no part of the transaction was committed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     source.kill().await;
-    let sent_before = read_events(&fx.file()).len();
+    let cut = stored_logical_position(&fx).await;
     assert!(
-        sent_before < 30000,
-        "the crash came too late to test a resume inside the transaction ({sent_before} sent)"
+        cut.in_txn_lsn.is_some(),
+        "the crash came after the whole transaction was sent; nothing resumed inside it: {cut:?}"
     );
     exec(
         &fx.pool,
@@ -528,7 +560,7 @@ async fn logical_mode_splits_a_large_transaction_and_resumes_inside_it_after_a_c
             .or_default()
             .push(after["data"].as_str().unwrap().to_owned());
     }
-    assert_eq!(per_key.len(), 30000, "every row's update arrives");
+    assert_eq!(per_key.len(), ROWS as usize, "every row's update arrives");
     for (id, seen) in &per_key {
         let want = if *id == 7 {
             vec!["row 7 updated".to_owned(), "after".to_owned()]
@@ -588,4 +620,76 @@ async fn schemaless_records_are_the_payload_alone() {
     assert_eq!(update.op, Op::Update);
     assert_eq!(update.after.as_ref().unwrap()["data"], "bare");
     assert_eq!(update.before.as_ref().unwrap()["data"], "test data");
+}
+
+/// Writes to tables pg-source does not read still move its position, so the
+/// slot lets Postgres recycle WAL (and a shutdown, which waits for the slot
+/// to confirm what was sent, is not held up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logical_mode_confirms_the_slot_past_changes_of_other_tables() {
+    let fx = Fixture::logical().await;
+    exec(
+        &fx.pool,
+        "create table other (id serial primary key, v text)",
+    )
+    .await;
+    let source = fx
+        .start_source_with(&[("snapshot.mode", "no_data")])
+        .ready()
+        .await;
+    let slot = pg_source::logical_mode::default_slot_name(&fx.source_name);
+    let confirmed = || async {
+        sqlx::query_scalar::<_, String>(
+            "select confirmed_flush_lsn::text from pg_replication_slots where slot_name = $1",
+        )
+        .bind(&slot)
+        .fetch_one(&fx.pool)
+        .await
+        .unwrap()
+    };
+    let lsn_after_writes: String = {
+        for i in 0..50 {
+            exec(&fx.pool, &format!("insert into other (v) values ('{i}')")).await;
+        }
+        sqlx::query_scalar("select pg_current_wal_lsn()::text")
+            .fetch_one(&fx.pool)
+            .await
+            .unwrap()
+    };
+    let started = std::time::Instant::now();
+    loop {
+        let at = confirmed().await;
+        let past: bool = sqlx::query_scalar("select $1::pg_lsn >= $2::pg_lsn")
+            .bind(&at)
+            .bind(&lsn_after_writes)
+            .fetch_one(&fx.pool)
+            .await
+            .unwrap();
+        if past {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(40),
+            "the slot stayed confirmed at {at}, before {lsn_after_writes}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The stored position moved as far, so a restart finds slot and
+    // position in agreement.
+    source.stop().await.unwrap();
+    let source = fx
+        .start_source_with(&[("snapshot.mode", "no_data")])
+        .ready()
+        .await;
+    exec(
+        &fx.pool,
+        "update streaming_update_table set data = 'still here' where id = 1",
+    )
+    .await;
+    let sink = fx.start_sink();
+    let events = wait_for_events(&fx.file(), 1, WAIT).await;
+    assert_eq!(events[0].after.as_ref().unwrap()["data"], "still here");
+    source.stop().await.unwrap();
+    sink.stop().await.unwrap();
+    fx.drop_slot().await;
 }

@@ -311,12 +311,28 @@ async fn writer(
 #[ignore = "restarts the shared Kafka broker and Postgres; run alone (see the module doc)"]
 async fn fault_injection_every_committed_change_exactly_once() {
     let _serial = take_services().await;
+    fault_injection(Fixture::changelog(TriggerLevel::Row).await).await;
+}
+
+/// The same faults for logical mode: the replication stream is cut by every
+/// Postgres restart and resumes from the position Kafka holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "restarts the shared Kafka broker and Postgres; run alone (see the module doc)"]
+async fn fault_injection_logical_mode_every_committed_change_exactly_once() {
+    let _serial = take_services().await;
+    let fx = Fixture::logical().await;
+    fault_injection(fx).await;
+}
+
+async fn fault_injection(fx: Fixture) {
     let seconds = env_num("TIDEMARK_FAULT_SECONDS", 30);
     let writers = env_num("TIDEMARK_FAULT_WRITERS", 4);
     let seed = env_num("TIDEMARK_FAULT_SEED", rand::rng().random());
-    println!("fault injection: {seconds} s, {writers} writers, seed {seed}");
+    println!(
+        "fault injection ({} mode): {seconds} s, {writers} writers, seed {seed}",
+        if fx.logical { "logical" } else { "changelog" }
+    );
 
-    let fx = Fixture::changelog(TriggerLevel::Row).await;
     sqlx::query("delete from streaming_update_table")
         .execute(&fx.pool)
         .await
@@ -401,7 +417,8 @@ async fn fault_injection_every_committed_change_exactly_once() {
     source.stop();
     sink.stop();
 
-    // Duplicates: one change-log sequence number per change.
+    // Duplicates: one change-log sequence number (logical mode: one WAL
+    // position) per change.
     let mut by_seq: BTreeMap<String, u32> = BTreeMap::new();
     for e in &events {
         *by_seq
@@ -454,6 +471,7 @@ async fn fault_injection_every_committed_change_exactly_once() {
     assert_eq!(unexpected, 0, "changes from rolled-back transactions");
     assert_eq!(seen, committed);
     assert!(kills_total > 0, "the run was too short to kill anything");
+    fx.drop_slot().await;
 }
 
 /// Both programs started while the broker is down wait for it (pg-source
