@@ -46,6 +46,10 @@ const IDLE_RETURN: Duration = Duration::from_secs(1);
 /// Postgres recycle its WAL.
 const POSITION_ONLY_EVERY: Duration = Duration::from_secs(5);
 
+/// How long a logical-mode batch waits for more transactions after its
+/// first change (`TIDEMARK_LINGER_MS`).
+pub const DEFAULT_LINGER: Duration = Duration::from_millis(10);
+
 /// The default slot name of a connector: `tidemark_` and the name in the
 /// characters a slot name allows, shortened with a hash when needed.
 pub fn default_slot_name(connector: &str) -> String {
@@ -228,6 +232,8 @@ pub struct LogicalStream {
     slot: String,
     /// The position last told to the slot.
     acked: Option<u64>,
+    /// How long a batch waits for more transactions after its first change.
+    linger: Duration,
     /// The connection that renders changes: the stream's own, so that when
     /// Postgres shuts down (and waits for this stream to confirm what it
     /// sent) a render fails at once instead of waiting for the pool to
@@ -282,7 +288,7 @@ impl LogicalStream {
         .with_start_lsn(Lsn(at))
         .with_ack_lsn(Lsn(at))
         .with_status_interval(Duration::from_secs(1))
-        .with_buffer_size(4096)
+        .with_buffer_size(1024)
         .with_application_name("tidemark-pg-source")
         // Values as the reader's own sessions print them, so they read back
         // the same.
@@ -324,6 +330,11 @@ impl LogicalStream {
             xid_base: xid_base as u64,
             slot: slot.to_owned(),
             acked: reader.position.lsn,
+            linger: std::env::var("TIDEMARK_LINGER_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map(Duration::from_millis)
+                .unwrap_or(DEFAULT_LINGER),
             conn,
         })
     }
@@ -638,6 +649,7 @@ impl LogicalStream {
         last_commit: Instant,
     ) -> anyhow::Result<Option<Batch>> {
         let mut changes: Vec<Decoded> = Vec::new();
+        let mut first_change = Instant::now();
         let started = Instant::now();
         loop {
             let caught_up = self.txn.is_none();
@@ -656,10 +668,18 @@ impl LogicalStream {
                 }
             } else if caught_up {
                 // Between transactions with changes in hand: take what is
-                // already here, and send once nothing is.
+                // already here, and what comes within the linger of the
+                // batch's first change, then send. Fewer, larger Kafka
+                // transactions cost the machine less under many small
+                // commits; the linger bounds what that adds to latency.
+                let left = self.linger.saturating_sub(first_change.elapsed());
                 match self.client.recv().now_or_never() {
                     Some(ev) => ev,
-                    None => break,
+                    None if left.is_zero() => break,
+                    None => match tokio::time::timeout(left, self.client.recv()).await {
+                        Ok(ev) => ev,
+                        Err(_) => break,
+                    },
                 }
             } else {
                 self.client.recv().await
@@ -684,6 +704,9 @@ impl LogicalStream {
                     wal_start, data, ..
                 }) => {
                     if let Some(d) = self.decode(reader, &data, wal_start.0)? {
+                        if changes.is_empty() {
+                            first_change = Instant::now();
+                        }
                         changes.push(d);
                         if changes.len() as i64 >= reader.chunk {
                             // A large transaction goes in parts; the next
@@ -762,19 +785,21 @@ impl LogicalStream {
 async fn render(
     conn: &mut sqlx::PgConnection,
     reader: &ChangeLogReader,
-    changes: Vec<Decoded>,
+    mut changes: Vec<Decoded>,
 ) -> anyhow::Result<Vec<crate::producer::Record>> {
     let mut records = Vec::with_capacity(changes.len() + changes.len() / 8);
     let read_ms = now_ms();
-    let mut rest = &changes[..];
-    while let Some(first) = rest.first() {
-        let n = rest
-            .iter()
-            .position(|c| c.table != first.table)
-            .unwrap_or(rest.len());
-        let (run, tail) = rest.split_at(n);
-        rest = tail;
-        let table = &reader.tables[first.table];
+    // Front to back, at most RENDER_CHUNK at a time, each chunk's row images
+    // freed once rendered: a large batch is not held three times over (as
+    // row images, query rows and records).
+    changes.reverse();
+    while let Some(first) = changes.last().map(|c| c.table) {
+        let mut run = Vec::with_capacity(RENDER_CHUNK.min(changes.len()));
+        while run.len() < RENDER_CHUNK && changes.last().is_some_and(|c| c.table == first) {
+            run.push(changes.pop().expect("checked above"));
+        }
+        changes.shrink_to(changes.len().max(RENDER_CHUNK));
+        let table = &reader.tables[first];
         let segments = serde_json::to_value(
             reader
                 .position
@@ -787,7 +812,7 @@ async fn render(
         let ord: Vec<i64> = (0..run.len() as i64).collect();
         let lsn: Vec<i64> = run.iter().map(|c| c.lsn as i64).collect();
         let txid: Vec<String> = run.iter().map(|c| c.txid.to_string()).collect();
-        let op: Vec<&str> = run.iter().map(|c| c.op).collect();
+        let op: Vec<&'static str> = run.iter().map(|c| c.op).collect();
         let changed: Vec<i64> = run.iter().map(|c| c.changed_ms).collect();
         let before: Vec<Option<&str>> = run.iter().map(|c| c.before.as_deref()).collect();
         let after: Vec<Option<&str>> = run.iter().map(|c| c.after.as_deref()).collect();
@@ -802,13 +827,19 @@ async fn render(
             .bind(&reader.position.done)
             .bind(segments)
             .fetch_all(&mut *conn)
-            .await?;
+            .await
+            .with_context(|| format!("cannot render the changes of table {}", table.info.name))?;
+        drop((ord, lsn, txid, op, changed, before, after));
+        drop(run);
         for r in &rows {
             reader.render_change(table, r, read_ms, &mut records);
         }
     }
     Ok(records)
 }
+
+/// Changes rendered per query.
+const RENDER_CHUNK: usize = 1000;
 
 #[cfg(test)]
 mod tests {
