@@ -178,7 +178,10 @@ compose restart --timeout 20 pg-source file-sink
 wait_healthy pg-source 60
 wait_healthy file-sink 60
 for service in pg-source file-sink; do
-  compose logs --no-color "$service" | grep -q "${service} stopped" \
+  # The logs whole first: with pipefail, `compose logs | grep -q` fails when
+  # grep stops reading at its match before compose has written everything.
+  logs=$(compose logs --no-color "$service")
+  grep -q "${service} stopped" <<<"$logs" \
     || { echo "[ci-compose] $service did not stop cleanly on SIGTERM" >&2; exit 1; }
 done
 check_lines 3 0
