@@ -218,59 +218,61 @@ impl ChangeTable {
         };
         let (key_before, key_before_wide) = payload_and_wide_sql(&info.key, "b");
         let (key_after, key_after_wide) = payload_and_wide_sql(&info.key, "a");
-        let sql_changes = format!(
-            r#"select l.seq, l.txid::text as txid, l.op::text as op,
-                      (extract(epoch from l.changed_at) * 1000)::int8 as changed_ms,
-                      case when l.before is not null then {before} end as before,
+        // The columns of a change row, from its row images `b` and `a`.
+        let images = format!(
+            r#"case when l.before is not null then {before} end as before,
                       case when l.after is not null then {after} end as after,
                       case when l.before is not null then {key_before} end as key_before,
                       case when l.after is not null then {key_after} end as key_after,
                       {wide} as wide, {key_before_wide} as key_before_wide,
-                      {key_after_wide} as key_after_wide
-               from tidemark.change_log l
-               cross join lateral jsonb_populate_record(null::{t}, l.before) b
+                      {key_after_wide} as key_after_wide"#
+        );
+        let joins = format!(
+            r#"cross join lateral jsonb_populate_record(null::{t}, l.before) b
                cross join lateral jsonb_populate_record(null::{t}, l.after) a
-               {wide_join}
+               {wide_join}"#
+        );
+        // Not already in the rows of a snapshot segment (jsonb `param`).
+        let outside_segments = |txid: &str, param: &str| {
+            format!(
+                r#"not exists (
+                   select 1 from jsonb_array_elements({param}::jsonb) as "tidemark.seg"(seg)
+                   where pg_visible_in_snapshot({txid}, ("tidemark.seg".seg->>'snapshot')::pg_snapshot)
+                     and (jsonb_typeof("tidemark.seg".seg->'lo') is distinct from 'object' or ({changed_key}) > ({lo}))
+                     and (jsonb_typeof("tidemark.seg".seg->'hi') is distinct from 'object' or ({changed_key}) <= ({hi})))"#,
+                lo = typed_key("(\"tidemark.seg\".seg->'lo')"),
+                hi = typed_key("(\"tidemark.seg\".seg->'hi')"),
+            )
+        };
+        let sql_changes = format!(
+            r#"select l.seq, l.txid::text as txid, l.op::text as op,
+                      (extract(epoch from l.changed_at) * 1000)::int8 as changed_ms,
+                      {images}
+               from tidemark.change_log l
+               {joins}
                where l.table_name = $1 and l.seq > $2
                  and l.txid >= pg_snapshot_xmin($3::pg_snapshot)
                  and l.txid < pg_snapshot_xmax($4::pg_snapshot)
                  and pg_visible_in_snapshot(l.txid, $4::pg_snapshot)
                  and not pg_visible_in_snapshot(l.txid, $3::pg_snapshot)
-                 and not exists (
-                   select 1 from jsonb_array_elements($5::jsonb) as "tidemark.seg"(seg)
-                   where pg_visible_in_snapshot(l.txid, ("tidemark.seg".seg->>'snapshot')::pg_snapshot)
-                     and (jsonb_typeof("tidemark.seg".seg->'lo') is distinct from 'object' or ({changed_key}) > ({lo}))
-                     and (jsonb_typeof("tidemark.seg".seg->'hi') is distinct from 'object' or ({changed_key}) <= ({hi})))
+                 and {segments}
                order by l.seq
                limit $6"#,
-            lo = typed_key("(\"tidemark.seg\".seg->'lo')"),
-            hi = typed_key("(\"tidemark.seg\".seg->'hi')"),
+            segments = outside_segments("l.txid", "$5"),
         );
         // Logical mode: the same expressions over decoded changes passed as
         // arrays (row images as jsonb of each column's text); transactions
         // the initial snapshot already holds are left out as above.
         let sql_render = format!(
             r#"select l.lsn as seq, l.txid, l.op, l.changed_ms,
-                      case when l.before is not null then {before} end as before,
-                      case when l.after is not null then {after} end as after,
-                      case when l.before is not null then {key_before} end as key_before,
-                      case when l.after is not null then {key_after} end as key_after,
-                      {wide} as wide, {key_before_wide} as key_before_wide,
-                      {key_after_wide} as key_after_wide
+                      {images}
                from unnest($1::int8[], $2::int8[], $3::text[], $4::text[], $5::int8[], $6::text[]::jsonb[], $7::text[]::jsonb[])
                     as l(ord, lsn, txid, op, changed_ms, before, after)
-               cross join lateral jsonb_populate_record(null::{t}, l.before) b
-               cross join lateral jsonb_populate_record(null::{t}, l.after) a
-               {wide_join}
+               {joins}
                where not pg_visible_in_snapshot(l.txid::xid8, $8::pg_snapshot)
-                 and not exists (
-                   select 1 from jsonb_array_elements($9::jsonb) as "tidemark.seg"(seg)
-                   where pg_visible_in_snapshot(l.txid::xid8, ("tidemark.seg".seg->>'snapshot')::pg_snapshot)
-                     and (jsonb_typeof("tidemark.seg".seg->'lo') is distinct from 'object' or ({changed_key}) > ({lo}))
-                     and (jsonb_typeof("tidemark.seg".seg->'hi') is distinct from 'object' or ({changed_key}) <= ({hi})))
+                 and {segments}
                order by l.ord"#,
-            lo = typed_key("(\"tidemark.seg\".seg->'lo')"),
-            hi = typed_key("(\"tidemark.seg\".seg->'hi')"),
+            segments = outside_segments("l.txid::xid8", "$9"),
         );
         let envelope = |columns: &[_]| {
             ChangeEnvelope::new(connector, database, &name.schema, &name.name, columns)
