@@ -171,18 +171,9 @@ impl PgTarget {
         let display = format!("{user}@{host}:{}/{database}", parsed.port().unwrap_or(5432));
         let replication = ReplicationAuth {
             password: password.map(str::to_owned).or(url_password),
-            ssl_root_cert: parsed
-                .query_pairs()
-                .find(|(k, _)| k == "sslrootcert")
-                .map(|(_, v)| v.into_owned()),
-            ssl_cert: parsed
-                .query_pairs()
-                .find(|(k, _)| k == "sslcert")
-                .map(|(_, v)| v.into_owned()),
-            ssl_key: parsed
-                .query_pairs()
-                .find(|(k, _)| k == "sslkey")
-                .map(|(_, v)| v.into_owned()),
+            ssl_root_cert: query_param(Some(&parsed), "sslrootcert"),
+            ssl_cert: query_param(Some(&parsed), "sslcert"),
+            ssl_key: query_param(Some(&parsed), "sslkey"),
         };
         if let Some(password) = &replication.password {
             options = options.password(password);

@@ -508,6 +508,25 @@ async fn stored_logical_position(fx: &Fixture) -> tidemark_common::offset::Chang
     }
 }
 
+/// Kills pg-source once Kafka holds a position inside a transaction, and
+/// checks the stored position is still inside it.
+async fn crash_inside_the_transaction(fx: &Fixture, source: Running<()>) {
+    let started = std::time::Instant::now();
+    while stored_logical_position(fx).await.in_txn_lsn.is_none() {
+        assert!(
+            started.elapsed() < WAIT,
+            "no part of the transaction was committed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    source.kill().await;
+    let cut = stored_logical_position(fx).await;
+    assert!(
+        cut.in_txn_lsn.is_some(),
+        "the crash came after the whole transaction was sent; nothing resumed inside it: {cut:?}"
+    );
+}
+
 /// A transaction larger than a batch goes to Kafka in parts; a crash between
 /// parts resumes inside it, sending each change once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -525,23 +544,7 @@ async fn logical_mode_splits_a_large_transaction_and_resumes_inside_it_after_a_c
     )
     .await;
     // Crash once Kafka holds part of it.
-    let started = std::time::Instant::now();
-    loop {
-        if stored_logical_position(&fx).await.in_txn_lsn.is_some() {
-            break;
-        }
-        assert!(
-            started.elapsed() < WAIT,
-            "no part of the transaction was committed"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    source.kill().await;
-    let cut = stored_logical_position(&fx).await;
-    assert!(
-        cut.in_txn_lsn.is_some(),
-        "the crash came after the whole transaction was sent; nothing resumed inside it: {cut:?}"
-    );
+    crash_inside_the_transaction(&fx, source).await;
     exec(
         &fx.pool,
         "update streaming_update_table set data = 'after' where id = 7",
@@ -731,20 +734,7 @@ async fn logical_mode_resumes_a_cut_transaction_after_the_table_set_changed() {
         .await
         .unwrap();
     tx.commit().await.unwrap();
-    let started = std::time::Instant::now();
-    while stored_logical_position(&fx).await.in_txn_lsn.is_none() {
-        assert!(
-            started.elapsed() < WAIT,
-            "no part of the transaction was committed"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    source.kill().await;
-    let cut = stored_logical_position(&fx).await;
-    assert!(
-        cut.in_txn_lsn.is_some(),
-        "the crash came after the whole transaction: {cut:?}"
-    );
+    crash_inside_the_transaction(&fx, source).await;
 
     let source = fx.start_source_with(&[
         ("batch.max.rows", "100"),
