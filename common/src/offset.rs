@@ -16,25 +16,29 @@ use serde::{Deserialize, Serialize};
 /// The topic that holds source positions, compacted, one key per table.
 pub const DEFAULT_OFFSETS_TOPIC: &str = "tidemark.source-offsets";
 
-/// How far a source has read one table.
+/// How far a source has read, as the offsets topic stores it: one JSON
+/// object tagged by `mode`. The field names are those 0.1 stored, so its
+/// positions still decode where their meaning is the same.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "mode", rename_all = "snake_case")]
 pub enum SourcePosition {
-    /// `timestamp+incrementing` mode: the last row read, by its timestamp
-    /// column and its incrementing column.
-    TimestampIncrementing {
-        /// The last row's timestamp as Postgres prints it (ISO, microseconds,
-        /// UTC for `timestamptz`); kept as text so it compares back exactly.
-        timestamp: String,
-        /// The last row's incrementing column.
-        incrementing: i64,
-    },
-    /// `changelog` mode: how far the change log has been read.
+    /// `timestamp+incrementing` mode, one per table.
+    TimestampIncrementing(TimestampPosition),
+    /// `changelog` mode, one per connector.
     ChangeLog(ChangeLogPosition),
-    /// `logical` mode: how far the replication slot has been read, in
-    /// [`ChangeLogPosition::lsn`]; the initial snapshot and its segments
-    /// are kept as in `changelog` mode.
-    Logical(ChangeLogPosition),
+    /// `logical` mode, one per connector.
+    Logical(LogicalPosition),
+}
+
+/// `timestamp+incrementing` mode: the last row sent of one table, by its
+/// timestamp column and its incrementing column.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimestampPosition {
+    /// The last row's timestamp as Postgres prints it (ISO, microseconds,
+    /// UTC for `timestamptz`); kept as text so it compares back exactly.
+    pub timestamp: String,
+    /// The last row's incrementing column.
+    pub incrementing: i64,
 }
 
 /// How far `changelog` mode has read, in Postgres snapshots (`pg_snapshot`
@@ -59,24 +63,73 @@ pub struct ChangeLogPosition {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotProgress>,
     /// Per table, the parts of an initial snapshot that were read in later
-    /// snapshots after a restart. A change whose transaction is visible in a
-    /// segment's snapshot and whose key lies in the segment is already in the
-    /// snapshot's rows, so it is not sent again.
+    /// snapshots after a restart (see [`Segment`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub segments: BTreeMap<String, Vec<Segment>>,
-    /// `logical` mode: the end LSN of the last transaction sent whole; the
-    /// replication stream resumes after it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lsn: Option<u64>,
-    /// `logical` mode, when a large transaction is split over several Kafka
-    /// transactions: the WAL position of the last change sent of the
-    /// transaction after `lsn`. A restart skips its changes up to there.
+}
+
+/// How far `logical` mode has read the replication slot, and the initial
+/// snapshot it started with.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogicalPosition {
+    /// The end LSN of the last transaction sent whole; the replication
+    /// stream resumes after it.
+    #[serde(default)]
+    pub lsn: u64,
+    /// When a large transaction is split over several Kafka transactions:
+    /// the WAL position of the last change sent of the transaction after
+    /// `lsn`. A restart skips its changes up to there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_txn_lsn: Option<u64>,
     /// How many changes at `in_txn_lsn` were sent (a multi-row insert, as
     /// `COPY` writes, has several changes at one position).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub in_txn: u64,
+    /// The snapshot the initial snapshot read (`pg_snapshot` text), taken
+    /// just after the slot was created: the stream's transactions visible
+    /// in it are in the snapshot's rows and are not sent again.
+    pub done: String,
+    /// The initial snapshot, while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotProgress>,
+    /// Per table, the parts of the initial snapshot read in later snapshots
+    /// after a restart (see [`Segment`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub segments: BTreeMap<String, Vec<Segment>>,
+}
+
+/// The parts of a position the initial snapshot reads and moves, borrowed
+/// from a [`ChangeLogPosition`] or a [`LogicalPosition`].
+#[derive(Debug)]
+pub struct SnapshotState<'a> {
+    /// The snapshot streaming starts at: set when a fresh snapshot opens.
+    pub done: &'a mut String,
+    /// The snapshot's progress, `None` once it is over.
+    pub progress: &'a mut Option<SnapshotProgress>,
+    /// Key ranges read in later snapshots after restarts.
+    pub segments: &'a mut BTreeMap<String, Vec<Segment>>,
+}
+
+impl ChangeLogPosition {
+    /// The initial snapshot's part of the position.
+    pub fn snapshot_state(&mut self) -> SnapshotState<'_> {
+        SnapshotState {
+            done: &mut self.done,
+            progress: &mut self.snapshot,
+            segments: &mut self.segments,
+        }
+    }
+}
+
+impl LogicalPosition {
+    /// The initial snapshot's part of the position.
+    pub fn snapshot_state(&mut self) -> SnapshotState<'_> {
+        SnapshotState {
+            done: &mut self.done,
+            progress: &mut self.snapshot,
+            segments: &mut self.segments,
+        }
+    }
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -263,12 +316,38 @@ mod tests {
 
     #[test]
     fn positions_round_trip() {
-        let p = SourcePosition::TimestampIncrementing {
+        let p = SourcePosition::TimestampIncrementing(TimestampPosition {
             timestamp: "2026-11-23 19:00:00.123456".into(),
             incrementing: 42,
-        };
+        });
         assert_eq!(SourcePosition::decode(&p.encode()).unwrap(), p);
         assert!(SourcePosition::decode(b"{\"mode\":\"nope\"}").is_err());
+    }
+
+    #[test]
+    fn positions_stored_by_0_1_still_decode() {
+        let ts = br#"{"mode":"timestamp_incrementing","timestamp":"2026-01-01 00:00:00","incrementing":7}"#;
+        assert_eq!(
+            SourcePosition::decode(ts).unwrap(),
+            SourcePosition::TimestampIncrementing(TimestampPosition {
+                timestamp: "2026-01-01 00:00:00".into(),
+                incrementing: 7
+            })
+        );
+        let logical =
+            br#"{"mode":"logical","done":"10:12:11","lsn":23456,"in_txn_lsn":23500,"in_txn":3}"#;
+        let SourcePosition::Logical(p) = SourcePosition::decode(logical).unwrap() else {
+            panic!("not a logical position")
+        };
+        assert_eq!(
+            (p.lsn, p.in_txn_lsn, p.in_txn, p.done.as_str()),
+            (23456, Some(23500), 3, "10:12:11")
+        );
+        let changelog = br#"{"mode":"change_log","done":"10:12:11","batch":"12:14:","after_seq":{"public.t":5}}"#;
+        let SourcePosition::ChangeLog(p) = SourcePosition::decode(changelog).unwrap() else {
+            panic!("not a change-log position")
+        };
+        assert_eq!(p.after_seq["public.t"], 5);
     }
 
     #[test]

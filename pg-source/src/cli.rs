@@ -140,6 +140,13 @@ struct Cli {
     #[arg(long, env = "TIDEMARK_PROBE_INTERVAL", default_value = "20ms", value_parser = humantime::parse_duration)]
     probe_interval: std::time::Duration,
 
+    /// Logical mode: how long a batch waits for more transactions after its
+    /// first change (`10ms`; `0ms` sends each as soon as it is read, at most
+    /// `5s`). Under many small commits, fewer and larger Kafka transactions
+    /// cost less, for at most this much latency.
+    #[arg(long, env = "TIDEMARK_LINGER", default_value = "10ms", value_parser = humantime::parse_duration)]
+    linger: std::time::Duration,
+
     /// Log one JSON object per line.
     #[arg(long, env = "TIDEMARK_JSON_LOGS")]
     json_logs: bool,
@@ -194,11 +201,19 @@ async fn run(cli: Cli, shutdown: tokio_util::sync::CancellationToken) -> anyhow:
         tracing::warn!("{w}");
     }
     cfg.offsets_topic = cli.offsets_topic;
-    cfg.listen = cfg.listen && !cli.no_listen;
-    if cli.probe_interval.is_zero() {
-        anyhow::bail!("--probe-interval (TIDEMARK_PROBE_INTERVAL) must be at least 1ms, like 20ms");
+    match &mut cfg.mode {
+        crate::ModeConfig::Timestamp(t) => t.listen = !cli.no_listen,
+        crate::ModeConfig::ChangeLog(c) => {
+            c.listen = !cli.no_listen;
+            if cli.probe_interval.is_zero() {
+                anyhow::bail!(
+                    "--probe-interval (TIDEMARK_PROBE_INTERVAL) must be at least 1ms, like 20ms"
+                );
+            }
+            c.probe_interval = cli.probe_interval;
+        }
+        crate::ModeConfig::Logical(l) => l.set_linger(cli.linger)?,
     }
-    cfg.probe_interval = cli.probe_interval;
     cfg.http_addr = tidemark_common::program::parse_http_addr(&cli.http_addr)?;
     crate::run(cfg, shutdown).await
 }

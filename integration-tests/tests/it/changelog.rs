@@ -372,7 +372,9 @@ async fn snapshot_meets_stream(fx: Fixture) {
         // the slot comes first here, as it would from an earlier start
         // that stopped before its first commit; pg-source uses it.
         sqlx::query("select pg_create_logical_replication_slot($1, 'pgoutput')")
-            .bind(pg_source::logical_mode::default_slot_name(&fx.source_name))
+            .bind(pg_source::modes::logical::default_slot_name(
+                &fx.source_name,
+            ))
             .execute(&fx.pool)
             .await
             .unwrap();
@@ -489,7 +491,7 @@ async fn crash_mid_snapshot(fx: Fixture) {
 }
 
 /// The logical position pg-source stored for the fixture's connector.
-async fn stored_logical_position(fx: &Fixture) -> tidemark_common::offset::ChangeLogPosition {
+async fn stored_logical_position(fx: &Fixture) -> tidemark_common::offset::LogicalPosition {
     let settings = kafka();
     let topic = format!("{}offsets", fx.prefix);
     let stored = tokio::task::spawn_blocking(move || {
@@ -640,7 +642,7 @@ async fn logical_mode_confirms_the_slot_past_changes_of_other_tables() {
         .start_source_with(&[("snapshot.mode", "no_data")])
         .ready()
         .await;
-    let slot = pg_source::logical_mode::default_slot_name(&fx.source_name);
+    let slot = pg_source::modes::logical::default_slot_name(&fx.source_name);
     let confirmed = || async {
         sqlx::query_scalar::<_, String>(
             "select confirmed_flush_lsn::text from pg_replication_slots where slot_name = $1",

@@ -428,7 +428,7 @@ impl Fixture {
     /// Drops the replication slot of the fixture's source (logical mode), so
     /// it keeps no WAL after the test.
     pub async fn drop_slot(&self) {
-        let slot = pg_source::logical_mode::default_slot_name(&self.source_name);
+        let slot = pg_source::modes::logical::default_slot_name(&self.source_name);
         for _ in 0..50 {
             let r = sqlx::query("select pg_drop_replication_slot(slot_name) from pg_replication_slots where slot_name = $1")
                 .bind(&slot)

@@ -12,13 +12,21 @@
 //! row can later appear below the position. Seeing other roles' transactions
 //! needs the `pg_read_all_stats` role (superusers have it).
 
+use std::collections::HashMap;
+use std::time::Duration;
+
 use anyhow::bail;
 use sqlx::PgPool;
 use tidemark_common::envelope::{payload_and_wide_sql, RecordTemplates};
-use tidemark_common::offset::SourcePosition;
+use tidemark_common::offset::{position_key, SourcePosition, TimestampPosition};
 use tidemark_common::pg::quote_ident;
+use tokio_util::sync::CancellationToken;
 
 use crate::catalog::TableInfo;
+use crate::config::TimestampConfig;
+use crate::errors::SourceError;
+use crate::modes::{Batch, Capture, Committed, Wakeup};
+use crate::producer::Record;
 
 /// How far below the server clock the bound stays, to cover the instant
 /// between a transaction taking its start time and showing in
@@ -249,10 +257,201 @@ impl TimestampReader {
 
     /// The stored form of a position.
     pub fn encode_position(position: &(String, i64)) -> Vec<u8> {
-        SourcePosition::TimestampIncrementing {
+        SourcePosition::TimestampIncrementing(TimestampPosition {
             timestamp: position.0.clone(),
             incrementing: position.1,
-        }
+        })
         .encode()
+    }
+}
+
+/// `timestamp+incrementing` mode: every table polled in turn until it is
+/// caught up, a batch per Kafka transaction with that table's position.
+pub struct TimestampMode {
+    cfg: TimestampConfig,
+    pool: PgPool,
+    offsets_topic: String,
+    readers: Vec<TimestampReader>,
+    /// The round in progress: the table polled next and its bound, read
+    /// before the poll's own snapshot (a separate statement), which is what
+    /// makes it safe.
+    round: Option<(usize, String)>,
+    /// The table the last batch came from.
+    last: usize,
+    wakeup: Wakeup,
+    /// A NOTIFY woke the last wait: rows committed just then may sit inside
+    /// the clock guard, so the next wait only lasts until it has passed.
+    follow_up: bool,
+}
+
+impl TimestampMode {
+    /// Prepares every table and reads their stored positions.
+    ///
+    /// Fails when a table's columns do not suit the mode, or a stored
+    /// position belongs to another mode.
+    pub async fn new(
+        cfg: TimestampConfig,
+        connector: &str,
+        pool: &PgPool,
+        tables: Vec<(TableInfo, String)>,
+        stored: &HashMap<Vec<u8>, Vec<u8>>,
+        offsets_topic: &str,
+        (drop_key_schemas, drop_value_schemas): (bool, bool),
+    ) -> anyhow::Result<Self> {
+        let mut readers = Vec::new();
+        for (info, topic) in tables {
+            let key = position_key(connector, &info.name.to_string());
+            let mut r = TimestampReader::new(
+                info,
+                topic,
+                key,
+                &cfg.timestamp_column,
+                &cfg.incrementing_column,
+                &cfg.db_timezone,
+            )?;
+            r.drop_schemas(drop_key_schemas, drop_value_schemas);
+            match stored.get(&r.position_key).map(|b| SourcePosition::decode(b)).transpose()? {
+                Some(SourcePosition::TimestampIncrementing(p)) => {
+                    tracing::info!(table = %r.table.name, timestamp = %p.timestamp, incrementing = p.incrementing, "resuming from stored position");
+                    r.position = Some((p.timestamp, p.incrementing));
+                }
+                Some(other) => bail!(
+                    "the stored position of connector {connector} is for another mode ({other:?}): use a new connector name to change modes"
+                ),
+                None => match cfg.initial {
+                    Some(ms) => {
+                        r.start_at(pool, ms).await?;
+                        tracing::info!(table = %r.table.name, position = ?r.position, "no stored position, starting at timestamp.initial");
+                    }
+                    None => {
+                        tracing::info!(table = %r.table.name, "no stored position, reading the table from the beginning")
+                    }
+                },
+            }
+            readers.push(r);
+        }
+        Ok(Self {
+            wakeup: Wakeup::new(pool, cfg.listen).await,
+            cfg,
+            pool: pool.clone(),
+            offsets_topic: offsets_topic.to_owned(),
+            readers,
+            round: None,
+            last: 0,
+            follow_up: false,
+        })
+    }
+}
+
+impl Capture for TimestampMode {
+    type Saved = (Vec<Option<(String, i64)>>, Option<(usize, String)>);
+
+    fn save(&self) -> Self::Saved {
+        (
+            self.readers.iter().map(|r| r.position.clone()).collect(),
+            self.round.clone(),
+        )
+    }
+
+    fn restore(&mut self, (positions, _): Self::Saved) {
+        for (r, p) in self.readers.iter_mut().zip(positions) {
+            r.position = p;
+        }
+        // The next round starts over with fresh bounds.
+        self.round = None;
+    }
+
+    async fn next(&mut self, shutdown: &CancellationToken) -> Result<Option<Batch>, SourceError> {
+        loop {
+            let (i, bound) = match self.round.take() {
+                Some(round) => round,
+                None if shutdown.is_cancelled() => return Ok(None),
+                None => (0, String::new()),
+            };
+            let Some(r) = self.readers.get_mut(i) else {
+                // Every table is caught up: the round is over.
+                return Ok(None);
+            };
+            let bound = if bound.is_empty() {
+                r.bound(&self.pool, self.cfg.delay_ms)
+                    .await
+                    .map_err(|e| SourceError::postgres("cannot read the poll's bound", e))?
+            } else {
+                bound
+            };
+            let started = std::time::Instant::now();
+            let rows = r
+                .poll(&self.pool, &bound, self.cfg.batch_max_rows)
+                .await
+                .map_err(|e| SourceError::postgres("cannot read the source table", e))?;
+            let n = rows.len();
+            tracing::debug!(table = %r.table.name, rows = n, bound = %bound, read = ?started.elapsed(), "polled");
+            let Some(last) = rows.last().map(|row| row.position.clone()) else {
+                self.round = Some((i + 1, String::new()));
+                continue;
+            };
+            // A full batch may have more behind it: the same table again,
+            // with the same bound, unless stopping.
+            self.round = if (n as i64) < self.cfg.batch_max_rows || shutdown.is_cancelled() {
+                Some((i + 1, String::new()))
+            } else {
+                Some((i, bound))
+            };
+            let records = rows
+                .into_iter()
+                .map(|row| Record {
+                    topic: r.topic.clone(),
+                    key: row.key,
+                    value: Some(row.value),
+                })
+                .collect();
+            r.position = Some(last);
+            self.last = i;
+            return Ok(Some(Batch {
+                records,
+                rows: n,
+                newest_change_ms: None,
+                what: "batch committed",
+            }));
+        }
+    }
+
+    fn position_record(&self) -> Record {
+        let r = &self.readers[self.last];
+        Record {
+            topic: self.offsets_topic.clone(),
+            key: r.position_key.clone(),
+            value: r.position.as_ref().map(TimestampReader::encode_position),
+        }
+    }
+
+    async fn committed(&mut self, done: &Committed) {
+        let r = &self.readers[self.last];
+        let (timestamp, incrementing) = r.position.clone().unwrap_or_default();
+        tracing::info!(
+            table = %r.table.name,
+            topic = %r.topic,
+            rows = done.rows,
+            timestamp = %timestamp,
+            incrementing,
+            commit = ?done.commit,
+            "{}", done.what
+        );
+    }
+
+    async fn wait(&mut self, shutdown: &CancellationToken) {
+        // Rows committed just as a NOTIFY came may sit inside the clock
+        // guard; look again once it has passed, then fall back to the poll
+        // interval.
+        let wait = if std::mem::take(&mut self.follow_up) {
+            Duration::from_millis(CLOCK_GUARD_MS as u64 + 10)
+        } else {
+            self.cfg.poll_interval
+        };
+        self.follow_up = self.wakeup.wait(wait, shutdown).await;
+    }
+
+    fn zero_lag_when_caught_up(&self) -> bool {
+        false
     }
 }

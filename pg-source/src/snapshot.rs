@@ -1,0 +1,385 @@
+//! The initial snapshot of `changelog` and `logical` modes: every existing
+//! row as an `op: r` event, read in one `repeatable read` transaction whose
+//! snapshot is where streaming starts, so there is neither a gap nor an
+//! overlap between the two.
+//!
+//! Rows are read in primary-key order, a chunk per Kafka transaction; the
+//! position records the last key sent. A snapshot interrupted by a crash
+//! resumes after its last key in a new snapshot; the key ranges read in
+//! later snapshots are kept as segments in the position, and a change
+//! already contained in a segment's rows is left out by the mode that
+//! streams.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use futures::TryStreamExt as _;
+use sqlx::PgPool;
+use tidemark_common::envelope::{payload_and_wide_sql, Change, Op};
+use tidemark_common::health::now_ms;
+use tidemark_common::offset::{Segment, SnapshotProgress, SnapshotState};
+use tidemark_common::pg::quote_ident;
+
+use crate::errors::SourceError;
+use crate::modes::Batch;
+use crate::producer::Record;
+use crate::table::CapturedTable;
+
+/// A position that holds an initial snapshot's part.
+pub trait SnapshotPosition {
+    /// The initial snapshot's part of the position.
+    fn snapshot_state(&mut self) -> SnapshotState<'_>;
+}
+
+impl SnapshotPosition for tidemark_common::offset::ChangeLogPosition {
+    fn snapshot_state(&mut self) -> SnapshotState<'_> {
+        self.snapshot_state()
+    }
+}
+
+impl SnapshotPosition for tidemark_common::offset::LogicalPosition {
+    fn snapshot_state(&mut self) -> SnapshotState<'_> {
+        self.snapshot_state()
+    }
+}
+
+/// The initial snapshot as a mode runs it: its transaction while it is
+/// open, reopened after a lost connection.
+#[derive(Default)]
+pub struct InitialSnapshot {
+    run: Option<SnapshotRun>,
+}
+
+impl InitialSnapshot {
+    /// Opens the snapshot when the position says one is in progress:
+    /// `fresh` when it begins now (its snapshot becomes where streaming
+    /// starts), else it resumes in a new snapshot.
+    ///
+    /// Fails on a database error.
+    pub async fn start<T: AsRef<CapturedTable>, P: SnapshotPosition>(
+        pool: &PgPool,
+        tables: &[T],
+        position: &mut P,
+        fresh: bool,
+    ) -> anyhow::Result<Self> {
+        let state = position.snapshot_state();
+        if state.progress.is_none() {
+            return Ok(Self::default());
+        }
+        Ok(Self {
+            run: Some(SnapshotRun::open(pool, tables, state, fresh).await?),
+        })
+    }
+
+    /// The next chunk of the initial snapshot as a batch (an empty one
+    /// records its end), or `None` when no snapshot runs. A snapshot
+    /// transaction lost with its connection (or after a failed batch) is
+    /// reopened first: the rest is read in a new one and recorded as
+    /// segments.
+    ///
+    /// Fails on a database error; whatever the failed read moved is read
+    /// again after the caller restores the position.
+    pub async fn step<T: AsRef<CapturedTable>, P: SnapshotPosition>(
+        &mut self,
+        pool: &PgPool,
+        tables: &[T],
+        position: &mut P,
+        chunk: i64,
+    ) -> Result<Option<Batch>, SourceError> {
+        if position.snapshot_state().progress.is_none() {
+            return Ok(None);
+        }
+        if self.run.is_none() {
+            let run = SnapshotRun::open(pool, tables, position.snapshot_state(), false)
+                .await
+                .map_err(SourceError::from_anyhow)?;
+            self.run = Some(run);
+        }
+        let run = self.run.as_mut().expect("opened above");
+        match run.next(tables, position.snapshot_state(), chunk).await {
+            Ok(Some(chunk)) => Ok(Some(Batch {
+                records: chunk.records,
+                rows: chunk.rows,
+                newest_change_ms: None,
+                what: "snapshot chunk committed",
+            })),
+            Ok(None) => {
+                self.run = None;
+                // The snapshot's end is a position too.
+                Ok(Some(Batch {
+                    what: "initial snapshot committed",
+                    ..Batch::default()
+                }))
+            }
+            Err(e) => {
+                self.run = None;
+                Err(SourceError::from_anyhow(e))
+            }
+        }
+    }
+}
+
+/// The progress to store when a snapshot of `tables` begins.
+pub fn begin<T: AsRef<CapturedTable>>(tables: &[T]) -> SnapshotProgress {
+    SnapshotProgress {
+        tables: tables.iter().map(|t| t.as_ref().log_name.clone()).collect(),
+        last_key: None,
+        rows: 0,
+    }
+}
+
+/// The queries of one table's snapshot.
+struct TableQueries {
+    first: String,
+    after: String,
+}
+
+#[derive(sqlx::FromRow)]
+struct SnapshotRow {
+    raw_key: serde_json::Value,
+    key: String,
+    key_wide: bool,
+    after: String,
+    wide: bool,
+}
+
+/// Rows read by one step of the snapshot.
+pub struct SnapshotChunk {
+    /// Records for Kafka, in order.
+    pub records: Vec<Record>,
+    /// Rows read.
+    pub rows: usize,
+}
+
+/// The initial snapshot: a `repeatable read` transaction and its progress.
+pub struct SnapshotRun {
+    /// Rolled back if dropped, so a stopped snapshot never leaves its
+    /// snapshot on a pooled connection.
+    tx: Option<sqlx::Transaction<'static, sqlx::Postgres>>,
+    queries: HashMap<String, TableQueries>,
+    /// Rows in all tables at the start, for progress.
+    pub total: i64,
+    started: Instant,
+    last_log: Instant,
+    started_rows: u64,
+}
+
+impl SnapshotRun {
+    /// Opens the snapshot transaction. On a fresh start its snapshot becomes
+    /// `state.done`, where streaming starts; on a resume after a crash, the
+    /// rest of the tables are read in this new snapshot and recorded as
+    /// segments.
+    ///
+    /// Fails on a database error, or when no snapshot is in progress.
+    pub async fn open<T: AsRef<CapturedTable>>(
+        pool: &PgPool,
+        tables: &[T],
+        state: SnapshotState<'_>,
+        fresh: bool,
+    ) -> anyhow::Result<Self> {
+        let mut tx = pool.begin().await?;
+        sqlx::query("set transaction isolation level repeatable read, read only")
+            .execute(&mut *tx)
+            .await?;
+        let snap: String = sqlx::query_scalar("select pg_current_snapshot()::text")
+            .fetch_one(&mut *tx)
+            .await?;
+        let progress = state.progress.clone().context("no snapshot to run")?;
+        if fresh {
+            // Streaming starts exactly where the snapshot's rows end.
+            *state.done = snap;
+        } else {
+            for (i, name) in progress.tables.iter().enumerate() {
+                let lo = if i == 0 {
+                    progress.last_key.clone()
+                } else {
+                    None
+                };
+                let segments = state.segments.entry(name.clone()).or_default();
+                if let Some(open) = segments.last_mut().filter(|s| s.hi.is_none()) {
+                    open.hi = lo.clone();
+                }
+                segments.push(Segment {
+                    snapshot: snap.clone(),
+                    lo,
+                    hi: None,
+                });
+            }
+            tracing::info!(
+                tables = progress.tables.len(),
+                rows_done = progress.rows,
+                "resuming the initial snapshot in a new snapshot"
+            );
+        }
+        let mut total = 0i64;
+        let mut queries = HashMap::new();
+        for name in &progress.tables {
+            if let Some(t) = tables
+                .iter()
+                .map(AsRef::as_ref)
+                .find(|t| &t.log_name == name)
+            {
+                let n: i64 =
+                    sqlx::query_scalar(&format!("select count(*) from {}", t.info.name.quoted()))
+                        .fetch_one(&mut *tx)
+                        .await?;
+                total += n;
+                queries.insert(name.clone(), table_queries(t));
+            }
+        }
+        tracing::info!(
+            rows = total + progress.rows as i64,
+            tables = progress.tables.len(),
+            "initial snapshot started"
+        );
+        Ok(Self {
+            tx: Some(tx),
+            queries,
+            total: total + progress.rows as i64,
+            started: Instant::now(),
+            last_log: Instant::now(),
+            started_rows: progress.rows,
+        })
+    }
+
+    /// Reads the next chunk of up to `chunk` snapshot rows as `op: r`
+    /// events, or `None` when every table is read (the snapshot is then
+    /// over, and `state.progress` is `None`).
+    ///
+    /// Fails on a database error; the caller then drops the run and reopens
+    /// it from the stored position.
+    pub async fn next<T: AsRef<CapturedTable>>(
+        &mut self,
+        tables: &[T],
+        state: SnapshotState<'_>,
+        chunk: i64,
+    ) -> anyhow::Result<Option<SnapshotChunk>> {
+        loop {
+            let Some(progress) = state.progress.as_mut() else {
+                return Ok(None);
+            };
+            let Some(name) = progress.tables.first().cloned() else {
+                *state.progress = None;
+                return Ok(None);
+            };
+            let (table, queries) = tables
+                .iter()
+                .map(AsRef::as_ref)
+                .find(|t| t.log_name == name)
+                .zip(self.queries.get(&name))
+                .with_context(|| {
+                    format!("the stored position names table {name}, which is not configured")
+                })?;
+            let tx = self
+                .tx
+                .as_mut()
+                .context("the snapshot transaction is closed")?;
+            // Each row becomes its record as it arrives, so a chunk is held
+            // once, as records, and not also as rows.
+            let mut stream = match &progress.last_key {
+                None => sqlx::query_as::<_, SnapshotRow>(&queries.first)
+                    .bind(chunk)
+                    .fetch(&mut **tx),
+                Some(k) => sqlx::query_as::<_, SnapshotRow>(&queries.after)
+                    .bind(k)
+                    .bind(chunk)
+                    .fetch(&mut **tx),
+            };
+            let read_ms = now_ms();
+            let mut records = Vec::with_capacity(chunk as usize);
+            let mut last_key = None;
+            while let Some(r) = stream.try_next().await? {
+                records.push(Record {
+                    topic: table.topic.clone(),
+                    key: table.key_template.render(&r.key, r.key_wide),
+                    value: Some(table.envelope_for(r.wide).render(&Change {
+                        op: Op::Read,
+                        before: None,
+                        after: Some(&r.after),
+                        changed_ms: read_ms,
+                        txid: None,
+                        seq: None,
+                        snapshot: "true",
+                        read_ms,
+                    })),
+                });
+                last_key = Some(r.raw_key);
+            }
+            drop(stream);
+            if records.is_empty() {
+                progress.tables.remove(0);
+                progress.last_key = None;
+                tracing::info!(table = %table.info.name, "snapshot of table done");
+                if progress.tables.is_empty() {
+                    *state.progress = None;
+                    if let Some(tx) = self.tx.take() {
+                        tx.commit().await?;
+                    }
+                    tracing::info!(rows = self.total, elapsed = ?self.started.elapsed(), "initial snapshot done; streaming changes");
+                    return Ok(None);
+                }
+                continue;
+            }
+            let n = records.len();
+            progress.last_key = last_key;
+            progress.rows += n as u64;
+            if self.last_log.elapsed() >= Duration::from_secs(2) {
+                self.log_progress(progress.rows);
+                self.last_log = Instant::now();
+            }
+            return Ok(Some(SnapshotChunk { records, rows: n }));
+        }
+    }
+
+    fn log_progress(&self, done: u64) {
+        let secs = self.started.elapsed().as_secs_f64().max(0.001);
+        let rate = (done - self.started_rows) as f64 / secs;
+        let left = (self.total as f64 - done as f64).max(0.0);
+        let eta = if rate > 0.0 {
+            Duration::from_secs_f64(left / rate)
+        } else {
+            Duration::ZERO
+        };
+        tracing::info!(
+            rows_done = done,
+            rows_total = self.total,
+            rows_per_sec = rate as u64,
+            time_left = %humantime::format_duration(Duration::from_secs(eta.as_secs())),
+            "initial snapshot progress"
+        );
+    }
+}
+
+/// A table's snapshot queries: the first chunk, and the chunk after a key
+/// (`to_jsonb` of the key columns in `$1`), both in primary-key order.
+fn table_queries(table: &CapturedTable) -> TableQueries {
+    let info = &table.info;
+    let t = info.name.quoted();
+    let order = info
+        .key
+        .iter()
+        .map(|c| format!("t.{}", quote_ident(&c.name)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let raw_key = format!(
+        "(select to_jsonb(\"tidemark.key\") from (select {}) \"tidemark.key\")",
+        order
+    );
+    let (key, key_wide) = payload_and_wide_sql(&info.key, "t");
+    let (after, wide) = payload_and_wide_sql(&info.columns, "t");
+    let snapshot = |filter: &str, limit: &str| {
+        format!(
+            "select {raw_key} as raw_key, {key} as key, {key_wide} as key_wide, \
+             {after} as after, {wide} as wide \
+             from (select * from {t} t {filter} order by {order} limit {limit}) t order by {order}"
+        )
+    };
+    TableQueries {
+        first: snapshot("", "$1"),
+        after: snapshot(
+            &format!("where ({order}) > ({})", table.typed_key("$1::jsonb")),
+            "$2",
+        ),
+    }
+}
