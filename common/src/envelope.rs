@@ -109,6 +109,8 @@ fn iso_timestamp() -> Mapping {
 }
 
 /// The mapping of a scalar Postgres type by `pg_type.typname` and `typtype`.
+///
+/// Deprecated: [`crate::codec`] maps types now; this goes when pg-source switches to it.
 pub fn map_type(typname: &str, typtype: &str) -> Mapping {
     use ConnectType::*;
     const AS_IS: &str = "{c}";
@@ -257,6 +259,8 @@ pub fn struct_schema(name: &str, columns: &[Column], optional: bool) -> Value {
 
 /// SQL that yields a row's payload as JSON text: `row_to_json` over the
 /// converted columns, in column order.
+///
+/// Deprecated: [`crate::codec::RowCodec`] encodes rows now; this goes when pg-source switches to it.
 pub fn payload_sql(columns: &[Column], qualifier: &str) -> String {
     let exprs: Vec<String> = columns.iter().map(|c| c.select_expr(qualifier)).collect();
     format!(
@@ -665,6 +669,8 @@ impl ConnectRecord {
 const MICROS_INFINITY: &str = "9223372036854775807";
 const MICROS_MINUS_INFINITY: &str = "-9223372036854775808";
 
+/// Deprecated: use [`crate::codec::to_pg_text`]; this goes when pg-source switches to the codec.
+///
 /// Plays a field back into Postgres: the SQL expression that turns the
 /// field's JSON value, held by the `jsonb` placeholder `param` (like `$1`),
 /// into a Postgres value whose text form is the original column's. It is the

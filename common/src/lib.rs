@@ -1,10 +1,12 @@
 //! What every Tidemark program shares.
 //!
-//! Organised by topic: the record [`envelope`] (how a Postgres row becomes a
+//! Organised by topic: the [`codec`] (the one place Postgres types are
+//! mapped, text to record JSON and back), the record [`envelope`] (how a Postgres row becomes a
 //! Kafka Connect JSON record), source and sink positions ([`offset`]),
 //! connector-config parsing ([`config`]), Postgres and Kafka client setup
 //! ([`pg`], [`kafka`]), and process plumbing ([`shutdown`], [`telemetry`]).
 
+pub mod codec;
 pub mod config;
 pub mod envelope;
 pub mod error;
