@@ -22,6 +22,7 @@
 //!   before anything is committed, so nothing is lost.
 
 pub mod cli;
+pub mod lock;
 pub mod output;
 pub mod pipeline;
 
@@ -254,7 +255,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
         tidemark_common::ops::serve(addr, cfg.health.clone(), shutdown.clone()).await?;
     }
     let path = cfg.file.clone();
-    let out = tokio::task::spawn_blocking(move || Output::open(&path)).await??;
+    let owner = cfg.name.clone();
+    let out = tokio::task::spawn_blocking(move || Output::open(&path, &owner)).await??;
     let group = format!("connect-{}", cfg.name);
     let mut settings = vec![("group.id", group.as_str())];
     settings.extend_from_slice(CONSUMER_SETTINGS);

@@ -20,6 +20,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context as _};
 use tidemark_common::offset::{sync_dir, SinkCheckpoint};
 
+use crate::lock::Lock;
+
 /// The output file and its dead-letter file, for appending; see [`Syncer`]
 /// for making what was appended durable.
 pub struct Output {
@@ -28,6 +30,9 @@ pub struct Output {
     dead_letter_path: PathBuf,
     dead_letter: Option<File>,
     checkpoint_path: PathBuf,
+    /// Held for the output's life: a second sink on the same file is
+    /// refused instead of interleaving lines and cutting ours back.
+    _lock: Lock,
     /// Bytes of the output file written so far, synced or not.
     file_len: u64,
     /// Bytes of the dead-letter file written so far, synced or not.
@@ -115,24 +120,41 @@ impl CommitPoint {
     }
 }
 
+/// How long opening waits for another holder of the lock to let go: a
+/// sink restarted while its predecessor still exits waits for it; a second
+/// sink on the same file is refused after this.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Where the dead-letter file of `file` lives.
 pub fn dead_letter_path(file: &Path) -> PathBuf {
+    beside(file, ".dead-letter")
+}
+
+/// Where the lock file of `file` lives.
+pub fn lock_path(file: &Path) -> PathBuf {
+    beside(file, ".tidemark-lock")
+}
+
+/// `file` with `suffix` appended to its name.
+fn beside(file: &Path, suffix: &str) -> PathBuf {
     let mut name = file
         .file_name()
         .map(|n| n.to_os_string())
         .unwrap_or_default();
-    name.push(".dead-letter");
+    name.push(suffix);
     file.with_file_name(name)
 }
 
 impl Output {
-    /// Opens the output, recovering from a crash: cuts the file back to what
-    /// the checkpoint covers.
+    /// Takes the output's lock for connector `owner`, then opens the output,
+    /// recovering from a crash: cuts the file back to what the checkpoint
+    /// covers.
     ///
-    /// Fails when the folder is missing or not writable, when the file holds
-    /// lines no checkpoint accounts for, or when it is shorter than its
-    /// checkpoint (it was truncated or replaced).
-    pub fn open(path: &Path) -> anyhow::Result<Self> {
+    /// Fails when another sink holds the lock (naming it), when the folder
+    /// is missing or not writable, when the file holds lines no checkpoint
+    /// accounts for, or when it is shorter than its checkpoint (it was
+    /// truncated or replaced).
+    pub fn open(path: &Path, owner: &str) -> anyhow::Result<Self> {
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
@@ -143,6 +165,21 @@ impl Output {
                 dir.display()
             );
         }
+        // Before anything is read or cut: the holder may be writing. A
+        // holder that is exiting (a restart) gets a moment to finish.
+        let patience = std::time::Instant::now() + LOCK_PATIENCE;
+        let lock = loop {
+            match Lock::try_acquire(&lock_path(path), owner)? {
+                Ok(lock) => break lock,
+                Err(_) if std::time::Instant::now() < patience => {
+                    std::thread::sleep(std::time::Duration::from_millis(50))
+                }
+                Err(holder) => bail!(
+                    "the output file {} is being written by {holder}: two sinks on one file would mix their lines; stop that one, or give this one another `file`",
+                    path.display()
+                ),
+            }
+        };
         let checkpoint_path = SinkCheckpoint::path_for(path);
         let stored = SinkCheckpoint::load(&checkpoint_path)?;
         let file = OpenOptions::new()
@@ -202,6 +239,7 @@ impl Output {
             dead_letter_path,
             dead_letter: None,
             checkpoint_path,
+            _lock: lock,
             file_len: checkpoint.file_len,
             dead_letter_len: checkpoint.dead_letter_len,
             checkpoint,
@@ -372,14 +410,14 @@ mod tests {
     fn a_torn_tail_is_cut_back_on_open() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.txt");
-        let mut out = Output::open(&path).unwrap();
+        let mut out = Output::open(&path, "test").unwrap();
         out.commit(batch("{\"a\":1}\n", "t", 1)).unwrap();
         drop(out);
         // A crash after writing half a line, before the checkpoint.
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(b"{\"a\":2").unwrap();
         drop(f);
-        let out = Output::open(&path).unwrap();
+        let out = Output::open(&path, "test").unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"a\":1}\n");
         assert_eq!(out.checkpoint.next_offset("t", 0), Some(1));
     }
@@ -388,7 +426,7 @@ mod tests {
     fn a_crash_between_fsync_and_rename_keeps_the_old_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.txt");
-        let mut out = Output::open(&path).unwrap();
+        let mut out = Output::open(&path, "test").unwrap();
         out.commit(batch("{\"a\":1}\n", "t", 1)).unwrap();
         drop(out);
         // The second batch reached the file and a temp checkpoint, not the rename.
@@ -400,7 +438,7 @@ mod tests {
             b"{\"version\":1,\"file_len\":16,\"offsets\":{\"t\":{\"0\":2}}}",
         )
         .unwrap();
-        let out = Output::open(&path).unwrap();
+        let out = Output::open(&path, "test").unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"a\":1}\n");
         assert_eq!(out.checkpoint.next_offset("t", 0), Some(1));
     }
@@ -408,26 +446,45 @@ mod tests {
     #[test]
     fn a_missing_folder_and_an_unknown_file_are_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
-        let err = Output::open(&dir.path().join("nope/out.txt"))
+        let err = Output::open(&dir.path().join("nope/out.txt"), "test")
             .err()
             .unwrap()
             .to_string();
         assert!(err.contains("does not exist"), "{err}");
         let path = dir.path().join("old.txt");
         std::fs::write(&path, "something\n").unwrap();
-        let err = Output::open(&path).err().unwrap().to_string();
+        let err = Output::open(&path, "test").err().unwrap().to_string();
         assert!(err.contains("no checkpoint"), "{err}");
+    }
+
+    #[test]
+    fn a_second_output_on_the_same_file_is_refused_and_cuts_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.txt");
+        let mut out = Output::open(&path, "first").unwrap();
+        out.commit(batch("{\"a\":1}\n", "t", 1)).unwrap();
+        // Written but not yet checkpointed: a second sink's recovery would
+        // cut this off under the first one.
+        out.file.write_all(b"{\"a\":2}\n").unwrap();
+        let err = format!("{:#}", Output::open(&path, "second").err().unwrap());
+        assert!(err.contains("being written by file-sink `first`"), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "{\"a\":1}\n{\"a\":2}\n"
+        );
+        drop(out);
+        Output::open(&path, "second").unwrap();
     }
 
     #[test]
     fn a_shortened_file_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.txt");
-        let mut out = Output::open(&path).unwrap();
+        let mut out = Output::open(&path, "test").unwrap();
         out.commit(batch("{\"a\":1}\n", "t", 1)).unwrap();
         drop(out);
         std::fs::write(&path, "").unwrap();
-        let err = Output::open(&path).err().unwrap().to_string();
+        let err = Output::open(&path, "test").err().unwrap().to_string();
         assert!(err.contains("truncated or replaced"), "{err}");
     }
 }

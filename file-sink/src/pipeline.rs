@@ -219,7 +219,7 @@ mod tests {
     async fn every_batch_sent_is_durable_after_finish() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.txt");
-        let p = Pipeline::start(Output::open(&path).unwrap()).unwrap();
+        let p = Pipeline::start(Output::open(&path, "test").unwrap()).unwrap();
         for i in 0..100 {
             assert!(p.send(batch(&format!("{{\"n\":{i}}}"), i + 1)).await);
         }
@@ -239,7 +239,7 @@ mod tests {
     async fn dead_letters_are_synced_and_counted() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.txt");
-        let p = Pipeline::start(Output::open(&path).unwrap()).unwrap();
+        let p = Pipeline::start(Output::open(&path, "test").unwrap()).unwrap();
         let mut b = batch("{}", 1);
         b.dead = b"{\"reason\":\"x\"}\n".to_vec();
         b.dead_count = 1;

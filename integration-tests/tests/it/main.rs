@@ -12,4 +12,5 @@ mod fault;
 mod ordering;
 mod restart;
 mod seed;
+mod sink;
 mod support;

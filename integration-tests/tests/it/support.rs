@@ -516,7 +516,7 @@ pub struct Running<T> {
 }
 
 impl<T: Send + 'static> Running<T> {
-    fn start<F, Fut>(f: F) -> Self
+    pub fn start<F, Fut>(f: F) -> Self
     where
         F: FnOnce(CancellationToken) -> Fut,
         Fut: std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
