@@ -22,11 +22,12 @@
 //!   before anything is committed, so nothing is lost.
 
 pub mod cli;
+pub mod consumer;
 pub mod lock;
 pub mod output;
 pub mod pipeline;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -44,6 +45,7 @@ use tidemark_common::ops::names;
 use tidemark_common::ConfigError;
 use tokio_util::sync::CancellationToken;
 
+use crate::consumer::SinkContext;
 use crate::output::{Batch, Output};
 use crate::pipeline::{Committed, Pipeline};
 
@@ -215,6 +217,8 @@ const CONSUMER_SETTINGS: &[(&str, &str)] = &[
     ("fetch.max.bytes", "1048576"),
     ("fetch.queue.backoff.ms", "1"),
     ("fetch.wait.max.ms", "10"),
+    // The lag gauge reads the fetcher's position from the statistics.
+    ("statistics.interval.ms", "1000"),
 ];
 
 /// What exactly-once into the file rests on; `--kafka-property` may not
@@ -260,10 +264,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
     let group = format!("connect-{}", cfg.name);
     let mut settings = vec![("group.id", group.as_str())];
     settings.extend_from_slice(CONSUMER_SETTINGS);
-    let consumer: StreamConsumer = cfg
+    let consumer: StreamConsumer<SinkContext> = cfg
         .kafka
         .client_config_fixed(&settings, FIXED_SETTINGS)?
-        .create()
+        .create_with_context(SinkContext::default())
         .context("cannot create the Kafka consumer; check the kafka properties")?;
 
     let mut assigned = BTreeSet::new();
@@ -307,16 +311,22 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
         .unwrap_or_else(std::time::Instant::now);
     let mut refresh = tokio::time::interval(cfg.metadata_refresh);
     refresh.tick().await;
+    let mut lag_tick = tokio::time::interval(LAG_INTERVAL);
     let mut kafka_error_logged = false;
     let mut fatal: Option<anyhow::Error> = None;
     let mut sent = 0u64;
+    // Per partition, the offset after the last record handed over.
+    let mut delivered: HashMap<(String, i32), i64> = HashMap::new();
     loop {
         let first = tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = lag_tick.tick() => {
+                report_lag(&consumer, &pipeline.committed().borrow().checkpoint, &delivered, &assigned);
+                continue;
+            }
             _ = refresh.tick() => {
                 cfg.health.progress();
                 let checkpoint = pipeline.committed().borrow().checkpoint.clone();
-                report_lag(&consumer, &checkpoint, &assigned);
                 if let Err(e) = assign_new(&consumer, &cfg.topics, &checkpoint, &mut assigned) {
                     tracing::warn!(error = %format!("{e:#}"), "cannot refresh topic metadata");
                 }
@@ -397,6 +407,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
             }
         }
         sent += batch.records();
+        for (topic, p, next) in &batch.reached {
+            delivered.insert((topic.clone(), *p), *next);
+        }
         if !pipeline.send(batch).await {
             break;
         }
@@ -433,7 +446,7 @@ const CLOSE_PATIENCE: Duration = Duration::from_secs(5);
 /// durable in the file) and closes the consumer, waiting at most
 /// [`CLOSE_PATIENCE`]: the position is the checkpoint beside the file, so
 /// nothing depends on either.
-async fn close(consumer: StreamConsumer, hint: Option<TopicPartitionList>) {
+async fn close(consumer: StreamConsumer<SinkContext>, hint: Option<TopicPartitionList>) {
     let (done, closed) = std::sync::mpsc::channel();
     let spawned = std::thread::Builder::new()
         .name("file-sink-close".into())
@@ -462,7 +475,7 @@ async fn close(consumer: StreamConsumer, hint: Option<TopicPartitionList>) {
 /// offset hint for lag tools.
 fn report_committed(
     cfg: &Config,
-    consumer: &StreamConsumer,
+    consumer: &StreamConsumer<SinkContext>,
     committed: &Committed,
     reported: &mut Totals,
     hinted: &mut std::time::Instant,
@@ -582,21 +595,30 @@ fn has_line_break(value: &[u8]) -> bool {
     blocks.remainder().iter().any(|&b| b == b'\n' || b == b'\r')
 }
 
-/// Sets the lag gauge: records in Kafka not yet in the file. The watermark
-/// look-ups are short network calls, made once per metadata refresh.
+/// How often the lag gauge is set: librdkafka's statistics come once a
+/// second.
+const LAG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Sets the lag gauge: records in Kafka not yet in the file, from
+/// librdkafka's latest statistics (see [`consumer::PartitionStats::lag`]);
+/// left as it was while a partition's end is not known yet.
 fn report_lag(
-    consumer: &StreamConsumer,
+    consumer: &StreamConsumer<SinkContext>,
     checkpoint: &SinkCheckpoint,
+    delivered: &HashMap<(String, i32), i64>,
     assigned: &BTreeSet<(String, i32)>,
 ) {
     let mut lag = 0i64;
     for (topic, p) in assigned {
-        match consumer.fetch_watermarks(topic, *p, Duration::from_secs(1)) {
-            Ok((_, high)) => {
-                let next = checkpoint.next_offset(topic, *p).unwrap_or(0);
-                lag += (high - next).max(0);
-            }
-            Err(_) => return,
+        let next = checkpoint.next_offset(topic, *p).unwrap_or(0);
+        let delivered = delivered.get(&(topic.clone(), *p)).copied().unwrap_or(next);
+        match consumer
+            .context()
+            .partition(topic, *p)
+            .and_then(|(_, s)| s.lag(next, delivered))
+        {
+            Some(l) => lag += l,
+            None => return,
         }
     }
     metrics::gauge!(names::SINK_LAG_RECORDS).set(lag as f64);
@@ -605,7 +627,7 @@ fn report_lag(
 /// Assigns partitions of `topics` not yet assigned, each at the checkpoint's
 /// offset or the beginning.
 fn assign_new(
-    consumer: &StreamConsumer,
+    consumer: &StreamConsumer<SinkContext>,
     topics: &[String],
     checkpoint: &SinkCheckpoint,
     assigned: &mut BTreeSet<(String, i32)>,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::support::*;
 
 /// A plain HTTP/1.0 GET: (status code, body).
-fn http_get(port: u16, path: &str) -> (String, String) {
+pub(crate) fn http_get(port: u16, path: &str) -> (String, String) {
     use std::io::{Read as _, Write as _};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     stream
@@ -29,7 +29,7 @@ fn http_get(port: u16, path: &str) -> (String, String) {
     (status, body)
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
