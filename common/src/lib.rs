@@ -4,7 +4,8 @@
 //! mapped, text to record JSON and back), the record [`envelope`] (how a Postgres row becomes a
 //! Kafka Connect JSON record), source and sink positions ([`offset`]),
 //! connector-config parsing ([`config`]), Postgres and Kafka client setup
-//! ([`pg`], [`kafka`]), and process plumbing ([`shutdown`], [`telemetry`]).
+//! ([`pg`], [`kafka`]), every name Tidemark creates in a user's database
+//! ([`names`]), and process plumbing ([`shutdown`], [`telemetry`]).
 
 pub mod codec;
 pub mod config;
@@ -12,6 +13,7 @@ pub mod envelope;
 pub mod error;
 pub mod health;
 pub mod kafka;
+pub mod names;
 pub mod offset;
 pub mod ops;
 pub mod pg;

@@ -432,36 +432,8 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The publication schema-init creates for `logical` capture of `table`:
-/// readable, under Postgres' 63-byte limit, and distinct for tables whose
-/// names differ only in where the dot is.
-pub fn publication_name(table: &TableName) -> String {
-    format!("tidemark_{}", short_hashed(table))
-}
-
-/// The first 40 bytes of `table`'s name and a hash of its quoted full name.
-pub fn short_hashed(table: &TableName) -> String {
-    // FNV-1a, 32 bits: stable across releases, unlike std's hasher.
-    let mut hash: u32 = 0x811c_9dc5;
-    for b in table.quoted().bytes() {
-        hash ^= u32::from(b);
-        hash = hash.wrapping_mul(0x0100_0193);
-    }
-    let mut short = String::new();
-    for c in table.name.chars() {
-        if short.len() + c.len_utf8() > 40 {
-            break;
-        }
-        short.push(c);
-    }
-    format!("{short}_{hash:08x}")
-}
-
-/// Quotes an identifier for SQL (`"a""b"`), so names from config can never
-/// inject SQL.
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
+// Names and quoting moved to `names`; kept here for the callers of 0.1.
+pub use crate::names::{publication_name, quote_ident, short_hashed};
 
 /// A table name as the user wrote it: `table` or `schema.table`, optionally
 /// with double quotes around either part.
