@@ -313,11 +313,71 @@ impl PgTarget {
     }
 }
 
-/// Session settings every Tidemark connection needs: ISO 8601 intervals in
-/// the envelope, and a name that shows in `pg_stat_activity`. (sqlx already
-/// fixes `TimeZone=UTC` and `DateStyle=ISO`.)
+/// The session settings every connection Tidemark opens runs with.
+///
+/// `search_path` holds only `pg_catalog` and, last, `pg_temp`: no object that
+/// a less privileged role can create (a `public.format(text, text, text)`
+/// that matches a call better than `pg_catalog.format`, a `pg_temp` operator)
+/// is ever resolved by a Tidemark session, and Tidemark's own SQL names every
+/// other object schema-qualified. The rest fix the text form of every value
+/// (`common::codec` parses values under exactly these settings), whatever the
+/// server's, the database's or the role's defaults are.
+///
+/// They go to the server as `-c` options in the startup packet, which win
+/// over `ALTER ROLE/DATABASE ... SET` and `postgresql.conf`, and over a
+/// user's `PGOPTIONS` or `options=`, which come before them in the string.
+pub const SESSION_SETTINGS: &[(&str, &str)] = &[
+    ("search_path", "pg_catalog, pg_temp"),
+    ("DateStyle", "ISO"),
+    ("IntervalStyle", "iso_8601"),
+    ("TimeZone", "UTC"),
+    ("extra_float_digits", "3"),
+    ("bytea_output", "hex"),
+    ("lc_monetary", "C"),
+    ("client_encoding", "UTF8"),
+    ("standard_conforming_strings", "on"),
+];
+
+/// [`SESSION_SETTINGS`] as a startup `options` string (`-c name=value ...`,
+/// spaces and backslashes escaped as Postgres splits it), for connections
+/// that sqlx does not make: `logical` mode's replication connection takes it
+/// as its options.
+pub fn session_options() -> String {
+    SESSION_SETTINGS
+        .iter()
+        .map(|(name, value)| format!("-c {name}={}", escape_option(value)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Escapes a value for the startup `options` string, which Postgres splits
+/// on unescaped whitespace.
+fn escape_option(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        if c == '\\' || c.is_whitespace() {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Applies [`SESSION_SETTINGS`], and a name that shows in
+/// `pg_stat_activity`.
+///
+/// sqlx sends `DateStyle`, `TimeZone`, `client_encoding` and
+/// `extra_float_digits` as startup parameters of their own, which Postgres
+/// applies after the `-c` options: `extra_float_digits` is therefore also set
+/// there (sqlx's default is 2); sqlx's other three agree with ours.
 fn with_session_settings(options: PgConnectOptions) -> PgConnectOptions {
-    let options = options.options([("IntervalStyle", "iso_8601")]);
+    let options = options
+        .options(
+            SESSION_SETTINGS
+                .iter()
+                .map(|(name, value)| (*name, escape_option(value))),
+        )
+        .extra_float_digits(3);
     if options.get_application_name().is_none() {
         options.application_name("tidemark")
     } else {
@@ -531,6 +591,22 @@ mod tests {
         assert!(!format!("{t:?}").contains("secret"));
         assert_eq!(t.options.get_host(), "postgres");
         assert_eq!(t.options.get_database(), Some("streaming_example"));
+    }
+
+    #[test]
+    fn every_connection_gets_the_session_settings() {
+        assert_eq!(
+            session_options(),
+            "-c search_path=pg_catalog,\\ pg_temp -c DateStyle=ISO -c IntervalStyle=iso_8601 \
+             -c TimeZone=UTC -c extra_float_digits=3 -c bytea_output=hex -c lc_monetary=C \
+             -c client_encoding=UTF8 -c standard_conforming_strings=on"
+        );
+        let jdbc = PgTarget::from_jdbc("connection.url", "jdbc:postgresql://h/db", Some("u"), None)
+            .unwrap();
+        let url = PgTarget::from_url("DATABASE_URL", "postgres://u@h/db").unwrap();
+        for t in [&jdbc, &url, &url.with_database("other")] {
+            assert_eq!(t.options.get_options(), Some(session_options().as_str()));
+        }
     }
 
     #[test]

@@ -96,7 +96,7 @@ pub fn plan(cfg: &Config) -> Vec<Step> {
             what: "create function update_last_updated_column".into(),
             sql: format!(
                 r#"create or replace function {schema}.update_last_updated_column()
-returns trigger as $$
+returns trigger set search_path = pg_catalog, pg_temp as $$
 begin
   new.last_updated = now();
   return new;
@@ -144,7 +144,7 @@ $$ language plpgsql"#
                 what: "create function tidemark.notify_change".into(),
                 sql: format!(
                     r#"create or replace function tidemark.notify_change()
-returns trigger as $$
+returns trigger set search_path = pg_catalog, pg_temp as $$
 begin
   perform pg_notify('{NOTIFY_CHANNEL}', tg_table_schema || '.' || tg_table_name);
   return null;

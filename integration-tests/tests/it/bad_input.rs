@@ -472,7 +472,7 @@ async fn every_column_type_round_trips(logical: bool) {
 
     // A writer whose session settings differ from pg-source's in every way
     // that changes how values print: capture must not depend on them.
-    let mut writer = fx.target.options.clone().connect().await.unwrap();
+    let mut writer = fx.user_options().connect().await.unwrap();
     for set in [
         "set timezone = 'Asia/Kolkata'",
         "set intervalstyle = 'postgres_verbose'",
@@ -588,7 +588,7 @@ async fn round_trip_in(
     let topic = format!("{}edges", fx.prefix);
     let file = fx.dir.path().join("edges.txt");
     let mut sink = start_sink(sink_config(&fx, &topic, &file));
-    let mut writer = fx.target.options.clone().connect().await.unwrap();
+    let mut writer = fx.user_options().connect().await.unwrap();
     for set in writer_settings {
         sqlx::query(set).execute(&mut writer).await.unwrap();
     }

@@ -310,7 +310,7 @@ async fn concurrent_writers(fx: Fixture) {
     for w in 0..4 {
         writers.push(tokio::spawn(writer(
             fx.pool.clone(),
-            fx.target.options.clone(),
+            fx.user_options(),
             1000 * (w + 1),
             6,
             60,
@@ -381,7 +381,7 @@ async fn snapshot_meets_stream(fx: Fixture) {
     }
     // A transaction open while the snapshot starts: its change must come
     // after the snapshot, exactly once.
-    let mut open = fx.target.options.clone().connect().await.unwrap();
+    let mut open = fx.user_options().connect().await.unwrap();
     let mut tx = open.begin().await.unwrap();
     sqlx::query("update streaming_update_table set data = 'late' where id = 2500")
         .execute(&mut *tx)
@@ -725,7 +725,7 @@ async fn logical_mode_resumes_a_cut_transaction_after_the_table_set_changed() {
     let source = fx.start_source_with(&first).ready().await;
     let sink = fx.start_sink();
     // One transaction: every row of tb, then every row of the seed table.
-    let mut conn = fx.target.options.clone().connect().await.unwrap();
+    let mut conn = fx.user_options().connect().await.unwrap();
     let mut tx = conn.begin().await.unwrap();
     sqlx::query("update tb set v = v || ' updated'")
         .execute(&mut *tx)

@@ -96,10 +96,7 @@ async fn schema_init_twice_changes_nothing_the_second_time() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let target = tidemark_common::pg::PgTarget::from_url("DATABASE_URL", &database_url())
-        .unwrap()
-        .with_database(&db);
-    let pool = target.connect(1, Duration::from_secs(10)).await.unwrap();
+    let pool = user_pool(&db, 1).await;
     let rows: i64 = sqlx::query_scalar("select count(*) from streaming_update_table")
         .fetch_one(&pool)
         .await

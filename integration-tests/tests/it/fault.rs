@@ -362,7 +362,7 @@ async fn fault_injection(fx: Fixture) {
     let mut tasks = Vec::new();
     for w in 0..writers {
         tasks.push(tokio::spawn(writer(
-            fx.target.options.clone(),
+            fx.user_options(),
             10_000 * (w as i64 + 1),
             20,
             stop_at,

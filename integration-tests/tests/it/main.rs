@@ -12,5 +12,6 @@ mod fault;
 mod ordering;
 mod restart;
 mod seed;
+mod session;
 mod sink;
 mod support;

@@ -20,7 +20,7 @@ async fn a_long_transaction_that_commits_late_is_not_missed() {
     wait_for_lines(&fx.file(), 4, Duration::from_secs(30)).await;
 
     // A long transaction stamps row 2 with its start time...
-    let mut long = fx.target.options.clone().connect().await.unwrap();
+    let mut long = fx.user_options().connect().await.unwrap();
     let mut tx = long.begin().await.unwrap();
     sqlx::query("update streaming_update_table set data = 'late' where id = 2")
         .execute(&mut *tx)

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rand::Rng as _;
+use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
 use tidemark_common::config::ConnectorConfig;
 use tidemark_common::envelope::ConnectRecord;
@@ -311,6 +312,28 @@ fn run_acl_tool(cmd: &[String]) -> Result<(), String> {
     ))
 }
 
+/// Connection options for `database` on the test server as the user's own
+/// application has them: `DATABASE_URL` as it is, none of Tidemark's
+/// session settings, so the tests' unqualified SQL (`create table t`,
+/// `insert into t`) means what it means to a user, and nothing in the tests
+/// depends on Tidemark's `search_path`.
+pub fn user_options(database: &str) -> PgConnectOptions {
+    database_url()
+        .parse::<PgConnectOptions>()
+        .expect("DATABASE_URL is a postgres:// URL")
+        .database(database)
+}
+
+/// A pool of the test's own connections to `database` (see [`user_options`]).
+pub async fn user_pool(database: &str, max_connections: u32) -> PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(user_options(database))
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {database} as the test's user: {e}"))
+}
+
 /// A short random suffix, so parallel tests never share a database, topic or
 /// group.
 pub fn unique(prefix: &str) -> String {
@@ -329,8 +352,14 @@ pub struct Fixture {
     pub source_name: String,
     pub sink_name: String,
     pub dir: tempfile::TempDir,
+    /// The test's own connections to the database, as the user's
+    /// application has them (the server's default `search_path`): for the
+    /// test's DDL, writes and checks, never for Tidemark's work.
     pub pool: PgPool,
+    /// Where the programs connect, with Tidemark's session settings.
     pub target: PgTarget,
+    /// How schema-init made the database, to run it again.
+    pub init: schema_init::Config,
 }
 
 impl Fixture {
@@ -371,7 +400,7 @@ impl Fixture {
         };
         schema_init::run(&cfg).await.expect("schema-init runs");
         let target = admin.with_database(&database);
-        let pool = target.connect(4, Duration::from_secs(10)).await.unwrap();
+        let pool = user_pool(&database, 4).await;
         Self {
             changelog: capture.is_some(),
             logical,
@@ -382,7 +411,14 @@ impl Fixture {
             database,
             pool,
             target,
+            init: cfg,
         }
+    }
+
+    /// Options for one more of the test's own connections (see
+    /// [`Fixture::pool`]).
+    pub fn user_options(&self) -> PgConnectOptions {
+        user_options(&self.database)
     }
 
     /// The topic of the seed table.

@@ -450,11 +450,9 @@ impl LogicalMode {
         .with_status_interval(Duration::from_secs(1))
         .with_buffer_size(1024)
         .with_application_name("tidemark-pg-source")
-        // Values as the reader's own sessions print them, so they read back
-        // the same.
-        .with_options(
-            "-c client_encoding=UTF8 -c datestyle=ISO -c intervalstyle=iso_8601 -c extra_float_digits=3 -c timezone=UTC",
-        );
+        // Tidemark's session settings: values as the reader's own sessions
+        // print them, so they read back the same, and its search_path.
+        .with_options(tidemark_common::pg::session_options());
         let pg = |e| SourceError::postgres("cannot prepare the replication stream", e);
         let mut conn = self.pool.acquire().await.map_err(pg)?;
         let xid_base: i64 =
