@@ -77,7 +77,7 @@ limit 10000
 /// `format_type` of each (oid, typmod) pair.
 const FORMATS_SQL: &str = r#"
 select pg_catalog.format_type(p.oid, p.typmod)
-from pg_catalog.unnest($1::pg_catalog.oid[], $2::pg_catalog.int4[])
+from rows from (pg_catalog.unnest($1::pg_catalog.oid[]), pg_catalog.unnest($2::pg_catalog.int4[]))
      with ordinality as p(oid, typmod, n)
 order by p.n
 "#;

@@ -125,6 +125,8 @@
 mod cache;
 mod json;
 mod playback;
+#[cfg(test)]
+mod proptests;
 mod row;
 mod text;
 mod time;
@@ -138,7 +140,7 @@ pub use text::{
     parse_array, parse_copy_line, parse_record, write_array_element, write_copy_field,
     write_record, ArrayText, Dim, Field, MAX_DIMS,
 };
-pub use types::{builtin, ColumnType, Oid, PgType, TypeKind, FIRST_NORMAL_OID};
+pub use types::{builtin, builtin_types, ColumnType, Oid, PgType, TypeKind, FIRST_NORMAL_OID};
 
 /// Why a value cannot be carried, or a record not played back.
 #[derive(Debug, thiserror::Error)]

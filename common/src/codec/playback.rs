@@ -24,7 +24,7 @@ use super::CodecError;
 /// | `io.debezium.time.Date` | days since 1970 (`i32::MAX`/`MIN`: infinities) | `2024-02-29`, ` BC` |
 /// | `io.debezium.time.MicroTime` | µs since midnight | `23:59:59.5`, `24:00:00` |
 /// | `int16`/`int32`/`int64` | number (or 0.1's string of digits) | its digits |
-/// | `float`/`double` | number, or `"NaN"`, `"Infinity"`, `"-Infinity"` | its exact digits |
+/// | `float`/`double` | number, or `"NaN"`, `"Infinity"`, `"-Infinity"` | its exact digits (an exponent as `e+N`/`e-N`, as Postgres prints it) |
 /// | `boolean` | `true`/`false` | `t`/`f` |
 /// | `bytes` | base64 | `\x` and hex |
 /// | `array` | nested JSON arrays | an array literal, quoted as `array_out` quotes, with the column's delimiter; `int2vector`/`oidvector` space-separated |

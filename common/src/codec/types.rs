@@ -322,6 +322,11 @@ fn format_name(oid: Oid, sql: &str) -> String {
     }
 }
 
+/// Every type of the static table (the built-in types and their arrays).
+pub fn builtin_types() -> impl Iterator<Item = Arc<PgType>> {
+    builtins().values().cloned()
+}
+
 /// The built-in type `oid`, if it is one of the static table.
 pub fn builtin(oid: Oid) -> Option<Arc<PgType>> {
     builtins().get(&oid).cloned()

@@ -8,6 +8,7 @@ mod bad_config;
 mod bad_input;
 mod changelog;
 mod cli;
+mod codec;
 mod fault;
 mod ordering;
 mod restart;
