@@ -6,7 +6,7 @@
 #   postgres  PostgreSQL 15 from Debian's packages, run like the official image
 #   kafka     Kafka from the jars dev/services caches (Maven Central), run like apache/kafka
 #   rust      builder: the base + build packages + the host's rustup toolchain
-#   tidemark  schema-init, pg-source, file-sink (docker/Dockerfile) from this workspace
+#   tidemark  schema-init, pg-source, file-sink, pg-replay (docker/Dockerfile) from this workspace
 #
 # Stdout is only export lines naming the images, for compose and tests:
 #
@@ -309,18 +309,18 @@ step_end "rust builder"
 
 # ---------------------------------------------------------------------------------------
 # Through compose, so that `docker compose build` and this script make the same images
-# (same build args, same labels). One shared build stage, built once for all three.
-step "tidemark images ${IMAGE_PREFIX}{schema-init,pg-source,file-sink}:latest"
+# (same build args, same labels). One shared build stage, built once for all of them.
+step "tidemark images ${IMAGE_PREFIX}{schema-init,pg-source,file-sink,pg-replay}:latest"
 old_ids=()
-for target in schema-init pg-source file-sink; do
+for target in schema-init pg-source file-sink pg-replay; do
   old_ids+=("$(docker image inspect -f '{{.Id}}' "${IMAGE_PREFIX}${target}:latest" 2>/dev/null || true)")
 done
 TIDEMARK_RUST_IMAGE="$RUST_IMAGE" TIDEMARK_RUNTIME_IMAGE="$RUNTIME_IMAGE" \
 TIDEMARK_IMAGE_PREFIX="$IMAGE_PREFIX" TIDEMARK_BUILD_CONTEXT="$BUILD_CONTEXT" \
-  docker compose -f docker/compose.yaml --progress="$PROGRESS" build schema-init pg-source file-sink </dev/null >&2 \
+  docker compose -f docker/compose.yaml --progress="$PROGRESS" build schema-init pg-source file-sink pg-replay </dev/null >&2 \
   || die "docker compose build failed"
 for id in "${old_ids[@]}"; do remove_if_dangling "$id"; done
-step_end "tidemark (3 images)"
+step_end "tidemark (4 images)"
 
 log "timings:"
 for t in "${TIMINGS[@]}"; do log "  $t"; done

@@ -11,6 +11,7 @@ mod cli;
 mod codec;
 mod fault;
 mod ordering;
+mod replay;
 mod restart;
 mod seed;
 mod session;

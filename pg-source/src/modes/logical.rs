@@ -435,24 +435,18 @@ impl LogicalMode {
             .iter()
             .map(|t| quote_ident(&publication_name(&t.table.info.name)))
             .collect();
-        let config = ReplicationConfig::new(
-            t.host,
-            t.user,
-            t.password,
-            t.database,
-            slot,
-            publications,
-        )
-        .with_port(t.port)
-        .with_tls(tls)
-        .with_start_lsn(Lsn(at))
-        .with_ack_lsn(Lsn(at))
-        .with_status_interval(Duration::from_secs(1))
-        .with_buffer_size(1024)
-        .with_application_name("tidemark-pg-source")
-        // Tidemark's session settings: values as the reader's own sessions
-        // print them, so they read back the same, and its search_path.
-        .with_options(tidemark_common::pg::session_options());
+        let config =
+            ReplicationConfig::new(t.host, t.user, t.password, t.database, slot, publications)
+                .with_port(t.port)
+                .with_tls(tls)
+                .with_start_lsn(Lsn(at))
+                .with_ack_lsn(Lsn(at))
+                .with_status_interval(Duration::from_secs(1))
+                .with_buffer_size(1024)
+                .with_application_name("tidemark-pg-source")
+                // Tidemark's session settings: values as the reader's own sessions
+                // print them, so they read back the same, and its search_path.
+                .with_options(tidemark_common::pg::session_options());
         let pg = |e| SourceError::postgres("cannot prepare the replication stream", e);
         let mut conn = self.pool.acquire().await.map_err(pg)?;
         let xid_base: i64 =

@@ -1,0 +1,502 @@
+//! pg-replay against a real Postgres, on archives written here line by line
+//! in pg-source's envelope (v2, with the `transaction` block), so each test
+//! can hold exactly the units, gaps and bad lines it is about. The
+//! end-to-end tests over the real pipeline are in `replay_pipeline.rs`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use tidemark_common::pg::{PgTarget, TableName};
+use tokio_util::sync::CancellationToken;
+
+use crate::support::*;
+
+/// A database of its own for one test, dropped at the end.
+pub struct Db {
+    pub name: String,
+    pub target: PgTarget,
+    pub pool: PgPool,
+}
+
+impl Db {
+    pub async fn new() -> Self {
+        tidemark_common::telemetry::init_for_tests();
+        let admin = PgTarget::from_url("DATABASE_URL", &database_url()).unwrap();
+        let pool = admin.connect(1, Duration::from_secs(10)).await.unwrap();
+        let name = unique("rp_");
+        sqlx::query(&format!("create database {name}"))
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        let target = admin.with_database(&name);
+        // The test acts as the user: an ordinary connection.
+        let pool = user_pool(&name, 4).await;
+        Self { name, target, pool }
+    }
+
+    pub async fn exec(&self, sql: &str) {
+        for stmt in sql.split(';').filter(|s| !s.trim().is_empty()) {
+            sqlx::query(stmt)
+                .execute(&self.pool)
+                .await
+                .unwrap_or_else(|e| panic!("{stmt}: {e}"));
+        }
+    }
+
+    /// `select` rows as text, one string per row (`record_out`), ordered.
+    pub async fn rows(&self, sql: &str) -> Vec<String> {
+        sqlx::query_scalar(&format!("select x::text from ({sql}) x order by 1"))
+            .fetch_all(&self.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    pub fn url(&self) -> String {
+        let mut u = url::Url::parse(&database_url()).unwrap();
+        u.set_path(&format!("/{}", self.name));
+        u.to_string()
+    }
+}
+
+/// An archive written line by line, as file-sink writes it.
+#[derive(Default)]
+pub struct Archive {
+    lines: Vec<String>,
+}
+
+/// One change: op, table, before, after.
+pub type Change<'a> = (&'a str, &'a str, Value, Value);
+
+impl Archive {
+    /// Adds a unit: its changes in order, commit order `co`, committed at
+    /// `ts` seconds after 2024-01-01, transaction `txid`.
+    pub fn unit(&mut self, co: i64, txid: i64, ts: i64, changes: &[Change<'_>]) -> &mut Self {
+        let n = changes.len() as i64;
+        for (i, (op, table, before, after)) in changes.iter().enumerate() {
+            let ord = i as i64 + 1;
+            self.lines.push(event(
+                op,
+                table,
+                before.clone(),
+                after.clone(),
+                co,
+                ord,
+                (ord == n).then_some(n),
+                txid,
+                ts,
+            ));
+        }
+        self
+    }
+
+    pub fn raw(&mut self, line: &str) -> &mut Self {
+        self.lines.push(line.to_owned());
+        self
+    }
+
+    pub fn write(&self, path: &Path) {
+        let mut text = self.lines.join("\n");
+        text.push('\n');
+        std::fs::write(path, text).unwrap();
+    }
+}
+
+/// 2024-01-01T00:00:00Z in µs.
+pub const T0_US: i64 = 1_704_067_200_000_000;
+
+#[allow(clippy::too_many_arguments)]
+pub fn event(
+    op: &str,
+    table: &str,
+    before: Value,
+    after: Value,
+    co: i64,
+    ord: i64,
+    count: Option<i64>,
+    txid: i64,
+    ts: i64,
+) -> String {
+    let (schema, name) = table.split_once('.').unwrap_or(("public", table));
+    let us = T0_US + ts * 1_000_000;
+    json!({
+        "before": before, "after": after,
+        "source": {"version": "tidemark-0.2.0", "connector": "tidemark", "name": "src",
+                   "ts_ms": us / 1000, "ts_us": us, "ts_ns": us * 1000,
+                   "snapshot": "false", "db": "db", "sequence": null, "schema": schema,
+                   "table": name, "txId": txid, "lsn": null, "xmin": null},
+        "transaction": {"id": format!("{txid}:{co}"), "total_order": ord,
+                        "data_collection_order": ord, "commit_order": co,
+                        "event_count": count, "data_collections": null},
+        "op": op, "ts_ms": us / 1000 + 5, "ts_us": us + 5000, "ts_ns": (us + 5000) * 1000,
+    })
+    .to_string()
+}
+
+pub fn config<P: AsRef<Path>>(db: &Db, inputs: &[P]) -> pg_replay::Config {
+    let mut cfg = pg_replay::Config::new(db.target.clone());
+    cfg.inputs = inputs.iter().map(|p| p.as_ref().to_path_buf()).collect();
+    cfg.progress_interval = Duration::from_secs(60);
+    cfg
+}
+
+pub async fn replay(cfg: pg_replay::Config) -> anyhow::Result<pg_replay::Summary> {
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        pg_replay::run(cfg, CancellationToken::new()),
+    )
+    .await
+    .expect("pg-replay finishes within 2 minutes")
+}
+
+fn row(id: i64, data: &str) -> Value {
+    json!({"id": id, "data": data})
+}
+
+fn child(id: i64, parent: i64) -> Value {
+    json!({"id": id, "parent": parent})
+}
+
+const NULL: Value = Value::Null;
+
+/// Two tables with a foreign key, units spread over two files (as two
+/// partitions would be) and out of order between the files.
+fn two_table_archive(dir: &Path) -> Vec<PathBuf> {
+    let (a, b) = (dir.join("a.txt"), dir.join("b.txt"));
+    let mut fa = Archive::default();
+    let mut fb = Archive::default();
+    // Unit 1: parents 1, 2 (file a) with child 10 of 1 (file b).
+    fa.lines
+        .push(event("c", "p", NULL, row(1, "one"), 1, 1, None, 100, 1));
+    fa.lines
+        .push(event("c", "p", NULL, row(2, "two"), 1, 2, None, 100, 1));
+    fb.lines
+        .push(event("c", "c", NULL, child(10, 1), 1, 3, Some(3), 100, 1));
+    // Unit 2: the child moves to parent 2, parent 1 is deleted; then the
+    // key of parent 2 changes from 2 to 3 in unit 3 (child deleted first).
+    fb.lines.push(event(
+        "u",
+        "c",
+        child(10, 1),
+        child(10, 2),
+        2,
+        1,
+        None,
+        101,
+        2,
+    ));
+    fa.lines
+        .push(event("d", "p", row(1, "one"), NULL, 2, 2, Some(2), 101, 2));
+    fb.lines
+        .push(event("d", "c", child(10, 2), NULL, 3, 1, None, 102, 3));
+    fa.lines
+        .push(event("d", "p", row(2, "two"), NULL, 3, 2, None, 102, 3));
+    fa.lines
+        .push(event("c", "p", NULL, row(3, "two"), 3, 3, None, 102, 3));
+    fb.lines
+        .push(event("c", "c", NULL, child(11, 3), 3, 4, Some(4), 102, 3));
+    fa.write(&a);
+    fb.write(&b);
+    vec![a, b]
+}
+
+async fn parent_child(db: &Db) {
+    db.exec(
+        "create table p (id int primary key, data text not null);
+         create table c (id int primary key, parent int not null references p (id))",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn units_are_applied_whole_in_commit_order_and_a_second_run_changes_nothing() {
+    let db = Db::new().await;
+    parent_child(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = two_table_archive(dir.path());
+    let s = replay(config(&db, &inputs)).await.unwrap();
+    assert_eq!((s.units, s.changes, s.position), (3, 9, Some(3)));
+    assert_eq!(db.rows("select * from p").await, vec!["(3,two)"]);
+    assert_eq!(db.rows("select * from c").await, vec!["(11,3)"]);
+    let pos = db
+        .rows("select (commit_order, tx_id, changes, units) from tidemark.replay_position")
+        .await;
+    assert_eq!(pos, vec!["(\"(3,102,9,3)\")"]);
+    // Again: nothing to do, nothing changed.
+    let again = replay(config(&db, &inputs)).await.unwrap();
+    assert_eq!((again.units, again.changes), (0, 0));
+    assert_eq!(db.rows("select * from p").await, vec!["(3,two)"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_point_in_time_is_a_prefix_of_whole_units() {
+    let db = Db::new().await;
+    parent_child(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = two_table_archive(dir.path());
+    let mut cfg = config(&db, &inputs);
+    // Unit 2 committed at +2 s, unit 3 at +3 s.
+    cfg.until = pg_replay::UntilArg::Time(T0_US + 2_500_000);
+    let s = replay(cfg).await.unwrap();
+    assert_eq!(s.position, Some(2));
+    assert_eq!(db.rows("select * from p").await, vec!["(2,two)"]);
+    assert_eq!(db.rows("select * from c").await, vec!["(10,2)"]);
+    // Going on later, to the end.
+    replay(config(&db, &inputs)).await.unwrap();
+    assert_eq!(db.rows("select * from p").await, vec!["(3,two)"]);
+    // --until-txid: the unit of transaction 100 only, into another table set.
+    let db2 = Db::new().await;
+    parent_child(&db2).await;
+    let mut cfg = config(&db2, &inputs);
+    cfg.until = pg_replay::UntilArg::Txid(100);
+    assert_eq!(replay(cfg).await.unwrap().position, Some(1));
+    assert_eq!(
+        db2.rows("select * from p").await,
+        vec!["(1,one)", "(2,two)"]
+    );
+    let mut cfg = config(&db2, &inputs);
+    cfg.until = pg_replay::UntilArg::Txid(999);
+    let err = format!("{:#}", replay(cfg).await.unwrap_err());
+    assert!(
+        err.contains("transaction 999 (--until-txid) is not in the archive"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_disagrees_stops_before_that_unit_naming_table_key_and_line() {
+    let db = Db::new().await;
+    db.exec("create table t (id int primary key, data text not null); insert into t values (5, 'there')")
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.txt");
+    let mut a = Archive::default();
+    a.unit(1, 1, 1, &[("c", "t", NULL, row(1, "a"))])
+        .unit(2, 2, 2, &[("c", "t", NULL, row(2, "b"))])
+        .unit(
+            3,
+            3,
+            3,
+            &[
+                ("c", "t", NULL, row(3, "c")),
+                ("c", "t", NULL, row(5, "five")),
+            ],
+        )
+        .unit(4, 4, 4, &[("c", "t", NULL, row(4, "d"))]);
+    a.write(&path);
+    let err = format!("{:#}", replay(config(&db, &[&path])).await.unwrap_err());
+    assert!(err.contains("table public.t key (id)=(5)"), "{err}");
+    assert!(err.contains("out.txt line 4"), "{err}");
+    assert!(err.contains("unit 3"), "{err}");
+    // Units 1 and 2 are applied, nothing of 3 or after.
+    assert_eq!(db.rows("select id from t").await, vec!["(1)", "(2)", "(5)"]);
+    // An update of a missing row is refused the same way.
+    let db = Db::new().await;
+    db.exec("create table t (id int primary key, data text not null)")
+        .await;
+    let mut a = Archive::default();
+    a.unit(1, 1, 1, &[("u", "t", row(9, "x"), row(9, "y"))]);
+    a.write(&path);
+    let err = format!("{:#}", replay(config(&db, &[&path])).await.unwrap_err());
+    assert!(
+        err.contains("updates a row the target does not hold"),
+        "{err}"
+    );
+    // With --on-conflict upsert the archive wins.
+    let mut cfg = config(&db, &[path]);
+    cfg.on_conflict = pg_replay::apply::OnConflict::Upsert;
+    replay(cfg).await.unwrap();
+    assert_eq!(db.rows("select * from t").await, vec!["(9,y)"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_stops_before_the_incomplete_unit_and_names_it() {
+    let db = Db::new().await;
+    db.exec("create table t (id int primary key, data text not null)")
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.txt");
+    let mut a = Archive::default();
+    a.unit(1, 1, 1, &[("c", "t", NULL, row(1, "a"))]);
+    // Unit 2's event 2 of 3 is missing (dead-lettered at the source).
+    a.lines
+        .push(event("c", "t", NULL, row(2, "b"), 2, 1, None, 2, 2));
+    a.lines
+        .push(event("c", "t", NULL, row(3, "c"), 2, 3, Some(3), 2, 2));
+    a.unit(3, 3, 3, &[("c", "t", NULL, row(4, "d"))]);
+    a.write(&path);
+    let err = format!("{:#}", replay(config(&db, &[path])).await.unwrap_err());
+    assert!(err.contains("a gap in the archive: unit 2"), "{err}");
+    assert!(
+        err.contains("holds 2 of its 3 events (total_order 2 is the first missing)"),
+        "{err}"
+    );
+    assert!(err.contains("out.txt line 2"), "{err}");
+    assert!(err.contains("tidemark.dead-letter"), "{err}");
+    assert_eq!(db.rows("select id from t").await, vec!["(1)"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_lines_and_tables_are_refused_naming_their_place() {
+    let db = Db::new().await;
+    db.exec("create table t (id int primary key, data text not null)")
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.txt");
+    // A line that is not a record: nothing of its unit or after applied.
+    let mut a = Archive::default();
+    a.unit(1, 1, 1, &[("c", "t", NULL, row(1, "a"))]);
+    a.raw("Struct{id=2,data=b}");
+    a.unit(2, 2, 2, &[("c", "t", NULL, row(2, "b"))]);
+    a.write(&path);
+    let err = format!("{:#}", replay(config(&db, &[&path])).await.unwrap_err());
+    assert!(err.contains("out.txt line 2 (byte offset"), "{err}");
+    assert!(err.contains("not JSON"), "{err}");
+    assert_eq!(db.rows("select id from t").await, Vec::<String>::new());
+    // Records of a table --table does not map.
+    let mut a = Archive::default();
+    a.unit(
+        1,
+        1,
+        1,
+        &[
+            ("c", "t", NULL, row(1, "a")),
+            ("c", "other", NULL, row(1, "x")),
+        ],
+    );
+    a.write(&path);
+    let mut cfg = config(&db, &[&path]);
+    cfg.tables = vec![(
+        TableName::parse("t").unwrap(),
+        TableName::parse("t").unwrap(),
+    )];
+    let err = format!("{:#}", replay(cfg.clone()).await.unwrap_err());
+    assert!(
+        err.contains("a change of table public.other, which no --table maps"),
+        "{err}"
+    );
+    assert!(err.contains("out.txt line 2"), "{err}");
+    assert_eq!(db.rows("select id from t").await, Vec::<String>::new());
+    cfg.ignore_unmapped = true;
+    replay(cfg).await.unwrap();
+    assert_eq!(db.rows("select id from t").await, vec!["(1)"]);
+    // A target whose columns differ.
+    let db = Db::new().await;
+    db.exec("create table t (id int primary key, info text)")
+        .await;
+    let err = format!("{:#}", replay(config(&db, &[&path])).await.unwrap_err());
+    assert!(
+        err.contains("the columns of target table public.t do not match"),
+        "{err}"
+    );
+    assert!(
+        err.contains("the archive has columns the target lacks: data"),
+        "{err}"
+    );
+    assert!(
+        err.contains("the target has columns the archive does not carry: info"),
+        "{err}"
+    );
+    // A target this role may not write.
+    let db = Db::new().await;
+    let role = unique("rp_reader_");
+    db.exec(&format!(
+        "create table t (id int primary key, data text not null);
+         create role {role} login password 'pw';
+         grant select on t to {role};
+         create schema tidemark authorization {role}"
+    ))
+    .await;
+    let mut u = url::Url::parse(&db.url()).unwrap();
+    u.set_username(&role).unwrap();
+    u.set_password(Some("pw")).unwrap();
+    let mut cfg = config(&db, &[&path]);
+    cfg.target = PgTarget::from_url("url", u.as_str()).unwrap();
+    cfg.ignore_unmapped = true;
+    cfg.tables = vec![(
+        TableName::parse("t").unwrap(),
+        TableName::parse("t").unwrap(),
+    )];
+    let err = format!("{:#}", replay(cfg).await.unwrap_err());
+    assert!(
+        err.contains(
+            "this role may not write target table public.t (no INSERT, UPDATE, DELETE privilege)"
+        ),
+        "{err}"
+    );
+    assert_eq!(db.rows("select id from t").await, Vec::<String>::new());
+    db.exec(&format!(
+        "drop schema tidemark cascade; drop owned by {role}; drop role {role}"
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_last_line_is_never_applied() {
+    let db = Db::new().await;
+    db.exec("create table t (id int primary key, data text not null)")
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.txt");
+    let mut a = Archive::default();
+    a.unit(1, 1, 1, &[("c", "t", NULL, row(1, "a"))]);
+    a.write(&path);
+    // The next unit's only line, cut short before its newline: complete
+    // JSON but not known to be whole.
+    let torn = event("c", "t", NULL, row(2, "b"), 2, 1, Some(1), 2, 2);
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    std::io::Write::write_all(&mut f, torn.as_bytes()).unwrap();
+    let s = replay(config(&db, &[path])).await.unwrap();
+    assert_eq!(s.position, Some(1));
+    assert_eq!(db.rows("select id from t").await, vec!["(1)"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_tells_equal_tables_from_ones_with_a_changed_row() {
+    let src = Db::new().await;
+    let dst = Db::new().await;
+    for db in [&src, &dst] {
+        db.exec(
+            "create table t (a int, b text, v numeric, primary key (a, b));
+             insert into t select i % 100, 'k' || (i / 100), i * 1.5 from generate_series(1, 5000) i",
+        )
+        .await;
+    }
+    let cfg = pg_replay::verify::VerifyConfig {
+        source: src.target.clone(),
+        target: dst.target.clone(),
+        tables: vec![(
+            TableName::parse("t").unwrap(),
+            TableName::parse("t").unwrap(),
+        )],
+        chunk_rows: 700,
+        leaf_rows: 20,
+        max_diffs: 10,
+    };
+    let report = pg_replay::verify::verify(&cfg).await.unwrap();
+    assert!(report.equal(), "{report:?}");
+    assert_eq!(report.rows, 5000);
+    dst.exec("update t set v = v + 0.01 where a = 42 and b = 'k17'; delete from t where a = 3 and b = 'k0'; insert into t values (1000, 'x', 1)")
+        .await;
+    let report = pg_replay::verify::verify(&cfg).await.unwrap();
+    let mut diffs: Vec<(String, &str)> = report
+        .differences
+        .iter()
+        .map(|d| (d.key.clone(), d.what))
+        .collect();
+    diffs.sort();
+    assert_eq!(
+        diffs,
+        vec![
+            ("(a, b)=(1000, x)".to_owned(), "only in target"),
+            ("(a, b)=(3, k0)".to_owned(), "only in source"),
+            ("(a, b)=(42, k17)".to_owned(), "differs"),
+        ]
+    );
+    assert!(pg_replay::verify::print(&report, &cfg).is_err());
+}

@@ -1,0 +1,1372 @@
+//! Applying units to the target: staging by `COPY`, then a set-based apply
+//! in one transaction with the position.
+//!
+//! Every change read is copied into a staging table of its target table
+//! (`pg_temp.tidemark_stage_<n>`, temporary, so only this session sees it),
+//! whose columns have the target's own types: values reach Postgres as text
+//! and go through the types' input functions, never through a cast. Each
+//! staged row carries its unit (`m_co`), its place in the unit (`m_ord`), its
+//! operation and where it came from.
+//!
+//! A run of whole units (see [`crate::units`]) is applied in one target
+//! transaction, together with the position:
+//!
+//! 1. per table, the net effect per key: the last event's row, and the first
+//!    event's operation, which says what the target must hold before (a
+//!    create or snapshot read: the key is absent; an update or delete: it is
+//!    present); keys compared with the primary key's operator class;
+//! 2. inserts and updates, tables in foreign-key order parents first, then
+//!    deletes children first; a `TRUNCATE` in the run empties the table
+//!    first and only the events after it count;
+//! 3. each statement's row count must be what the net effect says; a key
+//!    created and deleted within the run must be absent.
+//!
+//! If a count is off or a constraint fails, the transaction is rolled back
+//! and the run examined: a target row that disagrees with the archive is a
+//! conflict, reported with table, key and archive position (with
+//! `--on-conflict upsert` the archive wins instead). Otherwise (a unique or
+//! foreign key that the net effect's order trips over, a cycle of foreign
+//! keys) the run is applied again event by event in commit order, which is
+//! the order the source applied them in.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context as _};
+use serde_json::{Map, Value};
+use sqlx::{Connection as _, PgConnection, Row as _};
+use tidemark_common::pg::{quote_ident, TableName};
+
+use crate::archive::{Origin, StreamPos, Streams};
+use crate::position::{self, Advance};
+use crate::record::{Op, RowSchema};
+use crate::target::{self, TargetTable};
+use crate::values::{copy_escape, pg_text, COPY_NULL};
+
+/// Bytes of `COPY` data a table buffers before it is sent.
+const COPY_CHUNK: usize = 1 << 20;
+
+/// `=`, `<=`, `<>` on Tidemark's own columns (int8, "char"), qualified.
+const EQ: &str = "operator(pg_catalog.=)";
+const LE: &str = "operator(pg_catalog.<=)";
+const NE: &str = "operator(pg_catalog.<>)";
+const GT: &str = "operator(pg_catalog.>)";
+
+/// What a target row that disagrees with the archive leads to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum OnConflict {
+    /// Stop without applying the unit, naming table, key and position.
+    #[default]
+    Stop,
+    /// The archive wins: a create of a key that exists or an update of one
+    /// that does not writes the row; a delete of a missing key does nothing.
+    Upsert,
+}
+
+/// What to do with the target tables' own triggers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum UserTriggers {
+    /// Disable them within each apply transaction (needs ownership of the
+    /// table): the archive already holds what they did at the source.
+    #[default]
+    Disable,
+    /// Let them fire.
+    Fire,
+}
+
+/// Why a run was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The target disagrees with the archive, or a change fails, at a unit:
+    /// the units before it can be applied on their own.
+    #[error("{message}")]
+    AtUnit {
+        /// The unit that cannot be applied.
+        commit_order: i64,
+        /// What to tell the user.
+        message: String,
+    },
+    /// Anything else (the connection, a query).
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+/// Where an event came from, as staged.
+#[derive(Debug, Clone, Copy)]
+pub struct RowMeta {
+    /// Its unit.
+    pub commit_order: i64,
+    /// Its place in the unit.
+    pub total_order: i64,
+    /// What it did.
+    pub op: Op,
+    /// Its stream.
+    pub stream: u32,
+    /// Its place in the stream.
+    pub pos: StreamPos,
+}
+
+/// One mapped table: the target, its staging tables and what is staged.
+#[derive(Debug)]
+pub struct Stage {
+    /// The archive's table.
+    pub source: TableName,
+    /// The table it is applied to.
+    pub target: TargetTable,
+    stage: String,
+    net: String,
+    /// Staging columns c1..cn: indexes into `target.columns`.
+    cols: Vec<usize>,
+    /// Per record schema (by id): each staging column's field schema.
+    fields: HashMap<u64, Arc<Vec<Value>>>,
+    /// For records without a schema: the field schemas the codec gives the
+    /// target's column types; set (and the columns checked) at the first.
+    schemaless: Option<Arc<Vec<Value>>>,
+    copy_sql: String,
+    buf: Vec<u8>,
+    /// Rows staged (sent or buffered) and not applied, per unit.
+    by_unit: BTreeMap<i64, u64>,
+    /// TRUNCATEs staged and not applied: unit → last total_order.
+    truncates: BTreeMap<i64, i64>,
+}
+
+impl Stage {
+    fn key_cond(&self, left: &str, right: &str) -> String {
+        self.target
+            .key
+            .iter()
+            .zip(&self.target.key_eq)
+            .map(|(&k, op)| {
+                let j = self.stage_col(k);
+                format!(
+                    "{left}.{} {op} {right}.c{j}",
+                    quote_ident(&self.target.columns[k].name)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" and ")
+    }
+
+    /// The staging column (1-based) of target column `i`.
+    fn stage_col(&self, i: usize) -> usize {
+        self.cols
+            .iter()
+            .position(|&c| c == i)
+            .expect("a data column")
+            + 1
+    }
+
+    fn key_stage_cols(&self, alias: &str) -> Vec<String> {
+        self.target
+            .key
+            .iter()
+            .map(|&k| format!("{alias}.c{}", self.stage_col(k)))
+            .collect()
+    }
+
+    /// `ORDER BY` over the key with the operator class's `<`.
+    fn key_order(&self, alias: &str) -> String {
+        self.key_stage_cols(alias)
+            .iter()
+            .zip(&self.target.key_lt)
+            .map(|(c, lt)| format!("{c} using {lt}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn target_cols(&self) -> String {
+        self.cols
+            .iter()
+            .map(|&i| quote_ident(&self.target.columns[i].name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn stage_list(&self, alias: &str) -> String {
+        (1..=self.cols.len())
+            .map(|j| format!("{alias}.c{j}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn overriding(&self) -> &'static str {
+        if self
+            .cols
+            .iter()
+            .any(|&i| self.target.columns[i].identity_always)
+        {
+            " overriding system value"
+        } else {
+            ""
+        }
+    }
+
+    /// `set "a" = n.c2, ...` over the non-key columns; `None` when all
+    /// columns are key columns.
+    fn update_set(&self, alias: &str) -> Option<String> {
+        let sets: Vec<String> = self
+            .cols
+            .iter()
+            .enumerate()
+            .filter(|(_, &i)| !self.target.is_key(i))
+            .map(|(j, &i)| {
+                format!(
+                    "{} = {alias}.c{}",
+                    quote_ident(&self.target.columns[i].name),
+                    j + 1
+                )
+            })
+            .collect();
+        (!sets.is_empty()).then(|| sets.join(", "))
+    }
+
+    /// What an upsert does with a key that exists: set every non-key
+    /// column from the archive's row.
+    fn upsert_action(&self) -> String {
+        let sets: Vec<String> = self
+            .cols
+            .iter()
+            .filter(|&&c| !self.target.is_key(c))
+            .map(|&c| {
+                let name = quote_ident(&self.target.columns[c].name);
+                format!("{name} = excluded.{name}")
+            })
+            .collect();
+        if sets.is_empty() {
+            "do nothing".to_owned()
+        } else {
+            format!("do update set {}", sets.join(", "))
+        }
+    }
+
+    /// The key's text, `(1,x)`, by the key types' output functions.
+    fn key_text_sql(&self, alias: &str) -> String {
+        format!(
+            "pg_catalog.textin(pg_catalog.record_out(row({})))",
+            self.key_stage_cols(alias).join(", ")
+        )
+    }
+
+    fn key_names(&self) -> String {
+        self.target
+            .key
+            .iter()
+            .map(|&k| self.target.columns[k].name.clone())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Checks that a row schema's fields are exactly the target's columns,
+    /// and returns each staging column's field schema.
+    fn field_schemas(&self, row: &RowSchema) -> anyhow::Result<Vec<Value>> {
+        let names: BTreeSet<&str> = row.fields.iter().map(|f| f.name.as_str()).collect();
+        self.check_columns(&names, Some(row))?;
+        Ok(self
+            .cols
+            .iter()
+            .map(|&i| {
+                row.field(&self.target.columns[i].name)
+                    .map_or(Value::Null, |f| f.schema.clone())
+            })
+            .collect())
+    }
+
+    /// Checks the archive's columns (`names`) against the target's.
+    fn check_columns(&self, names: &BTreeSet<&str>, row: Option<&RowSchema>) -> anyhow::Result<()> {
+        let target: BTreeSet<&str> = self
+            .target
+            .columns
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        let missing: Vec<&str> = self
+            .cols
+            .iter()
+            .map(|&i| self.target.columns[i].name.as_str())
+            .filter(|n| !names.contains(n))
+            .collect();
+        let extra: Vec<&str> = names
+            .iter()
+            .copied()
+            .filter(|n| !target.contains(n))
+            .collect();
+        if !missing.is_empty() || !extra.is_empty() {
+            let mut why = Vec::new();
+            if !extra.is_empty() {
+                why.push(format!(
+                    "the archive has columns the target lacks: {}",
+                    extra.join(", ")
+                ));
+            }
+            if !missing.is_empty() {
+                why.push(format!(
+                    "the target has columns the archive does not carry: {}",
+                    missing.join(", ")
+                ));
+            }
+            bail!(
+                "the columns of target table {} do not match the archive's table {}: {}; \
+                 make the target's columns the source's (or let pg-replay create the table: drop it, \
+                 or map to a new one with --table {}=SCHEMA.NEW)",
+                self.target.name,
+                self.source,
+                why.join("; "),
+                self.source
+            );
+        }
+        if let Some(row) = row {
+            for &i in &self.cols {
+                let col = &self.target.columns[i];
+                let Some(want) = row.field(&col.name).and_then(|f| f.column_type()) else {
+                    continue;
+                };
+                if want != col.type_sql {
+                    bail!(
+                        "column {} of target table {} is {}, but the archive's is {want}: values would change \
+                         on the way in; alter the target column to {want}",
+                        col.name,
+                        self.target.name,
+                        col.type_sql
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The result of applying a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Changes applied (staged rows of the run).
+    pub changes: u64,
+    /// Whether it needed the event-by-event path.
+    pub slow: bool,
+}
+
+/// The apply session: one connection, its staging tables and the mapping.
+pub struct Applier {
+    conn: PgConnection,
+    stages: Vec<Stage>,
+    by_source: HashMap<TableName, usize>,
+    mapping: Vec<(TableName, TableName)>,
+    /// Only the mapped tables are replayed; other tables' events are skipped.
+    pub only_mapped: bool,
+    on_conflict: OnConflict,
+    user_triggers: UserTriggers,
+    /// Parent-first order of `stages`, and whether foreign keys form a cycle.
+    order: Vec<usize>,
+    cycle: bool,
+    name: String,
+    streams: Streams,
+}
+
+/// What the caller says about a run for the position.
+#[derive(Debug, Clone)]
+pub struct RunInfo {
+    /// The last unit of the run (all staged rows with `m_co <= upto`).
+    pub upto: i64,
+    /// Units in it.
+    pub units: u64,
+    /// Changes staged for them.
+    pub changes: u64,
+    /// The position before.
+    pub from: Option<i64>,
+    /// The position to store (`None` for row-state archives).
+    pub commit_order: Option<i64>,
+    /// Commit time of the last unit.
+    pub ts_us: Option<i64>,
+    /// Its transaction.
+    pub tx_id: Option<i64>,
+    /// Its LSN.
+    pub lsn: Option<i64>,
+    /// Resume points once applied.
+    pub streams: BTreeMap<String, StreamPos>,
+}
+
+impl Applier {
+    /// An applier on `conn` (which holds the replay's lock), for replay
+    /// `name`, mapping source tables to targets by `mapping` (empty: every
+    /// table to the same name).
+    pub fn new(
+        conn: PgConnection,
+        name: &str,
+        mapping: Vec<(TableName, TableName)>,
+        on_conflict: OnConflict,
+        user_triggers: UserTriggers,
+        streams: Streams,
+    ) -> Self {
+        Self {
+            conn,
+            stages: Vec::new(),
+            by_source: HashMap::new(),
+            only_mapped: !mapping.is_empty(),
+            mapping,
+            on_conflict,
+            user_triggers,
+            order: Vec::new(),
+            cycle: false,
+            name: name.to_owned(),
+            streams,
+        }
+    }
+
+    /// Makes every change an upsert (row-state archives: no transactions,
+    /// no deletes, each record a row's whole state).
+    pub fn set_upsert(&mut self) {
+        self.on_conflict = OnConflict::Upsert;
+    }
+
+    /// The connection, for the position and checks.
+    pub fn conn(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
+
+    /// The target a source table maps to; `None` when it is not mapped.
+    pub fn target_of(&self, source: &TableName) -> Option<TableName> {
+        if self.mapping.is_empty() {
+            return Some(source.clone());
+        }
+        self.mapping
+            .iter()
+            .find(|(s, _)| s == source)
+            .map(|(_, t)| t.clone())
+    }
+
+    /// The staging of `source`, set up on first sight: the target table
+    /// looked up (or created from `row`), checked and its staging tables
+    /// created. `None` when the table is not mapped.
+    ///
+    /// Fails when the target is missing and cannot be created, when this
+    /// role may not write it, or when it has triggers pg-replay may not
+    /// disable.
+    pub async fn stage_for(
+        &mut self,
+        source: &TableName,
+        row: Option<&RowSchema>,
+    ) -> anyhow::Result<Option<usize>> {
+        if let Some(&i) = self.by_source.get(source) {
+            return Ok(Some(i));
+        }
+        let Some(target_name) = self.target_of(source) else {
+            return Ok(None);
+        };
+        let target = match target::load_table(&mut self.conn, &target_name).await? {
+            Some(t) => t,
+            None => {
+                let Some(row) = row else {
+                    bail!(
+                        "target table {target_name} does not exist and the archive carries no schema to create it from \
+                         (written with value.converter.schemas.enable=false); create it first \
+                         (e.g. pg_dump --schema-only --table of the source)"
+                    );
+                };
+                target::create_table(&mut self.conn, &target_name, row).await?;
+                target::load_table(&mut self.conn, &target_name)
+                    .await?
+                    .context("the table just created is not there")?
+            }
+        };
+        let mut refused = Vec::new();
+        for (ok, what) in [
+            (target.can_insert, "INSERT"),
+            (target.can_update, "UPDATE"),
+            (target.can_delete, "DELETE"),
+        ] {
+            if !ok {
+                refused.push(what);
+            }
+        }
+        if !refused.is_empty() {
+            bail!(
+                "this role may not write target table {target_name} (no {} privilege); \
+                 grant select, insert, update, delete on {} to it, or connect as the table's owner",
+                refused.join(", "),
+                target_name.quoted()
+            );
+        }
+        if !target.user_triggers.is_empty()
+            && self.user_triggers == UserTriggers::Disable
+            && !target.owned
+        {
+            bail!(
+                "target table {target_name} has triggers ({}) that would change replayed rows (the archive \
+                 already holds their effects at the source); pg-replay disables them while it applies, which \
+                 needs ownership of the table: connect as its owner, or pass --user-triggers fire to let them run",
+                target
+                    .user_triggers
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        let idx = self.stages.len();
+        let cols: Vec<usize> = target.data_columns().map(|(i, _)| i).collect();
+        let stage = format!("pg_temp.tidemark_stage_{idx}");
+        let net = format!("pg_temp.tidemark_net_{idx}");
+        let typed: Vec<String> = cols
+            .iter()
+            .enumerate()
+            .map(|(j, &i)| {
+                let c = &target.columns[i];
+                match &c.collation_sql {
+                    Some(coll) => format!("c{} {} collate {coll}", j + 1, c.type_sql),
+                    None => format!("c{} {}", j + 1, c.type_sql),
+                }
+            })
+            .collect();
+        let meta = "m_co pg_catalog.int8 not null, m_ord pg_catalog.int8 not null, \
+                    m_op pg_catalog.\"char\" not null, m_src pg_catalog.int4 not null, \
+                    m_pos pg_catalog.int8 not null, m_line pg_catalog.int8 not null";
+        let sql = format!(
+            "create temp table {stage} ({meta}, {}) with (autovacuum_enabled = false)",
+            typed.join(", ")
+        );
+        sqlx::query(&sql)
+            .execute(&mut self.conn)
+            .await
+            .with_context(|| format!("cannot create the staging table for {target_name}"))?;
+        let net_meta = "f_op pg_catalog.\"char\", f_co pg_catalog.int8, f_ord pg_catalog.int8, \
+                        f_src pg_catalog.int4, f_pos pg_catalog.int8, f_line pg_catalog.int8, \
+                        l_op pg_catalog.\"char\"";
+        let sql = format!("create temp table {net} ({net_meta}, {})", typed.join(", "));
+        sqlx::query(&sql)
+            .execute(&mut self.conn)
+            .await
+            .with_context(|| format!("cannot create the staging table for {target_name}"))?;
+        let copy_sql = format!("copy {stage} from stdin");
+        tracing::info!(source = %source, target = %target_name, columns = cols.len(), "replaying table");
+        self.stages.push(Stage {
+            source: source.clone(),
+            target,
+            stage,
+            net,
+            cols,
+            fields: HashMap::new(),
+            schemaless: None,
+            copy_sql,
+            buf: Vec::with_capacity(64 * 1024),
+            by_unit: BTreeMap::new(),
+            truncates: BTreeMap::new(),
+        });
+        self.by_source.insert(source.clone(), idx);
+        self.reorder().await?;
+        Ok(Some(idx))
+    }
+
+    async fn reorder(&mut self) -> anyhow::Result<()> {
+        let oids: Vec<u32> = self.stages.iter().map(|s| s.target.oid).collect();
+        let parents = target::foreign_keys(&mut self.conn, &oids).await?;
+        let (order, cycle) = target::parent_first(&oids, &parents);
+        self.order = order
+            .iter()
+            .map(|o| oids.iter().position(|x| x == o).expect("an oid of ours"))
+            .collect();
+        if cycle && !self.cycle {
+            tracing::info!("the target tables' foreign keys form a cycle: units that touch them are applied event by event");
+        }
+        self.cycle = cycle;
+        Ok(())
+    }
+
+    /// A mapped table's stage.
+    pub fn stage(&self, idx: usize) -> &Stage {
+        &self.stages[idx]
+    }
+
+    /// Stages one change: its row (`after`, or `before` for a delete) into
+    /// the COPY buffer of table `idx`, sending the buffer when it is full.
+    ///
+    /// Fails, naming table, column, key and `origin`, when the row's columns
+    /// do not match the target's or a value cannot be carried exactly.
+    pub async fn push(
+        &mut self,
+        idx: usize,
+        meta: RowMeta,
+        row: Option<&Map<String, Value>>,
+        row_schema: Option<(u64, &RowSchema)>,
+        origin: &Origin,
+    ) -> anyhow::Result<()> {
+        let stage = &mut self.stages[idx];
+        let fields = match row_schema {
+            Some((id, schema)) => match stage.fields.get(&id) {
+                Some(f) => f.clone(),
+                None => {
+                    let f = Arc::new(
+                        stage
+                            .field_schemas(schema)
+                            .with_context(|| format!("at {origin}"))?,
+                    );
+                    stage.fields.insert(id, f.clone());
+                    f
+                }
+            },
+            None => match &stage.schemaless {
+                Some(f) => f.clone(),
+                None => {
+                    // The schema the record would carry, from the target's
+                    // types: a value of another variant (a timestamp past
+                    // int64 µs) is then an error, never a guess.
+                    if let Some(row) = row {
+                        let names: BTreeSet<&str> = row.keys().map(String::as_str).collect();
+                        stage
+                            .check_columns(&names, None)
+                            .with_context(|| format!("at {origin}"))?;
+                    }
+                    let cache = tidemark_common::codec::TypeCache::new();
+                    let types: Vec<(u32, i32)> = stage
+                        .cols
+                        .iter()
+                        .map(|&i| {
+                            (
+                                stage.target.columns[i].type_oid,
+                                stage.target.columns[i].typmod,
+                            )
+                        })
+                        .collect();
+                    let types = cache
+                        .column_types(&mut self.conn, &types)
+                        .await
+                        .with_context(|| {
+                            format!("cannot read the column types of {}", stage.target.name)
+                        })?;
+                    let specs = stage
+                        .cols
+                        .iter()
+                        .zip(types)
+                        .map(|(&i, ty)| tidemark_common::codec::ColumnSpec {
+                            name: stage.target.columns[i].name.clone(),
+                            ty,
+                            not_null: stage.target.columns[i].not_null,
+                        })
+                        .collect();
+                    let codec = tidemark_common::codec::RowCodec::new(specs);
+                    let f = Arc::new(codec.fields(&Default::default()).to_vec());
+                    stage.schemaless = Some(f.clone());
+                    f
+                }
+            },
+        };
+        use std::io::Write as _;
+        let buf = &mut stage.buf;
+        let _ = write!(
+            buf,
+            "{}\t{}\t{}\t{}\t{}\t{}",
+            meta.commit_order,
+            meta.total_order,
+            meta.op.code(),
+            meta.stream,
+            meta.pos.offset,
+            meta.pos.line
+        );
+        for (j, &i) in stage.cols.iter().enumerate() {
+            buf.push(b'\t');
+            let col = &stage.target.columns[i];
+            let value = row.and_then(|r| r.get(&col.name)).unwrap_or(&Value::Null);
+            let text = pg_text(fields.get(j).unwrap_or(&Value::Null), value).map_err(|why| {
+                let key = row
+                    .map(|r| key_json(r, &stage.target))
+                    .unwrap_or_else(|| "(none)".into());
+                anyhow!(
+                    "cannot replay column {} of table {} (key {key}) at {origin}: {why}",
+                    col.name,
+                    stage.source
+                )
+            })?;
+            match text {
+                Some(t) => copy_escape(buf, &t),
+                None => buf.extend_from_slice(COPY_NULL),
+            }
+        }
+        buf.push(b'\n');
+        *stage.by_unit.entry(meta.commit_order).or_insert(0) += 1;
+        if meta.op == Op::Truncate {
+            let last = stage.truncates.entry(meta.commit_order).or_insert(0);
+            *last = (*last).max(meta.total_order);
+        }
+        if stage.buf.len() >= COPY_CHUNK {
+            self.flush_one(idx).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush_one(&mut self, idx: usize) -> anyhow::Result<()> {
+        let stage = &mut self.stages[idx];
+        if stage.buf.is_empty() {
+            return Ok(());
+        }
+        let mut copy = self
+            .conn
+            .copy_in_raw(&stage.copy_sql)
+            .await
+            .with_context(|| format!("cannot stage the changes of {}", stage.source))?;
+        copy.send(stage.buf.as_slice()).await?;
+        copy.finish().await.with_context(|| {
+            format!(
+                "a value of table {} does not fit its target column {} (the target type's input refused it)",
+                stage.source, stage.target.name
+            )
+        })?;
+        stage.buf.clear();
+        Ok(())
+    }
+
+    /// Sends every buffered change to its staging table.
+    ///
+    /// Fails when `COPY` fails (a value its target type refuses).
+    pub async fn flush(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.stages.len() {
+            self.flush_one(i).await?;
+        }
+        Ok(())
+    }
+
+    /// Applies every staged change of units up to `run.upto`, and moves the
+    /// position, in one transaction.
+    ///
+    /// Fails with [`ApplyError::AtUnit`] when the target disagrees with the
+    /// archive or a change fails at some unit (nothing of the run applied),
+    /// and with [`ApplyError::Other`] on a connection or query error.
+    pub async fn apply(&mut self, run: &RunInfo) -> Result<Applied, ApplyError> {
+        self.flush().await?;
+        let tables: Vec<usize> = self
+            .order
+            .iter()
+            .copied()
+            .filter(|&i| self.stages[i].by_unit.range(..=run.upto).next().is_some())
+            .collect();
+        if !self.cycle {
+            sqlx::query("begin")
+                .execute(&mut self.conn)
+                .await
+                .map_err(anyhow::Error::from)?;
+            match self.fast(&tables, run.upto).await {
+                Ok(FastOutcome::Done) => {
+                    self.finish_run(&tables, run, run.changes).await?;
+                    return Ok(Applied {
+                        changes: run.changes,
+                        slow: false,
+                    });
+                }
+                Ok(FastOutcome::Mismatch(why)) => {
+                    tracing::debug!(why, "set-based apply disagreed; examining the run");
+                }
+                Err(e) if is_constraint(&e) => {
+                    tracing::debug!(error = %e, "set-based apply hit a constraint; examining the run");
+                }
+                Err(e) => {
+                    let _ = sqlx::query("rollback").execute(&mut self.conn).await;
+                    return Err(ApplyError::Other(
+                        anyhow!(e).context("cannot apply changes to the target"),
+                    ));
+                }
+            }
+            sqlx::query("rollback")
+                .execute(&mut self.conn)
+                .await
+                .map_err(anyhow::Error::from)?;
+            if self.on_conflict == OnConflict::Stop {
+                if let Some(conflict) = self.diagnose(&tables, run.upto).await? {
+                    return Err(conflict);
+                }
+            }
+        }
+        // Event by event, in commit order.
+        sqlx::query("begin")
+            .execute(&mut self.conn)
+            .await
+            .map_err(anyhow::Error::from)?;
+        match self.slow(&tables, run.upto).await {
+            Ok(_) => {
+                self.finish_run(&tables, run, run.changes).await?;
+                Ok(Applied {
+                    changes: run.changes,
+                    slow: true,
+                })
+            }
+            Err(e) => {
+                let _ = sqlx::query("rollback").execute(&mut self.conn).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Moves the position, clears what was applied from staging, commits.
+    async fn finish_run(
+        &mut self,
+        tables: &[usize],
+        run: &RunInfo,
+        changes: u64,
+    ) -> Result<(), ApplyError> {
+        let result = async {
+            for &i in tables {
+                let s = &self.stages[i];
+                if s.by_unit.range((run.upto + 1)..).next().is_none() {
+                    sqlx::query(&format!("truncate {}", s.stage))
+                        .execute(&mut self.conn)
+                        .await?;
+                } else {
+                    sqlx::query(&format!("delete from {} s where s.m_co {LE} $1", s.stage))
+                        .bind(run.upto)
+                        .execute(&mut self.conn)
+                        .await?;
+                }
+            }
+            position::advance(
+                &mut self.conn,
+                &self.name,
+                &Advance {
+                    from: run.from,
+                    commit_order: run.commit_order,
+                    ts_us: run.ts_us,
+                    tx_id: run.tx_id,
+                    lsn: run.lsn,
+                    streams: &run.streams,
+                    changes: changes as i64,
+                    units: run.units as i64,
+                },
+            )
+            .await?;
+            sqlx::query("commit").execute(&mut self.conn).await?;
+            anyhow::Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            let _ = sqlx::query("rollback").execute(&mut self.conn).await;
+            return Err(ApplyError::Other(
+                e.context("cannot commit the applied changes"),
+            ));
+        }
+        // Committed: what remains staged is what is after the run.
+        for &i in tables {
+            let s = &mut self.stages[i];
+            s.by_unit.retain(|&co, _| co > run.upto);
+            s.truncates.retain(|&co, _| co > run.upto);
+        }
+        Ok(())
+    }
+
+    /// Fills each table's net table from its staged rows of the run.
+    async fn build_nets(&mut self, tables: &[usize], upto: i64) -> Result<(), sqlx::Error> {
+        for &i in tables {
+            let s = &self.stages[i];
+            let (after_co, after_ord) = s
+                .truncates
+                .range(..=upto)
+                .next_back()
+                .map_or((i64::MIN, i64::MIN), |(co, ord)| (*co, *ord));
+            let keys = s.key_stage_cols("s").join(", ");
+            let window = format!(
+                "s.m_co {LE} $1 and s.m_op {NE} 't' and (s.m_co {GT} $2 or (s.m_co {EQ} $2 and s.m_ord {GT} $3))"
+            );
+            let sql = format!(
+                "insert into {net} \
+                 select f.m_op, f.m_co, f.m_ord, f.m_src, f.m_pos, f.m_line, l.m_op, {lcols} \
+                 from (select distinct on ({keys}) s.* from {stage} s where {window} \
+                       order by {order}, s.m_co desc, s.m_ord desc) l \
+                 join (select distinct on ({keys}) s.m_op, s.m_co, s.m_ord, s.m_src, s.m_pos, s.m_line, {keys} \
+                       from {stage} s where {window} order by {order}, s.m_co, s.m_ord) f \
+                 on {join}",
+                net = s.net,
+                stage = s.stage,
+                lcols = s.stage_list("l"),
+                order = s.key_order("s"),
+                join = s
+                    .target
+                    .key
+                    .iter()
+                    .zip(&s.target.key_eq)
+                    .map(|(&k, op)| {
+                        let j = s.stage_col(k);
+                        format!("l.c{j} {op} f.c{j}")
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" and "),
+            );
+            sqlx::query(&format!("truncate {}", s.net))
+                .execute(&mut self.conn)
+                .await?;
+            sqlx::query(&sql)
+                .bind(upto)
+                .bind(after_co)
+                .bind(after_ord)
+                .execute(&mut self.conn)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The set-based apply, inside the caller's transaction.
+    async fn fast(&mut self, tables: &[usize], upto: i64) -> Result<FastOutcome, sqlx::Error> {
+        self.build_nets(tables, upto).await?;
+        let upsert = self.on_conflict == OnConflict::Upsert;
+        let mut expected = HashMap::new();
+        for &i in tables {
+            let s = &self.stages[i];
+            let row = sqlx::query(&format!(
+                "select count(*) filter (where n.f_op {EQ} any ('{{c,r}}') and n.l_op {NE} 'd') as ins, \
+                        count(*) filter (where n.f_op {EQ} any ('{{u,d}}') and n.l_op {NE} 'd') as upd, \
+                        count(*) filter (where n.f_op {EQ} any ('{{u,d}}') and n.l_op {EQ} 'd') as del \
+                 from {} n",
+                s.net
+            ))
+            .fetch_one(&mut self.conn)
+            .await?;
+            expected.insert(
+                i,
+                (
+                    row.get::<i64, _>("ins") as u64,
+                    row.get::<i64, _>("upd") as u64,
+                    row.get::<i64, _>("del") as u64,
+                ),
+            );
+        }
+        self.set_triggers(tables, false).await?;
+        for &i in tables {
+            let s = &self.stages[i];
+            if s.truncates.range(..=upto).next().is_some() {
+                sqlx::query(&format!("truncate {}", s.target.name.quoted()))
+                    .execute(&mut self.conn)
+                    .await?;
+            }
+            let (ins, upd, _) = expected[&i];
+            if upsert {
+                let sql = format!(
+                    "insert into {t} ({cols}){ov} select {vals} from {net} n where n.l_op {NE} 'd' \
+                     on conflict on constraint {pk} {action}",
+                    t = s.target.name.quoted(),
+                    cols = s.target_cols(),
+                    ov = s.overriding(),
+                    vals = s.stage_list("n"),
+                    net = s.net,
+                    pk = s.target.pk_constraint,
+                    action = s.upsert_action(),
+                );
+                sqlx::query(&sql).execute(&mut self.conn).await?;
+                continue;
+            }
+            let sql = format!(
+                "insert into {t} ({cols}){ov} select {vals} from {net} n \
+                 where n.f_op {EQ} any ('{{c,r}}') and n.l_op {NE} 'd'",
+                t = s.target.name.quoted(),
+                cols = s.target_cols(),
+                ov = s.overriding(),
+                vals = s.stage_list("n"),
+                net = s.net,
+            );
+            let done = sqlx::query(&sql)
+                .execute(&mut self.conn)
+                .await?
+                .rows_affected();
+            if done != ins {
+                return Ok(FastOutcome::Mismatch("insert count"));
+            }
+            let done = match s.update_set("n") {
+                Some(sets) => {
+                    let sql = format!(
+                        "update {t} t set {sets} from {net} n \
+                         where {cond} and n.f_op {EQ} any ('{{u,d}}') and n.l_op {NE} 'd'",
+                        t = s.target.name.quoted(),
+                        net = s.net,
+                        cond = s.key_cond("t", "n"),
+                    );
+                    sqlx::query(&sql)
+                        .execute(&mut self.conn)
+                        .await?
+                        .rows_affected()
+                }
+                None => {
+                    let sql = format!(
+                        "select count(*) from {t} t join {net} n on {cond} \
+                         where n.f_op {EQ} any ('{{u,d}}') and n.l_op {NE} 'd'",
+                        t = s.target.name.quoted(),
+                        net = s.net,
+                        cond = s.key_cond("t", "n"),
+                    );
+                    sqlx::query_scalar::<_, i64>(&sql)
+                        .fetch_one(&mut self.conn)
+                        .await? as u64
+                }
+            };
+            if done != upd {
+                return Ok(FastOutcome::Mismatch("update count"));
+            }
+        }
+        for &i in tables.iter().rev() {
+            let s = &self.stages[i];
+            let (_, _, del) = expected[&i];
+            let only_deleted = if upsert {
+                format!("n.l_op {EQ} 'd'")
+            } else {
+                format!("n.f_op {EQ} any ('{{u,d}}') and n.l_op {EQ} 'd'")
+            };
+            let sql = format!(
+                "delete from {t} t using {net} n where {cond} and {only_deleted}",
+                t = s.target.name.quoted(),
+                net = s.net,
+                cond = s.key_cond("t", "n"),
+            );
+            let done = sqlx::query(&sql)
+                .execute(&mut self.conn)
+                .await?
+                .rows_affected();
+            if !upsert && done != del {
+                return Ok(FastOutcome::Mismatch("delete count"));
+            }
+            if !upsert {
+                // A key created and deleted within the run must not have
+                // been there before it.
+                let sql = format!(
+                    "select exists (select from {net} n join {t} t on {cond} \
+                     where n.f_op {EQ} any ('{{c,r}}') and n.l_op {EQ} 'd')",
+                    t = s.target.name.quoted(),
+                    net = s.net,
+                    cond = s.key_cond("t", "n"),
+                );
+                if sqlx::query_scalar::<_, bool>(&sql)
+                    .fetch_one(&mut self.conn)
+                    .await?
+                {
+                    return Ok(FastOutcome::Mismatch("a key created in the run was there"));
+                }
+            }
+        }
+        self.set_triggers(tables, true).await?;
+        Ok(FastOutcome::Done)
+    }
+
+    /// Disables (`enable = false`) or restores the target tables' own
+    /// triggers, inside the apply transaction, so no other session ever
+    /// sees them disabled.
+    async fn set_triggers(&mut self, tables: &[usize], enable: bool) -> Result<(), sqlx::Error> {
+        if self.user_triggers == UserTriggers::Fire {
+            return Ok(());
+        }
+        for &i in tables {
+            let s = &self.stages[i];
+            for (name, state) in &s.target.user_triggers {
+                let how = match (enable, state.as_str()) {
+                    (false, _) => "disable trigger",
+                    (true, "A") => "enable always trigger",
+                    (true, "R") => "enable replica trigger",
+                    (true, _) => "enable trigger",
+                };
+                sqlx::query(&format!(
+                    "alter table {} {how} {}",
+                    s.target.name.quoted(),
+                    quote_ident(name)
+                ))
+                .execute(&mut self.conn)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After a failed set-based apply: the first key (in commit order) whose
+    /// target row disagrees with the archive, as an error at its unit.
+    async fn diagnose(
+        &mut self,
+        tables: &[usize],
+        upto: i64,
+    ) -> Result<Option<ApplyError>, ApplyError> {
+        let result = async {
+            sqlx::query("begin").execute(&mut self.conn).await?;
+            self.build_nets(tables, upto).await?;
+            let mut first: Option<(i64, i64, String)> = None;
+            for &i in tables {
+                let s = &self.stages[i];
+                let truncated = s.truncates.range(..=upto).next().is_some();
+                // After a TRUNCATE in the run every key is absent.
+                let present = if truncated {
+                    "false".to_owned()
+                } else {
+                    format!(
+                        "exists (select from {t} t where {cond})",
+                        t = s.target.name.quoted(),
+                        cond = s.key_cond("t", "n")
+                    )
+                };
+                let sql = format!(
+                    "select n.f_op::pg_catalog.text as op, n.f_co, n.f_ord, n.f_src, n.f_pos, n.f_line, \
+                            {key} as key, {present} as present \
+                     from {net} n where (n.f_op {EQ} any ('{{c,r}}')) {EQ} ({present}) \
+                     order by n.f_co, n.f_ord limit 1",
+                    key = s.key_text_sql("n"),
+                    net = s.net,
+                );
+                if let Some(row) = sqlx::query(&sql).fetch_optional(&mut self.conn).await? {
+                    let co: i64 = row.get("f_co");
+                    let ord: i64 = row.get("f_ord");
+                    if first.as_ref().is_none_or(|(c, o, _)| (co, ord) < (*c, *o)) {
+                        let op: String = row.get("op");
+                        let present: bool = row.get("present");
+                        let origin = self.streams.origin(
+                            row.get::<i32, _>("f_src") as u32,
+                            StreamPos {
+                                offset: row.get::<i64, _>("f_pos") as u64,
+                                line: row.get::<i64, _>("f_line") as u64,
+                            },
+                        );
+                        let what = match (op.as_str(), present) {
+                            ("c" | "r", _) => "creates a row whose key the target already holds",
+                            ("u", _) => "updates a row the target does not hold",
+                            _ => "deletes a row the target does not hold",
+                        };
+                        first = Some((
+                            co,
+                            ord,
+                            format!(
+                                "the target disagrees with the archive: table {} key ({})={} — the event at {origin} \
+                                 (unit {co}, event {ord}) {what}; nothing of that unit was applied. The target was \
+                                 changed outside this replay, or replays into a table that was not empty: \
+                                 fix the row, or pass --on-conflict upsert to let the archive win",
+                                s.target.name,
+                                s.key_names(),
+                                trim_key(&row.get::<String, _>("key")),
+                            ),
+                        ));
+                    }
+                }
+            }
+            sqlx::query("rollback").execute(&mut self.conn).await?;
+            anyhow::Ok(first)
+        }
+        .await;
+        match result {
+            Ok(Some((co, _, message))) => Ok(Some(ApplyError::AtUnit {
+                commit_order: co,
+                message,
+            })),
+            Ok(None) => Ok(None),
+            Err(e) => {
+                let _ = sqlx::query("rollback").execute(&mut self.conn).await;
+                Err(ApplyError::Other(
+                    e.context("cannot examine the changes the target refused"),
+                ))
+            }
+        }
+    }
+
+    /// The event-by-event apply, inside the caller's transaction, in commit
+    /// order across tables.
+    async fn slow(&mut self, tables: &[usize], upto: i64) -> Result<u64, ApplyError> {
+        if tables.is_empty() {
+            return Ok(0);
+        }
+        let union: Vec<String> = tables
+            .iter()
+            .map(|&i| {
+                format!(
+                    "select {i} as t, s.m_co, s.m_ord, s.m_op::pg_catalog.text as op, s.m_src, s.m_pos, s.m_line, \
+                            s.ctid::pg_catalog.text as tid \
+                     from {} s where s.m_co {LE} $1",
+                    self.stages[i].stage
+                )
+            })
+            .collect();
+        let declare = format!(
+            "declare tidemark_events no scroll cursor for {} order by m_co, m_ord",
+            union.join(" union all ")
+        );
+        sqlx::query(&declare)
+            .bind(upto)
+            .execute(&mut self.conn)
+            .await
+            .map_err(anyhow::Error::from)?;
+        self.set_triggers(tables, false)
+            .await
+            .map_err(anyhow::Error::from)?;
+        let upsert = self.on_conflict == OnConflict::Upsert;
+        let mut applied = 0u64;
+        loop {
+            let rows = sqlx::query("fetch 1000 from tidemark_events")
+                .fetch_all(&mut self.conn)
+                .await
+                .map_err(anyhow::Error::from)?;
+            if rows.is_empty() {
+                break;
+            }
+            for row in rows {
+                let i = row.get::<i32, _>("t") as usize;
+                let op: String = row.get("op");
+                let tid: String = row.get("tid");
+                let co: i64 = row.get("m_co");
+                let s = &self.stages[i];
+                let t = s.target.name.quoted();
+                let (sql, want_one) = match op.as_str() {
+                    "t" => (format!("truncate {t}"), false),
+                    "c" | "r" | "u" if upsert => (
+                        format!(
+                            "insert into {t} ({cols}){ov} select {vals} from {stage} s \
+                             where s.ctid {EQ} $1::pg_catalog.tid on conflict on constraint {pk} {action}",
+                            cols = s.target_cols(),
+                            ov = s.overriding(),
+                            vals = s.stage_list("s"),
+                            stage = s.stage,
+                            pk = s.target.pk_constraint,
+                            action = s.upsert_action(),
+                        ),
+                        false,
+                    ),
+                    "c" | "r" => (
+                        format!(
+                            "insert into {t} ({cols}){ov} select {vals} from {stage} s where s.ctid {EQ} $1::pg_catalog.tid",
+                            cols = s.target_cols(),
+                            ov = s.overriding(),
+                            vals = s.stage_list("s"),
+                            stage = s.stage,
+                        ),
+                        true,
+                    ),
+                    "u" => match s.update_set("s") {
+                        Some(sets) => (
+                            format!(
+                                "update {t} t set {sets} from {stage} s where s.ctid {EQ} $1::pg_catalog.tid and {cond}",
+                                stage = s.stage,
+                                cond = s.key_cond("t", "s"),
+                            ),
+                            true,
+                        ),
+                        None => (
+                            format!(
+                                "select from {t} t join {stage} s on {cond} where s.ctid {EQ} $1::pg_catalog.tid",
+                                stage = s.stage,
+                                cond = s.key_cond("t", "s"),
+                            ),
+                            true,
+                        ),
+                    },
+                    _ => (
+                        format!(
+                            "delete from {t} t using {stage} s where s.ctid {EQ} $1::pg_catalog.tid and {cond}",
+                            stage = s.stage,
+                            cond = s.key_cond("t", "s"),
+                        ),
+                        !upsert,
+                    ),
+                };
+                let result = if sql.starts_with("select") {
+                    sqlx::query(&sql)
+                        .bind(&tid)
+                        .fetch_all(&mut self.conn)
+                        .await
+                        .map(|r| r.len() as u64)
+                } else {
+                    sqlx::query(&sql)
+                        .bind(&tid)
+                        .execute(&mut self.conn)
+                        .await
+                        .map(|r| r.rows_affected())
+                };
+                let failure = match result {
+                    Ok(n) if want_one && n != 1 => Some(match op.as_str() {
+                        "u" => "updates a row the target does not hold".to_owned(),
+                        _ => "deletes a row the target does not hold".to_owned(),
+                    }),
+                    Ok(_) => None,
+                    Err(e)
+                        if is_constraint(&e)
+                            && e.as_database_error().and_then(|d| d.code()).as_deref()
+                                == Some("23505")
+                            && matches!(op.as_str(), "c" | "r") =>
+                    {
+                        Some("creates a row whose key the target already holds".to_owned())
+                    }
+                    Err(e) if is_constraint(&e) => Some(format!("fails in the target: {e}")),
+                    Err(e) => {
+                        return Err(ApplyError::Other(
+                            anyhow!(e).context("cannot apply a change"),
+                        ))
+                    }
+                };
+                if let Some(what) = failure {
+                    let origin = self.streams.origin(
+                        row.get::<i32, _>("m_src") as u32,
+                        StreamPos {
+                            offset: row.get::<i64, _>("m_pos") as u64,
+                            line: row.get::<i64, _>("m_line") as u64,
+                        },
+                    );
+                    let ord: i64 = row.get("m_ord");
+                    let _ = sqlx::query("rollback").execute(&mut self.conn).await;
+                    let key = self.key_of(i, &tid).await.unwrap_or_else(|_| "?".into());
+                    let s = &self.stages[i];
+                    return Err(ApplyError::AtUnit {
+                        commit_order: co,
+                        message: format!(
+                            "the change at {origin} (unit {co}, event {ord}) to table {} key ({})={key} {what}; \
+                             nothing of that unit was applied. If the target was changed outside this replay, \
+                             fix the row (or pass --on-conflict upsert to let the archive win)",
+                            s.target.name,
+                            s.key_names(),
+                        ),
+                    });
+                }
+                if op != "t" {
+                    applied += 1;
+                }
+            }
+        }
+        sqlx::query("close tidemark_events")
+            .execute(&mut self.conn)
+            .await
+            .map_err(anyhow::Error::from)?;
+        self.set_triggers(tables, true)
+            .await
+            .map_err(anyhow::Error::from)?;
+        Ok(applied)
+    }
+
+    async fn key_of(&mut self, i: usize, tid: &str) -> anyhow::Result<String> {
+        let s = &self.stages[i];
+        let sql = format!(
+            "select {} from {} s where s.ctid {EQ} $1::pg_catalog.tid",
+            s.key_text_sql("s"),
+            s.stage
+        );
+        let key: String = sqlx::query_scalar(&sql)
+            .bind(tid)
+            .fetch_one(&mut self.conn)
+            .await?;
+        Ok(trim_key(&key))
+    }
+
+    /// Closes the connection (ending the session drops the staging tables
+    /// and releases the replay's lock).
+    pub async fn close(self) {
+        let _ = self.conn.close().await;
+    }
+}
+
+enum FastOutcome {
+    Done,
+    Mismatch(&'static str),
+}
+
+/// Whether a database error is a constraint the target enforces (class 23)
+/// or a check of a domain (23514), as opposed to a broken connection.
+fn is_constraint(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c.starts_with("23"))
+}
+
+/// `(5,)` → `(5)`: the key's text without the placeholder column that keeps
+/// a one-column row a row.
+fn trim_key(text: &str) -> String {
+    text.strip_suffix(",)")
+        .map(|t| format!("{t})"))
+        .unwrap_or_else(|| text.to_owned())
+}
+
+/// A row's key as JSON, for messages.
+fn key_json(row: &Map<String, Value>, target: &TargetTable) -> String {
+    let mut key = Map::new();
+    for &k in &target.key {
+        let name = &target.columns[k].name;
+        key.insert(name.clone(), row.get(name).cloned().unwrap_or(Value::Null));
+    }
+    Value::Object(key).to_string()
+}

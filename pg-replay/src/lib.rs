@@ -1,0 +1,968 @@
+//! pg-replay: plays a Tidemark archive back into Postgres, to any point in
+//! time, exactly once.
+//!
+//! Input: the file file-sink writes (`--input`, one or more; with or without
+//! the Connect schema), or the Kafka topics pg-source writes (`--topic`,
+//! read `read_committed`). Output: tables of a target database
+//! (`--target-url`), by default the archive's tables under the same names,
+//! or others with `--table SOURCE=TARGET`.
+//!
+//! Delivery contract:
+//!
+//! - **Whole source transactions, in commit order.** pg-source's envelope
+//!   groups events into *units* (a source transaction in `logical` mode, a
+//!   batch of transactions between two snapshots in `changelog` mode, the
+//!   initial snapshot); a unit is applied only once the archive holds all of
+//!   it, and units are applied in commit order ([`units`]). Each target
+//!   transaction holds one or more whole units, so the target only passes
+//!   through states the source had, and foreign keys between replayed tables
+//!   hold. A missing event (a gap, a dead-lettered change) stops the replay
+//!   before the unit it belongs to, naming it.
+//! - **Exactly once.** The replay position (the last unit applied, and where
+//!   each input may resume) is a row of `tidemark.replay_position` in the
+//!   target, written in the same transaction as the changes it covers
+//!   ([`position`]). A restart resumes after it; a SIGKILL at any instant and
+//!   a restart end in the same target as an uninterrupted run; replaying the
+//!   same archive again changes nothing.
+//! - **A target that disagrees stops the replay.** A row to update or delete
+//!   that is not there, a key to create that is, is reported with table, key
+//!   and archive position, and the unit is not applied (`--on-conflict
+//!   upsert` lets the archive win instead) ([`apply`]).
+//! - **Point in time.** `--until` (the unit's commit time, `source.ts_us`),
+//!   `--until-txid`, `--until-lsn` (logical archives): the replay stops
+//!   before the first unit past the point, in commit order.
+//! - **Row states** (`timestamp+incrementing` archives) hold no transactions
+//!   and no deletes: each record is upserted in archive order, and the
+//!   position is where each input was read to.
+//! - **Bounded memory.** Records are read through a bounded channel, changes
+//!   are streamed into `COPY` in chunks, and the target holds what waits for
+//!   the rest of its unit (temporary staging tables), not pg-replay.
+//!
+//! Every session runs with `search_path = pg_catalog, pg_temp`, every name in
+//! generated SQL is schema-qualified, staging tables live in `pg_temp` with
+//! generated column names, and key comparisons use the primary key's
+//! operator classes.
+
+pub mod apply;
+pub mod archive;
+pub mod cli;
+pub mod position;
+pub mod record;
+pub mod target;
+pub mod units;
+pub mod values;
+pub mod verify;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use tidemark_common::health::Health;
+use tidemark_common::kafka::KafkaSettings;
+use tidemark_common::pg::{PgTarget, TableName};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::apply::{Applier, ApplyError, OnConflict, RowMeta, RunInfo, UserTriggers};
+use crate::archive::{Item, StreamKind, StreamPos, Streams};
+use crate::record::{Decoder, Op, Record};
+use crate::units::{Disposition, EventInfo, UnitError, Units, Until};
+
+/// Metric names.
+pub mod names {
+    /// Changes applied to the target.
+    pub const CHANGES_APPLIED: &str = "tidemark_replay_changes_applied_total";
+    /// Units (source transactions) applied.
+    pub const UNITS_APPLIED: &str = "tidemark_replay_units_applied_total";
+    /// The last unit applied (its commit_order).
+    pub const POSITION: &str = "tidemark_replay_position";
+    /// Commit time of the last unit applied, seconds since the epoch.
+    pub const APPLIED_COMMIT_TIME: &str = "tidemark_replay_applied_commit_time_seconds";
+    /// Seconds between the last applied unit's commit and now.
+    pub const LAG_SECONDS: &str = "tidemark_replay_lag_seconds";
+    /// Units read and waiting (for their other events, or their turn).
+    pub const PENDING_UNITS: &str = "tidemark_replay_pending_units";
+    /// Runs applied event by event (the set-based apply could not).
+    pub const SLOW_RUNS: &str = "tidemark_replay_slow_runs_total";
+}
+
+/// Where the replay stops, as the user asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UntilArg {
+    /// Everything.
+    #[default]
+    End,
+    /// Commit time, µs since the epoch.
+    Time(i64),
+    /// Through the unit holding this transaction.
+    Txid(i64),
+    /// Units with commit LSN at most this.
+    Lsn(u64),
+}
+
+/// Everything pg-replay needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The replay's name: keys its position in the target.
+    pub name: String,
+    /// Archive files, read in full (each its own stream).
+    pub inputs: Vec<PathBuf>,
+    /// Archive topics (every partition its own stream).
+    pub topics: Vec<String>,
+    /// The brokers, for `topics`.
+    pub kafka: KafkaSettings,
+    /// The target database.
+    pub target: PgTarget,
+    /// Source → target tables; empty: every table to itself.
+    pub tables: Vec<(TableName, TableName)>,
+    /// With `tables`, skip other tables' events instead of stopping.
+    pub ignore_unmapped: bool,
+    /// Where to stop.
+    pub until: UntilArg,
+    /// Keep applying as the archive grows.
+    pub follow: bool,
+    /// What a disagreeing target row leads to.
+    pub on_conflict: OnConflict,
+    /// What to do with the target tables' own triggers.
+    pub user_triggers: UserTriggers,
+    /// Changes read after which ready units are applied.
+    pub batch_changes: u64,
+    /// Longest time changes wait for their apply while the archive is read.
+    pub max_delay: Duration,
+    /// Longest line (record) accepted.
+    pub max_line_bytes: usize,
+    /// Most units that may wait behind an incomplete one.
+    pub max_pending_units: usize,
+    /// How often progress is logged on long replays.
+    pub progress_interval: Duration,
+    /// Readiness for `/healthz` and tests.
+    pub health: Health,
+    /// Where to serve `/healthz` and `/metrics`.
+    pub http_addr: Option<SocketAddr>,
+}
+
+impl Config {
+    /// A config with the defaults for everything but the inputs and target.
+    pub fn new(target: PgTarget) -> Self {
+        Self {
+            name: "default".into(),
+            inputs: Vec::new(),
+            topics: Vec::new(),
+            kafka: KafkaSettings::default(),
+            target,
+            tables: Vec::new(),
+            ignore_unmapped: false,
+            until: UntilArg::End,
+            follow: false,
+            on_conflict: OnConflict::Stop,
+            user_triggers: UserTriggers::Disable,
+            batch_changes: 50_000,
+            max_delay: Duration::from_millis(200),
+            max_line_bytes: 64 * 1024 * 1024,
+            max_pending_units: 200_000,
+            progress_interval: Duration::from_secs(2),
+            health: Health::new(),
+            http_addr: None,
+        }
+    }
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Changes applied by this run.
+    pub changes: u64,
+    /// Units applied by this run.
+    pub units: u64,
+    /// The last unit applied (this run or before).
+    pub position: Option<i64>,
+    /// Its commit time, µs.
+    pub ts_us: Option<i64>,
+    /// Runs that needed the event-by-event apply.
+    pub slow_runs: u64,
+}
+
+/// Replays until the archive is applied (or the point in time reached), or,
+/// following, until `shutdown`.
+///
+/// Fails with an error naming the place in the archive when a record cannot
+/// be replayed or a unit is incomplete, naming table and key when the target
+/// disagrees, and saying what to change when the target cannot be used.
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Summary> {
+    if cfg.inputs.is_empty() && cfg.topics.is_empty() {
+        bail!("nothing to replay: give the archive with --input FILE (file-sink's file) or --topic TOPIC");
+    }
+    if !cfg.inputs.is_empty() && !cfg.topics.is_empty() {
+        bail!("give the archive as files (--input) or as topics (--topic), not both: they hold the same records");
+    }
+    if let Some(addr) = cfg.http_addr {
+        tidemark_common::ops::serve(addr, cfg.health.clone(), shutdown.clone()).await?;
+    }
+    let mut delay = Duration::from_millis(500);
+    let mut total = Summary::default();
+    loop {
+        match run_once(&cfg, &shutdown, &mut total).await {
+            Err(e) if cfg.follow && is_transient(&e) && !shutdown.is_cancelled() => {
+                cfg.health.set_ready(false);
+                tracing::warn!(error = %format!("{e:#}"), "lost the target connection; resuming from the stored position");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(total),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(e),
+            Ok(()) => return Ok(total),
+        }
+    }
+}
+
+fn is_transient(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<sqlx::Error>()
+            .is_some_and(tidemark_common::pg::is_transient)
+    })
+}
+
+/// Opens one connection to the target for the whole replay: the staging
+/// tables and the replay's lock live in its session.
+async fn connect(target: &PgTarget) -> anyhow::Result<sqlx::PgConnection> {
+    let pool = target.connect(1, Duration::from_secs(30)).await?;
+    let conn = pool
+        .acquire()
+        .await
+        .with_context(|| format!("cannot connect to the target at {target}"))?
+        .detach();
+    pool.close().await;
+    Ok(conn)
+}
+
+/// What kind of records the archive holds, decided by its first record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Changes,
+    RowStates,
+}
+
+/// The streams of the archive, where each starts, and their total size
+/// (bytes of files, offsets of partitions) for progress.
+struct Inputs {
+    streams: Streams,
+    starts: Vec<StreamPos>,
+    total: u64,
+}
+
+async fn open_inputs(cfg: &Config, hints: &BTreeMap<String, StreamPos>) -> anyhow::Result<Inputs> {
+    let mut streams = Streams::default();
+    let mut starts = Vec::new();
+    let mut total = 0;
+    for given in &cfg.inputs {
+        // The absolute path keys the resume point, whatever directory
+        // pg-replay is started from.
+        let path = &std::fs::canonicalize(given).unwrap_or_else(|_| given.clone());
+        let kind = StreamKind::File(path.clone());
+        let first = StreamPos { offset: 0, line: 1 };
+        let start = match hints.get(&kind.hint_key()) {
+            Some(h) if archive::file_hint_is_valid(path, *h) => *h,
+            Some(h) => {
+                tracing::warn!(file = %path.display(), offset = h.offset,
+                    "the stored resume point is not a line start of this file (it was replaced?); reading it from the start");
+                first
+            }
+            None => first,
+        };
+        total += std::fs::metadata(path)
+            .with_context(|| {
+                format!(
+                    "cannot read the archive file {} (--input): check the path",
+                    path.display()
+                )
+            })?
+            .len();
+        streams.add(kind);
+        starts.push(start);
+    }
+    if !cfg.topics.is_empty() {
+        let kafka = cfg.kafka.clone();
+        let topics = cfg.topics.clone();
+        let parts = tokio::task::spawn_blocking(move || {
+            archive::topic_partitions(&kafka, &topics, Duration::from_secs(30))
+        })
+        .await??;
+        for (topic, partition) in parts {
+            let kind = StreamKind::Partition { topic, partition };
+            let start = hints.get(&kind.hint_key()).copied().unwrap_or_default();
+            streams.add(kind);
+            starts.push(start);
+        }
+    }
+    Ok(Inputs {
+        streams,
+        starts,
+        total,
+    })
+}
+
+/// Starts a reader per file and one for all partitions, handing over
+/// through one bounded channel.
+fn start_readers(
+    cfg: &Config,
+    inputs: &Inputs,
+    follow: bool,
+    stop: &CancellationToken,
+) -> mpsc::Receiver<Item> {
+    let (tx, rx) = mpsc::channel(archive::CHANNEL_RECORDS);
+    let mut partitions = Vec::new();
+    for id in 0..inputs.streams.len() as u32 {
+        match &**inputs.streams.kind(id) {
+            StreamKind::File(path) => {
+                let (tx, stop, path) = (tx.clone(), stop.clone(), path.clone());
+                let start = inputs.starts[id as usize];
+                let max_line = cfg.max_line_bytes;
+                std::thread::spawn(move || {
+                    archive::read_file(id, path, start, follow, max_line, tx, stop)
+                });
+            }
+            StreamKind::Partition { topic, partition } => {
+                partitions.push((id, topic.clone(), *partition, inputs.starts[id as usize]));
+            }
+        }
+    }
+    if !partitions.is_empty() {
+        let (tx, stop, kafka) = (tx.clone(), stop.clone(), cfg.kafka.clone());
+        let group = format!("tidemark-replay-{}", cfg.name);
+        std::thread::spawn(move || {
+            archive::read_partitions(kafka, group, partitions, follow, tx, stop)
+        });
+    }
+    rx
+}
+
+/// Finds the unit that holds transaction `txid` (`--until-txid`): a first
+/// pass over the archive, so nothing is applied before it is known where
+/// to stop.
+async fn locate_txid(
+    cfg: &Config,
+    inputs: &Inputs,
+    txid: i64,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<i64>> {
+    let stop = shutdown.child_token();
+    let mut rx = start_readers(cfg, inputs, cfg.follow, &stop);
+    let mut decoder = Decoder::new();
+    let mut ended = 0;
+    tracing::info!(txid, "looking for the transaction in the archive");
+    let found = loop {
+        let item = tokio::select! {
+            _ = shutdown.cancelled() => break None,
+            item = rx.recv() => item,
+        };
+        match item {
+            None => break None,
+            Some(Item::Record(r)) => {
+                if let Ok(Record::Change(c)) = decoder.decode(&r.bytes) {
+                    if c.tx_id == Some(txid) {
+                        if let Some(tx) = &c.tx {
+                            break Some(tx.commit_order);
+                        }
+                    }
+                }
+            }
+            Some(Item::End(_)) => {
+                ended += 1;
+                if ended == inputs.streams.len() {
+                    break None;
+                }
+            }
+            Some(Item::CaughtUp(_)) => {}
+            Some(Item::Failed(e)) => {
+                stop.cancel();
+                return Err(e);
+            }
+        }
+    };
+    stop.cancel();
+    Ok(found)
+}
+
+/// Progress on long replays.
+struct Progress {
+    every: Duration,
+    last: Instant,
+    last_read: u64,
+    last_changes: u64,
+    total: u64,
+}
+
+impl Progress {
+    fn log(&mut self, summary: &Summary, units: &Units, read: u64, force: bool) {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.last);
+        if !force && elapsed < self.every {
+            return;
+        }
+        let secs = elapsed.as_secs_f64().max(1e-3);
+        let rate = (summary.changes - self.last_changes) as f64 / secs;
+        let read_rate = (read.saturating_sub(self.last_read)) as f64 / secs;
+        let left = if self.total > read && read_rate > 0.0 {
+            format!("{:.0}s", (self.total - read) as f64 / read_rate)
+        } else {
+            "-".to_owned()
+        };
+        let pct = if self.total > 0 {
+            format!("{:.1}%", 100.0 * read as f64 / self.total as f64)
+        } else {
+            "-".to_owned()
+        };
+        tracing::info!(
+            changes = summary.changes,
+            changes_per_s = rate as u64,
+            position = ?summary.position,
+            commit_time = %summary.ts_us.map(format_us).unwrap_or_default(),
+            pending_units = units.pending().len(),
+            read = %pct,
+            time_left = %left,
+            "replaying"
+        );
+        self.last = now;
+        self.last_read = read;
+        self.last_changes = summary.changes;
+    }
+}
+
+/// µs since the epoch as RFC 3339.
+pub fn format_us(us: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(us)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+        .unwrap_or_else(|| us.to_string())
+}
+
+async fn run_once(
+    cfg: &Config,
+    shutdown: &CancellationToken,
+    total: &mut Summary,
+) -> anyhow::Result<()> {
+    let mut conn = connect(&cfg.target).await?;
+    let pos = position::open(&mut conn, &cfg.name).await?;
+    let inputs = open_inputs(cfg, &pos.streams).await?;
+    let until = match cfg.until {
+        UntilArg::End => Until::End,
+        UntilArg::Time(t) => Until::Time(t),
+        UntilArg::Lsn(l) => Until::CommitOrder(l as i64),
+        UntilArg::Txid(x) => match locate_txid(cfg, &inputs, x, shutdown).await? {
+            Some(co) => {
+                tracing::info!(txid = x, unit = co, "found the transaction; replaying through its unit");
+                Until::CommitOrder(co)
+            }
+            None if shutdown.is_cancelled() => return Ok(()),
+            None => bail!(
+                "transaction {x} (--until-txid) is not in the archive: nothing was applied. It may have rolled back, \
+                 touched no captured table, or be beyond what the archive holds"
+            ),
+        },
+    };
+    tracing::info!(
+        replay = %cfg.name,
+        target = %cfg.target,
+        position = ?pos.commit_order,
+        commit_time = %pos.ts_us.map(format_us).unwrap_or_default(),
+        streams = inputs.streams.len(),
+        follow = cfg.follow,
+        "pg-replay started"
+    );
+    let mut applier = Applier::new(
+        conn,
+        &cfg.name,
+        cfg.tables.clone(),
+        cfg.on_conflict,
+        cfg.user_triggers,
+        inputs.streams.clone(),
+    );
+    let stop = shutdown.child_token();
+    let mut rx = start_readers(cfg, &inputs, cfg.follow, &stop);
+    let result = replay_loop(
+        cfg,
+        shutdown,
+        &inputs,
+        pos,
+        until,
+        &mut applier,
+        &mut rx,
+        total,
+    )
+    .await;
+    stop.cancel();
+    // Let the readers see the closed channel.
+    drop(rx);
+    applier.close().await;
+    cfg.health.set_ready(false);
+    result
+}
+
+/// The state of one replay run.
+struct Loop<'a> {
+    cfg: &'a Config,
+    inputs: &'a Inputs,
+    units: Units,
+    decoder: Decoder,
+    kind: Option<Kind>,
+    connector: Option<String>,
+    /// Row states: their synthetic unit numbers.
+    seq: i64,
+    staged_since_apply: u64,
+    last_apply: Instant,
+    stored_from: Option<i64>,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn replay_loop(
+    cfg: &Config,
+    shutdown: &CancellationToken,
+    inputs: &Inputs,
+    pos: position::Position,
+    until: Until,
+    applier: &mut Applier,
+    rx: &mut mpsc::Receiver<Item>,
+    total: &mut Summary,
+) -> anyhow::Result<()> {
+    total.position = pos.commit_order;
+    total.ts_us = pos.ts_us;
+    let mut st = Loop {
+        cfg,
+        inputs,
+        units: Units::new(
+            pos.commit_order,
+            &inputs.starts,
+            until,
+            cfg.max_pending_units,
+        ),
+        decoder: Decoder::new(),
+        kind: None,
+        connector: None,
+        seq: 0,
+        staged_since_apply: 0,
+        last_apply: Instant::now(),
+        stored_from: pos.commit_order,
+    };
+    let mut progress = Progress {
+        every: cfg.progress_interval,
+        last: Instant::now(),
+        last_read: 0,
+        last_changes: 0,
+        total: inputs.total,
+    };
+    cfg.health.set_ready(true);
+    let mut tick = tokio::time::interval(cfg.max_delay.max(Duration::from_millis(10)));
+    loop {
+        let item = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                tracing::info!(position = ?total.position, "stopping at a unit boundary");
+                return Ok(());
+            }
+            item = rx.recv() => item,
+            _ = tick.tick() => {
+                cfg.health.progress();
+                if st.staged_since_apply > 0 && st.last_apply.elapsed() >= cfg.max_delay {
+                    st.try_apply(applier, total).await?;
+                }
+                report_lag(total);
+                progress.log(total, &st.units, read_bytes(&st), false);
+                if st.done() {
+                    break;
+                }
+                continue;
+            }
+        };
+        let mut idle = false;
+        match item {
+            None => bail!("the archive readers stopped unexpectedly"),
+            Some(Item::Failed(e)) => return Err(e),
+            Some(Item::End(s)) => {
+                st.units.end_stream(s);
+                idle = true;
+            }
+            Some(Item::CaughtUp(s)) => {
+                if matches!(&**inputs.streams.kind(s), StreamKind::Partition { .. }) {
+                    st.units.partition_caught_up(s);
+                }
+                idle = true;
+            }
+            Some(Item::Record(r)) => st.record(applier, r).await?,
+        }
+        if st.staged_since_apply >= cfg.batch_changes
+            || (idle && st.staged_since_apply > 0)
+            || (idle && st.units.all_ended())
+        {
+            st.try_apply(applier, total).await?;
+            progress.log(total, &st.units, read_bytes(&st), false);
+        }
+        if st.done() {
+            break;
+        }
+    }
+    st.try_apply(applier, total).await?;
+    progress.log(total, &st.units, read_bytes(&st), true);
+    st.check_complete()?;
+    tracing::info!(
+        changes = total.changes,
+        units = total.units,
+        position = ?total.position,
+        commit_time = %total.ts_us.map(format_us).unwrap_or_default(),
+        "replay complete"
+    );
+    Ok(())
+}
+
+fn read_bytes(st: &Loop<'_>) -> u64 {
+    st.units.resume_points().iter().map(|p| p.offset).sum()
+}
+
+fn report_lag(total: &Summary) {
+    if let Some(ts) = total.ts_us {
+        let now = tidemark_common::health::now_ms() * 1000;
+        metrics::gauge!(names::LAG_SECONDS).set((now - ts).max(0) as f64 / 1e6);
+    }
+}
+
+impl Loop<'_> {
+    /// Whether there is nothing more to do.
+    fn done(&self) -> bool {
+        self.units.reached_end() || (!self.cfg.follow && self.units.all_ended())
+    }
+
+    /// Reads one record: decodes it, tracks its unit, stages its change.
+    async fn record(&mut self, applier: &mut Applier, r: archive::RawRecord) -> anyhow::Result<()> {
+        let origin = self.inputs.streams.origin(r.stream, r.pos);
+        if matches!(
+            &**self.inputs.streams.kind(r.stream),
+            StreamKind::Partition { .. }
+        ) {
+            self.units.partition_active(r.stream);
+        }
+        let record = self.decoder.decode(&r.bytes).map_err(|e| {
+            anyhow::anyhow!("{origin}: {e}; nothing of this record's unit was applied")
+        })?;
+        let kind = match &record {
+            Record::Change(_) => Kind::Changes,
+            Record::RowState(_) => Kind::RowStates,
+        };
+        match self.kind {
+            None => {
+                if kind == Kind::RowStates {
+                    if self.cfg.until != UntilArg::End {
+                        bail!(
+                            "{origin}: the archive holds timestamp+incrementing row states, which carry no commit \
+                             times or transactions: --until, --until-txid and --until-lsn need a logical or changelog archive"
+                        );
+                    }
+                    tracing::info!("the archive holds timestamp+incrementing row states: each is upserted; such an archive holds no deletes");
+                    applier.set_upsert();
+                }
+                self.kind = Some(kind);
+            }
+            Some(k) if k != kind => bail!(
+                "{origin}: the archive mixes change events and timestamp+incrementing row states; replay them separately"
+            ),
+            _ => {}
+        }
+        match record {
+            Record::Change(c) => {
+                let Some(tx) = c.tx.clone() else {
+                    bail!(
+                        "{origin}: the change event has no transaction block (it was written by Tidemark 0.1's pg-source), \
+                         so the archive does not say where source transactions end; pg-replay needs events of \
+                         Tidemark 0.2 or later"
+                    );
+                };
+                match &self.connector {
+                    None => self.connector = Some(c.connector.clone()),
+                    Some(name) if *name != c.connector => bail!(
+                        "{origin}: the archive mixes events of connectors {name:?} and {:?}, whose transactions \
+                         cannot be ordered against each other; replay each connector's topics or file on its own",
+                        c.connector
+                    ),
+                    _ => {}
+                }
+                if let UntilArg::Lsn(_) = self.cfg.until {
+                    if c.lsn.is_none() && c.op != Op::Read {
+                        bail!("{origin}: --until-lsn needs an archive of logical mode, whose events carry their WAL position; use --until or --until-txid");
+                    }
+                }
+                let info = EventInfo {
+                    commit_order: tx.commit_order,
+                    total_order: tx.total_order,
+                    event_count: tx.event_count,
+                    prev: tx.prev_commit_order,
+                    ts_us: c.ts_us,
+                    tx_id: c.tx_id,
+                    lsn: c.lsn,
+                    stream: r.stream,
+                    pos: r.pos,
+                    truncate: c.op == Op::Truncate,
+                };
+                let disposition = self
+                    .units
+                    .add(&info, r.next)
+                    .map_err(|e| unit_error(e, &origin))?;
+                if disposition == Disposition::Skip {
+                    return Ok(());
+                }
+                let source = TableName {
+                    schema: c.schema_name.clone(),
+                    name: c.table.clone(),
+                };
+                let row_schema = c
+                    .schema
+                    .as_ref()
+                    .and_then(|s| s.row.clone().map(|r| (s.id, r)));
+                let Some(idx) = applier
+                    .stage_for(&source, row_schema.as_ref().map(|(_, r)| &**r))
+                    .await
+                    .with_context(|| format!("at {origin}"))?
+                else {
+                    if self.cfg.ignore_unmapped {
+                        return Ok(());
+                    }
+                    bail!(
+                        "{origin}: a change of table {source}, which no --table maps; add --table {source}=SCHEMA.TABLE, \
+                         or --ignore-unmapped to replay only the tables named"
+                    );
+                };
+                let row = match c.op {
+                    Op::Delete => c.before.as_ref(),
+                    Op::Truncate => None,
+                    _ => c.after.as_ref(),
+                };
+                let meta = RowMeta {
+                    commit_order: tx.commit_order,
+                    total_order: tx.total_order,
+                    op: c.op,
+                    stream: r.stream,
+                    pos: r.pos,
+                };
+                applier
+                    .push(
+                        idx,
+                        meta,
+                        row,
+                        row_schema.as_ref().map(|(id, r)| (*id, &**r)),
+                        &origin,
+                    )
+                    .await?;
+                self.units.count_staged(tx.commit_order);
+                self.staged_since_apply += 1;
+            }
+            Record::RowState(rs) => {
+                let name = rs.schema.as_ref().and_then(|s| s.name.clone());
+                let source = match (&name, self.cfg.tables.as_slice()) {
+                    (_, [(only, _)]) => only.clone(),
+                    (Some(n), tables) => tables
+                        .iter()
+                        .map(|(s, _)| s.clone())
+                        .find(|s| s.name == *n)
+                        .unwrap_or(TableName {
+                            schema: "public".into(),
+                            name: n.clone(),
+                        }),
+                    (None, _) => bail!(
+                        "{origin}: a row state without a schema does not say its table; name it with one --table SOURCE=TARGET"
+                    ),
+                };
+                self.seq += 1;
+                let info = EventInfo {
+                    commit_order: self.seq,
+                    total_order: 1,
+                    event_count: Some(1),
+                    prev: None,
+                    ts_us: 0,
+                    tx_id: None,
+                    lsn: None,
+                    stream: r.stream,
+                    pos: r.pos,
+                    truncate: false,
+                };
+                self.units
+                    .add(&info, r.next)
+                    .map_err(|e| unit_error(e, &origin))?;
+                let row_schema = rs
+                    .schema
+                    .as_ref()
+                    .and_then(|s| s.row.clone().map(|r| (s.id, r)));
+                let Some(idx) = applier
+                    .stage_for(&source, row_schema.as_ref().map(|(_, r)| &**r))
+                    .await
+                    .with_context(|| format!("at {origin}"))?
+                else {
+                    bail!("{origin}: a row state of table {source}, which no --table maps");
+                };
+                let meta = RowMeta {
+                    commit_order: self.seq,
+                    total_order: 1,
+                    op: Op::Update,
+                    stream: r.stream,
+                    pos: r.pos,
+                };
+                applier
+                    .push(
+                        idx,
+                        meta,
+                        Some(&rs.row),
+                        row_schema.as_ref().map(|(id, r)| (*id, &**r)),
+                        &origin,
+                    )
+                    .await?;
+                self.units.count_staged(self.seq);
+                self.staged_since_apply += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the units that are ready, if any.
+    async fn try_apply(
+        &mut self,
+        applier: &mut Applier,
+        total: &mut Summary,
+    ) -> anyhow::Result<()> {
+        let Some(run) = self.units.ready().map_err(|e| anyhow::anyhow!("{e}"))? else {
+            return Ok(());
+        };
+        self.apply_run(applier, total, run.last).await
+    }
+
+    async fn apply_run(
+        &mut self,
+        applier: &mut Applier,
+        total: &mut Summary,
+        upto: i64,
+    ) -> anyhow::Result<()> {
+        let row_states = self.kind == Some(Kind::RowStates);
+        let (units, changes, ts_us, tx_id, lsn) = {
+            let mut n = (0u64, 0u64, None, None, None);
+            for (_, u) in self.units.pending().range(..=upto) {
+                n.0 += 1;
+                n.1 += u.staged;
+                n.2 = Some(u.ts_us);
+                n.3 = u.tx_id;
+                n.4 = u.lsn;
+            }
+            n
+        };
+        let streams = self.resume_after(upto);
+        let info = RunInfo {
+            upto,
+            units,
+            changes,
+            from: self.stored_from,
+            commit_order: if row_states { None } else { Some(upto) },
+            ts_us: if row_states { None } else { ts_us },
+            tx_id,
+            lsn,
+            streams,
+        };
+        match applier.apply(&info).await {
+            Ok(applied) => {
+                self.units.applied_run(upto);
+                self.stored_from = info.commit_order;
+                self.staged_since_apply = self.units.pending().values().map(|u| u.staged).sum();
+                self.last_apply = Instant::now();
+                total.changes += applied.changes;
+                total.units += units;
+                if !row_states {
+                    total.position = Some(upto);
+                    total.ts_us = ts_us;
+                    metrics::gauge!(names::POSITION).set(upto as f64);
+                    if let Some(ts) = ts_us {
+                        metrics::gauge!(names::APPLIED_COMMIT_TIME).set(ts as f64 / 1e6);
+                    }
+                }
+                if applied.slow {
+                    total.slow_runs += 1;
+                    metrics::counter!(names::SLOW_RUNS).increment(1);
+                }
+                metrics::counter!(names::CHANGES_APPLIED).increment(applied.changes);
+                metrics::counter!(names::UNITS_APPLIED).increment(units);
+                metrics::gauge!(names::PENDING_UNITS).set(self.units.pending().len() as f64);
+                report_lag(total);
+                tracing::debug!(units, changes = applied.changes, upto, "applied");
+                Ok(())
+            }
+            Err(ApplyError::AtUnit {
+                commit_order,
+                message,
+            }) => {
+                // Apply the units before the one that cannot be, then stop.
+                let before = self
+                    .units
+                    .pending()
+                    .range(..commit_order)
+                    .next_back()
+                    .map(|(co, _)| *co);
+                if let Some(prev) = before {
+                    if prev <= upto && Some(prev) != self.units.applied() {
+                        Box::pin(self.apply_run(applier, total, prev)).await?;
+                    }
+                }
+                bail!("{message}")
+            }
+            Err(ApplyError::Other(e)) => Err(e),
+        }
+    }
+
+    /// Where each stream resumes once units up to `upto` are applied.
+    fn resume_after(&self, upto: i64) -> BTreeMap<String, StreamPos> {
+        // Units up to `upto` are about to be applied, so their positions do
+        // not hold a stream back.
+        let points = self.units.resume_points_after(upto);
+        (0..self.inputs.streams.len() as u32)
+            .map(|id| (self.inputs.streams.kind(id).hint_key(), points[id as usize]))
+            .collect()
+    }
+
+    /// After the last apply of a run that read everything: an incomplete
+    /// unit left before the point in time is a gap.
+    fn check_complete(&self) -> anyhow::Result<()> {
+        if self.cfg.follow || self.units.reached_end() {
+            return Ok(());
+        }
+        let Some((co, unit)) = self.units.first_pending() else {
+            return Ok(());
+        };
+        let origin = unit
+            .first_pos
+            .first()
+            .map(|(s, p)| self.inputs.streams.origin(*s, *p).to_string())
+            .unwrap_or_default();
+        let what = match unit.count {
+            Some(_) if unit.is_complete() => {
+                return Err(anyhow::anyhow!(
+                    "unit {co} (first event at {origin}) is complete but a unit before it is missing from the archive \
+                     (it names unit {} before it); nothing after the gap was applied",
+                    unit.prev.flatten().map_or("?".into(), |p| p.to_string())
+                ))
+            }
+            Some(n) => format!(
+                "holds {} of its {n} events (total_order {} is the first missing)",
+                unit.events(),
+                unit.first_missing()
+            ),
+            None => format!(
+                "holds {} events but not its last one (the one with event_count)",
+                unit.events()
+            ),
+        };
+        bail!(
+            "a gap in the archive: unit {co} (transaction {}, first event at {origin}) {what}; nothing of it or after \
+             it was applied. An event pg-source could not encode is in the dead-letter topic tidemark.dead-letter; \
+             one file-sink could not write is in the file's .dead-letter file",
+            unit.tx_id.map_or("?".into(), |t| t.to_string())
+        )
+    }
+}
+
+fn unit_error(e: UnitError, origin: &archive::Origin) -> anyhow::Error {
+    anyhow::anyhow!("{origin}: {e}; nothing of that unit was applied")
+}

@@ -1,0 +1,780 @@
+//! Unit assembly: which source transactions (units) the archive holds whole,
+//! and which of them may be applied now, in commit order.
+//!
+//! A unit is what pg-source's envelope calls a transaction: every event
+//! carries the unit's `commit_order` and its own `total_order` (1-based), and
+//! the unit's last event carries `event_count`. A unit is *complete* when
+//! every total_order from 1 to event_count is present, each once. A unit may
+//! be applied once it is complete and no unit before it can still turn up:
+//!
+//! - when the events name the unit before them (`prev_commit_order`), that
+//!   unit must be the last one applied;
+//! - otherwise every stream must have passed the unit's commit_order (each
+//!   stream holds its units in commit order), have ended, or be a Kafka
+//!   partition read to its end (pg-source commits units to Kafka in commit
+//!   order, so a partition read to its end holds nothing older to come).
+//!
+//! Units are applied as a prefix in commit order: the run of ready units
+//! stops at the first that is not ready, and at the point in time asked for
+//! (`--until*`), so the target only passes through states the source had.
+
+use std::collections::BTreeMap;
+
+use crate::archive::{StreamId, StreamPos};
+
+/// Where the replay stops, in the terms each capture mode can know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Until {
+    /// Everything the archive holds.
+    #[default]
+    End,
+    /// Units whose commit time (`source.ts_us`) is at most this, up to the
+    /// first one after it.
+    Time(i64),
+    /// Units whose commit_order is at most this (logical mode: a commit
+    /// LSN; also what `--until-txid` becomes once its unit is found).
+    CommitOrder(i64),
+}
+
+/// Why the archive cannot be replayed further.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnitError {
+    /// The same event twice.
+    #[error("unit {commit_order} holds total_order {total_order} twice")]
+    Duplicate {
+        /// The unit.
+        commit_order: i64,
+        /// The event.
+        total_order: i64,
+    },
+    /// Event counts that disagree.
+    #[error("unit {commit_order} says it has {a} events in one place and {b} in another")]
+    CountMismatch {
+        /// The unit.
+        commit_order: i64,
+        /// One count.
+        a: i64,
+        /// The other.
+        b: i64,
+    },
+    /// More events than the unit has.
+    #[error("unit {commit_order} holds total_order {total_order}, beyond its event_count {count}")]
+    BeyondCount {
+        /// The unit.
+        commit_order: i64,
+        /// The event.
+        total_order: i64,
+        /// Its count.
+        count: i64,
+    },
+    /// An event of a unit before the last one applied in this run.
+    #[error(
+        "an event of unit {commit_order} arrived after unit {applied} was applied: the archive holds \
+         units out of commit order (several partitions interleaved in one file; this needs the events' \
+         prev_commit_order) or holds this unit twice"
+    )]
+    Late {
+        /// The late unit.
+        commit_order: i64,
+        /// The last unit applied.
+        applied: i64,
+    },
+    /// The chain of units is broken.
+    #[error(
+        "unit {commit_order} follows unit {prev}, but the last unit applied is {applied}: {why}"
+    )]
+    Chain {
+        /// The unit.
+        commit_order: i64,
+        /// The unit it says comes before it.
+        prev: String,
+        /// The last applied.
+        applied: String,
+        /// What that means.
+        why: &'static str,
+    },
+    /// Too many units wait for an incomplete one.
+    #[error(
+        "{waiting} units wait behind unit {commit_order}, which is still incomplete: \
+         an event of it is missing from the archive (see --max-pending-units)"
+    )]
+    TooManyPending {
+        /// The first incomplete unit.
+        commit_order: i64,
+        /// How many wait.
+        waiting: usize,
+    },
+}
+
+/// Seen total_orders of a unit, as sorted disjoint ranges `[a, b)`, so that
+/// events arriving in order cost one range whatever the unit's size.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Seen {
+    ranges: Vec<(i64, i64)>,
+}
+
+impl Seen {
+    /// Adds `n`; false when it was already there.
+    fn insert(&mut self, n: i64) -> bool {
+        // Fast path: the next one after the last range.
+        if let Some(last) = self.ranges.last_mut() {
+            if last.1 == n {
+                last.1 += 1;
+                return true;
+            }
+        }
+        let i = self.ranges.partition_point(|r| r.1 < n);
+        if let Some(r) = self.ranges.get(i) {
+            if r.0 <= n && n < r.1 {
+                return false;
+            }
+        }
+        // Join with the range ending at n and/or the one starting at n + 1.
+        let joins_left = i < self.ranges.len() && self.ranges[i].1 == n;
+        if joins_left {
+            self.ranges[i].1 += 1;
+            if i + 1 < self.ranges.len() && self.ranges[i + 1].0 == n + 1 {
+                self.ranges[i].1 = self.ranges[i + 1].1;
+                self.ranges.remove(i + 1);
+            }
+            return true;
+        }
+        if i < self.ranges.len() && self.ranges[i].0 == n + 1 {
+            self.ranges[i].0 = n;
+            return true;
+        }
+        self.ranges.insert(i, (n, n + 1));
+        true
+    }
+
+    fn len(&self) -> i64 {
+        self.ranges.iter().map(|r| r.1 - r.0).sum()
+    }
+
+    /// Whether exactly 1..=count are present.
+    fn is_complete(&self, count: i64) -> bool {
+        count == 0 && self.ranges.is_empty() || self.ranges == [(1, count + 1)]
+    }
+
+    /// The first missing total_order up to `count` (or after the last seen).
+    fn first_missing(&self) -> i64 {
+        match self.ranges.first() {
+            Some(&(1, end)) => end,
+            _ => 1,
+        }
+    }
+}
+
+/// What the tracker knows of one unit.
+#[derive(Debug, Clone)]
+pub struct UnitState {
+    seen: Seen,
+    /// event_count, once the last event was read.
+    pub count: Option<i64>,
+    /// The unit before, when the events say (`Some(None)`: the first unit).
+    pub prev: Option<Option<i64>>,
+    /// Commit time, µs.
+    pub ts_us: i64,
+    /// A transaction of the unit (logical: the transaction).
+    pub tx_id: Option<i64>,
+    /// The largest change LSN seen (logical mode).
+    pub lsn: Option<i64>,
+    /// The first event's place in each stream it has events in.
+    pub first_pos: Vec<(StreamId, StreamPos)>,
+    /// Changes of mapped tables staged for it.
+    pub staged: u64,
+    /// Whether it holds a TRUNCATE.
+    pub has_truncate: bool,
+}
+
+impl UnitState {
+    /// Events seen.
+    pub fn events(&self) -> i64 {
+        self.seen.len()
+    }
+
+    /// Whether every event is here.
+    pub fn is_complete(&self) -> bool {
+        self.count.is_some_and(|c| self.seen.is_complete(c))
+    }
+
+    /// The first missing event's total_order.
+    pub fn first_missing(&self) -> i64 {
+        self.seen.first_missing()
+    }
+}
+
+/// One event, as the tracker sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct EventInfo {
+    /// The unit.
+    pub commit_order: i64,
+    /// The event's place in it.
+    pub total_order: i64,
+    /// event_count, on the last event.
+    pub event_count: Option<i64>,
+    /// prev_commit_order, when carried.
+    pub prev: Option<Option<i64>>,
+    /// Commit time, µs.
+    pub ts_us: i64,
+    /// Transaction id.
+    pub tx_id: Option<i64>,
+    /// WAL position.
+    pub lsn: Option<i64>,
+    /// The stream and place it was read from.
+    pub stream: StreamId,
+    /// Its place.
+    pub pos: StreamPos,
+    /// Whether it is a TRUNCATE.
+    pub truncate: bool,
+}
+
+/// What to do with an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Stage it: its unit is not applied yet.
+    Stage,
+    /// Skip it: its unit was applied before this run.
+    Skip,
+}
+
+/// Per stream: how far it has been read, in commit order and position.
+#[derive(Debug, Clone, Default)]
+struct StreamState {
+    /// The largest commit_order read from it.
+    watermark: Option<i64>,
+    /// It will hold nothing more (not following).
+    ended: bool,
+    /// A Kafka partition read to its end (see the module doc).
+    caught_up_partition: bool,
+    /// Where its next record starts.
+    read: StreamPos,
+}
+
+/// The run of units ready to apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadyRun {
+    /// The last unit of the run.
+    pub last: i64,
+    /// How many units.
+    pub units: usize,
+    /// Changes staged for them.
+    pub staged: u64,
+    /// Its commit time.
+    pub ts_us: i64,
+    /// Its transaction.
+    pub tx_id: Option<i64>,
+    /// Its largest LSN.
+    pub lsn: Option<i64>,
+    /// Whether the run reaches the point in time asked for: nothing after it
+    /// is to be applied.
+    pub reaches_end: bool,
+}
+
+/// Tracks units from the events read until they are applied.
+#[derive(Debug)]
+pub struct Units {
+    /// The last unit applied before this run (from the stored position).
+    floor: Option<i64>,
+    /// The last unit applied, this run or before.
+    applied: Option<i64>,
+    pending: BTreeMap<i64, UnitState>,
+    streams: Vec<StreamState>,
+    until: Until,
+    /// Set once a unit past `until` is in order: nothing from it on applies.
+    end: Option<i64>,
+    max_pending: usize,
+}
+
+impl Units {
+    /// A tracker resuming after `applied` (`None`: nothing applied yet),
+    /// over `streams` streams starting at `starts`.
+    pub fn new(
+        applied: Option<i64>,
+        starts: &[StreamPos],
+        until: Until,
+        max_pending: usize,
+    ) -> Self {
+        Self {
+            floor: applied,
+            applied,
+            pending: BTreeMap::new(),
+            streams: starts
+                .iter()
+                .map(|s| StreamState {
+                    read: *s,
+                    ..Default::default()
+                })
+                .collect(),
+            until,
+            end: None,
+            max_pending,
+        }
+    }
+
+    /// The last unit applied.
+    pub fn applied(&self) -> Option<i64> {
+        self.applied
+    }
+
+    /// Units read but not applied.
+    pub fn pending(&self) -> &BTreeMap<i64, UnitState> {
+        &self.pending
+    }
+
+    /// Records an event; says whether to stage it.
+    ///
+    /// Fails on a duplicate event, counts that disagree, an event beyond its
+    /// unit's count, an event of a unit before the last applied in this run,
+    /// or too many units waiting behind an incomplete one.
+    pub fn add(&mut self, e: &EventInfo, next: StreamPos) -> Result<Disposition, UnitError> {
+        let stream = &mut self.streams[e.stream as usize];
+        stream.read = next;
+        stream.watermark = Some(
+            stream
+                .watermark
+                .map_or(e.commit_order, |w| w.max(e.commit_order)),
+        );
+        if self.floor.is_some_and(|f| e.commit_order <= f) {
+            return Ok(Disposition::Skip);
+        }
+        if let Some(applied) = self.applied {
+            if e.commit_order <= applied {
+                return Err(UnitError::Late {
+                    commit_order: e.commit_order,
+                    applied,
+                });
+            }
+        }
+        if !self.pending.contains_key(&e.commit_order) && self.pending.len() >= self.max_pending {
+            let (first, _) = self.pending.iter().next().expect("not empty");
+            return Err(UnitError::TooManyPending {
+                commit_order: *first,
+                waiting: self.pending.len(),
+            });
+        }
+        let unit = self
+            .pending
+            .entry(e.commit_order)
+            .or_insert_with(|| UnitState {
+                seen: Seen::default(),
+                count: None,
+                prev: None,
+                ts_us: e.ts_us,
+                tx_id: e.tx_id,
+                lsn: None,
+                first_pos: Vec::new(),
+                staged: 0,
+                has_truncate: false,
+            });
+        if let Some(n) = e.event_count {
+            match unit.count {
+                Some(c) if c != n => {
+                    return Err(UnitError::CountMismatch {
+                        commit_order: e.commit_order,
+                        a: c,
+                        b: n,
+                    })
+                }
+                _ => unit.count = Some(n),
+            }
+        }
+        if let Some(c) = unit.count {
+            let beyond = if e.total_order > c {
+                Some(e.total_order)
+            } else {
+                unit.seen.ranges.last().map(|r| r.1 - 1).filter(|&m| m > c)
+            };
+            if let Some(total_order) = beyond {
+                return Err(UnitError::BeyondCount {
+                    commit_order: e.commit_order,
+                    total_order,
+                    count: c,
+                });
+            }
+        }
+        if !unit.seen.insert(e.total_order) {
+            return Err(UnitError::Duplicate {
+                commit_order: e.commit_order,
+                total_order: e.total_order,
+            });
+        }
+        if e.prev.is_some() {
+            unit.prev = e.prev;
+        }
+        if e.lsn.is_some() {
+            unit.lsn = unit.lsn.max(e.lsn);
+        }
+        if unit.tx_id.is_none() {
+            unit.tx_id = e.tx_id;
+        }
+        unit.has_truncate |= e.truncate;
+        match unit.first_pos.iter_mut().find(|(s, _)| *s == e.stream) {
+            Some(_) => {}
+            None => unit.first_pos.push((e.stream, e.pos)),
+        }
+        Ok(Disposition::Stage)
+    }
+
+    /// Counts a staged change of a unit.
+    pub fn count_staged(&mut self, commit_order: i64) {
+        if let Some(u) = self.pending.get_mut(&commit_order) {
+            u.staged += 1;
+        }
+    }
+
+    /// Records that a stream was read up to `next` without an event (a
+    /// record of no unit, a tombstone).
+    pub fn advance(&mut self, stream: StreamId, next: StreamPos) {
+        self.streams[stream as usize].read = next;
+    }
+
+    /// The stream will hold nothing more.
+    pub fn end_stream(&mut self, stream: StreamId) {
+        self.streams[stream as usize].ended = true;
+    }
+
+    /// A Kafka partition was read to its end.
+    pub fn partition_caught_up(&mut self, stream: StreamId) {
+        self.streams[stream as usize].caught_up_partition = true;
+    }
+
+    /// A Kafka partition received a record again.
+    pub fn partition_active(&mut self, stream: StreamId) {
+        self.streams[stream as usize].caught_up_partition = false;
+    }
+
+    /// Whether every stream has ended.
+    pub fn all_ended(&self) -> bool {
+        self.streams.iter().all(|s| s.ended)
+    }
+
+    /// Whether the point in time asked for has been reached: nothing more
+    /// will be applied.
+    pub fn reached_end(&self) -> bool {
+        self.end.is_some()
+    }
+
+    /// Whether no stream can still hold a unit at or before `commit_order`.
+    fn streams_past(&self, commit_order: i64) -> bool {
+        self.streams.iter().all(|s| {
+            s.ended || s.caught_up_partition || s.watermark.is_some_and(|w| w >= commit_order)
+        })
+    }
+
+    /// The run of units that may be applied now, as a prefix in commit
+    /// order; `None` when the first pending unit is not ready.
+    ///
+    /// Fails when the chain of units is broken: a unit names a predecessor
+    /// before the last applied, or says it is the first while units were
+    /// applied.
+    pub fn ready(&mut self) -> Result<Option<ReadyRun>, UnitError> {
+        let mut last = self.applied;
+        let mut run: Option<ReadyRun> = None;
+        for (&co, unit) in &self.pending {
+            if self.end.is_some_and(|e| co >= e) {
+                break;
+            }
+            let beyond = match self.until {
+                Until::End => false,
+                Until::Time(t) => unit.ts_us > t,
+                Until::CommitOrder(c) => co > c,
+            };
+            if beyond {
+                // Only once it is certain no unit before it is missing.
+                if self.in_order(co, unit, last)? {
+                    self.end = Some(co);
+                    if let Some(r) = run.as_mut() {
+                        r.reaches_end = true;
+                    }
+                }
+                break;
+            }
+            if !unit.is_complete() || !self.in_order(co, unit, last)? {
+                break;
+            }
+            last = Some(co);
+            let r = run.get_or_insert(ReadyRun {
+                last: co,
+                units: 0,
+                staged: 0,
+                ts_us: unit.ts_us,
+                tx_id: unit.tx_id,
+                lsn: unit.lsn,
+                reaches_end: false,
+            });
+            r.last = co;
+            r.units += 1;
+            r.staged += unit.staged;
+            r.ts_us = unit.ts_us;
+            r.tx_id = unit.tx_id;
+            r.lsn = unit.lsn;
+        }
+        Ok(run)
+    }
+
+    /// Whether `unit` (commit_order `co`) comes right after `last`.
+    fn in_order(&self, co: i64, unit: &UnitState, last: Option<i64>) -> Result<bool, UnitError> {
+        let show = |o: Option<i64>| o.map_or("none".to_owned(), |v| v.to_string());
+        match unit.prev {
+            Some(prev) if prev == last => Ok(true),
+            Some(Some(p)) if last.is_some_and(|l| p < l) => Err(UnitError::Chain {
+                commit_order: co,
+                prev: p.to_string(),
+                applied: show(last),
+                why: "the archive holds two histories (a connector reset, or two connectors with one name)",
+            }),
+            Some(None) => Err(UnitError::Chain {
+                commit_order: co,
+                prev: "none (it says it is the connector's first unit)".into(),
+                applied: show(last),
+                why: "the connector started over; replay it into a fresh target",
+            }),
+            Some(Some(_)) if last.is_none() && self.floor.is_none() && self.streams_past(co) => {
+                Err(UnitError::Chain {
+                    commit_order: co,
+                    prev: show(unit.prev.flatten()),
+                    applied: "none".into(),
+                    why: "the archive does not start at the connector's first unit (its start was deleted?); \
+                          replay needs the whole history from the snapshot on",
+                })
+            }
+            // The unit before it has not been read yet.
+            Some(Some(_)) => Ok(false),
+            None => Ok(self.streams_past(co)),
+        }
+    }
+
+    /// Forgets the units of `run`: they are applied.
+    pub fn applied_run(&mut self, last: i64) {
+        self.pending.retain(|&co, _| co > last);
+        self.applied = Some(last);
+    }
+
+    /// Where each stream may resume from after the units up to `applied`
+    /// are applied: its read position, or the first event of a unit not
+    /// applied if earlier.
+    pub fn resume_points(&self) -> Vec<StreamPos> {
+        self.resume_points_after(i64::MIN)
+    }
+
+    /// Like [`Units::resume_points`], once the units up to `applied` are
+    /// applied.
+    pub fn resume_points_after(&self, applied: i64) -> Vec<StreamPos> {
+        let mut points: Vec<StreamPos> = self.streams.iter().map(|s| s.read).collect();
+        for (_, unit) in self.pending.range(applied.saturating_add(1)..) {
+            for (s, pos) in &unit.first_pos {
+                let p = &mut points[*s as usize];
+                if pos.offset < p.offset {
+                    *p = *pos;
+                }
+            }
+        }
+        points
+    }
+
+    /// The first pending unit in commit order, for gap reports.
+    pub fn first_pending(&self) -> Option<(i64, &UnitState)> {
+        self.pending.iter().next().map(|(co, u)| (*co, u))
+    }
+
+    /// The point in time's end, once known.
+    pub fn end(&self) -> Option<i64> {
+        self.end
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(co: i64, ord: i64, count: Option<i64>, stream: StreamId) -> EventInfo {
+        EventInfo {
+            commit_order: co,
+            total_order: ord,
+            event_count: count,
+            prev: None,
+            ts_us: co * 10,
+            tx_id: Some(co),
+            lsn: None,
+            stream,
+            pos: StreamPos {
+                offset: (co * 100 + ord) as u64,
+                line: 0,
+            },
+            truncate: false,
+        }
+    }
+
+    fn at(offset: u64) -> StreamPos {
+        StreamPos { offset, line: 0 }
+    }
+
+    #[test]
+    fn seen_ranges_merge_and_find_gaps() {
+        let mut s = Seen::default();
+        for n in [3, 1, 5, 2] {
+            assert!(s.insert(n));
+        }
+        assert_eq!(s.ranges, vec![(1, 4), (5, 6)]);
+        assert!(!s.insert(2));
+        assert!(!s.is_complete(5));
+        assert_eq!(s.first_missing(), 4);
+        assert!(s.insert(4));
+        assert!(s.is_complete(5));
+        assert_eq!(s.len(), 5);
+        let mut t = Seen::default();
+        t.insert(2);
+        assert_eq!(t.first_missing(), 1);
+    }
+
+    #[test]
+    fn a_unit_is_ready_only_when_whole() {
+        let mut u = Units::new(None, &[at(0)], Until::End, 100);
+        u.add(&ev(10, 1, None, 0), at(1)).unwrap();
+        u.add(&ev(10, 2, None, 0), at(2)).unwrap();
+        assert_eq!(u.ready().unwrap(), None, "no event_count yet");
+        u.add(&ev(10, 3, Some(3), 0), at(3)).unwrap();
+        let run = u.ready().unwrap().unwrap();
+        assert_eq!((run.last, run.units), (10, 1));
+        u.applied_run(10);
+        // A unit missing its first event is not ready, and its position
+        // holds the resume point back.
+        let mut late_first = ev(20, 2, Some(2), 0);
+        late_first.pos = at(4);
+        u.add(&late_first, at(5)).unwrap();
+        assert_eq!(u.ready().unwrap(), None);
+        assert_eq!(u.resume_points(), vec![at(4)]);
+        assert_eq!(u.resume_points_after(20), vec![at(5)]);
+        assert_eq!(u.first_pending().unwrap().1.first_missing(), 1);
+    }
+
+    #[test]
+    fn units_apply_in_commit_order_across_streams() {
+        // Two partitions; unit 20 complete on stream 1 while stream 0 has
+        // only reached 10: unit 15 may still come on stream 0.
+        let mut u = Units::new(None, &[at(0), at(0)], Until::End, 100);
+        u.add(&ev(10, 1, Some(1), 0), at(1)).unwrap();
+        u.add(&ev(20, 1, Some(1), 1), at(1)).unwrap();
+        assert_eq!(u.ready().unwrap().unwrap().last, 10);
+        u.add(&ev(15, 1, Some(1), 0), at(2)).unwrap();
+        let run = u.ready().unwrap().unwrap();
+        assert_eq!(
+            (run.last, run.units),
+            (15, 2),
+            "20 waits: stream 0 is at 15"
+        );
+        u.add(&ev(25, 1, None, 0), at(3)).unwrap();
+        assert_eq!(u.ready().unwrap().unwrap().last, 20);
+        u.applied_run(20);
+        // Anything older now is late.
+        let late = u.add(&ev(12, 1, Some(1), 0), at(3)).unwrap_err();
+        assert!(matches!(
+            late,
+            UnitError::Late {
+                commit_order: 12,
+                applied: 20
+            }
+        ));
+    }
+
+    #[test]
+    fn a_partition_read_to_its_end_holds_nothing_older() {
+        let mut u = Units::new(None, &[at(0), at(0)], Until::End, 100);
+        u.add(&ev(20, 1, Some(1), 1), at(1)).unwrap();
+        assert_eq!(u.ready().unwrap(), None);
+        u.partition_caught_up(0);
+        assert_eq!(u.ready().unwrap().unwrap().last, 20);
+    }
+
+    #[test]
+    fn the_chain_decides_when_it_is_there() {
+        let mut u = Units::new(None, &[at(0), at(0)], Until::End, 100);
+        let mut a = ev(5, 1, Some(1), 0);
+        a.prev = Some(None);
+        let mut c = ev(30, 1, Some(1), 1);
+        c.prev = Some(Some(20));
+        u.add(&a, at(1)).unwrap();
+        u.add(&c, at(1)).unwrap();
+        // Unit 20 is named but not read: 30 waits although both streams
+        // passed it.
+        assert_eq!(u.ready().unwrap().unwrap().last, 5);
+        let mut b = ev(20, 1, Some(1), 0);
+        b.prev = Some(Some(5));
+        u.add(&b, at(2)).unwrap();
+        assert_eq!(u.ready().unwrap().unwrap().last, 30);
+        // A second "first unit" is an error.
+        u.applied_run(30);
+        let mut again = ev(40, 1, Some(1), 0);
+        again.prev = Some(None);
+        u.add(&again, at(3)).unwrap();
+        assert!(matches!(u.ready(), Err(UnitError::Chain { .. })));
+    }
+
+    #[test]
+    fn bad_archives_are_refused() {
+        let mut u = Units::new(None, &[at(0)], Until::End, 2);
+        u.add(&ev(1, 1, None, 0), at(1)).unwrap();
+        assert!(matches!(
+            u.add(&ev(1, 1, None, 0), at(2)),
+            Err(UnitError::Duplicate { .. })
+        ));
+        u.add(&ev(1, 3, None, 0), at(3)).unwrap();
+        assert!(matches!(
+            u.add(&ev(1, 2, Some(2), 0), at(4)),
+            Err(UnitError::BeyondCount { total_order: 3, .. })
+        ));
+        let mut u = Units::new(None, &[at(0)], Until::End, 2);
+        u.add(&ev(1, 1, Some(2), 0), at(1)).unwrap();
+        assert!(matches!(
+            u.add(&ev(1, 2, Some(3), 0), at(2)),
+            Err(UnitError::CountMismatch { .. })
+        ));
+        u.add(&ev(2, 1, None, 0), at(3)).unwrap();
+        assert!(matches!(
+            u.add(&ev(3, 1, None, 0), at(4)),
+            Err(UnitError::TooManyPending {
+                commit_order: 1,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn units_applied_before_are_skipped() {
+        let mut u = Units::new(Some(10), &[at(0)], Until::End, 100);
+        assert_eq!(
+            u.add(&ev(10, 1, Some(1), 0), at(1)).unwrap(),
+            Disposition::Skip
+        );
+        assert_eq!(
+            u.add(&ev(11, 1, Some(1), 0), at(2)).unwrap(),
+            Disposition::Stage
+        );
+        assert_eq!(u.ready().unwrap().unwrap().last, 11);
+    }
+
+    #[test]
+    fn the_point_in_time_is_a_prefix() {
+        // Times 10, 20, 40, 30 (a clock step back); until 35 stops before
+        // the unit at 40 even though the one after it is earlier.
+        let mut u = Units::new(None, &[at(0)], Until::Time(350), 100);
+        for (i, co) in [1, 2, 4, 3].iter().enumerate() {
+            let mut e = ev(i as i64 + 1, 1, Some(1), 0);
+            e.ts_us = co * 100;
+            u.add(&e, at(i as u64 + 1)).unwrap();
+        }
+        let run = u.ready().unwrap().unwrap();
+        assert_eq!((run.last, run.reaches_end), (2, true));
+        assert!(u.reached_end());
+        // Until a commit order: known to be over once the stream passed it.
+        let mut u = Units::new(None, &[at(0)], Until::CommitOrder(2), 100);
+        u.add(&ev(1, 1, Some(1), 0), at(1)).unwrap();
+        u.add(&ev(2, 1, Some(1), 0), at(2)).unwrap();
+        let run = u.ready().unwrap().unwrap();
+        assert_eq!((run.last, run.reaches_end), (2, false));
+        u.add(&ev(3, 1, None, 0), at(3)).unwrap();
+        let run = u.ready().unwrap().unwrap();
+        assert_eq!((run.last, run.reaches_end), (2, true));
+    }
+}
