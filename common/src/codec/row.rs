@@ -515,12 +515,9 @@ fn write_int(out: &mut Vec<u8>, n: impl itoa::Integer) {
 fn encode_scalar(s: Scalar, text: &str, out: &mut Vec<u8>) -> Result<Variant, String> {
     let b = text.as_bytes();
     match s {
-        Scalar::Int16 | Scalar::Int32 | Scalar::Int64 => {
-            if !is_pg_integer(b) {
-                return Err(format!("{} is not an integer", excerpt(text)));
-            }
-            out.extend_from_slice(b);
-        }
+        Scalar::Int16 => write_integer(out, text, i64::from(i16::MIN), i64::from(i16::MAX))?,
+        Scalar::Int32 => write_integer(out, text, i64::from(i32::MIN), i64::from(i32::MAX))?,
+        Scalar::Int64 => write_integer(out, text, i64::MIN, i64::MAX)?,
         Scalar::Float32 | Scalar::Float64 => {
             if is_json_number(b) {
                 out.extend_from_slice(b);
@@ -590,6 +587,21 @@ fn encode_scalar(s: Scalar, text: &str, out: &mut Vec<u8>) -> Result<Variant, St
     Ok(Variant::Default)
 }
 
+/// Writes an integer's text as the JSON number it is, when it is one within
+/// `min..=max` (what the field's Connect type holds).
+fn write_integer(out: &mut Vec<u8>, text: &str, min: i64, max: i64) -> Result<(), String> {
+    if !is_pg_integer(text.as_bytes()) {
+        return Err(format!("{} is not an integer", excerpt(text)));
+    }
+    match text.parse::<i64>() {
+        Ok(n) if (min..=max).contains(&n) => {
+            out.extend_from_slice(text.as_bytes());
+            Ok(())
+        }
+        _ => Err(format!("{} is out of range for its type", excerpt(text))),
+    }
+}
+
 fn parse_bool(text: &str) -> Result<&'static [u8], String> {
     match text {
         "t" => Ok(b"true"),
@@ -638,8 +650,13 @@ pub(crate) fn parse_bytea(text: &str) -> Result<Vec<u8>, String> {
 fn encode_element(elem: Element, text: &str, out: &mut Vec<u8>) -> Result<(), String> {
     let b = text.as_bytes();
     match elem {
-        Element::Int(_) if is_pg_integer(b) => out.extend_from_slice(b),
-        Element::Int(_) => return Err(format!("element {} is not an integer", excerpt(text))),
+        Element::Int("int16") => {
+            write_integer(out, text, i64::from(i16::MIN), i64::from(i16::MAX))?
+        }
+        Element::Int("int32") => {
+            write_integer(out, text, i64::from(i32::MIN), i64::from(i32::MAX))?
+        }
+        Element::Int(_) => write_integer(out, text, i64::MIN, i64::MAX)?,
         Element::Float(_) if is_json_number(b) => out.extend_from_slice(b),
         Element::Float(_) => return Err(format!("element {} is not a float", excerpt(text))),
         Element::Bool => out.extend_from_slice(parse_bool(text)?),
@@ -754,6 +771,9 @@ mod tests {
         assert_eq!(value(16, "t"), "true");
         assert_eq!(value(16, "f"), "false");
         assert!(fails(23, "1.5").contains("not an integer"));
+        assert!(fails(21, "32768").contains("out of range"));
+        assert!(fails(20, "9223372036854775808").contains("out of range"));
+        assert!(fails(1005, "{1,-32769}").contains("out of range"));
         assert!(fails(16, "true").contains("not a boolean"));
         assert!(fails(701, "nan").contains("not a float"));
     }

@@ -222,6 +222,50 @@ impl ArrayText<'_> {
     pub fn one_based(&self) -> bool {
         self.dims.iter().all(|d| d.lower == 1)
     }
+
+    /// Writes the array as `array_out` prints it: `[lo:hi]...=` first when
+    /// a lower bound is not 1, elements quoted by [`write_array_element`].
+    pub fn write(&self, out: &mut String, delimiter: u8) {
+        if self.dims.is_empty() {
+            out.push_str("{}");
+            return;
+        }
+        if !self.one_based() {
+            for d in &self.dims {
+                let upper = i64::from(d.lower) + d.len as i64 - 1;
+                out.push_str(&format!("[{}:{upper}]", d.lower));
+            }
+            out.push('=');
+        }
+        let mut elements = self.elements.iter();
+        self.write_level(out, 0, delimiter, &mut elements);
+    }
+
+    fn write_level<'e>(
+        &self,
+        out: &mut String,
+        depth: usize,
+        delimiter: u8,
+        elements: &mut impl Iterator<Item = &'e Field<'e>>,
+    ) where
+        Self: 'e,
+    {
+        out.push('{');
+        for n in 0..self.dims[depth].len {
+            if n > 0 {
+                out.push(char::from(delimiter));
+            }
+            if depth + 1 < self.dims.len() {
+                self.write_level(out, depth + 1, delimiter, elements);
+            } else {
+                match elements.next() {
+                    Some(Some(e)) => write_array_element(out, e, delimiter),
+                    _ => out.push_str("NULL"),
+                }
+            }
+        }
+        out.push('}');
+    }
 }
 
 /// Postgres' limit on array dimensions (`MAXDIM`).
@@ -817,6 +861,22 @@ mod tests {
             some(&[Some("AAq")])
         );
         assert!(parse_copy_line("a\\").is_err());
+    }
+
+    #[test]
+    fn arrays_are_written_as_array_out_does() {
+        for text in [
+            "{}",
+            "{1,NULL,-2}",
+            "{{1,2},{3,NULL}}",
+            "[0:1]={7,8}",
+            "[-2:-1][3:3]={{a},{b}}",
+            r#"{"a\"b","c\\d","","NULL"," x "}"#,
+        ] {
+            let mut out = String::new();
+            parse_array(text, b',').unwrap().write(&mut out, b',');
+            assert_eq!(out, text);
+        }
     }
 
     #[test]
