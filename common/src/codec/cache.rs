@@ -94,12 +94,38 @@ impl TypeCache {
     }
 
     /// Remembers a pgoutput Type message: `oid` is `schema`.`name`. Used
-    /// only for a type the catalog no longer has.
+    /// for a type the catalog no longer has; a type resolved under another
+    /// name (renamed since) is forgotten, to be resolved afresh.
     pub fn note_type(&self, oid: Oid, schema: &str, name: &str) {
         self.noted
             .lock()
             .expect("never poisoned")
             .insert(oid, (schema.to_owned(), name.to_owned()));
+        let renamed = self
+            .lock_types()
+            .get(&oid)
+            .is_some_and(|t| t.schema != schema || t.name != name);
+        if renamed {
+            self.forget(oid);
+        }
+    }
+
+    /// Forgets what was resolved of `oid` (and of the types resting on it
+    /// directly: its domains and array), so the next use reads the catalog
+    /// again, as after `ALTER TYPE ... RENAME`.
+    pub fn forget(&self, oid: Oid) {
+        self.lock_types().retain(|&o, t| {
+            let rests_on = match &t.kind {
+                TypeKind::Domain { base } => base.oid == oid,
+                TypeKind::Array { elem, .. } => elem.oid == oid,
+                _ => false,
+            };
+            o != oid && !rests_on
+        });
+        self.formats
+            .lock()
+            .expect("never poisoned")
+            .retain(|&(o, _), _| o != oid);
     }
 
     fn lock_types(&self) -> std::sync::MutexGuard<'_, HashMap<Oid, Arc<PgType>>> {
@@ -367,5 +393,14 @@ mod tests {
             cache.build(70001, &rows, 0),
             Err(CodecError::UnknownType { oid: 70001 })
         ));
+        // Renamed: resolved afresh.
+        cache.note_type(70000, "My Schema", "feeling");
+        assert!(cache.get(70000).is_none());
+        assert_eq!(
+            cache.build(70000, &rows, 0).unwrap().sql_name,
+            "\"My Schema\".feeling"
+        );
+        cache.forget(70000);
+        assert!(cache.get(70000).is_none());
     }
 }

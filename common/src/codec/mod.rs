@@ -43,6 +43,26 @@
 //!   [`envelope::decode_sql`](crate::envelope::decode_sql).
 //! - [`CodecError`]: says the column and why; callers add table and key.
 //!
+//! How each source uses it:
+//! - logical mode (pgoutput): [`TypeCache::note_type`] for each Type message
+//!   (it also forgets a type renamed since), [`TypeCache::column_types`] for
+//!   a Relation message's (type OID, typmod) list, one [`RowCodec`] per
+//!   relation and key, [`RowCodec::encode`] with each tuple's column texts.
+//!   `None` is SQL NULL only: an unchanged TOASTed value (`u`) has no text
+//!   and is the caller's to fill or refuse.
+//! - changelog mode: a `tidemark.shapes` row gives the columns (OID, typmod,
+//!   name, not-null); [`RowCodec::encode_record`] reads `before`/`after`.
+//! - snapshots and polls: [`RowCodec::encode_record`] of
+//!   `pg_catalog.textin(pg_catalog.record_out(t.*))`.
+//! - playback: [`to_pg_row`] / [`to_pg_text`] with the record's field
+//!   schemas, then [`write_copy_field`] for `COPY FROM STDIN` text (or a
+//!   literal).
+//!
+//! A row's [`Variants`] belong to that row image: an update's `before` and
+//! `after` may take different ones (one has a `NaN`, the other not), and so
+//! different struct schemas; how the envelope carries that is the
+//! envelope's choice.
+//!
 //! # Mapping
 //!
 //! Byte for byte what 0.1's SQL (`envelope::map_type`, `row_to_json`) wrote
@@ -71,6 +91,9 @@
 //!
 //! `json` keeps its exact text (duplicate keys, whitespace, `\u0000`);
 //! `jsonb`'s JSON `null` is the string `"null"`; SQL NULL is JSON `null`.
+//! An integer outside its Connect type's range, a `bytea` not in hex, an
+//! interval not in ISO 8601, a date not in ISO order, text that is not
+//! UTF-8: errors, never a guess.
 //!
 //! ## Variants: values the usual schema cannot carry
 //!
@@ -121,6 +144,14 @@
 //! a real Postgres, property-based, and fuzzed). The text goes to the
 //! column's input function: as a literal `'..'::type` or in `COPY FROM`
 //! text format (after COPY's own backslash escaping).
+//!
+//! # Tests
+//!
+//! Unit tests beside each part; property tests without a server in
+//! `proptests`; against a real Postgres, every built-in and contrib type
+//! (and generated values) through `record_out`, `COPY`, the codec and back,
+//! byte for byte as 0.1, in `integration-tests/tests/it/codec.rs`; fuzz
+//! targets in `common/fuzz` (see its README).
 
 mod cache;
 mod json;

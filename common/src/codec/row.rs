@@ -558,9 +558,7 @@ fn encode_scalar(s: Scalar, text: &str, out: &mut Vec<u8>) -> Result<Variant, St
                 // i64::MAX and MIN stand for the infinities.
                 Ok(us) if us != i64::MAX && us != i64::MIN => write_int(out, us),
                 _ => {
-                    let iso = time::iso_text(us, false)
-                        .ok_or_else(|| format!("{} is out of range", excerpt(text)))?;
-                    escape_json_into(out, iso.as_bytes());
+                    write_iso_string(out, us, false, text)?;
                     return Ok(Variant::IsoTimestamp);
                 }
             },
@@ -568,11 +566,7 @@ fn encode_scalar(s: Scalar, text: &str, out: &mut Vec<u8>) -> Result<Variant, St
         Scalar::Timestamptz => match time::parse_timestamptz(text)? {
             Instant::Infinity => out.extend_from_slice(br#""infinity""#),
             Instant::NegInfinity => out.extend_from_slice(br#""-infinity""#),
-            Instant::Finite(us) => {
-                let iso = time::iso_text(us, true)
-                    .ok_or_else(|| format!("{} is out of range", excerpt(text)))?;
-                escape_json_into(out, iso.as_bytes());
-            }
+            Instant::Finite(us) => write_iso_string(out, us, true, text)?,
         },
         Scalar::Date => match time::parse_date(text)? {
             Instant::Infinity => write_int(out, i32::MAX),
@@ -600,6 +594,14 @@ fn write_integer(out: &mut Vec<u8>, text: &str, min: i64, max: i64) -> Result<()
         }
         _ => Err(format!("{} is out of range for its type", excerpt(text))),
     }
+}
+
+/// The ISO text of `us` as a JSON string (it needs no escapes).
+fn write_iso_string(out: &mut Vec<u8>, us: i128, zulu: bool, text: &str) -> Result<(), String> {
+    out.push(b'"');
+    time::write_iso(out, us, zulu).ok_or_else(|| format!("{} is out of range", excerpt(text)))?;
+    out.push(b'"');
+    Ok(())
 }
 
 fn parse_bool(text: &str) -> Result<&'static [u8], String> {

@@ -6,8 +6,6 @@
 //! Years are astronomical inside (1 BC is year 0, 2 BC is -1), as in the
 //! proleptic Gregorian calendar Postgres uses; the text has `BC` after them.
 
-use std::fmt::Write as _;
-
 /// Microseconds in a day.
 pub const US_PER_DAY: i128 = 86_400_000_000;
 
@@ -270,55 +268,95 @@ fn split(us: i128) -> Option<(i64, i64)> {
     Some((days, us.rem_euclid(US_PER_DAY) as i64))
 }
 
+/// Writes `n` in decimal, zero-padded to `width` digits.
+fn push_number(out: &mut Vec<u8>, mut n: u64, width: usize) {
+    let mut buf = [b'0'; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for _ in buf.len() - i..width {
+        out.push(b'0');
+    }
+    out.extend_from_slice(&buf[i..]);
+}
+
 /// Writes `YYYY-MM-DD` (at least four year digits) and whether the date is
 /// BC.
-fn write_date(out: &mut String, days: i64) -> bool {
+fn write_date(out: &mut Vec<u8>, days: i64) -> bool {
     let (y, m, d) = civil_from_days(days);
     let (year, bc) = if y <= 0 { (1 - y, true) } else { (y, false) };
-    let _ = write!(out, "{year:04}-{m:02}-{d:02}");
+    push_number(out, year as u64, 4);
+    out.push(b'-');
+    push_number(out, u64::from(m), 2);
+    out.push(b'-');
+    push_number(out, u64::from(d), 2);
     bc
 }
 
-fn write_clock(out: &mut String, tod: i64) -> i64 {
-    let secs = tod / 1_000_000;
-    let _ = write!(
-        out,
-        "{:02}:{:02}:{:02}",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    );
+/// Writes `HH:MM:SS` of microseconds since midnight; returns the
+/// microseconds left.
+fn write_clock(out: &mut Vec<u8>, tod: i64) -> i64 {
+    let secs = (tod / 1_000_000) as u64;
+    push_number(out, secs / 3600, 2);
+    out.push(b':');
+    push_number(out, secs / 60 % 60, 2);
+    out.push(b':');
+    push_number(out, secs % 60, 2);
     tod % 1_000_000
 }
 
 /// Postgres' fraction: up to six digits, trailing zeros dropped, nothing
 /// for a whole second.
-fn write_fraction(out: &mut String, us: i64) {
+fn write_fraction(out: &mut Vec<u8>, us: i64) {
     if us != 0 {
-        let digits = format!("{us:06}");
-        out.push('.');
-        out.push_str(digits.trim_end_matches('0'));
+        let mut us = us as u64;
+        let mut width = 6;
+        while us.is_multiple_of(10) {
+            us /= 10;
+            width -= 1;
+        }
+        out.push(b'.');
+        push_number(out, us, width);
     }
 }
 
-/// The ISO text Tidemark's records carry for a `timestamp` that int64
+fn ascii(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).expect("dates and times are ASCII")
+}
+
+/// Writes the ISO text Tidemark's records carry for a `timestamp` that int64
 /// microseconds cannot hold, and for `timestamptz` (`zulu`): what 0.1's
 /// `to_char(.., 'YYYY-MM-DD"T"HH24:MI:SS.US')` printed, always six
 /// fractional digits, `Z` for `timestamptz`, ` BC` after years before 1 AD.
-pub fn iso_text(us: i128, zulu: bool) -> Option<String> {
+/// `None` (and nothing written) beyond ±2^40 days.
+pub fn write_iso(out: &mut Vec<u8>, us: i128, zulu: bool) -> Option<()> {
     let (days, tod) = split(us)?;
-    let mut out = String::with_capacity(32);
-    let bc = write_date(&mut out, days);
-    out.push('T');
-    let frac = write_clock(&mut out, tod);
-    let _ = write!(out, ".{frac:06}");
+    let bc = write_date(out, days);
+    out.push(b'T');
+    let frac = write_clock(out, tod);
+    out.push(b'.');
+    push_number(out, frac as u64, 6);
     if zulu {
-        out.push('Z');
+        out.push(b'Z');
     }
     if bc {
-        out.push_str(" BC");
+        out.extend_from_slice(b" BC");
     }
-    Some(out)
+    Some(())
+}
+
+/// [`write_iso`] as a string.
+#[cfg(test)]
+pub fn iso_text(us: i128, zulu: bool) -> Option<String> {
+    let mut out = Vec::with_capacity(32);
+    write_iso(&mut out, us, zulu)?;
+    Some(ascii(out))
 }
 
 /// Reads [`iso_text`] back to microseconds since 1970 (UTC for `zulu`).
@@ -345,18 +383,18 @@ pub fn parse_iso(text: &str, zulu: bool) -> Result<i128, TimeError> {
 /// prints it: `2024-02-29 23:59:59.5`, `+00` for `timestamptz`, ` BC`.
 pub fn timestamp_text(us: i128, zoned: bool) -> Option<String> {
     let (days, tod) = split(us)?;
-    let mut out = String::with_capacity(32);
+    let mut out = Vec::with_capacity(32);
     let bc = write_date(&mut out, days);
-    out.push(' ');
+    out.push(b' ');
     let frac = write_clock(&mut out, tod);
     write_fraction(&mut out, frac);
     if zoned {
-        out.push_str("+00");
+        out.extend_from_slice(b"+00");
     }
     if bc {
-        out.push_str(" BC");
+        out.extend_from_slice(b" BC");
     }
-    Some(out)
+    Some(ascii(out))
 }
 
 /// A `date` as Postgres prints it.
@@ -364,11 +402,11 @@ pub fn date_text(days: i64) -> Option<String> {
     if days.abs() > 1 << 40 {
         return None;
     }
-    let mut out = String::with_capacity(16);
+    let mut out = Vec::with_capacity(16);
     if write_date(&mut out, days) {
-        out.push_str(" BC");
+        out.extend_from_slice(b" BC");
     }
-    Some(out)
+    Some(ascii(out))
 }
 
 /// A `time` as Postgres prints it; `None` outside 00:00 to 24:00.
@@ -376,10 +414,10 @@ pub fn time_text(us: i64) -> Option<String> {
     if !(0..=86_400_000_000).contains(&us) {
         return None;
     }
-    let mut out = String::with_capacity(16);
+    let mut out = Vec::with_capacity(16);
     let frac = write_clock(&mut out, us);
     write_fraction(&mut out, frac);
-    Some(out)
+    Some(ascii(out))
 }
 
 #[cfg(test)]

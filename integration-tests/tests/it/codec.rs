@@ -960,6 +960,12 @@ async fn the_type_cache_resolves_user_types_from_the_catalog() {
     let with_mod = cache.column_type(&db.tidemark, oids[0], 7).await.unwrap();
     assert_eq!(with_mod.sql_type(), "public.mood(7)");
 
+    // Renamed: a Type message with the new name makes the cache read it again.
+    db.exec("alter type mood rename to feeling").await;
+    cache.note_type(oids[0], "public", "feeling");
+    let renamed = cache.column_type(&db.tidemark, oids[0], -1).await.unwrap();
+    assert_eq!(renamed.sql_type(), "public.feeling");
+
     // Dropped: unknown, unless a Type message named it.
     db.exec("create type gone as enum ('x')").await;
     let gone = oid("public.gone").await;
