@@ -33,13 +33,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context as _};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use sqlx::{Connection as _, PgConnection, Row as _};
 use tidemark_common::pg::{quote_ident, TableName};
 
 use crate::archive::{Origin, StreamPos, Streams};
 use crate::position::{self, Advance};
-use crate::record::{Op, RowSchema};
+use crate::record::{Op, Row, RowSchema};
 use crate::target::{self, TargetTable};
 use crate::values::{copy_escape, pg_text, COPY_NULL};
 
@@ -584,7 +584,7 @@ impl Applier {
         &mut self,
         idx: usize,
         meta: RowMeta,
-        row: Option<&Map<String, Value>>,
+        row: Option<&Row>,
         row_schema: Option<(u64, &RowSchema)>,
         origin: &Origin,
     ) -> anyhow::Result<()> {
@@ -609,7 +609,7 @@ impl Applier {
                     // types: a value of another variant (a timestamp past
                     // int64 µs) is then an error, never a guess.
                     if let Some(row) = row {
-                        let names: BTreeSet<&str> = row.keys().map(String::as_str).collect();
+                        let names: BTreeSet<&str> = row.names().collect();
                         stage
                             .check_columns(&names, None)
                             .with_context(|| format!("at {origin}"))?;
@@ -663,7 +663,9 @@ impl Applier {
         for (j, &i) in stage.cols.iter().enumerate() {
             buf.push(b'\t');
             let col = &stage.target.columns[i];
-            let value = row.and_then(|r| r.get(&col.name)).unwrap_or(&Value::Null);
+            let value = row
+                .and_then(|r| r.get_at(&col.name, i))
+                .unwrap_or(&Value::Null);
             let text = pg_text(fields.get(j).unwrap_or(&Value::Null), value).map_err(|why| {
                 let key = row
                     .map(|r| key_json(r, &stage.target))
@@ -1362,8 +1364,8 @@ fn trim_key(text: &str) -> String {
 }
 
 /// A row's key as JSON, for messages.
-fn key_json(row: &Map<String, Value>, target: &TargetTable) -> String {
-    let mut key = Map::new();
+fn key_json(row: &Row, target: &TargetTable) -> String {
+    let mut key = serde_json::Map::new();
     for &k in &target.key {
         let name = &target.columns[k].name;
         key.insert(name.clone(), row.get(name).cloned().unwrap_or(Value::Null));

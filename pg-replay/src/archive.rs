@@ -27,13 +27,22 @@ use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
 use tidemark_common::kafka::KafkaSettings;
+
+use crate::record::{Decoder, Record, RecordError};
 use tidemark_common::offset::SinkCheckpoint;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// Records that may wait between the readers and the applier. With
-/// records of a few KB this is a few MB.
-pub const CHANNEL_RECORDS: usize = 1024;
+/// Batches of records that may wait between the readers and the applier.
+pub const CHANNEL_BATCHES: usize = 8;
+
+/// Records per batch at most; a batch also ends at [`BATCH_BYTES`] of
+/// record text, and whenever the reader would wait. Handing records over in
+/// batches spares a thread wake-up per record.
+const BATCH_RECORDS: usize = 256;
+
+/// Bytes of record text per batch at most.
+const BATCH_BYTES: usize = 512 * 1024;
 
 /// How often a follow-mode reader looks for more of a file.
 const FILE_POLL: Duration = Duration::from_millis(50);
@@ -100,11 +109,25 @@ pub struct RawRecord {
     pub next: StreamPos,
 }
 
+/// A record decoded by its reader (each reader decodes its own records, on
+/// its own thread).
+#[derive(Debug)]
+pub struct Decoded {
+    /// The stream it belongs to.
+    pub stream: StreamId,
+    /// Where it starts.
+    pub pos: StreamPos,
+    /// Where the next record of the stream starts.
+    pub next: StreamPos,
+    /// The record, or why it is not one.
+    pub record: Result<Record, RecordError>,
+}
+
 /// What the readers hand over.
 #[derive(Debug)]
 pub enum Item {
-    /// A record.
-    Record(RawRecord),
+    /// Records, in stream order.
+    Records(Vec<Decoded>),
     /// The stream has nothing more right now (follow mode: it is caught up).
     CaughtUp(StreamId),
     /// The stream has nothing more, ever (not following).
@@ -179,6 +202,56 @@ impl Streams {
     }
 }
 
+/// Decodes records and hands them over in batches.
+struct Batcher {
+    tx: mpsc::Sender<Item>,
+    decoder: Decoder,
+    batch: Vec<Decoded>,
+    bytes: usize,
+}
+
+impl Batcher {
+    fn new(tx: mpsc::Sender<Item>) -> Self {
+        Self {
+            tx,
+            decoder: Decoder::new(),
+            batch: Vec::with_capacity(BATCH_RECORDS),
+            bytes: 0,
+        }
+    }
+
+    /// Decodes and queues a record; false once the receiver is gone.
+    fn push(&mut self, r: RawRecord) -> bool {
+        self.bytes += r.bytes.len();
+        let record = self.decoder.decode(&r.bytes);
+        self.batch.push(Decoded {
+            stream: r.stream,
+            pos: r.pos,
+            next: r.next,
+            record,
+        });
+        if self.batch.len() >= BATCH_RECORDS || self.bytes >= BATCH_BYTES {
+            return self.flush();
+        }
+        true
+    }
+
+    /// Sends what is queued; false once the receiver is gone.
+    fn flush(&mut self) -> bool {
+        if self.batch.is_empty() {
+            return true;
+        }
+        self.bytes = 0;
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_RECORDS));
+        self.tx.blocking_send(Item::Records(batch)).is_ok()
+    }
+
+    /// Sends what is queued, then `item`; false once the receiver is gone.
+    fn send(&mut self, item: Item) -> bool {
+        self.flush() && self.tx.blocking_send(item).is_ok()
+    }
+}
+
 /// Reads one file and hands its complete lines to `tx`, from `start`.
 ///
 /// Not following: every complete line, then [`Item::End`]; a last line
@@ -197,12 +270,9 @@ pub fn read_file(
     tx: mpsc::Sender<Item>,
     shutdown: CancellationToken,
 ) {
-    let result = read_file_inner(id, &path, start, follow, max_line, &tx, &shutdown);
-    match result {
-        Ok(()) => {}
-        Err(e) => {
-            let _ = tx.blocking_send(Item::Failed(e));
-        }
+    let mut out = Batcher::new(tx);
+    if let Err(e) = read_file_inner(id, &path, start, follow, max_line, &mut out, &shutdown) {
+        out.send(Item::Failed(e));
     }
 }
 
@@ -212,7 +282,7 @@ fn read_file_inner(
     start: StreamPos,
     follow: bool,
     max_line: usize,
-    tx: &mpsc::Sender<Item>,
+    out: &mut Batcher,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let mut file = File::open(path).with_context(|| {
@@ -303,7 +373,7 @@ fn read_file_inner(
                 next,
             };
             pos = next;
-            if tx.blocking_send(Item::Record(record)).is_err() {
+            if !out.push(record) {
                 return Ok(());
             }
             sent_any = true;
@@ -312,11 +382,11 @@ fn read_file_inner(
             }
         }
         if !follow {
-            let _ = tx.blocking_send(Item::End(id));
+            out.send(Item::End(id));
             return Ok(());
         }
         if !sent_any || pos.offset >= end {
-            if tx.blocking_send(Item::CaughtUp(id)).is_err() {
+            if !out.send(Item::CaughtUp(id)) {
                 return Ok(());
             }
             std::thread::sleep(FILE_POLL);
@@ -436,8 +506,10 @@ pub fn read_partitions(
     tx: mpsc::Sender<Item>,
     shutdown: CancellationToken,
 ) {
-    if let Err(e) = read_partitions_inner(&kafka, &group, &partitions, follow, &tx, &shutdown) {
-        let _ = tx.blocking_send(Item::Failed(e));
+    let mut out = Batcher::new(tx);
+    if let Err(e) = read_partitions_inner(&kafka, &group, &partitions, follow, &mut out, &shutdown)
+    {
+        out.send(Item::Failed(e));
     }
 }
 
@@ -446,7 +518,7 @@ fn read_partitions_inner(
     group: &str,
     partitions: &[(StreamId, String, i32, StreamPos)],
     follow: bool,
-    tx: &mpsc::Sender<Item>,
+    out: &mut Batcher,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let mut settings = vec![("group.id", group), ("auto.offset.reset", "error")];
@@ -480,7 +552,12 @@ fn read_partitions_inner(
         if shutdown.is_cancelled() {
             return Ok(());
         }
-        let Some(result) = consumer.poll(Duration::from_millis(200)) else {
+        // Waiting only with nothing queued: what is queued goes first.
+        let wait = if out.batch.is_empty() { 200 } else { 0 };
+        let Some(result) = consumer.poll(Duration::from_millis(wait)) else {
+            if !out.flush() {
+                return Ok(());
+            }
             continue;
         };
         match result {
@@ -507,7 +584,7 @@ fn read_partitions_inner(
                     pos,
                     next,
                 };
-                if tx.blocking_send(Item::Record(record)).is_err() {
+                if !out.push(record) {
                     return Ok(());
                 }
             }
@@ -539,12 +616,13 @@ fn read_partitions_inner(
                         } else {
                             Item::End(*id)
                         };
-                        if tx.blocking_send(item).is_err() {
+                        if !out.send(item) {
                             return Ok(());
                         }
                     }
                 }
                 if !follow && at_end.iter().all(|e| *e) {
+                    out.flush();
                     return Ok(());
                 }
             }
@@ -576,7 +654,15 @@ mod tests {
     use super::*;
     use std::io::Write as _;
 
-    fn collect(path: &Path, start: StreamPos, max_line: usize) -> (Vec<RawRecord>, Option<String>) {
+    /// The field `a` of a row-state record.
+    fn a_of(d: &Decoded) -> i64 {
+        match &d.record {
+            Ok(Record::RowState(r)) => r.row.get("a").and_then(|v| v.as_i64()).unwrap(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn collect(path: &Path, start: StreamPos, max_line: usize) -> (Vec<Decoded>, Option<String>) {
         let (tx, mut rx) = mpsc::channel(100);
         let p = path.to_path_buf();
         std::thread::spawn(move || {
@@ -588,7 +674,7 @@ mod tests {
         let mut err = None;
         while let Ok(item) = rx.try_recv() {
             match item {
-                Item::Record(r) => out.push(r),
+                Item::Records(r) => out.extend(r),
                 Item::Failed(e) => err = Some(format!("{e:#}")),
                 _ => {}
             }
@@ -607,8 +693,8 @@ mod tests {
         let (lines, err) = collect(&path, StreamPos { offset: 0, line: 1 }, 1000);
         assert!(err.is_none(), "{err:?}");
         assert_eq!(lines.len(), 2);
-        assert_eq!(lines[0].bytes, b"{\"a\":1}");
-        assert_eq!(lines[1].bytes, b"{\"a\":2}");
+        assert_eq!(a_of(&lines[0]), 1);
+        assert_eq!(a_of(&lines[1]), 2);
         assert_eq!(lines[1].pos, StreamPos { offset: 8, line: 2 });
         assert_eq!(
             lines[1].next,
@@ -652,7 +738,7 @@ mod tests {
         let mut appended = false;
         while records.len() < 2 && std::time::Instant::now() < deadline {
             match rx.blocking_recv() {
-                Some(Item::Record(r)) => records.push(r),
+                Some(Item::Records(r)) => records.extend(r),
                 Some(Item::CaughtUp(_)) if !appended => {
                     assert_eq!(records.len(), 1, "the torn line is not handed over");
                     let mut f = std::fs::OpenOptions::new()
@@ -670,6 +756,6 @@ mod tests {
         drop(rx);
         reader.join().unwrap();
         assert_eq!(records.len(), 2);
-        assert_eq!(records[1].bytes, b"{\"a\":2}");
+        assert_eq!(a_of(&records[1]), 2);
     }
 }

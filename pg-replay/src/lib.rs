@@ -56,6 +56,7 @@ pub mod verify;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
@@ -67,7 +68,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::apply::{Applier, ApplyError, OnConflict, RowMeta, RunInfo, UserTriggers};
 use crate::archive::{Item, StreamKind, StreamPos, Streams};
-use crate::record::{Decoder, Op, Record};
+use crate::record::{Op, Record};
 use crate::units::{Disposition, EventInfo, UnitError, Units, Until};
 
 /// Metric names.
@@ -230,13 +231,46 @@ fn is_transient(e: &anyhow::Error) -> bool {
 /// tables and the replay's lock live in its session.
 async fn connect(target: &PgTarget) -> anyhow::Result<sqlx::PgConnection> {
     let pool = target.connect(1, Duration::from_secs(30)).await?;
-    let conn = pool
+    let mut conn = pool
         .acquire()
         .await
         .with_context(|| format!("cannot connect to the target at {target}"))?
         .detach();
     pool.close().await;
+    for setting in APPLY_SESSION {
+        sqlx::query(setting).execute(&mut conn).await?;
+    }
     Ok(conn)
+}
+
+/// Settings of the apply session, on top of every Tidemark session's.
+///
+/// - Sorting a run's changes by key (the net effect) in memory, and
+///   keeping the staging tables in memory, before the first temporary
+///   table is touched.
+/// - `synchronous_commit = off`: the position commits with the changes it
+///   covers, so a commit lost to a server crash loses both and the replay
+///   applies them again: the target and its position never disagree. The
+///   end of a replay waits for the last commit to be flushed
+///   ([`flush_commits`]).
+const APPLY_SESSION: &[&str] = &[
+    "set work_mem = '64MB'",
+    "set temp_buffers = '32MB'",
+    "set synchronous_commit = off",
+];
+
+/// Waits until every commit of the session is durable: a transaction with a
+/// commit record, committed synchronously, flushes the WAL up to it.
+async fn flush_commits(conn: &mut sqlx::PgConnection) -> anyhow::Result<()> {
+    sqlx::query("set synchronous_commit = on")
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("begin").execute(&mut *conn).await?;
+    sqlx::query("select pg_catalog.txid_current()")
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("commit").execute(&mut *conn).await?;
+    Ok(())
 }
 
 /// What kind of records the archive holds, decided by its first record.
@@ -313,7 +347,7 @@ fn start_readers(
     follow: bool,
     stop: &CancellationToken,
 ) -> mpsc::Receiver<Item> {
-    let (tx, rx) = mpsc::channel(archive::CHANNEL_RECORDS);
+    let (tx, rx) = mpsc::channel(archive::CHANNEL_BATCHES);
     let mut partitions = Vec::new();
     for id in 0..inputs.streams.len() as u32 {
         match &**inputs.streams.kind(id) {
@@ -351,7 +385,6 @@ async fn locate_txid(
 ) -> anyhow::Result<Option<i64>> {
     let stop = shutdown.child_token();
     let mut rx = start_readers(cfg, inputs, cfg.follow, &stop);
-    let mut decoder = Decoder::new();
     let mut ended = 0;
     tracing::info!(txid, "looking for the transaction in the archive");
     let found = loop {
@@ -361,13 +394,15 @@ async fn locate_txid(
         };
         match item {
             None => break None,
-            Some(Item::Record(r)) => {
-                if let Ok(Record::Change(c)) = decoder.decode(&r.bytes) {
-                    if c.tx_id == Some(txid) {
-                        if let Some(tx) = &c.tx {
-                            break Some(tx.commit_order);
-                        }
+            Some(Item::Records(batch)) => {
+                let found = batch.iter().find_map(|d| match &d.record {
+                    Ok(Record::Change(c)) if c.tx_id == Some(txid) => {
+                        c.tx.as_ref().map(|t| t.commit_order)
                     }
+                    _ => None,
+                });
+                if found.is_some() {
+                    break found;
                 }
             }
             Some(Item::End(_)) => {
@@ -482,7 +517,7 @@ async fn run_once(
     );
     let stop = shutdown.child_token();
     let mut rx = start_readers(cfg, &inputs, cfg.follow, &stop);
-    let result = replay_loop(
+    let mut result = replay_loop(
         cfg,
         shutdown,
         &inputs,
@@ -493,6 +528,9 @@ async fn run_once(
         total,
     )
     .await;
+    if result.is_ok() {
+        result = flush_commits(applier.conn()).await;
+    }
     stop.cancel();
     // Let the readers see the closed channel.
     drop(rx);
@@ -506,11 +544,12 @@ struct Loop<'a> {
     cfg: &'a Config,
     inputs: &'a Inputs,
     units: Units,
-    decoder: Decoder,
     kind: Option<Kind>,
     connector: Option<String>,
     /// Row states: their synthetic unit numbers.
     seq: i64,
+    /// The table of the last change and its stage (`None`: not mapped).
+    last_table: Option<(Arc<str>, Arc<str>, Option<usize>)>,
     staged_since_apply: u64,
     last_apply: Instant,
     stored_from: Option<i64>,
@@ -538,10 +577,10 @@ async fn replay_loop(
             until,
             cfg.max_pending_units,
         ),
-        decoder: Decoder::new(),
         kind: None,
         connector: None,
         seq: 0,
+        last_table: None,
         staged_since_apply: 0,
         last_apply: Instant::now(),
         stored_from: pos.commit_order,
@@ -590,7 +629,11 @@ async fn replay_loop(
                 }
                 idle = true;
             }
-            Some(Item::Record(r)) => st.record(applier, r).await?,
+            Some(Item::Records(batch)) => {
+                for d in batch {
+                    st.record(applier, d).await?;
+                }
+            }
         }
         if st.staged_since_apply >= cfg.batch_changes
             || (idle && st.staged_since_apply > 0)
@@ -633,8 +676,8 @@ impl Loop<'_> {
         self.units.reached_end() || (!self.cfg.follow && self.units.all_ended())
     }
 
-    /// Reads one record: decodes it, tracks its unit, stages its change.
-    async fn record(&mut self, applier: &mut Applier, r: archive::RawRecord) -> anyhow::Result<()> {
+    /// Takes one record: tracks its unit, stages its change.
+    async fn record(&mut self, applier: &mut Applier, r: archive::Decoded) -> anyhow::Result<()> {
         let origin = self.inputs.streams.origin(r.stream, r.pos);
         if matches!(
             &**self.inputs.streams.kind(r.stream),
@@ -642,7 +685,7 @@ impl Loop<'_> {
         ) {
             self.units.partition_active(r.stream);
         }
-        let record = self.decoder.decode(&r.bytes).map_err(|e| {
+        let record = r.record.map_err(|e| {
             anyhow::anyhow!("{origin}: {e}; nothing of this record's unit was applied")
         })?;
         let kind = match &record {
@@ -678,8 +721,8 @@ impl Loop<'_> {
                     );
                 };
                 match &self.connector {
-                    None => self.connector = Some(c.connector.clone()),
-                    Some(name) if *name != c.connector => bail!(
+                    None => self.connector = Some(c.connector.to_string()),
+                    Some(name) if **name != *c.connector => bail!(
                         "{origin}: the archive mixes events of connectors {name:?} and {:?}, whose transactions \
                          cannot be ordered against each other; replay each connector's topics or file on its own",
                         c.connector
@@ -710,19 +753,33 @@ impl Loop<'_> {
                 if disposition == Disposition::Skip {
                     return Ok(());
                 }
-                let source = TableName {
-                    schema: c.schema_name.clone(),
-                    name: c.table.clone(),
-                };
                 let row_schema = c
                     .schema
                     .as_ref()
                     .and_then(|s| s.row.clone().map(|r| (s.id, r)));
-                let Some(idx) = applier
-                    .stage_for(&source, row_schema.as_ref().map(|(_, r)| &**r))
-                    .await
-                    .with_context(|| format!("at {origin}"))?
-                else {
+                // Consecutive events are mostly of one table: its stage is
+                // looked up again only when the table's names change.
+                let idx = match &self.last_table {
+                    Some((schema, table, idx))
+                        if Arc::ptr_eq(schema, &c.schema_name) && Arc::ptr_eq(table, &c.table) =>
+                    {
+                        *idx
+                    }
+                    _ => {
+                        let source = TableName {
+                            schema: c.schema_name.to_string(),
+                            name: c.table.to_string(),
+                        };
+                        let idx = applier
+                            .stage_for(&source, row_schema.as_ref().map(|(_, r)| &**r))
+                            .await
+                            .with_context(|| format!("at {origin}"))?;
+                        self.last_table = Some((c.schema_name.clone(), c.table.clone(), idx));
+                        idx
+                    }
+                };
+                let Some(idx) = idx else {
+                    let source = format!("{}.{}", c.schema_name, c.table);
                     if self.cfg.ignore_unmapped {
                         return Ok(());
                     }

@@ -14,7 +14,10 @@ use std::hash::{Hash as _, Hasher as _};
 use std::sync::Arc;
 
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use std::borrow::Cow;
+
+use serde_json::value::RawValue;
+use serde_json::Value;
 
 /// Why a record cannot be replayed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -63,6 +66,96 @@ impl Op {
             Self::Read => 'r',
             Self::Truncate => 't',
         }
+    }
+}
+
+/// A row image: its fields in the order the record lists them. Not a map:
+/// a row is read once, its fields looked up in the order of the target's
+/// columns (usually the same order), and the list of names is shared by
+/// every row of the same shape.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Row {
+    names: Arc<Vec<String>>,
+    values: Vec<Value>,
+}
+
+impl Row {
+    /// A row of these fields.
+    pub fn new(fields: Vec<(String, Value)>) -> Self {
+        let (names, values) = fields.into_iter().unzip();
+        Self {
+            names: Arc::new(names),
+            values,
+        }
+    }
+
+    /// The value of field `name`; `hint` is where to look first.
+    pub fn get_at(&self, name: &str, hint: usize) -> Option<&Value> {
+        let i = match self.names.get(hint) {
+            Some(n) if n == name => hint,
+            _ => self.names.iter().position(|n| n == name)?,
+        };
+        self.values.get(i)
+    }
+
+    /// The value of field `name`.
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.get_at(name, 0)
+    }
+
+    /// The field names.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.names.iter().map(String::as_str)
+    }
+}
+
+/// Reads a row object, reusing the last row's list of names when the
+/// names are the same.
+struct RowSeed<'c> {
+    last: &'c mut Arc<Vec<String>>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for RowSeed<'_> {
+    type Value = Row;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Row, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for RowSeed<'_> {
+    type Value = Row;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a row object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Row, A::Error> {
+        let mut values = Vec::with_capacity(self.last.len());
+        let mut same = true;
+        let mut names: Vec<String> = Vec::new();
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            let i = values.len();
+            if same && self.last.get(i).is_none_or(|n| *n != *key) {
+                same = false;
+                names = self.last.iter().take(i).cloned().collect();
+            }
+            if !same {
+                names.push(key.into_owned());
+            }
+            values.push(map.next_value::<Value>()?);
+        }
+        if same && values.len() != self.last.len() {
+            same = false;
+            names = self.last.iter().take(values.len()).cloned().collect();
+        }
+        if !same {
+            *self.last = Arc::new(names);
+        }
+        Ok(Row {
+            names: self.last.clone(),
+            values,
+        })
     }
 }
 
@@ -239,28 +332,37 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<i64>>
 }
 
 #[derive(Deserialize)]
-struct RawSource {
+struct RawSource<'a> {
+    #[serde(default, borrow)]
+    name: Option<Cow<'a, str>>,
     #[serde(default)]
-    name: Option<String>,
     ts_ms: Option<i64>,
     #[serde(default)]
     ts_us: Option<i64>,
     #[serde(default)]
     snapshot: Option<Value>,
-    schema: String,
-    table: String,
+    #[serde(borrow)]
+    schema: Cow<'a, str>,
+    #[serde(borrow)]
+    table: Cow<'a, str>,
     #[serde(rename = "txId", default)]
     tx_id: Option<i64>,
     #[serde(default)]
     lsn: Option<i64>,
 }
 
+/// A change event as it is first read: the row images left as text until
+/// it is known which one is needed.
 #[derive(Deserialize)]
-struct RawEvent {
-    before: Option<Map<String, Value>>,
-    after: Option<Map<String, Value>>,
-    source: RawSource,
-    op: String,
+struct RawEvent<'a> {
+    #[serde(default, borrow)]
+    before: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    after: Option<&'a RawValue>,
+    #[serde(borrow)]
+    source: RawSource<'a>,
+    #[serde(borrow)]
+    op: Cow<'a, str>,
     #[serde(default)]
     transaction: Option<TxBlock>,
 }
@@ -270,16 +372,16 @@ struct RawEvent {
 pub struct ChangeRecord {
     /// What happened.
     pub op: Op,
-    /// The row before (updates, deletes).
-    pub before: Option<Map<String, Value>>,
-    /// The row after (creates, updates, reads).
-    pub after: Option<Map<String, Value>>,
+    /// The row a delete removed (`before`); only deletes carry it here.
+    pub before: Option<Row>,
+    /// The row a create, update or snapshot read leaves (`after`).
+    pub after: Option<Row>,
     /// The connector (`source.name`).
-    pub connector: String,
+    pub connector: Arc<str>,
     /// Source schema.
-    pub schema_name: String,
+    pub schema_name: Arc<str>,
     /// Source table.
-    pub table: String,
+    pub table: Arc<str>,
     /// The unit's commit time, µs since the epoch (`source.ts_us`, else
     /// `ts_ms` * 1000).
     pub ts_us: i64,
@@ -298,7 +400,7 @@ pub struct ChangeRecord {
 
 impl ChangeRecord {
     /// The row image the event leaves behind, or the deleted one.
-    pub fn row(&self) -> Option<&Map<String, Value>> {
+    pub fn row(&self) -> Option<&Row> {
         self.after.as_ref().or(self.before.as_ref())
     }
 }
@@ -308,7 +410,7 @@ impl ChangeRecord {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RowStateRecord {
     /// The row.
-    pub row: Map<String, Value>,
+    pub row: Row,
     /// The record's schema, when it carries one (its `name` is the table).
     pub schema: Option<Arc<RecordSchema>>,
 }
@@ -324,10 +426,34 @@ pub enum Record {
     RowState(RowStateRecord),
 }
 
-/// Decodes records, keeping the schemas seen.
+/// Decodes records, keeping the schemas, names and row shapes seen.
 #[derive(Debug, Default)]
 pub struct Decoder {
     schemas: SchemaCache,
+    names: Interner,
+    row_names: Arc<Vec<String>>,
+}
+
+/// Shares the strings that repeat in every event (connector, schema,
+/// table names).
+#[derive(Debug, Default)]
+struct Interner {
+    strings: Vec<Arc<str>>,
+}
+
+impl Interner {
+    fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(found) = self.strings.iter().find(|x| &***x == s) {
+            return found.clone();
+        }
+        // A few distinct names; a flood of them is not kept.
+        if self.strings.len() >= 256 {
+            self.strings.clear();
+        }
+        let a: Arc<str> = Arc::from(s);
+        self.strings.push(a.clone());
+        a
+    }
 }
 
 impl Decoder {
@@ -347,11 +473,9 @@ impl Decoder {
                     b"null" => None,
                     text => Some(self.schemas.get(text)?),
                 };
-                let value: Value = serde_json::from_slice(payload)
-                    .map_err(|e| RecordError::NotJson(e.to_string()))?;
-                decode_payload(value, schema)
+                self.payload(payload, schema)
             }
-            Split::Bare(value) => decode_payload(value, None),
+            Split::Bare(payload) => self.payload(payload, None),
         }
     }
 }
@@ -360,8 +484,8 @@ impl Decoder {
 enum Split<'a> {
     /// `{"schema": S, "payload": P}`: the texts of S and P.
     Wrapped { schema: &'a [u8], payload: &'a [u8] },
-    /// A bare payload, parsed.
-    Bare(Value),
+    /// A bare payload: its text.
+    Bare(&'a [u8]),
 }
 
 /// Splits `{"schema": S, "payload": P}` into S and P without parsing S into
@@ -389,7 +513,10 @@ fn split_wrapper(bytes: &[u8]) -> Result<Split<'_>, RecordError> {
             }
         }
     }
-    // Anything else: look at it as a whole.
+    // Anything else: an object without the wrapper, or not a record.
+    if trimmed.first() == Some(&b'{') && !trimmed.starts_with(HEAD) {
+        return Ok(Split::Bare(trimmed));
+    }
     let value: Value =
         serde_json::from_slice(trimmed).map_err(|e| RecordError::NotJson(e.to_string()))?;
     match value {
@@ -399,7 +526,7 @@ fn split_wrapper(bytes: &[u8]) -> Result<Split<'_>, RecordError> {
                     .into(),
             ))
         }
-        Value::Object(o) => Ok(Split::Bare(Value::Object(o))),
+        Value::Object(_) => Ok(Split::Bare(trimmed)),
         other => Err(RecordError::NotARecord(format!(
             "expected a JSON object, found {}",
             kind(&other)
@@ -440,85 +567,129 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
-fn decode_payload(value: Value, schema: Option<Arc<RecordSchema>>) -> Result<Record, RecordError> {
+impl Decoder {
+    fn payload(
+        &mut self,
+        payload: &[u8],
+        schema: Option<Arc<RecordSchema>>,
+    ) -> Result<Record, RecordError> {
+        // The common case in one pass: a change event.
+        let raw: RawEvent<'_> = match serde_json::from_slice(payload) {
+            Ok(raw) => raw,
+            Err(first) => return not_an_event(payload, schema, first),
+        };
+        let op = Op::parse(&raw.op)
+            .ok_or_else(|| RecordError::NotARecord(format!("unknown op {:?}", raw.op)))?;
+        let image = match op {
+            Op::Create | Op::Read | Op::Update => match raw.after {
+                Some(a) if a.get() != "null" => Some(a),
+                _ => {
+                    return Err(RecordError::NotARecord(format!(
+                        "op {} without \"after\"",
+                        op.code()
+                    )))
+                }
+            },
+            Op::Delete => match raw.before {
+                Some(b) if b.get() != "null" => Some(b),
+                _ => return Err(RecordError::NotARecord("op d without \"before\"".into())),
+            },
+            Op::Truncate => None,
+        };
+        let row = match image {
+            Some(text) => {
+                let mut de = serde_json::Deserializer::from_str(text.get());
+                let row = serde::de::DeserializeSeed::deserialize(
+                    RowSeed {
+                        last: &mut self.row_names,
+                    },
+                    &mut de,
+                )
+                .map_err(|e| {
+                    RecordError::NotARecord(format!("a row image that is not an object: {e}"))
+                })?;
+                Some(row)
+            }
+            None => None,
+        };
+        let ts_us = match (raw.source.ts_us, raw.source.ts_ms) {
+            (Some(us), _) => us,
+            (None, Some(ms)) => ms.saturating_mul(1000),
+            (None, None) => {
+                return Err(RecordError::NotARecord(
+                    "source has neither ts_us nor ts_ms".into(),
+                ))
+            }
+        };
+        if let Some(tx) = &raw.transaction {
+            if tx.total_order < 1 {
+                return Err(RecordError::NotARecord(format!(
+                    "transaction.total_order {} is not 1 or more",
+                    tx.total_order
+                )));
+            }
+            if let Some(n) = tx.event_count {
+                if n < tx.total_order {
+                    return Err(RecordError::NotARecord(format!(
+                        "transaction.event_count {n} is below this event's total_order {}",
+                        tx.total_order
+                    )));
+                }
+            }
+        }
+        let snapshot = match raw.source.snapshot {
+            Some(Value::String(s)) => s,
+            Some(Value::Bool(b)) => b.to_string(),
+            _ => "false".to_owned(),
+        };
+        let (before, after) = match op {
+            Op::Delete => (row, None),
+            _ => (None, row),
+        };
+        Ok(Record::Change(ChangeRecord {
+            op,
+            before,
+            after,
+            connector: self.names.get(raw.source.name.as_deref().unwrap_or("")),
+            schema_name: self.names.get(&raw.source.schema),
+            table: self.names.get(&raw.source.table),
+            ts_us,
+            tx_id: raw.source.tx_id,
+            lsn: raw.source.lsn,
+            snapshot,
+            tx: raw.transaction,
+            schema,
+        }))
+    }
+}
+
+/// A payload that did not read as a change event: a row state, or not a
+/// record (and why).
+fn not_an_event(
+    payload: &[u8],
+    schema: Option<Arc<RecordSchema>>,
+    first: serde_json::Error,
+) -> Result<Record, RecordError> {
+    let value: Value =
+        serde_json::from_slice(payload).map_err(|e| RecordError::NotJson(e.to_string()))?;
     let Value::Object(obj) = value else {
         return Err(RecordError::NotARecord(format!(
             "the payload is {}, not an object",
             kind(&value)
         )));
     };
-    let looks_like_event = obj.contains_key("op") && obj.contains_key("source");
-    if !looks_like_event {
-        if obj.contains_key("op") || obj.contains_key("source") || obj.contains_key("before") {
-            return Err(RecordError::NotARecord(
-                "a change event needs both \"op\" and \"source\"".into(),
-            ));
-        }
-        return Ok(Record::RowState(RowStateRecord { row: obj, schema }));
+    if obj.contains_key("op") && obj.contains_key("source") {
+        return Err(RecordError::NotARecord(format!(
+            "a malformed change event: {first}"
+        )));
     }
-    let raw: RawEvent = serde_json::from_value(Value::Object(obj))
-        .map_err(|e| RecordError::NotARecord(format!("a malformed change event: {e}")))?;
-    let op = Op::parse(&raw.op)
-        .ok_or_else(|| RecordError::NotARecord(format!("unknown op {:?}", raw.op)))?;
-    match op {
-        Op::Create | Op::Read if raw.after.is_none() => {
-            return Err(RecordError::NotARecord(format!(
-                "op {} without \"after\"",
-                op.code()
-            )))
-        }
-        Op::Update if raw.after.is_none() => {
-            return Err(RecordError::NotARecord("op u without \"after\"".into()))
-        }
-        Op::Delete if raw.before.is_none() => {
-            return Err(RecordError::NotARecord("op d without \"before\"".into()))
-        }
-        _ => {}
+    if obj.contains_key("op") || obj.contains_key("source") || obj.contains_key("before") {
+        return Err(RecordError::NotARecord(
+            "a change event needs both \"op\" and \"source\"".into(),
+        ));
     }
-    let ts_us = match (raw.source.ts_us, raw.source.ts_ms) {
-        (Some(us), _) => us,
-        (None, Some(ms)) => ms.saturating_mul(1000),
-        (None, None) => {
-            return Err(RecordError::NotARecord(
-                "source has neither ts_us nor ts_ms".into(),
-            ))
-        }
-    };
-    if let Some(tx) = &raw.transaction {
-        if tx.total_order < 1 {
-            return Err(RecordError::NotARecord(format!(
-                "transaction.total_order {} is not 1 or more",
-                tx.total_order
-            )));
-        }
-        if let Some(n) = tx.event_count {
-            if n < tx.total_order {
-                return Err(RecordError::NotARecord(format!(
-                    "transaction.event_count {n} is below this event's total_order {}",
-                    tx.total_order
-                )));
-            }
-        }
-    }
-    let snapshot = match raw.source.snapshot {
-        Some(Value::String(s)) => s,
-        Some(Value::Bool(b)) => b.to_string(),
-        _ => "false".to_owned(),
-    };
-    Ok(Record::Change(ChangeRecord {
-        op,
-        before: raw.before,
-        after: raw.after,
-        connector: raw.source.name.unwrap_or_default(),
-        schema_name: raw.source.schema,
-        table: raw.source.table,
-        ts_us,
-        tx_id: raw.source.tx_id,
-        lsn: raw.source.lsn,
-        snapshot,
-        tx: raw.transaction,
-        schema,
-    }))
+    let row = Row::new(obj.into_iter().collect());
+    Ok(Record::RowState(RowStateRecord { row, schema }))
 }
 
 #[cfg(test)]
@@ -582,7 +753,7 @@ pub(crate) mod tests {
                 panic!("not a change")
             };
             assert_eq!(c.op, Op::Update);
-            assert_eq!(c.table, "t");
+            assert_eq!(&*c.table, "t");
             assert_eq!(c.ts_us, 1_700_000_000_000_000);
             let t = c.tx.unwrap();
             assert_eq!(
@@ -590,7 +761,9 @@ pub(crate) mod tests {
                 (42, 2, Some(2))
             );
             assert_eq!(t.prev_commit_order, None);
-            assert_eq!(c.after.unwrap()["data"], "b");
+            let after = c.after.unwrap();
+            assert_eq!(after.get("data").unwrap(), "b");
+            assert!(c.before.is_none(), "only the image the op needs is read");
             assert_eq!(c.schema.is_some(), with_schema);
             if with_schema {
                 let s = c.schema.unwrap();
@@ -630,6 +803,47 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn rows_of_one_shape_share_their_names() {
+        let mut d = Decoder::new();
+        let a = event_line(
+            "c",
+            Value::Null,
+            json!({"id": 1, "data": "a"}),
+            "t",
+            tx(1, 1, Some(1)),
+            false,
+        );
+        let b = event_line(
+            "c",
+            Value::Null,
+            json!({"id": 2, "data": "b"}),
+            "t",
+            tx(2, 1, Some(1)),
+            false,
+        );
+        let c = event_line(
+            "c",
+            Value::Null,
+            json!({"id": 3, "x": "c"}),
+            "t",
+            tx(3, 1, Some(1)),
+            false,
+        );
+        let rows: Vec<Row> = [a, b, c]
+            .iter()
+            .map(|l| match d.decode(l).unwrap() {
+                Record::Change(c) => c.after.unwrap(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert!(Arc::ptr_eq(&rows[0].names, &rows[1].names));
+        assert_eq!(rows[2].names().collect::<Vec<_>>(), ["id", "x"]);
+        assert_eq!(rows[2].get("x").unwrap(), "c");
+        assert_eq!(rows[1].get_at("data", 1).unwrap(), "b");
+        assert_eq!(rows[1].get("nope"), None);
+    }
+
+    #[test]
     fn prev_commit_order_null_is_told_from_absent() {
         let mut d = Decoder::new();
         let mut t = tx(5, 1, Some(1));
@@ -648,7 +862,7 @@ pub(crate) mod tests {
         let Record::RowState(r) = d.decode(line).unwrap() else {
             panic!()
         };
-        assert_eq!(r.row["id"], 1);
+        assert_eq!(r.row.get("id").unwrap(), 1);
         assert_eq!(
             r.schema.unwrap().name.as_deref(),
             Some("streaming_update_table")
@@ -656,7 +870,7 @@ pub(crate) mod tests {
         let Record::RowState(r) = d.decode(br#"{"id":2}"#).unwrap() else {
             panic!()
         };
-        assert_eq!(r.row["id"], 2);
+        assert_eq!(r.row.get("id").unwrap(), 2);
     }
 
     #[test]
