@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 
 use crate::ConfigError;
 
@@ -273,34 +274,66 @@ impl PgTarget {
     ///
     /// Fails at once on errors waiting cannot cure (a wrong password, a
     /// missing database, no permission) with a message that says what to
-    /// change.
+    /// change. For one-shot programs and tests: a long-running program
+    /// passes its shutdown token to [`Self::connect_until`].
     pub async fn connect(
         &self,
         max_connections: u32,
         patience: Duration,
     ) -> anyhow::Result<PgPool> {
-        let deadline = tokio::time::Instant::now() + patience;
+        self.connect_until(max_connections, patience, &CancellationToken::new())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("stopped while connecting to postgres at {self}"))
+    }
+
+    /// Like [`Self::connect`], but returns `None` as soon as `shutdown` is
+    /// cancelled, during a connection attempt or between attempts, so a
+    /// SIGTERM is obeyed while Postgres is still coming up. Any `patience`
+    /// is safe: one too long for a deadline (`Duration::MAX`) waits without
+    /// limit.
+    ///
+    /// Fails like [`Self::connect`].
+    pub async fn connect_until(
+        &self,
+        max_connections: u32,
+        patience: Duration,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Option<PgPool>> {
+        let deadline = tokio::time::Instant::now().checked_add(patience);
         let mut delay = Duration::from_millis(200);
         let mut logged = false;
         loop {
-            let result = PgPoolOptions::new()
+            // sqlx retries a refused connection itself until the acquire
+            // timeout: no longer than the patience left.
+            let left = deadline.map_or(Duration::from_secs(10), |deadline| {
+                deadline.saturating_duration_since(tokio::time::Instant::now())
+            });
+            let attempt = PgPoolOptions::new()
                 .max_connections(max_connections)
-                .acquire_timeout(Duration::from_secs(10))
-                .connect_with(self.options.clone())
-                .await;
+                .acquire_timeout(left.clamp(Duration::from_millis(500), Duration::from_secs(10)))
+                .connect_with(self.options.clone());
+            let result = tokio::select! {
+                result = attempt => result,
+                _ = shutdown.cancelled() => return Ok(None),
+            };
+            let more_time =
+                deadline.is_none_or(|deadline| tokio::time::Instant::now() + delay < deadline);
             match result {
                 Ok(pool) => {
                     if logged {
                         tracing::info!(postgres = %self, "connected to postgres");
                     }
-                    return Ok(pool);
+                    return Ok(Some(pool));
                 }
-                Err(e) if is_transient(&e) && tokio::time::Instant::now() + delay < deadline => {
+                Err(e) if is_transient(&e) && more_time => {
                     if !logged {
                         tracing::warn!(postgres = %self, error = %e, "postgres unreachable, retrying");
                         logged = true;
                     }
-                    tokio::time::sleep(delay).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.cancelled() => return Ok(None),
+                    }
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
                 Err(e) if is_transient(&e) => {
@@ -607,6 +640,63 @@ mod tests {
         for t in [&jdbc, &url, &url.with_database("other")] {
             assert_eq!(t.options.get_options(), Some(session_options().as_str()));
         }
+    }
+
+    /// A port nothing listens on.
+    fn closed_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    #[tokio::test]
+    async fn waiting_for_postgres_ends_on_shutdown_whatever_the_patience() {
+        let target = PgTarget::from_url(
+            "DATABASE_URL",
+            &format!("postgres://u:p@127.0.0.1:{}/db", closed_port()),
+        )
+        .unwrap();
+        for patience in [
+            Duration::MAX,
+            Duration::from_secs(u64::MAX / 2),
+            Duration::from_secs(3600),
+        ] {
+            let shutdown = CancellationToken::new();
+            let cancel = shutdown.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                cancel.cancel();
+            });
+            let started = std::time::Instant::now();
+            let pool = tokio::time::timeout(
+                Duration::from_secs(5),
+                target.connect_until(1, patience, &shutdown),
+            )
+            .await
+            .expect("returns within seconds of the shutdown")
+            .expect("a shutdown is not an error");
+            assert!(pool.is_none());
+            assert!(started.elapsed() >= Duration::from_millis(300));
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_an_error_after_the_patience() {
+        let target = PgTarget::from_url(
+            "DATABASE_URL",
+            &format!("postgres://u:p@127.0.0.1:{}/db", closed_port()),
+        )
+        .unwrap();
+        let err = target
+            .connect(1, Duration::from_millis(500))
+            .await
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("still unreachable after 500ms"),
+            "{err:#}"
+        );
     }
 
     #[test]

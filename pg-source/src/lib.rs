@@ -58,7 +58,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     if let Some(addr) = cfg.http_addr {
         tidemark_common::ops::serve(addr, cfg.health.clone(), shutdown.clone()).await?;
     }
-    let pool = cfg.pg.connect(3, cfg.connect_patience).await?;
+    let Some(pool) = cfg
+        .pg
+        .connect_until(3, cfg.connect_patience, &shutdown)
+        .await?
+    else {
+        tracing::info!("pg-source stopped while waiting for postgres");
+        return Ok(());
+    };
     if let ModeConfig::Timestamp(t) = &cfg.mode {
         check_privileges(&pool, &t.db_timezone).await?;
     }

@@ -207,3 +207,53 @@ async fn pg_source_and_file_sink_serve_health_and_metrics_and_stop_on_sigterm() 
         "{rest:?}"
     );
 }
+
+/// Issue 10.15: pg-source waiting at start for a Postgres that does not
+/// answer (here, a port nothing listens on) with the longest wait allowed
+/// still stops at once on SIGTERM, with exit 0.
+#[test]
+fn pg_source_waiting_for_postgres_at_start_stops_on_sigterm() {
+    let closed = free_port();
+    let mut source = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_it-pg-source"))
+            .args(["--name", &unique("src")])
+            .args([
+                "--connection-url",
+                &format!("jdbc:postgresql://127.0.0.1:{closed}/db"),
+            ])
+            .args(["--connection-user", "postgres"])
+            .args(["--mode", "changelog"])
+            .args(["--connection-attempts", "24"])
+            .args(["--connection-backoff-ms", "3600000"])
+            .args(["--bootstrap-servers", &bootstrap()])
+            .args(["--http-addr", "off"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = source.0.stdout.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains("postgres unreachable, retrying") => break,
+            Ok(_) => {}
+            Err(e) => panic!("pg-source did not say it waits for postgres: {e}"),
+        }
+    }
+    sigterm_and_wait(&mut source.0);
+    let rest: Vec<String> = lines.iter().collect();
+    assert!(
+        rest.iter()
+            .any(|l| l.contains("stopped while waiting for postgres")),
+        "{rest:?}"
+    );
+}
