@@ -84,7 +84,7 @@ pub fn parse_http_addr(text: &str) -> anyhow::Result<Option<SocketAddr>> {
         "off" | "" => Ok(None),
         addr => addr.parse().map(Some).map_err(|e| {
             anyhow::anyhow!(
-                "--http-addr (TIDEMARK_HTTP_ADDR) `{addr}` is not an address like 0.0.0.0:9464: {e}"
+                "--http-addr (TIDEMARK_HTTP_ADDR) `{addr}` is not an address like 127.0.0.1:9464 (this machine only) or 0.0.0.0:9464 (every interface): {e}"
             )
         }),
     }

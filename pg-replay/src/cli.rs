@@ -151,8 +151,9 @@ struct ReplayArgs {
     json_logs: bool,
 
     /// Where to serve GET /healthz and GET /metrics (Prometheus); `off` to
-    /// serve nothing.
-    #[arg(long, env = "TIDEMARK_HTTP_ADDR", default_value = "0.0.0.0:9466")]
+    /// serve nothing. Loopback by default, so only this machine reaches it;
+    /// `0.0.0.0:9466` serves every interface.
+    #[arg(long, env = "TIDEMARK_HTTP_ADDR", default_value = "127.0.0.1:9466")]
     http_addr: String,
 }
 
@@ -341,6 +342,25 @@ mod tests {
         .unwrap();
         assert_eq!(t[0].1.to_string(), "restore.orders");
         assert_eq!(t[1].0, t[1].1);
+    }
+
+    /// Issue 10.4: /metrics and /healthz are not served to the network
+    /// unless asked, and --help says so.
+    #[test]
+    fn the_endpoint_listens_on_loopback_by_default() {
+        use clap::CommandFactory as _;
+        let cmd = Cli::command();
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_id() == "http_addr")
+            .unwrap();
+        let default = arg.get_default_values()[0].to_str().unwrap();
+        let addr = tidemark_common::program::parse_http_addr(default)
+            .unwrap()
+            .unwrap();
+        assert!(addr.ip().is_loopback(), "{addr}");
+        let help = arg.get_long_help().or(arg.get_help()).unwrap().to_string();
+        assert!(help.contains("Loopback by default"), "{help}");
     }
 
     #[test]

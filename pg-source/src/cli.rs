@@ -152,8 +152,9 @@ struct Cli {
     json_logs: bool,
 
     /// Where to serve GET /healthz and GET /metrics (Prometheus); `off` to
-    /// serve nothing.
-    #[arg(long, env = "TIDEMARK_HTTP_ADDR", default_value = "0.0.0.0:9464")]
+    /// serve nothing. Loopback by default, so only this machine reaches it;
+    /// `0.0.0.0:9464` serves every interface (the Docker images set that).
+    #[arg(long, env = "TIDEMARK_HTTP_ADDR", default_value = "127.0.0.1:9464")]
     http_addr: String,
 }
 
@@ -216,4 +217,27 @@ async fn run(cli: Cli, shutdown: tokio_util::sync::CancellationToken) -> anyhow:
     }
     cfg.http_addr = tidemark_common::program::parse_http_addr(&cli.http_addr)?;
     crate::run(cfg, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    /// Issue 10.4: /metrics and /healthz are not served to the network
+    /// unless asked, and --help says so.
+    #[test]
+    fn the_endpoint_listens_on_loopback_by_default() {
+        let cmd = super::Cli::command();
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_id() == "http_addr")
+            .unwrap();
+        let default = arg.get_default_values()[0].to_str().unwrap();
+        let addr = tidemark_common::program::parse_http_addr(default)
+            .unwrap()
+            .unwrap();
+        assert!(addr.ip().is_loopback(), "{addr}");
+        let help = arg.get_long_help().or(arg.get_help()).unwrap().to_string();
+        assert!(help.contains("Loopback by default"), "{help}");
+    }
 }
