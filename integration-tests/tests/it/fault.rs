@@ -409,8 +409,10 @@ async fn fault_injection(fx: Fixture) {
         }
         assert!(
             Instant::now() < deadline,
-            "the file did not catch up within 180 s ({} events of {changes})",
-            events.len()
+            "the file did not catch up within 180 s ({} events of {changes});\n{}\n{}",
+            events.len(),
+            log_tail(&dir.join("pg-source.log"), 40),
+            log_tail(&dir.join("file-sink.log"), 40)
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
@@ -593,4 +595,16 @@ async fn fault_sigterm_with_the_broker_down_stops_promptly_and_loses_nothing() {
     assert_eq!(replay(&events), table_state(&fx.pool).await);
     source.stop();
     sink.stop();
+}
+
+/// The last `n` lines of a program's log, headed by its name, for a failure
+/// message: a stall in CI is diagnosed from what the programs said.
+fn log_tail(log: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    format!(
+        "---- last lines of {} ----\n{}",
+        log.display(),
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    )
 }
