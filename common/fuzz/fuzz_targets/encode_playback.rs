@@ -5,20 +5,14 @@
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
-use tidemark_codec_fuzz::codec::{builtin_types, to_pg_text, ColumnSpec, ColumnType, RowCodec};
+use tidemark_codec_fuzz::codec::to_pg_text;
+use tidemark_codec_fuzz::one_column;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&pick, rest)) = data.split_first() else {
         return;
     };
-    let mut oids: Vec<u32> = builtin_types().map(|t| t.oid).collect();
-    oids.sort_unstable();
-    let oid = oids[usize::from(pick) % oids.len()];
-    let codec = RowCodec::new(vec![ColumnSpec {
-        name: "c".into(),
-        ty: ColumnType::builtin(oid, -1).expect("built in"),
-        not_null: false,
-    }]);
+    let (oid, codec) = one_column(pick);
     let mut out = Vec::new();
     let Ok(variants) = codec.encode(&[Some(rest)], &mut out) else {
         return;

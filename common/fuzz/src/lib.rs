@@ -13,3 +13,17 @@ pub mod pg {
 
 #[path = "../../src/codec/mod.rs"]
 pub mod codec;
+
+/// A codec of one column `c` of the built-in type that `pick` selects, and
+/// the type's OID.
+pub fn one_column(pick: u8) -> (u32, codec::RowCodec) {
+    let mut oids: Vec<u32> = codec::builtin_types().map(|t| t.oid).collect();
+    oids.sort_unstable();
+    let oid = oids[usize::from(pick) % oids.len()];
+    let column = codec::ColumnSpec {
+        name: "c".into(),
+        ty: codec::ColumnType::builtin(oid, -1).expect("built in"),
+        not_null: false,
+    };
+    (oid, codec::RowCodec::new(vec![column]))
+}

@@ -17,7 +17,7 @@ use tidemark_common::codec::{
     RowCodec, TypeCache, TypeKind, Variant,
 };
 use tidemark_common::envelope::{payload_and_wide_sql, Column};
-use tidemark_common::pg::quote_ident;
+use tidemark_common::pg::{quote_ident, PgTarget};
 
 use crate::support::*;
 
@@ -30,19 +30,6 @@ pub struct Db {
     pub tidemark: PgPool,
 }
 
-/// The session settings the codec's input is printed under.
-pub const CODEC_SETTINGS: &[(&str, &str)] = &[
-    ("search_path", "pg_catalog,pg_temp"),
-    ("DateStyle", "ISO"),
-    ("IntervalStyle", "iso_8601"),
-    ("TimeZone", "UTC"),
-    ("extra_float_digits", "3"),
-    ("bytea_output", "hex"),
-    ("lc_monetary", "C"),
-    ("client_encoding", "UTF8"),
-    ("standard_conforming_strings", "on"),
-];
-
 impl Db {
     pub async fn new(prefix: &str) -> Self {
         let admin: PgConnectOptions = database_url().parse().unwrap();
@@ -53,15 +40,17 @@ impl Db {
             .await
             .unwrap();
         conn.close().await.unwrap();
-        let options = admin.database(&name);
         let user = sqlx::pool::PoolOptions::new()
             .max_connections(2)
-            .connect_with(options.clone())
+            .connect_with(admin.database(&name))
             .await
             .unwrap();
-        let tidemark = sqlx::pool::PoolOptions::new()
-            .max_connections(2)
-            .connect_with(options.options(CODEC_SETTINGS.iter().copied()))
+        // Tidemark's own session setup, with the settings the codec reads
+        // values under.
+        let tidemark = PgTarget::from_url("DATABASE_URL", &database_url())
+            .unwrap()
+            .with_database(&name)
+            .connect(2, std::time::Duration::from_secs(10))
             .await
             .unwrap();
         Self { user, tidemark }
