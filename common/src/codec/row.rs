@@ -236,14 +236,26 @@ enum Mapping {
 
 impl Mapping {
     fn of(ty: &PgType) -> Self {
+        // `inet`'s netmask quirk keeps 0.1's bytes for `inet` columns; a
+        // domain over it (new in 0.2 anyway) carries the plain text, which
+        // plays back exactly without knowing the column is an `inet`.
+        let domain = matches!(ty.kind, TypeKind::Domain { .. });
+        let plain = |s: Scalar, domain: bool| match s {
+            Scalar::Inet if domain => Scalar::Text,
+            s => s,
+        };
         match &ty.base().kind {
             TypeKind::Array { elem, delimiter } => Self::Array {
-                elem: Scalar::of(elem).element(),
+                elem: plain(
+                    Scalar::of(elem),
+                    domain || matches!(elem.kind, TypeKind::Domain { .. }),
+                )
+                .element(),
                 delimiter: *delimiter,
             },
             TypeKind::Vector { elem: 21 } => Self::Vector(Element::Int("int16")),
             TypeKind::Vector { .. } => Self::Vector(Element::Int("int64")),
-            _ => Self::Scalar(Scalar::of(ty)),
+            _ => Self::Scalar(plain(Scalar::of(ty), domain)),
         }
     }
 }
@@ -1024,6 +1036,27 @@ mod tests {
         assert_eq!(s["type"], "struct");
         assert_eq!(s["name"], "x.Value");
         assert_eq!(s["fields"].as_array().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_domain_over_inet_is_its_plain_text() {
+        let domain = Arc::new(PgType {
+            oid: 70001,
+            schema: "public".into(),
+            name: "addr".into(),
+            sql_name: "public.addr".into(),
+            kind: TypeKind::Domain {
+                base: builtin(869).unwrap(),
+            },
+        });
+        let codec = RowCodec::new(vec![ColumnSpec {
+            name: "a".into(),
+            ty: ColumnType::new(domain, -1, "public.addr".into()),
+            not_null: false,
+        }]);
+        let mut out = Vec::new();
+        codec.encode(&[Some("10.0.0.1")], &mut out).unwrap();
+        assert_eq!(out, br#"{"a":"10.0.0.1"}"#);
     }
 
     #[test]

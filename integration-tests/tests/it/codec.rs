@@ -669,6 +669,7 @@ fn builtin_cases() -> Vec<Case> {
         c("smallpos", &["3"], true),
         c("label", &["x y", ""], true),
         c("yes", &["true"], true),
+        c("addr", &["10.0.0.1", "::1/64"], true),
         Case {
             ty: "ints",
             values: s(&["{1,2}", "{{1},{2}}", "[0:0]={7}"]),
@@ -689,6 +690,7 @@ create domain smallpos as posint check (value < 10);
 create domain label as text;
 create domain yes as boolean;
 create domain ints as int[];
+create domain addr as inet;
 create type floatrange as range (subtype = float8);
 create schema "My Schema";
 create type "My Schema"."My Type" as enum ('a', 'b');
