@@ -614,23 +614,16 @@ impl Applier {
                             .check_columns(&names, None)
                             .with_context(|| format!("at {origin}"))?;
                     }
-                    let cache = tidemark_common::codec::TypeCache::new();
-                    let types: Vec<(u32, i32)> = stage
+                    let columns: Vec<(String, u32, i32, String)> = stage
                         .cols
                         .iter()
                         .map(|&i| {
-                            (
-                                stage.target.columns[i].type_oid,
-                                stage.target.columns[i].typmod,
-                            )
+                            let c = &stage.target.columns[i];
+                            (c.name.clone(), c.type_oid, c.typmod, c.type_sql.clone())
                         })
                         .collect();
-                    let types = cache
-                        .column_types(&mut self.conn, &types)
-                        .await
-                        .with_context(|| {
-                            format!("cannot read the column types of {}", stage.target.name)
-                        })?;
+                    let types = column_types(&stage.target.name, &columns)
+                        .with_context(|| format!("at {origin}"))?;
                     let specs = stage
                         .cols
                         .iter()
@@ -1340,6 +1333,27 @@ impl Applier {
     pub async fn close(self) {
         let _ = self.conn.close().await;
     }
+}
+
+/// The codec's types of built-in (oid, typmod) pairs, for records without a
+/// schema; a column of another type (an enum, a domain, an extension's)
+/// needs the schema the records would carry.
+fn column_types(
+    table: &TableName,
+    columns: &[(String, u32, i32, String)],
+) -> anyhow::Result<Vec<tidemark_common::codec::ColumnType>> {
+    columns
+        .iter()
+        .map(|(name, oid, typmod, sql)| {
+            tidemark_common::codec::ColumnType::builtin(*oid, *typmod).ok_or_else(|| {
+                anyhow!(
+                    "the archive's records carry no Connect schema, and column {name} of {table} is of type {sql}, \
+                     which is not built in: pg-replay needs the schema to read its values exactly; capture with \
+                     value.converter.schemas.enable=true"
+                )
+            })
+        })
+        .collect()
 }
 
 enum FastOutcome {

@@ -37,13 +37,12 @@ impl Db {
         Self { name, target, pool }
     }
 
+    /// Runs statements (several, separated by `;`) as the user.
     pub async fn exec(&self, sql: &str) {
-        for stmt in sql.split(';').filter(|s| !s.trim().is_empty()) {
-            sqlx::query(stmt)
-                .execute(&self.pool)
-                .await
-                .unwrap_or_else(|e| panic!("{stmt}: {e}"));
-        }
+        sqlx::raw_sql(sql)
+            .execute(&self.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
     /// `select` rows as text, one string per row (`record_out`), ordered.
@@ -499,4 +498,142 @@ async fn verify_tells_equal_tables_from_ones_with_a_changed_row() {
         ]
     );
     assert!(pg_replay::verify::print(&report, &cfg).is_err());
+}
+
+/// An archive of `units` units over tables `p` and `c` (`c.parent`
+/// references `p`): inserts, updates, deletes, key changes, and a few large
+/// units. Returns the lines.
+fn busy_archive(units: i64, seed: u64) -> Archive {
+    use rand::{Rng as _, SeedableRng as _};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut a = Archive::default();
+    let mut parents: Vec<i64> = Vec::new();
+    let mut children: Vec<(i64, i64)> = Vec::new();
+    let mut next = 1i64;
+    for co in 1..=units {
+        let size = if co % 97 == 0 {
+            400
+        } else {
+            rng.random_range(1..=8)
+        };
+        let mut changes: Vec<(String, String, Value, Value)> = Vec::new();
+        for _ in 0..size {
+            let r: f64 = rng.random();
+            if r < 0.3 || parents.is_empty() {
+                let k = next;
+                next += 1;
+                changes.push(("c".into(), "p".into(), NULL, row(k, &format!("p{k}"))));
+                parents.push(k);
+            } else if r < 0.45 {
+                let k = next;
+                next += 1;
+                let p = parents[rng.random_range(0..parents.len())];
+                changes.push(("c".into(), "c".into(), NULL, child(k, p)));
+                children.push((k, p));
+            } else if r < 0.8 {
+                let i = rng.random_range(0..parents.len());
+                let k = parents[i];
+                changes.push((
+                    "u".into(),
+                    "p".into(),
+                    row(k, "old"),
+                    row(k, &format!("u{co} \\ \t ' \"")),
+                ));
+            } else if r < 0.9 && !children.is_empty() {
+                let i = rng.random_range(0..children.len());
+                let (k, p) = children.swap_remove(i);
+                changes.push(("d".into(), "c".into(), child(k, p), NULL));
+            } else {
+                // Delete a parent: its children first, as the source must.
+                let i = rng.random_range(0..parents.len());
+                let p = parents.swap_remove(i);
+                let (gone, kept): (Vec<_>, Vec<_>) = children.iter().partition(|(_, cp)| *cp == p);
+                for (k, cp) in gone {
+                    changes.push(("d".into(), "c".into(), child(k, cp), NULL));
+                }
+                children = kept;
+                changes.push(("d".into(), "p".into(), row(p, "x"), NULL));
+            }
+        }
+        let changes: Vec<Change<'_>> = changes
+            .iter()
+            .map(|(op, t, b, a)| (op.as_str(), t.as_str(), b.clone(), a.clone()))
+            .collect();
+        a.unit(co, 10_000 + co, co, &changes);
+    }
+    a
+}
+
+/// pg-replay killed with SIGKILL at random instants and started again, until
+/// it completes: the target equals an uninterrupted replay's, and the
+/// position counts every change once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_instants_then_restarts_end_in_the_same_target() {
+    use rand::Rng as _;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.txt");
+    let archive = busy_archive(3000, 11);
+    archive.write(&path);
+    let total = archive.lines.len() as i64;
+    let reference = Db::new().await;
+    parent_child(&reference).await;
+    replay(config(&reference, &[&path])).await.unwrap();
+
+    let db = Db::new().await;
+    parent_child(&db).await;
+    let mut kills = 0;
+    let mut rng = rand::rng();
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replay never completed"
+        );
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_it-pg-replay"))
+            .arg("--input")
+            .arg(&path)
+            .args([
+                "--target-url",
+                &db.url(),
+                "--batch-changes",
+                "200",
+                "--http-addr",
+                "off",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let after = Duration::from_millis(rng.random_range(100..900));
+        tokio::time::sleep(after).await;
+        match child.try_wait().unwrap() {
+            Some(status) => {
+                let out = child.wait_with_output().unwrap();
+                assert!(status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                break;
+            }
+            None => {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                kills += 1;
+            }
+        }
+    }
+    assert!(
+        kills >= 3,
+        "killed only {kills} times: the archive is too small to be cut"
+    );
+    for t in ["p", "c"] {
+        assert_eq!(
+            db.rows(&format!("select * from {t}")).await,
+            reference.rows(&format!("select * from {t}")).await,
+            "table {t} after {kills} kills"
+        );
+    }
+    let counted: i64 = sqlx::query_scalar("select changes from tidemark.replay_position")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(counted, total, "every change applied once");
+    eprintln!("{kills} kills, {total} changes");
 }
