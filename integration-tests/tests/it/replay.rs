@@ -581,47 +581,77 @@ async fn sigkill_at_random_instants_then_restarts_end_in_the_same_target() {
 
     let db = Db::new().await;
     parent_child(&db).await;
-    let mut kills = 0;
+    // Five kills spread over the run: each once the position has passed a
+    // random count of changes, a random few milliseconds later (so at any
+    // point of a commit cycle); then a run to the end.
     let mut rng = rand::rng();
-    let deadline = std::time::Instant::now() + Duration::from_secs(240);
-    loop {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the replay never completed"
-        );
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_it-pg-replay"))
+    let mut thresholds: Vec<i64> = (0..5).map(|_| rng.random_range(1..total)).collect();
+    thresholds.sort_unstable();
+    let applied = || async {
+        sqlx::query_scalar::<_, i64>("select changes from tidemark.replay_position")
+            .fetch_optional(&db.pool)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    };
+    let start = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_it-pg-replay"))
             .arg("--input")
             .arg(&path)
             .args([
                 "--target-url",
                 &db.url(),
                 "--batch-changes",
-                "200",
+                "50",
                 "--http-addr",
                 "off",
             ])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
-            .unwrap();
-        let after = Duration::from_millis(rng.random_range(100..900));
-        tokio::time::sleep(after).await;
-        match child.try_wait().unwrap() {
-            Some(status) => {
-                let out = child.wait_with_output().unwrap();
-                assert!(status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-                break;
+            .unwrap()
+    };
+    let mut kills = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    for threshold in thresholds {
+        let mut child = start();
+        let finished = loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the replay never got on"
+            );
+            if child.try_wait().unwrap().is_some() {
+                break true;
             }
-            None => {
-                child.kill().unwrap();
-                child.wait().unwrap();
-                kills += 1;
+            if applied().await >= threshold {
+                break false;
             }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        if finished {
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            continue;
         }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..15))).await;
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
     }
+    let out = start().wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         kills >= 3,
-        "killed only {kills} times: the archive is too small to be cut"
+        "killed only {kills} times: the runs were too short to be cut"
     );
     for t in ["p", "c"] {
         assert_eq!(
