@@ -256,7 +256,13 @@ const FIXED_SETTINGS: &[(&str, &str, &str)] = &[
 /// topic); nothing that was not durably written is ever committed.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Totals> {
     if let Some(addr) = cfg.http_addr {
-        tidemark_common::ops::serve(addr, cfg.health.clone(), shutdown.clone()).await?;
+        tidemark_common::ops::serve(
+            addr,
+            tidemark_common::ops::names::SINK,
+            cfg.health.clone(),
+            shutdown.clone(),
+        )
+        .await?;
     }
     let path = cfg.file.clone();
     let owner = cfg.name.clone();

@@ -73,6 +73,8 @@ use crate::units::{Disposition, EventInfo, UnitError, Units, Until};
 
 /// Metric names.
 pub mod names {
+    use tidemark_common::ops::{Kind, Metric, Start};
+
     /// Changes applied to the target.
     pub const CHANGES_APPLIED: &str = "tidemark_replay_changes_applied_total";
     /// Units (source transactions) applied.
@@ -87,6 +89,53 @@ pub mod names {
     pub const PENDING_UNITS: &str = "tidemark_replay_pending_units";
     /// Runs applied event by event (the set-based apply could not).
     pub const SLOW_RUNS: &str = "tidemark_replay_slow_runs_total";
+
+    /// What pg-replay exports: every family described on /metrics, the
+    /// counters at 0 from the start.
+    pub const EXPORTS: &[Metric] = &[
+        Metric {
+            name: CHANGES_APPLIED,
+            kind: Kind::Counter,
+            help: "Changes applied to the target.",
+            start: Start::Zero,
+        },
+        Metric {
+            name: UNITS_APPLIED,
+            kind: Kind::Counter,
+            help: "Units (source transactions) applied.",
+            start: Start::Zero,
+        },
+        Metric {
+            name: POSITION,
+            kind: Kind::Gauge,
+            help: "The commit_order of the last unit applied.",
+            start: Start::Absent,
+        },
+        Metric {
+            name: APPLIED_COMMIT_TIME,
+            kind: Kind::Gauge,
+            help: "Commit time of the last unit applied, seconds since the epoch.",
+            start: Start::Absent,
+        },
+        Metric {
+            name: LAG_SECONDS,
+            kind: Kind::Gauge,
+            help: "Seconds between the last applied unit's commit and now.",
+            start: Start::Absent,
+        },
+        Metric {
+            name: PENDING_UNITS,
+            kind: Kind::Gauge,
+            help: "Units read and waiting, for their other events or their turn.",
+            start: Start::Absent,
+        },
+        Metric {
+            name: SLOW_RUNS,
+            kind: Kind::Counter,
+            help: "Runs applied event by event, where the set-based apply could not.",
+            start: Start::Zero,
+        },
+    ];
 }
 
 /// Where the replay stops, as the user asked.
@@ -199,7 +248,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Sum
         bail!("give the archive as files (--input) or as topics (--topic), not both: they hold the same records");
     }
     if let Some(addr) = cfg.http_addr {
-        tidemark_common::ops::serve(addr, cfg.health.clone(), shutdown.clone()).await?;
+        tidemark_common::ops::serve(addr, names::EXPORTS, cfg.health.clone(), shutdown.clone())
+            .await?;
     }
     let mut delay = Duration::from_millis(500);
     let mut total = Summary::default();

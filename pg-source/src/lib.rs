@@ -56,7 +56,13 @@ use crate::producer::{BatchError, TxProducer};
 /// fences this instance; transient Postgres and Kafka errors are retried.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     if let Some(addr) = cfg.http_addr {
-        tidemark_common::ops::serve(addr, cfg.health.clone(), shutdown.clone()).await?;
+        tidemark_common::ops::serve(
+            addr,
+            tidemark_common::ops::names::SOURCE,
+            cfg.health.clone(),
+            shutdown.clone(),
+        )
+        .await?;
     }
     let Some(pool) = cfg
         .pg

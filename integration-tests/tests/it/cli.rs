@@ -128,6 +128,63 @@ async fn schema_init_with_a_wrong_password_exits_non_zero_without_echoing_it() {
     assert!(!err.contains("wrong-secret"), "{err}");
 }
 
+/// Every series in a Prometheus scrape belongs to a family with `# HELP`
+/// and `# TYPE` lines.
+fn every_family_is_described(program: &str, body: &str) {
+    let samples: Vec<&str> = body
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    assert!(!samples.is_empty(), "{program}: no series: {body}");
+    for sample in samples {
+        let family = sample.split(['{', ' ']).next().unwrap();
+        for line in ["# HELP", "# TYPE"] {
+            assert!(
+                body.contains(&format!("{line} {family} ")),
+                "{program}: no `{line}` for {family}: {body}"
+            );
+        }
+    }
+}
+
+/// Runs `promtool check metrics` (Debian's `prometheus` package) on a
+/// scrape. Without promtool on this machine the check is left out with a
+/// note, except in CI (`CI` set), where `.ci/run` installs it.
+fn promtool_check_metrics(program: &str, body: &str) {
+    use std::io::Write as _;
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "promtool is not installed; CI must run it (apt-get install prometheus)"
+            );
+            eprintln!("promtool not installed (apt-get install prometheus): `promtool check metrics` of {program} left out");
+            return;
+        }
+        Err(e) => panic!("cannot run promtool: {e}"),
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics of {program}'s /metrics: {}{}\n{body}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pg_source_and_file_sink_serve_health_and_metrics_and_stop_on_sigterm() {
     let fx = Fixture::changelog(schema_init::TriggerLevel::Row).await;
@@ -190,14 +247,34 @@ async fn pg_source_and_file_sink_serve_health_and_metrics_and_stop_on_sigterm() 
 
     let (status, body) = http_get(source_port, "/healthz");
     assert_eq!((status.as_str(), body.as_str()), ("200", "ok\n"));
+    // pg-source counts a batch a moment after it logs its commit.
+    wait_for_body(source_port, "/metrics", "tidemark_source_rows_read_total 1");
     let (status, body) = http_get(source_port, "/metrics");
     assert_eq!(status, "200");
-    assert!(body.contains("tidemark_source_rows_read_total 1"), "{body}");
     assert!(body.contains("tidemark_source_batches_total"), "{body}");
     let (status, _) = http_get(sink_port, "/healthz");
     assert_eq!(status, "200");
     // The line is in the file a moment before the counter counts it.
     wait_for_body(sink_port, "/metrics", "tidemark_sink_lines_written_total 1");
+
+    // Issue 10.16: what Prometheus' own checker accepts, every family
+    // described, error counters at 0 for every kind before any error.
+    let (_, sink_body) = http_get(sink_port, "/metrics");
+    for (program, body, errors) in [
+        ("pg-source", &body, r#"tidemark_source_errors_total{kind=""#),
+        (
+            "file-sink",
+            &sink_body,
+            r#"tidemark_sink_errors_total{kind=""#,
+        ),
+    ] {
+        every_family_is_described(program, body);
+        promtool_check_metrics(program, body);
+        // At 0 from the start (ops' unit test); here one may have counted a
+        // retried error meanwhile.
+        let kinds = body.lines().filter(|l| l.starts_with(errors)).count();
+        assert_eq!(kinds, 2, "{program}: an error counter per kind: {body}");
+    }
 
     sigterm_and_wait(&mut source.0);
     sigterm_and_wait(&mut sink.0);
