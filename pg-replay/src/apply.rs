@@ -74,6 +74,19 @@ pub enum UserTriggers {
     Fire,
 }
 
+/// What a schema change recorded in the archive leads to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SchemaChanges {
+    /// Stop before the first unit of the new shape (the units before it
+    /// applied), saying what changed, so the same change can be made to the
+    /// target by hand (with the DEFAULT or USING the source used).
+    #[default]
+    Stop,
+    /// Make the change: add, drop and rename columns, and widen types; a
+    /// type change that may alter values stops the replay as `stop` does.
+    Apply,
+}
+
 /// Why a run was not applied.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -122,6 +135,9 @@ pub struct Stage {
     /// For records without a schema: the field schemas the codec gives the
     /// target's column types; set (and the columns checked) at the first.
     schemaless: Option<Arc<Vec<Value>>>,
+    /// Whether a record's columns have matched the target's: a record
+    /// that differs after that is a schema change at the source.
+    matched: bool,
     copy_sql: String,
     buf: Vec<u8>,
     /// Rows staged (sent or buffered) and not applied, per unit.
@@ -335,6 +351,177 @@ impl Stage {
     }
 }
 
+/// One change of a table's columns that the archive records (a record of
+/// the table whose columns differ from the ones before).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DdlStep {
+    /// A column the records now carry.
+    Add {
+        /// Its name.
+        name: String,
+        /// Its type, when the records say.
+        ty: Option<String>,
+    },
+    /// A column they no longer carry.
+    Drop {
+        /// Its name.
+        name: String,
+    },
+    /// A column at the same place, of the same type, under a new name.
+    Rename {
+        /// The old name.
+        from: String,
+        /// The new name.
+        to: String,
+    },
+    /// A column whose type changed.
+    Retype {
+        /// Its name.
+        name: String,
+        /// The type before.
+        from: String,
+        /// The type now.
+        to: String,
+    },
+}
+
+impl DdlStep {
+    /// What changed, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Add { name, ty } => format!(
+                "column {name} ({}) added",
+                ty.as_deref().unwrap_or("type not recorded")
+            ),
+            Self::Drop { name } => format!("column {name} dropped"),
+            Self::Rename { from, to } => format!("column {from} renamed to {to}"),
+            Self::Retype { name, from, to } => format!("column {name} changed from {from} to {to}"),
+        }
+    }
+
+    /// The `alter table` clause that makes the change, or why pg-replay
+    /// cannot make it exactly.
+    fn clause(&self) -> Result<String, String> {
+        match self {
+            Self::Add { name, ty: Some(ty) } if target::is_plain_type_name(ty) => {
+                Ok(format!("add column {} {ty}", quote_ident(name)))
+            }
+            Self::Add { name, .. } => Err(format!(
+                "the records do not give a usable type for the new column {name}"
+            )),
+            Self::Drop { name } => Ok(format!("drop column {}", quote_ident(name))),
+            Self::Rename { from, to } => Ok(format!(
+                "rename column {} to {}",
+                quote_ident(from),
+                quote_ident(to)
+            )),
+            Self::Retype { name, from, to } if widens(from, to) && target::is_plain_type_name(to) => {
+                Ok(format!("alter column {} type {to}", quote_ident(name)))
+            }
+            Self::Retype { name, from, to } => Err(format!(
+                "column {name} changed from {from} to {to}, which does not keep every value as it was: \
+                 the rows the archive has no later change of hold what the source's USING made of them, \
+                 which the archive does not carry"
+            )),
+        }
+    }
+}
+
+/// Whether every value of type `from` is the same value of type `to`
+/// (a wider integer, a longer varchar, more numeric digits at the same
+/// scale, text for varchar).
+fn widens(from: &str, to: &str) -> bool {
+    let ints = ["smallint", "integer", "bigint"];
+    let rank = |t: &str| ints.iter().position(|i| *i == t);
+    if let (Some(a), Some(b)) = (rank(from), rank(to)) {
+        return a <= b;
+    }
+    if rank(from).is_some() && to == "numeric" {
+        return true;
+    }
+    let modifier = |t: &str, base: &str| -> Option<Vec<u32>> {
+        let rest = t.strip_prefix(base)?;
+        if rest.is_empty() {
+            return Some(Vec::new());
+        }
+        rest.strip_prefix('(')?
+            .strip_suffix(')')?
+            .split(',')
+            .map(|n| n.trim().parse().ok())
+            .collect()
+    };
+    match (modifier(from, "character varying"), to) {
+        (Some(_), "text") => return true,
+        (Some(a), _) => {
+            if let Some(b) = modifier(to, "character varying") {
+                return b.is_empty() || (!a.is_empty() && b[0] >= a[0]);
+            }
+        }
+        _ => {}
+    }
+    if let (Some(a), Some(b)) = (modifier(from, "numeric"), modifier(to, "numeric")) {
+        return b.is_empty()
+            || (a.len() == 2 && b.len() == 2 && b[1] == a[1] && b[0] - b[1] >= a[0] - a[1]);
+    }
+    from == "real" && to == "double precision"
+}
+
+/// The changes that turn the `current` columns (name, type) into the
+/// record's (`row`). A single column gone and a single one new, at the same
+/// place and of the same type, is taken for a rename (a record does not
+/// tell a rename from a drop and an add).
+pub fn column_diff(current: &[(String, String)], row: &RowSchema) -> Vec<DdlStep> {
+    let new: Vec<(&str, Option<&str>)> = row
+        .fields
+        .iter()
+        .map(|f| (f.name.as_str(), f.column_type()))
+        .collect();
+    let old_names: BTreeSet<&str> = current.iter().map(|(n, _)| n.as_str()).collect();
+    let new_names: BTreeSet<&str> = new.iter().map(|(n, _)| *n).collect();
+    let gone: Vec<usize> = (0..current.len())
+        .filter(|&i| !new_names.contains(current[i].0.as_str()))
+        .collect();
+    let added: Vec<usize> = (0..new.len())
+        .filter(|&i| !old_names.contains(new[i].0))
+        .collect();
+    let mut steps = Vec::new();
+    if let ([g], [a]) = (gone.as_slice(), added.as_slice()) {
+        let same_type = new[*a].1.is_none_or(|t| t == current[*g].1);
+        if *g == *a && same_type {
+            steps.push(DdlStep::Rename {
+                from: current[*g].0.clone(),
+                to: new[*a].0.to_owned(),
+            });
+        }
+    }
+    if steps.is_empty() {
+        for &g in &gone {
+            steps.push(DdlStep::Drop {
+                name: current[g].0.clone(),
+            });
+        }
+        for &a in &added {
+            steps.push(DdlStep::Add {
+                name: new[a].0.to_owned(),
+                ty: new[a].1.map(str::to_owned),
+            });
+        }
+    }
+    for (name, ty) in &new {
+        let Some(ty) = ty else { continue };
+        if let Some((_, was)) = current.iter().find(|(n, _)| n == name) {
+            if was != ty {
+                steps.push(DdlStep::Retype {
+                    name: (*name).to_owned(),
+                    from: was.clone(),
+                    to: (*ty).to_owned(),
+                });
+            }
+        }
+    }
+    steps
+}
+
 /// The result of applying a run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Applied {
@@ -502,36 +689,14 @@ impl Applier {
             );
         }
         let idx = self.stages.len();
-        let cols: Vec<usize> = target.data_columns().map(|(i, _)| i).collect();
+        let (stage_sql, net_sql, cols) = staging_ddl(&target, idx);
         let stage = format!("pg_temp.tidemark_stage_{idx}");
         let net = format!("pg_temp.tidemark_net_{idx}");
-        let typed: Vec<String> = cols
-            .iter()
-            .enumerate()
-            .map(|(j, &i)| {
-                let c = &target.columns[i];
-                match &c.collation_sql {
-                    Some(coll) => format!("c{} {} collate {coll}", j + 1, c.type_sql),
-                    None => format!("c{} {}", j + 1, c.type_sql),
-                }
-            })
-            .collect();
-        let meta = "m_co pg_catalog.int8 not null, m_ord pg_catalog.int8 not null, \
-                    m_op pg_catalog.\"char\" not null, m_src pg_catalog.int4 not null, \
-                    m_pos pg_catalog.int8 not null, m_line pg_catalog.int8 not null";
-        let sql = format!(
-            "create temp table {stage} ({meta}, {}) with (autovacuum_enabled = false)",
-            typed.join(", ")
-        );
-        sqlx::query(&sql)
+        sqlx::query(&stage_sql)
             .execute(&mut self.conn)
             .await
             .with_context(|| format!("cannot create the staging table for {target_name}"))?;
-        let net_meta = "f_op pg_catalog.\"char\", f_co pg_catalog.int8, f_ord pg_catalog.int8, \
-                        f_src pg_catalog.int4, f_pos pg_catalog.int8, f_line pg_catalog.int8, \
-                        l_op pg_catalog.\"char\"";
-        let sql = format!("create temp table {net} ({net_meta}, {})", typed.join(", "));
-        sqlx::query(&sql)
+        sqlx::query(&net_sql)
             .execute(&mut self.conn)
             .await
             .with_context(|| format!("cannot create the staging table for {target_name}"))?;
@@ -545,6 +710,7 @@ impl Applier {
             cols,
             fields: HashMap::new(),
             schemaless: None,
+            matched: false,
             copy_sql,
             buf: Vec::with_capacity(64 * 1024),
             by_unit: BTreeMap::new(),
@@ -575,6 +741,86 @@ impl Applier {
         &self.stages[idx]
     }
 
+    /// Whether a record of table `idx` with schema `id` (`row`) changes
+    /// the table's columns: the changes, once records of the table have
+    /// matched the target. `None` for a schema seen before, one that
+    /// matches, or a first record (whose mismatch is an error of its own).
+    pub fn schema_change(&self, idx: usize, id: u64, row: &RowSchema) -> Option<Vec<DdlStep>> {
+        let stage = &self.stages[idx];
+        if stage.fields.contains_key(&id) || !stage.matched {
+            return None;
+        }
+        let current: Vec<(String, String)> = stage
+            .cols
+            .iter()
+            .map(|&i| {
+                let c = &stage.target.columns[i];
+                (c.name.clone(), c.type_sql.clone())
+            })
+            .collect();
+        let steps = column_diff(&current, row);
+        (!steps.is_empty()).then_some(steps)
+    }
+
+    /// Whether changes of table `idx` in unit `commit_order` are staged.
+    pub fn stages_unit(&self, idx: usize, commit_order: i64) -> bool {
+        self.stages[idx].by_unit.contains_key(&commit_order)
+    }
+
+    /// Makes `steps` to the target table of `idx` in one transaction, and
+    /// sets its staging up again for the new columns.
+    ///
+    /// Fails, saying why, when a step cannot be made exactly or the
+    /// target refuses it; nothing is changed then.
+    pub async fn apply_schema_change(
+        &mut self,
+        idx: usize,
+        steps: &[DdlStep],
+    ) -> anyhow::Result<()> {
+        let stage = &self.stages[idx];
+        anyhow::ensure!(
+            stage.by_unit.is_empty(),
+            "changes of {} are staged across its schema change",
+            stage.source
+        );
+        let mut clauses = Vec::new();
+        for step in steps {
+            clauses.push(step.clause().map_err(|why| anyhow!("{why}"))?);
+        }
+        let table = stage.target.name.clone();
+        sqlx::query("begin").execute(&mut self.conn).await?;
+        for clause in &clauses {
+            let sql = format!("alter table {} {clause}", table.quoted());
+            if let Err(e) = sqlx::query(&sql).execute(&mut self.conn).await {
+                let _ = sqlx::query("rollback").execute(&mut self.conn).await;
+                bail!("cannot change target table {table} as the archive records ({sql}): {e}");
+            }
+        }
+        sqlx::query("commit").execute(&mut self.conn).await?;
+        for step in steps {
+            tracing::info!(table = %table, change = %step.describe(), "applied a schema change recorded in the archive");
+        }
+        let stage = &self.stages[idx];
+        for t in [&stage.stage, &stage.net] {
+            sqlx::query(&format!("drop table {t}"))
+                .execute(&mut self.conn)
+                .await?;
+        }
+        let target = target::load_table(&mut self.conn, &table)
+            .await?
+            .with_context(|| format!("target table {table} is gone"))?;
+        let (stage_sql, net_sql, cols) = staging_ddl(&target, idx);
+        sqlx::query(&stage_sql).execute(&mut self.conn).await?;
+        sqlx::query(&net_sql).execute(&mut self.conn).await?;
+        let stage = &mut self.stages[idx];
+        stage.target = target;
+        stage.cols = cols;
+        stage.fields.clear();
+        stage.schemaless = None;
+        stage.buf.clear();
+        self.reorder().await
+    }
+
     /// Stages one change: its row (`after`, or `before` for a delete) into
     /// the COPY buffer of table `idx`, sending the buffer when it is full.
     ///
@@ -599,6 +845,7 @@ impl Applier {
                             .with_context(|| format!("at {origin}"))?,
                     );
                     stage.fields.insert(id, f.clone());
+                    stage.matched = true;
                     f
                 }
             },
@@ -1335,6 +1582,38 @@ impl Applier {
     }
 }
 
+/// The `create temp table` statements of stage `idx`'s staging and net
+/// tables for `target`, and the target columns they hold (c1..cn).
+fn staging_ddl(target: &TargetTable, idx: usize) -> (String, String, Vec<usize>) {
+    let cols: Vec<usize> = target.data_columns().map(|(i, _)| i).collect();
+    let typed: Vec<String> = cols
+        .iter()
+        .enumerate()
+        .map(|(j, &i)| {
+            let c = &target.columns[i];
+            match &c.collation_sql {
+                Some(coll) => format!("c{} {} collate {coll}", j + 1, c.type_sql),
+                None => format!("c{} {}", j + 1, c.type_sql),
+            }
+        })
+        .collect();
+    let meta = "m_co pg_catalog.int8 not null, m_ord pg_catalog.int8 not null, \
+                m_op pg_catalog.\"char\" not null, m_src pg_catalog.int4 not null, \
+                m_pos pg_catalog.int8 not null, m_line pg_catalog.int8 not null";
+    let stage = format!(
+        "create temp table pg_temp.tidemark_stage_{idx} ({meta}, {}) with (autovacuum_enabled = false)",
+        typed.join(", ")
+    );
+    let net_meta = "f_op pg_catalog.\"char\", f_co pg_catalog.int8, f_ord pg_catalog.int8, \
+                    f_src pg_catalog.int4, f_pos pg_catalog.int8, f_line pg_catalog.int8, \
+                    l_op pg_catalog.\"char\"";
+    let net = format!(
+        "create temp table pg_temp.tidemark_net_{idx} ({net_meta}, {})",
+        typed.join(", ")
+    );
+    (stage, net, cols)
+}
+
 /// The codec's types of built-in (oid, typmod) pairs, for records without a
 /// schema; a column of another type (an enum, a domain, an extension's)
 /// needs the schema the records would carry.
@@ -1385,4 +1664,101 @@ fn key_json(row: &Row, target: &TargetTable) -> String {
         key.insert(name.clone(), row.get(name).cloned().unwrap_or(Value::Null));
     }
     Value::Object(key).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Field;
+
+    fn row(fields: &[(&str, &str)]) -> RowSchema {
+        RowSchema {
+            fields: fields
+                .iter()
+                .map(|(n, t)| Field {
+                    name: (*n).into(),
+                    schema: serde_json::json!({"field": n, "parameters": {"tidemark.column.type": t}}),
+                })
+                .collect(),
+        }
+    }
+
+    fn cols(c: &[(&str, &str)]) -> Vec<(String, String)> {
+        c.iter().map(|(a, b)| ((*a).into(), (*b).into())).collect()
+    }
+
+    #[test]
+    fn column_changes_are_told_apart() {
+        let now = cols(&[("id", "integer"), ("a", "text"), ("b", "integer")]);
+        assert_eq!(
+            column_diff(
+                &now,
+                &row(&[("id", "integer"), ("a", "text"), ("b", "integer")])
+            ),
+            []
+        );
+        assert_eq!(
+            column_diff(
+                &now,
+                &row(&[("id", "integer"), ("x", "text"), ("b", "integer")])
+            ),
+            [DdlStep::Rename {
+                from: "a".into(),
+                to: "x".into()
+            }]
+        );
+        // A new name elsewhere, or of another type, is a drop and an add.
+        assert_eq!(
+            column_diff(
+                &now,
+                &row(&[("id", "integer"), ("b", "integer"), ("x", "text")])
+            ),
+            [
+                DdlStep::Drop { name: "a".into() },
+                DdlStep::Add {
+                    name: "x".into(),
+                    ty: Some("text".into())
+                }
+            ]
+        );
+        assert_eq!(
+            column_diff(
+                &now,
+                &row(&[("id", "integer"), ("a", "text"), ("b", "bigint")])
+            ),
+            [DdlStep::Retype {
+                name: "b".into(),
+                from: "integer".into(),
+                to: "bigint".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn only_types_that_keep_every_value_widen() {
+        for (from, to) in [
+            ("smallint", "integer"),
+            ("integer", "bigint"),
+            ("integer", "numeric"),
+            ("character varying(10)", "character varying(20)"),
+            ("character varying(10)", "text"),
+            ("character varying(10)", "character varying"),
+            ("numeric(10,2)", "numeric(12,2)"),
+            ("numeric(10,2)", "numeric"),
+            ("real", "double precision"),
+        ] {
+            assert!(widens(from, to), "{from} -> {to}");
+        }
+        for (from, to) in [
+            ("bigint", "integer"),
+            ("text", "integer"),
+            ("character varying(20)", "character varying(10)"),
+            ("numeric(10,2)", "numeric(12,3)"),
+            ("numeric", "numeric(10,2)"),
+            ("integer", "text"),
+            ("double precision", "real"),
+        ] {
+            assert!(!widens(from, to), "{from} -> {to}");
+        }
+    }
 }

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use tidemark_common::kafka::KafkaArgs;
 use tidemark_common::pg::{PgTarget, TableName};
 
-use crate::apply::{OnConflict, UserTriggers};
+use crate::apply::{OnConflict, SchemaChanges, UserTriggers};
 use crate::UntilArg;
 
 /// Plays a Tidemark archive back into Postgres: the file file-sink writes
@@ -127,6 +127,17 @@ struct ReplayArgs {
     /// needs ownership of the table), or let them `fire`.
     #[arg(long, env = "TIDEMARK_USER_TRIGGERS", value_enum, default_value_t = UserTriggers::Disable)]
     user_triggers: UserTriggers,
+
+    /// A change of a table's columns that the archive records (a record with
+    /// other columns than the ones before): `stop` applies every transaction
+    /// before it and stops, saying what changed, so the same change can be
+    /// made to the target by hand (with the DEFAULT or USING the source
+    /// used, which the archive does not carry); `apply` adds, drops and
+    /// renames columns and widens types itself (an added column is NULL in
+    /// rows with no later change) and stops at a type change that may alter
+    /// values.
+    #[arg(long, env = "TIDEMARK_SCHEMA_CHANGES", value_enum, default_value_t = SchemaChanges::Stop)]
+    schema_changes: SchemaChanges,
 
     /// Apply ready transactions after this many changes were read (also
     /// whenever the archive has nothing more to read right now).
@@ -296,6 +307,7 @@ fn replay_config(a: ReplayArgs) -> anyhow::Result<crate::Config> {
     cfg.follow = a.follow;
     cfg.on_conflict = a.on_conflict;
     cfg.user_triggers = a.user_triggers;
+    cfg.schema_changes = a.schema_changes;
     if a.batch_changes == 0 {
         bail!("--batch-changes (TIDEMARK_BATCH_CHANGES) must be at least 1");
     }

@@ -66,7 +66,9 @@ use tidemark_common::pg::{PgTarget, TableName};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::apply::{Applier, ApplyError, OnConflict, RowMeta, RunInfo, UserTriggers};
+use crate::apply::{
+    Applier, ApplyError, OnConflict, RowMeta, RunInfo, SchemaChanges, UserTriggers,
+};
 use crate::archive::{Item, StreamKind, StreamPos, Streams};
 use crate::record::{Op, Record};
 use crate::units::{Disposition, EventInfo, UnitError, Units, Until};
@@ -177,6 +179,8 @@ pub struct Config {
     pub on_conflict: OnConflict,
     /// What to do with the target tables' own triggers.
     pub user_triggers: UserTriggers,
+    /// What a schema change recorded in the archive leads to.
+    pub schema_changes: SchemaChanges,
     /// Changes read after which ready units are applied.
     pub batch_changes: u64,
     /// Longest time changes wait for their apply while the archive is read.
@@ -208,6 +212,7 @@ impl Config {
             follow: false,
             on_conflict: OnConflict::Stop,
             user_triggers: UserTriggers::Disable,
+            schema_changes: SchemaChanges::Stop,
             batch_changes: 50_000,
             max_delay: Duration::from_millis(200),
             max_line_bytes: 64 * 1024 * 1024,
@@ -681,7 +686,7 @@ async fn replay_loop(
             }
             Some(Item::Records(batch)) => {
                 for d in batch {
-                    st.record(applier, d).await?;
+                    st.record(applier, d, total).await?;
                 }
             }
         }
@@ -727,7 +732,12 @@ impl Loop<'_> {
     }
 
     /// Takes one record: tracks its unit, stages its change.
-    async fn record(&mut self, applier: &mut Applier, r: archive::Decoded) -> anyhow::Result<()> {
+    async fn record(
+        &mut self,
+        applier: &mut Applier,
+        r: archive::Decoded,
+        total: &mut Summary,
+    ) -> anyhow::Result<()> {
         let origin = self.inputs.streams.origin(r.stream, r.pos);
         if matches!(
             &**self.inputs.streams.kind(r.stream),
@@ -838,6 +848,12 @@ impl Loop<'_> {
                          or --ignore-unmapped to replay only the tables named"
                     );
                 };
+                if let Some((id, rs)) = &row_schema {
+                    if let Some(steps) = applier.schema_change(idx, *id, rs) {
+                        self.schema_change(applier, total, idx, &steps, tx.commit_order, &origin)
+                            .await?;
+                    }
+                }
                 let row = match c.op {
                     Op::Delete => c.before.as_ref(),
                     Op::Truncate => None,
@@ -926,6 +942,69 @@ impl Loop<'_> {
             }
         }
         Ok(())
+    }
+
+    /// A record of unit `co` changes the columns of table `idx`: applies
+    /// every unit before it, then makes the change (`--schema-changes
+    /// apply`) or stops, saying what changed.
+    async fn schema_change(
+        &mut self,
+        applier: &mut Applier,
+        total: &mut Summary,
+        idx: usize,
+        steps: &[apply::DdlStep],
+        co: i64,
+        origin: &archive::Origin,
+    ) -> anyhow::Result<()> {
+        let table = applier.stage(idx).target.name.clone();
+        let what: Vec<String> = steps.iter().map(apply::DdlStep::describe).collect();
+        let what = what.join(", ");
+        if applier.stages_unit(idx, co) {
+            bail!(
+                "{origin}: table {table}'s columns change inside source transaction {co} ({what}), between its \
+                 changes; pg-replay applies units whole and stopped before it. Apply that transaction to the \
+                 target by hand, then run pg-replay again"
+            );
+        }
+        // Everything before the change, first.
+        if let Some(run) = self.units.ready().map_err(|e| anyhow::anyhow!("{e}"))? {
+            let upto = self
+                .units
+                .pending()
+                .range(..co)
+                .next_back()
+                .map(|(c, _)| *c)
+                .filter(|c| *c <= run.last);
+            if let Some(upto) = upto {
+                self.apply_run(applier, total, upto).await?;
+            }
+        }
+        if let Some((first, unit)) = self.units.pending().range(..co).next() {
+            bail!(
+                "{origin}: table {table}'s columns change at unit {co} ({what}), but unit {first} before it is not \
+                 complete in the archive ({} events read): nothing after unit {} was applied",
+                unit.events(),
+                self.units.applied().map_or("(none)".into(), |a| a.to_string())
+            );
+        }
+        match self.cfg.schema_changes {
+            SchemaChanges::Apply => applier
+                .apply_schema_change(idx, steps)
+                .await
+                .with_context(|| {
+                    format!(
+                        "{origin}: the archive changes table {table} at unit {co} ({what}); pg-replay stopped before \
+                         that unit. Make the change to the target by hand, then run pg-replay again"
+                    )
+                }),
+            SchemaChanges::Stop => bail!(
+                "{origin}: the archive changes the columns of table {table} at unit {co}: {what}. pg-replay applied \
+                 every unit before it and stopped. Make the same change to the target table (with the DEFAULT or \
+                 USING the source used: the archive holds no values for rows that did not change after it), then \
+                 run pg-replay again; or pass --schema-changes apply to let pg-replay add, drop and rename columns \
+                 and widen types (an added column is then NULL in those rows)"
+            ),
+        }
     }
 
     /// Applies the units that are ready, if any.

@@ -667,3 +667,145 @@ async fn sigkill_at_random_instants_then_restarts_end_in_the_same_target() {
     assert_eq!(counted, total, "every change applied once");
     eprintln!("{kills} kills, {total} changes");
 }
+
+/// A change event with the Connect schema, its row fields `(name, Connect
+/// type, SQL type)`.
+fn event_with_schema(fields: &[(&str, &str, &str)], op: &str, after: Value, co: i64) -> String {
+    let payload: Value =
+        serde_json::from_str(&event("c", "t", NULL, after, co, 1, Some(1), co, co)).unwrap();
+    let mut payload = payload;
+    payload["op"] = json!(op);
+    if op == "u" {
+        payload["before"] = payload["after"].clone();
+    }
+    let row: Vec<Value> = fields
+        .iter()
+        .map(|(name, connect, sql)| {
+            json!({"type": connect, "optional": *name != "id", "field": name,
+                   "parameters": {"tidemark.column.type": sql}})
+        })
+        .collect();
+    let schema = json!({"type": "struct", "name": "src.public.t.Envelope", "fields": [
+        {"type": "struct", "fields": row, "optional": true, "field": "before"},
+        {"type": "struct", "fields": row, "optional": true, "field": "after"},
+        {"type": "struct", "fields": [], "optional": false, "field": "source"},
+        {"type": "string", "optional": false, "field": "op"}]});
+    json!({"schema": schema, "payload": payload}).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_changes_in_the_archive_stop_the_replay_or_are_applied_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.txt");
+    let v1 = [("id", "int32", "integer"), ("data", "string", "text")];
+    let v2 = [
+        ("id", "int32", "integer"),
+        ("data", "string", "text"),
+        ("extra", "int32", "integer"),
+    ];
+    let v3 = [
+        ("id", "int32", "integer"),
+        ("info", "string", "text"),
+        ("extra", "int32", "integer"),
+    ];
+    let v4 = [
+        ("id", "int32", "integer"),
+        ("info", "string", "text"),
+        ("extra", "int64", "bigint"),
+    ];
+    let v5 = [
+        ("id", "int32", "integer"),
+        ("info", "int32", "integer"),
+        ("extra", "int64", "bigint"),
+    ];
+    let mut a = Archive::default();
+    a.raw(&event_with_schema(
+        &v1,
+        "c",
+        json!({"id": 1, "data": "one"}),
+        1,
+    ));
+    a.raw(&event_with_schema(
+        &v1,
+        "c",
+        json!({"id": 2, "data": "two"}),
+        2,
+    ));
+    a.raw(&event_with_schema(
+        &v2,
+        "u",
+        json!({"id": 1, "data": "one", "extra": 7}),
+        3,
+    ));
+    a.raw(&event_with_schema(
+        &v3,
+        "c",
+        json!({"id": 3, "info": "three", "extra": 8}),
+        4,
+    ));
+    a.raw(&event_with_schema(
+        &v4,
+        "u",
+        json!({"id": 3, "info": "three", "extra": 9_000_000_000i64}),
+        5,
+    ));
+    a.raw(&event_with_schema(
+        &v5,
+        "c",
+        json!({"id": 4, "info": 4, "extra": 1}),
+        6,
+    ));
+    a.write(&path);
+
+    // By default: stop before the change, saying what it is.
+    let db = Db::new().await;
+    db.exec("create table t (id int primary key, data text)")
+        .await;
+    let err = format!("{:#}", replay(config(&db, &[&path])).await.unwrap_err());
+    assert!(
+        err.contains(
+            "changes the columns of table public.t at unit 3: column extra (integer) added"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("out.txt line 3"), "{err}");
+    assert_eq!(db.rows("select * from t").await, vec!["(1,one)", "(2,two)"]);
+    // The user makes the change (as the source did) and goes on, to the
+    // next one.
+    db.exec("alter table t add column extra integer").await;
+    let err = format!("{:#}", replay(config(&db, &[&path])).await.unwrap_err());
+    assert!(
+        err.contains("at unit 4: column data renamed to info"),
+        "{err}"
+    );
+    assert_eq!(
+        db.rows("select * from t").await,
+        vec!["(1,one,7)", "(2,two,)"]
+    );
+
+    // With --schema-changes apply: added, renamed and widened in order; the
+    // type change that can alter values stops it.
+    let db = Db::new().await;
+    db.exec("create table t (id int primary key, data text)")
+        .await;
+    let mut cfg = config(&db, &[&path]);
+    cfg.schema_changes = pg_replay::apply::SchemaChanges::Apply;
+    let err = format!("{:#}", replay(cfg).await.unwrap_err());
+    assert!(
+        err.contains("column info changed from text to integer, which does not keep every value"),
+        "{err}"
+    );
+    assert!(err.contains("out.txt line 6"), "{err}");
+    assert_eq!(
+        db.rows("select * from t").await,
+        vec!["(1,one,7)", "(2,two,)", "(3,three,9000000000)"]
+    );
+    let columns: Vec<String> = sqlx::query_scalar(
+        "select attname || ' ' || format_type(atttypid, atttypmod) from pg_attribute \
+         where attrelid = 't'::regclass and attnum > 0 and not attisdropped order by attnum",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(columns, ["id integer", "info text", "extra bigint"]);
+}
