@@ -7,6 +7,7 @@
 //! ([`pg`], [`kafka`]), every name Tidemark creates in a user's database
 //! ([`names`]), and process plumbing ([`shutdown`], [`telemetry`]).
 
+pub mod archive;
 pub mod codec;
 pub mod config;
 pub mod envelope;
