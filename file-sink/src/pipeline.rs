@@ -10,7 +10,11 @@
 //! The guarantee does not change: a checkpoint is saved only after an fsync
 //! that started after the writes it covers had returned. Memory stays
 //! bounded: at most [`BATCHES_IN_FLIGHT`] batches wait for the writer, and
-//! the syncer holds only a merged [`CommitPoint`], never data.
+//! the syncer holds only a merged point, never data.
+//!
+//! The stages are generic ([`Appender`], [`Committer`]): the single file
+//! ([`Output`]) and the segmented archive share the
+//! threads and the hand-off.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -26,7 +30,44 @@ use crate::Totals;
 /// while the reader fills the next one; more would only hold memory.
 pub const BATCHES_IN_FLIGHT: usize = 2;
 
-/// What is durable, as last reported by the syncer.
+/// The writing stage: appends what the reader sends, without syncing, and
+/// says what a sync that starts afterwards may claim.
+pub trait Appender: Send + 'static {
+    /// What the reader sends.
+    type Work: Send + 'static;
+    /// What a sync may claim once the work is synced.
+    type Point: Merge + Send + 'static;
+
+    /// Appends `work`; `None` when there is nothing to sync for it.
+    ///
+    /// Fails on a write error; the pipeline then stops.
+    fn append(&mut self, work: Self::Work) -> anyhow::Result<Option<Self::Point>>;
+}
+
+/// Points of consecutive work fold into one, so one sync covers them all.
+pub trait Merge {
+    /// Folds a later point into this one.
+    fn merge(&mut self, later: Self);
+}
+
+/// The syncing stage: makes what was appended durable, then records it.
+pub trait Committer: Send + 'static {
+    /// What the appender's points are.
+    type Point: Send + 'static;
+    /// What the reader learns after each commit.
+    type Report: Clone + Send + Sync + 'static;
+
+    /// Syncs and records `point`. Every append that returned before this
+    /// call is covered.
+    ///
+    /// Fails on a sync or write error; what was recorded before stays.
+    fn commit(&mut self, point: Self::Point) -> anyhow::Result<()>;
+
+    /// What is durable now.
+    fn report(&self) -> Self::Report;
+}
+
+/// What is durable, as last reported by the single file's syncer.
 #[derive(Debug, Clone, Default)]
 pub struct Committed {
     /// The checkpoint last saved.
@@ -35,65 +76,121 @@ pub struct Committed {
     pub totals: Totals,
 }
 
+impl Appender for Output {
+    type Work = Batch;
+    type Point = CommitPoint;
+
+    fn append(&mut self, batch: Batch) -> anyhow::Result<Option<CommitPoint>> {
+        self.write(batch).map(Some)
+    }
+}
+
+impl Merge for CommitPoint {
+    fn merge(&mut self, later: Self) {
+        CommitPoint::merge(self, later)
+    }
+}
+
+/// The single file's syncer and the totals it has committed.
+pub struct FileCommitter {
+    syncer: Syncer,
+    totals: Totals,
+}
+
+impl Committer for FileCommitter {
+    type Point = CommitPoint;
+    type Report = Committed;
+
+    fn commit(&mut self, point: CommitPoint) -> anyhow::Result<()> {
+        self.syncer.commit(&point)?;
+        self.totals.written += point.written;
+        self.totals.dead += point.dead_count;
+        self.totals.skipped += point.skipped;
+        Ok(())
+    }
+
+    fn report(&self) -> Committed {
+        Committed {
+            checkpoint: self.syncer.checkpoint.clone(),
+            totals: self.totals,
+        }
+    }
+}
+
 /// The writer and syncer threads, and the ends the reader holds.
-pub struct Pipeline {
-    batches: mpsc::Sender<Batch>,
-    committed: watch::Receiver<Committed>,
+pub struct Pipeline<A: Appender, C: Committer<Point = A::Point>> {
+    batches: mpsc::Sender<A::Work>,
+    committed: watch::Receiver<C::Report>,
     writer: JoinHandle<anyhow::Result<()>>,
     syncer: JoinHandle<anyhow::Result<()>>,
 }
 
 /// The writer's hand-off to the syncer: the merged point of everything
 /// written and not yet synced.
-#[derive(Default)]
-struct Ahead {
-    point: Option<CommitPoint>,
+struct Ahead<P> {
+    point: Option<P>,
     /// The writer has stopped; the syncer syncs what is left and stops.
     closed: bool,
     /// The syncer has failed; the writer stops writing.
     failed: bool,
 }
 
-#[derive(Default)]
-struct Handoff {
-    ahead: Mutex<Ahead>,
+struct Handoff<P> {
+    ahead: Mutex<Ahead<P>>,
     wake: Condvar,
 }
 
-impl Handoff {
-    fn lock(&self) -> MutexGuard<'_, Ahead> {
+impl<P> Handoff<P> {
+    fn lock(&self) -> MutexGuard<'_, Ahead<P>> {
         // A panic in the other thread is reported when it is joined; the
         // state itself is always consistent.
         self.ahead.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn update(&self, f: impl FnOnce(&mut Ahead)) {
+    fn update(&self, f: impl FnOnce(&mut Ahead<P>)) {
         f(&mut self.lock());
         self.wake.notify_all();
     }
 }
 
-impl Pipeline {
-    /// Starts the writer and syncer threads over `out`.
+impl Pipeline<Output, FileCommitter> {
+    /// Starts the writer and syncer threads over the single file `out`.
     ///
     /// Fails when a thread cannot be started or the file handle cannot be
     /// duplicated.
     pub fn start(out: Output) -> anyhow::Result<Self> {
-        let syncer = out.syncer()?;
-        let (batches, rx) = mpsc::channel(BATCHES_IN_FLIGHT);
-        let (committed_tx, committed) = watch::channel(Committed {
-            checkpoint: out.checkpoint.clone(),
+        let committer = FileCommitter {
+            syncer: out.syncer()?,
             totals: Totals::default(),
+        };
+        Self::start_stages(out, committer)
+    }
+}
+
+impl<A: Appender, C: Committer<Point = A::Point>> Pipeline<A, C> {
+    /// Starts the writer thread over `appender` and the syncer thread over
+    /// `committer`.
+    ///
+    /// Fails when a thread cannot be started.
+    pub fn start_stages(appender: A, committer: C) -> anyhow::Result<Self> {
+        let (batches, rx) = mpsc::channel(BATCHES_IN_FLIGHT);
+        let (committed_tx, committed) = watch::channel(committer.report());
+        let handoff = Arc::new(Handoff {
+            ahead: Mutex::new(Ahead {
+                point: None,
+                closed: false,
+                failed: false,
+            }),
+            wake: Condvar::new(),
         });
-        let handoff = Arc::new(Handoff::default());
         let h = handoff.clone();
         let writer = std::thread::Builder::new()
             .name("file-sink-write".into())
-            .spawn(move || write_loop(out, rx, &h))
+            .spawn(move || write_loop(appender, rx, &h))
             .context("cannot start the writer thread")?;
         let syncer = std::thread::Builder::new()
             .name("file-sink-sync".into())
-            .spawn(move || sync_loop(syncer, &handoff, committed_tx))
+            .spawn(move || sync_loop(committer, &handoff, committed_tx))
             .context("cannot start the syncer thread")?;
         Ok(Self {
             batches,
@@ -103,25 +200,25 @@ impl Pipeline {
         })
     }
 
-    /// Hands a batch to the writer, waiting while [`BATCHES_IN_FLIGHT`] wait
+    /// Hands work to the writer, waiting while [`BATCHES_IN_FLIGHT`] wait
     /// already. Returns `false` when the writer has stopped (after an error
     /// that [`Pipeline::finish`] returns).
-    pub async fn send(&self, batch: Batch) -> bool {
-        self.batches.send(batch).await.is_ok()
+    pub async fn send(&self, work: A::Work) -> bool {
+        self.batches.send(work).await.is_ok()
     }
 
     /// What the syncer last made durable; `changed()` on it wakes after each
-    /// checkpoint, and fails once the syncer has stopped.
-    pub fn committed(&mut self) -> &mut watch::Receiver<Committed> {
+    /// commit, and fails once the syncer has stopped.
+    pub fn committed(&mut self) -> &mut watch::Receiver<C::Report> {
         &mut self.committed
     }
 
-    /// Writes and syncs every batch sent, stops both threads and returns what
-    /// is durable.
+    /// Writes and syncs everything sent, stops both threads and returns
+    /// what is durable.
     ///
-    /// Fails with the first write or sync error; the checkpoint then covers
-    /// only what was durable before it.
-    pub async fn finish(self) -> anyhow::Result<Committed> {
+    /// Fails with the first write or sync error; what is durable is then
+    /// only what was before it.
+    pub async fn finish(self) -> anyhow::Result<C::Report> {
         let Self {
             batches,
             committed,
@@ -141,38 +238,37 @@ impl Pipeline {
     }
 }
 
-fn write_loop(
-    mut out: Output,
-    mut batches: mpsc::Receiver<Batch>,
-    handoff: &Handoff,
+fn write_loop<A: Appender>(
+    mut appender: A,
+    mut batches: mpsc::Receiver<A::Work>,
+    handoff: &Handoff<A::Point>,
 ) -> anyhow::Result<()> {
     // Closed even if a write panics, so the syncer does not wait forever.
-    struct Closed<'a>(&'a Handoff);
-    impl Drop for Closed<'_> {
+    struct Closed<'a, P>(&'a Handoff<P>);
+    impl<P> Drop for Closed<'_, P> {
         fn drop(&mut self) {
             self.0.update(|a| a.closed = true);
         }
     }
     let _closed = Closed(handoff);
-    (|| {
-        while let Some(batch) = batches.blocking_recv() {
-            if handoff.lock().failed {
-                return Ok(());
-            }
-            let point = out.write(batch)?;
+    while let Some(work) = batches.blocking_recv() {
+        if handoff.lock().failed {
+            return Ok(());
+        }
+        if let Some(point) = appender.append(work)? {
             handoff.update(|a| match &mut a.point {
                 Some(p) => p.merge(point),
                 None => a.point = Some(point),
             });
         }
-        Ok(())
-    })()
+    }
+    Ok(())
 }
 
-fn sync_loop(
-    mut syncer: Syncer,
-    handoff: &Handoff,
-    committed: watch::Sender<Committed>,
+fn sync_loop<C: Committer>(
+    mut committer: C,
+    handoff: &Handoff<C::Point>,
+    committed: watch::Sender<C::Report>,
 ) -> anyhow::Result<()> {
     loop {
         let point = {
@@ -187,17 +283,12 @@ fn sync_loop(
                 ahead = handoff.wake.wait(ahead).unwrap_or_else(|e| e.into_inner());
             }
         };
-        if let Err(e) = syncer.commit(&point) {
+        if let Err(e) = committer.commit(point) {
             handoff.update(|a| a.failed = true);
             // Dropping `committed` tells the reader at once.
             return Err(e);
         }
-        committed.send_modify(|c| {
-            c.checkpoint = syncer.checkpoint.clone();
-            c.totals.written += point.written;
-            c.totals.dead += point.dead_count;
-            c.totals.skipped += point.skipped;
-        });
+        let _ = committed.send(committer.report());
     }
 }
 
