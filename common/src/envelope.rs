@@ -444,6 +444,33 @@ impl Op {
 /// Renders change events in Debezium's envelope, inside Kafka Connect JSON,
 /// so tools that read Debezium topics (Flink's `debezium-json`, Connect's
 /// `ExtractNewRecordState`) read Tidemark's.
+///
+/// Envelope version 2 (`source.version` `tidemark-0.2.0`):
+///
+/// ```text
+/// {"before": {..}|null, "after": {..}|null,
+///  "source": {"version", "connector": "tidemark", "name", "ts_ms", "ts_us", "ts_ns",
+///             "snapshot", "db", "sequence", "schema", "table", "txId", "lsn", "xmin": null},
+///  "transaction": {"id", "total_order", "data_collection_order", "commit_order",
+///                  "event_count", "data_collections"},
+///  "op", "ts_ms", "ts_us", "ts_ns"}
+/// ```
+///
+/// - `source.ts_*` is the commit time of the event's *unit* (see
+///   [`Transaction`]): in `logical` mode the transaction's commit timestamp,
+///   in `changelog` mode when the batch's snapshot was taken (an upper bound
+///   of each of its commits), for snapshot reads when the snapshot began.
+///   The top-level `ts_*` is when Tidemark read the change.
+/// - `source.snapshot` is `first`, `first_in_data_collection`, `true`,
+///   `last_in_data_collection` or `last` for snapshot reads (`last` on the
+///   snapshot's last row), `false` for changes.
+/// - `source.sequence` is, in `logical` mode, Debezium's
+///   `["<last commit lsn>","<this lsn>"]` as one JSON string of decimal
+///   LSNs; in `changelog` mode the change log's `seq` as a decimal string;
+///   null for snapshot reads. `source.lsn` is the change's WAL position in
+///   `logical` mode, else null.
+/// - `transaction` says where the event stands in its unit; tombstones carry
+///   none and do not count.
 #[derive(Debug, Clone)]
 pub struct ChangeEnvelope {
     /// `{"schema":...,"payload":{"before":`, or `{"before":` without schema.
@@ -452,31 +479,138 @@ pub struct ChangeEnvelope {
     wrapped: bool,
     /// `"source":{..."name":"n","ts_ms":` is split around the varying parts.
     source_head: String,
-    source_tail: String,
+    source_db: String,
+    source_table: String,
+    /// `"public.t"`, as `data_collections` names the table.
+    data_collection: String,
 }
 
 /// The Debezium version string Tidemark's events carry in `source.version`.
 pub const SOURCE_VERSION: &str = concat!("tidemark-", env!("CARGO_PKG_VERSION"));
+
+/// Where a snapshot read stands in the initial snapshot
+/// (`source.snapshot`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotMark {
+    /// A change, not a snapshot read: `false`.
+    No,
+    /// The snapshot's first row.
+    First,
+    /// The first row of a table other than the first.
+    FirstInTable,
+    /// Any other snapshot row: `true`.
+    Yes,
+    /// The last row of a table other than the last.
+    LastInTable,
+    /// The snapshot's last row.
+    Last,
+}
+
+impl SnapshotMark {
+    /// The `source.snapshot` text.
+    pub fn text(self) -> &'static str {
+        match self {
+            Self::No => "false",
+            Self::First => "first",
+            Self::FirstInTable => "first_in_data_collection",
+            Self::Yes => "true",
+            Self::LastInTable => "last_in_data_collection",
+            Self::Last => "last",
+        }
+    }
+
+    /// The mark of a snapshot row by where it stands: the last row of the
+    /// snapshot wins over every other mark, as the unit's end must be told.
+    pub fn of_row(
+        first_of_snapshot: bool,
+        first_of_table: bool,
+        last_of_table: bool,
+        last_of_snapshot: bool,
+    ) -> Self {
+        if last_of_snapshot {
+            Self::Last
+        } else if first_of_snapshot {
+            Self::First
+        } else if last_of_table {
+            Self::LastInTable
+        } else if first_of_table {
+            Self::FirstInTable
+        } else {
+            Self::Yes
+        }
+    }
+}
+
+/// Where a change came from in the source (`source.sequence`,
+/// `source.lsn`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sequence {
+    /// Snapshot reads.
+    None,
+    /// `changelog` mode: the change log's `seq`.
+    ChangeLog(i64),
+    /// `logical` mode: the end LSN of the last transaction sent before
+    /// this one's, and the change's own WAL position.
+    Logical {
+        /// The previous transaction's end LSN.
+        last_commit: u64,
+        /// This change's LSN.
+        lsn: u64,
+    },
+}
+
+/// A unit's totals, carried by its last event only.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UnitEnd {
+    /// Events in the unit (tombstones not counted).
+    pub event_count: u64,
+    /// Events per table, `("public.t", n)`, in the order the tables first
+    /// appear in the unit.
+    pub data_collections: Vec<(String, u64)>,
+}
+
+/// Where an event stands in its unit (`transaction`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxPlace<'a> {
+    /// The unit's place in commit order.
+    pub commit_order: u64,
+    /// The event's place in the unit, from 1.
+    pub total_order: u64,
+    /// The event's place among the unit's events of its table, from 1.
+    pub data_collection_order: u64,
+    /// Set on the unit's last event.
+    pub end: Option<&'a UnitEnd>,
+}
 
 /// One change to render.
 #[derive(Debug, Clone, Copy)]
 pub struct Change<'a> {
     /// The operation.
     pub op: Op,
-    /// The row before (`row_to_json` text), for updates and deletes.
+    /// The row before (payload JSON), for updates and deletes.
     pub before: Option<&'a str>,
     /// The row after, for creates, updates and reads.
     pub after: Option<&'a str>,
-    /// When the change was made, ms since the epoch.
-    pub changed_ms: i64,
+    /// The unit's commit time, µs since the epoch (`source.ts_*`).
+    pub commit_us: i64,
     /// The writing transaction's id.
     pub txid: Option<u64>,
-    /// The change's place in the change log.
-    pub seq: Option<i64>,
-    /// `"true"`, `"last"` or `"false"`.
-    pub snapshot: &'a str,
-    /// When Tidemark read it, ms since the epoch.
-    pub read_ms: i64,
+    /// Where it came from in the source.
+    pub sequence: Sequence,
+    /// Where a snapshot read stands.
+    pub snapshot: SnapshotMark,
+    /// When Tidemark read it, µs since the epoch.
+    pub read_us: i64,
+    /// Where it stands in its unit.
+    pub transaction: TxPlace<'a>,
+}
+
+/// Microseconds since the Unix epoch, now.
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }
 
 impl ChangeEnvelope {
@@ -493,8 +627,11 @@ impl ChangeEnvelope {
             {"type": "string", "optional": false, "field": "connector"},
             {"type": "string", "optional": false, "field": "name"},
             {"type": "int64", "optional": false, "field": "ts_ms"},
+            {"type": "int64", "optional": true, "field": "ts_us"},
+            {"type": "int64", "optional": true, "field": "ts_ns"},
             {"type": "string", "optional": true, "name": "io.debezium.data.Enum", "version": 1,
-             "parameters": {"allowed": "true,last,false,incremental"}, "default": "false", "field": "snapshot"},
+             "parameters": {"allowed": "true,first,first_in_data_collection,last_in_data_collection,last,false,incremental"},
+             "default": "false", "field": "snapshot"},
             {"type": "string", "optional": false, "field": "db"},
             {"type": "string", "optional": true, "field": "sequence"},
             {"type": "string", "optional": false, "field": "schema"},
@@ -503,6 +640,18 @@ impl ChangeEnvelope {
             {"type": "int64", "optional": true, "field": "lsn"},
             {"type": "int64", "optional": true, "field": "xmin"},
         ]);
+        let transaction_fields = json!([
+            {"type": "string", "optional": false, "field": "id"},
+            {"type": "int64", "optional": false, "field": "total_order"},
+            {"type": "int64", "optional": false, "field": "data_collection_order"},
+            {"type": "int64", "optional": false, "field": "commit_order"},
+            {"type": "int64", "optional": true, "field": "event_count"},
+            {"type": "array", "optional": true, "field": "data_collections",
+             "items": {"type": "struct", "optional": false, "name": "tidemark.DataCollection",
+                       "fields": [
+                           {"type": "string", "optional": false, "field": "data_collection"},
+                           {"type": "int64", "optional": false, "field": "event_count"}]}},
+        ]);
         let schema_json = json!({
             "type": "struct",
             "fields": [
@@ -510,12 +659,16 @@ impl ChangeEnvelope {
                 row("after"),
                 {"type": "struct", "fields": source_fields, "optional": false,
                  "name": "io.debezium.connector.postgresql.Source", "field": "source"},
+                {"type": "struct", "fields": transaction_fields, "optional": true,
+                 "name": "event.block", "version": 1, "field": "transaction"},
                 {"type": "string", "optional": false, "field": "op"},
                 {"type": "int64", "optional": true, "field": "ts_ms"},
+                {"type": "int64", "optional": true, "field": "ts_us"},
+                {"type": "int64", "optional": true, "field": "ts_ns"},
             ],
             "optional": false,
             "name": format!("{name}.{schema}.{table}.Envelope"),
-            "version": 1,
+            "version": 2,
         });
         let mut prefix = br#"{"schema":"#.to_vec();
         serde_json::to_writer(&mut prefix, &schema_json).expect("a schema always serialises");
@@ -529,9 +682,16 @@ impl ChangeEnvelope {
                 q(SOURCE_VERSION),
                 q(name)
             ),
-            source_tail: format!(r#","db":{},"#, q(db))
-                + &format!(r#""schema":{},"table":{},"#, q(schema), q(table)),
+            source_db: format!(r#","db":{},"#, q(db)),
+            source_table: format!(r#""schema":{},"table":{},"#, q(schema), q(table)),
+            data_collection: format!("{schema}.{table}"),
         }
+    }
+
+    /// The name `data_collections` gives this envelope's table
+    /// (`schema.table`).
+    pub fn data_collection(&self) -> &str {
+        &self.data_collection
     }
 
     /// The same envelope for events that are the payload alone, as Kafka
@@ -547,31 +707,90 @@ impl ChangeEnvelope {
     pub fn render(&self, c: &Change<'_>) -> Vec<u8> {
         use std::io::Write as _;
         let mut out = Vec::with_capacity(
-            self.prefix.len() + c.before.map_or(4, str::len) + c.after.map_or(4, str::len) + 300,
+            self.prefix.len() + c.before.map_or(4, str::len) + c.after.map_or(4, str::len) + 500,
         );
         out.extend_from_slice(&self.prefix);
         out.extend_from_slice(c.before.unwrap_or("null").as_bytes());
         out.extend_from_slice(br#","after":"#);
         out.extend_from_slice(c.after.unwrap_or("null").as_bytes());
         out.extend_from_slice(self.source_head.as_bytes());
-        let _ = write!(out, "{}", c.changed_ms);
-        let _ = write!(out, r#","snapshot":"{}""#, c.snapshot);
-        out.extend_from_slice(self.source_tail.as_bytes());
-        match c.seq {
-            Some(seq) => {
-                let _ = write!(out, r#""sequence":"{seq}","#);
+        let _ = write!(
+            out,
+            r#"{},"ts_us":{},"ts_ns":{}"#,
+            c.commit_us.div_euclid(1000),
+            c.commit_us,
+            i128::from(c.commit_us) * 1000
+        );
+        let _ = write!(out, r#","snapshot":"{}""#, c.snapshot.text());
+        out.extend_from_slice(self.source_db.as_bytes());
+        let lsn = match c.sequence {
+            Sequence::None => {
+                out.extend_from_slice(br#""sequence":null,"#);
+                None
             }
-            None => out.extend_from_slice(br#""sequence":null,"#),
-        }
+            Sequence::ChangeLog(seq) => {
+                let _ = write!(out, r#""sequence":"{seq}","#);
+                None
+            }
+            Sequence::Logical { last_commit, lsn } => {
+                let _ = write!(out, r#""sequence":"[\"{last_commit}\",\"{lsn}\"]","#);
+                Some(lsn)
+            }
+        };
+        out.extend_from_slice(self.source_table.as_bytes());
         match c.txid {
             Some(txid) => {
                 let _ = write!(out, r#""txId":{txid},"#);
             }
             None => out.extend_from_slice(br#""txId":null,"#),
         }
-        out.extend_from_slice(br#""lsn":null,"xmin":null},"op":""#);
+        match lsn {
+            Some(lsn) => {
+                let _ = write!(out, r#""lsn":{lsn},"#);
+            }
+            None => out.extend_from_slice(br#""lsn":null,"#),
+        }
+        out.extend_from_slice(br#""xmin":null},"transaction":{"id":""#);
+        let t = &c.transaction;
+        match c.txid {
+            Some(txid) => {
+                let _ = write!(out, "{txid}");
+            }
+            None => out.extend_from_slice(b"snapshot"),
+        }
+        let _ = write!(
+            out,
+            r#":{}","total_order":{},"data_collection_order":{},"commit_order":{},"#,
+            t.commit_order, t.total_order, t.data_collection_order, t.commit_order
+        );
+        match t.end {
+            Some(end) => {
+                let _ = write!(
+                    out,
+                    r#""event_count":{},"data_collections":["#,
+                    end.event_count
+                );
+                for (i, (table, n)) in end.data_collections.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(br#"{"data_collection":"#);
+                    serde_json::to_writer(&mut out, table).expect("a string always serialises");
+                    let _ = write!(out, r#","event_count":{n}}}"#);
+                }
+                out.extend_from_slice(b"]}");
+            }
+            None => out.extend_from_slice(br#""event_count":null,"data_collections":null}"#),
+        }
+        out.extend_from_slice(br#","op":""#);
         out.extend_from_slice(c.op.code().as_bytes());
-        let _ = write!(out, r#"","ts_ms":{}}}"#, c.read_ms);
+        let _ = write!(
+            out,
+            r#"","ts_ms":{},"ts_us":{},"ts_ns":{}}}"#,
+            c.read_us.div_euclid(1000),
+            c.read_us,
+            i128::from(c.read_us) * 1000
+        );
         if self.wrapped {
             out.push(b'}');
         }
@@ -581,6 +800,8 @@ impl ChangeEnvelope {
 
 /// A Debezium-style change event as read back from a topic or a file line:
 /// the one definition every consumer of Tidemark's change topics shares.
+/// Reads envelope version 2 and version 1 (0.1's, without `transaction`,
+/// `ts_us`, `ts_ns`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct ChangeEvent {
     /// The row before the change (updates, deletes).
@@ -589,10 +810,16 @@ pub struct ChangeEvent {
     pub after: Option<Value>,
     /// Where the change came from.
     pub source: ChangeSource,
+    /// Where the event stands in its unit; `None` in version 1 events.
+    #[serde(default)]
+    pub transaction: Option<Transaction>,
     /// What happened.
     pub op: Op,
     /// When Tidemark read the change, ms since the epoch.
     pub ts_ms: Option<i64>,
+    /// The same in µs (version 2).
+    #[serde(default)]
+    pub ts_us: Option<i64>,
 }
 
 /// The `source` block of a change event.
@@ -602,9 +829,13 @@ pub struct ChangeSource {
     pub version: String,
     /// The connector name.
     pub name: String,
-    /// When the change was made, ms since the epoch.
+    /// When the unit committed (see [`ChangeEnvelope`]), ms since the epoch.
     pub ts_ms: i64,
-    /// `"true"`/`"last"` for snapshot reads, `"false"` for changes.
+    /// The same in µs (version 2).
+    #[serde(default)]
+    pub ts_us: Option<i64>,
+    /// `"first"`, `"true"`, `"last"`, ... for snapshot reads, `"false"` for
+    /// changes.
     pub snapshot: Option<String>,
     /// Database.
     pub db: String,
@@ -615,8 +846,43 @@ pub struct ChangeSource {
     /// The writing transaction.
     #[serde(rename = "txId")]
     pub tx_id: Option<u64>,
-    /// The change's place in the change log.
+    /// The change's place in the source (see [`Sequence`]).
     pub sequence: Option<String>,
+    /// `logical` mode: the change's WAL position.
+    #[serde(default)]
+    pub lsn: Option<u64>,
+}
+
+/// The `transaction` block of a change event: where the event stands in
+/// its *unit*, what pg-replay applies atomically and in order. In `logical`
+/// mode a unit is one source transaction (`commit_order` its commit LSN);
+/// in `changelog` mode one batch of transactions that became visible
+/// between two snapshots (`commit_order` the batch's ordinal, from 1); the
+/// initial snapshot is unit 0. `commit_order` increases with source commit
+/// order across all tables and partitions of a connector.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Transaction {
+    /// `"<txId>:<commit_order>"` (`"snapshot:0"` for snapshot reads).
+    pub id: String,
+    /// The event's place in the unit, from 1.
+    pub total_order: u64,
+    /// The event's place among the unit's events of its table, from 1.
+    pub data_collection_order: u64,
+    /// The unit's place in commit order.
+    pub commit_order: u64,
+    /// Events in the unit: on its last event only.
+    pub event_count: Option<u64>,
+    /// Events per table: on the unit's last event only.
+    pub data_collections: Option<Vec<DataCollection>>,
+}
+
+/// One table's events in a unit.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct DataCollection {
+    /// `schema.table`.
+    pub data_collection: String,
+    /// Its events in the unit.
+    pub event_count: u64,
 }
 
 impl ChangeEvent {
@@ -947,43 +1213,107 @@ mod tests {
     fn change_events_render_and_decode() {
         let cols = [col("id", "int4", true), col("data", "text", false)];
         let env = ChangeEnvelope::new("conn", "db", "public", "t", &cols);
+        let end = UnitEnd {
+            event_count: 2,
+            data_collections: vec![("public.t".into(), 2)],
+        };
         let bytes = env.render(&Change {
             op: Op::Update,
             before: Some(r#"{"id":1,"data":"a"}"#),
             after: Some(r#"{"id":1,"data":"b \"quoted\""}"#),
-            changed_ms: 1_700_000_000_000,
+            commit_us: 1_700_000_000_000_123,
             txid: Some(1234),
-            seq: Some(9),
-            snapshot: "false",
-            read_ms: 1_700_000_000_050,
+            sequence: Sequence::Logical {
+                last_commit: 100,
+                lsn: 150,
+            },
+            snapshot: SnapshotMark::No,
+            read_us: 1_700_000_000_050_000,
+            transaction: TxPlace {
+                commit_order: 160,
+                total_order: 2,
+                data_collection_order: 2,
+                end: Some(&end),
+            },
         });
         let raw: Value = serde_json::from_slice(&bytes).expect("valid JSON");
         assert_eq!(raw["schema"]["name"], "conn.public.t.Envelope");
         assert_eq!(raw["schema"]["fields"][0]["name"], "conn.public.t.Value");
+        let p = &raw["payload"];
+        assert_eq!(p["source"]["version"], SOURCE_VERSION);
+        assert_eq!(SOURCE_VERSION, "tidemark-0.2.0");
+        assert_eq!(p["source"]["ts_ms"], 1_700_000_000_000i64);
+        assert_eq!(p["source"]["ts_us"], 1_700_000_000_000_123i64);
+        assert_eq!(p["source"]["ts_ns"].to_string(), "1700000000000123000");
+        assert_eq!(p["source"]["sequence"], r#"["100","150"]"#);
+        assert_eq!(p["source"]["lsn"], 150);
+        assert_eq!(p["transaction"]["id"], "1234:160");
+        assert_eq!(
+            p["transaction"]["data_collections"][0]["data_collection"],
+            "public.t"
+        );
+        assert_eq!(p["ts_us"], 1_700_000_000_050_000i64);
+        // Every payload field is in the schema, in order.
+        let fields: Vec<&str> = raw["schema"]["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["field"].as_str().unwrap())
+            .collect();
+        let keys: Vec<&str> = p.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(fields, keys);
+        let source_fields: Vec<&str> = raw["schema"]["fields"][2]["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["field"].as_str().unwrap())
+            .collect();
+        let source_keys: Vec<&str> = p["source"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(source_fields, source_keys);
         let ev = ChangeEvent::decode(&bytes).unwrap();
         assert_eq!(ev.op, Op::Update);
         assert_eq!(ev.before.unwrap()["data"], "a");
         assert_eq!(ev.after.as_ref().unwrap()["data"], "b \"quoted\"");
         assert_eq!(ev.source.tx_id, Some(1234));
-        assert_eq!(ev.source.sequence.as_deref(), Some("9"));
+        assert_eq!(ev.source.lsn, Some(150));
         assert_eq!(ev.source.table, "t");
         assert_eq!(ev.ts_ms, Some(1_700_000_000_050));
+        let tx = ev.transaction.unwrap();
+        assert_eq!(
+            (tx.commit_order, tx.total_order, tx.event_count),
+            (160, 2, Some(2))
+        );
+        assert_eq!(tx.data_collections.unwrap()[0].event_count, 2);
 
         let delete = Change {
             op: Op::Delete,
             before: Some(r#"{"id":1,"data":"b"}"#),
             after: None,
-            changed_ms: 1,
+            commit_us: 1_000,
             txid: None,
-            seq: None,
-            snapshot: "false",
-            read_ms: 2,
+            sequence: Sequence::None,
+            snapshot: SnapshotMark::Last,
+            read_us: 2_000,
+            transaction: TxPlace {
+                commit_order: 0,
+                total_order: 1,
+                data_collection_order: 1,
+                end: None,
+            },
         };
         let del = env.render(&delete);
         let ev = ChangeEvent::decode(&del).unwrap();
         assert_eq!(ev.op, Op::Delete);
         assert!(ev.after.is_none());
         assert_eq!(ev.row().unwrap()["id"], 1);
+        assert_eq!(ev.source.snapshot.as_deref(), Some("last"));
+        let tx = ev.transaction.as_ref().unwrap();
+        assert_eq!((tx.id.as_str(), tx.event_count), ("snapshot:0", None));
 
         // Without a schema the event is the payload alone, and decodes the same.
         let bare = env.clone().without_schema().render(&delete);
@@ -992,6 +1322,29 @@ mod tests {
         assert_eq!(raw["op"], "d");
         assert_eq!(ChangeEvent::decode(&bare).unwrap(), ev);
         assert!(bare.len() * 3 < del.len(), "the schema is most of an event");
+    }
+
+    #[test]
+    fn version_1_events_still_decode() {
+        let v1 = br#"{"before":null,"after":{"id":1},"source":{"version":"tidemark-0.1.0","connector":"tidemark","name":"n","ts_ms":5,"snapshot":"true","db":"d","sequence":null,"schema":"public","table":"t","txId":null,"lsn":null,"xmin":null},"op":"r","ts_ms":6}"#;
+        let ev = ChangeEvent::decode(v1).unwrap();
+        assert_eq!(ev.op, Op::Read);
+        assert!(ev.transaction.is_none());
+        assert_eq!(ev.source.ts_us, None);
+    }
+
+    #[test]
+    fn snapshot_marks_put_the_snapshot_end_first() {
+        use SnapshotMark::*;
+        assert_eq!(SnapshotMark::of_row(true, true, true, true), Last);
+        assert_eq!(SnapshotMark::of_row(true, true, true, false), First);
+        assert_eq!(SnapshotMark::of_row(false, true, true, false), LastInTable);
+        assert_eq!(
+            SnapshotMark::of_row(false, true, false, false),
+            FirstInTable
+        );
+        assert_eq!(SnapshotMark::of_row(false, false, false, false), Yes);
+        assert_eq!(Yes.text(), "true");
     }
 
     #[test]

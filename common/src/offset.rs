@@ -66,6 +66,17 @@ pub struct ChangeLogPosition {
     /// snapshots after a restart (see [`Segment`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub segments: BTreeMap<String, Vec<Segment>>,
+    /// The ordinal of the last batch that sent events (its events'
+    /// `commit_order`); the next batch with events is one more.
+    #[serde(default)]
+    pub commit_order: u64,
+    /// When `batch` was taken, µs since the epoch: its events' commit time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_us: Option<i64>,
+    /// Events of `batch` sent so far, per table in the order they came
+    /// (their `total_order` and `data_collection_order` go on from here).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unit_counts: Vec<(String, u64)>,
 }
 
 /// How far `logical` mode has read the replication slot, and the initial
@@ -85,6 +96,11 @@ pub struct LogicalPosition {
     /// `COPY` writes, has several changes at one position).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub in_txn: u64,
+    /// Events of the transaction after `lsn` sent so far, per table in the
+    /// order they came, when it is split (their `total_order` and
+    /// `data_collection_order` go on from here).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub in_txn_counts: Vec<(String, u64)>,
     /// The snapshot the initial snapshot read (`pg_snapshot` text), taken
     /// just after the slot was created: the stream's transactions visible
     /// in it are in the snapshot's rows and are not sent again.
@@ -96,6 +112,23 @@ pub struct LogicalPosition {
     /// after a restart (see [`Segment`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub segments: BTreeMap<String, Vec<Segment>>,
+}
+
+/// Counts events of a unit per table, in the order the tables come: the
+/// `data_collection_order` of the next event of `table`, and the
+/// `total_order` of the next event, after counting it.
+pub fn count_event(counts: &mut Vec<(String, u64)>, table: &str) -> (u64, u64) {
+    let n = match counts.iter_mut().find(|(t, _)| t == table) {
+        Some((_, n)) => {
+            *n += 1;
+            *n
+        }
+        None => {
+            counts.push((table.to_owned(), 1));
+            1
+        }
+    };
+    (n, counts.iter().map(|(_, n)| n).sum())
 }
 
 /// The parts of a position the initial snapshot reads and moves, borrowed
@@ -146,6 +179,14 @@ pub struct SnapshotProgress {
     pub last_key: Option<serde_json::Value>,
     /// Rows sent so far, all tables.
     pub rows: u64,
+    /// Rows sent so far per table, in the order the tables were read: the
+    /// snapshot's `data_collection_order` and, on its last event,
+    /// `data_collections`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub counts: Vec<(String, u64)>,
+    /// When the snapshot began, µs since the epoch: its events' commit time.
+    #[serde(default)]
+    pub started_us: i64,
 }
 
 /// A key range of a table read in one snapshot.

@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use futures::TryStreamExt as _;
 use sqlx::PgPool;
-use tidemark_common::envelope::{payload_and_wide_sql, Change, Op};
-use tidemark_common::health::now_ms;
-use tidemark_common::offset::{Segment, SnapshotProgress, SnapshotState};
+use tidemark_common::envelope::{
+    now_us, payload_and_wide_sql, Change, Op, Sequence, SnapshotMark, TxPlace, UnitEnd,
+};
+use tidemark_common::offset::{count_event, Segment, SnapshotProgress, SnapshotState};
 use tidemark_common::pg::quote_ident;
 
 use crate::errors::SourceError;
@@ -98,12 +99,22 @@ impl InitialSnapshot {
         }
         let run = self.run.as_mut().expect("opened above");
         match run.next(tables, position.snapshot_state(), chunk).await {
-            Ok(Some(chunk)) => Ok(Some(Batch {
-                records: chunk.records,
-                rows: chunk.rows,
-                newest_change_ms: None,
-                what: "snapshot chunk committed",
-            })),
+            Ok(Some(chunk)) => {
+                let over = position.snapshot_state().progress.is_none();
+                if over {
+                    self.run = None;
+                }
+                Ok(Some(Batch {
+                    records: chunk.records,
+                    rows: chunk.rows,
+                    newest_change_ms: None,
+                    what: if over {
+                        "initial snapshot committed"
+                    } else {
+                        "snapshot chunk committed"
+                    },
+                }))
+            }
             Ok(None) => {
                 self.run = None;
                 // The snapshot's end is a position too.
@@ -126,6 +137,8 @@ pub fn begin<T: AsRef<CapturedTable>>(tables: &[T]) -> SnapshotProgress {
         tables: tables.iter().map(|t| t.as_ref().log_name.clone()).collect(),
         last_key: None,
         rows: 0,
+        counts: Vec::new(),
+        started_us: now_us(),
     }
 }
 
@@ -158,6 +171,9 @@ pub struct SnapshotRun {
     /// snapshot on a pooled connection.
     tx: Option<sqlx::Transaction<'static, sqlx::Postgres>>,
     queries: HashMap<String, TableQueries>,
+    /// Rows per table in this snapshot: a table with none after the one
+    /// being read leaves that one's last row the snapshot's last.
+    rows_in: HashMap<String, i64>,
     /// Rows in all tables at the start, for progress.
     pub total: i64,
     started: Instant,
@@ -185,7 +201,12 @@ impl SnapshotRun {
         let snap: String = sqlx::query_scalar("select pg_current_snapshot()::text")
             .fetch_one(&mut *tx)
             .await?;
-        let progress = state.progress.clone().context("no snapshot to run")?;
+        let progress = state.progress.as_mut().context("no snapshot to run")?;
+        if progress.started_us == 0 {
+            // A snapshot begun by 0.1, which did not record when.
+            progress.started_us = now_us();
+        }
+        let progress = progress.clone();
         if fresh {
             // Streaming starts exactly where the snapshot's rows end.
             *state.done = snap;
@@ -214,6 +235,7 @@ impl SnapshotRun {
         }
         let mut total = 0i64;
         let mut queries = HashMap::new();
+        let mut rows_in = HashMap::new();
         for name in &progress.tables {
             if let Some(t) = tables
                 .iter()
@@ -225,6 +247,7 @@ impl SnapshotRun {
                         .fetch_one(&mut *tx)
                         .await?;
                 total += n;
+                rows_in.insert(name.clone(), n);
                 queries.insert(name.clone(), table_queries(t));
             }
         }
@@ -236,6 +259,7 @@ impl SnapshotRun {
         Ok(Self {
             tx: Some(tx),
             queries,
+            rows_in,
             total: total + progress.rows as i64,
             started: Instant::now(),
             last_log: Instant::now(),
@@ -245,7 +269,9 @@ impl SnapshotRun {
 
     /// Reads the next chunk of up to `chunk` snapshot rows as `op: r`
     /// events, or `None` when every table is read (the snapshot is then
-    /// over, and `state.progress` is `None`).
+    /// over, and `state.progress` is `None`). The chunk that reads the
+    /// snapshot's last row also ends the snapshot, and that row carries
+    /// `snapshot: last` and the unit's totals.
     ///
     /// Fails on a database error; the caller then drops the run and reopens
     /// it from the stored position.
@@ -255,6 +281,8 @@ impl SnapshotRun {
         state: SnapshotState<'_>,
         chunk: i64,
     ) -> anyhow::Result<Option<SnapshotChunk>> {
+        let mut records = Vec::new();
+        let mut n = 0usize;
         loop {
             let Some(progress) = state.progress.as_mut() else {
                 return Ok(None);
@@ -275,61 +303,107 @@ impl SnapshotRun {
                 .tx
                 .as_mut()
                 .context("the snapshot transaction is closed")?;
-            // Each row becomes its record as it arrives, so a chunk is held
-            // once, as records, and not also as rows.
-            let mut stream = match &progress.last_key {
+            // One row more than the chunk tells whether the table ends with
+            // it. Each row becomes its record as the next arrives, so a
+            // chunk is held once, as records, and not also as rows.
+            let limit = chunk - n as i64 + 1;
+            let last_key = progress.last_key.clone();
+            let mut stream = match &last_key {
                 None => sqlx::query_as::<_, SnapshotRow>(&queries.first)
-                    .bind(chunk)
+                    .bind(limit)
                     .fetch(&mut **tx),
                 Some(k) => sqlx::query_as::<_, SnapshotRow>(&queries.after)
                     .bind(k)
-                    .bind(chunk)
+                    .bind(limit)
                     .fetch(&mut **tx),
             };
-            let read_ms = now_ms();
-            let mut records = Vec::with_capacity(chunk as usize);
-            let mut last_key = None;
-            while let Some(r) = stream.try_next().await? {
-                records.push(Record {
+            let read_us = now_us();
+            let later_empty = progress.tables[1..]
+                .iter()
+                .all(|t| self.rows_in.get(t).copied().unwrap_or(0) == 0);
+            let collection = table.envelope_for(false).data_collection().to_owned();
+            let render = |r: SnapshotRow, progress: &mut SnapshotProgress, last_of_table: bool| {
+                let first_of_table = !progress.counts.iter().any(|(t, _)| *t == collection);
+                let (in_table, total) = count_event(&mut progress.counts, &collection);
+                progress.rows = total;
+                let last = last_of_table && later_empty;
+                let end = last.then(|| UnitEnd {
+                    event_count: total,
+                    data_collections: progress.counts.clone(),
+                });
+                let record = Record {
                     topic: table.topic.clone(),
                     key: table.key_template.render(&r.key, r.key_wide),
                     value: Some(table.envelope_for(r.wide).render(&Change {
                         op: Op::Read,
                         before: None,
                         after: Some(&r.after),
-                        changed_ms: read_ms,
+                        commit_us: progress.started_us,
                         txid: None,
-                        seq: None,
-                        snapshot: "true",
-                        read_ms,
+                        sequence: Sequence::None,
+                        snapshot: SnapshotMark::of_row(
+                            total == 1,
+                            first_of_table,
+                            last_of_table,
+                            last,
+                        ),
+                        read_us,
+                        transaction: TxPlace {
+                            commit_order: 0,
+                            total_order: total,
+                            data_collection_order: in_table,
+                            end: end.as_ref(),
+                        },
                     })),
-                });
-                last_key = Some(r.raw_key);
+                };
+                progress.last_key = Some(r.raw_key);
+                record
+            };
+            let mut pending: Option<SnapshotRow> = None;
+            let mut more = false;
+            while let Some(r) = stream.try_next().await? {
+                if n as i64 == chunk {
+                    more = true;
+                    break;
+                }
+                if let Some(p) = pending.replace(r) {
+                    records.push(render(p, progress, false));
+                }
+                n += 1;
             }
             drop(stream);
-            if records.is_empty() {
-                progress.tables.remove(0);
-                progress.last_key = None;
-                tracing::info!(table = %table.info.name, "snapshot of table done");
-                if progress.tables.is_empty() {
-                    *state.progress = None;
-                    if let Some(tx) = self.tx.take() {
-                        tx.commit().await?;
-                    }
-                    tracing::info!(rows = self.total, elapsed = ?self.started.elapsed(), "initial snapshot done; streaming changes");
+            if let Some(p) = pending {
+                records.push(render(p, progress, !more));
+            }
+            if more {
+                break;
+            }
+            // The table is read: it leaves the position with this chunk.
+            progress.tables.remove(0);
+            progress.last_key = None;
+            tracing::info!(table = %table.info.name, "snapshot of table done");
+            if progress.tables.is_empty() {
+                *state.progress = None;
+                if let Some(tx) = self.tx.take() {
+                    tx.commit().await?;
+                }
+                tracing::info!(rows = self.total, elapsed = ?self.started.elapsed(), "initial snapshot done; streaming changes");
+                if records.is_empty() {
                     return Ok(None);
                 }
-                continue;
+                break;
             }
-            let n = records.len();
-            progress.last_key = last_key;
-            progress.rows += n as u64;
+            if n as i64 == chunk {
+                break;
+            }
+        }
+        if let Some(progress) = state.progress.as_ref() {
             if self.last_log.elapsed() >= Duration::from_secs(2) {
                 self.log_progress(progress.rows);
                 self.last_log = Instant::now();
             }
-            return Ok(Some(SnapshotChunk { records, rows: n }));
         }
+        Ok(Some(SnapshotChunk { records, rows: n }))
     }
 
     fn log_progress(&self, done: u64) {

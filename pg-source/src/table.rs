@@ -6,8 +6,9 @@ use anyhow::bail;
 use sqlx::PgPool;
 use tidemark_common::envelope::{
     either_payload_sql, out_of_range_sql, payload_and_wide_sql, payload_sql, wide_columns, Change,
-    ChangeEnvelope, Op, RecordTemplates,
+    ChangeEnvelope, Op, RecordTemplates, Sequence, SnapshotMark, TxPlace, UnitEnd,
 };
+use tidemark_common::offset::count_event;
 use tidemark_common::pg::quote_ident;
 
 use crate::catalog::TableInfo;
@@ -203,26 +204,43 @@ impl CapturedTable {
     /// Turns a rendered change into its records: an event, or for a
     /// primary-key change a delete (and tombstone) of the old key and a
     /// create of the new one; a tombstone after each delete when
-    /// `tombstones`.
+    /// `tombstones`. Each event is counted in `unit`; when the change is
+    /// the unit's `last`, its last event carries the unit's totals.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn render_change(
         &self,
         r: &RenderedChange,
-        read_ms: i64,
+        sequence: Sequence,
+        unit: &mut Unit<'_>,
+        last: bool,
+        read_us: i64,
         tombstones: bool,
         out: &mut Vec<Record>,
     ) {
         let txid = r.txid.parse::<u64>().ok();
         let envelope = self.envelope_for(r.wide);
-        let change = |op, before: Option<&str>, after: Option<&str>| {
+        let collection = envelope.data_collection();
+        let mut change = |op, before: Option<&str>, after: Option<&str>, last: bool| {
+            let (data_collection_order, total_order) = count_event(unit.counts, collection);
+            let end = last.then(|| UnitEnd {
+                event_count: total_order,
+                data_collections: unit.counts.clone(),
+            });
             envelope.render(&Change {
                 op,
                 before,
                 after,
-                changed_ms: r.changed_ms,
+                commit_us: unit.commit_us,
                 txid,
-                seq: Some(r.seq),
-                snapshot: "false",
-                read_ms,
+                sequence,
+                snapshot: SnapshotMark::No,
+                read_us,
+                transaction: TxPlace {
+                    commit_order: unit.commit_order,
+                    total_order,
+                    data_collection_order,
+                    end: end.as_ref(),
+                },
             })
         };
         let record = |key: &str, key_wide: bool, value: Vec<u8>| Record {
@@ -242,19 +260,19 @@ impl CapturedTable {
             r.key_before.as_deref(),
             r.key_after.as_deref(),
         ) {
-            ("c", _, Some(k)) => out.push(record(k, kaw, change(Op::Create, None, after))),
+            ("c", _, Some(k)) => out.push(record(k, kaw, change(Op::Create, None, after, last))),
             ("u", Some(kb), Some(ka)) if kb != ka => {
                 // The primary key changed: the old key is deleted, the new
                 // one created, as Debezium does.
-                out.push(record(kb, kbw, change(Op::Delete, before, None)));
+                out.push(record(kb, kbw, change(Op::Delete, before, None, false)));
                 if tombstones {
                     out.push(tombstone(kb, kbw));
                 }
-                out.push(record(ka, kaw, change(Op::Create, None, after)));
+                out.push(record(ka, kaw, change(Op::Create, None, after, last)));
             }
-            ("u", _, Some(k)) => out.push(record(k, kaw, change(Op::Update, before, after))),
+            ("u", _, Some(k)) => out.push(record(k, kaw, change(Op::Update, before, after, last))),
             ("d", Some(k), _) => {
-                out.push(record(k, kbw, change(Op::Delete, before, None)));
+                out.push(record(k, kbw, change(Op::Delete, before, None, last)));
                 if tombstones {
                     out.push(tombstone(k, kbw));
                 }
@@ -264,6 +282,15 @@ impl CapturedTable {
             }
         }
     }
+}
+
+/// The unit (a source transaction, a change-log batch) that changes are
+/// rendered in: its place in commit order, its commit time, and its events
+/// counted so far per table.
+pub(crate) struct Unit<'a> {
+    pub commit_order: u64,
+    pub commit_us: i64,
+    pub counts: &'a mut Vec<(String, u64)>,
 }
 
 fn typed_key(info: &TableInfo, param: &str) -> String {

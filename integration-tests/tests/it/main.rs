@@ -9,6 +9,7 @@ mod bad_input;
 mod changelog;
 mod cli;
 mod codec;
+mod envelope;
 mod fault;
 mod ordering;
 mod replay;

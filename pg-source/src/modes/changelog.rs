@@ -20,7 +20,7 @@ use std::collections::HashMap;
 
 use anyhow::bail;
 use sqlx::PgPool;
-use tidemark_common::health::now_ms;
+use tidemark_common::envelope::{now_us, Sequence};
 use tidemark_common::offset::{position_key, ChangeLogPosition, SourcePosition};
 use tokio_util::sync::CancellationToken;
 
@@ -30,7 +30,7 @@ use crate::errors::SourceError;
 use crate::modes::{Batch, Capture, Committed, Wakeup};
 use crate::producer::Record;
 use crate::snapshot::{self, InitialSnapshot};
-use crate::table::{CapturedTable, RenderedChange};
+use crate::table::{CapturedTable, RenderedChange, Unit};
 
 /// Log rows deleted per prune.
 pub const PRUNE_CHUNK: i64 = 5000;
@@ -170,23 +170,32 @@ impl ChangeLogMode {
     }
 
     /// Reads the next chunk of changes, or `None` when caught up. Advances
-    /// the in-memory position.
+    /// the in-memory position. A chunk takes up to `batch.max.rows` changes
+    /// of the batch, table after table, and one more is asked for to know
+    /// whether the chunk ends the batch: then the chunk's last event
+    /// carries the batch's totals, and the same Kafka transaction records
+    /// the batch as done.
     ///
     /// Fails on a database error.
     async fn next_changes(&mut self) -> Result<Option<Batch>, sqlx::Error> {
         let had_rows = !self.position.after_seq.is_empty();
-        let was_batch = self.position.batch.is_some();
         if self.position.batch.is_none() {
-            let cur: String = sqlx::query_scalar("select pg_current_snapshot()::text")
-                .fetch_one(&self.pool)
-                .await?;
+            let (cur, at_us): (String, i64) = sqlx::query_as(
+                "select pg_current_snapshot()::text,
+                        (extract(epoch from clock_timestamp()) * 1000000)::int8",
+            )
+            .fetch_one(&self.pool)
+            .await?;
             if cur == self.position.done {
                 return Ok(None);
             }
             self.position.batch = Some(cur);
+            self.position.batch_us = Some(at_us);
         }
         let cur = self.position.batch.clone().expect("set above");
-        let last_table = self.tables.len().saturating_sub(1);
+        let mut remaining = self.cfg.batch_max_rows;
+        let mut more = false;
+        let mut read: Vec<(usize, RenderedChange)> = Vec::new();
         for (i, table) in self.tables.iter().enumerate() {
             let after_seq = self
                 .position
@@ -202,59 +211,86 @@ impl ChangeLogMode {
                     .unwrap_or_default(),
             )
             .expect("segments always serialise");
-            let rows: Vec<RenderedChange> = sqlx::query_as(&self.sql_changes[i])
+            let mut rows: Vec<RenderedChange> = sqlx::query_as(&self.sql_changes[i])
                 .bind(&table.log_name)
                 .bind(after_seq)
                 .bind(&self.position.done)
                 .bind(&cur)
                 .bind(segments)
-                .bind(self.cfg.batch_max_rows)
+                .bind(remaining + 1)
                 .fetch_all(&self.pool)
                 .await?;
-            let Some(last) = rows.last().map(|r| r.seq) else {
-                continue;
-            };
-            let n = rows.len();
-            let mut records = Vec::with_capacity(n + n / 8);
-            let read_ms = now_ms();
-            for r in &rows {
-                table.render_change(r, read_ms, self.cfg.tombstones, &mut records);
+            if rows.len() as i64 > remaining {
+                rows.truncate(remaining as usize);
+                more = true;
             }
-            self.position.after_seq.insert(table.log_name.clone(), last);
-            let newest_change_ms = rows.iter().map(|r| r.changed_ms).max();
-            // Fewer rows than asked from the last table (the tables before
-            // it had none left): the batch ends with this chunk, so the same
-            // Kafka transaction records it, sparing one per batch.
-            let batch_done = i == last_table && (n as i64) < self.cfg.batch_max_rows;
-            if batch_done {
-                self.finish_batch(cur).await?;
+            if let Some(last) = rows.last().map(|r| r.seq) {
+                self.position.after_seq.insert(table.log_name.clone(), last);
             }
-            self.prune_after_commit = batch_done;
-            return Ok(Some(Batch {
-                records,
-                rows: n,
-                newest_change_ms,
-                what: "changes committed",
-            }));
+            remaining -= rows.len() as i64;
+            read.extend(rows.into_iter().map(|r| (i, r)));
+            if more {
+                break;
+            }
         }
-        // Every table has sent the batch: it is done.
-        self.finish_batch(cur).await?;
-        if was_batch && had_rows {
-            // A batch with rows just finished: record it, then prune.
-            self.prune_after_commit = true;
-            return Ok(Some(Batch {
-                what: "batch done",
-                ..Batch::default()
-            }));
+        if read.is_empty() {
+            // Every table has sent the batch: it is done.
+            self.finish_batch(cur).await?;
+            if had_rows {
+                // Record it, then prune.
+                self.prune_after_commit = true;
+                return Ok(Some(Batch {
+                    what: "batch done",
+                    ..Batch::default()
+                }));
+            }
+            return Ok(None);
         }
-        Ok(None)
+        if self.position.unit_counts.is_empty() {
+            // The batch's first events: its place in commit order.
+            self.position.commit_order += 1;
+        }
+        let n = read.len();
+        let mut records = Vec::with_capacity(n + n / 8);
+        let read_us = now_us();
+        let newest_change_ms = read.iter().map(|(_, r)| r.changed_ms).max();
+        let mut unit = Unit {
+            commit_order: self.position.commit_order,
+            commit_us: self.position.batch_us.unwrap_or(read_us),
+            counts: &mut self.position.unit_counts,
+        };
+        for (k, (i, r)) in read.iter().enumerate() {
+            let last = !more && k + 1 == n;
+            self.tables[*i].render_change(
+                r,
+                Sequence::ChangeLog(r.seq),
+                &mut unit,
+                last,
+                read_us,
+                self.cfg.tombstones,
+                &mut records,
+            );
+        }
+        drop(read);
+        if !more {
+            self.finish_batch(cur).await?;
+        }
+        self.prune_after_commit = !more;
+        Ok(Some(Batch {
+            records,
+            rows: n,
+            newest_change_ms,
+            what: "changes committed",
+        }))
     }
 
     /// Marks the batch read up to snapshot `cur` as done.
     async fn finish_batch(&mut self, cur: String) -> Result<(), sqlx::Error> {
         self.position.done = cur;
         self.position.batch = None;
+        self.position.batch_us = None;
         self.position.after_seq.clear();
+        self.position.unit_counts.clear();
         self.drop_old_segments().await
     }
 

@@ -29,7 +29,7 @@ use pgwire_replication::{
 };
 use sqlx::postgres::PgSslMode;
 use sqlx::PgPool;
-use tidemark_common::health::now_ms;
+use tidemark_common::envelope::{now_us, Sequence};
 use tidemark_common::offset::{position_key, LogicalPosition, SourcePosition};
 use tidemark_common::pg::{publication_name, quote_ident, PgTarget};
 use tokio_util::sync::CancellationToken;
@@ -41,10 +41,10 @@ use crate::modes::{Batch, Capture, Committed};
 use crate::pgoutput::{self, Message, Value};
 use crate::producer::Record;
 use crate::snapshot::{self, InitialSnapshot};
-use crate::table::{CapturedTable, RenderedChange};
+use crate::table::{CapturedTable, RenderedChange, Unit};
 
 /// Microseconds between 1970-01-01 and 2000-01-01, Postgres' epoch.
-const PG_EPOCH_MS: i64 = 946_684_800_000;
+const PG_EPOCH_US: i64 = 946_684_800_000_000;
 
 /// How long a stream with nothing new waits before returning to the main
 /// loop (which reports health and checks for a stop).
@@ -186,6 +186,16 @@ struct Decoded {
     txid: u64,
     changed_ms: i64,
     lsn: u64,
+    /// How many changes of its transaction at `lsn` were read with it.
+    at_last: u64,
+    /// Its transaction's commit LSN (the unit's `commit_order`) and commit
+    /// time in µs since the epoch.
+    commit_lsn: u64,
+    commit_us: i64,
+    /// The end LSN of the last transaction before its own.
+    last_commit: u64,
+    /// The last change of its transaction: the Commit came after it.
+    txn_last: bool,
 }
 
 /// A table as the stream describes it (`pgoutput` Relation message).
@@ -200,7 +210,12 @@ struct Relation {
 /// A transaction being read from the stream.
 struct Txn {
     xid: u64,
-    commit_ms: i64,
+    commit_us: i64,
+    /// The commit record's LSN (Begin's final LSN): it orders transactions
+    /// by commit and is known before their first change.
+    commit_lsn: u64,
+    /// The end LSN of the transaction before.
+    last_commit: u64,
     /// The WAL position of its last change read, and how many changes were
     /// read at that position.
     last_lsn: u64,
@@ -267,7 +282,7 @@ async fn logical_table(pool: &PgPool, table: CapturedTable) -> anyhow::Result<Lo
     .await?;
     let sql = table.image_sql();
     let sql_render = format!(
-        r#"select l.lsn as seq, l.txid, l.op, l.changed_ms,
+        r#"select l.ord as seq, l.txid, l.op, l.changed_ms,
                   {images}
            from unnest($1::int8[], $2::int8[], $3::text[], $4::text[], $5::int8[], $6::text[]::jsonb[], $7::text[]::jsonb[])
                 as l(ord, lsn, txid, op, changed_ms, before, after)
@@ -300,6 +315,13 @@ pub struct LogicalStream {
     slot: String,
     /// The position last told to the slot.
     acked: u64,
+    /// The end LSN of the last transaction read: the next one's
+    /// `source.sequence` starts with it.
+    last_commit: u64,
+    /// A change read after a full batch, in the transaction the batch cut:
+    /// it starts the next batch. Holding it back tells, when the Commit
+    /// comes first, that the batch's last change ends its transaction.
+    pending: Option<Decoded>,
     /// The connection that renders changes: the stream's own, so that when
     /// Postgres shuts down (and waits for this stream to confirm what it
     /// sent) a render fails at once instead of waiting for the pool to
@@ -468,6 +490,8 @@ impl LogicalMode {
             xid_base: xid_base as u64,
             slot: slot.to_owned(),
             acked: at,
+            last_commit: at,
+            pending: None,
             conn,
         })
     }
@@ -528,6 +552,8 @@ impl LogicalMode {
         let mut changes: Vec<Decoded> = Vec::new();
         let mut first_change = Instant::now();
         let started = Instant::now();
+        // What the batch cut off last time starts this one.
+        changes.extend(self.stream.as_mut().and_then(|s| s.pending.take()));
         let chunk = self.cfg.batch_max_rows;
         let linger = self.cfg.linger;
         let position_only = |what| Batch {
@@ -575,12 +601,14 @@ impl LogicalMode {
                 Some(ReplicationEvent::Begin {
                     xid,
                     commit_time_micros,
-                    ..
+                    final_lsn,
                 }) => {
                     let full = s.full_xid(xid);
                     s.txn = Some(Txn {
                         xid: full,
-                        commit_ms: commit_time_micros / 1000 + PG_EPOCH_MS,
+                        commit_us: commit_time_micros + PG_EPOCH_US,
+                        commit_lsn: final_lsn.0,
+                        last_commit: s.last_commit,
                         last_lsn: 0,
                         at_last: 0,
                     });
@@ -592,23 +620,32 @@ impl LogicalMode {
                         .decode(&self.tables, &data, wal_start.0)
                         .map_err(SourceError::Definite)?;
                     if let Some(d) = decoded {
+                        if changes.len() as i64 >= chunk {
+                            // A large transaction goes in parts; the next
+                            // start skips what this one sends. This change
+                            // goes first in the next part.
+                            let sent = changes.last().expect("a full batch");
+                            self.position.in_txn_lsn = Some(sent.lsn);
+                            self.position.in_txn = sent.at_last;
+                            s.pending = Some(d);
+                            break;
+                        }
                         if changes.is_empty() {
                             first_change = Instant::now();
                         }
                         changes.push(d);
-                        if changes.len() as i64 >= chunk {
-                            // A large transaction goes in parts; the next
-                            // start skips what this one sends.
-                            if let Some(txn) = &s.txn {
-                                self.position.in_txn_lsn = Some(txn.last_lsn);
-                                self.position.in_txn = txn.at_last;
-                            }
-                            break;
-                        }
                     }
                 }
                 Some(ReplicationEvent::Commit { end_lsn, .. }) => {
-                    s.txn = None;
+                    if let Some(txn) = s.txn.take() {
+                        if let Some(last) = changes
+                            .last_mut()
+                            .filter(|c| c.commit_lsn == txn.commit_lsn)
+                        {
+                            last.txn_last = true;
+                        }
+                    }
+                    s.last_commit = end_lsn.0;
                     s.skip = None;
                     self.position.lsn = end_lsn.0;
                     self.position.in_txn_lsn = None;
@@ -648,10 +685,13 @@ impl LogicalMode {
         let rows = changes.len();
         let newest_change_ms = changes.iter().map(|c| c.changed_ms).max();
         let s = self.stream.as_mut().expect("opened above");
+        // The events of a transaction cut by the last batch, counted so far.
+        let carried = std::mem::take(&mut self.position.in_txn_counts);
         let records = render(
             &mut s.conn,
             &self.tables,
-            &self.position,
+            &mut self.position,
+            carried,
             self.cfg.tombstones,
             changes,
         )
@@ -744,7 +784,13 @@ impl LogicalStream {
                 return Ok(None);
             }
         }
-        let (txid, changed_ms) = (txn.xid, txn.commit_ms);
+        let (txid, commit_us, commit_lsn, last_commit, at_last) = (
+            txn.xid,
+            txn.commit_us,
+            txn.commit_lsn,
+            txn.last_commit,
+            txn.at_last,
+        );
         if kind != "c" && old.is_none() {
             bail!(
                 "table {} sends updates and deletes without the old row: run schema-init --capture logical --table {0} (replica identity full)",
@@ -765,8 +811,13 @@ impl LogicalStream {
             before,
             after,
             txid,
-            changed_ms,
+            changed_ms: commit_us.div_euclid(1000),
             lsn,
+            at_last,
+            commit_lsn,
+            commit_us,
+            last_commit,
+            txn_last: false,
         }))
     }
 }
@@ -890,19 +941,41 @@ fn row_json(
     Ok(out)
 }
 
-/// Renders decoded changes into records, a query per run of one table.
+/// What a rendered change needs from its decoded form.
+struct Meta {
+    table: usize,
+    lsn: u64,
+    commit_lsn: u64,
+    commit_us: i64,
+    last_commit: u64,
+}
+
+/// Renders decoded changes into records, a query per run of one table,
+/// each transaction a unit: its events are counted (a transaction cut by
+/// the last batch goes on from `carried`), and its last event carries the
+/// totals once its Commit was read. The counts of a transaction this batch
+/// cuts stay in the position.
 async fn render(
     conn: &mut sqlx::PgConnection,
     tables: &[LogicalTable],
-    position: &LogicalPosition,
+    position: &mut LogicalPosition,
+    carried: Vec<(String, u64)>,
     tombstones: bool,
     mut changes: Vec<Decoded>,
 ) -> anyhow::Result<Vec<Record>> {
-    let mut records = Vec::with_capacity(changes.len() + changes.len() / 8);
-    let read_ms = now_ms();
+    let complete: std::collections::HashSet<u64> = changes
+        .iter()
+        .filter(|c| c.txn_last)
+        .map(|c| c.commit_lsn)
+        .collect();
+    let first_txn = changes.first().map(|c| c.commit_lsn);
+    // The transaction this batch cuts, if it does: the last one read.
+    let cut_txn = position
+        .in_txn_lsn
+        .and(changes.last().map(|c| c.commit_lsn));
+    let mut rendered: Vec<(Meta, RenderedChange)> = Vec::with_capacity(changes.len());
     // Front to back, at most RENDER_CHUNK at a time, each chunk's row images
-    // freed once rendered: a large batch is not held three times over (as
-    // row images, query rows and records).
+    // freed once rendered.
     changes.reverse();
     while let Some(first) = changes.last().map(|c| c.table) {
         let mut run = Vec::with_capacity(RENDER_CHUNK.min(changes.len()));
@@ -945,12 +1018,66 @@ async fn render(
                 )
             })?;
         drop((ord, lsn, txid, op, changed, before, after));
-        drop(run);
-        for r in &rows {
-            table
-                .table
-                .render_change(r, read_ms, tombstones, &mut records);
+        for r in rows {
+            let c = &run[r.seq as usize];
+            let meta = Meta {
+                table: first,
+                lsn: c.lsn,
+                commit_lsn: c.commit_lsn,
+                commit_us: c.commit_us,
+                last_commit: c.last_commit,
+            };
+            rendered.push((meta, r));
         }
+    }
+    // The last rendered event of each transaction.
+    let mut last_of_txn = vec![false; rendered.len()];
+    let mut seen = std::collections::HashSet::new();
+    for (k, (m, _)) in rendered.iter().enumerate().rev() {
+        if seen.insert(m.commit_lsn) {
+            last_of_txn[k] = complete.contains(&m.commit_lsn);
+        }
+    }
+    let read_us = now_us();
+    let mut records = Vec::with_capacity(rendered.len() + rendered.len() / 8);
+    let mut counts = Vec::new();
+    let mut current = None;
+    for (k, (m, r)) in rendered.iter().enumerate() {
+        if current != Some(m.commit_lsn) {
+            current = Some(m.commit_lsn);
+            counts = if Some(m.commit_lsn) == first_txn {
+                carried.clone()
+            } else {
+                Vec::new()
+            };
+        }
+        let mut unit = Unit {
+            commit_order: m.commit_lsn,
+            commit_us: m.commit_us,
+            counts: &mut counts,
+        };
+        tables[m.table].table.render_change(
+            r,
+            Sequence::Logical {
+                last_commit: m.last_commit,
+                lsn: m.lsn,
+            },
+            &mut unit,
+            last_of_txn[k],
+            read_us,
+            tombstones,
+            &mut records,
+        );
+    }
+    if let Some(cut) = cut_txn {
+        // The batch cut a transaction: its counts go on in the next one.
+        position.in_txn_counts = if current == Some(cut) {
+            counts
+        } else if first_txn == Some(cut) {
+            carried
+        } else {
+            Vec::new()
+        };
     }
     Ok(records)
 }
