@@ -493,6 +493,12 @@ impl Progress {
         if !force && elapsed < self.every {
             return;
         }
+        // Nothing read or applied since the last line (a follower waiting
+        // for the archive to grow): nothing to say.
+        if !force && read == self.last_read && summary.changes == self.last_changes {
+            self.last = now;
+            return;
+        }
         let secs = elapsed.as_secs_f64().max(1e-3);
         let rate = (summary.changes - self.last_changes) as f64 / secs;
         let read_rate = (read.saturating_sub(self.last_read)) as f64 / secs;
