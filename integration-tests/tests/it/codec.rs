@@ -210,16 +210,17 @@ fn documented_change(ty: &ColumnType, text: &str, variant: Variant) -> Option<&'
     None
 }
 
-/// Runs `case` in `db`: creates its table, inserts its values, and checks
-/// every value through the codec and back.
-pub async fn check(db: &Db, cache: &TypeCache, table: &str, case: &Case) -> Findings {
-    let mut f = Findings::default();
+/// The table of `case`: its columns (`id int primary key, v <type>`, and
+/// with `arrays` a one- and a two-dimensional array column `a` and `m`) and
+/// its rows as SQL `values` tuples: one per value, then (with arrays) all
+/// values in one array, the NULL row, the empty array and lower bounds
+/// other than 1, else the NULL row.
+pub fn case_table(case: &Case) -> (String, Vec<String>) {
     let ty = case.ty;
     let mut cols = format!("id int primary key, v {ty}");
     if case.arrays {
         cols.push_str(&format!(", a {ty}[], m {ty}[]"));
     }
-    db.exec(&format!("create table {table} ({cols})")).await;
     let mut rows = Vec::new();
     for (i, v) in case.values.iter().enumerate() {
         let v = format!("{}::{ty}", lit(v));
@@ -231,8 +232,6 @@ pub async fn check(db: &Db, cache: &TypeCache, table: &str, case: &Case) -> Find
     }
     let n = case.values.len();
     if case.arrays {
-        // All values in one array, the NULL row, the empty array, and
-        // lower bounds other than 1.
         let all: Vec<String> = case
             .values
             .iter()
@@ -252,6 +251,16 @@ pub async fn check(db: &Db, cache: &TypeCache, table: &str, case: &Case) -> Find
     } else {
         rows.push(format!("({n}, null)"));
     }
+    (cols, rows)
+}
+
+/// Runs `case` in `db`: creates its table, inserts its values, and checks
+/// every value through the codec and back.
+pub async fn check(db: &Db, cache: &TypeCache, table: &str, case: &Case) -> Findings {
+    let mut f = Findings::default();
+    let ty = case.ty;
+    let (cols, rows) = case_table(case);
+    db.exec(&format!("create table {table} ({cols})")).await;
     db.exec(&format!("insert into {table} values {}", rows.join(", ")))
         .await;
 
@@ -409,7 +418,7 @@ fn s(values: &[&str]) -> Vec<String> {
 
 /// Values at the edges of every built-in type the round-trip tests of
 /// `bad_input` cover, and the other built-in types.
-fn builtin_cases() -> Vec<Case> {
+pub fn builtin_cases() -> Vec<Case> {
     let text = {
         let controls: String = (1u8..0x20).map(char::from).collect();
         vec![
@@ -682,7 +691,7 @@ fn builtin_cases() -> Vec<Case> {
 }
 
 /// The user types the cases use.
-const USER_TYPES: &str = r#"
+pub const USER_TYPES: &str = r#"
 create type mood as enum ('happy', 'it''s "complicated"', 'NULL');
 create type pair as (a int, b text, c float8[]);
 create domain posint as integer check (value > 0);
@@ -735,31 +744,29 @@ async fn every_built_in_type_round_trips_through_the_codec() {
     assert_eq!(found.changes, expected);
 }
 
-/// Every contrib extension type Debian's Postgres 15 ships that a column can
-/// hold (the others are index-internal).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_contrib_extension_type_round_trips_through_the_codec() {
-    let db = Db::new("tm_codec_ext_").await;
-    for ext in [
-        "hstore",
-        "ltree",
-        "cube",
-        "citext",
-        "isn",
-        "seg",
-        "intarray",
-        "earthdistance",
-        "lo",
-    ] {
-        db.exec(&format!("create extension {ext}")).await;
-    }
+/// The contrib extensions Debian's Postgres 15 ships whose types a column
+/// can hold (the others are index-internal).
+pub const CONTRIB_EXTENSIONS: &[&str] = &[
+    "hstore",
+    "ltree",
+    "cube",
+    "citext",
+    "isn",
+    "seg",
+    "intarray",
+    "earthdistance",
+    "lo",
+];
+
+/// Values of every type [`CONTRIB_EXTENSIONS`] brings.
+pub fn contrib_cases() -> Vec<Case> {
     let c = |ty, values: &[&str], eq| Case {
         ty,
         values: s(values),
         eq,
         arrays: true,
     };
-    let cases = [
+    vec![
         c(
             "hstore",
             &[
@@ -790,7 +797,18 @@ async fn every_contrib_extension_type_round_trips_through_the_codec() {
         c("query_int", &["1&(2|3)", "!4"], false),
         c("earth", &["(6378168, 0, 0)"], true),
         c("lo", &["12345"], true),
-    ];
+    ]
+}
+
+/// Every contrib extension type Debian's Postgres 15 ships that a column can
+/// hold (the others are index-internal).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_contrib_extension_type_round_trips_through_the_codec() {
+    let db = Db::new("tm_codec_ext_").await;
+    for ext in CONTRIB_EXTENSIONS {
+        db.exec(&format!("create extension {ext}")).await;
+    }
+    let cases = contrib_cases();
     let found = run_cases(&db, &cases).await;
     assert!(
         found.problems.is_empty(),

@@ -526,6 +526,11 @@ impl Fixture {
 /// A `read_committed` consumer of `topic` from its beginning, in a group of
 /// its own, as a downstream reader would see the topic.
 pub fn topic_consumer(topic: &str) -> rdkafka::consumer::StreamConsumer {
+    topics_consumer(&[topic])
+}
+
+/// [`topic_consumer`] of several topics.
+pub fn topics_consumer(topics: &[&str]) -> rdkafka::consumer::StreamConsumer {
     use rdkafka::consumer::Consumer as _;
     let consumer: rdkafka::consumer::StreamConsumer = kafka()
         .client_config(&[
@@ -535,7 +540,7 @@ pub fn topic_consumer(topic: &str) -> rdkafka::consumer::StreamConsumer {
         ])
         .create()
         .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
+    consumer.subscribe(topics).unwrap();
     consumer
 }
 
