@@ -9,6 +9,8 @@ mod bad_input;
 mod changelog;
 mod cli;
 mod codec;
+mod connect;
+mod connect_worker;
 mod envelope;
 mod fault;
 mod ordering;
