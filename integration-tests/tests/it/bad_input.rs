@@ -34,7 +34,7 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// A program started in-process with a config the fixture cannot build (a
 /// table or topic of the test's own).
-struct Task<T> {
+pub(crate) struct Task<T> {
     token: CancellationToken,
     handle: JoinHandle<anyhow::Result<T>>,
 }
@@ -54,7 +54,7 @@ impl<T: Send + 'static> Task<T> {
     }
 
     /// Stops it as SIGTERM would, and returns its result.
-    async fn stop(self) -> anyhow::Result<T> {
+    pub(crate) async fn stop(self) -> anyhow::Result<T> {
         self.token.cancel();
         tokio::time::timeout(Duration::from_secs(30), self.handle)
             .await
@@ -85,7 +85,7 @@ fn source_config(fx: &Fixture, overrides: &[(&str, &str)]) -> pg_source::Config 
 
 /// Starts pg-source and waits until it reads; fails with its error if it
 /// stops instead.
-async fn start_source(fx: &Fixture, overrides: &[(&str, &str)]) -> Task<()> {
+pub(crate) async fn start_source(fx: &Fixture, overrides: &[(&str, &str)]) -> Task<()> {
     let cfg = source_config(fx, overrides);
     let health: Health = cfg.health.clone();
     let mut task = Task::spawn(|token| pg_source::run(cfg, token));
@@ -104,18 +104,18 @@ async fn start_source(fx: &Fixture, overrides: &[(&str, &str)]) -> Task<()> {
 }
 
 /// The fixture's sink config, reading `topic` into `file`.
-fn sink_config(fx: &Fixture, topic: &str, file: &Path) -> file_sink::Config {
+pub(crate) fn sink_config(fx: &Fixture, topic: &str, file: &Path) -> file_sink::Config {
     let mut cfg = fx.sink_config();
     cfg.topics = vec![topic.to_owned()];
     cfg.file = file.to_path_buf();
     cfg
 }
 
-fn start_sink(cfg: file_sink::Config) -> Task<file_sink::Totals> {
+pub(crate) fn start_sink(cfg: file_sink::Config) -> Task<file_sink::Totals> {
     Task::spawn(|token| file_sink::run(cfg, token))
 }
 
-async fn exec(pool: &sqlx::PgPool, sql: &str) {
+pub(crate) async fn exec(pool: &sqlx::PgPool, sql: &str) {
     sqlx::query(sql)
         .execute(pool)
         .await
@@ -131,7 +131,7 @@ async fn install_capture(pool: &sqlx::PgPool, table: &TableName) {
 }
 
 /// A fixture with change-log capture, or with `logical` capture.
-async fn capture_fixture(logical: bool) -> Fixture {
+pub(crate) async fn capture_fixture(logical: bool) -> Fixture {
     if logical {
         Fixture::logical().await
     } else {
@@ -140,7 +140,7 @@ async fn capture_fixture(logical: bool) -> Fixture {
 }
 
 /// Installs the fixture's kind of capture on `table`, as schema-init does.
-async fn install_fixture_capture(fx: &Fixture, table: &TableName) {
+pub(crate) async fn install_fixture_capture(fx: &Fixture, table: &TableName) {
     if fx.logical {
         for step in schema_init::logical_steps(table) {
             exec(&fx.pool, &step.sql).await;
@@ -237,7 +237,7 @@ async fn wait_for_change_lines(
 // ---------------------------------------------------------------------------
 // 1. Every built-in column type round-trips, as far as the file and back.
 
-const ALL_TYPES: &str = r#"
+pub(crate) const ALL_TYPES: &str = r#"
 create table all_types (
   id int primary key,
   n numeric,
@@ -287,14 +287,14 @@ const TEXT_COLUMNS: &[(&str, &str)] = &[
     ("txt", "text"),
 ];
 
-struct TypedRow {
+pub(crate) struct TypedRow {
     id: i32,
     text: Vec<Option<&'static str>>,
     texts: Option<Vec<Option<&'static str>>>,
     bytes: Option<Vec<u8>>,
 }
 
-fn full_row() -> TypedRow {
+pub(crate) fn full_row() -> TypedRow {
     TypedRow {
         id: 1,
         text: vec![
@@ -334,7 +334,7 @@ fn full_row() -> TypedRow {
     }
 }
 
-fn other_row() -> TypedRow {
+pub(crate) fn other_row() -> TypedRow {
     TypedRow {
         id: 3,
         text: vec![
@@ -363,7 +363,7 @@ fn other_row() -> TypedRow {
     }
 }
 
-fn null_row() -> TypedRow {
+pub(crate) fn null_row() -> TypedRow {
     TypedRow {
         id: 2,
         text: vec![None; TEXT_COLUMNS.len()],
@@ -372,7 +372,7 @@ fn null_row() -> TypedRow {
     }
 }
 
-async fn insert_typed<'c, E>(conn: E, row: &TypedRow)
+pub(crate) async fn insert_typed<'c, E>(conn: E, row: &TypedRow)
 where
     E: sqlx::PgExecutor<'c>,
 {

@@ -15,6 +15,7 @@ mod envelope;
 mod fault;
 mod ordering;
 mod replay;
+mod replay_pipeline;
 mod restart;
 mod seed;
 mod session;
