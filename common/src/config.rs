@@ -13,14 +13,36 @@ use std::time::Duration;
 
 use crate::ConfigError;
 
-/// A connector config as Kafka Connect takes it.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// A connector config as Kafka Connect takes it. `Debug` shows secret
+/// values (`connection.password`) as `***` and URLs without their password.
+#[derive(Clone, Default, PartialEq)]
 pub struct ConnectorConfig {
     /// The connector's name. It names the source position and the consumer
     /// group, so renaming a connector starts it from scratch.
     pub name: String,
     /// The `config` object, every value as a string.
     pub props: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for ConnectorConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let props: BTreeMap<&str, String> = self
+            .props
+            .iter()
+            .map(|(k, v)| {
+                let shown = if crate::secret::is_secret_key(k) {
+                    "***".to_owned()
+                } else {
+                    crate::pg::redact_url(v)
+                };
+                (k.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("ConnectorConfig")
+            .field("name", &self.name)
+            .field("props", &props)
+            .finish()
+    }
 }
 
 impl ConnectorConfig {
@@ -334,6 +356,17 @@ mod tests {
         assert_eq!(c.name, "s");
         assert_eq!(c.props["tasks.max"], "1");
         assert_eq!(c.get("file"), Some("/tmp/f"));
+    }
+
+    #[test]
+    fn debug_hides_passwords() {
+        let c = ConnectorConfig::from_json(
+            r#"{"name":"s","config":{"connection.password":"hunter2","connection.url":"jdbc:postgresql://u:hunter3@h/db?password=hunter4","topics":"t"}}"#,
+        )
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter"), "{shown}");
+        assert!(shown.contains("topics"), "{shown}");
     }
 
     #[test]

@@ -26,7 +26,10 @@ pub struct KafkaArgs {
     pub bootstrap_servers: String,
 
     /// Extra librdkafka property, key=value (TLS, SASL, tuning). Repeatable;
-    /// in the environment, separated by `;`.
+    /// in the environment, separated by `;`. Wins over
+    /// --kafka-property-file. Secrets (sasl.password, ssl.key.password)
+    /// belong in the file or the environment: every local user can read a
+    /// command line.
     #[arg(
         long = "kafka-property",
         env = "TIDEMARK_KAFKA_PROPERTIES",
@@ -34,15 +37,70 @@ pub struct KafkaArgs {
         hide_env_values = true
     )]
     pub kafka_properties: Vec<String>,
+
+    /// A file of librdkafka properties, one key=value a line (blank lines
+    /// and lines starting with # are skipped), as Kafka's client.properties
+    /// holds them: the place for sasl.password and ssl.key.password.
+    /// Repeatable.
+    #[arg(long = "kafka-property-file", env = "TIDEMARK_KAFKA_PROPERTY_FILE")]
+    pub kafka_property_files: Vec<std::path::PathBuf>,
 }
 
 impl KafkaArgs {
-    /// The settings these flags describe.
+    /// The settings these flags describe: the files' properties, then the
+    /// flags' (which win).
     ///
-    /// Fails naming a property that is not `key=value`.
+    /// Fails naming a property that is not `key=value`, a file that cannot
+    /// be read, or a property librdkafka rejects; never with a secret value.
     pub fn settings(&self) -> anyhow::Result<KafkaSettings> {
-        KafkaSettings::new(&self.bootstrap_servers, &self.kafka_properties)
+        let mut properties = Vec::new();
+        for path in &self.kafka_property_files {
+            properties.extend(read_properties_file(path)?);
+        }
+        for p in &self.kafka_properties {
+            properties.push(parse_property(p)?);
+        }
+        KafkaSettings::from_pairs(&self.bootstrap_servers, properties)
     }
+}
+
+/// Reads `key=value` lines (Java properties without continuations or
+/// escapes: `#` and `!` start a comment line, `key = value` is trimmed).
+///
+/// Fails naming the file and line, without its value.
+pub fn read_properties_file(path: &std::path::Path) -> anyhow::Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--kafka-property-file: cannot read {}", path.display()))?;
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with('!') {
+            continue;
+        }
+        let (k, v) = line.split_once('=').with_context(|| {
+            format!(
+                "--kafka-property-file {} line {}: not key=value (like sasl.password=...)",
+                path.display(),
+                n + 1
+            )
+        })?;
+        out.push((k.trim().to_owned(), v.trim().to_owned()));
+    }
+    Ok(out)
+}
+
+/// Splits one `key=value` property.
+///
+/// Fails, without showing a value that may be a secret, when there is no
+/// `=`.
+fn parse_property(p: &str) -> anyhow::Result<(String, String)> {
+    let (k, v) = p.split_once('=').with_context(|| {
+        format!(
+            "kafka property `{}` is not key=value (like security.protocol=SSL)",
+            redact_property(p)
+        )
+    })?;
+    Ok((k.trim().to_owned(), v.trim().to_owned()))
 }
 
 /// How to reach the brokers: `bootstrap.servers` and any extra librdkafka
@@ -76,31 +134,59 @@ impl fmt::Debug for KafkaSettings {
 }
 
 fn is_secret(key: &str) -> bool {
-    key.contains("password") || key.contains("secret") || key.ends_with(".key.pem")
+    crate::secret::is_secret_key(key)
 }
 
 impl KafkaSettings {
     /// Builds settings from the bootstrap list and `key=value` property
     /// strings as given on the command line.
     ///
-    /// Fails naming the property that is not `key=value`.
+    /// Fails like [`Self::from_pairs`], or naming the property that is not
+    /// `key=value`.
     pub fn new(bootstrap_servers: &str, properties: &[String]) -> anyhow::Result<Self> {
+        let parsed = properties
+            .iter()
+            .map(|p| parse_property(p))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Self::from_pairs(bootstrap_servers, parsed)
+    }
+
+    /// Builds settings from the bootstrap list and properties, checking
+    /// each property with librdkafka now, so a mistake is reported at start
+    /// and without the value of a secret (librdkafka's own message, and
+    /// rdkafka's error, carry the value).
+    ///
+    /// Fails when no broker is given or librdkafka rejects a property,
+    /// naming it.
+    pub fn from_pairs(
+        bootstrap_servers: &str,
+        properties: Vec<(String, String)>,
+    ) -> anyhow::Result<Self> {
         if bootstrap_servers.trim().is_empty() {
             bail!("no Kafka brokers given: set KAFKA_BOOTSTRAP_SERVERS or --bootstrap-servers (like 127.0.0.1:9092)");
         }
-        let mut parsed = Vec::new();
-        for p in properties {
-            let (k, v) = p.split_once('=').with_context(|| {
-                format!(
-                    "kafka property `{}` is not key=value (like security.protocol=SSL)",
-                    redact_property(p)
-                )
-            })?;
-            parsed.push((k.trim().to_owned(), v.trim().to_owned()));
+        let mut check = ClientConfig::new();
+        for (k, v) in &properties {
+            check.set(k, v);
+        }
+        if let Err(e) = check.create_native_config() {
+            match e {
+                KafkaError::ClientConfig(_, desc, key, value) => {
+                    // An unknown key may be a mistyped secret one.
+                    let unknown = desc.starts_with("No such configuration property");
+                    let (desc, shown) = if is_secret(&key) || unknown || value.is_empty() {
+                        (desc.replace(&value, "***"), "***".to_owned())
+                    } else {
+                        (desc, value)
+                    };
+                    bail!("kafka property `{key}={shown}` is not accepted: {desc}");
+                }
+                other => bail!("kafka properties are not accepted: {other}"),
+            }
         }
         Ok(Self {
             bootstrap_servers: bootstrap_servers.trim().to_owned(),
-            properties: parsed,
+            properties,
         })
     }
 
@@ -148,10 +234,17 @@ impl KafkaSettings {
     }
 }
 
+/// A property for a message: a secret's value (or, without `=`, all but
+/// the first word of anything that may hold one) as `***`.
 fn redact_property(p: &str) -> String {
     match p.split_once('=') {
         Some((k, _)) if is_secret(k) => format!("{k}=***"),
-        _ => p.to_owned(),
+        Some(_) => p.to_owned(),
+        None if is_secret(p) || p.contains(':') || p.contains(' ') => {
+            let word = p.split([':', ' ']).next().unwrap_or("");
+            format!("{word}***")
+        }
+        None => p.to_owned(),
     }
 }
 
@@ -362,4 +455,74 @@ fn is_refusal(e: &KafkaError) -> bool {
                 | RDKafkaErrorCode::Authentication
         )
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn property_files_are_key_value_lines_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("client.properties");
+        std::fs::write(
+            &file,
+            "# SASL\n\nsecurity.protocol = SASL_SSL\nsasl.mechanism=PLAIN\n! old comment\nsasl.password=hunter2\r\n",
+        )
+        .unwrap();
+        let args = KafkaArgs {
+            bootstrap_servers: "127.0.0.1:9092".into(),
+            kafka_properties: vec!["sasl.mechanism=SCRAM-SHA-512".into()],
+            kafka_property_files: vec![file.clone()],
+        };
+        let settings = args.settings().unwrap();
+        assert_eq!(
+            settings.properties,
+            [
+                ("security.protocol", "SASL_SSL"),
+                ("sasl.mechanism", "PLAIN"),
+                ("sasl.password", "hunter2"),
+                ("sasl.mechanism", "SCRAM-SHA-512"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        );
+        let config = settings.client_config(&[]);
+        assert_eq!(config.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+        assert!(!format!("{settings:?}").contains("hunter2"));
+
+        std::fs::write(&file, "sasl.password hunter2\n").unwrap();
+        let err = format!("{:#}", args.settings().unwrap_err());
+        assert!(err.contains("line 1: not key=value"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    /// Issue 10.3: no message about a Kafka property shows a secret, also
+    /// when the property is mistyped (librdkafka's and rdkafka's own
+    /// messages carry the value).
+    #[test]
+    fn rejected_properties_are_named_without_their_value() {
+        for (property, shown) in [
+            (
+                "sasl.password:hunter2",
+                "`sasl.password***` is not key=value",
+            ),
+            ("sasl.passwrd=hunter2", "`sasl.passwrd=***` is not accepted"),
+            (
+                "sasl.password hunter2",
+                "`sasl.password***` is not key=value",
+            ),
+        ] {
+            let err = format!(
+                "{:#}",
+                KafkaSettings::new("127.0.0.1:9092", &[property.to_owned()]).unwrap_err()
+            );
+            assert!(err.contains(shown), "{property}: {err}");
+            assert!(!err.contains("hunter2"), "{property}: {err}");
+        }
+        let err = format!(
+            "{:#}",
+            KafkaSettings::new("127.0.0.1:9092", &["acks=sometimes".to_owned()]).unwrap_err()
+        );
+        assert!(err.contains("`acks=sometimes` is not accepted"), "{err}");
+    }
 }

@@ -19,6 +19,7 @@ pub mod offset;
 pub mod ops;
 pub mod pg;
 pub mod program;
+pub mod secret;
 pub mod shutdown;
 pub mod telemetry;
 

@@ -24,13 +24,26 @@ pub struct PgTarget {
 }
 
 /// What a replication connection needs that [`PgConnectOptions`] does not
-/// give back.
+/// give back: the same password and TLS files the pool uses, from the same
+/// places (the URL, then the libpq environment variables sqlx reads).
 #[derive(Clone, Default)]
 struct ReplicationAuth {
     password: Option<String>,
     ssl_root_cert: Option<String>,
     ssl_cert: Option<String>,
     ssl_key: Option<String>,
+}
+
+impl ReplicationAuth {
+    fn new(password: Option<String>, url: Option<&url::Url>) -> Self {
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        Self {
+            password: password.or_else(|| env("PGPASSWORD")),
+            ssl_root_cert: query_param(url, "sslrootcert").or_else(|| env("PGSSLROOTCERT")),
+            ssl_cert: query_param(url, "sslcert").or_else(|| env("PGSSLCERT")),
+            ssl_key: query_param(url, "sslkey").or_else(|| env("PGSSLKEY")),
+        }
+    }
 }
 
 /// How to open a replication connection to a [`PgTarget`]'s server.
@@ -81,56 +94,57 @@ const JDBC_PARAMS: &[&str] = &[
 impl PgTarget {
     /// Builds a target from a JDBC URL (`jdbc:postgresql://host:port/db?...`)
     /// as the JDBC connector's `connection.url` holds it, plus the separate
-    /// `connection.user` and `connection.password` keys (which win over the
-    /// URL's own parameters, as in the JDBC driver).
+    /// `connection.user` and `connection.password` keys.
+    ///
+    /// The user and password come from, in this order: the keys, the URL's
+    /// `user` and `password` parameters (as in the JDBC driver), the URL's
+    /// userinfo (`jdbc:postgresql://user:password@host/db`, percent-encoded
+    /// as in any URL; the JDBC driver does not read it, libpq does, and a
+    /// user who writes it means it), and for the password last the
+    /// `PGPASSWORD` environment variable. `PGSSLMODE`, `PGSSLROOTCERT`,
+    /// `PGSSLCERT`, `PGSSLKEY` and `PGAPPNAME` apply where the URL does not
+    /// say; `PGHOST`, `PGPORT`, `PGUSER`, `PGDATABASE` and `~/.pgpass` do
+    /// not (the URL names the server, and the user is required).
     ///
     /// Fails naming `key` when the URL is not a single-host Postgres JDBC URL
-    /// or carries a parameter Tidemark cannot honour.
+    /// or carries a parameter Tidemark cannot honour; the URL in the message
+    /// has its password replaced by `***`.
     pub fn from_jdbc(
         key: &str,
         url: &str,
         user: Option<&str>,
         password: Option<&str>,
     ) -> Result<Self, ConfigError> {
+        let shown = redact_jdbc_url(url);
+        let invalid = |why: &str| ConfigError::invalid(key, &shown, why);
         let rest = url.strip_prefix("jdbc:postgresql:").ok_or_else(|| {
-            ConfigError::invalid(
-                key,
-                url,
-                "expected a JDBC URL like jdbc:postgresql://host:5432/database",
-            )
+            invalid("expected a JDBC URL like jdbc:postgresql://host:5432/database")
         })?;
         let rest = rest.strip_prefix("//").ok_or_else(|| {
-            ConfigError::invalid(
-                key,
-                url,
+            invalid(
                 "expected a host after jdbc:postgresql:, like jdbc:postgresql://host:5432/database",
             )
         })?;
-        let parsed = url::Url::parse(&format!("postgres://{rest}"))
-            .map_err(|e| ConfigError::invalid(key, url, format!("not a valid URL: {e}")))?;
-        if rest.split(['/', '?']).next().unwrap_or("").contains(',') {
-            return Err(ConfigError::invalid(
-                key,
-                url,
-                "several hosts are not supported; name one host",
-            ));
+        let authority = rest.split(['/', '?']).next().unwrap_or("");
+        if authority.rsplit('@').next().unwrap_or("").contains(',') {
+            return Err(invalid("several hosts are not supported; name one host"));
         }
+        let parsed = url::Url::parse(&format!("postgres://{rest}"))
+            .map_err(|e| invalid(&format!("not a valid URL: {e}")))?;
         let host = parsed
             .host_str()
             .filter(|h| !h.is_empty())
-            .ok_or_else(|| ConfigError::invalid(key, url, "the URL names no host"))?;
-        let database = parsed.path().trim_start_matches('/');
+            .ok_or_else(|| invalid("the URL names no host"))?;
+        let database = percent_decode(parsed.path().trim_start_matches('/'));
         if database.is_empty() {
-            return Err(ConfigError::invalid(
-                key,
-                url,
+            return Err(invalid(
                 "the URL names no database; add it after the host, like jdbc:postgresql://host:5432/streaming_example",
             ));
         }
         let mut options = PgConnectOptions::new_without_pgpass()
             .host(host)
             .port(parsed.port().unwrap_or(5432))
-            .database(database);
+            .database(&database);
         let mut url_user = None;
         let mut url_password = None;
         for (name, value) in parsed.query_pairs() {
@@ -139,11 +153,9 @@ impl PgTarget {
                 "password" => url_password = Some(value.into_owned()),
                 "sslmode" => {
                     let mode = PgSslMode::from_str(&value).map_err(|_| {
-                        ConfigError::invalid(
-                            key,
-                            url,
-                            format!("sslmode `{value}` is not one of disable, allow, prefer, require, verify-ca, verify-full"),
-                        )
+                        invalid(&format!(
+                            "sslmode `{value}` is not one of disable, allow, prefer, require, verify-ca, verify-full"
+                        ))
                     })?;
                     options = options.ssl_mode(mode);
                 }
@@ -152,30 +164,32 @@ impl PgTarget {
                 "sslkey" => options = options.ssl_client_key(value.as_ref()),
                 "ApplicationName" | "applicationName" => options = options.application_name(&value),
                 other => {
-                    return Err(ConfigError::invalid(
-                        key,
-                        &redact_url(url),
-                        format!(
-                            "the JDBC parameter `{other}` is not supported; Tidemark honours {}",
-                            JDBC_PARAMS.join(", ")
-                        ),
-                    ))
+                    // A parameter name is not a secret, but a mistyped
+                    // `password` might be followed by one: only its name shows.
+                    return Err(invalid(&format!(
+                        "the JDBC parameter `{other}` is not supported; Tidemark honours {}",
+                        JDBC_PARAMS.join(", ")
+                    )));
                 }
             }
         }
+        let userinfo_user =
+            (!parsed.username().is_empty()).then(|| percent_decode(parsed.username()));
+        let userinfo_password = parsed.password().map(percent_decode);
         let user = user
             .map(str::to_owned)
             .or(url_user)
-            .or_else(|| (!parsed.username().is_empty()).then(|| parsed.username().to_owned()))
+            .or(userinfo_user)
             .ok_or_else(|| ConfigError::missing("connection.user", "the JDBC URL names no user"))?;
         options = options.username(&user);
         let display = format!("{user}@{host}:{}/{database}", parsed.port().unwrap_or(5432));
-        let replication = ReplicationAuth {
-            password: password.map(str::to_owned).or(url_password),
-            ssl_root_cert: query_param(Some(&parsed), "sslrootcert"),
-            ssl_cert: query_param(Some(&parsed), "sslcert"),
-            ssl_key: query_param(Some(&parsed), "sslkey"),
-        };
+        let replication = ReplicationAuth::new(
+            password
+                .map(str::to_owned)
+                .or(url_password)
+                .or(userinfo_password),
+            Some(&parsed),
+        );
         if let Some(password) = &replication.password {
             options = options.password(password);
         }
@@ -206,22 +220,15 @@ impl PgTarget {
             options.get_database().unwrap_or("(default)")
         );
         let parsed = url::Url::parse(url).ok();
-        let replication = ReplicationAuth {
-            password: parsed
-                .as_ref()
-                .and_then(|u| u.password())
-                .map(percent_decode)
-                .or_else(|| {
-                    parsed.as_ref().and_then(|u| {
-                        u.query_pairs()
-                            .find(|(k, _)| k == "password")
-                            .map(|(_, v)| v.into_owned())
-                    })
-                }),
-            ssl_root_cert: query_param(parsed.as_ref(), "sslrootcert"),
-            ssl_cert: query_param(parsed.as_ref(), "sslcert"),
-            ssl_key: query_param(parsed.as_ref(), "sslkey"),
-        };
+        let replication = ReplicationAuth::new(
+            query_param(parsed.as_ref(), "password").or_else(|| {
+                parsed
+                    .as_ref()
+                    .and_then(|u| u.password())
+                    .map(percent_decode)
+            }),
+            parsed.as_ref(),
+        );
         Ok(Self {
             options: with_session_settings(options),
             display,
@@ -249,6 +256,18 @@ impl PgTarget {
                 .clone()
                 .zip(self.replication.ssl_key.clone()),
         })
+    }
+
+    /// The same server and user with `password` (from a password file),
+    /// which wins over the URL's.
+    pub fn with_password(&self, password: &str) -> Self {
+        let mut replication = self.replication.clone();
+        replication.password = Some(password.to_owned());
+        Self {
+            options: self.options.clone().password(password),
+            display: self.display.clone(),
+            replication,
+        }
     }
 
     /// The same server, another database.
@@ -440,7 +459,7 @@ pub fn explain(e: sqlx::Error, target: &PgTarget) -> anyhow::Error {
     let hint = match &e {
         sqlx::Error::Database(db) => match db.code().as_deref() {
             Some("28P01") | Some("28000") => {
-                "the password or user is wrong: check connection.user and connection.password (or DATABASE_URL)"
+                "the password or user is wrong: check connection.user and connection.password (or --connection-password-file, DATABASE_URL, --database-password-file, PGPASSWORD)"
             }
             Some("3D000") => "the database does not exist: run schema-init first, or fix the database in the URL",
             Some("42501") => "permission denied: grant the user access, or connect as the table's owner",
@@ -459,36 +478,98 @@ pub fn explain(e: sqlx::Error, target: &PgTarget) -> anyhow::Error {
     }
 }
 
-/// Replaces a password in a URL with `***`.
+/// Replaces every password in a connection URL with `***`: the userinfo's
+/// (`postgres://user:***@host`, also when the password holds a raw `@` or
+/// `/`), query parameters whose (percent-decoded) name is a secret
+/// (`password`, `sslpassword`), and, in a libpq `key=value` string, the
+/// value of such a key. Safe on any text: what is not recognised stays.
 pub fn redact_url(url: &str) -> String {
+    use crate::secret::is_secret_key;
+    let scheme_end = match url.find("://") {
+        Some(i) => i + 3,
+        None if url.starts_with("jdbc:postgresql:") => "jdbc:postgresql:".len(),
+        None if url.contains('=') && !url.contains('?') => return redact_keyword_string(url),
+        None => 0,
+    };
+    let (scheme, rest) = url.split_at(scheme_end);
+    let (before_query, query) = match rest.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (rest, None),
+    };
     let mut out = String::with_capacity(url.len());
-    // user:password@ form
-    let (scheme, rest) = match url.find("://") {
-        Some(i) => url.split_at(i + 3),
-        None => ("", url),
-    };
     out.push_str(scheme);
-    let rest = match rest.find('@') {
-        Some(at) if rest[..at].contains(':') && !rest[..at].contains('/') => {
-            let colon = rest[..at].find(':').unwrap_or(at);
-            format!("{}:***{}", &rest[..colon], &rest[at..])
+    match before_query.rfind('@') {
+        Some(at) if before_query[..at].contains(':') => {
+            let colon = before_query.find(':').unwrap_or(at);
+            out.push_str(&before_query[..colon]);
+            out.push_str(":***");
+            out.push_str(&before_query[at..]);
         }
-        _ => rest.to_owned(),
-    };
-    // ?password=... form
-    let mut parts = rest.splitn(2, '?');
-    out.push_str(parts.next().unwrap_or(""));
-    if let Some(query) = parts.next() {
+        _ => out.push_str(before_query),
+    }
+    if let Some(query) = query {
         out.push('?');
         let redacted: Vec<String> = query
             .split('&')
             .map(|kv| match kv.split_once('=') {
-                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                Some((k, _)) if is_secret_key(&percent_decode(k)) => format!("{k}=***"),
                 _ => kv.to_owned(),
             })
             .collect();
         out.push_str(&redacted.join("&"));
     }
+    out
+}
+
+/// [`redact_url`], and the value of every query parameter that is not a
+/// known harmless one: a mistyped `passwort=` is refused, and its value
+/// must not be shown in the refusal.
+fn redact_jdbc_url(url: &str) -> String {
+    let redacted = redact_url(url);
+    let Some((base, query)) = redacted.split_once('?') else {
+        return redacted;
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) if (!JDBC_PARAMS.contains(&k) || k == "password") && v != "***" => {
+                format!("{k}=***")
+            }
+            _ => kv.to_owned(),
+        })
+        .collect();
+    format!("{base}?{}", query.join("&"))
+}
+
+/// [`redact_url`] for libpq's `host=h password=secret` form: the value of
+/// a secret keyword (to the next space, or to the end when it is quoted).
+fn redact_keyword_string(text: &str) -> String {
+    use crate::secret::is_secret_key;
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(eq) = rest.find('=') {
+        let (before, after) = rest.split_at(eq);
+        let keyword = before
+            .rsplit(|c: char| c.is_whitespace())
+            .next()
+            .unwrap_or("");
+        out.push_str(before);
+        out.push('=');
+        let after = &after[1..];
+        if is_secret_key(keyword) {
+            out.push_str("***");
+            rest = if after.starts_with(['\'', '"']) {
+                ""
+            } else {
+                after
+                    .find(char::is_whitespace)
+                    .map_or("", |end| &after[end..])
+            };
+        } else {
+            rest = after;
+        }
+    }
+    out.push_str(rest);
     out
 }
 
@@ -717,14 +798,90 @@ mod tests {
 
     #[test]
     fn passwords_are_redacted_from_urls() {
-        assert_eq!(
-            redact_url("postgres://u:pw@h:1/db"),
-            "postgres://u:***@h:1/db"
-        );
-        assert_eq!(
-            redact_url("jdbc:postgresql://h/db?user=u&password=pw"),
-            "jdbc:postgresql://h/db?user=u&password=***"
-        );
+        for (url, want) in [
+            ("postgres://u:pw@h:1/db", "postgres://u:***@h:1/db"),
+            (
+                "jdbc:postgresql://h/db?user=u&password=pw",
+                "jdbc:postgresql://h/db?user=u&password=***",
+            ),
+            (
+                "jdbc:postgresql://u:p@w/x@h/db",
+                "jdbc:postgresql://u:***@h/db",
+            ),
+            (
+                "jdbc:postgresql://h/db?pass%77ord=pw&sslpassword=pw&Password=pw",
+                "jdbc:postgresql://h/db?pass%77ord=***&sslpassword=***&Password=***",
+            ),
+            ("postgres://u@h/db", "postgres://u@h/db"),
+            (
+                "host=h password=pw dbname=d",
+                "host=h password=*** dbname=d",
+            ),
+            ("host=h password='p w' dbname=d", "host=h password=***"),
+        ] {
+            assert_eq!(redact_url(url), want, "{url}");
+        }
+    }
+
+    /// Issue 10.3: no message about a JDBC URL shows its password, whichever
+    /// part of the URL is wrong.
+    #[test]
+    fn no_jdbc_url_error_shows_the_password() {
+        for url in [
+            "postgresql://u:hunter2@h/db",
+            "jdbc:postgresql:u:hunter2@h/db",
+            "jdbc:postgresql://h/?password=hunter2",
+            "jdbc:postgresql://u:hunter2@h/",
+            "jdbc:postgresql://u:hunter2@h1,h2/db",
+            "jdbc:postgresql://h1,h2/db?password=hunter2",
+            "jdbc:postgresql://h/db?password=hunter2&sslmode=sometimes",
+            "jdbc:postgresql://u:hunter2@h/db?sslmode=sometimes",
+            "jdbc:postgresql://u:hunter2@h:99999/db",
+            "jdbc:postgresql://u:hun/ter2@h/db",
+            "jdbc:postgresql://u:hunter2@/db",
+            "jdbc:postgresql://h/db?password=hunter2&loginTimeout=3",
+            "jdbc:postgresql://h/db?passwort=hunter2",
+        ] {
+            let err = PgTarget::from_jdbc("connection.url", url, Some("u"), None)
+                .err()
+                .unwrap_or_else(|| panic!("{url} is accepted"))
+                .to_string();
+            assert!(err.contains("connection.url"), "{url}: {err}");
+            assert!(
+                !err.contains("hunter2") && !err.contains("ter2"),
+                "{url}: {err}"
+            );
+        }
+        let err = PgTarget::from_url("DATABASE_URL", "postgres://u:hunter2@h:99999/db")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn the_userinfo_of_a_jdbc_url_gives_user_and_password() {
+        let t = PgTarget::from_jdbc(
+            "connection.url",
+            "jdbc:postgresql://us%40er:p%3Aw%2F@h:6432/my%20db",
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(t.options.get_username(), "us@er");
+        assert_eq!(t.options.get_database(), Some("my db"));
+        let r = t.replication_target().unwrap();
+        assert_eq!((r.password.as_str(), r.port), ("p:w/", 6432));
+        assert!(!format!("{t:?} {t}").contains("p:w"));
+        // The keys, then the URL's parameters, win over the userinfo.
+        let t = PgTarget::from_jdbc(
+            "connection.url",
+            "jdbc:postgresql://a:b@h/db?user=c&password=d",
+            Some("e"),
+            None,
+        )
+        .unwrap();
+        assert_eq!(t.options.get_username(), "e");
+        assert_eq!(t.replication_target().unwrap().password, "d");
     }
 
     #[test]

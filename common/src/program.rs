@@ -38,6 +38,25 @@ where
     })
 }
 
+/// Parses the command line with [`crate::secret::parse`] and runs `run` like
+/// [`main`], first logging a warning for each secret found among the
+/// arguments. `json_logs` picks the log format from the parsed flags.
+pub fn parse_and_run<P, F, Fut>(name: &str, json_logs: fn(&P) -> bool, run: F) -> ExitCode
+where
+    P: clap::Parser,
+    F: FnOnce(P, CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let (cli, secrets_on_command_line) = crate::secret::parse::<P>();
+    let json = json_logs(&cli);
+    main(name, json, |shutdown| async move {
+        for w in secrets_on_command_line {
+            tracing::warn!("{w}");
+        }
+        run(cli, shutdown).await
+    })
+}
+
 /// Makes glibc's allocator keep two arenas instead of up to eight per core.
 ///
 /// glibc gives each thread that finds the heap busy an arena of its own, and

@@ -58,8 +58,7 @@ struct Cli {
 
 /// Parses the command line, runs the program and returns its exit code.
 pub fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    tidemark_common::program::main("file-sink", cli.json_logs, |shutdown| run(cli, shutdown))
+    tidemark_common::program::parse_and_run("file-sink", |cli: &Cli| cli.json_logs, run)
 }
 
 async fn run(cli: Cli, shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {

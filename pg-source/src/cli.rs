@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use tidemark_common::config::ConnectorConfig;
 use tidemark_common::kafka::KafkaArgs;
+use tidemark_common::secret::{read_secret_file, Secret};
 
 /// Streams the rows of Postgres tables into Kafka, like Kafka Connect's JDBC
 /// source in timestamp+incrementing mode, but missing no row when
@@ -36,9 +37,19 @@ struct Cli {
     #[arg(long, env = "TIDEMARK_CONNECTION_USER")]
     connection_user: Option<String>,
 
-    /// `connection.password`.
+    /// `connection.password`. Every local user can read a command line:
+    /// prefer --connection-password-file or this variable.
     #[arg(long, env = "TIDEMARK_CONNECTION_PASSWORD", hide_env_values = true)]
-    connection_password: Option<String>,
+    connection_password: Option<Secret>,
+
+    /// `connection.password` from a file (its whole content but one trailing
+    /// newline), like a container secret.
+    #[arg(
+        long,
+        env = "TIDEMARK_CONNECTION_PASSWORD_FILE",
+        conflicts_with = "connection_password"
+    )]
+    connection_password_file: Option<PathBuf>,
 
     /// `mode`: logical (every insert, update and delete, from a replication
     /// slot; schema-init --capture logical, wal_level = logical), changelog
@@ -160,18 +171,24 @@ struct Cli {
 
 /// Parses the command line, runs the program and returns its exit code.
 pub fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    tidemark_common::program::main("pg-source", cli.json_logs, |shutdown| run(cli, shutdown))
+    tidemark_common::program::parse_and_run("pg-source", |cli: &Cli| cli.json_logs, run)
 }
 
 async fn run(cli: Cli, shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
+    let password = match &cli.connection_password_file {
+        Some(path) => Some(read_secret_file("--connection-password-file", path)?),
+        None => cli.connection_password,
+    };
     let mut connector =
         ConnectorConfig::from_file_or_named(cli.connector_config.as_deref(), "pg-source")?;
     connector.apply_overrides([
         ("name", cli.name),
         ("connection.url", cli.connection_url),
         ("connection.user", cli.connection_user),
-        ("connection.password", cli.connection_password),
+        (
+            "connection.password",
+            password.map(|p| p.expose().to_owned()),
+        ),
         ("mode", cli.mode),
         ("timestamp.column.name", cli.timestamp_column_name),
         ("incrementing.column.name", cli.incrementing_column_name),

@@ -12,8 +12,18 @@ use tidemark_common::pg::{PgTarget, TableName};
 struct Cli {
     /// Superuser or owner URL, like postgres://postgres:postgres@127.0.0.1:5432/postgres.
     /// Its database is used only to create the target database.
+    /// Prefer the variable to the flag: every local user can read a command
+    /// line. libpq's PGPASSWORD, ~/.pgpass (PGPASSFILE), PGSSLMODE,
+    /// PGSSLROOTCERT, PGSSLCERT, PGSSLKEY and PGAPPNAME apply where the URL
+    /// does not say.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
+
+    /// The password of --database-url's user from a file (its whole content
+    /// but one trailing newline), like a container secret; wins over the
+    /// URL's.
+    #[arg(long, env = "TIDEMARK_DATABASE_PASSWORD_FILE")]
+    database_password_file: Option<std::path::PathBuf>,
 
     /// Database to create and fill.
     #[arg(long, env = "TIDEMARK_DATABASE", default_value = "streaming_example")]
@@ -72,7 +82,7 @@ struct Cli {
 
 /// Parses the command line, runs schema-init and returns its exit code.
 pub fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let (cli, secrets_on_command_line) = tidemark_common::secret::parse::<Cli>();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -80,11 +90,14 @@ pub fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async_main(cli))
+    runtime.block_on(async_main(cli, secrets_on_command_line))
 }
 
-async fn async_main(cli: Cli) -> std::process::ExitCode {
+async fn async_main(cli: Cli, secrets_on_command_line: Vec<String>) -> std::process::ExitCode {
     tidemark_common::telemetry::init(cli.json_logs);
+    for w in secrets_on_command_line {
+        tracing::warn!("{w}");
+    }
     match run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -101,6 +114,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .as_deref()
         .map(|url| PgTarget::from_url("DATABASE_URL", url))
         .transpose()?;
+    let target = match (target, &cli.database_password_file) {
+        (Some(target), Some(path)) => Some(target.with_password(
+            tidemark_common::secret::read_secret_file("--database-password-file", path)?.expose(),
+        )),
+        (target, _) => target,
+    };
     let cfg = crate::Config {
         target,
         database: cli.database,

@@ -40,7 +40,7 @@ pub(crate) fn free_port() -> u16 {
 /// Sends SIGTERM and expects exit 0 within 10 s.
 /// A child process killed when dropped, so a failing test leaves no
 /// program running behind it.
-struct KillOnDrop(std::process::Child);
+pub(crate) struct KillOnDrop(pub(crate) std::process::Child);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
@@ -62,7 +62,7 @@ fn wait_for_body(port: u16, path: &str, want: &str) {
     }
 }
 
-fn sigterm_and_wait(child: &mut std::process::Child) {
+pub(crate) fn sigterm_and_wait(child: &mut std::process::Child) {
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

@@ -17,6 +17,7 @@ mod ordering;
 mod replay;
 mod replay_pipeline;
 mod restart;
+mod secrets;
 mod seed;
 mod session;
 mod sink;

@@ -510,7 +510,13 @@ impl Fixture {
     pub fn start_source_with(&self, overrides: &[(&str, &str)]) -> Running<()> {
         let mut c = self.source_connector();
         c.apply_overrides(overrides.iter().map(|(k, v)| (*k, Some((*v).to_owned()))));
-        let (mut cfg, _) = pg_source::Config::from_connector(&c, kafka()).unwrap();
+        self.start_source_from(&c)
+    }
+
+    /// Starts pg-source with a connector config of the test's own making
+    /// (keys removed, say), on the fixture's offsets topic.
+    pub fn start_source_from(&self, c: &ConnectorConfig) -> Running<()> {
+        let (mut cfg, _) = pg_source::Config::from_connector(c, kafka()).unwrap();
         cfg.offsets_topic = format!("{}offsets", self.prefix);
         let health = cfg.health.clone();
         let mut running = Running::start(|token| pg_source::run(cfg, token));
