@@ -15,7 +15,8 @@ use rdkafka::message::Message;
 use rdkafka::TopicPartitionList;
 
 /// The Kafka flags every program takes, flattened into its command line.
-#[derive(Debug, Clone, clap::Args)]
+/// `Debug` hides secret property values.
+#[derive(Clone, clap::Args)]
 pub struct KafkaArgs {
     /// Kafka brokers, host:port[,host:port].
     #[arg(
@@ -44,6 +45,21 @@ pub struct KafkaArgs {
     /// Repeatable.
     #[arg(long = "kafka-property-file", env = "TIDEMARK_KAFKA_PROPERTY_FILE")]
     pub kafka_property_files: Vec<std::path::PathBuf>,
+}
+
+impl fmt::Debug for KafkaArgs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let props: Vec<String> = self
+            .kafka_properties
+            .iter()
+            .map(|p| redact_property(p))
+            .collect();
+        f.debug_struct("KafkaArgs")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("kafka_properties", &props)
+            .field("kafka_property_files", &self.kafka_property_files)
+            .finish()
+    }
 }
 
 impl KafkaArgs {
@@ -489,6 +505,11 @@ mod tests {
         let config = settings.client_config(&[]);
         assert_eq!(config.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
         assert!(!format!("{settings:?}").contains("hunter2"));
+        let flag = KafkaArgs {
+            kafka_properties: vec!["sasl.password=hunter2".into()],
+            ..args.clone()
+        };
+        assert!(!format!("{flag:?}").contains("hunter2"), "{flag:?}");
 
         std::fs::write(&file, "sasl.password hunter2\n").unwrap();
         let err = format!("{:#}", args.settings().unwrap_err());
