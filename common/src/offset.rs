@@ -250,6 +250,10 @@ pub struct SinkCheckpoint {
     pub dead_letter_len: u64,
     /// `topic` → `partition` → next offset to read.
     pub offsets: BTreeMap<String, BTreeMap<i32, i64>>,
+    /// `topic` → `partition` → the last record read, to tell a topic
+    /// deleted and created again from the one the file holds.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fingerprints: BTreeMap<String, BTreeMap<i32, crate::archive::Fingerprint>>,
 }
 
 impl SinkCheckpoint {
@@ -303,6 +307,11 @@ impl SinkCheckpoint {
     /// The next offset of one partition, if any was recorded.
     pub fn next_offset(&self, topic: &str, partition: i32) -> Option<i64> {
         self.offsets.get(topic)?.get(&partition).copied()
+    }
+
+    /// The last record read from a partition, if recorded.
+    pub fn fingerprint(&self, topic: &str, partition: i32) -> Option<&crate::archive::Fingerprint> {
+        self.fingerprints.get(topic)?.get(&partition)
     }
 
     /// Records that everything before `next` in a partition is written.

@@ -49,6 +49,12 @@ pub mod names {
     pub const SINK_ERROR_KINDS: &[&str] = &["kafka", "file"];
     /// Records in Kafka not yet written, summed over partitions.
     pub const SINK_LAG_RECORDS: &str = "tidemark_sink_lag_records";
+    /// Segments of a segmented archive sealed.
+    pub const SINK_SEGMENTS_SEALED: &str = "tidemark_sink_segments_sealed_total";
+    /// Sealed segments a retention policy deleted.
+    pub const SINK_SEGMENTS_RETIRED: &str = "tidemark_sink_segments_retired_total";
+    /// Partitions of a segmented archive this instance writes now.
+    pub const SINK_PARTITIONS_HELD: &str = "tidemark_sink_partitions_held";
 
     /// What pg-source exports.
     pub const SOURCE: &[Metric] = &[
@@ -120,6 +126,24 @@ pub mod names {
             name: SINK_LAG_RECORDS,
             kind: Kind::Gauge,
             help: "Records in Kafka not yet written to the file, summed over partitions.",
+            start: Start::Absent,
+        },
+        Metric {
+            name: SINK_SEGMENTS_SEALED,
+            kind: Kind::Counter,
+            help: "Segments of a segmented archive sealed (compressed, listed in the manifest).",
+            start: Start::Zero,
+        },
+        Metric {
+            name: SINK_SEGMENTS_RETIRED,
+            kind: Kind::Counter,
+            help: "Sealed segments deleted by the retention policy (file.retention.window.ms).",
+            start: Start::Zero,
+        },
+        Metric {
+            name: SINK_PARTITIONS_HELD,
+            kind: Kind::Gauge,
+            help: "Partitions of a segmented archive this instance writes now (its share of the consumer group's).",
             start: Start::Absent,
         },
     ];

@@ -12,6 +12,12 @@ use tidemark_common::kafka::KafkaArgs;
 /// position moves, so the file holds each record exactly once across
 /// crashes. Reads FileStreamSink's JSON (`--connector-config`); every key can
 /// also be set by a flag or an environment variable, which win over the file.
+///
+/// With `file.rotate.bytes`, `file.rotate.interval.ms` or `file.compression`
+/// it writes a segmented archive instead: per partition, segments that are
+/// sealed (compressed, checksummed, listed in a manifest) by size or age,
+/// exactly once, and several instances with the same name share a topic's
+/// partitions as one consumer group.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Cli {
@@ -28,10 +34,42 @@ struct Cli {
     topics: Option<String>,
 
     /// `file`: the output file. Its folder must exist. The checkpoint
-    /// `<file>.tidemark-checkpoint` and bad records' `<file>.dead-letter`
-    /// sit beside it.
+    /// `<file>.tidemark-checkpoint`, the lock `<file>.tidemark-lock` and bad
+    /// records' `<file>.dead-letter` sit beside it. With any `file.rotate.*`
+    /// or `file.compression` key, the folder of a segmented archive instead
+    /// (created if missing; its parent must exist).
     #[arg(long, env = "TIDEMARK_FILE")]
     file: Option<String>,
+
+    /// `file.rotate.bytes`: write a segmented archive in the folder `file`,
+    /// sealing a partition's segment after the record that takes it to this
+    /// many bytes [default with any file.* key: 134217728, 128 MiB].
+    #[arg(long, env = "TIDEMARK_FILE_ROTATE_BYTES")]
+    file_rotate_bytes: Option<String>,
+
+    /// `file.rotate.interval.ms`: also seal a segment this many ms after its
+    /// first record, whether or not more records come.
+    #[arg(long, env = "TIDEMARK_FILE_ROTATE_INTERVAL_MS")]
+    file_rotate_interval_ms: Option<String>,
+
+    /// `file.compression`: none, zstd or gzip; each sealed segment is one
+    /// complete stream (zstdcat, zcat) [default: none].
+    #[arg(long, env = "TIDEMARK_FILE_COMPRESSION")]
+    file_compression: Option<String>,
+
+    /// `file.compression.level`: zstd -7 to 19 [3], gzip 0 to 9 [6].
+    #[arg(
+        long,
+        env = "TIDEMARK_FILE_COMPRESSION_LEVEL",
+        allow_hyphen_values = true
+    )]
+    file_compression_level: Option<String>,
+
+    /// `file.retention.window.ms`: keep every time of this last stretch
+    /// restorable and delete the sealed segments before the base snapshot
+    /// such a restore starts from. Unset: nothing is ever deleted.
+    #[arg(long, env = "TIDEMARK_FILE_RETENTION_WINDOW_MS")]
+    file_retention_window_ms: Option<String>,
 
     #[command(flatten)]
     kafka: KafkaArgs,
@@ -68,6 +106,11 @@ async fn run(cli: Cli, shutdown: tokio_util::sync::CancellationToken) -> anyhow:
         ("name", cli.name),
         ("topics", cli.topics),
         ("file", cli.file),
+        ("file.rotate.bytes", cli.file_rotate_bytes),
+        ("file.rotate.interval.ms", cli.file_rotate_interval_ms),
+        ("file.compression", cli.file_compression),
+        ("file.compression.level", cli.file_compression_level),
+        ("file.retention.window.ms", cli.file_retention_window_ms),
     ]);
     let kafka = cli.kafka.settings()?;
     let (mut cfg, warnings) = crate::Config::from_connector(&connector, kafka)?;

@@ -9,11 +9,13 @@
 //! statistics (`app_offset`, against `ls_offset`, the last stable offset).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use rdkafka::client::ClientContext;
-use rdkafka::consumer::ConsumerContext;
+use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{Offset, TopicPartitionList};
 use serde::Deserialize;
 
 /// What librdkafka last said about one partition.
@@ -63,13 +65,81 @@ pub struct Snapshot {
     pub partitions: HashMap<(String, i32), PartitionStats>,
 }
 
-/// The consumer's context: keeps the latest statistics.
+/// The consumer's context: keeps the latest statistics and, for a member
+/// of a consumer group, hands rebalances to the reading loop.
 #[derive(Debug, Default)]
 pub struct SinkContext {
     stats: Mutex<Snapshot>,
+    group: Option<Arc<Rebalances>>,
+}
+
+/// What a rebalance did, for the reading loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rebalance {
+    /// Partitions now assigned (paused), with the offset each was assigned
+    /// at (`None`: the beginning).
+    Assigned(Vec<((String, i32), Option<i64>)>),
+    /// Partitions no longer assigned.
+    Revoked(Vec<(String, i32)>),
+}
+
+/// Where reading a partition (topic, number) starts; `None`: the beginning.
+type StartFn = dyn Fn(&str, i32) -> Option<i64> + Send + Sync;
+
+/// Rebalances waiting for the reading loop, and how to find where each
+/// partition's reading starts.
+pub struct Rebalances {
+    events: Mutex<Vec<Rebalance>>,
+    /// Wakes the reading loop.
+    pub notify: tokio::sync::Notify,
+    /// Where a partition's reading starts, read without its lock: never
+    /// later than where it starts once the lock is held, as checkpoints
+    /// only move forward.
+    start: Box<StartFn>,
+}
+
+impl std::fmt::Debug for Rebalances {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rebalances")
+            .field("events", &self.events)
+            .finish()
+    }
+}
+
+impl Rebalances {
+    /// A queue whose assignments start where `start` says.
+    pub fn new(start: impl Fn(&str, i32) -> Option<i64> + Send + Sync + 'static) -> Self {
+        Self {
+            events: Mutex::new(Vec::new()),
+            notify: tokio::sync::Notify::new(),
+            start: Box::new(start),
+        }
+    }
+
+    /// Takes the rebalances that happened since the last call.
+    pub fn take(&self) -> Vec<Rebalance> {
+        std::mem::take(&mut *self.events.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn push(&self, r: Rebalance) {
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(r);
+        self.notify.notify_one();
+    }
 }
 
 impl SinkContext {
+    /// A context for a consumer group member, handing rebalances to
+    /// `group`.
+    pub fn for_group(group: Arc<Rebalances>) -> Self {
+        Self {
+            stats: Mutex::default(),
+            group: Some(group),
+        }
+    }
+
     /// The statistics of one partition, with when they were emitted.
     pub fn partition(&self, topic: &str, partition: i32) -> Option<(Instant, PartitionStats)> {
         let s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
@@ -93,6 +163,24 @@ struct RawTopic {
 }
 
 impl ClientContext for SinkContext {
+    /// librdkafka's log, except that a failed offset commit during a
+    /// rebalance (the offsets are only a hint for lag tools; the checkpoints
+    /// hold the position) is not a warning.
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        match level {
+            _ if fac == "COMMITFAIL" => tracing::debug!(target: "librdkafka", "{fac} {message}"),
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                tracing::error!(target: "librdkafka", "librdkafka: {fac} {message}")
+            }
+            L::Warning => tracing::warn!(target: "librdkafka", "librdkafka: {fac} {message}"),
+            L::Notice | L::Info => {
+                tracing::info!(target: "librdkafka", "librdkafka: {fac} {message}")
+            }
+            L::Debug => tracing::debug!(target: "librdkafka", "librdkafka: {fac} {message}"),
+        }
+    }
+
     fn stats_raw(&self, statistics: &[u8]) {
         let raw: RawStats = match serde_json::from_slice(statistics) {
             Ok(r) => r,
@@ -120,7 +208,62 @@ impl ClientContext for SinkContext {
     }
 }
 
-impl ConsumerContext for SinkContext {}
+impl ConsumerContext for SinkContext {
+    /// Assigns new partitions at where their checkpoints say and pauses
+    /// them until the reading loop holds their locks; lets revoked ones go
+    /// at once. Only a group member (one that subscribed) gets here.
+    ///
+    /// Nothing here waits: a partition whose former owner is still
+    /// finishing is waited for by the reading loop, not by librdkafka's
+    /// poll, so this member keeps its place in the group meanwhile.
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let Some(group) = &self.group else {
+            return;
+        };
+        let parts: Vec<(String, i32)> = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect();
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let mut assigned = Vec::new();
+                for (topic, p) in parts {
+                    let start = (group.start)(&topic, p);
+                    let offset = start.map_or(Offset::Beginning, Offset::Offset);
+                    if let Err(e) = tpl.set_partition_offset(&topic, p, offset) {
+                        tracing::warn!(topic, partition = p, error = %e, "cannot set the start offset");
+                    }
+                    assigned.push(((topic, p), start));
+                }
+                if let Err(e) = consumer.incremental_assign(tpl) {
+                    tracing::warn!(error = %e, "cannot take the assigned partitions");
+                }
+                if let Err(e) = consumer.pause(tpl) {
+                    tracing::warn!(error = %e, "cannot pause the assigned partitions");
+                }
+                group.push(Rebalance::Assigned(assigned));
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                if consumer.assignment_lost() {
+                    tracing::warn!(partitions = parts.len(), "the group took these partitions away (this member was away too long); letting them go");
+                }
+                if let Err(e) = consumer.incremental_unassign(tpl) {
+                    tracing::warn!(error = %e, "cannot let the revoked partitions go");
+                }
+                group.push(Rebalance::Revoked(parts));
+            }
+            other => {
+                tracing::warn!(error = ?other, "the consumer group's rebalance failed; it is retried");
+            }
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -20,15 +20,55 @@
 //!   on; a tombstone (null value) is skipped.
 //! - A write error (full disk, permission) stops the sink with the error
 //!   before anything is committed, so nothing is lost.
+//! - One sink per output: a lock beside it ([`lock`]) refuses a second.
+//! - A topic deleted and created again under the checkpoint (as by
+//!   `docker compose down -v`) is told from the one archived by the last
+//!   record's fingerprint ([`identity`]); the old output is kept aside,
+//!   unchanged, under a `.before-reset-<time>` name, and a new one starts.
+//!
+//! Two outputs:
+//!
+//! - **One growing file** (the default; the seed's FileStreamSink `topics` +
+//!   `file`), [`output`]: one instance, partitions assigned by hand.
+//! - **A segmented archive** (any of `file.rotate.bytes`,
+//!   `file.rotate.interval.ms`, `file.compression`): `file` is a folder with,
+//!   per partition, segments sealed by size or age (compressed with zstd or
+//!   gzip, each a complete stream), a manifest line per sealed segment and a
+//!   checkpoint. Several instances with one name share a topic's partitions
+//!   as the consumer group `connect-<name>` ([`group`]), each partition
+//!   written by the holder of its lock; storage and crash recovery are in
+//!   [`segments`], retention in [`retention`].
+//!
+//! The archive's layout, the manifest's and checkpoint's fields and the
+//! completeness mark are specified in `tidemark_common::archive`, which
+//! also reads both outputs back (pg-replay uses it). In short, per
+//! partition folder `<archive>/<topic>/<partition>/`:
+//!
+//! ```text
+//! <topic>+<partition>+<first offset, 20 digits>.jsonl.zst  sealed segments (.gz, or .jsonl)
+//! <topic>+<partition>+<first offset, 20 digits>.jsonl.open the segment being written
+//! manifest.jsonl   {"kind":"sealed","segment","first_offset","last_offset","records",
+//!                   "plain_bytes","compression","bytes","sha256","first","last",
+//!                   "min_ts_us","max_ts_us","snapshot_first","snapshot_last",
+//!                   "complete_before","sealed_at"} per sealed segment, once;
+//!                  {"kind":"retired",...} when retention deleted one
+//! checkpoint.json  next offset, open and closed segments, completeness mark
+//! lock, dead-letter.jsonl
+//! ```
 
 pub mod cli;
 pub mod consumer;
+pub mod group;
+pub mod identity;
 pub mod lock;
 pub mod output;
 pub mod pipeline;
+pub mod retention;
+pub mod segments;
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
@@ -37,6 +77,7 @@ use futures::FutureExt as _;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
+use tidemark_common::archive::{Compression, Position};
 use tidemark_common::config::{Conditional, ConnectorConfig, KeySet};
 use tidemark_common::health::Health;
 use tidemark_common::kafka::KafkaSettings;
@@ -48,10 +89,19 @@ use tokio_util::sync::CancellationToken;
 use crate::consumer::SinkContext;
 use crate::output::{Batch, Output};
 use crate::pipeline::{Committed, Pipeline};
+use crate::segments::SegmentConfig;
 
 /// The connector keys file-sink reads.
 pub const KEYS: KeySet = KeySet {
-    supported: &["topics", "file"],
+    supported: &[
+        "topics",
+        "file",
+        "file.rotate.bytes",
+        "file.rotate.interval.ms",
+        "file.compression",
+        "file.compression.level",
+        "file.retention.window.ms",
+    ],
     ignored: &[],
     conditional: &[
         Conditional {
@@ -111,8 +161,12 @@ pub struct Config {
     pub name: String,
     /// Topics to read.
     pub topics: Vec<String>,
-    /// The output file.
+    /// The output file, or with [`Config::segments`] the archive's folder.
     pub file: PathBuf,
+    /// Set when rotation or compression is configured: a segmented archive
+    /// in the folder `file` (see [`tidemark_common::archive`]) instead of
+    /// one growing file.
+    pub segments: Option<SegmentConfig>,
     /// The brokers.
     pub kafka: KafkaSettings,
     /// Records per batch handed to the writer at most; a batch also ends at
@@ -125,6 +179,9 @@ pub struct Config {
     pub metadata_refresh: Duration,
     /// Set ready once reading; for `/healthz` and tests.
     pub health: Health,
+    /// Partitions of a segmented archive this instance writes now; for
+    /// the gauge and for tests.
+    pub held: Arc<std::sync::atomic::AtomicUsize>,
     /// Where to serve `/healthz` and `/metrics`; `None` serves nothing.
     pub http_addr: Option<std::net::SocketAddr>,
 }
@@ -159,21 +216,97 @@ impl Config {
             "file",
             "the output file, like /tmp/data/streaming_output.txt",
         )?;
+        let segments = segment_config(c, Path::new(file))?;
         Ok((
             Self {
                 name: c.name.clone(),
                 topics,
                 file: PathBuf::from(file),
+                segments,
                 kafka,
                 max_batch_records: 5_000,
                 max_record_bytes: 16 * 1024 * 1024,
                 metadata_refresh: Duration::from_secs(10),
                 health: Health::new(),
+                held: Arc::default(),
                 http_addr: None,
             },
             warnings,
         ))
     }
+}
+
+/// Default `file.rotate.bytes`: a segment of 128 MiB of lines compresses
+/// to a few MiB, a size object stores and `zstdcat` handle well.
+pub const DEFAULT_ROTATE_BYTES: u64 = 128 * 1024 * 1024;
+
+/// The segmented archive's settings, when any of its keys is set.
+///
+/// Fails naming the key whose value is wrong.
+fn segment_config(c: &ConnectorConfig, file: &Path) -> Result<Option<SegmentConfig>, ConfigError> {
+    let keys = [
+        "file.rotate.bytes",
+        "file.rotate.interval.ms",
+        "file.compression",
+        "file.compression.level",
+    ];
+    if !keys.iter().any(|k| c.get(k).is_some()) {
+        if c.get("file.retention.window.ms").is_some() {
+            return Err(ConfigError::invalid(
+                "file.retention.window.ms",
+                c.get("file.retention.window.ms").unwrap_or_default(),
+                "retention deletes sealed segments, and a single file has none: set file.rotate.bytes or file.rotate.interval.ms too",
+            ));
+        }
+        return Ok(None);
+    }
+    let rotate_bytes = c.int(
+        "file.rotate.bytes",
+        DEFAULT_ROTATE_BYTES as i64,
+        1..=i64::MAX,
+    )? as u64;
+    let rotate_interval = match c.get("file.rotate.interval.ms") {
+        None => None,
+        Some(_) => Some(c.millis("file.rotate.interval.ms", 0)?).filter(|d| !d.is_zero()),
+    };
+    let compression = match c.get("file.compression") {
+        None => Compression::None,
+        Some(text) => Compression::parse(text).ok_or_else(|| {
+            ConfigError::invalid("file.compression", text, "expected none, zstd or gzip")
+        })?,
+    };
+    let (lo, hi) = match compression {
+        Compression::Zstd => (-7, 19),
+        Compression::Gzip => (0, 9),
+        Compression::None => (0, 0),
+    };
+    let level = c.int(
+        "file.compression.level",
+        SegmentConfig::default_level(compression).into(),
+        lo..=hi,
+    )? as i32;
+    let retention_window = match c.get("file.retention.window.ms") {
+        None => None,
+        Some(text) => {
+            let d = c.millis("file.retention.window.ms", 0)?;
+            if d.is_zero() {
+                return Err(ConfigError::invalid(
+                    "file.retention.window.ms",
+                    text,
+                    "a window of 0 would delete what the latest restore needs; remove the key to keep everything",
+                ));
+            }
+            Some(d)
+        }
+    };
+    Ok(Some(SegmentConfig {
+        root: file.to_path_buf(),
+        rotate_bytes,
+        rotate_interval,
+        compression,
+        level,
+        retention_window,
+    }))
 }
 
 /// Totals since start, for logs and tests.
@@ -211,7 +344,7 @@ pub const BATCH_BYTES: usize = 256 * 1024;
 /// larger fetches (`--kafka-property fetch.message.max.bytes=1048576`) trade
 /// memory for fewer round trips. `fetch.max.bytes` bounds one response over
 /// all partitions; librdkafka allows no less than `message.max.bytes` (1 MB).
-const CONSUMER_SETTINGS: &[(&str, &str)] = &[
+pub(crate) const CONSUMER_SETTINGS: &[(&str, &str)] = &[
     ("queued.max.messages.kbytes", "1024"),
     ("fetch.message.max.bytes", "65536"),
     ("fetch.max.bytes", "1048576"),
@@ -226,7 +359,7 @@ const CONSUMER_SETTINGS: &[(&str, &str)] = &[
 /// beginning explicitly, so `auto.offset.reset` only ever acts on a
 /// checkpoint's offset that the topic no longer has, and that must stop the
 /// sink rather than silently re-read or skip.
-const FIXED_SETTINGS: &[(&str, &str, &str)] = &[
+pub(crate) const FIXED_SETTINGS: &[(&str, &str, &str)] = &[
     (
         "isolation.level",
         "read_committed",
@@ -255,6 +388,9 @@ const FIXED_SETTINGS: &[(&str, &str, &str)] = &[
 /// full disk, no permission) or Kafka refuses the consumer (no READ on a
 /// topic); nothing that was not durably written is ever committed.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Totals> {
+    if let Some(seg) = cfg.segments.clone() {
+        return group::run(cfg, seg, shutdown).await;
+    }
     if let Some(addr) = cfg.http_addr {
         tidemark_common::ops::serve(
             addr,
@@ -266,7 +402,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
     }
     let path = cfg.file.clone();
     let owner = cfg.name.clone();
-    let out = tokio::task::spawn_blocking(move || Output::open(&path, &owner)).await??;
+    let mut out = tokio::task::spawn_blocking(move || Output::open(&path, &owner)).await??;
     let group = format!("connect-{}", cfg.name);
     let mut settings = vec![("group.id", group.as_str())];
     settings.extend_from_slice(CONSUMER_SETTINGS);
@@ -279,8 +415,30 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
     let mut assigned = BTreeSet::new();
     let mut waiting_logged = false;
     while assigned.is_empty() {
-        match assign_new(&consumer, &cfg.topics, &out.checkpoint, &mut assigned) {
+        match assign_new(
+            &consumer,
+            &cfg.kafka,
+            &cfg.topics,
+            &out.checkpoint,
+            &mut assigned,
+        ) {
             Ok(()) if !assigned.is_empty() => break,
+            Err(e) if e.downcast_ref::<Recreated>().is_some() => {
+                let why = e.to_string();
+                let (path, owner) = (cfg.file.clone(), cfg.name.clone());
+                out = tokio::task::spawn_blocking(move || -> anyhow::Result<Output> {
+                    let aside = out.set_aside()?;
+                    tracing::warn!(
+                        why,
+                        file = %path.display(),
+                        aside = %aside.display(),
+                        "the topic is not the one the file holds (deleted and created again, as by `docker compose down -v`): the file, its checkpoint and dead letters are kept unchanged under the new name, and a new file starts from the topic's beginning"
+                    );
+                    Output::open(&path, &owner)
+                })
+                .await??;
+                continue;
+            }
             Ok(()) => {
                 if !waiting_logged {
                     tracing::info!(topics = ?cfg.topics, "waiting for the topics to exist");
@@ -333,8 +491,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
             _ = refresh.tick() => {
                 cfg.health.progress();
                 let checkpoint = pipeline.committed().borrow().checkpoint.clone();
-                if let Err(e) = assign_new(&consumer, &cfg.topics, &checkpoint, &mut assigned) {
-                    tracing::warn!(error = %format!("{e:#}"), "cannot refresh topic metadata");
+                match assign_new(&consumer, &cfg.kafka, &cfg.topics, &checkpoint, &mut assigned) {
+                    Err(e) if e.downcast_ref::<Recreated>().is_some() => {
+                        fatal = Some(anyhow::anyhow!("{e}; restart file-sink to keep the file aside and start a new one"));
+                        break;
+                    }
+                    Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot refresh topic metadata"),
+                    Ok(()) => {}
                 }
                 continue;
             }
@@ -354,6 +517,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
             lines: Vec::with_capacity(BATCH_BYTES + BATCH_BYTES / 4),
             ..Default::default()
         };
+        // The last record of each partition, for its fingerprint.
+        let mut last: HashMap<(String, i32), BorrowedMessage<'_>> = HashMap::new();
         match first {
             Ok(msg) => {
                 if kafka_error_logged {
@@ -361,6 +526,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
                     kafka_error_logged = false;
                 }
                 add(&mut batch, &msg, cfg.max_record_bytes);
+                last.insert((msg.topic().to_owned(), msg.partition()), msg);
             }
             // A refused fetch stays refused until someone grants READ:
             // retrying would only hide it.
@@ -407,11 +573,24 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
             && batch.lines.len() + batch.dead.len() < BATCH_BYTES
         {
             match consumer.recv().now_or_never() {
-                Some(Ok(msg)) => add(&mut batch, &msg, cfg.max_record_bytes),
+                Some(Ok(msg)) => {
+                    add(&mut batch, &msg, cfg.max_record_bytes);
+                    last.insert((msg.topic().to_owned(), msg.partition()), msg);
+                }
                 // The next recv() sees the error again and handles it.
                 _ => break,
             }
         }
+        for ((topic, p), msg) in last.drain() {
+            let fp = identity::fingerprint(
+                msg.offset(),
+                msg.timestamp().to_millis(),
+                msg.key(),
+                msg.payload(),
+            );
+            batch.fingerprints.push((topic, p, fp));
+        }
+        drop(last);
         sent += batch.records();
         for (topic, p, next) in &batch.reached {
             delivered.insert((topic.clone(), *p), *next);
@@ -431,7 +610,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
         )
     })?;
     report_committed(&cfg, &consumer, &committed, &mut reported, &mut hinted);
-    close(consumer, checkpoint_offsets(&committed.checkpoint)).await;
+    close(
+        Arc::new(consumer),
+        checkpoint_offsets(&committed.checkpoint),
+    )
+    .await;
     if let Some(e) = fatal {
         return Err(e);
     }
@@ -452,7 +635,10 @@ const CLOSE_PATIENCE: Duration = Duration::from_secs(5);
 /// durable in the file) and closes the consumer, waiting at most
 /// [`CLOSE_PATIENCE`]: the position is the checkpoint beside the file, so
 /// nothing depends on either.
-async fn close(consumer: StreamConsumer<SinkContext>, hint: Option<TopicPartitionList>) {
+pub(crate) async fn close(
+    consumer: Arc<StreamConsumer<SinkContext>>,
+    hint: Option<TopicPartitionList>,
+) {
     let (done, closed) = std::sync::mpsc::channel();
     let spawned = std::thread::Builder::new()
         .name("file-sink-close".into())
@@ -532,52 +718,74 @@ fn checkpoint_offsets(checkpoint: &SinkCheckpoint) -> Option<TopicPartitionList>
     (tpl.count() > 0).then_some(tpl)
 }
 
+/// What one record becomes.
+pub enum Prepared<'a> {
+    /// A tombstone (null value): skipped.
+    Tombstone,
+    /// A line (without its line break) and where its event stands.
+    Line(std::borrow::Cow<'a, [u8]>, Position),
+    /// A record that cannot be a line, and why.
+    Dead(String),
+}
+
+/// Checks a record's value and reads its position in one pass: a line, a
+/// tombstone, or a dead letter with the reason (not UTF-8, not JSON, larger
+/// than `max_bytes`).
+pub fn prepare(value: Option<&[u8]>, offset: i64, max_bytes: usize) -> Prepared<'_> {
+    let Some(value) = value else {
+        return Prepared::Tombstone;
+    };
+    if value.len() > max_bytes {
+        return Prepared::Dead(format!(
+            "record of {} bytes is larger than the limit of {max_bytes}",
+            value.len()
+        ));
+    }
+    if let Err(e) = std::str::from_utf8(value) {
+        return Prepared::Dead(format!("not JSON: the bytes are not UTF-8 text ({e})"));
+    }
+    let pos = match Position::parse_line(value, offset) {
+        Ok(p) => p,
+        Err(e) => return Prepared::Dead(format!("not JSON: {e}")),
+    };
+    if has_line_break(value) {
+        // Pretty-printed JSON: one line per record, so compact it.
+        let v: serde_json::Value = serde_json::from_slice(value).expect("checked above");
+        let compact = serde_json::to_vec(&v).expect("a value always serialises");
+        return Prepared::Line(std::borrow::Cow::Owned(compact), pos);
+    }
+    Prepared::Line(std::borrow::Cow::Borrowed(value), pos)
+}
+
+/// The dead-letter line for a record: where it came from, why, and its
+/// key and value in base64.
+pub fn dead_letter(msg: &BorrowedMessage<'_>, reason: &str, out: &mut Vec<u8>) {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let entry = serde_json::json!({
+        "topic": msg.topic(),
+        "partition": msg.partition(),
+        "offset": msg.offset(),
+        "reason": reason,
+        "key_base64": msg.key().map(|k| b64.encode(k)),
+        "value_base64": msg.payload().map(|v| b64.encode(v)),
+    });
+    serde_json::to_writer(&mut *out, &entry).expect("a value always serialises");
+    out.push(b'\n');
+}
+
 /// Adds one record to the batch: a line, a dead letter or a skipped
 /// tombstone.
 fn add(batch: &mut Batch, msg: &BorrowedMessage<'_>, max_bytes: usize) {
     batch.reach(msg.topic(), msg.partition(), msg.offset() + 1);
-    let Some(value) = msg.payload() else {
-        batch.skipped += 1;
-        return;
-    };
-    let reason = if value.len() > max_bytes {
-        Some(format!(
-            "record of {} bytes is larger than the limit of {max_bytes}",
-            value.len()
-        ))
-    } else {
-        match std::str::from_utf8(value) {
-            Err(e) => Some(format!("not JSON: the bytes are not UTF-8 text ({e})")),
-            Ok(text) => match serde_json::from_str::<serde::de::IgnoredAny>(text) {
-                Ok(_) => None,
-                Err(e) => Some(format!("not JSON: {e}")),
-            },
-        }
-    };
-    match reason {
-        None => {
-            if has_line_break(value) {
-                // Pretty-printed JSON: one line per record, so compact it.
-                let v: serde_json::Value = serde_json::from_slice(value).expect("checked above");
-                serde_json::to_writer(&mut batch.lines, &v).expect("a value always serialises");
-            } else {
-                batch.lines.extend_from_slice(value);
-            }
+    match prepare(msg.payload(), msg.offset(), max_bytes) {
+        Prepared::Tombstone => batch.skipped += 1,
+        Prepared::Line(line, _) => {
+            batch.lines.extend_from_slice(&line);
             batch.lines.push(b'\n');
             batch.written += 1;
         }
-        Some(reason) => {
-            let b64 = base64::engine::general_purpose::STANDARD;
-            let entry = serde_json::json!({
-                "topic": msg.topic(),
-                "partition": msg.partition(),
-                "offset": msg.offset(),
-                "reason": reason,
-                "key_base64": msg.key().map(|k| b64.encode(k)),
-                "value_base64": b64.encode(value),
-            });
-            serde_json::to_writer(&mut batch.dead, &entry).expect("a value always serialises");
-            batch.dead.push(b'\n');
+        Prepared::Dead(reason) => {
+            dead_letter(msg, &reason, &mut batch.dead);
             batch.dead_count += 1;
         }
     }
@@ -632,8 +840,14 @@ fn report_lag(
 
 /// Assigns partitions of `topics` not yet assigned, each at the checkpoint's
 /// offset or the beginning.
+/// A partition's topic is not the one the file holds (see [`identity`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Recreated(String);
+
 fn assign_new(
     consumer: &StreamConsumer<SinkContext>,
+    kafka: &KafkaSettings,
     topics: &[String],
     checkpoint: &SinkCheckpoint,
     assigned: &mut BTreeSet<(String, i32)>,
@@ -665,6 +879,13 @@ fn assign_new(
                     Some(next) => Offset::Offset(next),
                     None => Offset::Beginning,
                 };
+                if let Some(fp) = checkpoint.fingerprint(topic, p.id()) {
+                    if let identity::Verdict::Recreated(why) =
+                        identity::check(kafka, topic, p.id(), fp)?
+                    {
+                        return Err(Recreated(why).into());
+                    }
+                }
                 fresh.add_partition_offset(topic, p.id(), offset)?;
                 keys.push(key);
             }

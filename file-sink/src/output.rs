@@ -18,6 +18,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
+use tidemark_common::archive::Fingerprint;
 use tidemark_common::offset::{sync_dir, SinkCheckpoint};
 
 use crate::lock::Lock;
@@ -57,6 +58,8 @@ pub struct Batch {
     pub dead_count: u64,
     /// Tombstones skipped.
     pub skipped: u64,
+    /// The last record of each partition in the batch.
+    pub fingerprints: Vec<(String, i32, Fingerprint)>,
 }
 
 impl Batch {
@@ -104,6 +107,8 @@ pub struct CommitPoint {
     pub dead_count: u64,
     /// Tombstones the batches skipped.
     pub skipped: u64,
+    /// The last record of each partition the batches read.
+    pub fingerprints: Vec<(String, i32, Fingerprint)>,
 }
 
 impl CommitPoint {
@@ -117,6 +122,11 @@ impl CommitPoint {
         self.written += later.written;
         self.dead_count += later.dead_count;
         self.skipped += later.skipped;
+        for (t, p, fp) in later.fingerprints {
+            self.fingerprints
+                .retain(|(t2, p2, _)| !(*t2 == t && *p2 == p));
+            self.fingerprints.push((t, p, fp));
+        }
     }
 }
 
@@ -246,6 +256,47 @@ impl Output {
         })
     }
 
+    /// Moves the file, its checkpoint and its dead-letter file aside as
+    /// `<file>.before-reset-<time>` (and `.tidemark-checkpoint`,
+    /// `.dead-letter` after that), unchanged, holding the lock meanwhile;
+    /// returns the new name of the file. The checkpoint goes first, so a
+    /// crash halfway leaves a file without a checkpoint, which the next
+    /// start refuses to touch.
+    ///
+    /// Fails when a rename fails.
+    pub fn set_aside(self) -> anyhow::Result<PathBuf> {
+        let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+            .to_string()
+            .replace(':', "");
+        let mut aside = beside(&self.path, &format!(".before-reset-{stamp}"));
+        let mut n = 1;
+        while aside.exists() || SinkCheckpoint::path_for(&aside).exists() {
+            n += 1;
+            aside = beside(&self.path, &format!(".before-reset-{stamp}-{n}"));
+        }
+        let moves = [
+            (
+                self.checkpoint_path.clone(),
+                SinkCheckpoint::path_for(&aside),
+            ),
+            (self.path.clone(), aside.clone()),
+            (self.dead_letter_path.clone(), dead_letter_path(&aside)),
+        ];
+        for (from, to) in moves {
+            match std::fs::rename(&from, &to) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("cannot move {} aside to {}", from.display(), to.display())
+                    })
+                }
+            }
+        }
+        sync_dir(&self.path)?;
+        Ok(aside)
+    }
+
     /// The syncer for this output, starting from its checkpoint.
     ///
     /// Fails when the file handle cannot be duplicated (out of descriptors).
@@ -296,6 +347,7 @@ impl Output {
             written: batch.written,
             dead_count: batch.dead_count,
             skipped: batch.skipped,
+            fingerprints: batch.fingerprints,
         })
     }
 
@@ -357,6 +409,12 @@ impl Syncer {
         next.dead_letter_len = point.dead_letter_len;
         for (topic, partition, offset) in &point.reached {
             next.advance(topic, *partition, *offset);
+        }
+        for (topic, partition, fp) in &point.fingerprints {
+            next.fingerprints
+                .entry(topic.clone())
+                .or_default()
+                .insert(*partition, fp.clone());
         }
         next.save(&self.checkpoint_path)?;
         self.checkpoint = next;

@@ -4,6 +4,7 @@
 //! so they run in parallel.
 
 mod acl;
+mod archive;
 mod bad_config;
 mod bad_input;
 mod changelog;

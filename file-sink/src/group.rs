@@ -1,0 +1,919 @@
+//! The segmented archive's reading side: one member of the consumer group
+//! `connect-<name>`, writing the partitions the group assigns it.
+//!
+//! Several instances with the same name share a topic's partitions; each
+//! partition's files are written by one instance at a time, the holder of
+//! the partition's lock ([`crate::lock`], in the partition's folder). The
+//! group decides who should write a partition; the lock decides who may:
+//!
+//! - A partition the group assigns is paused until its lock is taken and
+//!   its files recovered ([`segments::acquire`]); reading resumes at the
+//!   recovered checkpoint. Records before it are skipped.
+//! - A partition the group revokes is let go: its last writes are made
+//!   durable, then its lock is released, and only then can the next owner
+//!   take it.
+//! - A former owner that was killed lost its lock with its process. One
+//!   that is alive but stalled (paused, swapping, cut off from Kafka) keeps
+//!   its lock: the new owner waits for it, and says so, rather than write
+//!   beside it. When the stalled one wakes, the group has taken the
+//!   partition from it; it finishes the write in hand, lets go, and the
+//!   new owner starts from what it left.
+//!
+//! A recovered partition whose checkpoint has a fingerprint is first read
+//! from the fingerprinted record: if the topic holds another record there
+//! (it was deleted and created again, as after `docker compose down -v`),
+//! or ends before it, the partition's folder is set aside as
+//! `<partition>.before-reset-<time>` and the partition starts anew. If the
+//! topic lost records the archive has not read (retention), the sink stops
+//! and says so.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use futures::FutureExt as _;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use tidemark_common::archive::{
+    partition_dir, Archive, Fingerprint, Mark, PartitionCheckpoint, Position,
+};
+use tidemark_common::ops::names;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::consumer::{Rebalance, Rebalances, SinkContext};
+use crate::pipeline::Pipeline;
+use crate::segments::{
+    self, Acquire, Acquired, PartBatch, SegAppender, SegCommitter, SegReport, SegmentConfig, Tp,
+    Work,
+};
+use crate::{prepare, Config, Prepared, Totals, BATCH_BYTES, CONSUMER_SETTINGS, FIXED_SETTINGS};
+
+type SharedConsumer = Arc<StreamConsumer<SinkContext>>;
+
+/// Where reading a partition starts, from its checkpoint read without the
+/// lock: the fingerprinted record (to check the topic), else the next
+/// offset; `None` for the beginning.
+fn unlocked_start(root: &Path, topic: &str, partition: i32) -> Option<i64> {
+    let cp = PartitionCheckpoint::load(&partition_dir(root, topic, partition)).ok()??;
+    match &cp.fingerprint {
+        Some(fp) => Some(fp.offset),
+        None => (cp.next_offset > 0).then_some(cp.next_offset),
+    }
+}
+
+/// What the reading loop knows of one assigned partition.
+struct Part {
+    state: State,
+    /// An attempt to take it is running.
+    attempting: bool,
+    /// The holder it is waiting for was logged.
+    held_logged: bool,
+    /// The offset after the last record handed over.
+    delivered: Option<i64>,
+    /// A completeness probe in flight or waiting for statistics.
+    probe: Option<Probe>,
+    probing: bool,
+}
+
+enum State {
+    /// Assigned, its lock not yet taken.
+    Waiting,
+    /// Taken; the first record read must be the fingerprinted one.
+    Verifying(Box<Acquired>, Fingerprint),
+    /// Being set aside and started anew.
+    Resetting,
+    /// Written by this instance; records before `next` are skipped.
+    Owned { next: i64 },
+}
+
+/// A completeness probe: `k` is a unit known committed in Kafka (seen
+/// ending, or followed), and the partition's last stable offset was `lso`
+/// when asked at `at`, after `k` was known. Once the partition is handled
+/// up to `lso` (by statistics emitted after `at`), every one of its events
+/// of units up to `k` is in the archive.
+struct Probe {
+    at: Instant,
+    lso: i64,
+    k: (i64, Option<i64>),
+}
+
+/// What blocking work done off the loop reports.
+enum Done {
+    Acquire(Tp, anyhow::Result<Acquisition>),
+    Reset(Tp, anyhow::Result<(Box<Acquired>, PathBuf)>),
+    Probe(Tp, Option<Probe>),
+    Others(Option<(i64, Option<i64>)>),
+    Retention(anyhow::Result<Option<(i64, String)>>),
+    Complete(Option<Mark>),
+    Topics(anyhow::Result<()>),
+    Lost(Option<String>),
+}
+
+enum Acquisition {
+    Held(String),
+    Ready(Box<Acquired>, i64, i64),
+}
+
+/// A unit known committed in Kafka, from an event read: its own unit when
+/// it is the unit's last, else the one before.
+fn known_from(pos: &Position) -> Option<(i64, Option<i64>)> {
+    let co = pos.commit_order?;
+    Some((if pos.unit_end { co } else { co - 1 }, pos.ts_us))
+}
+
+fn later(
+    a: Option<(i64, Option<i64>)>,
+    b: Option<(i64, Option<i64>)>,
+) -> Option<(i64, Option<i64>)> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(if y.0 > x.0 { y } else { x }),
+        (x, y) => x.or(y),
+    }
+}
+
+/// Runs one group member until `shutdown` is cancelled.
+///
+/// Fails when the archive cannot be written or recovered, Kafka refuses
+/// the consumer, or a partition lost records the archive had not read.
+pub async fn run(
+    cfg: Config,
+    seg: SegmentConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Totals> {
+    if let Some(addr) = cfg.http_addr {
+        tidemark_common::ops::serve(
+            addr,
+            tidemark_common::ops::names::SINK,
+            cfg.health.clone(),
+            shutdown.clone(),
+        )
+        .await?;
+    }
+    let root = seg.root.clone();
+    {
+        let root = root.clone();
+        tokio::task::spawn_blocking(move || segments::create_archive(&root)).await??;
+    }
+    let rebalances = Arc::new(Rebalances::new({
+        let root = root.clone();
+        move |t, p| unlocked_start(&root, t, p)
+    }));
+    let group = format!("connect-{}", cfg.name);
+    let mut settings = vec![("group.id", group.as_str())];
+    settings.extend_from_slice(CONSUMER_SETTINGS);
+    // A killed member's partitions move on after this; librdkafka's 45 s
+    // would leave them unread that long.
+    settings.push(("session.timeout.ms", "10000"));
+    let mut fixed: Vec<(&str, &str, &str)> = FIXED_SETTINGS.to_vec();
+    fixed.push((
+        "partition.assignment.strategy",
+        "cooperative-sticky",
+        "a rebalance moves only the partitions that change owner",
+    ));
+    let consumer: SharedConsumer = Arc::new(
+        cfg.kafka
+            .client_config_fixed(&settings, &fixed)?
+            .create_with_context(SinkContext::for_group(rebalances.clone()))
+            .context("cannot create the Kafka consumer; check the kafka properties")?,
+    );
+    let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topics)
+        .context("cannot subscribe to the topics")?;
+    tracing::info!(
+        connector = %cfg.name,
+        archive = %root.display(),
+        group,
+        topics = ?cfg.topics,
+        rotate_bytes = seg.rotate_bytes,
+        rotate_interval = ?seg.rotate_interval,
+        compression = ?seg.compression,
+        retention_window = ?seg.retention_window,
+        kafka = %cfg.kafka.bootstrap_servers,
+        "file-sink started, writing a segmented archive as a member of its consumer group"
+    );
+    cfg.health.set_ready(true);
+
+    let mut pipeline = Pipeline::start_stages(
+        SegAppender::new(seg.clone()),
+        SegCommitter::new(seg.clone()),
+    )?;
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+    let mut parts: HashMap<Tp, Part> = HashMap::new();
+    let mut report = SegReport::default();
+    let mut reported = Totals::default();
+    let mut reported_sealed = 0u64;
+    let mut reported_retired = 0u64;
+    let mut known: Option<(i64, Option<i64>)> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut ticks = 0u64;
+    let mut complete_logged: Option<Mark> = None;
+    let mut kafka_error_logged = false;
+    let mut fatal: Option<anyhow::Error> = None;
+    let mut pre: Vec<Work> = Vec::new();
+    loop {
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = rebalances.notify.notified() => {
+                for r in rebalances.take() {
+                    match r {
+                        Rebalance::Assigned(list) => {
+                            for (tp, assigned) in list {
+                                tracing::info!(topic = %tp.0, partition = tp.1, start = ?assigned, "partition assigned");
+                                parts.insert(tp.clone(), Part {
+                                    state: State::Waiting,
+                                    attempting: false,
+                                    held_logged: false,
+                                    delivered: None,
+                                    probe: None,
+                                    probing: false,
+                                });
+                                try_acquire(&seg, &cfg.name, &consumer, &done_tx, &tp, parts.get_mut(&tp).expect("inserted"));
+                            }
+                        }
+                        Rebalance::Revoked(list) => {
+                            for tp in list {
+                                tracing::info!(topic = %tp.0, partition = tp.1, "partition revoked");
+                                if let Some(Part { state: State::Owned { .. }, .. }) = parts.remove(&tp) {
+                                    note_held(&cfg, &parts);
+                                    if !pipeline.send(Work::Release(tp)).await {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                continue;
+            }
+            Some(done) = done_rx.recv() => {
+                match on_done(done, &seg, &cfg.name, &consumer, &done_tx, &mut parts, &mut known, &mut complete_logged, &mut pre) {
+                    Ok(()) => {}
+                    Err(e) => {
+                        fatal = Some(e);
+                        break;
+                    }
+                }
+                note_held(&cfg, &parts);
+                let mut stopped = false;
+                for w in pre.drain(..) {
+                    if !pipeline.send(w).await {
+                        stopped = true;
+                        break;
+                    }
+                }
+                if stopped {
+                    break;
+                }
+                continue;
+            }
+            _ = tick.tick() => {
+                ticks += 1;
+                cfg.health.progress();
+                on_tick(ticks, &seg, &cfg, &consumer, &done_tx, &mut parts, &report, known, &mut pre);
+                let mut stopped = false;
+                for w in pre.drain(..) {
+                    if !pipeline.send(w).await {
+                        stopped = true;
+                        break;
+                    }
+                }
+                if stopped {
+                    break;
+                }
+                continue;
+            }
+            changed = pipeline.committed().changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                report = pipeline.committed().borrow_and_update().clone();
+                count(&report, &mut reported, &mut reported_sealed, &mut reported_retired);
+                continue;
+            }
+            m = consumer.recv() => m,
+        };
+        let mut batch: HashMap<Tp, PartBatch> = HashMap::new();
+        let mut bytes = 0usize;
+        let mut records = 0usize;
+        let mut last: HashMap<Tp, BorrowedMessage<'_>> = HashMap::new();
+        match first {
+            Ok(msg) => {
+                if kafka_error_logged {
+                    tracing::info!("kafka reachable again");
+                    kafka_error_logged = false;
+                }
+                route(
+                    msg, &cfg, &consumer, &done_tx, &seg, &mut parts, &mut batch, &mut last,
+                    &mut known, &mut pre, &mut bytes,
+                );
+                records += 1;
+            }
+            Err(e) => {
+                metrics::counter!(names::SINK_ERRORS, "kind" => "kafka").increment(1);
+                match e.rdkafka_error_code() {
+                    Some(rdkafka::error::RDKafkaErrorCode::TopicAuthorizationFailed) => {
+                        fatal = Some(anyhow::anyhow!(
+                            "not allowed to read topic {}: {e}; grant READ on it and on group {group} to this user",
+                            cfg.topics.join(", ")
+                        ));
+                        break;
+                    }
+                    Some(rdkafka::error::RDKafkaErrorCode::GroupAuthorizationFailed) => {
+                        fatal = Some(anyhow::anyhow!("not allowed to join consumer group {group}: {e}; grant READ on the group to this user"));
+                        break;
+                    }
+                    Some(rdkafka::error::RDKafkaErrorCode::AutoOffsetReset) => {
+                        // A partition assigned at its checkpoint's offset
+                        // may hit this before it is paused and checked;
+                        // taking it seeks it where it must read. Only a
+                        // partition this instance writes and whose place
+                        // the topic lost stops the sink.
+                        tracing::debug!(error = %e, "an assigned partition's start is not in its topic; checking the partitions written");
+                        let owned: Vec<(Tp, i64)> = parts
+                            .iter()
+                            .filter_map(|(tp, p)| match p.state {
+                                State::Owned { next } => Some((tp.clone(), next)),
+                                _ => None,
+                            })
+                            .collect();
+                        let (consumer, done) = (consumer.clone(), done_tx.clone());
+                        tokio::task::spawn_blocking(move || {
+                            let lost = owned.into_iter().find_map(|(tp, next)| {
+                                let (low, high) = consumer.fetch_watermarks(&tp.0, tp.1, Duration::from_secs(10)).ok()?;
+                                (next < low || next > high).then(|| format!(
+                                    "{} partition {}: the archive reads from offset {next}, but the topic now holds offsets {low} to {high}: records were deleted (retention, a lost broker) or the topic was recreated while file-sink ran; a restart checks each partition and sets aside those whose topic was recreated",
+                                    tp.0, tp.1
+                                ))
+                            });
+                            let _ = done.send(Done::Lost(lost));
+                        });
+                        continue;
+                    }
+                    _ => {
+                        if !kafka_error_logged {
+                            tracing::warn!(error = %e, "kafka consumer error; retrying");
+                            kafka_error_logged = true;
+                        }
+                        continue;
+                    }
+                }
+            }
+        }
+        while records < cfg.max_batch_records && bytes < BATCH_BYTES {
+            match consumer.recv().now_or_never() {
+                Some(Ok(msg)) => {
+                    route(
+                        msg, &cfg, &consumer, &done_tx, &seg, &mut parts, &mut batch, &mut last,
+                        &mut known, &mut pre, &mut bytes,
+                    );
+                    records += 1;
+                }
+                _ => break,
+            }
+        }
+        for (tp, msg) in last.drain() {
+            if let Some(b) = batch.get_mut(&tp) {
+                b.fingerprint = Some(crate::identity::fingerprint(
+                    msg.offset(),
+                    msg.timestamp().to_millis(),
+                    msg.key(),
+                    msg.payload(),
+                ));
+            }
+        }
+        let mut stopped = false;
+        for w in pre.drain(..) {
+            if !pipeline.send(w).await {
+                stopped = true;
+                break;
+            }
+        }
+        if stopped {
+            break;
+        }
+        if !batch.is_empty()
+            && !pipeline
+                .send(Work::Batch(batch.into_iter().collect()))
+                .await
+        {
+            break;
+        }
+    }
+    let result = pipeline.finish().await;
+    if result.is_err() {
+        metrics::counter!(names::SINK_ERRORS, "kind" => "file").increment(1);
+    }
+    let report = result.context(
+        "stopped without committing the last records; they will be read again after a restart",
+    )?;
+    count(
+        &report,
+        &mut reported,
+        &mut reported_sealed,
+        &mut reported_retired,
+    );
+    crate::close(consumer, None).await;
+    if let Some(e) = fatal {
+        return Err(e);
+    }
+    tracing::info!(
+        lines = report.totals.written,
+        dead = report.totals.dead,
+        sealed = report.sealed,
+        "file-sink stopped"
+    );
+    Ok(report.totals)
+}
+
+/// Says how many partitions this instance writes now.
+fn note_held(cfg: &Config, parts: &HashMap<Tp, Part>) {
+    let held = parts
+        .values()
+        .filter(|p| matches!(p.state, State::Owned { .. }))
+        .count();
+    cfg.held.store(held, std::sync::atomic::Ordering::Relaxed);
+    metrics::gauge!(names::SINK_PARTITIONS_HELD).set(held as f64);
+}
+
+/// Counts what the syncer made durable since the last report.
+fn count(report: &SegReport, reported: &mut Totals, sealed: &mut u64, retired: &mut u64) {
+    let now = report.totals;
+    metrics::counter!(names::SINK_LINES_WRITTEN).increment(now.written - reported.written);
+    metrics::counter!(names::SINK_DEAD_LETTERS).increment(now.dead - reported.dead);
+    metrics::counter!(names::SINK_TOMBSTONES_SKIPPED).increment(now.skipped - reported.skipped);
+    metrics::counter!(names::SINK_SEGMENTS_SEALED).increment(report.sealed - *sealed);
+    metrics::counter!(names::SINK_SEGMENTS_RETIRED).increment(report.retired - *retired);
+    if now.dead > reported.dead {
+        tracing::warn!(
+            records = now.dead - reported.dead,
+            "records sent to the partitions' dead-letter files"
+        );
+    }
+    *reported = now;
+    *sealed = report.sealed;
+    *retired = report.retired;
+}
+
+/// Starts an attempt to take `tp`'s lock and recover it, off the loop.
+fn try_acquire(
+    seg: &SegmentConfig,
+    owner: &str,
+    consumer: &SharedConsumer,
+    done: &mpsc::UnboundedSender<Done>,
+    tp: &Tp,
+    part: &mut Part,
+) {
+    if part.attempting {
+        return;
+    }
+    part.attempting = true;
+    let (seg, owner, consumer, done, tp) = (
+        seg.clone(),
+        owner.to_owned(),
+        consumer.clone(),
+        done.clone(),
+        tp.clone(),
+    );
+    tokio::task::spawn_blocking(move || {
+        let r = (|| -> anyhow::Result<Acquisition> {
+            match segments::acquire(&seg, &tp, &owner)? {
+                Acquire::Held(h) => Ok(Acquisition::Held(h)),
+                Acquire::Ready(a) => {
+                    let (low, high) = consumer
+                        .fetch_watermarks(&tp.0, tp.1, Duration::from_secs(10))
+                        .with_context(|| {
+                            format!("cannot read the offsets of {} partition {}", tp.0, tp.1)
+                        })?;
+                    Ok(Acquisition::Ready(a, low, high))
+                }
+            }
+        })();
+        let _ = done.send(Done::Acquire(tp, r));
+    });
+}
+
+/// Seeks `tp` to `offset` and resumes it. Always a seek: the fetcher may
+/// have met an offset the topic no longer has before the partition was
+/// paused, and only a seek starts it again.
+fn start_reading(consumer: &SharedConsumer, tp: &Tp, offset: Option<i64>) -> anyhow::Result<()> {
+    let to = offset.map_or(Offset::Beginning, Offset::Offset);
+    consumer
+        .seek(&tp.0, tp.1, to, Duration::from_secs(10))
+        .with_context(|| {
+            format!(
+                "cannot move the reading of {} partition {} to {to:?}",
+                tp.0, tp.1
+            )
+        })?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(&tp.0, tp.1);
+    consumer
+        .resume(&tpl)
+        .with_context(|| format!("cannot resume reading {} partition {}", tp.0, tp.1))
+}
+
+fn pause(consumer: &SharedConsumer, tp: &Tp) {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(&tp.0, tp.1);
+    if let Err(e) = consumer.pause(&tpl) {
+        tracing::warn!(topic = %tp.0, partition = tp.1, error = %e, "cannot pause the partition");
+    }
+}
+
+fn spawn_reset(
+    seg: &SegmentConfig,
+    owner: &str,
+    done: &mpsc::UnboundedSender<Done>,
+    tp: Tp,
+    a: Acquired,
+) {
+    let (seg, owner, done) = (seg.clone(), owner.to_owned(), done.clone());
+    tokio::task::spawn_blocking(move || {
+        let r = segments::reset(&seg, a, &owner).map(|(a, p)| (Box::new(a), p));
+        let _ = done.send(Done::Reset(tp, r));
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+fn on_done(
+    done: Done,
+    seg: &SegmentConfig,
+    owner: &str,
+    consumer: &SharedConsumer,
+    done_tx: &mpsc::UnboundedSender<Done>,
+    parts: &mut HashMap<Tp, Part>,
+    known: &mut Option<(i64, Option<i64>)>,
+    complete_logged: &mut Option<Mark>,
+    pre: &mut Vec<Work>,
+) -> anyhow::Result<()> {
+    match done {
+        Done::Acquire(tp, r) => {
+            let Some(part) = parts.get_mut(&tp) else {
+                // Revoked meanwhile: dropping the result lets the lock go.
+                return Ok(());
+            };
+            part.attempting = false;
+            if !matches!(part.state, State::Waiting) {
+                return Ok(());
+            }
+            match r? {
+                Acquisition::Held(holder) => {
+                    if !part.held_logged {
+                        tracing::warn!(topic = %tp.0, partition = tp.1, %holder, "the partition's former owner still holds it (finishing, or stalled); waiting for it to let go");
+                        part.held_logged = true;
+                    }
+                }
+                Acquisition::Ready(a, low, high) => {
+                    let start = a.start();
+                    let fp = a.fingerprint().cloned();
+                    tracing::info!(topic = %tp.0, partition = tp.1, next = ?start, low, high, "partition taken");
+                    let verdict = fp
+                        .as_ref()
+                        .and_then(|fp| crate::identity::by_offsets(&tp.0, tp.1, fp, low, high));
+                    match (start, fp) {
+                        (None, _) => {
+                            pre.push(Work::Acquire(a));
+                            start_reading(consumer, &tp, None)?;
+                            part.state = State::Owned { next: 0 };
+                        }
+                        (Some(next), Some(_))
+                            if matches!(verdict, Some(crate::identity::Verdict::Recreated(_))) =>
+                        {
+                            let Some(crate::identity::Verdict::Recreated(why)) = verdict else {
+                                unreachable!()
+                            };
+                            tracing::warn!(topic = %tp.0, partition = tp.1, archived_up_to = next, why, "the topic is not the one archived: it was deleted and created again (or its log was cut); setting the archived partition aside and starting it anew");
+                            part.state = State::Resetting;
+                            spawn_reset(seg, owner, done_tx, tp, *a);
+                        }
+                        (Some(next), _) if low > next => {
+                            anyhow::bail!(
+                                "{} partition {}: the topic now starts at offset {low}, but the archive has read only up to {next}: records {next} to {} were deleted before they were archived (retention, or a lost broker). To archive what is left, move the partition's folder {} away",
+                                tp.0,
+                                tp.1,
+                                low - 1,
+                                partition_dir(&seg.root, &tp.0, tp.1).display()
+                            );
+                        }
+                        (Some(next), Some(fp)) if verdict.is_none() => {
+                            start_reading(consumer, &tp, Some(fp.offset))?;
+                            part.state = State::Verifying(a, fp);
+                            let _ = next;
+                        }
+                        (Some(next), _) => {
+                            pre.push(Work::Acquire(a));
+                            start_reading(consumer, &tp, Some(next))?;
+                            part.state = State::Owned { next };
+                        }
+                    }
+                }
+            }
+        }
+        Done::Reset(tp, r) => {
+            let Some(part) = parts.get_mut(&tp) else {
+                return Ok(());
+            };
+            if !matches!(part.state, State::Resetting) {
+                return Ok(());
+            }
+            let (a, aside) = r?;
+            tracing::warn!(topic = %tp.0, partition = tp.1, aside = %aside.display(), "the archived partition is set aside (its files are kept there unchanged); archiving the new topic's partition from its beginning");
+            pre.push(Work::Acquire(a));
+            start_reading(consumer, &tp, None)?;
+            part.state = State::Owned { next: 0 };
+        }
+        Done::Probe(tp, probe) => {
+            if let Some(part) = parts.get_mut(&tp) {
+                part.probing = false;
+                part.probe = probe;
+            }
+        }
+        Done::Others(k) => *known = later(*known, k),
+        Done::Retention(r) => match r {
+            Ok(Some((before, reason))) => {
+                for (tp, part) in parts.iter() {
+                    if matches!(part.state, State::Owned { .. }) {
+                        pre.push(Work::Retire(tp.clone(), before, reason.clone()));
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot apply the retention policy; trying again later")
+            }
+        },
+        Done::Complete(mark) => {
+            if mark != *complete_logged {
+                if let Some(m) = mark {
+                    tracing::info!(
+                        commit_order = ?m.commit_order,
+                        ts = ?m.ts_us.and_then(|us| u64::try_from(us).ok()).map(|us| humantime::format_rfc3339_micros(std::time::UNIX_EPOCH + Duration::from_micros(us)).to_string()),
+                        "archive complete: every source change committed before this is in it"
+                    );
+                }
+                *complete_logged = mark;
+            }
+        }
+        Done::Lost(lost) => {
+            if let Some(why) = lost {
+                anyhow::bail!("{why}");
+            }
+        }
+        Done::Topics(r) => {
+            if let Err(e) = r {
+                tracing::debug!(error = %format!("{e:#}"), "cannot note the topics' partitions");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn route<'c>(
+    msg: BorrowedMessage<'c>,
+    cfg: &Config,
+    consumer: &SharedConsumer,
+    done_tx: &mpsc::UnboundedSender<Done>,
+    seg: &SegmentConfig,
+    parts: &mut HashMap<Tp, Part>,
+    batch: &mut HashMap<Tp, PartBatch>,
+    last: &mut HashMap<Tp, BorrowedMessage<'c>>,
+    known: &mut Option<(i64, Option<i64>)>,
+    pre: &mut Vec<Work>,
+    bytes: &mut usize,
+) {
+    let tp: Tp = (msg.topic().to_owned(), msg.partition());
+    let offset = msg.offset();
+    let Some(part) = parts.get_mut(&tp) else {
+        return;
+    };
+    if let State::Verifying(_, fp) = &part.state {
+        if offset < fp.offset {
+            return;
+        }
+        let verdict = crate::identity::by_record(
+            &tp.0,
+            tp.1,
+            fp,
+            offset,
+            msg.timestamp().to_millis(),
+            msg.key(),
+            msg.payload(),
+        );
+        let same = !matches!(verdict, crate::identity::Verdict::Recreated(_));
+        let State::Verifying(a, fp) = std::mem::replace(&mut part.state, State::Resetting) else {
+            unreachable!("matched above")
+        };
+        if !same {
+            tracing::warn!(topic = %tp.0, partition = tp.1, offset, "the topic holds another record where the archive's last one was: it was deleted and created again; setting the archived partition aside and starting it anew");
+            pause(consumer, &tp);
+            spawn_reset(seg, &cfg.name, done_tx, tp, *a);
+            return;
+        }
+        if offset > fp.offset {
+            tracing::info!(topic = %tp.0, partition = tp.1, "the archive's last record is gone from the topic (compacted); going on without checking it");
+        }
+        let next = a.start().unwrap_or(0);
+        pre.push(Work::Acquire(a));
+        part.state = State::Owned { next };
+        let _ = fp;
+        note_held(cfg, parts);
+    }
+    let Some(part) = parts.get_mut(&tp) else {
+        return;
+    };
+    let State::Owned { next } = &mut part.state else {
+        return;
+    };
+    if offset < *next {
+        return;
+    }
+    *next = offset + 1;
+    part.delivered = Some(offset + 1);
+    let b = batch.entry(tp.clone()).or_default();
+    match prepare(msg.payload(), offset, cfg.max_record_bytes) {
+        Prepared::Tombstone => b.skipped += 1,
+        Prepared::Line(line, pos) => {
+            *known = later(*known, known_from(&pos));
+            b.lines.extend_from_slice(&line);
+            b.lines.push(b'\n');
+            b.records.push((b.lines.len(), pos));
+            *bytes += line.len() + 1;
+        }
+        Prepared::Dead(reason) => {
+            crate::dead_letter(&msg, &reason, &mut b.dead);
+            b.dead_count += 1;
+            *bytes += b.dead.len();
+        }
+    }
+    b.next = offset + 1;
+    last.insert(tp, msg);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn on_tick(
+    ticks: u64,
+    seg: &SegmentConfig,
+    cfg: &Config,
+    consumer: &SharedConsumer,
+    done_tx: &mpsc::UnboundedSender<Done>,
+    parts: &mut HashMap<Tp, Part>,
+    report: &SegReport,
+    known: Option<(i64, Option<i64>)>,
+    pre: &mut Vec<Work>,
+) {
+    if seg.rotate_interval.is_some() {
+        pre.push(Work::Tick);
+    }
+    let mut lag = 0i64;
+    let mut lag_known = true;
+    let mut hint = TopicPartitionList::new();
+    for (tp, part) in parts.iter_mut() {
+        if matches!(part.state, State::Waiting) {
+            try_acquire(seg, &cfg.name, consumer, done_tx, tp, part);
+        }
+        if !matches!(part.state, State::Owned { .. }) {
+            continue;
+        }
+        let Some(cp) = report.partitions.get(tp) else {
+            continue;
+        };
+        let next = cp.next_offset;
+        let delivered = part.delivered.unwrap_or(next);
+        let stats = consumer.context().partition(&tp.0, tp.1);
+        match stats.and_then(|(_, s)| s.lag(next, delivered)) {
+            Some(l) => lag += l,
+            None => lag_known = false,
+        }
+        if cp.fingerprint.is_some() {
+            let _ = hint.add_partition_offset(&tp.0, tp.1, Offset::Offset(next));
+        }
+        // Completeness: finish a probe once statistics newer than it say
+        // the partition is handled up to where it stood.
+        if let (Some(probe), Some((at, s))) = (&part.probe, stats) {
+            if at > probe.at {
+                if s.handled(next, delivered) >= probe.lso {
+                    let mark = Mark {
+                        commit_order: Some(probe.k.0 + 1),
+                        ts_us: probe.k.1,
+                    };
+                    let current = cp
+                        .complete_before
+                        .and_then(|m| m.commit_order)
+                        .unwrap_or(i64::MIN);
+                    if probe.k.0 + 1 > current {
+                        pre.push(Work::Mark(tp.clone(), mark));
+                    }
+                }
+                part.probe = None;
+            }
+        }
+        let caught_up = stats.and_then(|(_, s)| s.lag(next, delivered)) == Some(0);
+        let current = cp
+            .complete_before
+            .and_then(|m| m.commit_order)
+            .unwrap_or(i64::MIN);
+        if let Some(k) = known
+            .filter(|k| caught_up && k.0 + 1 > current && part.probe.is_none() && !part.probing)
+        {
+            part.probing = true;
+            let (consumer, done, tp) = (consumer.clone(), done_tx.clone(), tp.clone());
+            tokio::task::spawn_blocking(move || {
+                // `k` was known before this question was asked.
+                let probe = consumer
+                    .fetch_watermarks(&tp.0, tp.1, Duration::from_secs(5))
+                    .ok()
+                    .map(|(_, lso)| Probe {
+                        at: Instant::now(),
+                        lso,
+                        k,
+                    });
+                let _ = done.send(Done::Probe(tp, probe));
+            });
+        }
+    }
+    if lag_known {
+        metrics::gauge!(names::SINK_LAG_RECORDS).set(lag as f64);
+    }
+    note_held(cfg, parts);
+    if hint.count() > 0 {
+        if let Err(e) = consumer.commit(&hint, CommitMode::Async) {
+            tracing::debug!(error = %e, "cannot commit the offset hint");
+        }
+    }
+    let root = seg.root.clone();
+    if ticks % 5 == 1 {
+        // What other instances' partitions show committed.
+        let done = done_tx.clone();
+        let root = root.clone();
+        tokio::task::spawn_blocking(move || {
+            let _ = done.send(Done::Others(others_known(&root)));
+        });
+    }
+    if ticks % 10 == 1 {
+        let (done, consumer, topics, root) = (
+            done_tx.clone(),
+            consumer.clone(),
+            cfg.topics.clone(),
+            root.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let r = (|| -> anyhow::Result<()> {
+                for t in &topics {
+                    let md = consumer.fetch_metadata(Some(t), Duration::from_secs(5))?;
+                    for mt in md.topics() {
+                        if mt.error().is_none() && !mt.partitions().is_empty() {
+                            segments::note_partitions(
+                                &root,
+                                mt.name(),
+                                mt.partitions().len() as i32,
+                            )?;
+                        }
+                    }
+                }
+                Ok(())
+            })();
+            let _ = done.send(Done::Topics(r));
+        });
+    }
+    if ticks % 10 == 5 {
+        let done = done_tx.clone();
+        let root = root.clone();
+        let window = seg.retention_window;
+        tokio::task::spawn_blocking(move || {
+            let archive = Archive::open(&root).ok();
+            let _ = done.send(Done::Complete(
+                archive.as_ref().and_then(|a| a.complete_before(false)),
+            ));
+            if let Some(window) = window {
+                let _ = done.send(Done::Retention(crate::retention::plan(
+                    &root,
+                    window,
+                    std::time::SystemTime::now(),
+                )));
+            }
+        });
+    }
+}
+
+/// The latest unit known committed, from every partition's checkpoint in
+/// the archive (durable there, so committed in Kafka).
+fn others_known(root: &Path) -> Option<(i64, Option<i64>)> {
+    let mut k = None;
+    for topic in std::fs::read_dir(root).ok()?.flatten() {
+        let Ok(parts) = std::fs::read_dir(topic.path()) else {
+            continue;
+        };
+        for p in parts.flatten() {
+            if let Ok(Some(cp)) = PartitionCheckpoint::load(&p.path()) {
+                k = later(k, cp.last.as_ref().and_then(known_from));
+            }
+        }
+    }
+    k
+}
