@@ -1,22 +1,27 @@
-//! Change-log capture: the `tidemark.change_log` table and, per captured
-//! table, a trigger function and its triggers.
+//! Change-log capture: the `tidemark.change_log` and `tidemark.shapes`
+//! tables, the role `tidemark_capture`, per captured table a trigger
+//! function and its triggers, and the event trigger `tidemark_ddl` that
+//! keeps the functions in step with the tables' shapes (see
+//! [`changelog_steps`] for the privilege model and why).
 //!
-//! Each captured table gets its own function, generated at install time
-//! from the table's primary key (`tidemark.capture_<table>_<hash>`), so the
-//! triggers run only static SQL that Postgres plans once per session: no
-//! catalog lookup and no `execute` per statement. Changing the primary key
-//! later needs schema-init to run again; pg-source refuses a table whose
-//! trigger is missing.
+//! Each captured table gets its own function, generated from the table's
+//! shape (`tidemark.capture_<table>_<hash>`) with the table name and shape
+//! id written in as literals, so the triggers run only static SQL that
+//! Postgres plans once per session: no catalog lookup and no `execute` per
+//! statement. The generator is itself a function in the database
+//! (`tidemark.generate_capture`, in `sql/`), so that schema-init and the
+//! event trigger generate the same code; `--dry-run` prints it.
 //!
 //! What the choices cost a writer is measured by `dev/bench-triggers` and
 //! tabled in the README.
 
-use tidemark_common::pg::{quote_ident, TableName};
+use tidemark_common::names::{self, quote_ident, quote_literal};
+use tidemark_common::pg::TableName;
 
 use crate::Step;
 
 /// The change log every captured table writes to.
-pub const CHANGE_LOG: &str = "tidemark.change_log";
+pub const CHANGE_LOG: &str = names::CHANGE_LOG;
 
 /// How change-log triggers fire. Both record the same changes; they differ
 /// in what they cost the writer (see the README's table).
@@ -69,66 +74,260 @@ impl From<TriggerLevel> for Capture {
 }
 
 /// The name (unqualified) of `table`'s capture function in schema
-/// `tidemark`: readable, under Postgres' 63-byte limit, and distinct for
-/// tables whose names differ only in where the dot is.
+/// `tidemark` (see [`names::capture_function`]).
 pub fn function_name(table: &TableName) -> String {
-    format!("capture_{}", tidemark_common::pg::short_hashed(table))
+    names::capture_function(table)
+}
+
+/// The session settings every capture function runs with, as `SET` clauses:
+/// a fixed `search_path`, so that nothing a writer or table owner creates is
+/// resolved in it, and the settings under which `record_out` prints values
+/// in the text form the codec reads: those of every Tidemark session
+/// ([`tidemark_common::pg::SESSION_SETTINGS`]) but `client_encoding` (the
+/// text is stored in the server's encoding and converted for each reader).
+pub fn function_settings() -> String {
+    tidemark_common::pg::SESSION_SETTINGS
+        .iter()
+        .filter(|(name, _)| !name.eq_ignore_ascii_case("client_encoding"))
+        .map(|(name, value)| {
+            let value = if name.eq_ignore_ascii_case("search_path") {
+                value
+                    .split(',')
+                    .map(|s| quote_literal(s.trim()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            } else {
+                quote_literal(value)
+            };
+            format!("set {name} = {value}")
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The tags after which the event trigger looks for changed shapes: every
+/// `ALTER TABLE` (columns, types, keys, renames) and the renames of what a
+/// shape names (schemas, types, domains, extensions' types).
+const DDL_TAGS: &str =
+    "'ALTER TABLE', 'ALTER SCHEMA', 'ALTER TYPE', 'ALTER DOMAIN', 'ALTER EXTENSION'";
+
+/// The check (and creation) of the capture role, for a role named `role`:
+/// what schema-init runs for `tidemark_capture`, here so that tests can try
+/// it on roles of their own (the real one is the server's, shared).
+pub fn capture_role_sql(role: &str) -> String {
+    fill(include_str!("sql/capture_role.sql")).replace(names::CAPTURE_ROLE, role)
+}
+
+/// Fills the `@NAME@` placeholders of the SQL files with the names of
+/// [`names`] (and a few constants of this module).
+fn fill(template: &str) -> String {
+    let settings = function_settings();
+    let values: [(&str, &str); 17] = [
+        ("SCHEMA", names::SCHEMA),
+        ("CHANGE_LOG", names::CHANGE_LOG),
+        ("SHAPES", names::SHAPES),
+        ("CAPTURE_ROLE", names::CAPTURE_ROLE),
+        ("GENERATE_CAPTURE", names::GENERATE_CAPTURE_FUNCTION),
+        ("REFRESH_CAPTURES", names::REFRESH_CAPTURES_FUNCTION),
+        ("EVENT_TRIGGER", names::EVENT_TRIGGER),
+        ("EVENT_TRIGGER_FUNCTION", names::EVENT_TRIGGER_FUNCTION),
+        ("ROW_TRIGGER", names::ROW_TRIGGER),
+        ("INSERT_TRIGGER", names::INSERT_TRIGGER),
+        ("UPDATE_TRIGGER", names::UPDATE_TRIGGER),
+        ("DELETE_TRIGGER", names::DELETE_TRIGGER),
+        ("NEW_TABLE", names::NEW_TRANSITION_TABLE),
+        ("OLD_TABLE", names::OLD_TRANSITION_TABLE),
+        ("FUNCTION_SETTINGS", &settings),
+        ("DDL_TAGS", DDL_TAGS),
+        ("NOTIFY_CHANNEL", names::NOTIFY_CHANNEL),
+    ];
+    let mut out = String::with_capacity(template.len() + 1024);
+    let mut rest = template;
+    while let Some(at) = rest.find('@') {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at + 1..];
+        match tail.find('@').map(|end| (&tail[..end], end)) {
+            Some((key, end)) if values.iter().any(|(k, _)| *k == key) => {
+                let value = values.iter().find(|(k, _)| *k == key).expect("found").1;
+                out.push_str(value);
+                rest = &tail[end + 1..];
+            }
+            _ => {
+                out.push('@');
+                rest = tail;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The change-log objects for one table.
 ///
-/// `tidemark.change_log` holds one row per change: `seq` (the order in
+/// **`tidemark.change_log`** holds one row per change: `seq` (the order in
 /// which the changes were written; for two changes of one row it is also
 /// their commit order, since the second writer waits for the first's row
 /// lock), `txid` (`pg_current_xact_id()`, which pg-source compares with its
 /// snapshots to read only finished transactions, in commit order), the
-/// table, the operation and the row before and after as `jsonb`. The
-/// trigger function is `security definer`, so writers need no grant on the
-/// `tidemark` schema. Its `search_path` is fixed (`pg_catalog, pg_temp`)
-/// and every name in it is schema-qualified as well: a writer's own
-/// `search_path` or temporary objects (a `pg_temp.text` domain, say) must
-/// not run code as the function's owner. `extra_float_digits = 3` keeps a
-/// writer's own setting from shortening the floats it logs.
+/// table, the `shape` the row images were written with, the operation, and
+/// the row before and after as the text of `pg_catalog.record_out` (a
+/// composite literal, which pg-source decodes with the codec by the shape).
+/// **`tidemark.shapes`** holds each shape: the table's live columns in order
+/// (name, attnum, type OID and typmod, `format_type` text, not-null) and its
+/// primary key's column names in index order. A row image is never rendered by Postgres, so a `json` value jsonb
+/// refuses, an `hstore` or a type without a JSON form is kept exactly.
+///
+/// **Privileges.** Each table's capture function is `security definer`,
+/// owned by the NOLOGIN role `tidemark_capture`, which holds nothing but
+/// USAGE on schema `tidemark` and INSERT on the change log (the identity
+/// `seq` needs no sequence grant: Postgres does not check one for identity
+/// columns). So writers need no grant of their own, cannot write the log
+/// other than through their changes, and whatever the function ran would
+/// run with no privilege but appending to the log. It runs no code of a
+/// user's: `record_out` calls only the output functions of the columns'
+/// types (C functions, which only a superuser installs, also for enums,
+/// domains, composites and ranges); no cast, no domain CHECK, no operator
+/// of a user's (old and new rows of statement triggers are paired by key
+/// with the key's `pg_catalog` equality, or by the key's text where its
+/// operator class is an extension's). The alternative, no security definer,
+/// would make every writer need INSERT on the log, so any writer could
+/// forge changes of any table. Its `SET` clauses ([`function_settings`])
+/// fix `search_path` and the settings the codec reads values under.
+///
+/// **Names.** The generated code never shares a namespace with the user's
+/// identifiers: no PL/pgSQL variables in queries over user rows (the table
+/// name and shape id are written in as literals), whole rows as `alias.*`,
+/// columns only as `alias.column`, and `#variable_conflict use_column`.
+///
+/// **Schema changes.** The event trigger `tidemark_ddl` (ddl_command_end,
+/// so schema-init must run as a superuser) records a new shape for every
+/// captured table an `ALTER TABLE` (or a rename) changed and regenerates its
+/// capture function with the new shape id, in the DDL's own transaction;
+/// the DDL's lock orders every row logged with the old shape before every
+/// row logged with the new one. A captured table left without a primary key
+/// refuses writes, naming the fix, until it has one again (change a key in
+/// one `ALTER TABLE`, or drop and add it in one transaction).
+///
+/// **Upgrading** from 0.1 (jsonb row images, no shape): an empty change log
+/// is converted in place; one that still holds changes is refused, saying
+/// how to drain it first.
 pub fn changelog_steps(table: &TableName, capture: impl Into<Capture>) -> Vec<Step> {
     let capture = capture.into();
     let t = table.quoted();
-    let function = format!("tidemark.{}", quote_ident(&function_name(table)));
+    let function = names::capture_function_qualified(table);
     let step = |what: &str, sql: String| Step {
         what: what.to_owned(),
         sql,
         only_if_new_table: false,
+        needs_key: false,
     };
+    let change_log = names::CHANGE_LOG;
+    let shapes = names::SHAPES;
+    let role = quote_ident(names::CAPTURE_ROLE);
+    let schema = quote_ident(names::SCHEMA);
     let mut steps = vec![
         step(
+            "check that schema-init runs as a superuser and that schema tidemark is safe",
+            fill(include_str!("sql/check_changelog.sql")),
+        ),
+        step(
             "create schema tidemark",
-            "create schema if not exists tidemark".into(),
+            format!("create schema if not exists {schema}"),
         ),
         step(
             "create table tidemark.change_log",
             format!(
-                r#"create table if not exists {CHANGE_LOG} (
-  seq bigint generated always as identity primary key,
-  txid xid8 not null default pg_current_xact_id(),
-  table_name text not null,
-  op "char" not null,
-  before jsonb,
-  after jsonb,
-  changed_at timestamptz not null default clock_timestamp()
+                r#"create table if not exists {change_log} (
+  seq pg_catalog.int8 generated always as identity primary key,
+  txid pg_catalog.xid8 not null default pg_catalog.pg_current_xact_id(),
+  table_name pg_catalog.text not null,
+  shape pg_catalog.int4 not null,
+  op pg_catalog."char" not null,
+  before pg_catalog.text,
+  after pg_catalog.text,
+  changed_at pg_catalog.timestamptz not null default pg_catalog.clock_timestamp()
 )"#
             ),
         ),
         step(
-            &format!("create function tidemark.capture for {table}"),
-            function_sql(table, &function, capture),
+            "create table tidemark.shapes",
+            format!(
+                r#"create table if not exists {shapes} (
+  id pg_catalog.int4 generated always as identity primary key,
+  relid pg_catalog.oid not null,
+  table_name pg_catalog.text not null,
+  columns pg_catalog.jsonb not null,
+  key pg_catalog.jsonb not null,
+  created_at pg_catalog.timestamptz not null default pg_catalog.clock_timestamp()
+)"#
+            ),
         ),
+        step(
+            "create role tidemark_capture, or check the one there",
+            fill(include_str!("sql/capture_role.sql")),
+        ),
+        step(
+            "grant tidemark_capture usage on schema tidemark",
+            format!("grant usage on schema {schema} to {role}"),
+        ),
+        step(
+            "grant tidemark_capture insert on tidemark.change_log",
+            format!("grant insert on table {change_log} to {role}"),
+        ),
+        step(
+            "create function tidemark.generate_capture",
+            fill(include_str!("sql/generate_capture.sql")),
+        ),
+        step(
+            "create function tidemark.refresh_captures",
+            fill(include_str!("sql/refresh_captures.sql")),
+        ),
+        step(
+            "create function tidemark.on_ddl_command_end",
+            fill(include_str!("sql/on_ddl_command_end.sql")),
+        ),
+        step(
+            "revoke execute on tidemark's own functions from public",
+            format!(
+                "revoke all on function {}(pg_catalog.oid, pg_catalog.text, pg_catalog.text, pg_catalog.text), \
+                 {}(pg_catalog.oid[]), {}() from public",
+                names::GENERATE_CAPTURE_FUNCTION,
+                names::REFRESH_CAPTURES_FUNCTION,
+                names::EVENT_TRIGGER_FUNCTION
+            ),
+        ),
+        step(
+            "upgrade a change log of Tidemark 0.1",
+            fill(include_str!("sql/upgrade_0_1.sql")),
+        ),
+        Step {
+            needs_key: true,
+            ..step(
+                &format!("create function tidemark.capture for {table}"),
+                format!(
+                    "select {}({}::pg_catalog.regclass::pg_catalog.oid, {}, {}, {})",
+                    names::GENERATE_CAPTURE_FUNCTION,
+                    quote_literal(&t),
+                    quote_literal(&names::capture_function(table)),
+                    quote_literal(match capture.trigger {
+                        TriggerLevel::Row => "row",
+                        TriggerLevel::Statement => "statement",
+                    }),
+                    quote_literal(match capture.update_before {
+                        UpdateBefore::Full => "full",
+                        UpdateBefore::Null => "null",
+                    }),
+                ),
+            )
+        },
     ];
-    let drop = |name: &str| format!("drop trigger if exists {name} on {t}");
+    let drop = |name: &str| format!("drop trigger if exists {} on {t}", quote_ident(name));
     match capture.trigger {
         TriggerLevel::Row => {
             for name in [
-                "tidemark_capture_insert",
-                "tidemark_capture_update",
-                "tidemark_capture_delete",
+                names::INSERT_TRIGGER,
+                names::UPDATE_TRIGGER,
+                names::DELETE_TRIGGER,
             ] {
                 steps.push(step(
                     &format!("drop statement-level trigger {name}"),
@@ -136,34 +335,39 @@ pub fn changelog_steps(table: &TableName, capture: impl Into<Capture>) -> Vec<St
                 ));
             }
             steps.push(step(
-                "create trigger tidemark_capture",
+                &format!("create trigger {}", names::ROW_TRIGGER),
                 format!(
-                    "create or replace trigger tidemark_capture\n\
+                    "create or replace trigger {}\n\
                      after insert or update or delete on {t}\n\
-                     for each row execute function {function}()"
+                     for each row execute function {function}()",
+                    quote_ident(names::ROW_TRIGGER)
                 ),
             ));
         }
         TriggerLevel::Statement => {
             steps.push(step(
-                "drop row-level trigger tidemark_capture",
-                drop("tidemark_capture"),
+                &format!("drop row-level trigger {}", names::ROW_TRIGGER),
+                drop(names::ROW_TRIGGER),
             ));
+            let (old, new) = (
+                quote_ident(names::OLD_TRANSITION_TABLE),
+                quote_ident(names::NEW_TRANSITION_TABLE),
+            );
             for (name, event, tables) in [
                 (
-                    "tidemark_capture_insert",
+                    names::INSERT_TRIGGER,
                     "insert",
-                    "new table as tidemark_new",
+                    format!("new table as {new}"),
                 ),
                 (
-                    "tidemark_capture_update",
+                    names::UPDATE_TRIGGER,
                     "update",
-                    "old table as tidemark_old new table as tidemark_new",
+                    format!("old table as {old} new table as {new}"),
                 ),
                 (
-                    "tidemark_capture_delete",
+                    names::DELETE_TRIGGER,
                     "delete",
-                    "old table as tidemark_old",
+                    format!("old table as {old}"),
                 ),
             ] {
                 // A trigger's transition tables cannot be changed in place.
@@ -171,15 +375,38 @@ pub fn changelog_steps(table: &TableName, capture: impl Into<Capture>) -> Vec<St
                 steps.push(step(
                     &format!("create trigger {name}"),
                     format!(
-                        "create trigger {name}\n\
+                        "create trigger {}\n\
                          after {event} on {t}\n\
                          referencing {tables}\n\
-                         for each statement execute function {function}()"
+                         for each statement execute function {function}()",
+                        quote_ident(name)
                     ),
                 ));
             }
         }
     }
+    let event_trigger = quote_ident(names::EVENT_TRIGGER);
+    steps.extend([
+        step(
+            &format!("drop event trigger {}", names::EVENT_TRIGGER),
+            format!("drop event trigger if exists {event_trigger}"),
+        ),
+        step(
+            &format!("create event trigger {}", names::EVENT_TRIGGER),
+            format!(
+                "create event trigger {event_trigger} on ddl_command_end\n\
+                 when tag in ({DDL_TAGS})\n\
+                 execute function {}()",
+                names::EVENT_TRIGGER_FUNCTION
+            ),
+        ),
+        // Also under session_replication_role = replica, so no DDL leaves a
+        // capture function writing a shape the table no longer has.
+        step(
+            &format!("enable event trigger {} always", names::EVENT_TRIGGER),
+            format!("alter event trigger {event_trigger} enable always"),
+        ),
+    ]);
     steps
 }
 
@@ -192,23 +419,22 @@ pub fn changelog_steps(table: &TableName, capture: impl Into<Capture>) -> Vec<St
 /// dropped, so writers do not pay for both.
 pub fn logical_steps(table: &TableName) -> Vec<Step> {
     let t = table.quoted();
-    let publication = tidemark_common::pg::publication_name(table);
+    let publication = names::publication_name(table);
     let step = |what: &str, sql: String| Step {
         what: what.to_owned(),
         sql,
         only_if_new_table: false,
+        needs_key: true,
     };
     let mut steps = Vec::new();
-    for name in [
-        "tidemark_capture",
-        "tidemark_capture_insert",
-        "tidemark_capture_update",
-        "tidemark_capture_delete",
-    ] {
-        steps.push(step(
-            &format!("drop change-log trigger {name}"),
-            format!("drop trigger if exists {name} on {t}"),
-        ));
+    for name in names::CAPTURE_TRIGGERS {
+        steps.push(Step {
+            needs_key: false,
+            ..step(
+                &format!("drop change-log trigger {name}"),
+                format!("drop trigger if exists {} on {t}", quote_ident(name)),
+            )
+        });
     }
     steps.push(step(
         &format!("set replica identity full on {table}"),
@@ -219,7 +445,7 @@ pub fn logical_steps(table: &TableName) -> Vec<Step> {
         format!(
             r#"do $tidemark$
 begin
-  if not exists (select 1 from pg_catalog.pg_publication where pubname = {name}) then
+  if not exists (select 1 from pg_catalog.pg_publication where pubname operator(pg_catalog.=) {name}) then
     create publication {ident} for table {t} with (publish = 'insert, update, delete');
   end if;
 end
@@ -229,131 +455,6 @@ $tidemark$"#,
         ),
     ));
     steps
-}
-
-/// A `do` block that reads `table`'s primary key from the catalog and
-/// creates its capture function with the key's columns written in, so the
-/// plan needs no connection and `--dry-run` prints exactly what runs.
-fn function_sql(table: &TableName, function: &str, capture: Capture) -> String {
-    let table_literal = quote_literal(&table.quoted());
-    let function_literal = quote_literal(function);
-    // The body, as a format() pattern: %2$s matches the two row images'
-    // keys by the key's own equality (`o.k = n.k and ...`), %3$s by the
-    // key's text.
-    let body = match (capture.trigger, capture.update_before) {
-        (TriggerLevel::Row, before) => {
-            let update = match before {
-                UpdateBefore::Full => format!(
-                    r#"    insert into {CHANGE_LOG} (table_name, op, before, after)
-    values (pg_catalog.format('%%I.%%I', tg_table_schema, tg_table_name), 'u', pg_catalog.to_jsonb(old), pg_catalog.to_jsonb(new));"#
-                ),
-                UpdateBefore::Null => format!(
-                    r#"    if %3$s then
-      insert into {CHANGE_LOG} (table_name, op, after)
-      values (pg_catalog.format('%%I.%%I', tg_table_schema, tg_table_name), 'u', pg_catalog.to_jsonb(new));
-    else
-      -- The key changed: a delete of the old key, then a create.
-      insert into {CHANGE_LOG} (table_name, op, before, after)
-      values (pg_catalog.format('%%I.%%I', tg_table_schema, tg_table_name), 'd', pg_catalog.to_jsonb(old), null),
-             (pg_catalog.format('%%I.%%I', tg_table_schema, tg_table_name), 'c', null, pg_catalog.to_jsonb(new));
-    end if;"#
-                ),
-            };
-            format!(
-                r#"begin
-  if tg_op operator(pg_catalog.=) 'UPDATE' then
-{update}
-  elsif tg_op operator(pg_catalog.=) 'INSERT' then
-    insert into {CHANGE_LOG} (table_name, op, after)
-    values (pg_catalog.format('%%I.%%I', tg_table_schema, tg_table_name), 'c', pg_catalog.to_jsonb(new));
-  else
-    insert into {CHANGE_LOG} (table_name, op, before)
-    values (pg_catalog.format('%%I.%%I', tg_table_schema, tg_table_name), 'd', pg_catalog.to_jsonb(old));
-  end if;
-  return null;
-end"#
-            )
-        }
-        (TriggerLevel::Statement, before) => {
-            let before = match before {
-                UpdateBefore::Full => "pg_catalog.to_jsonb(o)",
-                // The old row too when the key's text changed (numeric
-                // 1.0 to 1.00, citext case): pg-source then sends a delete
-                // of the old key and a create, so no stale key remains.
-                UpdateBefore::Null => {
-                    "case when n is null or not (%3$s) then pg_catalog.to_jsonb(o) end"
-                }
-            };
-            format!(
-                r#"declare
-  tidemark_table pg_catalog.text := pg_catalog.format('%%I.%%I', tg_table_schema, tg_table_name);
-begin
-  if tg_op operator(pg_catalog.=) 'INSERT' then
-    insert into {CHANGE_LOG} (table_name, op, after)
-    select tidemark_table, 'c', pg_catalog.to_jsonb(n) from tidemark_new n;
-  elsif tg_op operator(pg_catalog.=) 'DELETE' then
-    insert into {CHANGE_LOG} (table_name, op, before)
-    select tidemark_table, 'd', pg_catalog.to_jsonb(o) from tidemark_old o;
-  else
-    -- Old and new rows paired by primary key; a row whose key changed is
-    -- logged as a delete and a create.
-    insert into {CHANGE_LOG} (table_name, op, before, after)
-    select tidemark_table, case when n is null then 'd' when o is null then 'c' else 'u' end,
-           {before}, pg_catalog.to_jsonb(n)
-      from tidemark_old o full join tidemark_new n on %2$s;
-  end if;
-  return null;
-end"#
-            )
-        }
-    };
-    let (old, new) = match capture.trigger {
-        TriggerLevel::Row => ("old", "new"),
-        TriggerLevel::Statement => ("o", "n"),
-    };
-    format!(
-        r#"do $tidemark$
-declare
-  key text[];
-  eq text[];
-begin
-  -- The key's columns, each with the equality operator of its index's
-  -- operator class, named with its schema.
-  select array_agg(a.attname::text order by k.ord),
-         array_agg(format('operator(%I.=)', ns.nspname) order by k.ord)
-    into key, eq
-    from pg_index i
-   cross join unnest(i.indkey::int2[], i.indclass::oid[]) with ordinality k(attnum, opclass, ord)
-    join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum
-    join pg_opclass oc on oc.oid = k.opclass
-    join pg_amop am on am.amopfamily = oc.opcfamily and am.amopstrategy = 3
-                   and am.amoplefttype = oc.opcintype and am.amoprighttype = oc.opcintype
-    join pg_operator op on op.oid = am.amopopr
-    join pg_namespace ns on ns.oid = op.oprnamespace
-   where i.indrelid = {table_literal}::regclass and i.indisprimary;
-  if key is null then
-    raise exception 'table % has no primary key', {table_literal};
-  end if;
-  execute format(
-    $function$create or replace function %1$s() returns trigger
-language plpgsql security definer
-set search_path = pg_catalog, pg_temp set extra_float_digits = 3 as $body$
-{body}
-$body$$function$,
-    {function_literal},
-    (select string_agg(format('{old}.%1$I %2$s {new}.%1$I', c, e), ' and ')
-       from unnest(key, eq) as u(c, e)),
-    (select string_agg(format('{old}.%1$I::pg_catalog.text operator(pg_catalog.=) {new}.%1$I::pg_catalog.text', c), ' and ')
-       from unnest(key) as u(c)));
-  execute format('comment on function %s() is %L', {function_literal},
-    format('Tidemark change-log capture of %s, primary key (%s)', {table_literal}, array_to_string(key, ', ')));
-end
-$tidemark$"#
-    )
-}
-
-fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }
 
 #[cfg(test)]
@@ -370,60 +471,76 @@ mod tests {
     }
 
     #[test]
-    fn function_names_are_short_stable_and_distinct() {
-        let a = TableName::parse("a_b.c").unwrap();
-        let b = TableName::parse("a.b_c").unwrap();
-        assert_ne!(function_name(&a), function_name(&b));
-        assert_eq!(function_name(&a), function_name(&a));
-        let wide = TableName::parse(&"é".repeat(31)).unwrap();
-        assert!(function_name(&wide).len() <= 63, "{}", function_name(&wide));
-        let long = TableName::parse(&"x".repeat(63)).unwrap();
-        assert!(function_name(&long).len() <= 63);
-        assert!(function_name(&long).starts_with(&format!("capture_{}", "x".repeat(40))));
+    fn every_placeholder_is_filled() {
+        for capture in [
+            Capture::full(TriggerLevel::Row),
+            Capture::full(TriggerLevel::Statement),
+        ] {
+            let text = sql(capture);
+            let mut rest = text.as_str();
+            while let Some(at) = rest.find('@') {
+                let tail = &rest[at + 1..];
+                let word: String = tail
+                    .chars()
+                    .take_while(|c| c.is_ascii_uppercase() || *c == '_')
+                    .collect();
+                assert!(
+                    !(word.len() > 2 && tail[word.len()..].starts_with('@')),
+                    "unfilled @{word}@"
+                );
+                rest = tail;
+            }
+            assert!(text.contains("create or replace function tidemark.generate_capture("));
+            assert!(text.contains("insert into tidemark.change_log (table_name, shape, op, after)"));
+            assert!(text.contains(
+                "set search_path = 'pg_catalog', 'pg_temp' set DateStyle = 'ISO' set IntervalStyle = 'iso_8601' set TimeZone = 'UTC'"
+            ));
+            assert!(!text.contains("set client_encoding"));
+        }
     }
 
     #[test]
-    fn row_triggers_log_before_images_only_when_asked() {
-        let full = sql(Capture::full(TriggerLevel::Row));
-        assert!(full.contains("'u', pg_catalog.to_jsonb(old), pg_catalog.to_jsonb(new)"));
-        assert!(full
-            .contains("for each row execute function tidemark.\"capture_streaming_update_table_"));
-        let null = sql(Capture {
-            trigger: TriggerLevel::Row,
-            update_before: UpdateBefore::Null,
-        });
-        assert!(null.contains("'u', pg_catalog.to_jsonb(new)"));
-        assert!(!null.contains("'u', pg_catalog.to_jsonb(old)"));
-        assert!(null.contains("format('old.%1$I %2$s new.%1$I', c, e)"));
-    }
-
-    #[test]
-    fn statement_triggers_pair_rows_by_key_without_dynamic_sql_per_statement() {
-        let full = sql(Capture::full(TriggerLevel::Statement));
-        assert!(full.contains("full join tidemark_new n on %2$s"));
-        assert!(full.contains("format('o.%1$I %2$s n.%1$I', c, e)"));
-        assert!(full.contains("referencing old table as tidemark_old new table as tidemark_new"));
-        assert!(full.contains("drop trigger if exists tidemark_capture on"));
-        let null = sql(Capture {
+    fn row_and_statement_triggers_replace_each_other() {
+        let row = sql(Capture::full(TriggerLevel::Row));
+        assert!(row.contains(
+            "select tidemark.generate_capture('\"public\".\"streaming_update_table\"'::pg_catalog.regclass::pg_catalog.oid, 'capture_streaming_update_table_775a793d', 'row', 'full')"
+        ));
+        assert!(row.contains(
+            "for each row execute function tidemark.\"capture_streaming_update_table_775a793d\"()"
+        ));
+        assert!(row.contains("drop trigger if exists \"tidemark_capture_update\""));
+        let statement = sql(Capture {
             trigger: TriggerLevel::Statement,
             update_before: UpdateBefore::Null,
         });
-        assert!(null.contains(
-            "case when n is null or not (%3$s) then pg_catalog.to_jsonb(o) end, pg_catalog.to_jsonb(n)"
-        ));
-        assert!(null.contains("set search_path = pg_catalog, pg_temp"));
-        assert!(null.contains("tidemark_table pg_catalog.text"));
+        assert!(statement.contains("'statement', 'null')"));
+        assert!(statement
+            .contains("referencing old table as \"tidemark_old\" new table as \"tidemark_new\""));
+        assert!(statement.contains("drop trigger if exists \"tidemark_capture\" on"));
+        assert!(statement.contains("create event trigger \"tidemark_ddl\" on ddl_command_end"));
     }
 
     #[test]
-    fn odd_table_names_stay_quoted_inside_the_generated_function() {
+    fn only_the_generation_needs_a_primary_key() {
+        let t = TableName::parse("t").unwrap();
+        let steps = changelog_steps(&t, TriggerLevel::Row);
+        let keyed: Vec<&str> = steps
+            .iter()
+            .filter(|s| s.needs_key)
+            .map(|s| s.what.as_str())
+            .collect();
+        assert_eq!(keyed, ["create function tidemark.capture for public.t"]);
+    }
+
+    #[test]
+    fn odd_table_names_stay_quoted() {
         let t = TableName::parse(r#""My ""Table""#).unwrap();
         let text: String = changelog_steps(&t, Capture::full(TriggerLevel::Row))
             .iter()
             .map(|s| s.sql.clone())
             .collect();
         assert!(
-            text.contains(r#"'"public"."My ""Table"'::regclass"#),
+            text.contains(r#"'"public"."My ""Table"'::pg_catalog.regclass"#),
             "{text}"
         );
     }

@@ -47,8 +47,10 @@ struct Cli {
     /// pg-source's mode of the same name. `logical`: a publication read
     /// through a replication slot, with `replica identity full`; costs the
     /// writers least, needs `wal_level = logical`. `changelog`: triggers
-    /// that write each change to `tidemark.change_log`; works on any
-    /// server. See the README's costs.
+    /// that write each change to `tidemark.change_log`, and an event
+    /// trigger that follows ALTER TABLE; works on any server, and needs a
+    /// superuser's DATABASE_URL (only superusers may create event
+    /// triggers). See the README's costs.
     #[arg(long, env = "TIDEMARK_CAPTURE", value_parser = ["changelog", "logical"])]
     capture: Option<String>,
 

@@ -10,22 +10,34 @@
 //!
 //! With `--capture changelog` it installs change-log capture instead of the
 //! NOTIFY trigger: triggers that record every insert, update and delete,
-//! with the row before and after, the transaction id and a sequence, in
-//! `tidemark.change_log`, in the writing transaction itself (see
-//! [`changelog_steps`]). pg-source finds those commits without a NOTIFY.
+//! with the row before and after, the transaction id, a sequence and the
+//! row's shape, in `tidemark.change_log`, in the writing transaction itself,
+//! and an event trigger that follows `ALTER TABLE` (see [`changelog_steps`],
+//! which also says why the privileges are as they are). pg-source finds
+//! those commits without a NOTIFY. It needs a superuser.
+//!
+//! **Security.** schema-init's own session runs with `search_path =
+//! pg_catalog, pg_temp` (as every Tidemark session, `common::pg`), and every statement it runs or generates names
+//! functions, operators and tables with their schema, so nothing another
+//! role created (a `public.format(text, text, text)` that makes its owner
+//! superuser when a superuser calls it) is ever resolved. The seed's objects
+//! (its table, the `update_last_updated_column` trigger function, the index)
+//! are the user's and land in the table's schema, named with it.
 
 pub mod capture;
 pub mod cli;
 
 pub use capture::{
-    changelog_steps, logical_steps, Capture, TriggerLevel, UpdateBefore, CHANGE_LOG,
+    changelog_steps, function_settings, logical_steps, Capture, TriggerLevel, UpdateBefore,
+    CHANGE_LOG,
 };
 
 use std::time::Duration;
 
 use anyhow::Context as _;
 use sqlx::Connection as _;
-use tidemark_common::pg::{quote_ident, PgTarget, TableName};
+use tidemark_common::names::{self, quote_ident, quote_literal};
+use tidemark_common::pg::{PgTarget, TableName};
 
 /// What to create, and where.
 #[derive(Debug, Clone)]
@@ -60,108 +72,121 @@ pub struct Step {
     pub sql: String,
     /// Runs only when the table did not exist before this run.
     pub only_if_new_table: bool,
+    /// Capture of the table: schema-init first checks that it has a
+    /// primary key, to refuse with a message that says what to do.
+    pub needs_key: bool,
 }
 
 /// The channel pg-source listens on.
-pub const NOTIFY_CHANNEL: &str = "tidemark";
+pub const NOTIFY_CHANNEL: &str = names::NOTIFY_CHANNEL;
 
 /// The statements to run in the target database, in order.
 pub fn plan(cfg: &Config) -> Vec<Step> {
     let t = cfg.table.quoted();
     let schema = quote_ident(&cfg.table.schema);
-    let short = cfg.table.name.chars().take(40).collect::<String>();
-    let index = quote_ident(&format!("{short}_last_updated_id_idx"));
+    let index = quote_ident(&names::seed_index(&cfg.table));
+    let seed_function = format!("{schema}.{}", quote_ident(names::SEED_LAST_UPDATED));
+    let step = |what: &str, sql: String| Step {
+        what: what.to_owned(),
+        sql,
+        only_if_new_table: false,
+        needs_key: false,
+    };
     let mut steps = vec![
-        Step {
-            what: format!("create schema {}", cfg.table.schema),
-            sql: format!("create schema if not exists {schema}"),
-            only_if_new_table: false,
-        },
-        Step {
-            what: format!("create table {}", cfg.table),
-            sql: format!(
+        step(
+            &format!("create schema {}", cfg.table.schema),
+            format!("create schema if not exists {schema}"),
+        ),
+        step(
+            &format!("create table {}", cfg.table),
+            format!(
                 r#"create table if not exists {t} (
   id serial primary key,
   data varchar(256) not null,
   is_soft_deleted boolean default false,
-  create_date timestamp not null default now(),
-  last_updated timestamp not null default now()
+  create_date timestamp not null default pg_catalog.now(),
+  last_updated timestamp not null default pg_catalog.now()
 )"#
             ),
-            only_if_new_table: false,
-        },
+        ),
     ];
+    // The seed's objects are the user's: they run in the user's sessions,
+    // with the user's search_path, so their body names its functions too.
     let seed = [
-        Step {
-            what: "create function update_last_updated_column".into(),
-            sql: format!(
-                r#"create or replace function {schema}.update_last_updated_column()
+        step(
+            &format!("create function {}", names::SEED_LAST_UPDATED),
+            format!(
+                r#"create or replace function {seed_function}()
 returns trigger set search_path = pg_catalog, pg_temp as $$
 begin
-  new.last_updated = now();
+  new.last_updated = pg_catalog.now();
   return new;
 end;
 $$ language plpgsql"#
             ),
-            only_if_new_table: false,
-        },
-        Step {
-            what: "create trigger update_last_updated_column".into(),
-            sql: format!(
-                "create or replace trigger update_last_updated_column\n\
+        ),
+        step(
+            &format!("create trigger {}", names::SEED_LAST_UPDATED),
+            format!(
+                "create or replace trigger {}\n\
                  before update on {t}\n\
-                 for each row execute procedure {schema}.update_last_updated_column()"
+                 for each row execute procedure {seed_function}()",
+                quote_ident(names::SEED_LAST_UPDATED)
             ),
-            only_if_new_table: false,
-        },
-        Step {
-            what: "create index on (last_updated, id)".into(),
-            sql: format!("create index if not exists {index} on {t} (last_updated, id)"),
-            only_if_new_table: false,
-        },
+        ),
+        step(
+            "create index on (last_updated, id)",
+            format!("create index if not exists {index} on {t} (last_updated, id)"),
+        ),
     ];
     if cfg.seed_objects {
         steps.extend(seed);
     }
+    let notify_trigger = quote_ident(names::NOTIFY_TRIGGER);
     if cfg.capture.is_some() || cfg.logical {
         // pg-source's changelog and logical modes finds commits by comparing snapshots;
         // a NOTIFY per transaction would cost writers a turn on Postgres'
         // global notification queue lock (about a fifth of single-row
         // commit throughput, measured by dev/bench-triggers).
-        steps.push(Step {
-            what: "drop trigger tidemark_notify (changelog and logical modes need none)".into(),
-            sql: format!("drop trigger if exists tidemark_notify on {t}"),
-            only_if_new_table: false,
-        });
+        steps.push(step(
+            &format!(
+                "drop trigger {} (changelog and logical modes need none)",
+                names::NOTIFY_TRIGGER
+            ),
+            format!("drop trigger if exists {notify_trigger} on {t}"),
+        ));
     } else if cfg.notify {
         steps.extend([
-            Step {
-                what: "create schema tidemark".into(),
-                sql: "create schema if not exists tidemark".into(),
-                only_if_new_table: false,
-            },
-            Step {
-                what: "create function tidemark.notify_change".into(),
-                sql: format!(
-                    r#"create or replace function tidemark.notify_change()
-returns trigger set search_path = pg_catalog, pg_temp as $$
+            step(
+                "create schema tidemark",
+                format!("create schema if not exists {}", quote_ident(names::SCHEMA)),
+            ),
+            step(
+                &format!("create function {}", names::NOTIFY_FUNCTION),
+                format!(
+                    r#"create or replace function {}()
+returns trigger
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
 begin
-  perform pg_notify('{NOTIFY_CHANNEL}', tg_table_schema || '.' || tg_table_name);
+  perform pg_catalog.pg_notify({}, tg_table_schema operator(pg_catalog.||) '.' operator(pg_catalog.||) tg_table_name);
   return null;
 end;
-$$ language plpgsql"#
+$$"#,
+                    names::NOTIFY_FUNCTION,
+                    quote_literal(names::NOTIFY_CHANNEL)
                 ),
-                only_if_new_table: false,
-            },
-            Step {
-                what: "create trigger tidemark_notify".into(),
-                sql: format!(
-                    "create or replace trigger tidemark_notify\n\
+            ),
+            step(
+                &format!("create trigger {}", names::NOTIFY_TRIGGER),
+                format!(
+                    "create or replace trigger {notify_trigger}\n\
                      after insert or update or delete on {t}\n\
-                     for each statement execute function tidemark.notify_change()"
+                     for each statement execute function {}()",
+                    names::NOTIFY_FUNCTION
                 ),
-                only_if_new_table: false,
-            },
+            ),
         ]);
     }
     if cfg.logical {
@@ -171,9 +196,11 @@ $$ language plpgsql"#
     }
     if cfg.sample_row {
         steps.push(Step {
-            what: "insert the sample row".into(),
-            sql: format!("insert into {t} (data) values ('test data')"),
             only_if_new_table: true,
+            ..step(
+                "insert the sample row",
+                format!("insert into {t} (data) values ('test data')"),
+            )
         });
     }
     steps
@@ -214,8 +241,9 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Report> {
         "no database URL: set DATABASE_URL or --database-url to a superuser or owner URL like postgres://postgres:postgres@127.0.0.1:5432/postgres",
     )?;
     let admin = target.connect(1, Duration::from_secs(30)).await?;
-    let exists: bool =
-        sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
+    let exists: bool = sqlx::query_scalar(
+        "select exists (select 1 from pg_catalog.pg_database where datname operator(pg_catalog.=) $1)",
+    )
             .bind(&cfg.database)
             .fetch_one(&admin)
             .await
@@ -244,9 +272,10 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Report> {
     let db_target = target.with_database(&cfg.database);
     let pool = db_target.connect(1, Duration::from_secs(30)).await?;
     if cfg.logical {
-        let wal_level: String = sqlx::query_scalar("select current_setting('wal_level')")
-            .fetch_one(&pool)
-            .await?;
+        let wal_level: String =
+            sqlx::query_scalar("select pg_catalog.current_setting('wal_level')")
+                .fetch_one(&pool)
+                .await?;
         if wal_level != "logical" {
             anyhow::bail!(
                 "--capture logical needs wal_level = logical, and {db_target} has wal_level = {wal_level}: \
@@ -258,22 +287,20 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Report> {
     let mut conn = pool.acquire().await?;
     let mut tx = conn.begin().await?;
     // Two schema-init runs at once must not both insert the sample row.
-    sqlx::query("select pg_advisory_xact_lock(hashtext('tidemark.schema-init'))")
+    sqlx::query("select pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext($1))")
+        .bind(names::SCHEMA_INIT_LOCK)
         .execute(&mut *tx)
         .await?;
-    let table_existed: bool = sqlx::query_scalar("select to_regclass($1) is not null")
+    let table_existed: bool = sqlx::query_scalar("select pg_catalog.to_regclass($1) is not null")
         .bind(cfg.table.quoted())
         .fetch_one(&mut *tx)
         .await?;
     let mut checked_key = false;
     for step in plan(cfg) {
-        if (cfg.capture.is_some() || cfg.logical)
-            && !checked_key
-            && (step.what.starts_with("create function tidemark.capture")
-                || step.what.starts_with("set replica identity"))
-        {
+        if step.needs_key && !checked_key {
             let has_pk: bool = sqlx::query_scalar(
-                "select exists (select 1 from pg_index where indrelid = to_regclass($1) and indisprimary)",
+                "select exists (select 1 from pg_catalog.pg_index \
+                 where indrelid operator(pg_catalog.=) pg_catalog.to_regclass($1) and indisprimary)",
             )
             .bind(cfg.table.quoted())
             .fetch_one(&mut *tx)
@@ -330,16 +357,17 @@ mod tests {
         assert!(text.contains("create table if not exists tidemark.change_log"));
         assert!(text
             .contains("for each row execute function tidemark.\"capture_streaming_update_table_"));
-        assert!(text.contains("drop trigger if exists tidemark_capture_update"));
-        assert!(text.contains("drop trigger if exists tidemark_notify on"));
+        assert!(text.contains("drop trigger if exists \"tidemark_capture_update\""));
+        assert!(text.contains("drop trigger if exists \"tidemark_notify\" on"));
         assert!(
             !text.contains("pg_notify"),
             "changelog capture needs no NOTIFY"
         );
         c.capture = Some(TriggerLevel::Statement.into());
         let text = dry_run(&c);
-        assert!(text.contains("referencing old table as tidemark_old new table as tidemark_new"));
-        assert!(text.contains("drop trigger if exists tidemark_capture on"));
+        assert!(text
+            .contains("referencing old table as \"tidemark_old\" new table as \"tidemark_new\""));
+        assert!(text.contains("drop trigger if exists \"tidemark_capture\" on"));
     }
 
     #[test]
