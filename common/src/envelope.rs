@@ -617,10 +617,29 @@ impl ChangeEnvelope {
     /// An envelope for the rows of `schema`.`table` with `columns`, in
     /// database `db`, from connector `name` (Debezium's topic prefix slot).
     pub fn new(name: &str, db: &str, schema: &str, table: &str, columns: &[Column]) -> Self {
-        let row = |field: &str| {
-            let mut s = struct_schema(&format!("{name}.{schema}.{table}.Value"), columns, true);
-            s["field"] = json!(field);
-            s
+        let fields: Vec<Value> = columns.iter().map(Column::field_schema).collect();
+        Self::for_rows(name, db, schema, table, &fields, &fields)
+    }
+
+    /// An envelope whose `before` and `after` have the Connect field
+    /// schemas `before` and `after` (a [`crate::codec::RowCodec`]'s, for the
+    /// variants each row image took).
+    pub fn for_rows(
+        name: &str,
+        db: &str,
+        schema: &str,
+        table: &str,
+        before: &[Value],
+        after: &[Value],
+    ) -> Self {
+        let row = |field: &str, fields: &[Value]| {
+            json!({
+                "type": "struct",
+                "fields": fields,
+                "optional": true,
+                "name": format!("{name}.{schema}.{table}.Value"),
+                "field": field,
+            })
         };
         let source_fields = json!([
             {"type": "string", "optional": false, "field": "version"},
@@ -655,8 +674,8 @@ impl ChangeEnvelope {
         let schema_json = json!({
             "type": "struct",
             "fields": [
-                row("before"),
-                row("after"),
+                row("before", before),
+                row("after", after),
                 {"type": "struct", "fields": source_fields, "optional": false,
                  "name": "io.debezium.connector.postgresql.Source", "field": "source"},
                 {"type": "struct", "fields": transaction_fields, "optional": true,

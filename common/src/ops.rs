@@ -35,6 +35,9 @@ pub mod names {
     pub const SOURCE_ERROR_KINDS: &[&str] = &["postgres", "kafka"];
     /// Changes sent to the dead-letter topic, by `table`.
     pub const SOURCE_DEAD_LETTERS: &str = "tidemark_source_dead_letters_total";
+    /// 1 for each captured table that was dropped, by `table` (changelog
+    /// mode: its changes logged before the drop are sent; the others go on).
+    pub const SOURCE_TABLES_DROPPED: &str = "tidemark_source_tables_dropped";
     /// Seconds between the newest change sent and now, when one was sent.
     pub const SOURCE_LAG_SECONDS: &str = "tidemark_source_lag_seconds";
     /// Lines written to the output file.
@@ -86,6 +89,12 @@ pub mod names {
             name: SOURCE_DEAD_LETTERS,
             kind: Kind::Counter,
             help: "Changes that could not be encoded, sent to the dead-letter topic, by table.",
+            start: Start::Absent,
+        },
+        Metric {
+            name: SOURCE_TABLES_DROPPED,
+            kind: Kind::Gauge,
+            help: "1 for a captured table that was dropped, by table: its changes logged before the drop are sent, the other tables go on.",
             start: Start::Absent,
         },
         Metric {

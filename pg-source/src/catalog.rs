@@ -3,6 +3,7 @@
 use anyhow::{bail, Context as _};
 use sqlx::PgPool;
 use tidemark_common::envelope::Column;
+use tidemark_common::names;
 use tidemark_common::pg::TableName;
 
 /// A captured table: its columns, primary key, and the Postgres types of the
@@ -140,28 +141,87 @@ pub async fn discover(
 }
 
 /// The tables that have schema-init's change-log triggers, for `changelog`
-/// mode when `table.whitelist` is not set.
+/// mode when `table.whitelist` is not set, and the dropped tables whose
+/// changes the change log still holds (so they are sent, not stranded).
 ///
 /// Fails on a catalog error.
 pub async fn discover_captured(pool: &PgPool) -> anyhow::Result<Vec<TableName>> {
     let rows: Vec<(String, String)> = sqlx::query_as(
         r#"
-        select distinct n.nspname::text, c.relname::text
-        from pg_trigger t
-        join pg_class c on c.oid = t.tgrelid
-        join pg_namespace n on n.oid = c.relnamespace
-        where t.tgname in ('tidemark_capture', 'tidemark_capture_insert')
+        select distinct n.nspname::pg_catalog.text, c.relname::pg_catalog.text
+        from pg_catalog.pg_trigger t
+        join pg_catalog.pg_class c on c.oid operator(pg_catalog.=) t.tgrelid
+        join pg_catalog.pg_namespace n on n.oid operator(pg_catalog.=) c.relnamespace
+        where t.tgname operator(pg_catalog.=) any ($1)
         order by 1, 2
         limit 1000
         "#,
     )
+    .bind([names::ROW_TRIGGER, names::INSERT_TRIGGER])
     .fetch_all(pool)
     .await
     .context("cannot list the captured tables")?;
-    Ok(rows
+    let mut tables: Vec<TableName> = rows
         .into_iter()
         .map(|(schema, name)| TableName { schema, name })
-        .collect())
+        .collect();
+    for name in dropped_with_changes(pool).await? {
+        if let Ok(t) = TableName::parse(&name) {
+            if !tables.contains(&t) {
+                tables.push(t);
+            }
+        }
+    }
+    Ok(tables)
+}
+
+/// Whether `table` was captured by change-log capture (`tidemark.shapes`
+/// knows its name): for a table that does not exist, that it was dropped.
+///
+/// Fails on a catalog error.
+pub async fn was_captured(pool: &PgPool, table: &TableName) -> anyhow::Result<bool> {
+    let sql = format!(
+        "select pg_catalog.to_regclass($1) is not null and exists (
+           select 1 from {} where table_name operator(pg_catalog.=) pg_catalog.format('%I.%I', $2::pg_catalog.text, $3::pg_catalog.text))",
+        names::SHAPES
+    );
+    let captured: bool = sqlx::query_scalar(&sql)
+        .bind(names::SHAPES)
+        .bind(&table.schema)
+        .bind(&table.name)
+        .fetch_one(pool)
+        .await
+        .with_context(|| format!("cannot look whether {table} was captured"))?;
+    Ok(captured)
+}
+
+/// The captured tables (`format('%I.%I')` names) that no longer exist but
+/// whose changes the change log still holds.
+///
+/// Fails on a catalog error.
+pub async fn dropped_with_changes(pool: &PgPool) -> anyhow::Result<Vec<String>> {
+    let has_shapes: bool = sqlx::query_scalar("select pg_catalog.to_regclass($1) is not null")
+        .bind(names::SHAPES)
+        .fetch_one(pool)
+        .await?;
+    if !has_shapes {
+        return Ok(Vec::new());
+    }
+    let names: Vec<String> = sqlx::query_scalar(&format!(
+        r#"
+        select s.table_name from (select distinct table_name from {shapes}) s
+        where pg_catalog.to_regclass(s.table_name) is null
+          and exists (select 1 from {log} l where l.table_name operator(pg_catalog.=) s.table_name)
+        order by 1
+        limit 1000
+        "#,
+        shapes = names::SHAPES,
+        log = names::CHANGE_LOG,
+    ))
+    .fetch_all(pool)
+    .await
+    .context("cannot list the dropped tables with changes in the change log")?;
+    Ok(names)
 }
 
 /// The tables schema-init gave logical capture (a `tidemark_` publication),
@@ -170,9 +230,11 @@ pub async fn discover_captured(pool: &PgPool) -> anyhow::Result<Vec<TableName>> 
 /// Fails on a catalog error.
 pub async fn discover_published(pool: &PgPool) -> anyhow::Result<Vec<TableName>> {
     let rows: Vec<(String, String)> = sqlx::query_as(
-        r"select distinct schemaname::text, tablename::text from pg_publication_tables
-          where pubname like 'tidemark\_%' order by 1, 2",
+        r"select distinct schemaname::pg_catalog.text, tablename::pg_catalog.text
+          from pg_catalog.pg_publication_tables
+          where pg_catalog.starts_with(pubname::pg_catalog.text, $1) order by 1, 2 limit 1000",
     )
+    .bind(names::PUBLICATION_PREFIX)
     .fetch_all(pool)
     .await
     .context("cannot list the publications")?;

@@ -25,9 +25,11 @@ pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod errors;
+pub mod log;
 pub mod modes;
 pub mod pgoutput;
 pub mod producer;
+pub mod shapes;
 pub mod snapshot;
 pub mod table;
 
@@ -79,16 +81,35 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         Some(t) => t.clone(),
         None => discover_tables(&cfg, &pool).await?,
     };
+    // Changelog mode: a captured table dropped since may still have changes
+    // in the change log, which are sent; it is no reason to refuse.
+    let changelog = matches!(&cfg.mode, ModeConfig::ChangeLog(_));
     let mut infos = Vec::new();
+    let mut gone = Vec::new();
     for t in &tables {
-        let info = catalog::TableInfo::load(&pool, t).await?;
         let topic = topic_name(&cfg.topic_prefix, &t.name);
-        infos.push((info, topic));
+        match catalog::TableInfo::load(&pool, t).await {
+            Ok(info) => infos.push((info, topic)),
+            Err(e) => {
+                if changelog && catalog::was_captured(&pool, t).await? {
+                    gone.push((t.clone(), topic));
+                } else {
+                    return Err(e);
+                }
+            }
+        }
     }
 
     let admin = cfg.kafka.admin()?;
-    for (_, topic) in &infos {
+    for topic in infos
+        .iter()
+        .map(|(_, t)| t)
+        .chain(gone.iter().map(|(_, t)| t))
+    {
         ensure_topic(&admin, topic, &cfg.topic).await?;
+    }
+    if let ModeConfig::ChangeLog(_) = &cfg.mode {
+        ensure_topic(&admin, modes::changelog::DEAD_LETTER_TOPIC, &cfg.topic).await?;
     }
     let offsets_spec = TopicSpec {
         partitions: 1,
@@ -141,6 +162,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                 &database,
                 &pool,
                 infos,
+                gone,
                 &stored,
                 &cfg.offsets_topic,
                 drop_schemas,

@@ -44,7 +44,6 @@ pub(crate) struct RenderedChange {
     pub seq: i64,
     pub txid: String,
     pub op: String,
-    pub changed_ms: i64,
     pub before: Option<String>,
     pub after: Option<String>,
     pub key_before: Option<String>,

@@ -3,13 +3,38 @@
 //!
 //! Commit-safe order without logical decoding: pg-source takes a snapshot
 //! (`pg_current_snapshot()`) and sends the changes of the transactions that
-//! became visible since the previous one, table by table in `seq` order. A
-//! transaction still open is in neither snapshot's visible set, so it is sent
-//! in a later batch, once it has committed: nothing is missed, however long
-//! it runs, and a rolled-back transaction is never visible at all. Batches
-//! follow commit order; inside a batch two changes of one row are in `seq`
-//! order, which is their commit order too, since the second writer had to
-//! wait for the first's row lock.
+//! became visible since the previous one, as one unit (a batch), in `seq`
+//! order across all its tables. A transaction still open is in neither
+//! snapshot's visible set, so it is sent in a later batch, once it has
+//! committed: nothing is missed, however long it runs, and a rolled-back
+//! transaction is never visible at all. Batches follow commit order; inside
+//! a batch two changes of one row are in `seq` order, which is their commit
+//! order too, since the second writer had to wait for the first's row lock;
+//! so a batch applied whole ends in a state the database had.
+//!
+//! **Shapes.** Each change-log row holds its row images as the `record_out`
+//! text the trigger logged and the id of the shape it was written with
+//! (`tidemark.shapes`, see [`crate::shapes`]). pg-source decodes it with the
+//! codec by that shape, so a row logged before an `ALTER TABLE` is read with
+//! the columns and types it had then, and Postgres renders nothing: no
+//! `jsonb_populate_record`, no `row_to_json`, no cast. A schema change shows
+//! in the events at once: the first change written after it carries the new
+//! columns, and its schema says so (the event schema is the one of its
+//! shape and of its values' variants). A change of the primary key's
+//! columns is a new key schema from that change on.
+//!
+//! **Tables that go.** A table is followed by its OID, so a renamed table's
+//! changes keep going to its topic (its events name the new table). A
+//! dropped table's changes logged before the drop are sent; then a log line
+//! and `tidemark_source_tables_dropped` say it left, and the other tables
+//! go on; the change log is pruned of it; a restart with it still
+//! configured neither refuses nor stops.
+//!
+//! **A value that cannot be carried** (a text its type's codec refuses)
+//! goes to the dead-letter topic `tidemark.dead-letter` with the table,
+//! column, key, error, raw text and position, with an ERROR log and
+//! `tidemark_source_dead_letters_total{table}`; it still counts in the
+//! unit's `total_order`/`event_count`, so pg-replay sees the gap.
 //!
 //! The initial snapshot ([`crate::snapshot`]) is read in one `repeatable
 //! read` transaction whose snapshot becomes the first `done`, so there is
@@ -17,59 +42,70 @@
 //! in the rows of a segment read after a restart is skipped.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{bail, Context as _};
+use serde_json::Value;
 use sqlx::PgPool;
-use tidemark_common::envelope::{now_us, Sequence};
-use tidemark_common::offset::{position_key, ChangeLogPosition, SourcePosition};
+use tidemark_common::codec::{TypeCache, Variants};
+use tidemark_common::envelope::{
+    now_us, Change, ChangeEnvelope, Op, RecordTemplate, Sequence, SnapshotMark, TxPlace, UnitEnd,
+};
+use tidemark_common::names::{self, quote_literal};
+use tidemark_common::offset::{count_event, position_key, ChangeLogPosition, SourcePosition};
+use tidemark_common::ops::names as metric;
+use tidemark_common::pg::TableName;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::TableInfo;
 use crate::config::ChangeLogConfig;
 use crate::errors::SourceError;
+use crate::log::{self, LogRow, Tables};
 use crate::modes::{Batch, Capture, Committed, Wakeup};
 use crate::producer::Record;
+use crate::shapes::{Image, Shape, Shapes};
 use crate::snapshot::{self, InitialSnapshot};
-use crate::table::{CapturedTable, RenderedChange, Unit};
+use crate::table::CapturedTable;
 
 /// Log rows deleted per prune.
 pub const PRUNE_CHUNK: i64 = 5000;
 
-/// A table's change query: its changes after a `seq` between two
-/// snapshots, left out what a snapshot segment holds.
-///
-/// Fails when the table has no change-log trigger.
-async fn change_query(pool: &PgPool, table: &CapturedTable) -> anyhow::Result<String> {
-    let name = &table.info.name;
-    let has_trigger: bool = sqlx::query_scalar(
-        "select exists (select 1 from pg_trigger where tgrelid = to_regclass($1)
-                        and tgname in ('tidemark_capture', 'tidemark_capture_insert'))",
-    )
-    .bind(name.quoted())
-    .fetch_one(pool)
-    .await?;
-    if !has_trigger {
-        bail!("table {name} has no change-log trigger: run schema-init --capture changelog --table {name}");
-    }
-    let sql = table.image_sql();
-    Ok(format!(
-        r#"select l.seq, l.txid::text as txid, l.op::text as op,
-                  (extract(epoch from l.changed_at) * 1000)::int8 as changed_ms,
-                  {images}
-           from tidemark.change_log l
-           {joins}
-           where l.table_name = $1 and l.seq > $2
-             and l.txid >= pg_snapshot_xmin($3::pg_snapshot)
-             and l.txid < pg_snapshot_xmax($4::pg_snapshot)
-             and pg_visible_in_snapshot(l.txid, $4::pg_snapshot)
-             and not pg_visible_in_snapshot(l.txid, $3::pg_snapshot)
-             and {segments}
-           order by l.seq
-           limit $6"#,
-        images = sql.images,
-        joins = sql.joins,
-        segments = table.outside_segments_sql("l.txid", "$5"),
-    ))
+/// The topic of changes Tidemark cannot encode.
+pub const DEAD_LETTER_TOPIC: &str = "tidemark.dead-letter";
+
+/// How often to look whether a table was dropped.
+const GONE_CHECK: Duration = Duration::from_secs(5);
+
+/// At most this many envelopes and key templates are kept per table; a
+/// table whose rows vary more is rendered from fresh ones.
+const MAX_TEMPLATES: usize = 512;
+
+/// One configured table, as the change log knows it.
+struct LogTable {
+    /// The table as configured.
+    name: TableName,
+    /// Its name as the change log and positions write it
+    /// (`format('%I.%I')`).
+    log_name: String,
+    topic: String,
+    /// Its OIDs: the table now and any it was before (dropped and created
+    /// again, captured again).
+    relids: Vec<i64>,
+    /// It no longer exists: said once.
+    gone: bool,
+    /// The name its last change was logged under, when not `log_name`
+    /// (renamed): said once per name.
+    renamed_to: Option<String>,
+    /// Value envelopes by (shape, before variants, after variants).
+    envelopes: HashMap<(i32, Variants, Variants), Arc<ChangeEnvelope>>,
+    /// Key templates by (shape, key variants).
+    keys: HashMap<(i32, Variants), Arc<RecordTemplate>>,
+    /// The key columns (names and type OIDs) the initial snapshot renders
+    /// keys of, and where its table is in `tables`: a change with that key
+    /// gets its key in the snapshot's schema, so that a row has one key
+    /// byte string in a compacted topic whichever wrote it.
+    snapshot_key: Option<(Vec<(String, i64)>, usize)>,
 }
 
 /// `changelog` mode: the change log read batch by batch, with the initial
@@ -77,10 +113,17 @@ async fn change_query(pool: &PgPool, table: &CapturedTable) -> anyhow::Result<St
 pub struct ChangeLogMode {
     cfg: ChangeLogConfig,
     pool: PgPool,
-    /// The tables, in the order they are read.
+    connector: String,
+    database: String,
+    /// Leave the Connect schema out of keys, values.
+    drop_schemas: (bool, bool),
+    /// The tables that exist, for the initial snapshot.
     tables: Vec<CapturedTable>,
-    /// Each table's [`change_query`].
-    sql_changes: Vec<String>,
+    /// Every configured table.
+    log_tables: Vec<LogTable>,
+    /// What the change-log query reads.
+    reading: Tables,
+    shapes: Shapes,
     /// Where reading stands.
     position: ChangeLogPosition,
     /// The initial snapshot's transaction, while it runs.
@@ -93,15 +136,37 @@ pub struct ChangeLogMode {
     /// The last batch ended its snapshot-difference batch, so the change
     /// log can be pruned once it is committed.
     prune_after_commit: bool,
+    last_gone_check: Instant,
     wakeup: Wakeup,
+}
+
+/// One change-log row decoded with its shape.
+struct Decoded {
+    row: LogRow,
+    shape: Arc<Shape>,
+    /// Index into `log_tables`.
+    table: usize,
+    before: Option<Image>,
+    after: Option<Image>,
+}
+
+/// Why a change-log row cannot be sent.
+struct DeadLetter {
+    row: LogRow,
+    table: usize,
+    column: Option<String>,
+    error: String,
 }
 
 impl ChangeLogMode {
     /// Prepares every table and reads the stored position; without one,
     /// starts now (with the initial snapshot when configured).
     ///
-    /// Fails when a table is not captured, or a stored position belongs to
-    /// another mode.
+    /// `infos` are the configured tables that exist, `gone` those that no
+    /// longer do (their changes in the change log are still sent).
+    ///
+    /// Fails when a table is not captured, the change log is not version 2,
+    /// or a stored position belongs to another mode.
     #[allow(clippy::too_many_arguments)]
     pub async fn new(
         cfg: ChangeLogConfig,
@@ -109,24 +174,45 @@ impl ChangeLogMode {
         database: &str,
         pool: &PgPool,
         infos: Vec<(TableInfo, String)>,
+        gone: Vec<(TableName, String)>,
         stored: &HashMap<Vec<u8>, Vec<u8>>,
         offsets_topic: &str,
-        (drop_key_schemas, drop_value_schemas): (bool, bool),
+        drop_schemas: (bool, bool),
     ) -> anyhow::Result<Self> {
+        check_change_log(pool).await?;
         let mut tables = Vec::new();
-        let mut sql_changes = Vec::new();
+        let mut log_tables = Vec::new();
         for (info, topic) in infos {
-            let mut table = CapturedTable::new(pool, info, topic, connector, database).await?;
-            table.drop_schemas(drop_key_schemas, drop_value_schemas);
-            sql_changes.push(change_query(pool, &table).await?);
+            let name = info.name.clone();
+            check_trigger(pool, &name).await?;
+            let mut table =
+                CapturedTable::new(pool, info, topic.clone(), connector, database).await?;
+            table.drop_schemas(drop_schemas.0, drop_schemas.1);
+            let mut t = LogTable::new(pool, name, topic).await?;
+            t.snapshot_key = Some((primary_key(pool, &t.log_name).await?, tables.len()));
+            log_tables.push(t);
             tables.push(table);
         }
-        let position_key = position_key(connector, "tidemark.change_log");
+        for (name, topic) in gone {
+            log_tables.push(LogTable::new(pool, name, topic).await?);
+        }
+        for t in &log_tables {
+            if t.relids.is_empty() {
+                bail!(
+                    "table {} has no shape in {}: run schema-init --capture changelog --table {}",
+                    t.name,
+                    names::SHAPES,
+                    t.name
+                );
+            }
+        }
+        let reading = reading(&log_tables);
+        let position_key = position_key(connector, names::CHANGE_LOG);
         let stored = stored
             .get(&position_key)
             .map(|b| SourcePosition::decode(b))
             .transpose()?;
-        let (position, fresh) = match stored {
+        let (mut position, fresh) = match stored {
             Some(SourcePosition::ChangeLog(p)) => {
                 tracing::info!(done = %p.done, snapshot_running = p.snapshot.is_some(), "resuming from stored position");
                 (p, false)
@@ -135,9 +221,10 @@ impl ChangeLogMode {
                 "the stored position of connector {connector} is for another mode ({other:?}): use a new connector name to change modes"
             ),
             None => {
-                let done: String = sqlx::query_scalar("select pg_current_snapshot()::text")
-                    .fetch_one(pool)
-                    .await?;
+                let done: String =
+                    sqlx::query_scalar("select pg_catalog.pg_current_snapshot()::pg_catalog.text")
+                        .fetch_one(pool)
+                        .await?;
                 let snapshot = cfg.initial_snapshot.then(|| snapshot::begin(&tables));
                 tracing::info!(initial_snapshot = cfg.initial_snapshot, "no stored position, starting now");
                 (
@@ -150,12 +237,30 @@ impl ChangeLogMode {
                 )
             }
         };
+        // A table dropped while its snapshot was pending has nothing left
+        // to read there.
+        if let Some(progress) = position.snapshot.as_mut() {
+            let exists: Vec<&str> = tables.iter().map(|t| t.log_name.as_str()).collect();
+            if progress
+                .tables
+                .first()
+                .is_some_and(|t| !exists.contains(&t.as_str()))
+            {
+                progress.last_key = None;
+            }
+            progress.tables.retain(|t| exists.contains(&t.as_str()));
+        }
         let mut mode = Self {
             wakeup: Wakeup::new(pool, cfg.listen).await,
             cfg,
             pool: pool.clone(),
+            connector: connector.to_owned(),
+            database: database.to_owned(),
+            drop_schemas,
             tables,
-            sql_changes,
+            log_tables,
+            reading,
+            shapes: Shapes::new(Arc::new(TypeCache::new())),
             position,
             snapshot: InitialSnapshot::default(),
             position_key,
@@ -163,7 +268,9 @@ impl ChangeLogMode {
             // Rows sent before a stop may be left: prune them from the start.
             prune_pending: true,
             prune_after_commit: false,
+            last_gone_check: Instant::now(),
         };
+        mode.check_gone().await?;
         mode.snapshot =
             InitialSnapshot::start(pool, &mode.tables, &mut mode.position, fresh).await?;
         Ok(mode)
@@ -171,21 +278,23 @@ impl ChangeLogMode {
 
     /// Reads the next chunk of changes, or `None` when caught up. Advances
     /// the in-memory position. A chunk takes up to `batch.max.rows` changes
-    /// of the batch, table after table, and one more is asked for to know
-    /// whether the chunk ends the batch: then the chunk's last event
-    /// carries the batch's totals, and the same Kafka transaction records
-    /// the batch as done.
+    /// of the batch in `seq` order across the tables, and one more is asked
+    /// for to know whether the chunk ends the batch: then the chunk's last
+    /// event carries the batch's totals, and the same Kafka transaction
+    /// records the batch as done.
     ///
-    /// Fails on a database error.
-    async fn next_changes(&mut self) -> Result<Option<Batch>, sqlx::Error> {
+    /// Fails on a database error, or when a row's shape cannot be read.
+    async fn next_changes(&mut self) -> Result<Option<Batch>, SourceError> {
+        let pg = |what: &'static str| move |e: sqlx::Error| SourceError::postgres(what, e);
         let had_rows = !self.position.after_seq.is_empty();
         if self.position.batch.is_none() {
             let (cur, at_us): (String, i64) = sqlx::query_as(
-                "select pg_current_snapshot()::text,
-                        (extract(epoch from clock_timestamp()) * 1000000)::int8",
+                "select pg_catalog.pg_current_snapshot()::pg_catalog.text,
+                        (extract(epoch from pg_catalog.clock_timestamp()) operator(pg_catalog.*) 1000000)::pg_catalog.int8",
             )
             .fetch_one(&self.pool)
-            .await?;
+            .await
+            .map_err(pg("cannot take a snapshot"))?;
             if cur == self.position.done {
                 return Ok(None);
             }
@@ -193,49 +302,38 @@ impl ChangeLogMode {
             self.position.batch_us = Some(at_us);
         }
         let cur = self.position.batch.clone().expect("set above");
-        let mut remaining = self.cfg.batch_max_rows;
-        let mut more = false;
-        let mut read: Vec<(usize, RenderedChange)> = Vec::new();
-        for (i, table) in self.tables.iter().enumerate() {
-            let after_seq = self
-                .position
-                .after_seq
-                .get(&table.log_name)
-                .copied()
-                .unwrap_or(0);
-            let segments = serde_json::to_value(
+        // Every table's changes up to the same seq are read (a 0.1 position
+        // may have them apart: rows up to a table's own are skipped).
+        let after_seq = self
+            .log_tables
+            .iter()
+            .map(|t| {
                 self.position
-                    .segments
-                    .get(&table.log_name)
-                    .cloned()
-                    .unwrap_or_default(),
-            )
-            .expect("segments always serialise");
-            let mut rows: Vec<RenderedChange> = sqlx::query_as(&self.sql_changes[i])
-                .bind(&table.log_name)
-                .bind(after_seq)
-                .bind(&self.position.done)
-                .bind(&cur)
-                .bind(segments)
-                .bind(remaining + 1)
-                .fetch_all(&self.pool)
-                .await?;
-            if rows.len() as i64 > remaining {
-                rows.truncate(remaining as usize);
-                more = true;
-            }
-            if let Some(last) = rows.last().map(|r| r.seq) {
-                self.position.after_seq.insert(table.log_name.clone(), last);
-            }
-            remaining -= rows.len() as i64;
-            read.extend(rows.into_iter().map(|r| (i, r)));
-            if more {
-                break;
-            }
-        }
-        if read.is_empty() {
-            // Every table has sent the batch: it is done.
-            self.finish_batch(cur).await?;
+                    .after_seq
+                    .get(&t.log_name)
+                    .copied()
+                    .unwrap_or(0)
+            })
+            .min()
+            .unwrap_or(0);
+        let chunk = self.cfg.batch_max_rows;
+        let mut rows = log::read(
+            &self.pool,
+            &self.reading,
+            after_seq,
+            &self.position.done,
+            &cur,
+            chunk + 1,
+        )
+        .await
+        .map_err(pg("cannot read the change log"))?;
+        let more = rows.len() as i64 > chunk;
+        rows.truncate(chunk as usize);
+        let Some(last_seq) = rows.last().map(|r| r.seq) else {
+            // Every change of the batch is sent: it is done.
+            self.finish_batch(cur)
+                .await
+                .map_err(pg("cannot finish the batch"))?;
             if had_rows {
                 // Record it, then prune.
                 self.prune_after_commit = true;
@@ -245,35 +343,73 @@ impl ChangeLogMode {
                 }));
             }
             return Ok(None);
+        };
+        let n = rows.len();
+        let newest_change_ms = rows.iter().map(|r| r.changed_us.div_euclid(1000)).max();
+        let decoded = self.decode(rows).await?;
+        let decoded = self.outside_segments(decoded).await?;
+        for t in &self.log_tables {
+            self.position.after_seq.insert(t.log_name.clone(), last_seq);
+        }
+        if decoded.is_empty() {
+            if !more {
+                self.finish_batch(cur)
+                    .await
+                    .map_err(pg("cannot finish the batch"))?;
+                self.prune_after_commit = true;
+            }
+            return Ok(Some(Batch {
+                rows: n,
+                what: "changes committed",
+                ..Batch::default()
+            }));
         }
         if self.position.unit_counts.is_empty() {
             // The batch's first events: its place in commit order.
             self.position.commit_order += 1;
         }
-        let n = read.len();
-        let mut records = Vec::with_capacity(n + n / 8);
         let read_us = now_us();
-        let newest_change_ms = read.iter().map(|(_, r)| r.changed_ms).max();
-        let mut unit = Unit {
-            commit_order: self.position.commit_order,
-            commit_us: self.position.batch_us.unwrap_or(read_us),
-            counts: &mut self.position.unit_counts,
-        };
-        for (k, (i, r)) in read.iter().enumerate() {
-            let last = !more && k + 1 == n;
-            self.tables[*i].render_change(
-                r,
-                Sequence::ChangeLog(r.seq),
-                &mut unit,
-                last,
-                read_us,
-                self.cfg.tombstones,
-                &mut records,
-            );
+        let commit_us = self.position.batch_us.unwrap_or(read_us);
+        let mut records = Vec::with_capacity(decoded.len() + decoded.len() / 8);
+        // The unit's totals go on its last event; dead letters after it
+        // still count in them.
+        let last_event = decoded.iter().rposition(|d| d.is_ok());
+        let mut counts = std::mem::take(&mut self.position.unit_counts);
+        let end_counts = (!more).then(|| {
+            let mut c = counts.clone();
+            for d in &decoded {
+                let table = match d {
+                    Ok(d) => d.table,
+                    Err(d) => d.table,
+                };
+                let collection = self.data_collection(table);
+                count_event(&mut c, &collection);
+                if let Ok(d) = d {
+                    if self.key_changed(d) {
+                        count_event(&mut c, &collection);
+                    }
+                }
+            }
+            c
+        });
+        for (k, d) in decoded.into_iter().enumerate() {
+            match d {
+                Ok(d) => {
+                    let end = end_counts.as_ref().filter(|_| Some(k) == last_event);
+                    self.render(&d, commit_us, read_us, &mut counts, end, &mut records);
+                }
+                Err(dead) => {
+                    let collection = self.data_collection(dead.table);
+                    let (_, total_order) = count_event(&mut counts, &collection);
+                    records.push(self.dead_letter(&dead, total_order));
+                }
+            }
         }
-        drop(read);
+        self.position.unit_counts = counts;
         if !more {
-            self.finish_batch(cur).await?;
+            self.finish_batch(cur)
+                .await
+                .map_err(pg("cannot finish the batch"))?;
         }
         self.prune_after_commit = !more;
         Ok(Some(Batch {
@@ -282,6 +418,431 @@ impl ChangeLogMode {
             newest_change_ms,
             what: "changes committed",
         }))
+    }
+
+    /// Decodes `rows` with their shapes (read once per shape id). A row of
+    /// a table not configured under this OID but under its name (dropped
+    /// and created again) adds the OID.
+    async fn decode(
+        &mut self,
+        rows: Vec<LogRow>,
+    ) -> Result<Vec<Result<Decoded, Box<DeadLetter>>>, SourceError> {
+        let ids: Vec<i32> = rows.iter().map(|r| r.shape).collect();
+        self.shapes
+            .load(&self.pool, &ids)
+            .await
+            .map_err(SourceError::from_anyhow)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let Some(table) = self.table_of(&row) else {
+                continue;
+            };
+            if row.seq
+                <= self
+                    .position
+                    .after_seq
+                    .get(&self.log_tables[table].log_name)
+                    .copied()
+                    .unwrap_or(0)
+            {
+                // Sent before a 0.1 position was stored.
+                continue;
+            }
+            let shape = self.shapes.get(row.shape).expect("loaded above");
+            let t = &mut self.log_tables[table];
+            if row.table_name != t.log_name
+                && t.renamed_to.as_deref() != Some(row.table_name.as_str())
+            {
+                tracing::warn!(table = %t.name, now = %row.table_name, topic = %t.topic, "table renamed; its changes keep going to its topic: name the new table in table.whitelist");
+                t.renamed_to = Some(row.table_name.clone());
+            }
+            let image = |text: &Option<String>| -> Result<Option<Image>, tidemark_common::codec::CodecError> {
+                text.as_deref().map(|t| shape.decode(t)).transpose()
+            };
+            let decoded = image(&row.before).and_then(|b| Ok((b, image(&row.after)?)));
+            out.push(match decoded {
+                Ok((before, after)) => {
+                    if (row.op == "d" && before.is_none()) || (row.op != "d" && after.is_none()) {
+                        Err(Box::new(DeadLetter {
+                            error: format!(
+                                "a change-log row of op {:?} without its row image",
+                                row.op
+                            ),
+                            column: None,
+                            table,
+                            row,
+                        }))
+                    } else {
+                        Ok(Decoded {
+                            row,
+                            shape,
+                            table,
+                            before,
+                            after,
+                        })
+                    }
+                }
+                Err(e) => Err(Box::new(DeadLetter {
+                    column: match &e {
+                        tidemark_common::codec::CodecError::Value { column, .. } => {
+                            Some(column.clone())
+                        }
+                        _ => None,
+                    },
+                    error: e.to_string(),
+                    table,
+                    row,
+                })),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The configured table a row belongs to, by its shape's OID, else by
+    /// its name (then the OID is added).
+    fn table_of(&mut self, row: &LogRow) -> Option<usize> {
+        if let Some(i) = self
+            .log_tables
+            .iter()
+            .position(|t| t.relids.contains(&row.relid))
+        {
+            return Some(i);
+        }
+        let i = self
+            .log_tables
+            .iter()
+            .position(|t| t.log_name == row.table_name)?;
+        self.log_tables[i].relids.push(row.relid);
+        self.reading = reading(&self.log_tables);
+        Some(i)
+    }
+
+    /// Whether a change moves its row to another key (its key's text
+    /// changed): it is then a delete of the old key and a create of the new.
+    fn key_changed(&self, d: &Decoded) -> bool {
+        d.row.op == "u" && matches!((&d.before, &d.after), (Some(b), Some(a)) if b.key != a.key)
+    }
+
+    /// `schema.table` as `data_collections` names the table.
+    fn data_collection(&self, table: usize) -> String {
+        let t = &self.log_tables[table].name;
+        format!("{}.{}", t.schema, t.name)
+    }
+
+    /// Leaves out the changes a snapshot segment's rows already hold: of a
+    /// transaction visible in the segment's snapshot, with a key in its
+    /// range. Key ranges are compared in Postgres with the key's literals,
+    /// written as the columns' base types (no cast, no domain check runs).
+    async fn outside_segments(
+        &self,
+        decoded: Vec<Result<Decoded, Box<DeadLetter>>>,
+    ) -> Result<Vec<Result<Decoded, Box<DeadLetter>>>, SourceError> {
+        if self.position.segments.is_empty() {
+            return Ok(decoded);
+        }
+        let mut checks = Vec::new();
+        for (i, d) in decoded.iter().enumerate() {
+            let Ok(d) = d else { continue };
+            let t = &self.log_tables[d.table];
+            let Some(segments) = self.position.segments.get(&t.log_name) else {
+                continue;
+            };
+            for s in segments {
+                if log::visible_in(d.row.txid, &s.snapshot) == Some(true) {
+                    // The key of the row the change leaves (a delete's), else
+                    // the one it makes.
+                    let image = d.after.as_ref().or(d.before.as_ref()).expect("an image");
+                    checks.push((
+                        i,
+                        in_range_sql(&d.shape, &image.key_text, s.lo.as_ref(), s.hi.as_ref()),
+                    ));
+                }
+            }
+        }
+        if checks.is_empty() {
+            return Ok(decoded);
+        }
+        let sql = format!(
+            "select array[{}]::pg_catalog.bool[]",
+            checks
+                .iter()
+                .map(|(_, c)| c.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let contained: Vec<bool> = sqlx::query_scalar(&sql)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| {
+                SourceError::postgres("cannot compare keys with the snapshot's segments", e)
+            })?;
+        let skip: std::collections::HashSet<usize> = checks
+            .iter()
+            .zip(contained)
+            .filter(|(_, c)| *c)
+            .map(|((i, _), _)| *i)
+            .collect();
+        Ok(decoded
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| !skip.contains(i))
+            .map(|(_, d)| d)
+            .collect())
+    }
+
+    /// Renders a decoded change: an event, or for a key change a delete
+    /// (and tombstone) of the old key and a create of the new one; a
+    /// tombstone after each delete when configured. Each event counts in the
+    /// unit; the unit's last event carries `end`.
+    fn render(
+        &mut self,
+        d: &Decoded,
+        commit_us: i64,
+        read_us: i64,
+        counts: &mut Vec<(String, u64)>,
+        end: Option<&Vec<(String, u64)>>,
+        out: &mut Vec<Record>,
+    ) {
+        let collection = self.data_collection(d.table);
+        let tombstones = self.cfg.tombstones;
+        let commit_order = self.position.commit_order;
+        let before = d.before.as_ref();
+        let after = d.after.as_ref();
+        let mut event =
+            |mode: &mut Self, op: Op, before: Option<&Image>, after: Option<&Image>, last: bool| {
+                let (data_collection_order, total_order) = count_event(counts, &collection);
+                let end = end.filter(|_| last).map(|c| UnitEnd {
+                    event_count: c.iter().map(|(_, n)| n).sum(),
+                    data_collections: c.clone(),
+                });
+                let envelope = mode.envelope(d, before, after);
+                envelope.render(&Change {
+                    op,
+                    before: before.map(|i| std::str::from_utf8(&i.row).expect("JSON is UTF-8")),
+                    after: after.map(|i| std::str::from_utf8(&i.row).expect("JSON is UTF-8")),
+                    commit_us,
+                    txid: u64::try_from(d.row.txid).ok(),
+                    sequence: Sequence::ChangeLog(d.row.seq),
+                    snapshot: SnapshotMark::No,
+                    read_us,
+                    transaction: TxPlace {
+                        commit_order,
+                        total_order,
+                        data_collection_order,
+                        end: end.as_ref(),
+                    },
+                })
+            };
+        let topic = self.log_tables[d.table].topic.clone();
+        match (d.row.op.as_str(), before, after) {
+            ("u", Some(b), Some(a)) if b.key != a.key => {
+                // The primary key changed: the old key is deleted, the new
+                // one created, as Debezium does.
+                let value = event(self, Op::Delete, Some(b), None, false);
+                let key = self.key(d, b);
+                out.push(Record {
+                    topic: topic.clone(),
+                    key: key.clone(),
+                    value: Some(value),
+                });
+                if tombstones {
+                    out.push(Record {
+                        topic: topic.clone(),
+                        key,
+                        value: None,
+                    });
+                }
+                let value = event(self, Op::Create, None, Some(a), true);
+                out.push(Record {
+                    topic,
+                    key: self.key(d, a),
+                    value: Some(value),
+                });
+            }
+            ("c", _, Some(a)) => {
+                let value = event(self, Op::Create, None, Some(a), true);
+                out.push(Record {
+                    topic,
+                    key: self.key(d, a),
+                    value: Some(value),
+                });
+            }
+            ("u", b, Some(a)) => {
+                let value = event(self, Op::Update, b, Some(a), true);
+                out.push(Record {
+                    topic,
+                    key: self.key(d, a),
+                    value: Some(value),
+                });
+            }
+            ("d", Some(b), _) => {
+                let value = event(self, Op::Delete, Some(b), None, true);
+                let key = self.key(d, b);
+                out.push(Record {
+                    topic: topic.clone(),
+                    key: key.clone(),
+                    value: Some(value),
+                });
+                if tombstones {
+                    out.push(Record {
+                        topic,
+                        key,
+                        value: None,
+                    });
+                }
+            }
+            (op, _, _) => {
+                tracing::warn!(seq = d.row.seq, op, table = %self.log_tables[d.table].name, "skipping a change-log row that is not c, u or d")
+            }
+        }
+    }
+
+    /// The value envelope of a change of `d`'s shape with these images.
+    fn envelope(
+        &mut self,
+        d: &Decoded,
+        before: Option<&Image>,
+        after: Option<&Image>,
+    ) -> Arc<ChangeEnvelope> {
+        let variants = |i: Option<&Image>| i.map(|i| i.row_variants.clone()).unwrap_or_default();
+        let key = (d.shape.id, variants(before), variants(after));
+        let (connector, database, drop_values) =
+            (&self.connector, &self.database, self.drop_schemas.1);
+        let t = &mut self.log_tables[d.table];
+        if let Some(e) = t.envelopes.get(&key) {
+            return e.clone();
+        }
+        let (schema, table) = source_name(&d.shape.table_name, &t.name);
+        let mut e = ChangeEnvelope::for_rows(
+            connector,
+            database,
+            &schema,
+            &table,
+            &d.shape.row.fields(&key.1),
+            &d.shape.row.fields(&key.2),
+        );
+        if drop_values {
+            e = e.without_schema();
+        }
+        let e = Arc::new(e);
+        if t.envelopes.len() >= MAX_TEMPLATES {
+            t.envelopes.clear();
+        }
+        t.envelopes.insert(key, e.clone());
+        e
+    }
+
+    /// The record key of `image`.
+    fn key(&mut self, d: &Decoded, image: &Image) -> Vec<u8> {
+        // While the initial snapshot module renders keys with 0.1's
+        // templates, a key of the columns it knows takes the same schema.
+        if let Some((columns, i)) = &self.log_tables[d.table].snapshot_key {
+            let same = d.shape.key.len() == columns.len()
+                && d.shape.key.iter().zip(columns).all(|(k, (name, oid))| {
+                    k == name
+                        && d.shape
+                            .columns
+                            .iter()
+                            .any(|c| &c.name == k && c.type_oid == *oid)
+                });
+            if same {
+                return self.tables[*i].key_template.render(
+                    std::str::from_utf8(&image.key).expect("JSON is UTF-8"),
+                    !image.key_variants.is_default(),
+                );
+            }
+        }
+        let key = (d.shape.id, image.key_variants.clone());
+        let (connector, drop_keys) = (&self.connector, self.drop_schemas.0);
+        let t = &mut self.log_tables[d.table];
+        let template = match t.keys.get(&key) {
+            Some(k) => k.clone(),
+            None => {
+                let template = if drop_keys {
+                    RecordTemplate::schemaless()
+                } else {
+                    let (schema, table) = source_name(&d.shape.table_name, &t.name);
+                    RecordTemplate::new(&d.shape.key_codec.struct_schema(
+                        &format!("{connector}.{schema}.{table}.Key"),
+                        false,
+                        &key.1,
+                    ))
+                };
+                let template = Arc::new(template);
+                if t.keys.len() >= MAX_TEMPLATES {
+                    t.keys.clear();
+                }
+                t.keys.insert(key, template.clone());
+                template
+            }
+        };
+        template.render(std::str::from_utf8(&image.key).expect("JSON is UTF-8"))
+    }
+
+    /// The dead-letter record of a change that cannot be sent, logged and
+    /// counted.
+    fn dead_letter(&self, dead: &DeadLetter, total_order: u64) -> Record {
+        let t = &self.log_tables[dead.table];
+        let raw = dead.row.after.as_deref().or(dead.row.before.as_deref());
+        tracing::error!(table = %t.name, column = ?dead.column, seq = dead.row.seq, error = %dead.error, topic = DEAD_LETTER_TOPIC, "a change cannot be carried exactly; sent to the dead-letter topic");
+        metrics::counter!(metric::SOURCE_DEAD_LETTERS, "table" => t.log_name.clone()).increment(1);
+        let key = serde_json::json!({
+            "connector": self.connector,
+            "table": t.log_name,
+            "key": Value::Null,
+        });
+        let value = serde_json::json!({
+            "connector": self.connector,
+            "table": t.log_name,
+            "column": dead.column,
+            "key": Value::Null,
+            "error": dead.error,
+            "raw": raw,
+            "op": dead.row.op,
+            "position": {
+                "seq": dead.row.seq,
+                "txid": dead.row.txid,
+                "shape": dead.row.shape,
+                "commit_order": self.position.commit_order,
+                "total_order": total_order,
+            },
+        });
+        Record {
+            topic: DEAD_LETTER_TOPIC.to_owned(),
+            key: serde_json::to_vec(&key).expect("JSON"),
+            value: Some(serde_json::to_vec(&value).expect("JSON")),
+        }
+    }
+
+    /// Says once of each table that it was dropped; refreshes what the
+    /// change-log query reads.
+    async fn check_gone(&mut self) -> Result<(), SourceError> {
+        self.last_gone_check = Instant::now();
+        let relids: Vec<i64> = self
+            .log_tables
+            .iter()
+            .flat_map(|t| t.relids.clone())
+            .collect();
+        let existing: Vec<i64> = sqlx::query_scalar(
+            "select c.oid::pg_catalog.int8 from pg_catalog.pg_class c
+              where c.oid operator(pg_catalog.=) any ($1::pg_catalog.int8[]::pg_catalog.oid[])",
+        )
+        .bind(&relids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| SourceError::postgres("cannot look whether the tables still exist", e))?;
+        for t in &mut self.log_tables {
+            let gone = !t.relids.iter().any(|r| existing.contains(r));
+            if gone && !t.gone {
+                tracing::warn!(table = %t.name, topic = %t.topic, "table dropped: its changes logged before the drop are sent, the other tables go on");
+            }
+            if gone != t.gone || gone {
+                metrics::gauge!(metric::SOURCE_TABLES_DROPPED, "table" => t.log_name.clone())
+                    .set(if gone { 1.0 } else { 0.0 });
+            }
+            t.gone = gone;
+        }
+        Ok(())
     }
 
     /// Marks the batch read up to snapshot `cur` as done.
@@ -305,7 +866,7 @@ impl ChangeLogMode {
             let mut keep = Vec::new();
             for s in segments {
                 let old: bool = sqlx::query_scalar(
-                    "select pg_snapshot_xmax($1::pg_snapshot) <= pg_snapshot_xmin($2::pg_snapshot)",
+                    "select pg_catalog.pg_snapshot_xmax($1::pg_catalog.pg_snapshot) operator(pg_catalog.<=) pg_catalog.pg_snapshot_xmin($2::pg_catalog.pg_snapshot)",
                 )
                 .bind(&s.snapshot)
                 .bind(done)
@@ -330,22 +891,8 @@ impl ChangeLogMode {
     /// up the stream: 100k rows took 270 ms in one go. A failure only
     /// delays it.
     async fn prune(&mut self) {
-        let names: Vec<String> = self.tables.iter().map(|t| t.log_name.clone()).collect();
-        let result = sqlx::query(
-            "delete from tidemark.change_log where seq in (
-               select seq from tidemark.change_log
-               where table_name = any($1) and txid < pg_snapshot_xmax($2::pg_snapshot)
-                 and pg_visible_in_snapshot(txid, $2::pg_snapshot)
-               limit $3)",
-        )
-        .bind(&names)
-        .bind(&self.position.done)
-        .bind(PRUNE_CHUNK)
-        .execute(&self.pool)
-        .await;
-        match result {
-            Ok(r) => {
-                let n = r.rows_affected();
+        match log::prune(&self.pool, &self.reading, &self.position.done, PRUNE_CHUNK).await {
+            Ok(n) => {
                 self.prune_pending = n as i64 >= PRUNE_CHUNK;
                 tracing::debug!(rows = n, more = self.prune_pending, "change log pruned");
             }
@@ -353,6 +900,185 @@ impl ChangeLogMode {
                 tracing::warn!(error = %e, "cannot prune the change log; will retry after the next batch")
             }
         }
+    }
+}
+
+impl LogTable {
+    /// A configured table: its log name and every OID the shapes know it
+    /// by (and its OID now, when it exists).
+    async fn new(pool: &PgPool, name: TableName, topic: String) -> anyhow::Result<Self> {
+        let (log_name, relids): (String, Vec<i64>) = sqlx::query_as(&format!(
+            "select n.log_name, array(
+                 select distinct s.relid::pg_catalog.int8 from {shapes} s
+                  where s.table_name operator(pg_catalog.=) n.log_name
+                 union
+                 select c.oid::pg_catalog.int8 from pg_catalog.pg_class c
+                  where c.oid operator(pg_catalog.=) pg_catalog.to_regclass(n.log_name)
+                    and exists (select 1 from {shapes} s where s.relid operator(pg_catalog.=) c.oid))
+               from (select pg_catalog.format('%I.%I', $1::pg_catalog.text, $2::pg_catalog.text) as log_name) n",
+            shapes = names::SHAPES
+        ))
+        .bind(&name.schema)
+        .bind(&name.name)
+        .fetch_one(pool)
+        .await
+        .with_context(|| format!("cannot read the shapes of {name}"))?;
+        Ok(Self {
+            name,
+            log_name,
+            topic,
+            relids,
+            // Found by the first check, which says so.
+            gone: false,
+            renamed_to: None,
+            envelopes: HashMap::new(),
+            keys: HashMap::new(),
+            snapshot_key: None,
+        })
+    }
+}
+
+/// The primary key's columns of `table` now: names and type OIDs, in
+/// index order.
+///
+/// Fails on a catalog error.
+async fn primary_key(pool: &PgPool, table: &str) -> anyhow::Result<Vec<(String, i64)>> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "select a.attname::pg_catalog.text, a.atttypid::pg_catalog.int8
+           from pg_catalog.pg_index i
+          cross join pg_catalog.unnest(i.indkey::pg_catalog.int2[]) with ordinality as k(attnum, ord)
+           join pg_catalog.pg_attribute a on a.attrelid operator(pg_catalog.=) i.indrelid
+                                         and a.attnum operator(pg_catalog.=) k.attnum
+          where i.indrelid operator(pg_catalog.=) pg_catalog.to_regclass($1) and i.indisprimary
+          order by k.ord
+          limit 32",
+    )
+    .bind(table)
+    .fetch_all(pool)
+    .await
+    .with_context(|| format!("cannot read the primary key of {table}"))?;
+    Ok(rows)
+}
+
+/// What the change-log query reads for `tables`.
+fn reading(tables: &[LogTable]) -> Tables {
+    Tables {
+        names: tables.iter().map(|t| t.log_name.clone()).collect(),
+        relids: tables
+            .iter()
+            .flat_map(|t| t.relids.iter().copied())
+            .collect(),
+    }
+}
+
+/// The source `schema` and `table` events name: the table as its shape
+/// names it (after a rename, the new name), else as configured.
+fn source_name(shape_table: &str, configured: &TableName) -> (String, String) {
+    match TableName::parse(shape_table) {
+        Ok(t) => (t.schema, t.name),
+        Err(_) => (configured.schema.clone(), configured.name.clone()),
+    }
+}
+
+/// Refuses a change log that is not version 2, saying what to do.
+///
+/// Fails on a database error too.
+async fn check_change_log(pool: &PgPool) -> anyhow::Result<()> {
+    let (log, shapes, before): (bool, bool, Option<String>) = sqlx::query_as(
+        "select pg_catalog.to_regclass($1) is not null, pg_catalog.to_regclass($2) is not null,
+                (select pg_catalog.format_type(a.atttypid, null) from pg_catalog.pg_attribute a
+                  where a.attrelid operator(pg_catalog.=) pg_catalog.to_regclass($1)
+                    and a.attname operator(pg_catalog.=) 'before' and not a.attisdropped)",
+    )
+    .bind(names::CHANGE_LOG)
+    .bind(names::SHAPES)
+    .fetch_one(pool)
+    .await
+    .context("cannot look at the change log")?;
+    if !log {
+        bail!(
+            "there is no {}: run schema-init --capture changelog --table <table>",
+            names::CHANGE_LOG
+        );
+    }
+    if !shapes || before.as_deref() != Some("text") {
+        bail!(
+            "{} was made by Tidemark 0.1 (row images as jsonb, no shapes): run this version's schema-init --capture changelog, which converts it (or says what to do first)",
+            names::CHANGE_LOG
+        );
+    }
+    Ok(())
+}
+
+/// Refuses a table without change-log triggers.
+///
+/// Fails on a database error too.
+async fn check_trigger(pool: &PgPool, name: &TableName) -> anyhow::Result<()> {
+    let has_trigger: bool = sqlx::query_scalar(
+        "select exists (select 1 from pg_catalog.pg_trigger
+                         where tgrelid operator(pg_catalog.=) pg_catalog.to_regclass($1)
+                           and tgname operator(pg_catalog.=) any ($2))",
+    )
+    .bind(name.quoted())
+    .bind([names::ROW_TRIGGER, names::INSERT_TRIGGER])
+    .fetch_one(pool)
+    .await?;
+    if !has_trigger {
+        bail!("table {name} has no change-log trigger: run schema-init --capture changelog --table {name}");
+    }
+    Ok(())
+}
+
+/// SQL that is true when the key `key` (its columns' texts) lies in a
+/// snapshot segment's range (after `lo`, up to `hi`; a bound that is not a
+/// JSON object is open), compared as the snapshot compared keys. Every
+/// value is a literal of its column's base type, read by the type's input
+/// function: no cast and no domain check runs.
+fn in_range_sql(
+    shape: &Shape,
+    key: &[Option<String>],
+    lo: Option<&Value>,
+    hi: Option<&Value>,
+) -> String {
+    let columns: Vec<_> = shape.key_codec.columns().collect();
+    let literal = |text: Option<&str>, i: usize| match text {
+        None => "null".to_owned(),
+        Some(t) => format!("{}::{}", quote_literal(t), columns[i].ty.ty.base().sql_name),
+    };
+    let row = |texts: Vec<Option<String>>| {
+        format!(
+            "row({})",
+            texts
+                .iter()
+                .enumerate()
+                .map(|(i, t)| literal(t.as_deref(), i))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let bound = |b: Option<&Value>| -> Option<String> {
+        let o = b?.as_object()?;
+        Some(row(columns
+            .iter()
+            .map(|c| match o.get(&c.name) {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(other) => Some(other.to_string()),
+            })
+            .collect()))
+    };
+    let k = row(key.to_vec());
+    let mut cond = Vec::new();
+    if let Some(lo) = bound(lo) {
+        cond.push(format!("{k} operator(pg_catalog.>) {lo}"));
+    }
+    if let Some(hi) = bound(hi) {
+        cond.push(format!("{k} operator(pg_catalog.<=) {hi}"));
+    }
+    if cond.is_empty() {
+        "true".to_owned()
+    } else {
+        format!("({})", cond.join(" and "))
     }
 }
 
@@ -386,11 +1112,10 @@ impl Capture for ChangeLogMode {
             self.prune_after_commit = false;
             return Ok(Some(batch));
         }
-        match self
-            .next_changes()
-            .await
-            .map_err(|e| SourceError::postgres("cannot read the change log", e))?
-        {
+        if self.last_gone_check.elapsed() >= GONE_CHECK {
+            self.check_gone().await?;
+        }
+        match self.next_changes().await? {
             Some(batch) => Ok(Some(batch)),
             None => {
                 if self.prune_pending {

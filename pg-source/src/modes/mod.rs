@@ -18,7 +18,7 @@ use crate::errors::SourceError;
 use crate::producer::Record;
 
 /// The NOTIFY channel schema-init's trigger signals on.
-pub const NOTIFY_CHANNEL: &str = "tidemark";
+pub const NOTIFY_CHANNEL: &str = tidemark_common::names::NOTIFY_CHANNEL;
 
 /// What one step read, ready to commit with the mode's position as the step
 /// left it.
