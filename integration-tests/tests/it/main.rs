@@ -7,6 +7,7 @@ mod acl;
 mod archive;
 mod bad_config;
 mod bad_input;
+mod capture;
 mod changelog;
 mod cli;
 mod codec;
