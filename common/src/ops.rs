@@ -1,6 +1,13 @@
-//! The operations endpoint every long-running program serves: `GET /healthz`
-//! (200 when connected and making progress, 503 otherwise) and `GET /metrics`
-//! (Prometheus text format).
+//! The operations endpoint every long-running program serves:
+//!
+//! - `GET /healthz`, liveness: 200 while the program's work loop comes round
+//!   (or it is still starting), 503 once it has not for [`STALL`]; a restart
+//!   may cure that.
+//! - `GET /readyz`, readiness: 200 once the program is connected at both ends
+//!   and doing its work (pg-source: the initial snapshot done, streaming;
+//!   file-sink: partitions assigned, writing; pg-replay: applying or caught
+//!   up), 503 otherwise.
+//! - `GET /metrics`, Prometheus text format: every family in [`names`].
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -10,16 +17,18 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::health::Health;
 
 /// Metric names, as constants so a typo cannot create a new series, and
-/// what each program exports ([`names::SOURCE`], [`names::SINK`]): the
-/// endpoint describes every series (`# HELP`, `# TYPE`), and counters exist
-/// at 0 from the start, error counters once for every kind, so a rate or an
-/// alert on them works before the first error.
+/// what each program exports ([`names::SOURCE`], [`names::SINK`],
+/// [`names::REPLAY`]): the endpoint describes every series (`# HELP`,
+/// `# TYPE`), and counters exist at 0 from the start, error counters once
+/// for every kind, so a rate or an alert on them works before the first
+/// error. docs/operations.md lists them; the Grafana dashboard in docker/
+/// queries only these (a test checks it).
 pub mod names {
     use super::{Kind, Metric, Start};
 
@@ -40,6 +49,17 @@ pub mod names {
     pub const SOURCE_TABLES_DROPPED: &str = "tidemark_source_tables_dropped";
     /// Seconds between the newest change sent and now, when one was sent.
     pub const SOURCE_LAG_SECONDS: &str = "tidemark_source_lag_seconds";
+    /// Histogram: seconds from a change's commit in Postgres to the commit
+    /// of its Kafka transaction, one observation per record.
+    pub const SOURCE_CHANGE_LAG: &str = "tidemark_source_change_lag_seconds";
+    /// 1 while the initial snapshot runs, 0 otherwise.
+    pub const SOURCE_SNAPSHOT_RUNNING: &str = "tidemark_source_snapshot_running";
+    /// Rows of the initial snapshot sent so far.
+    pub const SOURCE_SNAPSHOT_ROWS_DONE: &str = "tidemark_source_snapshot_rows_done";
+    /// Rows the initial snapshot's tables held when it began.
+    pub const SOURCE_SNAPSHOT_ROWS_EXPECTED: &str = "tidemark_source_snapshot_rows_expected";
+    /// Tables of the initial snapshot not read to their end yet.
+    pub const SOURCE_SNAPSHOT_TABLES_LEFT: &str = "tidemark_source_snapshot_tables_left";
     /// Lines written to the output file.
     pub const SINK_LINES_WRITTEN: &str = "tidemark_sink_lines_written_total";
     /// Records sent to the dead-letter file.
@@ -58,6 +78,26 @@ pub mod names {
     pub const SINK_SEGMENTS_RETIRED: &str = "tidemark_sink_segments_retired_total";
     /// Partitions of a segmented archive this instance writes now.
     pub const SINK_PARTITIONS_HELD: &str = "tidemark_sink_partitions_held";
+    /// Changes applied to the target.
+    pub const REPLAY_CHANGES_APPLIED: &str = "tidemark_replay_changes_applied_total";
+    /// Units (source transactions) applied.
+    pub const REPLAY_UNITS_APPLIED: &str = "tidemark_replay_units_applied_total";
+    /// The last unit applied (its commit_order).
+    pub const REPLAY_POSITION: &str = "tidemark_replay_position";
+    /// Commit time of the last unit applied, seconds since the epoch.
+    pub const REPLAY_APPLIED_COMMIT_TIME: &str = "tidemark_replay_applied_commit_time_seconds";
+    /// Seconds between the last applied unit's commit and now.
+    pub const REPLAY_LAG_SECONDS: &str = "tidemark_replay_lag_seconds";
+    /// Histogram: seconds from a unit's commit at the source to its apply
+    /// in the target, one observation per unit.
+    pub const REPLAY_UNIT_LAG: &str = "tidemark_replay_unit_lag_seconds";
+    /// Units read and waiting (for their other events, or their turn).
+    pub const REPLAY_PENDING_UNITS: &str = "tidemark_replay_pending_units";
+    /// Runs applied event by event (the set-based apply could not).
+    pub const REPLAY_SLOW_RUNS: &str = "tidemark_replay_slow_runs_total";
+    /// How much of the archive is read, 0 to 1 (bytes of files, or
+    /// offsets of topics, as they were when the run began).
+    pub const REPLAY_READ_RATIO: &str = "tidemark_replay_read_ratio";
 
     /// What pg-source exports.
     pub const SOURCE: &[Metric] = &[
@@ -101,6 +141,36 @@ pub mod names {
             name: SOURCE_LAG_SECONDS,
             kind: Kind::Gauge,
             help: "Seconds between the commit of the newest change sent and now; 0 when caught up.",
+            start: Start::Absent,
+        },
+        Metric {
+            name: SOURCE_CHANGE_LAG,
+            kind: Kind::Histogram,
+            help: "Seconds from a change's commit in Postgres to the commit of its Kafka transaction, per record.",
+            start: Start::Absent,
+        },
+        Metric {
+            name: SOURCE_SNAPSHOT_RUNNING,
+            kind: Kind::Gauge,
+            help: "1 while the initial snapshot runs, 0 otherwise.",
+            start: Start::Zero,
+        },
+        Metric {
+            name: SOURCE_SNAPSHOT_ROWS_DONE,
+            kind: Kind::Gauge,
+            help: "Rows of the initial snapshot sent so far.",
+            start: Start::Absent,
+        },
+        Metric {
+            name: SOURCE_SNAPSHOT_ROWS_EXPECTED,
+            kind: Kind::Gauge,
+            help: "Rows the initial snapshot's tables held when it began.",
+            start: Start::Absent,
+        },
+        Metric {
+            name: SOURCE_SNAPSHOT_TABLES_LEFT,
+            kind: Kind::Gauge,
+            help: "Tables of the initial snapshot not yet read to their end.",
             start: Start::Absent,
         },
     ];
@@ -156,6 +226,88 @@ pub mod names {
             start: Start::Absent,
         },
     ];
+
+    /// What pg-replay exports.
+    pub const REPLAY: &[Metric] = &[
+        Metric {
+            name: REPLAY_CHANGES_APPLIED,
+            kind: Kind::Counter,
+            help: "Changes applied to the target.",
+            start: Start::Zero,
+        },
+        Metric {
+            name: REPLAY_UNITS_APPLIED,
+            kind: Kind::Counter,
+            help: "Units (source transactions) applied.",
+            start: Start::Zero,
+        },
+        Metric {
+            name: REPLAY_POSITION,
+            kind: Kind::Gauge,
+            help: "The commit_order of the last unit applied.",
+            start: Start::Absent,
+        },
+        Metric {
+            name: REPLAY_APPLIED_COMMIT_TIME,
+            kind: Kind::Gauge,
+            help: "Commit time of the last unit applied, seconds since the epoch.",
+            start: Start::Absent,
+        },
+        Metric {
+            name: REPLAY_LAG_SECONDS,
+            kind: Kind::Gauge,
+            help: "Seconds between the last applied unit's commit and now.",
+            start: Start::Absent,
+        },
+        Metric {
+            name: REPLAY_UNIT_LAG,
+            kind: Kind::Histogram,
+            help:
+                "Seconds from a unit's commit at the source to its apply in the target, per unit.",
+            start: Start::Absent,
+        },
+        Metric {
+            name: REPLAY_PENDING_UNITS,
+            kind: Kind::Gauge,
+            help: "Units read and waiting, for their other events or their turn.",
+            start: Start::Absent,
+        },
+        Metric {
+            name: REPLAY_SLOW_RUNS,
+            kind: Kind::Counter,
+            help: "Runs applied event by event, where the set-based apply could not.",
+            start: Start::Zero,
+        },
+        Metric {
+            name: REPLAY_READ_RATIO,
+            kind: Kind::Gauge,
+            help: "How much of the archive is read, 0 to 1, against its size when the run began.",
+            start: Start::Absent,
+        },
+    ];
+
+    /// Every family any program exports.
+    pub fn all() -> impl Iterator<Item = &'static Metric> {
+        SOURCE.iter().chain(SINK).chain(REPLAY)
+    }
+}
+
+/// The buckets of every lag histogram, in seconds: from a few milliseconds
+/// (a change log probe, a logical stream at rest) to ten minutes (a
+/// follower catching up after an outage), so p50, p95 and p99 read well
+/// across that range.
+pub const LAG_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+/// Sets the initial snapshot's gauges: `rows_done` of `rows_expected` sent,
+/// `tables_left` tables not read to their end; `tables_left == 0` marks it
+/// over.
+pub fn snapshot_progress(rows_done: u64, rows_expected: u64, tables_left: usize) {
+    metrics::gauge!(names::SOURCE_SNAPSHOT_RUNNING).set(if tables_left > 0 { 1.0 } else { 0.0 });
+    metrics::gauge!(names::SOURCE_SNAPSHOT_ROWS_DONE).set(rows_done as f64);
+    metrics::gauge!(names::SOURCE_SNAPSHOT_ROWS_EXPECTED).set(rows_expected as f64);
+    metrics::gauge!(names::SOURCE_SNAPSHOT_TABLES_LEFT).set(tables_left as f64);
 }
 
 /// One series family a program exports.
@@ -163,7 +315,7 @@ pub mod names {
 pub struct Metric {
     /// Its name, one of [`names`]' constants.
     pub name: &'static str,
-    /// Counter or gauge.
+    /// Counter, gauge or histogram.
     pub kind: Kind,
     /// The `# HELP` text.
     pub help: &'static str,
@@ -178,6 +330,9 @@ pub enum Kind {
     Counter,
     /// Goes up and down.
     Gauge,
+    /// Observations in [`LAG_BUCKETS`]; `_bucket`, `_sum` and `_count`
+    /// series appear with the first observation.
+    Histogram,
 }
 
 /// Which series of a [`Metric`] exist from the start.
@@ -199,6 +354,7 @@ pub fn register(metrics: &[Metric]) {
         match m.kind {
             Kind::Counter => metrics::describe_counter!(m.name, m.help),
             Kind::Gauge => metrics::describe_gauge!(m.name, m.help),
+            Kind::Histogram => metrics::describe_histogram!(m.name, m.help),
         }
         match (m.kind, m.start) {
             (Kind::Counter, Start::Zero) => metrics::counter!(m.name).increment(0),
@@ -213,13 +369,18 @@ pub fn register(metrics: &[Metric]) {
                     metrics::gauge!(m.name, label => *value).set(0.0);
                 }
             }
-            (_, Start::Absent) => {}
+            (Kind::Histogram, _) | (_, Start::Absent) => {}
         }
     }
 }
 
-/// A program counts as stuck when its loop has not come round for this long.
-const STALL: Duration = Duration::from_secs(120);
+/// A program counts as stuck when its work loop has not come round for
+/// this long: `/healthz` then answers 503.
+pub const STALL: Duration = Duration::from_secs(120);
+
+/// How often histograms' recent samples are folded into their buckets, so
+/// an endpoint nobody scrapes holds no growing list of samples.
+const UPKEEP: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 struct OpsState {
@@ -228,8 +389,8 @@ struct OpsState {
 }
 
 /// Installs the Prometheus recorder (once per process), [`register`]s what
-/// the program exports (`exports`, like [`names::SOURCE`]) and serves the
-/// endpoint on `addr` until `shutdown`.
+/// the program exports (`exports`, like [`names::SOURCE`]) and serves
+/// `/healthz`, `/readyz` and `/metrics` on `addr` until `shutdown`.
 ///
 /// Fails when the address cannot be bound, naming it.
 pub async fn serve(
@@ -242,29 +403,44 @@ pub async fn serve(
     register(exports);
     let app = Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(render))
-        .with_state(OpsState { health, metrics });
+        .with_state(OpsState {
+            health,
+            metrics: metrics.clone(),
+        });
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .with_context(|| format!("cannot listen on {addr} for /healthz and /metrics: change --http-addr (TIDEMARK_HTTP_ADDR)"))?;
-    tracing::info!(addr = %listener.local_addr()?, "serving /healthz and /metrics");
+        .with_context(|| format!("cannot listen on {addr} for /healthz, /readyz and /metrics: change --http-addr (TIDEMARK_HTTP_ADDR)"))?;
+    tracing::info!(addr = %listener.local_addr()?, "serving /healthz, /readyz and /metrics");
+    let upkeep_stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(UPKEEP);
+        loop {
+            tokio::select! {
+                _ = upkeep_stop.cancelled() => break,
+                _ = tick.tick() => metrics.run_upkeep(),
+            }
+        }
+    });
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await;
         if let Err(e) = served {
-            tracing::warn!(error = %e, "the /healthz and /metrics endpoint stopped");
+            tracing::warn!(error = %e, "the /healthz, /readyz and /metrics endpoint stopped");
         }
     });
     Ok(())
 }
 
-/// The process-wide Prometheus recorder.
+/// The process-wide Prometheus recorder, with [`LAG_BUCKETS`] for every
+/// histogram.
 pub fn recorder() -> PrometheusHandle {
     static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
+            let recorder = builder().build_recorder();
             let handle = recorder.handle();
             // A second recorder (tests start programs in-process) is ignored.
             let _ = metrics::set_global_recorder(recorder);
@@ -273,14 +449,44 @@ pub fn recorder() -> PrometheusHandle {
         .clone()
 }
 
-async fn healthz(State(s): State<OpsState>) -> (StatusCode, &'static str) {
-    if !s.health.is_ready() {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-    } else if s.health.since_progress_ms() > STALL.as_millis() as i64 {
+/// The exporter's settings: every histogram of [`names`] gets buckets (the
+/// exporter would otherwise render it as a summary).
+fn builder() -> PrometheusBuilder {
+    let mut b = PrometheusBuilder::new();
+    for m in names::all().filter(|m| m.kind == Kind::Histogram) {
+        b = b
+            .set_buckets_for_metric(Matcher::Full(m.name.to_owned()), LAG_BUCKETS)
+            .expect("the buckets are not empty");
+    }
+    b
+}
+
+/// What `/healthz` answers: liveness.
+pub fn liveness(health: &Health) -> (StatusCode, &'static str) {
+    if health.since_progress_ms() > STALL.as_millis() as i64 {
         (StatusCode::SERVICE_UNAVAILABLE, "stalled\n")
     } else {
         (StatusCode::OK, "ok\n")
     }
+}
+
+/// What `/readyz` answers: readiness.
+pub fn readiness(health: &Health) -> (StatusCode, &'static str) {
+    if !health.is_ready() {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    } else if health.since_progress_ms() > STALL.as_millis() as i64 {
+        (StatusCode::SERVICE_UNAVAILABLE, "stalled\n")
+    } else {
+        (StatusCode::OK, "ready\n")
+    }
+}
+
+async fn healthz(State(s): State<OpsState>) -> (StatusCode, &'static str) {
+    liveness(&s.health)
+}
+
+async fn readyz(State(s): State<OpsState>) -> (StatusCode, &'static str) {
+    readiness(&s.health)
 }
 
 async fn render(State(s): State<OpsState>) -> String {
@@ -292,7 +498,7 @@ mod tests {
     use super::*;
 
     fn rendered(exports: &[Metric]) -> String {
-        let recorder = PrometheusBuilder::new().build_recorder();
+        let recorder = builder().build_recorder();
         let handle = recorder.handle();
         metrics::with_local_recorder(&recorder, || register(exports));
         handle.render()
@@ -300,7 +506,7 @@ mod tests {
 
     #[test]
     fn every_exported_family_is_described_and_counters_start_at_zero() {
-        for exports in [names::SOURCE, names::SINK] {
+        for exports in [names::SOURCE, names::SINK, names::REPLAY] {
             let text = rendered(exports);
             for m in exports {
                 assert_eq!(
@@ -309,7 +515,7 @@ mod tests {
                     "{}: counters, and only they, end in _total",
                     m.name
                 );
-                if !matches!(m.start, Start::Absent) {
+                if !matches!(m.start, Start::Absent) && m.kind != Kind::Histogram {
                     assert!(
                         text.contains(&format!("# HELP {} {}", m.name, m.help)),
                         "{text}"
@@ -340,6 +546,76 @@ mod tests {
                 sink.contains(&format!("tidemark_sink_errors_total{{kind=\"{kind}\"}} 0")),
                 "{sink}"
             );
+        }
+    }
+
+    #[test]
+    fn lag_histograms_have_buckets_from_milliseconds_to_minutes() {
+        let recorder = builder().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            register(names::SOURCE);
+            metrics::histogram!(names::SOURCE_CHANGE_LAG).record_many(0.02, 3);
+            metrics::histogram!(names::SOURCE_CHANGE_LAG).record(90.0);
+        });
+        let text = handle.render();
+        assert!(
+            text.contains("# TYPE tidemark_source_change_lag_seconds histogram"),
+            "{text}"
+        );
+        for (le, n) in [
+            ("0.01", 0),
+            ("0.025", 3),
+            ("60", 3),
+            ("120", 4),
+            ("+Inf", 4),
+        ] {
+            let series = format!("tidemark_source_change_lag_seconds_bucket{{le=\"{le}\"}} {n}");
+            assert!(text.contains(&series), "no `{series}` in {text}");
+        }
+        assert!(
+            text.contains("tidemark_source_change_lag_seconds_count 4"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn liveness_needs_the_loop_to_come_round_and_readiness_needs_ready_too() {
+        let h = Health::new();
+        assert_eq!(
+            liveness(&h).0,
+            StatusCode::OK,
+            "a program starting is alive"
+        );
+        assert_eq!(readiness(&h).0, StatusCode::SERVICE_UNAVAILABLE);
+        h.set_ready(true);
+        assert_eq!(readiness(&h), (StatusCode::OK, "ready\n"));
+        h.stalled_for_tests(STALL + Duration::from_secs(1));
+        assert_eq!(liveness(&h), (StatusCode::SERVICE_UNAVAILABLE, "stalled\n"));
+        assert_eq!(readiness(&h).0, StatusCode::SERVICE_UNAVAILABLE);
+        h.progress();
+        assert_eq!(liveness(&h).0, StatusCode::OK);
+        h.set_ready(false);
+        assert_eq!(
+            liveness(&h).0,
+            StatusCode::OK,
+            "not connected is still alive"
+        );
+        assert_eq!(
+            readiness(&h),
+            (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        );
+    }
+
+    #[test]
+    fn metric_names_are_unique_and_histograms_count_seconds() {
+        let mut seen = std::collections::BTreeSet::new();
+        for m in names::all() {
+            assert!(seen.insert(m.name), "{} twice", m.name);
+            assert!(m.name.starts_with("tidemark_"), "{}", m.name);
+            if m.kind == Kind::Histogram {
+                assert!(m.name.ends_with("_seconds"), "{}", m.name);
+            }
         }
     }
 }

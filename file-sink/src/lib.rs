@@ -415,6 +415,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
     let mut assigned = BTreeSet::new();
     let mut waiting_logged = false;
     while assigned.is_empty() {
+        cfg.health.progress();
         match assign_new(
             &consumer,
             &cfg.kafka,

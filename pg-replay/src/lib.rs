@@ -73,71 +73,16 @@ use crate::archive::{Item, StreamKind, StreamPos, Streams};
 use crate::record::{Op, Record};
 use crate::units::{Disposition, EventInfo, UnitError, Units, Until};
 
-/// Metric names.
+/// Metric names: pg-replay's share of [`tidemark_common::ops::names`],
+/// under the short names this crate uses.
 pub mod names {
-    use tidemark_common::ops::{Kind, Metric, Start};
-
-    /// Changes applied to the target.
-    pub const CHANGES_APPLIED: &str = "tidemark_replay_changes_applied_total";
-    /// Units (source transactions) applied.
-    pub const UNITS_APPLIED: &str = "tidemark_replay_units_applied_total";
-    /// The last unit applied (its commit_order).
-    pub const POSITION: &str = "tidemark_replay_position";
-    /// Commit time of the last unit applied, seconds since the epoch.
-    pub const APPLIED_COMMIT_TIME: &str = "tidemark_replay_applied_commit_time_seconds";
-    /// Seconds between the last applied unit's commit and now.
-    pub const LAG_SECONDS: &str = "tidemark_replay_lag_seconds";
-    /// Units read and waiting (for their other events, or their turn).
-    pub const PENDING_UNITS: &str = "tidemark_replay_pending_units";
-    /// Runs applied event by event (the set-based apply could not).
-    pub const SLOW_RUNS: &str = "tidemark_replay_slow_runs_total";
-
-    /// What pg-replay exports: every family described on /metrics, the
-    /// counters at 0 from the start.
-    pub const EXPORTS: &[Metric] = &[
-        Metric {
-            name: CHANGES_APPLIED,
-            kind: Kind::Counter,
-            help: "Changes applied to the target.",
-            start: Start::Zero,
-        },
-        Metric {
-            name: UNITS_APPLIED,
-            kind: Kind::Counter,
-            help: "Units (source transactions) applied.",
-            start: Start::Zero,
-        },
-        Metric {
-            name: POSITION,
-            kind: Kind::Gauge,
-            help: "The commit_order of the last unit applied.",
-            start: Start::Absent,
-        },
-        Metric {
-            name: APPLIED_COMMIT_TIME,
-            kind: Kind::Gauge,
-            help: "Commit time of the last unit applied, seconds since the epoch.",
-            start: Start::Absent,
-        },
-        Metric {
-            name: LAG_SECONDS,
-            kind: Kind::Gauge,
-            help: "Seconds between the last applied unit's commit and now.",
-            start: Start::Absent,
-        },
-        Metric {
-            name: PENDING_UNITS,
-            kind: Kind::Gauge,
-            help: "Units read and waiting, for their other events or their turn.",
-            start: Start::Absent,
-        },
-        Metric {
-            name: SLOW_RUNS,
-            kind: Kind::Counter,
-            help: "Runs applied event by event, where the set-based apply could not.",
-            start: Start::Zero,
-        },
-    ];
+    pub use tidemark_common::ops::names::{
+        REPLAY as EXPORTS, REPLAY_APPLIED_COMMIT_TIME as APPLIED_COMMIT_TIME,
+        REPLAY_CHANGES_APPLIED as CHANGES_APPLIED, REPLAY_LAG_SECONDS as LAG_SECONDS,
+        REPLAY_PENDING_UNITS as PENDING_UNITS, REPLAY_POSITION as POSITION,
+        REPLAY_READ_RATIO as READ_RATIO, REPLAY_SLOW_RUNS as SLOW_RUNS,
+        REPLAY_UNITS_APPLIED as UNITS_APPLIED, REPLAY_UNIT_LAG as UNIT_LAG,
+    };
 }
 
 /// Where the replay stops, as the user asked.
@@ -262,6 +207,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Sum
         match run_once(&cfg, &shutdown, &mut total).await {
             Err(e) if cfg.follow && is_transient(&e) && !shutdown.is_cancelled() => {
                 cfg.health.set_ready(false);
+                cfg.health.progress();
                 tracing::warn!(error = %format!("{e:#}"), "lost the target connection; resuming from the stored position");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(total),
@@ -488,6 +434,9 @@ struct Progress {
 
 impl Progress {
     fn log(&mut self, summary: &Summary, units: &Units, read: u64, force: bool) {
+        if self.total > 0 {
+            metrics::gauge!(names::READ_RATIO).set((read as f64 / self.total as f64).min(1.0));
+        }
         let now = Instant::now();
         let elapsed = now.duration_since(self.last);
         if !force && elapsed < self.every {
@@ -1069,6 +1018,10 @@ impl Loop<'_> {
                     metrics::gauge!(names::POSITION).set(upto as f64);
                     if let Some(ts) = ts_us {
                         metrics::gauge!(names::APPLIED_COMMIT_TIME).set(ts as f64 / 1e6);
+                        // Every unit of the run committed at or before it.
+                        let now = tidemark_common::health::now_ms() * 1000;
+                        metrics::histogram!(names::UNIT_LAG)
+                            .record_many((now - ts).max(0) as f64 / 1e6, units as usize);
                     }
                 }
                 if applied.slow {

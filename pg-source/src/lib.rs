@@ -209,20 +209,24 @@ async fn drive<M: Capture>(
     producer: &TxProducer,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    cfg.health.set_ready(true);
+    // Ready (`/readyz`) once the first catch-up is done: the initial
+    // snapshot sent and the stream read to its end.
     let mut pg_down = false;
     while !shutdown.is_cancelled() {
         let result = catch_up(&mut mode, producer, shutdown).await;
+        // Alive (`/healthz`) on every round, failed ones included.
+        cfg.health.progress();
         // An aborted Kafka transaction is read and sent again after a
         // second, not at the next wake-up.
         let mut retry_soon = false;
         match result {
             Ok(()) => {
-                cfg.health.progress();
                 if pg_down {
                     tracing::info!("postgres reachable again");
-                    cfg.health.set_ready(true);
                     pg_down = false;
+                }
+                if !cfg.health.is_ready() {
+                    cfg.health.set_ready(true);
                 }
             }
             Err(SourceError::Kafka(BatchError::Stopped)) => {
@@ -307,6 +311,8 @@ async fn catch_up<M: Capture>(
         if let Some(ms) = batch.newest_change_ms {
             let lag = (tidemark_common::health::now_ms() - ms).max(0) as f64 / 1000.0;
             metrics::gauge!(names::SOURCE_LAG_SECONDS).set(lag);
+            // Every record of the batch is at least this old.
+            metrics::histogram!(names::SOURCE_CHANGE_LAG).record_many(lag, n);
         }
     }
     Ok(())

@@ -256,6 +256,11 @@ impl SnapshotRun {
             tables = progress.tables.len(),
             "initial snapshot started"
         );
+        tidemark_common::ops::snapshot_progress(
+            progress.rows,
+            (total + progress.rows as i64).max(0) as u64,
+            progress.tables.len(),
+        );
         Ok(Self {
             tx: Some(tx),
             queries,
@@ -383,11 +388,13 @@ impl SnapshotRun {
             progress.last_key = None;
             tracing::info!(table = %table.info.name, "snapshot of table done");
             if progress.tables.is_empty() {
+                let done = progress.rows;
                 *state.progress = None;
                 if let Some(tx) = self.tx.take() {
                     tx.commit().await?;
                 }
                 tracing::info!(rows = self.total, elapsed = ?self.started.elapsed(), "initial snapshot done; streaming changes");
+                tidemark_common::ops::snapshot_progress(done, self.total.max(0) as u64, 0);
                 if records.is_empty() {
                     return Ok(None);
                 }
@@ -398,6 +405,11 @@ impl SnapshotRun {
             }
         }
         if let Some(progress) = state.progress.as_ref() {
+            tidemark_common::ops::snapshot_progress(
+                progress.rows,
+                self.total.max(0) as u64,
+                progress.tables.len(),
+            );
             if self.last_log.elapsed() >= Duration::from_secs(2) {
                 self.log_progress(progress.rows);
                 self.last_log = Instant::now();

@@ -137,7 +137,16 @@ fn every_family_is_described(program: &str, body: &str) {
         .collect();
     assert!(!samples.is_empty(), "{program}: no series: {body}");
     for sample in samples {
-        let family = sample.split(['{', ' ']).next().unwrap();
+        let series = sample.split(['{', ' ']).next().unwrap();
+        // A histogram's series are its family's name and a suffix.
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| {
+                series
+                    .strip_suffix(suffix)
+                    .filter(|f| body.contains(&format!("# TYPE {f} histogram")))
+            })
+            .unwrap_or(series);
         for line in ["# HELP", "# TYPE"] {
             assert!(
                 body.contains(&format!("{line} {family} ")),
@@ -244,18 +253,44 @@ async fn pg_source_and_file_sink_serve_health_and_metrics_and_stop_on_sigterm() 
         }
     }
     wait_for_events(&fx.file(), 1, Duration::from_secs(30)).await;
+    wait_for_body(source_port, "/readyz", "ready");
 
     let (status, body) = http_get(source_port, "/healthz");
     assert_eq!((status.as_str(), body.as_str()), ("200", "ok\n"));
+    // Issue 16.4: ready once the snapshot is sent and the stream read.
+    let (status, body) = http_get(source_port, "/readyz");
+    assert_eq!((status.as_str(), body.as_str()), ("200", "ready\n"));
     // pg-source counts a batch a moment after it logs its commit.
     wait_for_body(source_port, "/metrics", "tidemark_source_rows_read_total 1");
+    // The snapshot's gauges, and the lag histogram once a change is sent.
+    let (_, body) = http_get(source_port, "/metrics");
+    for series in [
+        "tidemark_source_snapshot_running 0",
+        "tidemark_source_snapshot_rows_done 1",
+        "tidemark_source_snapshot_rows_expected 1",
+        "tidemark_source_snapshot_tables_left 0",
+    ] {
+        assert!(body.contains(series), "no `{series}`: {body}");
+    }
     let (status, body) = http_get(source_port, "/metrics");
     assert_eq!(status, "200");
     assert!(body.contains("tidemark_source_batches_total"), "{body}");
     let (status, _) = http_get(sink_port, "/healthz");
     assert_eq!(status, "200");
+    let (status, body) = http_get(sink_port, "/readyz");
+    assert_eq!((status.as_str(), body.as_str()), ("200", "ready\n"));
     // The line is in the file a moment before the counter counts it.
     wait_for_body(sink_port, "/metrics", "tidemark_sink_lines_written_total 1");
+    sqlx::query("update streaming_update_table set data = 'lag' where id = 1")
+        .execute(&fx.pool)
+        .await
+        .unwrap();
+    wait_for_body(
+        source_port,
+        "/metrics",
+        "tidemark_source_change_lag_seconds_count 1",
+    );
+    let (_, body) = http_get(source_port, "/metrics");
 
     // Issue 10.16: what Prometheus' own checker accepts, every family
     // described, error counters at 0 for every kind before any error.
@@ -333,4 +368,87 @@ fn pg_source_waiting_for_postgres_at_start_stops_on_sigterm() {
             .any(|l| l.contains("stopped while waiting for postgres")),
         "{rest:?}"
     );
+}
+
+/// Issue 16.4: pg-replay serves the same endpoints, alive and ready while
+/// it follows, with metrics promtool accepts: progress, position and the
+/// lag histogram of the units it applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_replay_serves_health_readiness_and_metrics_while_following() {
+    use crate::replay::{event, Db};
+    let db = Db::new().await;
+    db.exec("create table p (id int primary key, data text not null)")
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("archive.txt");
+    let row = |id: i64| serde_json::json!({"id": id, "data": "x"});
+    let lines = [
+        event(
+            "c",
+            "p",
+            serde_json::Value::Null,
+            row(1),
+            1,
+            1,
+            None,
+            100,
+            1,
+        ),
+        event(
+            "c",
+            "p",
+            serde_json::Value::Null,
+            row(2),
+            1,
+            2,
+            Some(2),
+            100,
+            1,
+        ),
+        event(
+            "c",
+            "p",
+            serde_json::Value::Null,
+            row(3),
+            2,
+            1,
+            Some(1),
+            101,
+            2,
+        ),
+    ];
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let port = free_port();
+    let mut replay = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_it-pg-replay"))
+            .arg("--input")
+            .arg(&input)
+            .args(["--target-url", &db.url(), "--follow"])
+            .args(["--http-addr", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "pg-replay never served its port");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_for_body(port, "/metrics", "tidemark_replay_units_applied_total 2");
+    wait_for_body(port, "/readyz", "ready");
+    let (status, body) = http_get(port, "/healthz");
+    assert_eq!((status.as_str(), body.as_str()), ("200", "ok\n"));
+    let (_, body) = http_get(port, "/metrics");
+    for series in [
+        "tidemark_replay_changes_applied_total 3",
+        "tidemark_replay_position 2",
+        "tidemark_replay_read_ratio 1",
+        "tidemark_replay_unit_lag_seconds_count 2",
+        r#"tidemark_replay_unit_lag_seconds_bucket{le="+Inf"} 2"#,
+    ] {
+        assert!(body.contains(series), "no `{series}`: {body}");
+    }
+    every_family_is_described("pg-replay", &body);
+    promtool_check_metrics("pg-replay", &body);
+    sigterm_and_wait(&mut replay.0);
 }
