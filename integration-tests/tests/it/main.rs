@@ -13,6 +13,7 @@ mod cli;
 mod codec;
 mod connect;
 mod connect_worker;
+mod docs;
 mod envelope;
 mod fault;
 mod ordering;

@@ -1,0 +1,192 @@
+//! What the repository tells users, checked against the programs, so it
+//! cannot go stale: the Grafana dashboard queries only metrics the programs
+//! export.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use tidemark_common::ops::{names, Kind};
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
+
+/// Every PromQL expression in a Grafana dashboard: panel targets (rows'
+/// panels too) and templating queries.
+fn dashboard_queries(dashboard: &serde_json::Value) -> Vec<String> {
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        ("expr", serde_json::Value::String(e)) => out.push(e.clone()),
+                        ("query" | "definition", serde_json::Value::String(q))
+                            if q.contains('(') =>
+                        {
+                            out.push(q.clone())
+                        }
+                        _ => walk(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(dashboard, &mut out);
+    out
+}
+
+/// PromQL functions and keywords a dashboard query may use; every other
+/// name outside label matchers, ranges and `by (...)` is a metric.
+const PROMQL_WORDS: &[&str] = &[
+    "rate",
+    "irate",
+    "increase",
+    "sum",
+    "max",
+    "min",
+    "avg",
+    "count",
+    "by",
+    "without",
+    "histogram_quantile",
+    "clamp_min",
+    "clamp_max",
+    "label_values",
+    "max_over_time",
+    "time",
+    "and",
+    "or",
+    "unless",
+    "on",
+    "ignoring",
+];
+
+/// The metric names an expression refers to, and any other unknown word.
+fn metric_names(expr: &str) -> Vec<String> {
+    // Drop label matchers, ranges and grouping labels: what is left are
+    // functions, metrics, numbers and operators.
+    let mut plain = String::new();
+    let mut depth_brace = 0;
+    let mut depth_bracket = 0;
+    for c in expr.chars() {
+        match c {
+            '{' => depth_brace += 1,
+            '}' => depth_brace -= 1,
+            '[' => depth_bracket += 1,
+            ']' => depth_bracket -= 1,
+            _ if depth_brace > 0 || depth_bracket > 0 => {}
+            c => plain.push(c),
+        }
+    }
+    let mut words = Vec::new();
+    let mut word = String::new();
+    for c in plain.chars().chain([' ']) {
+        if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
+            word.push(c);
+        } else if !word.is_empty() {
+            words.push(std::mem::take(&mut word));
+        }
+    }
+    let mut names = Vec::new();
+    let mut grouping = false;
+    for w in &words {
+        if w.chars().next().is_some_and(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        if w == "by" || w == "without" {
+            grouping = true;
+            continue;
+        }
+        if grouping {
+            // Labels of `by (...)`: up to the next function or metric.
+            if PROMQL_WORDS.contains(&w.as_str()) || w.starts_with("tidemark_") {
+                grouping = false;
+            } else {
+                continue;
+            }
+        }
+        if !PROMQL_WORDS.contains(&w.as_str()) {
+            names.push(w.clone());
+        }
+    }
+    names
+}
+
+#[test]
+fn every_dashboard_query_names_a_metric_the_programs_export() {
+    let path = repo("docker/grafana/tidemark.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let queries = dashboard_queries(&dashboard);
+    assert!(queries.len() >= 10, "too few queries: {queries:?}");
+    let mut exported = BTreeSet::new();
+    for m in names::all() {
+        exported.insert(m.name.to_owned());
+        if m.kind == Kind::Histogram {
+            for suffix in ["_bucket", "_sum", "_count"] {
+                exported.insert(format!("{}{suffix}", m.name));
+            }
+        }
+    }
+    let mut used = BTreeSet::new();
+    for q in &queries {
+        let found = metric_names(q);
+        assert!(!found.is_empty(), "a query without a metric: {q}");
+        for name in found {
+            assert!(
+                exported.contains(&name),
+                "{}: the query `{q}` names `{name}`, which no program exports (common::ops::names)",
+                path.display()
+            );
+            used.insert(name);
+        }
+    }
+    // Each program's families are on the dashboard.
+    for prefix in ["tidemark_source_", "tidemark_sink_", "tidemark_replay_"] {
+        assert!(
+            used.iter().any(|n| n.starts_with(prefix)),
+            "no {prefix}* panel"
+        );
+    }
+    promtool_check_queries(&queries);
+}
+
+/// The queries parse as PromQL: `promtool check rules` on a rule file made
+/// of them (Grafana's `$__rate_interval` as a fixed range). Without
+/// promtool the check is left out, except in CI.
+fn promtool_check_queries(queries: &[String]) {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.yml");
+    let mut text = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, q) in queries.iter().enumerate() {
+        let q = q.replace("$__rate_interval", "1m");
+        text.push_str(&format!(
+            "      - record: dashboard:query{i}\n        expr: {}\n",
+            serde_json::to_string(&q).unwrap()
+        ));
+    }
+    std::fs::write(&rules, text).unwrap();
+    match std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+    {
+        Ok(out) => assert!(
+            out.status.success(),
+            "promtool check rules on the dashboard's queries: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "promtool is not installed; CI must run it (apt-get install prometheus)"
+            );
+            eprintln!("promtool not installed: the dashboard's PromQL left unchecked");
+        }
+        Err(e) => panic!("cannot run promtool: {e}"),
+    }
+}
