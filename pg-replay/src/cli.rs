@@ -72,6 +72,11 @@ struct ReplayArgs {
     #[arg(long, env = "TIDEMARK_TARGET_URL", hide_env_values = true)]
     target_url: Option<String>,
 
+    /// A file holding the target's password (a container secret), which wins
+    /// over a password in --target-url: keeps it off the command line.
+    #[arg(long, env = "TIDEMARK_TARGET_PASSWORD_FILE")]
+    target_password_file: Option<PathBuf>,
+
     /// SOURCE=TARGET: replay the archive's table SOURCE into TARGET (schema.table;
     /// `SOURCE` alone keeps the name). Repeatable. Without it, every table of
     /// the archive goes to the table of the same name. A missing target table
@@ -174,9 +179,17 @@ struct VerifyArgs {
     #[arg(long, env = "TIDEMARK_SOURCE_URL", hide_env_values = true)]
     source_url: String,
 
+    /// A file holding the source's password, which wins over --source-url's.
+    #[arg(long, env = "TIDEMARK_SOURCE_PASSWORD_FILE")]
+    source_password_file: Option<PathBuf>,
+
     /// The replayed database: a libpq or JDBC URL.
     #[arg(long, env = "TIDEMARK_TARGET_URL", hide_env_values = true)]
     target_url: String,
+
+    /// A file holding the target's password, which wins over --target-url's.
+    #[arg(long, env = "TIDEMARK_TARGET_PASSWORD_FILE")]
+    target_password_file: Option<PathBuf>,
 
     /// SOURCE=TARGET tables to compare (`SOURCE` alone: the same name).
     /// Repeatable; at least one.
@@ -205,28 +218,53 @@ struct VerifyArgs {
     json_logs: bool,
 }
 
-/// Parses the command line, runs the program and returns its exit code.
+/// Parses the command line (warning about a password given on it), runs
+/// the program and returns its exit code.
 pub fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
-        Some(Command::Verify(args)) => {
-            tidemark_common::program::main("pg-replay verify", args.json_logs, |_| async move {
+    let json = |c: &Cli| match &c.command {
+        Some(Command::Verify(a)) => a.json_logs,
+        None => c.replay.json_logs,
+    };
+    tidemark_common::program::parse_and_run("pg-replay", json, |cli: Cli, shutdown| async move {
+        match cli.command {
+            Some(Command::Verify(args)) => {
                 let cfg = verify_config(&args)?;
                 let report = crate::verify::verify(&cfg).await?;
                 crate::verify::print(&report, &cfg)
-            })
-        }
-        None => {
-            let json = cli.replay.json_logs;
-            tidemark_common::program::main("pg-replay", json, |shutdown| async move {
+            }
+            None => {
                 let cfg = replay_config(cli.replay)?;
                 crate::run(cfg, shutdown).await.map(|_| ())
-            })
+            }
         }
-    }
+    })
+}
+
+/// A target from a libpq or JDBC URL, named by `flag` in errors, with the
+/// password from `password_file` (named by `file_flag`) when given, which
+/// wins over the URL's.
+///
+/// Fails naming the flag when the URL does not parse or the file cannot be
+/// read.
+pub fn parse_url_with(
+    flag: &str,
+    url: &str,
+    file_flag: &str,
+    password_file: Option<&std::path::Path>,
+) -> anyhow::Result<PgTarget> {
+    let target = parse_url(flag, url)?;
+    Ok(match password_file {
+        Some(path) => {
+            let secret = tidemark_common::secret::read_secret_file(file_flag, path)?;
+            target.with_password(secret.expose())
+        }
+        None => target,
+    })
 }
 
 /// A target from a libpq or JDBC URL, named by `flag` in errors.
+///
+/// Fails naming the flag when the URL does not parse.
 pub fn parse_url(flag: &str, url: &str) -> anyhow::Result<PgTarget> {
     let target = if url.starts_with("jdbc:") {
         PgTarget::from_jdbc(flag, url, None, None)?
@@ -279,7 +317,12 @@ fn replay_config(a: ReplayArgs) -> anyhow::Result<crate::Config> {
     let Some(url) = a.target_url.as_deref() else {
         bail!("no target database: give --target-url (TIDEMARK_TARGET_URL), like postgres://user:password@host:5432/restore");
     };
-    let mut cfg = crate::Config::new(parse_url("--target-url", url)?);
+    let mut cfg = crate::Config::new(parse_url_with(
+        "--target-url",
+        url,
+        "--target-password-file",
+        a.target_password_file.as_deref(),
+    )?);
     cfg.inputs = a.inputs;
     cfg.topics = a
         .topics
@@ -321,8 +364,18 @@ fn replay_config(a: ReplayArgs) -> anyhow::Result<crate::Config> {
 
 fn verify_config(a: &VerifyArgs) -> anyhow::Result<crate::verify::VerifyConfig> {
     Ok(crate::verify::VerifyConfig {
-        source: parse_url("--source-url", &a.source_url)?,
-        target: parse_url("--target-url", &a.target_url)?,
+        source: parse_url_with(
+            "--source-url",
+            &a.source_url,
+            "--source-password-file",
+            a.source_password_file.as_deref(),
+        )?,
+        target: parse_url_with(
+            "--target-url",
+            &a.target_url,
+            "--target-password-file",
+            a.target_password_file.as_deref(),
+        )?,
         tables: parse_tables("--table", &a.tables)?,
         chunk_rows: a.chunk_rows.max(1),
         leaf_rows: a.leaf_rows.max(1),

@@ -809,3 +809,73 @@ async fn schema_changes_in_the_archive_stop_the_replay_or_are_applied_in_order()
     .unwrap();
     assert_eq!(columns, ["id integer", "info text", "extra bigint"]);
 }
+
+/// The target's password from a file (`--target-password-file`): kept off
+/// the command line, never in a message; one in `--target-url` on the
+/// command line works but is warned about, naming the file flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_target_password_comes_from_a_file_and_one_on_the_command_line_is_warned_about() {
+    let db = Db::new().await;
+    let role = unique("rp_writer_");
+    let password = unique("Sekr3t-replay-");
+    db.exec(&format!(
+        "create table t (id int primary key, data text not null);
+         create role {role} login password '{password}';
+         grant insert, update, delete, select on t to {role};
+         create schema tidemark authorization {role}"
+    ))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.txt");
+    let mut a = Archive::default();
+    a.unit(1, 1, 1, &[("c", "t", NULL, row(1, "a"))]);
+    a.unit(2, 2, 2, &[("c", "t", NULL, row(2, "b"))]);
+    a.write(&path);
+    let mut url = url::Url::parse(&db.url()).unwrap();
+    url.set_username(&role).unwrap();
+    url.set_password(None).unwrap();
+    let run = |until: &str, url: &str, file: Option<&Path>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_it-pg-replay"));
+        cmd.arg("--input")
+            .arg(&path)
+            .args(["--target-url", url, "--http-addr", "off"])
+            .args(["--until-txid", until])
+            .env_remove("PGPASSWORD")
+            .env_remove("TIDEMARK_TARGET_PASSWORD_FILE");
+        if let Some(file) = file {
+            cmd.env("TIDEMARK_TARGET_PASSWORD_FILE", file);
+        }
+        let out = cmd.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!text.contains(&password), "{text}");
+        (out.status.success(), text)
+    };
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "not-the-password-x7\n").unwrap();
+    let (ok, text) = run("1", url.as_str(), Some(&wrong));
+    assert!(!ok && text.contains("password"), "{text}");
+    assert!(!text.contains("not-the-password-x7"), "{text}");
+    let right = dir.path().join("right");
+    std::fs::write(&right, format!("{password}\n")).unwrap();
+    let (ok, text) = run("1", url.as_str(), Some(&right));
+    assert!(ok, "{text}");
+    assert!(!text.contains("command line"), "{text}");
+    assert_eq!(db.rows("select id from t").await, vec!["(1)"]);
+    url.set_password(Some(&password)).unwrap();
+    let (ok, text) = run("2", url.as_str(), None);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("the password in --target-url's URL is given on the command line")
+            && text.contains("--target-password-file"),
+        "{text}"
+    );
+    assert_eq!(db.rows("select id from t").await, vec!["(1)", "(2)"]);
+    db.exec(&format!(
+        "drop schema tidemark cascade; drop owned by {role}; drop role {role}"
+    ))
+    .await;
+}
