@@ -61,6 +61,14 @@ pub const EVENT_TRIGGER: &str = "tidemark_ddl";
 /// The function [`EVENT_TRIGGER`] runs.
 pub const EVENT_TRIGGER_FUNCTION: &str = "tidemark.on_ddl_command_end";
 
+/// The event trigger (`sql_drop`) that keeps capture functions in step with
+/// columns dropped by a cascade (`drop type ... cascade`, `drop extension
+/// ... cascade`), which no `ALTER TABLE` announces.
+pub const DROP_EVENT_TRIGGER: &str = "tidemark_ddl_drop";
+
+/// The function [`DROP_EVENT_TRIGGER`] runs.
+pub const DROP_EVENT_TRIGGER_FUNCTION: &str = "tidemark.on_sql_drop";
+
 /// The function that records a table's shape and (re)creates its capture
 /// function; schema-init and [`EVENT_TRIGGER_FUNCTION`] call it.
 pub const GENERATE_CAPTURE_FUNCTION: &str = "tidemark.generate_capture";

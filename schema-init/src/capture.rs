@@ -122,7 +122,7 @@ pub fn capture_role_sql(role: &str) -> String {
 /// [`names`] (and a few constants of this module).
 fn fill(template: &str) -> String {
     let settings = function_settings();
-    let values: [(&str, &str); 17] = [
+    let values: [(&str, &str); 18] = [
         ("SCHEMA", names::SCHEMA),
         ("CHANGE_LOG", names::CHANGE_LOG),
         ("SHAPES", names::SHAPES),
@@ -131,6 +131,10 @@ fn fill(template: &str) -> String {
         ("REFRESH_CAPTURES", names::REFRESH_CAPTURES_FUNCTION),
         ("EVENT_TRIGGER", names::EVENT_TRIGGER),
         ("EVENT_TRIGGER_FUNCTION", names::EVENT_TRIGGER_FUNCTION),
+        (
+            "DROP_EVENT_TRIGGER_FUNCTION",
+            names::DROP_EVENT_TRIGGER_FUNCTION,
+        ),
         ("ROW_TRIGGER", names::ROW_TRIGGER),
         ("INSERT_TRIGGER", names::INSERT_TRIGGER),
         ("UPDATE_TRIGGER", names::UPDATE_TRIGGER),
@@ -204,9 +208,23 @@ fn fill(template: &str) -> String {
 /// captured table an `ALTER TABLE` (or a rename) changed and regenerates its
 /// capture function with the new shape id, in the DDL's own transaction;
 /// the DDL's lock orders every row logged with the old shape before every
-/// row logged with the new one. A captured table left without a primary key
+/// row logged with the new one. A second event trigger, `tidemark_ddl_drop`
+/// (`sql_drop`), does the same for columns a cascade drops (`drop type`,
+/// `drop domain`, `drop extension ... cascade`), which no `ALTER TABLE`
+/// announces. A captured table left without a primary key
 /// refuses writes, naming the fix, until it has one again (change a key in
 /// one `ALTER TABLE`, or drop and add it in one transaction).
+///
+/// **Partitioned tables** take row triggers, which Postgres clones onto
+/// every partition: the function builds each image column by column in the
+/// partitioned table's order (a partition attached with its columns in
+/// another order logs them in the table's). Statement triggers are refused
+/// there, since a write straight to a partition never fires them.
+///
+/// **Generated text.** A body goes into `create function` as a string
+/// literal, never between dollar quotes: a table or column name (which a
+/// table owner chooses) may hold any dollar-quote tag, and the event
+/// trigger generates the function as a superuser.
 ///
 /// **Upgrading** from 0.1 (jsonb row images, no shape): an empty change log
 /// is converted in place; one that still holds changes is refused, saying
@@ -287,40 +305,61 @@ pub fn changelog_steps(table: &TableName, capture: impl Into<Capture>) -> Vec<St
             fill(include_str!("sql/on_ddl_command_end.sql")),
         ),
         step(
+            "create function tidemark.on_sql_drop",
+            fill(include_str!("sql/on_sql_drop.sql")),
+        ),
+        step(
             "revoke execute on tidemark's own functions from public",
             format!(
                 "revoke all on function {}(pg_catalog.oid, pg_catalog.text, pg_catalog.text, pg_catalog.text), \
-                 {}(pg_catalog.oid[]), {}() from public",
+                 {}(pg_catalog.oid[]), {}(), {}() from public",
                 names::GENERATE_CAPTURE_FUNCTION,
                 names::REFRESH_CAPTURES_FUNCTION,
-                names::EVENT_TRIGGER_FUNCTION
+                names::EVENT_TRIGGER_FUNCTION,
+                names::DROP_EVENT_TRIGGER_FUNCTION
             ),
         ),
         step(
             "upgrade a change log of Tidemark 0.1",
             fill(include_str!("sql/upgrade_0_1.sql")),
         ),
-        Step {
-            needs_key: true,
-            ..step(
-                &format!("create function tidemark.capture for {table}"),
-                format!(
-                    "select {}({}::pg_catalog.regclass::pg_catalog.oid, {}, {}, {})",
-                    names::GENERATE_CAPTURE_FUNCTION,
-                    quote_literal(&t),
-                    quote_literal(&names::capture_function(table)),
-                    quote_literal(match capture.trigger {
-                        TriggerLevel::Row => "row",
-                        TriggerLevel::Statement => "statement",
-                    }),
-                    quote_literal(match capture.update_before {
-                        UpdateBefore::Full => "full",
-                        UpdateBefore::Null => "null",
-                    }),
-                ),
-            )
-        },
     ];
+    if capture.trigger == TriggerLevel::Statement {
+        steps.push(step(
+            "check that the table is not partitioned (statement triggers miss writes to partitions)",
+            do_block(&format!(
+                r#"begin
+  if (select c.relkind from pg_catalog.pg_class c
+       where c.oid operator(pg_catalog.=) {table}::pg_catalog.regclass) operator(pg_catalog.=) 'p' then
+    raise exception using
+      message = pg_catalog.format('table %s is partitioned: its statement-level triggers would not fire for writes made to a partition directly, whose changes would be lost', {table}),
+      hint = 'capture it with row-level triggers (--capture-trigger row), which its partitions inherit';
+  end if;
+end"#,
+                table = quote_literal(&t)
+            )),
+        ));
+    }
+    steps.extend([Step {
+        needs_key: true,
+        ..step(
+            &format!("create function tidemark.capture for {table}"),
+            format!(
+                "select {}({}::pg_catalog.regclass::pg_catalog.oid, {}, {}, {})",
+                names::GENERATE_CAPTURE_FUNCTION,
+                quote_literal(&t),
+                quote_literal(&names::capture_function(table)),
+                quote_literal(match capture.trigger {
+                    TriggerLevel::Row => "row",
+                    TriggerLevel::Statement => "statement",
+                }),
+                quote_literal(match capture.update_before {
+                    UpdateBefore::Full => "full",
+                    UpdateBefore::Null => "null",
+                }),
+            ),
+        )
+    }]);
     let drop = |name: &str| format!("drop trigger if exists {} on {t}", quote_ident(name));
     match capture.trigger {
         TriggerLevel::Row => {
@@ -385,29 +424,46 @@ pub fn changelog_steps(table: &TableName, capture: impl Into<Capture>) -> Vec<St
             }
         }
     }
-    let event_trigger = quote_ident(names::EVENT_TRIGGER);
-    steps.extend([
-        step(
-            &format!("drop event trigger {}", names::EVENT_TRIGGER),
-            format!("drop event trigger if exists {event_trigger}"),
+    for (name, event, function) in [
+        (
+            names::EVENT_TRIGGER,
+            format!("ddl_command_end\nwhen tag in ({DDL_TAGS})"),
+            names::EVENT_TRIGGER_FUNCTION,
         ),
-        step(
-            &format!("create event trigger {}", names::EVENT_TRIGGER),
-            format!(
-                "create event trigger {event_trigger} on ddl_command_end\n\
-                 when tag in ({DDL_TAGS})\n\
-                 execute function {}()",
-                names::EVENT_TRIGGER_FUNCTION
+        (
+            names::DROP_EVENT_TRIGGER,
+            "sql_drop".to_owned(),
+            names::DROP_EVENT_TRIGGER_FUNCTION,
+        ),
+    ] {
+        let event_trigger = quote_ident(name);
+        steps.extend([
+            step(
+                &format!("drop event trigger {name}"),
+                format!("drop event trigger if exists {event_trigger}"),
             ),
-        ),
-        // Also under session_replication_role = replica, so no DDL leaves a
-        // capture function writing a shape the table no longer has.
-        step(
-            &format!("enable event trigger {} always", names::EVENT_TRIGGER),
-            format!("alter event trigger {event_trigger} enable always"),
-        ),
-    ]);
+            step(
+                &format!("create event trigger {name}"),
+                format!(
+                    "create event trigger {event_trigger} on {event}\n\
+                     execute function {function}()"
+                ),
+            ),
+            // Also under session_replication_role = replica, so no DDL leaves
+            // a capture function writing a shape the table no longer has.
+            step(
+                &format!("enable event trigger {name} always"),
+                format!("alter event trigger {event_trigger} enable always"),
+            ),
+        ]);
+    }
     steps
+}
+
+/// A `do` block of `body`, which holds names: as a string literal, never
+/// between dollar quotes, since a name may hold any dollar-quote tag.
+fn do_block(body: &str) -> String {
+    format!("do {}", quote_literal(body))
 }
 
 /// The objects of `logical` capture for one table: the whole old row in
@@ -442,17 +498,15 @@ pub fn logical_steps(table: &TableName) -> Vec<Step> {
     ));
     steps.push(step(
         &format!("create publication {publication}"),
-        format!(
-            r#"do $tidemark$
-begin
+        do_block(&format!(
+            r#"begin
   if not exists (select 1 from pg_catalog.pg_publication where pubname operator(pg_catalog.=) {name}) then
     create publication {ident} for table {t} with (publish = 'insert, update, delete');
   end if;
-end
-$tidemark$"#,
+end"#,
             name = quote_literal(&publication),
             ident = quote_ident(&publication),
-        ),
+        )),
     ));
     steps
 }

@@ -24,12 +24,17 @@ declare
   v_statement_changed pg_catalog.text;
   v_join pg_catalog.text;
   v_first pg_catalog.text;
+  v_relkind pg_catalog.char;
+  v_new pg_catalog.text := 'new';
+  v_old pg_catalog.text := 'old';
+  v_other pg_catalog.oid;
+  v_moved pg_catalog.text;
 begin
   if p_level operator(pg_catalog.<>) all (array['row', 'statement'])
      or p_update_before operator(pg_catalog.<>) all (array['full', 'null']) then
     raise exception 'tidemark: capture level % or update-before % unknown', p_level, p_update_before;
   end if;
-  select pg_catalog.format('%I.%I', n.nspname, c.relname) into v_table
+  select pg_catalog.format('%I.%I', n.nspname, c.relname), c.relkind into v_table, v_relkind
     from pg_catalog.pg_class c
     join pg_catalog.pg_namespace n on n.oid operator(pg_catalog.=) c.relnamespace
    where c.oid operator(pg_catalog.=) p_relid;
@@ -47,6 +52,20 @@ begin
     from pg_catalog.pg_attribute a
    where a.attrelid operator(pg_catalog.=) p_relid
      and a.attnum operator(pg_catalog.>) 0 and not a.attisdropped;
+  -- A row trigger of a partitioned table runs (as a clone) on each
+  -- partition, where old and new are the partition's rows, whose columns may
+  -- lie in another order (a table attached as a partition): its images are
+  -- built column by column, in the shape's order.
+  if v_relkind operator(pg_catalog.=) 'p' then
+    select pg_catalog.format('row(%s)', coalesce(pg_catalog.string_agg(
+             pg_catalog.format('new.%I', a.attname), ', ' order by a.attnum), '')),
+           pg_catalog.format('row(%s)', coalesce(pg_catalog.string_agg(
+             pg_catalog.format('old.%I', a.attname), ', ' order by a.attnum), ''))
+      into v_new, v_old
+      from pg_catalog.pg_attribute a
+     where a.attrelid operator(pg_catalog.=) p_relid
+       and a.attnum operator(pg_catalog.>) 0 and not a.attisdropped;
+  end if;
   -- The key's columns in index order, and whether each one's equality (of
   -- its index's operator class) is pg_catalog's, which no user can create.
   -- A key column is exact when equal values always have the same text
@@ -118,30 +137,30 @@ end$b$, v_table);
       v_body := pg_catalog.format($b$begin
   if tg_op operator(pg_catalog.=) 'INSERT' then
     insert into @CHANGE_LOG@ (table_name, shape, op, after)
-    values (%1$L, %2$s, 'c', pg_catalog.textin(pg_catalog.record_out(new)));
+    values (%1$L, %2$s, 'c', pg_catalog.textin(pg_catalog.record_out(%4$s)));
   elsif tg_op operator(pg_catalog.=) 'UPDATE' then
 %3$s
   else
     insert into @CHANGE_LOG@ (table_name, shape, op, before)
-    values (%1$L, %2$s, 'd', pg_catalog.textin(pg_catalog.record_out(old)));
+    values (%1$L, %2$s, 'd', pg_catalog.textin(pg_catalog.record_out(%5$s)));
   end if;
   return null;
 end$b$, v_table, v_shape,
         case p_update_before
         when 'full' then pg_catalog.format($u$    insert into @CHANGE_LOG@ (table_name, shape, op, before, after)
-    values (%1$L, %2$s, 'u', pg_catalog.textin(pg_catalog.record_out(old)), pg_catalog.textin(pg_catalog.record_out(new)));$u$,
-          v_table, v_shape)
+    values (%1$L, %2$s, 'u', pg_catalog.textin(pg_catalog.record_out(%4$s)), pg_catalog.textin(pg_catalog.record_out(%3$s)));$u$,
+          v_table, v_shape, v_new, v_old)
         else pg_catalog.format($u$    if %3$s then
       insert into @CHANGE_LOG@ (table_name, shape, op, after)
-      values (%1$L, %2$s, 'u', pg_catalog.textin(pg_catalog.record_out(new)));
+      values (%1$L, %2$s, 'u', pg_catalog.textin(pg_catalog.record_out(%4$s)));
     else
       -- The key's text changed: a delete of the old key, then a create.
       insert into @CHANGE_LOG@ (table_name, shape, op, before, after)
-      values (%1$L, %2$s, 'd', pg_catalog.textin(pg_catalog.record_out(old)), null),
-             (%1$L, %2$s, 'c', null, pg_catalog.textin(pg_catalog.record_out(new)));
+      values (%1$L, %2$s, 'd', pg_catalog.textin(pg_catalog.record_out(%5$s)), null),
+             (%1$L, %2$s, 'c', null, pg_catalog.textin(pg_catalog.record_out(%4$s)));
     end if;$u$,
-          v_table, v_shape, v_row_unchanged)
-        end);
+          v_table, v_shape, v_row_unchanged, v_new, v_old)
+        end, v_new, v_old);
     else
       -- Old and new rows paired by key: by the key's own equality where
       -- that is pg_catalog's, else by the key's text.
@@ -186,18 +205,36 @@ end$b$, v_table, v_shape, v_first, v_join,
         end);
     end if;
   end if;
+  -- A function of this name whose triggers are on another table (one that
+  -- was renamed away from this table's name, or dropped from under it) goes
+  -- on capturing that table under a name of its own: two tables never
+  -- share a capture function, which would log one's changes as the other's.
+  if not exists (select 1 from pg_catalog.pg_trigger t
+                  where t.tgfoid operator(pg_catalog.=) pg_catalog.to_regprocedure(v_function operator(pg_catalog.||) '()')
+                    and t.tgrelid operator(pg_catalog.=) p_relid) then
+    select t.tgrelid into v_other from pg_catalog.pg_trigger t
+     where t.tgfoid operator(pg_catalog.=) pg_catalog.to_regprocedure(v_function operator(pg_catalog.||) '()')
+     order by t.tgrelid limit 1;
+    if v_other is not null then
+      v_moved := 'capture_relid_' operator(pg_catalog.||) v_other::pg_catalog.int8::pg_catalog.text;
+      while pg_catalog.to_regprocedure(pg_catalog.format('%I.%I()', '@SCHEMA@', v_moved)) is not null loop
+        v_moved := v_moved operator(pg_catalog.||) '_';
+      end loop;
+      execute pg_catalog.format('alter function %s() rename to %I', v_function, v_moved);
+    end if;
+  end if;
   if pg_catalog.obj_description(pg_catalog.to_regprocedure(v_function operator(pg_catalog.||) '()'), 'pg_proc')
      is not distinct from v_comment then
     -- Already generated for this shape and these settings.
     return v_shape;
   end if;
+  -- The body goes in as a string literal, never between dollar quotes: a
+  -- table or column name may hold any dollar-quote tag.
   execute pg_catalog.format($f$create or replace function %s() returns trigger
 language plpgsql security definer
 @FUNCTION_SETTINGS@
-as $tidemark_body$
-#variable_conflict use_column
-%s
-$tidemark_body$$f$, v_function, v_body);
+as %L$f$, v_function,
+    E'\n#variable_conflict use_column\n' operator(pg_catalog.||) v_body operator(pg_catalog.||) E'\n');
   execute pg_catalog.format('alter function %s() owner to %I', v_function, '@CAPTURE_ROLE@');
   execute pg_catalog.format('revoke all on function %s() from public', v_function);
   execute pg_catalog.format('comment on function %s() is %L', v_function, v_comment);

@@ -19,15 +19,23 @@ begin
       join pg_catalog.pg_proc p on p.oid operator(pg_catalog.=) t.tgfoid
      where t.tgname operator(pg_catalog.=) any (array['@ROW_TRIGGER@', '@INSERT_TRIGGER@', '@UPDATE_TRIGGER@', '@DELETE_TRIGGER@'])
        and p.pronamespace operator(pg_catalog.=) '@SCHEMA@'::pg_catalog.regnamespace
+       -- Not the clones of a partitioned table's row trigger on its
+       -- partitions: they run the partitioned table's function, which is
+       -- generated for that table alone.
+       and t.tgparentid operator(pg_catalog.=) 0
        and (p_relids is null or t.tgrelid operator(pg_catalog.=) any (p_relids))
      group by t.tgrelid, p.oid, p.proname, p.prosrc
      order by t.tgrelid
   loop
     perform @GENERATE_CAPTURE@(v.relid, v.function,
       case when v.row_level then 'row' else 'statement' end,
-      case when v.comment operator(pg_catalog.~~) '%update before null%'
-             or v.prosrc operator(pg_catalog.~~) '%''u'', pg_catalog.to_jsonb(new));%'
-             or v.prosrc operator(pg_catalog.~~) '%case when n is null or not (%'
+      -- The comment ends with what generate_capture wrote after the table's
+      -- name, which may hold any text (so may a body's column names: only a
+      -- 0.1 function, which has no comment, is told by its body).
+      case when case when v.comment is not null
+                     then v.comment operator(pg_catalog.~) ': (row|statement) triggers, update before null, (shape [0-9]+|no primary key)$'
+                     else v.prosrc operator(pg_catalog.~~) '%''u'', pg_catalog.to_jsonb(new));%'
+                       or v.prosrc operator(pg_catalog.~~) '%case when n is null or not (%' end
            then 'null' else 'full' end);
     v_n := v_n operator(pg_catalog.+) 1;
   end loop;

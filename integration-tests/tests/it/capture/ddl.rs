@@ -482,3 +482,265 @@ async fn a_renamed_table_is_followed_to_its_topic() {
     assert_eq!(tables, ["s", "renamed"]);
     assert_eq!(events[1].after().unwrap()["v"], "after");
 }
+
+/// The `source.table` of every change event in `events`.
+fn source_tables(events: &[Event]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| e.event.as_ref().map(|ev| ev.source.table.clone()))
+        .collect()
+}
+
+/// A partitioned table captured with row triggers, which its partitions
+/// run as clones: changes written through it and straight to a partition
+/// (one attached with its columns in another order) arrive as its own, each
+/// value in its column, before and after an `ALTER TABLE`, and a row moved
+/// to another partition is a delete and a create. Statement triggers, which
+/// writes to a partition bypass, are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_table_s_changes_arrive_whichever_partition_they_were_written_to() {
+    let db = Db::new().await;
+    for sql in [
+        "create table public.pt (id int primary key, a text, b text) partition by range (id)",
+        "create table public.pt_low partition of public.pt for values from (0) to (100)",
+        "create table public.pt_high (b text, a text, id int not null)",
+        "alter table public.pt attach partition public.pt_high for values from (100) to (200)",
+    ] {
+        exec(&db.admin, sql).await;
+    }
+    for capture in [every_capture()[1], every_capture()[3]] {
+        let err = db
+            .schema_init_as(db.superuser.clone(), "pt", capture)
+            .await
+            .expect_err("statement triggers on a partitioned table");
+        let err = format!("{err:#}");
+        assert!(
+            err.contains(r#"table "public"."pt" is partitioned"#),
+            "{err}"
+        );
+    }
+    db.capture("pt", every_capture()[0]).await;
+    let topic = db.topic("pt");
+    let mut reader = TopicReader::new(&[topic.as_str()]);
+    let source = db
+        .start_source(&["pt"], &[("snapshot.mode", "no_data")])
+        .await;
+    for sql in [
+        "insert into public.pt values (1, 'a1', 'b1'), (101, 'a101', 'b101')",
+        "insert into public.pt_low values (2, 'a2', 'b2')",
+        "insert into public.pt_high (id, a, b) values (102, 'a102', 'b102')",
+        "update public.pt_high set a = a || '!'",
+        "alter table public.pt add column c int",
+        "insert into public.pt_high (id, a, b, c) values (103, 'a103', 'b103', 3)",
+        "update public.pt set c = id",
+        "update public.pt set id = 150 where id = 1",
+        "delete from public.pt_low where id = 2",
+    ] {
+        exec(&db.admin, sql).await;
+    }
+    // c c c c, u u, c, u u u u u, d (+tombstone) c, d (+tombstone).
+    let events = reader
+        .at_least(&topic, 4 + 2 + 1 + 5 + 3 + 2)
+        .await
+        .to_vec();
+    reader.settle(Duration::from_secs(1)).await;
+    source.stop().await;
+    assert_eq!(reader.events[&topic].len(), 17);
+    assert!(
+        source_tables(&events).iter().all(|t| t == "pt"),
+        "{:?}",
+        source_tables(&events)
+    );
+    assert_eq!(
+        events[3].after(),
+        Some(&json!({"id": 102, "a": "a102", "b": "b102"}))
+    );
+    assert_eq!(
+        replay(&events),
+        table_rows(&db.admin, "public.pt", &["id"]).await
+    );
+}
+
+/// Columns dropped by a cascade, which no `ALTER TABLE` announces (`drop
+/// type`, `drop domain`, `drop extension ... cascade`), of tables captured
+/// by row and by statement triggers: the changes written before a drop
+/// arrive with the column, those after without it, every value in its
+/// column, and pg-source runs on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn columns_dropped_by_a_cascade_leave_the_shape_at_once() {
+    let db = Db::new().await;
+    for sql in [
+        "create extension hstore",
+        "create type public.mood as enum ('ok', 'sad')",
+        "create domain public.word as text",
+    ] {
+        exec(&db.admin, sql).await;
+    }
+    let tables = ["by_row", "by_statement"];
+    for (table, capture) in tables.iter().zip([every_capture()[0], every_capture()[1]]) {
+        exec(
+            &db.admin,
+            &format!(
+                "create table public.{table} (id int primary key, m public.mood, w public.word, h public.hstore, b text)"
+            ),
+        )
+        .await;
+        db.capture(table, capture).await;
+    }
+    let topics: Vec<String> = tables.iter().map(|t| db.topic(t)).collect();
+    let mut reader = TopicReader::new(&topics);
+    let mut source = db
+        .start_source(&tables, &[("snapshot.mode", "no_data")])
+        .await;
+    let mut steps = vec![];
+    for table in tables {
+        steps.push(format!(
+            "insert into public.{table} values (1, 'ok', 'w1', 'k=>1', 'b1')"
+        ));
+    }
+    steps.push("drop type public.mood cascade".into());
+    for table in tables {
+        steps.push(format!(
+            "insert into public.{table} values (2, 'w2', 'k=>2', 'b2')"
+        ));
+    }
+    steps.push("drop domain public.word cascade".into());
+    for table in tables {
+        for id in [1, 2] {
+            steps.push(format!(
+                "update public.{table} set b = b || '!' where id = {id}"
+            ));
+        }
+    }
+    steps.push("drop extension hstore cascade".into());
+    for table in tables {
+        steps.push(format!("insert into public.{table} values (3, 'b3')"));
+    }
+    for sql in &steps {
+        exec(&db.admin, sql).await;
+    }
+    for topic in &topics {
+        reader.at_least(topic, 5).await;
+    }
+    source.assert_running("pg-source after the drops").await;
+    source.stop().await;
+    for topic in &topics {
+        let afters: Vec<Option<&Value>> = reader.events[topic].iter().map(Event::after).collect();
+        assert_eq!(
+            afters,
+            [
+                Some(&json!({"id": 1, "m": "ok", "w": "w1", "h": "\"k\"=>\"1\"", "b": "b1"})),
+                Some(&json!({"id": 2, "w": "w2", "h": "\"k\"=>\"2\"", "b": "b2"})),
+                Some(&json!({"id": 1, "h": "\"k\"=>\"1\"", "b": "b1!"})),
+                Some(&json!({"id": 2, "h": "\"k\"=>\"2\"", "b": "b2!"})),
+                Some(&json!({"id": 3, "b": "b3"})),
+            ],
+            "{topic}"
+        );
+    }
+}
+
+/// The swap migration: a captured table renamed away, a new table of other
+/// columns created under its name and captured, rows copied over, the old
+/// one dropped. The two never share a capture function: the old table's
+/// changes until the drop are logged as its own, with its shape, and the
+/// new one's with the new shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_swapped_for_a_new_one_of_its_name_keeps_its_own_capture() {
+    let db = Db::new().await;
+    exec(
+        &db.admin,
+        "create table public.s (id int primary key, a text, b text)",
+    )
+    .await;
+    db.capture("s", every_capture()[1]).await;
+    let topic = db.topic("s");
+    let mut reader = TopicReader::new(&[topic.as_str()]);
+    let source = db
+        .start_source(&["s"], &[("snapshot.mode", "no_data")])
+        .await;
+    exec(&db.admin, "insert into public.s values (1, 'a1', 'b1')").await;
+    exec(&db.admin, "alter table public.s rename to s_old").await;
+    exec(
+        &db.admin,
+        "create table public.s (id int primary key, b text, a text, c int)",
+    )
+    .await;
+    db.capture("s", every_capture()[1]).await;
+    // A writer that still knows the old table.
+    exec(&db.admin, "update public.s_old set a = 'a1!'").await;
+    exec(
+        &db.admin,
+        "insert into public.s (id, a, b, c) select id, a, b, 0 from public.s_old",
+    )
+    .await;
+    exec(&db.admin, "insert into public.s values (2, 'b2', 'a2', 2)").await;
+    exec(&db.admin, "drop table public.s_old").await;
+    let events = reader.at_least(&topic, 4).await.to_vec();
+    source.stop().await;
+    assert_eq!(source_tables(&events), ["s", "s_old", "s", "s"]);
+    let afters: Vec<Option<&Value>> = events.iter().map(Event::after).collect();
+    assert_eq!(
+        afters,
+        [
+            Some(&json!({"id": 1, "a": "a1", "b": "b1"})),
+            Some(&json!({"id": 1, "a": "a1!", "b": "b1"})),
+            Some(&json!({"id": 1, "b": "b1", "a": "a1!", "c": 0})),
+            Some(&json!({"id": 2, "b": "b2", "a": "a2", "c": 2})),
+        ]
+    );
+}
+
+/// A table whose name holds the words by which the event trigger used to
+/// tell a capture without update-before: after an `ALTER TABLE` its
+/// updates still log the whole row before, as installed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_named_like_a_capture_setting_keeps_its_setting_through_an_alter() {
+    let db = Db::new().await;
+    let name = "x, update before null";
+    for (i, capture) in [every_capture()[0], every_capture()[1]]
+        .into_iter()
+        .enumerate()
+    {
+        let table = format!("{name} {i}");
+        let quoted = tidemark_common::names::quote_ident(&table);
+        exec(
+            &db.admin,
+            &format!("create table public.{quoted} (id int primary key, v text)"),
+        )
+        .await;
+        db.capture(&quoted, capture).await;
+        for sql in [
+            format!("alter table public.{quoted} add column w int"),
+            format!("insert into public.{quoted} values (1, 'one', 1)"),
+            format!("update public.{quoted} set v = 'uno'"),
+        ] {
+            exec(&db.admin, &sql).await;
+        }
+    }
+    let befores: Vec<(String, Option<String>)> = sqlx::query_as(
+        "select table_name, before from tidemark.change_log where op = 'u' order by seq",
+    )
+    .fetch_all(&db.admin)
+    .await
+    .unwrap();
+    assert_eq!(
+        befores,
+        [
+            (
+                format!(
+                    "public.{}",
+                    tidemark_common::names::quote_ident(&format!("{name} 0"))
+                ),
+                Some("(1,one,1)".to_owned())
+            ),
+            (
+                format!(
+                    "public.{}",
+                    tidemark_common::names::quote_ident(&format!("{name} 1"))
+                ),
+                Some("(1,one,1)".to_owned())
+            ),
+        ]
+    );
+}

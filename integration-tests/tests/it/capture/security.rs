@@ -648,3 +648,102 @@ async fn a_capture_role_that_may_do_more_than_append_is_refused() {
         assert!(err.contains(says), "{what}: {err}");
     }
 }
+
+/// The dollar-quote tag the capture functions' bodies were written between
+/// (and the `do` blocks' one): a name holding it ended the body early, so
+/// the rest of the name ran as SQL where the event trigger generated the
+/// function, as the superuser who installed Tidemark.
+const DOLLAR_TAGS: [&str; 2] = ["$tidemark_body$", "$tidemark$"];
+
+/// A table owner who is no superuser names a key column, or the table,
+/// so that the generated function's text would end early and call the
+/// owner's code; `check_function_bodies` off (its own session's setting)
+/// lets the broken rest of the body through. The event trigger
+/// regenerates the capture function for the rename, as a superuser: the
+/// owner's code never runs there, and the table's changes are logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_holding_a_dollar_quote_tag_never_run_as_sql_in_the_event_trigger() {
+    let db = Db::new().await;
+    let (owner, owner_pool) = db.role("owner_").await;
+    exec(
+        &db.admin,
+        &format!("grant create on schema public to {owner}"),
+    )
+    .await;
+    calls_table(&owner_pool).await;
+    exec(
+        &owner_pool,
+        &format!(
+            "create function public.x() returns void language plpgsql as $trap${}$trap$",
+            trap_body(&owner, "a name ran as SQL", "")
+        ),
+    )
+    .await;
+    // At most 63 bytes: Postgres truncates longer names.
+    let names: Vec<String> = DOLLAR_TAGS
+        .iter()
+        .map(|tag| format!("{tag};select public.x();select {tag}"))
+        .collect();
+    let mut tables = Vec::new();
+    for (i, capture) in every_capture().into_iter().enumerate() {
+        for (j, name) in names.iter().enumerate() {
+            let table = format!("t{i}_{j}");
+            exec(
+                &owner_pool,
+                &format!("create table public.{table} (id int primary key, v text)"),
+            )
+            .await;
+            db.capture(&table, capture).await;
+            tables.push((table, name.clone()));
+        }
+    }
+    let mut conn = owner_pool.acquire().await.unwrap();
+    sqlx::query("set check_function_bodies = off")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let (table, name) = &tables[0];
+    let renamed = tidemark_common::names::quote_ident(name);
+    let mut statements = Vec::new();
+    for (table, name) in &tables {
+        let name = tidemark_common::names::quote_ident(name);
+        statements.extend([
+            format!("alter table public.{table} rename column id to {name}"),
+            format!("insert into public.{table} values (1, 'one')"),
+            format!("update public.{table} set v = 'uno'"),
+        ]);
+    }
+    // The table renamed too, by its owner.
+    statements.extend([
+        format!("alter table public.{table} rename to {renamed}"),
+        format!("delete from public.{renamed}"),
+    ]);
+    // Failures are told after the check for an escalation, which must
+    // not be left in place.
+    let mut failed = Vec::new();
+    for sql in statements {
+        if let Err(e) = sqlx::query(&sql).execute(&mut *conn).await {
+            failed.push(format!("{sql}: {e}"));
+        }
+    }
+    drop(conn);
+    assert_no_trap_ran(&db, &owner).await;
+    assert!(failed.is_empty(), "{failed:#?}");
+    let logged: Vec<(String, String, Option<String>)> =
+        sqlx::query_as("select table_name, op::text, after from tidemark.change_log order by seq")
+            .fetch_all(&db.admin)
+            .await
+            .unwrap();
+    let mut want = Vec::new();
+    for (table, _) in &tables {
+        let t = format!("public.{table}");
+        want.push((t.clone(), "c".to_owned(), Some("(1,one)".to_owned())));
+        want.push((t, "u".to_owned(), Some("(1,uno)".to_owned())));
+    }
+    want.push((
+        format!("public.{}", tidemark_common::names::quote_ident(name)),
+        "d".to_owned(),
+        None,
+    ));
+    assert_eq!(logged, want);
+}
