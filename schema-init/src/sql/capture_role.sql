@@ -9,8 +9,14 @@ declare
 begin
   select * into v_role from pg_catalog.pg_roles where rolname operator(pg_catalog.=) '@CAPTURE_ROLE@';
   if not found then
-    execute pg_catalog.format('create role %I nologin', '@CAPTURE_ROLE@');
-    return;
+    begin
+      execute pg_catalog.format('create role %I nologin', '@CAPTURE_ROLE@');
+      return;
+    exception when duplicate_object or unique_violation then
+      -- Roles are the cluster's: a schema-init on another database created
+      -- it meanwhile. Checked as any role found there.
+      select * into strict v_role from pg_catalog.pg_roles where rolname operator(pg_catalog.=) '@CAPTURE_ROLE@';
+    end;
   end if;
   select pg_catalog.string_agg(bad.what, '; ') into v_bad from (
     select 'it may log in' as what where v_role.rolcanlogin

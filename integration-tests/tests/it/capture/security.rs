@@ -747,3 +747,35 @@ async fn names_holding_a_dollar_quote_tag_never_run_as_sql_in_the_event_trigger(
     ));
     assert_eq!(logged, want);
 }
+
+/// Two schema-inits on two databases of one cluster at once both create
+/// the capture role (roles are the cluster's): the one that loses the race
+/// checks the role the other created instead of failing on a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_schema_inits_creating_the_capture_role_at_once_both_succeed() {
+    let db = Db::new().await;
+    exec(&db.admin, "create table public.t (id int primary key)").await;
+    db.capture("t", Capture::full(TriggerLevel::Row)).await;
+    let role = unique("cap_");
+    let sql = schema_init::capture::capture_role_sql(&role);
+    // The first creates the role and holds its transaction open; the
+    // second waits on the role's unique name, then sees it committed.
+    let mut first = db.admin.begin().await.unwrap();
+    sqlx::query(&sql).execute(&mut *first).await.unwrap();
+    let second = {
+        let pool = db.admin.clone();
+        let sql = sql.clone();
+        tokio::spawn(async move { sqlx::query(&sql).execute(&pool).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !second.is_finished(),
+        "the second did not wait for the first"
+    );
+    first.commit().await.unwrap();
+    second
+        .await
+        .unwrap()
+        .expect("the second schema-init checks the role the first created");
+    exec(&db.admin, &format!("drop role {role}")).await;
+}
