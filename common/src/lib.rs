@@ -8,6 +8,7 @@
 //! ([`names`]), and process plumbing ([`shutdown`], [`telemetry`]).
 
 pub mod archive;
+pub mod check;
 pub mod codec;
 pub mod config;
 pub mod envelope;

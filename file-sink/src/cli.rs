@@ -83,6 +83,16 @@ struct Cli {
     #[arg(long, env = "TIDEMARK_MAX_RECORD_BYTES", default_value_t = 16 * 1024 * 1024)]
     max_record_bytes: usize,
 
+    /// Check instead of run: read the configuration, look at the output's
+    /// folder, the file and its checkpoint, connect to Kafka, and print
+    /// everything that would stop or weaken a run (a missing or read-only
+    /// folder, a file without its checkpoint, a sink already writing it, a
+    /// missing topic, records deleted before they were archived, a topic
+    /// created anew), each with its fix. Exits 0 when a run would start, 1
+    /// when it would stop. Changes nothing.
+    #[arg(long)]
+    check: bool,
+
     /// Log one JSON object per line.
     #[arg(long, env = "TIDEMARK_JSON_LOGS")]
     json_logs: bool,
@@ -100,6 +110,19 @@ pub fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli, shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
+    if cli.check {
+        let mut report = tidemark_common::check::Report::new();
+        match config(cli) {
+            Ok(cfg) => report = crate::check::check(&cfg).await,
+            Err(e) => report.error("configuration", &e),
+        }
+        return report.finish("file-sink");
+    }
+    crate::run(config(cli)?, shutdown).await.map(|_| ())
+}
+
+/// The configuration from the connector file, flags and variables.
+fn config(cli: Cli) -> anyhow::Result<crate::Config> {
     let mut connector =
         ConnectorConfig::from_file_or_named(cli.connector_config.as_deref(), "file-sink")?;
     connector.apply_overrides([
@@ -120,7 +143,7 @@ async fn run(cli: Cli, shutdown: tokio_util::sync::CancellationToken) -> anyhow:
     cfg.max_batch_records = cli.max_batch_records.max(1);
     cfg.max_record_bytes = cli.max_record_bytes;
     cfg.http_addr = tidemark_common::program::parse_http_addr(&cli.http_addr)?;
-    crate::run(cfg, shutdown).await.map(|_| ())
+    Ok(cfg)
 }
 
 #[cfg(test)]

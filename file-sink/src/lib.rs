@@ -56,6 +56,7 @@
 //! lock, dead-letter.jsonl
 //! ```
 
+pub mod check;
 pub mod cli;
 pub mod consumer;
 pub mod group;

@@ -162,6 +162,16 @@ struct ReplayArgs {
     #[arg(long, env = "TIDEMARK_MAX_PENDING_UNITS", default_value_t = 200_000)]
     max_pending_units: usize,
 
+    /// Check instead of replay: read the configuration, look at the
+    /// archive's files or topics, connect to the target, and print
+    /// everything that would stop or weaken a replay (the position table
+    /// and this replay's position, another pg-replay on the same name, each
+    /// target table's primary key, privileges and triggers), each with its
+    /// fix. Exits 0 when a replay would start, 1 when it would stop.
+    /// Changes nothing.
+    #[arg(long)]
+    check: bool,
+
     /// Log one JSON object per line.
     #[arg(long, env = "TIDEMARK_JSON_LOGS")]
     json_logs: bool,
@@ -233,6 +243,14 @@ pub fn main() -> std::process::ExitCode {
                 crate::verify::print(&report, &cfg)
             }
             None => {
+                if cli.replay.check {
+                    let mut report = tidemark_common::check::Report::new();
+                    match replay_config(cli.replay) {
+                        Ok(cfg) => report = crate::check::check(&cfg).await,
+                        Err(e) => report.error("configuration", &e),
+                    }
+                    return report.finish("pg-replay");
+                }
                 let cfg = replay_config(cli.replay)?;
                 crate::run(cfg, shutdown).await.map(|_| ())
             }

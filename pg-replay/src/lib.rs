@@ -45,6 +45,7 @@
 
 pub mod apply;
 pub mod archive;
+pub mod check;
 pub mod cli;
 pub mod position;
 pub mod record;

@@ -36,7 +36,7 @@ pub struct Position {
 
 /// A 64-bit key for the advisory lock of replay `name` (FNV-1a, stable
 /// across releases).
-fn lock_key(name: &str) -> i64 {
+pub(crate) fn lock_key(name: &str) -> i64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for b in b"tidemark.replay:".iter().chain(name.as_bytes()) {
         hash ^= u64::from(*b);

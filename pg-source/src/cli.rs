@@ -158,6 +158,14 @@ struct Cli {
     #[arg(long, env = "TIDEMARK_LINGER", default_value = "10ms", value_parser = humantime::parse_duration)]
     linger: std::time::Duration,
 
+    /// Check instead of run: read the configuration, connect to Postgres
+    /// and Kafka, and print everything that would stop or weaken a run
+    /// (privileges, wal_level, the slot, each table and its primary key and
+    /// capture, the topics, the stored position), each with its fix. Exits
+    /// 0 when a run would start, 1 when it would stop. Changes nothing.
+    #[arg(long)]
+    check: bool,
+
     /// Log one JSON object per line.
     #[arg(long, env = "TIDEMARK_JSON_LOGS")]
     json_logs: bool,
@@ -175,6 +183,19 @@ pub fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli, shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
+    if cli.check {
+        let mut report = tidemark_common::check::Report::new();
+        match config(cli) {
+            Ok(cfg) => report = crate::check::check(&cfg).await,
+            Err(e) => report.error("configuration", &e),
+        }
+        return report.finish("pg-source");
+    }
+    crate::run(config(cli)?, shutdown).await
+}
+
+/// The configuration from the connector file, flags and variables.
+fn config(cli: Cli) -> anyhow::Result<crate::Config> {
     let password = match &cli.connection_password_file {
         Some(path) => Some(read_secret_file("--connection-password-file", path)?),
         None => cli.connection_password,
@@ -233,7 +254,7 @@ async fn run(cli: Cli, shutdown: tokio_util::sync::CancellationToken) -> anyhow:
         crate::ModeConfig::Logical(l) => l.set_linger(cli.linger)?,
     }
     cfg.http_addr = tidemark_common::program::parse_http_addr(&cli.http_addr)?;
-    crate::run(cfg, shutdown).await
+    Ok(cfg)
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@
 //! `pgoutput` decoder ([`pgoutput`]); errors are sorted in [`errors`].
 
 pub mod catalog;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod errors;
@@ -335,7 +336,7 @@ pub fn topic_name(prefix: &str, table: &str) -> String {
 }
 
 /// The tables to read when `table.whitelist` is not set.
-async fn discover_tables(cfg: &Config, pool: &PgPool) -> anyhow::Result<Vec<TableName>> {
+pub(crate) async fn discover_tables(cfg: &Config, pool: &PgPool) -> anyhow::Result<Vec<TableName>> {
     let found = match cfg.mode.mode() {
         Mode::TimestampIncrementing => {
             let ModeConfig::Timestamp(t) = &cfg.mode else {
@@ -367,7 +368,7 @@ async fn discover_tables(cfg: &Config, pool: &PgPool) -> anyhow::Result<Vec<Tabl
 
 /// Warns when the user cannot see other roles' transactions, since then the
 /// out-of-order-commit guarantee holds only for its own sessions.
-async fn check_privileges(pool: &PgPool, tz: &str) -> anyhow::Result<()> {
+pub(crate) async fn check_privileges(pool: &PgPool, tz: &str) -> anyhow::Result<()> {
     let (can_see, valid_tz, server_tz): (bool, bool, String) = sqlx::query_as(
         r#"select pg_has_role(current_user, 'pg_read_all_stats', 'member')
                   or (select rolsuper from pg_roles where rolname = current_user),
@@ -393,7 +394,7 @@ async fn check_privileges(pool: &PgPool, tz: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn is_utc(tz: &str) -> bool {
+pub(crate) fn is_utc(tz: &str) -> bool {
     matches!(
         tz.to_ascii_uppercase().as_str(),
         "UTC" | "ETC/UTC" | "GMT" | "ETC/GMT" | "UCT" | "Z" | "ZULU"

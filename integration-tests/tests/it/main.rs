@@ -9,6 +9,7 @@ mod bad_config;
 mod bad_input;
 mod capture;
 mod changelog;
+mod check;
 mod cli;
 mod codec;
 mod connect;

@@ -983,7 +983,7 @@ fn source_name(shape_table: &str, configured: &TableName) -> (String, String) {
 /// Refuses a change log that is not version 2, saying what to do.
 ///
 /// Fails on a database error too.
-async fn check_change_log(pool: &PgPool) -> anyhow::Result<()> {
+pub(crate) async fn check_change_log(pool: &PgPool) -> anyhow::Result<()> {
     let (log, shapes, before): (bool, bool, Option<String>) = sqlx::query_as(
         "select pg_catalog.to_regclass($1) is not null, pg_catalog.to_regclass($2) is not null,
                 (select pg_catalog.format_type(a.atttypid, null) from pg_catalog.pg_attribute a
@@ -1013,7 +1013,7 @@ async fn check_change_log(pool: &PgPool) -> anyhow::Result<()> {
 /// Refuses a table without change-log triggers.
 ///
 /// Fails on a database error too.
-async fn check_trigger(pool: &PgPool, name: &TableName) -> anyhow::Result<()> {
+pub(crate) async fn check_trigger(pool: &PgPool, name: &TableName) -> anyhow::Result<()> {
     let has_trigger: bool = sqlx::query_scalar(
         "select exists (select 1 from pg_catalog.pg_trigger
                          where tgrelid operator(pg_catalog.=) pg_catalog.to_regclass($1)

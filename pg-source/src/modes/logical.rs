@@ -31,7 +31,7 @@ use sqlx::postgres::PgSslMode;
 use sqlx::PgPool;
 use tidemark_common::envelope::{now_us, Sequence};
 use tidemark_common::offset::{position_key, LogicalPosition, SourcePosition};
-use tidemark_common::pg::{publication_name, quote_ident, PgTarget};
+use tidemark_common::pg::{publication_name, quote_ident, PgTarget, TableName};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::TableInfo;
@@ -168,7 +168,7 @@ pub async fn prepare_slot(pool: &PgPool, slot: &str, stored: Option<u64>) -> any
     }
 }
 
-fn parse_lsn(text: &str) -> anyhow::Result<u64> {
+pub(crate) fn parse_lsn(text: &str) -> anyhow::Result<u64> {
     let (hi, lo) = text
         .split_once('/')
         .with_context(|| format!("`{text}` is not an LSN"))?;
@@ -240,12 +240,11 @@ impl AsRef<CapturedTable> for LogicalTable {
     }
 }
 
-/// Checks a table's logical capture and prepares its render query.
+/// Refuses a table without logical capture (its publication, replica
+/// identity full) or with generated columns, saying what to do.
 ///
-/// Fails when the table has no publication or full replica identity, or
-/// has generated columns.
-async fn logical_table(pool: &PgPool, table: CapturedTable) -> anyhow::Result<LogicalTable> {
-    let name = &table.info.name;
+/// Fails on a database error too.
+pub(crate) async fn check_capture(pool: &PgPool, name: &TableName) -> anyhow::Result<()> {
     let publication = publication_name(name);
     let (published, identity): (bool, String) = sqlx::query_as(
         "select exists (select 1 from pg_publication_tables
@@ -271,6 +270,16 @@ async fn logical_table(pool: &PgPool, table: CapturedTable) -> anyhow::Result<Lo
     if let Some(columns) = generated {
         bail!("table {name} has generated columns ({columns}), whose values logical decoding does not send: capture it with --capture changelog and mode changelog");
     }
+    Ok(())
+}
+
+/// Checks a table's logical capture and prepares its render query.
+///
+/// Fails when the table has no publication or full replica identity, or
+/// has generated columns.
+async fn logical_table(pool: &PgPool, table: CapturedTable) -> anyhow::Result<LogicalTable> {
+    let name = &table.info.name;
+    check_capture(pool, name).await?;
     let json_columns: Vec<String> = sqlx::query_scalar(
         "select a.attname::text from pg_attribute a join pg_type t on t.oid = a.atttypid
          where a.attrelid = to_regclass($1) and a.attnum > 0 and not a.attisdropped

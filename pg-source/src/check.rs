@@ -1,0 +1,588 @@
+//! `pg-source --check`: everything that would stop or weaken a run, looked
+//! at without changing anything (no slot, topic or position is created):
+//! Postgres reachable, the user's privileges, the mode's server settings
+//! (`wal_level`, replication slots, the change log), each table (exists,
+//! readable, primary key, capture), Kafka reachable, each topic, the
+//! positions topic and the position stored in it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use pgwire_replication::Lsn;
+use rdkafka::admin::{AdminOptions, ResourceSpecifier};
+use sqlx::PgPool;
+use tidemark_common::check::Report;
+use tidemark_common::names;
+use tidemark_common::offset::{position_key, SourcePosition};
+use tidemark_common::pg::TableName;
+
+use crate::config::{Config, ModeConfig};
+use crate::modes::{changelog, logical};
+use crate::{catalog, topic_name};
+
+/// Runs every check of `cfg` and returns the findings.
+pub async fn check(cfg: &Config) -> Report {
+    let mut r = Report::new();
+    let mode = match &cfg.mode {
+        ModeConfig::Timestamp(_) => "timestamp+incrementing",
+        ModeConfig::ChangeLog(_) => "changelog",
+        ModeConfig::Logical(_) => "logical",
+    };
+    r.ok(format!(
+        "configuration: connector {}, mode {mode}, topic prefix {:?}",
+        cfg.name, cfg.topic_prefix
+    ));
+    let pool = match cfg.pg.connect(2, Duration::from_secs(3)).await {
+        Ok(pool) => {
+            r.ok(format!("postgres: connected to {}", cfg.pg));
+            Some(pool)
+        }
+        Err(e) => {
+            r.error(&format!("postgres at {}", cfg.pg), &e);
+            None
+        }
+    };
+    let mut topics = Vec::new();
+    if let Some(pool) = &pool {
+        if let Err(e) = postgres(cfg, pool, &mut r, &mut topics).await {
+            r.error("postgres", &e);
+        }
+    }
+    let stored = kafka(cfg, &topics, &mut r).await;
+    if let (Some(pool), Some(stored)) = (&pool, stored) {
+        if let Err(e) = position(cfg, pool, &stored, &mut r).await {
+            r.error("the stored position", &e);
+        }
+    }
+    r
+}
+
+/// The server, the user and every table; `topics` gets the tables' topics.
+async fn postgres(
+    cfg: &Config,
+    pool: &PgPool,
+    r: &mut Report,
+    topics: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let (user, superuser, replication, version): (String, bool, bool, String) = sqlx::query_as(
+        "select r.rolname::pg_catalog.text, r.rolsuper, r.rolreplication,
+                pg_catalog.current_setting('server_version')
+           from pg_catalog.pg_roles r where r.rolname operator(pg_catalog.=) current_user",
+    )
+    .fetch_one(pool)
+    .await?;
+    r.ok(format!(
+        "postgres {version}, user {user}{}",
+        if superuser { " (superuser)" } else { "" }
+    ));
+    match &cfg.mode {
+        ModeConfig::Timestamp(t) => {
+            let (can_see, valid_tz, server_tz): (bool, bool, String) = sqlx::query_as(
+                "select pg_catalog.pg_has_role(current_user, 'pg_read_all_stats', 'member') or $2,
+                        exists (select 1 from pg_catalog.pg_timezone_names where name operator(pg_catalog.=) $1)
+                        or exists (select 1 from pg_catalog.pg_timezone_abbrevs where abbrev operator(pg_catalog.=) $1),
+                        pg_catalog.current_setting('log_timezone')",
+            )
+            .bind(&t.db_timezone)
+            .bind(superuser)
+            .fetch_one(pool)
+            .await?;
+            if can_see {
+                r.ok("the user sees every role's open transactions (pg_read_all_stats)");
+            } else {
+                r.warn(
+                    format!("user {user} is not a member of pg_read_all_stats: a row another role commits late may be missed"),
+                    format!("grant pg_read_all_stats to {user}"),
+                );
+            }
+            if !valid_tz {
+                r.fail(
+                    format!(
+                        "db.timezone {:?} is not a time zone Postgres knows",
+                        t.db_timezone
+                    ),
+                    "set db.timezone to a zone like UTC or Europe/Berlin",
+                );
+            } else if !(server_tz.eq_ignore_ascii_case(&t.db_timezone)
+                || crate::is_utc(&server_tz) && crate::is_utc(&t.db_timezone))
+            {
+                r.warn(
+                    format!(
+                        "db.timezone {} differs from the server's time zone {server_tz}",
+                        t.db_timezone
+                    ),
+                    "set db.timezone to the zone the writers' timestamp columns are in",
+                );
+            } else {
+                r.ok(format!("db.timezone {}", t.db_timezone));
+            }
+        }
+        ModeConfig::ChangeLog(_) => {
+            match changelog::check_change_log(pool).await {
+                Ok(()) => {
+                    let (readable, ddl): (bool, bool) = sqlx::query_as(&format!(
+                    "select pg_catalog.has_table_privilege('{log}', 'SELECT')
+                            and pg_catalog.has_table_privilege('{shapes}', 'SELECT'),
+                            exists (select 1 from pg_catalog.pg_event_trigger
+                                     where evtname operator(pg_catalog.=) '{ddl}' and evtenabled operator(pg_catalog.<>) 'D')",
+                    log = names::CHANGE_LOG,
+                    shapes = names::SHAPES,
+                    ddl = names::EVENT_TRIGGER,
+                ))
+                .fetch_one(pool)
+                .await?;
+                    if readable {
+                        r.ok(format!(
+                            "change log {} (version 2) readable",
+                            names::CHANGE_LOG
+                        ));
+                    } else {
+                        r.fail(
+                        format!("user {user} cannot read {} and {}", names::CHANGE_LOG, names::SHAPES),
+                        format!("grant usage on schema {} to {user}; grant select on {}, {} to {user}", names::SCHEMA, names::CHANGE_LOG, names::SHAPES),
+                    );
+                    }
+                    if ddl {
+                        r.ok(format!(
+                            "event trigger {} records schema changes",
+                            names::EVENT_TRIGGER
+                        ));
+                    } else {
+                        r.warn(
+                        format!("event trigger {} is missing or disabled: an ALTER TABLE of a captured table would not be recorded, and its changes would be decoded with the old columns", names::EVENT_TRIGGER),
+                        "run schema-init --capture changelog as a superuser",
+                    );
+                    }
+                }
+                Err(e) => r.error("change log", &e),
+            }
+        }
+        ModeConfig::Logical(l) => {
+            let (wal_level, senders, slots, used): (String, i32, i32, i64) = sqlx::query_as(
+                "select pg_catalog.current_setting('wal_level'),
+                        pg_catalog.current_setting('max_wal_senders')::pg_catalog.int4,
+                        pg_catalog.current_setting('max_replication_slots')::pg_catalog.int4,
+                        (select pg_catalog.count(*) from pg_catalog.pg_replication_slots)",
+            )
+            .fetch_one(pool)
+            .await?;
+            if wal_level == "logical" {
+                r.ok("wal_level = logical");
+            } else {
+                r.fail(
+                    format!("wal_level = {wal_level}, and mode logical needs logical"),
+                    "alter system set wal_level = logical as a superuser and restart Postgres, or use mode changelog",
+                );
+            }
+            if superuser || replication {
+                r.ok(format!("user {user} may replicate (REPLICATION attribute)"));
+            } else {
+                r.fail(
+                    format!("user {user} lacks the REPLICATION attribute a replication slot needs"),
+                    format!("alter role {user} replication"),
+                );
+            }
+            if senders < 1 {
+                r.fail(
+                    "max_wal_senders = 0: no replication connection is possible",
+                    "set max_wal_senders to at least 1 and restart Postgres",
+                );
+            }
+            slot(pool, &l.slot_name, slots, used, r).await?;
+        }
+    }
+
+    let tables = match &cfg.tables {
+        Some(t) => t.clone(),
+        None => match crate::discover_tables(cfg, pool).await {
+            Ok(t) => {
+                r.ok(format!(
+                    "tables found (table.whitelist unset): {}",
+                    t.iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+                t
+            }
+            Err(e) => {
+                r.error("tables", &e);
+                Vec::new()
+            }
+        },
+    };
+    for t in &tables {
+        topics.push(topic_name(&cfg.topic_prefix, &t.name));
+        if let Err(e) = table(cfg, pool, t, &user, r).await {
+            r.error(&format!("table {t}"), &e);
+        }
+    }
+    if let ModeConfig::ChangeLog(_) = &cfg.mode {
+        topics.push(changelog::DEAD_LETTER_TOPIC.to_owned());
+    }
+    Ok(())
+}
+
+/// The replication slot, or room for it.
+async fn slot(
+    pool: &PgPool,
+    slot: &str,
+    max: i32,
+    used: i64,
+    r: &mut Report,
+) -> anyhow::Result<()> {
+    type SlotRow = (
+        Option<String>,
+        Option<String>,
+        bool,
+        Option<String>,
+        bool,
+        Option<i32>,
+        Option<i64>,
+    );
+    let found: Option<SlotRow> = sqlx::query_as(
+        "select plugin::pg_catalog.text, database::pg_catalog.text,
+                database operator(pg_catalog.=) pg_catalog.current_database(),
+                wal_status, active, active_pid,
+                pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), restart_lsn)::pg_catalog.int8
+           from pg_catalog.pg_replication_slots where slot_name operator(pg_catalog.=) $1",
+    )
+    .bind(slot)
+    .fetch_optional(pool)
+    .await?;
+    match found {
+        None if i64::from(max) <= used => r.fail(
+            format!("replication slot {slot} does not exist, and all {max} slots (max_replication_slots) are taken"),
+            "drop a slot nobody reads (select pg_drop_replication_slot('...')), or raise max_replication_slots and restart Postgres",
+        ),
+        None => r.ok(format!(
+            "replication slot {slot} does not exist yet: the first start creates it ({used} of {max} slots taken)"
+        )),
+        Some((plugin, database, same_db, wal_status, active, pid, kept)) => {
+            if plugin.as_deref() != Some("pgoutput") || !same_db {
+                r.fail(
+                    format!(
+                        "replication slot {slot} belongs to another reader (plugin {}, database {})",
+                        plugin.unwrap_or_default(),
+                        database.unwrap_or_default()
+                    ),
+                    format!("set slot.name to another name, or drop it: select pg_drop_replication_slot('{slot}')"),
+                );
+            } else if wal_status.as_deref() == Some("lost") {
+                r.fail(
+                    format!("replication slot {slot} lost WAL it needed (max_slot_wal_keep_size): the changes since cannot be read"),
+                    format!("drop it (select pg_drop_replication_slot('{slot}')) and start over with a new connector name"),
+                );
+            } else {
+                let kept_mb = kept.unwrap_or(0) as f64 / 1_048_576.0;
+                r.ok(format!("replication slot {slot} exists (pgoutput, this database), keeping {kept_mb:.1} MB of WAL"));
+                if wal_status.as_deref() == Some("unreserved") {
+                    r.warn(
+                        format!("replication slot {slot} is about to lose WAL it needs (wal_status unreserved)"),
+                        "start pg-source so it reads on, or raise max_slot_wal_keep_size",
+                    );
+                }
+            }
+            if active {
+                r.warn(
+                    format!("replication slot {slot} is being read now, by process {}", pid.unwrap_or(0)),
+                    "a second pg-source on the same connector waits for it; give each connector its own name and slot.name",
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One configured table.
+async fn table(
+    cfg: &Config,
+    pool: &PgPool,
+    t: &TableName,
+    user: &str,
+    r: &mut Report,
+) -> anyhow::Result<()> {
+    let info = match catalog::TableInfo::load(pool, t).await {
+        Ok(info) => info,
+        Err(e) => {
+            if matches!(cfg.mode, ModeConfig::ChangeLog(_))
+                && catalog::was_captured(pool, t).await?
+            {
+                r.warn(
+                    format!("table {t} was dropped: the changes logged before the drop are sent, then nothing"),
+                    "remove it from table.whitelist once they are sent",
+                );
+            } else {
+                r.error(&format!("table {t}"), &e);
+            }
+            return Ok(());
+        }
+    };
+    let readable: bool = sqlx::query_scalar(
+        "select pg_catalog.has_table_privilege(pg_catalog.to_regclass($1), 'SELECT')",
+    )
+    .bind(t.quoted())
+    .fetch_one(pool)
+    .await?;
+    if !readable {
+        r.fail(
+            format!("user {user} cannot read table {t}"),
+            format!("grant select on {} to {user}", t.quoted()),
+        );
+    }
+    let key: Vec<&str> = info.key.iter().map(|c| c.name.as_str()).collect();
+    let captured = match &cfg.mode {
+        ModeConfig::Timestamp(ts) => {
+            for col in [&ts.timestamp_column, &ts.incrementing_column] {
+                if info.column(col).is_none() {
+                    r.fail(
+                        format!("table {t} has no column {col}"),
+                        "fix timestamp.column.name / incrementing.column.name, or table.whitelist",
+                    );
+                }
+            }
+            if key.is_empty() {
+                r.warn(
+                    format!(
+                        "table {t} has no primary key: its records are keyed by {}",
+                        ts.incrementing_column
+                    ),
+                    format!("add a primary key to {t}"),
+                );
+            }
+            Ok(())
+        }
+        ModeConfig::ChangeLog(_) => changelog::check_trigger(pool, t).await,
+        ModeConfig::Logical(_) => logical::check_capture(pool, t).await,
+    };
+    if key.is_empty() && !matches!(cfg.mode, ModeConfig::Timestamp(_)) {
+        r.fail(
+            format!("table {t} has no primary key, so its changes cannot be keyed"),
+            format!("add a primary key to {t}, or use mode timestamp+incrementing"),
+        );
+    }
+    match captured {
+        Ok(()) if readable && !key.is_empty() => r.ok(format!(
+            "table {t}: {} columns, primary key ({}), readable{}",
+            info.columns.len(),
+            key.join(", "),
+            match &cfg.mode {
+                ModeConfig::Timestamp(_) => "",
+                ModeConfig::ChangeLog(_) => ", change-log trigger",
+                ModeConfig::Logical(_) => ", published with replica identity full",
+            }
+        )),
+        Ok(()) => {}
+        Err(e) => r.error(&format!("table {t}"), &e),
+    }
+    Ok(())
+}
+
+/// Kafka, the tables' topics and the positions topic; returns the stored
+/// positions when they could be read.
+async fn kafka(
+    cfg: &Config,
+    topics: &[String],
+    r: &mut Report,
+) -> Option<HashMap<Vec<u8>, Vec<u8>>> {
+    let (_, metadata) =
+        tokio::task::block_in_place(|| tidemark_common::check::kafka_metadata(&cfg.kafka, r))?;
+    let existing: HashMap<&str, (usize, bool)> = metadata
+        .topics()
+        .iter()
+        .map(|t| {
+            let denied = t.error().is_some_and(|e| {
+                e == rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED
+            });
+            (t.name(), (t.partitions().len(), denied))
+        })
+        .collect();
+    let unique: BTreeSet<&String> = topics.iter().collect();
+    for topic in unique {
+        match existing.get(topic.as_str()) {
+            Some((_, true)) => r.fail(
+                format!("not allowed to describe topic {topic}"),
+                "grant this user WRITE and DESCRIBE on it (and a transactional id's WRITE)",
+            ),
+            Some((n, false)) => r.ok(format!("topic {topic} exists ({n} partitions)")),
+            None => r.ok(format!(
+                "topic {topic} does not exist yet: the first start creates it ({} partitions, replication factor {})",
+                cfg.topic.partitions,
+                if cfg.topic.replication_factor < 0 { "of the broker".to_owned() } else { cfg.topic.replication_factor.to_string() }
+            )),
+        }
+    }
+    let offsets = &cfg.offsets_topic;
+    match existing.get(offsets.as_str()) {
+        None => {
+            r.ok(format!(
+                "positions topic {offsets} does not exist yet: no stored position, the first start creates it (compacted)"
+            ));
+            Some(HashMap::new())
+        }
+        Some((_, true)) => {
+            r.fail(
+                format!("not allowed to describe the positions topic {offsets}"),
+                "grant this user READ, WRITE and DESCRIBE on it",
+            );
+            None
+        }
+        Some(_) => {
+            match compacted(cfg, offsets).await {
+                Ok(true) => r.ok(format!("positions topic {offsets} is compacted")),
+                Ok(false) => r.warn(
+                    format!("positions topic {offsets} is not compacted: retention may delete the stored position"),
+                    format!("kafka-configs --alter --entity-type topics --entity-name {offsets} --add-config cleanup.policy=compact"),
+                ),
+                Err(e) => r.warn(format!("cannot read the configuration of {offsets}: {e:#}"), "grant DESCRIBE_CONFIGS on it"),
+            }
+            let settings = cfg.kafka.clone();
+            let topic = offsets.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                tidemark_common::kafka::read_compacted(&settings, &topic, Duration::from_secs(15))
+            })
+            .await;
+            match read {
+                Ok(Ok(stored)) => Some(stored),
+                Ok(Err(e)) => {
+                    r.error(&format!("positions topic {offsets}"), &e);
+                    None
+                }
+                Err(e) => {
+                    r.fail(format!("reading {offsets}: {e}"), "");
+                    None
+                }
+            }
+        }
+    }
+}
+
+/// Whether the topic's cleanup.policy includes compact.
+async fn compacted(cfg: &Config, topic: &str) -> anyhow::Result<bool> {
+    let admin = cfg.kafka.admin()?;
+    let results = admin
+        .describe_configs(
+            &[ResourceSpecifier::Topic(topic)],
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
+        )
+        .await?;
+    let resource = results
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no answer"))?
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(resource
+        .get("cleanup.policy")
+        .and_then(|e| e.value.as_deref())
+        .is_some_and(|v| v.split(',').any(|p| p.trim() == "compact")))
+}
+
+/// What the stored position says a start would do.
+async fn position(
+    cfg: &Config,
+    pool: &PgPool,
+    stored: &HashMap<Vec<u8>, Vec<u8>>,
+    r: &mut Report,
+) -> anyhow::Result<()> {
+    let key = match &cfg.mode {
+        ModeConfig::Logical(_) => position_key(&cfg.name, "tidemark.logical"),
+        ModeConfig::ChangeLog(_) => position_key(&cfg.name, names::CHANGE_LOG),
+        ModeConfig::Timestamp(_) => {
+            let n = stored
+                .keys()
+                .filter(|k| {
+                    serde_json::from_slice::<serde_json::Value>(k)
+                        .ok()
+                        .is_some_and(|v| v[0] == cfg.name.as_str())
+                })
+                .count();
+            if n == 0 {
+                r.ok("no stored position: a start reads every table from its beginning (or timestamp.initial)");
+            } else {
+                r.ok(format!(
+                    "stored positions of {n} table(s): a start resumes after them"
+                ));
+            }
+            return Ok(());
+        }
+    };
+    let found = stored
+        .get(&key)
+        .map(|b| SourcePosition::decode(b))
+        .transpose();
+    let snapshot = |initial: bool| {
+        if initial {
+            "the initial snapshot of every table, then the changes"
+        } else {
+            "the changes from now on (snapshot.mode no_data)"
+        }
+    };
+    match (found, &cfg.mode) {
+        (Err(e), _) => r.error("stored position", &e),
+        (Ok(None), ModeConfig::Logical(l)) => {
+            r.ok(format!(
+                "no stored position: a start sends {}",
+                snapshot(l.initial_snapshot)
+            ));
+        }
+        (Ok(None), ModeConfig::ChangeLog(c)) => {
+            r.ok(format!(
+                "no stored position: a start sends {}",
+                snapshot(c.initial_snapshot)
+            ));
+        }
+        (Ok(Some(SourcePosition::Logical(p))), ModeConfig::Logical(l)) => {
+            let flushed: Option<Option<String>> = sqlx::query_scalar(
+                "select confirmed_flush_lsn::pg_catalog.text from pg_catalog.pg_replication_slots where slot_name operator(pg_catalog.=) $1",
+            )
+            .bind(&l.slot_name)
+            .fetch_optional(pool)
+            .await?;
+            let resume = if p.snapshot.is_some() {
+                "resumes the initial snapshot"
+            } else {
+                "resumes the stream"
+            };
+            match flushed {
+                None => r.fail(
+                    format!("a position is stored (LSN {}) but replication slot {} is gone: the changes since cannot be read", Lsn(p.lsn), l.slot_name),
+                    "start over with a new connector name (a new initial snapshot), or restore the slot",
+                ),
+                Some(f) => {
+                    let f = logical::parse_lsn(f.as_deref().unwrap_or("0/0"))?;
+                    if f > p.lsn {
+                        r.fail(
+                            format!("replication slot {} was confirmed up to {} but the stored position is {}: something else reads the slot", l.slot_name, Lsn(f), Lsn(p.lsn)),
+                            "give each connector its own slot.name; drop this slot and start over with a new connector name",
+                        );
+                    } else {
+                        r.ok(format!("stored position LSN {}: a start {resume}", Lsn(p.lsn)));
+                    }
+                }
+            }
+        }
+        (Ok(Some(SourcePosition::ChangeLog(p))), ModeConfig::ChangeLog(_)) => r.ok(format!(
+            "stored position (unit {}): a start {}",
+            p.commit_order,
+            if p.snapshot.is_some() {
+                "resumes the initial snapshot"
+            } else {
+                "resumes the change log"
+            }
+        )),
+        (Ok(None), ModeConfig::Timestamp(_)) => unreachable!("returned above"),
+        (Ok(Some(other)), _) => r.fail(
+            format!(
+                "the stored position of connector {} is for another mode ({})",
+                cfg.name,
+                match other {
+                    SourcePosition::Logical(_) => "logical",
+                    SourcePosition::ChangeLog(_) => "changelog",
+                    _ => "timestamp+incrementing",
+                }
+            ),
+            "use a new connector name to change modes",
+        ),
+    }
+    Ok(())
+}
