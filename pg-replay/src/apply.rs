@@ -144,6 +144,10 @@ pub struct Stage {
     by_unit: BTreeMap<i64, u64>,
     /// TRUNCATEs staged and not applied: unit → last total_order.
     truncates: BTreeMap<i64, i64>,
+    /// The role every statement that touches the target runs as, quoted:
+    /// its owner, when that is not this session's role (see
+    /// [`Applier::act_for`]).
+    act_as: Option<String>,
 }
 
 impl Stage {
@@ -546,6 +550,9 @@ pub struct Applier {
     cycle: bool,
     name: String,
     streams: Streams,
+    /// The role the current transaction runs as (`SET LOCAL ROLE`), `None`
+    /// for this session's own; reset at each `begin`.
+    acting: Option<String>,
 }
 
 /// What the caller says about a run for the position.
@@ -595,7 +602,38 @@ impl Applier {
             cycle: false,
             name: name.to_owned(),
             streams,
+            acting: None,
         }
+    }
+
+    /// Starts a transaction (as this session's own role).
+    async fn begin(&mut self) -> Result<(), sqlx::Error> {
+        sqlx::query("begin").execute(&mut self.conn).await?;
+        self.acting = None;
+        Ok(())
+    }
+
+    /// Makes the rest of the transaction (until the next call) run as the
+    /// owner of table `idx`'s target, or as this session's role for `None`.
+    ///
+    /// Whatever the owner of a table attached to it (triggers, rules, CHECK
+    /// constraints, index expressions, defaults, policies, its domains'
+    /// checks) runs as the role that writes to it. A pg-replay connected as
+    /// a superuser (or any role with more privileges than the owner) writes
+    /// as the owner, so the owner's code never gains a privilege it does
+    /// not have; the position and the staging tables stay this role's.
+    async fn act_for(&mut self, idx: Option<usize>) -> Result<(), sqlx::Error> {
+        let want = idx.and_then(|i| self.stages[i].act_as.clone());
+        if want == self.acting {
+            return Ok(());
+        }
+        let sql = match &want {
+            Some(role) => format!("set local role {role}"),
+            None => "set local role none".to_owned(),
+        };
+        sqlx::query(&sql).execute(&mut self.conn).await?;
+        self.acting = want;
+        Ok(())
     }
 
     /// Makes every change an upsert (row-state archives: no transactions,
@@ -672,6 +710,15 @@ impl Applier {
                 target_name.quoted()
             );
         }
+        if !target.owner_is_session && !target.may_become_owner && !target.owner_is_superuser {
+            bail!(
+                "target table {target_name} belongs to role {owner}, whose code on it (triggers, rules, CHECK \
+                 constraints, defaults, index expressions, policies) would run with this role's privileges \
+                 while pg-replay writes to it; connect as {owner} (or a member of it, or a superuser: pg-replay \
+                 then writes as {owner})",
+                owner = quote_ident(&target.owner)
+            );
+        }
         if !target.user_triggers.is_empty()
             && self.user_triggers == UserTriggers::Disable
             && !target.owned
@@ -700,6 +747,18 @@ impl Applier {
             .execute(&mut self.conn)
             .await
             .with_context(|| format!("cannot create the staging table for {target_name}"))?;
+        let act_as = (!target.owner_is_session && target.may_become_owner)
+            .then(|| quote_ident(&target.owner));
+        if let Some(role) = &act_as {
+            // Statements on the target run as its owner (`act_for`) and read
+            // the staging tables; temporary tables are this session's only.
+            sqlx::query(&format!("grant all on {stage}, {net} to {role}"))
+                .execute(&mut self.conn)
+                .await
+                .with_context(|| {
+                    format!("cannot let {role} read the staging tables of {target_name}")
+                })?;
+        }
         let copy_sql = format!("copy {stage} from stdin");
         tracing::info!(source = %source, target = %target_name, columns = cols.len(), "replaying table");
         self.stages.push(Stage {
@@ -715,6 +774,7 @@ impl Applier {
             buf: Vec::with_capacity(64 * 1024),
             by_unit: BTreeMap::new(),
             truncates: BTreeMap::new(),
+            act_as,
         });
         self.by_source.insert(source.clone(), idx);
         self.reorder().await?;
@@ -788,7 +848,8 @@ impl Applier {
             clauses.push(step.clause().map_err(|why| anyhow!("{why}"))?);
         }
         let table = stage.target.name.clone();
-        sqlx::query("begin").execute(&mut self.conn).await?;
+        self.begin().await?;
+        self.act_for(Some(idx)).await?;
         for clause in &clauses {
             let sql = format!("alter table {} {clause}", table.quoted());
             if let Err(e) = sqlx::query(&sql).execute(&mut self.conn).await {
@@ -812,6 +873,15 @@ impl Applier {
         let (stage_sql, net_sql, cols) = staging_ddl(&target, idx);
         sqlx::query(&stage_sql).execute(&mut self.conn).await?;
         sqlx::query(&net_sql).execute(&mut self.conn).await?;
+        if let Some(role) = &self.stages[idx].act_as {
+            let stage = &self.stages[idx];
+            sqlx::query(&format!(
+                "grant all on {}, {} to {role}",
+                stage.stage, stage.net
+            ))
+            .execute(&mut self.conn)
+            .await?;
+        }
         let stage = &mut self.stages[idx];
         stage.target = target;
         stage.cols = cols;
@@ -934,10 +1004,29 @@ impl Applier {
     }
 
     async fn flush_one(&mut self, idx: usize) -> anyhow::Result<()> {
-        let stage = &mut self.stages[idx];
-        if stage.buf.is_empty() {
+        if self.stages[idx].buf.is_empty() {
             return Ok(());
         }
+        // The target's types check the values (a domain's CHECK runs): as
+        // the target's owner, like every statement on the target.
+        let as_owner = self.stages[idx].act_as.is_some();
+        if as_owner {
+            self.begin().await?;
+            self.act_for(Some(idx)).await?;
+        }
+        let result = self.copy_one(idx).await;
+        if as_owner {
+            let end = if result.is_ok() { "commit" } else { "rollback" };
+            let ended = sqlx::query(end).execute(&mut self.conn).await;
+            result?;
+            ended?;
+            return Ok(());
+        }
+        result
+    }
+
+    async fn copy_one(&mut self, idx: usize) -> anyhow::Result<()> {
+        let stage = &mut self.stages[idx];
         let mut copy = self
             .conn
             .copy_in_raw(&stage.copy_sql)
@@ -979,10 +1068,7 @@ impl Applier {
             .filter(|&i| self.stages[i].by_unit.range(..=run.upto).next().is_some())
             .collect();
         if !self.cycle {
-            sqlx::query("begin")
-                .execute(&mut self.conn)
-                .await
-                .map_err(anyhow::Error::from)?;
+            self.begin().await.map_err(anyhow::Error::from)?;
             match self.fast(&tables, run.upto).await {
                 Ok(FastOutcome::Done) => {
                     self.finish_run(&tables, run, run.changes).await?;
@@ -1015,10 +1101,7 @@ impl Applier {
             }
         }
         // Event by event, in commit order.
-        sqlx::query("begin")
-            .execute(&mut self.conn)
-            .await
-            .map_err(anyhow::Error::from)?;
+        self.begin().await.map_err(anyhow::Error::from)?;
         match self.slow(&tables, run.upto).await {
             Ok(_) => {
                 self.finish_run(&tables, run, run.changes).await?;
@@ -1042,6 +1125,7 @@ impl Applier {
         changes: u64,
     ) -> Result<(), ApplyError> {
         let result = async {
+            self.act_for(None).await?;
             for &i in tables {
                 let s = &self.stages[i];
                 if s.by_unit.range((run.upto + 1)..).next().is_none() {
@@ -1091,6 +1175,7 @@ impl Applier {
 
     /// Fills each table's net table from its staged rows of the run.
     async fn build_nets(&mut self, tables: &[usize], upto: i64) -> Result<(), sqlx::Error> {
+        self.act_for(None).await?;
         for &i in tables {
             let s = &self.stages[i];
             let (after_co, after_ord) = s
@@ -1166,6 +1251,7 @@ impl Applier {
         }
         self.set_triggers(tables, false).await?;
         for &i in tables {
+            self.act_for(Some(i)).await?;
             let s = &self.stages[i];
             if s.truncates.range(..=upto).next().is_some() {
                 sqlx::query(&format!("truncate {}", s.target.name.quoted()))
@@ -1236,6 +1322,7 @@ impl Applier {
             }
         }
         for &i in tables.iter().rev() {
+            self.act_for(Some(i)).await?;
             let s = &self.stages[i];
             let (_, _, del) = expected[&i];
             let only_deleted = if upsert {
@@ -1286,6 +1373,10 @@ impl Applier {
             return Ok(());
         }
         for &i in tables {
+            if self.stages[i].target.user_triggers.is_empty() {
+                continue;
+            }
+            self.act_for(Some(i)).await?;
             let s = &self.stages[i];
             for (name, state) in &s.target.user_triggers {
                 let how = match (enable, state.as_str()) {
@@ -1314,10 +1405,11 @@ impl Applier {
         upto: i64,
     ) -> Result<Option<ApplyError>, ApplyError> {
         let result = async {
-            sqlx::query("begin").execute(&mut self.conn).await?;
+            self.begin().await?;
             self.build_nets(tables, upto).await?;
             let mut first: Option<(i64, i64, String)> = None;
             for &i in tables {
+                self.act_for(Some(i)).await?;
                 let s = &self.stages[i];
                 let truncated = s.truncates.range(..=upto).next().is_some();
                 // After a TRUNCATE in the run every key is absent.
@@ -1435,6 +1527,7 @@ impl Applier {
                 let op: String = row.get("op");
                 let tid: String = row.get("tid");
                 let co: i64 = row.get("m_co");
+                self.act_for(Some(i)).await.map_err(anyhow::Error::from)?;
                 let s = &self.stages[i];
                 let t = s.target.name.quoted();
                 let (sql, want_one) = match op.as_str() {

@@ -41,7 +41,12 @@
 //! Every session runs with `search_path = pg_catalog, pg_temp`, every name in
 //! generated SQL is schema-qualified, staging tables live in `pg_temp` with
 //! generated column names, and key comparisons use the primary key's
-//! operator classes.
+//! operator classes. Statements on a target table run as the table's owner
+//! (`SET LOCAL ROLE`) when pg-replay connects as another role that may
+//! become it (a superuser), so what the owner attached to the table
+//! (triggers, constraints, its domains' checks) never runs with more
+//! privilege than the owner has; a table whose owner pg-replay's role may
+//! not become is refused, unless a superuser owns it.
 
 pub mod apply;
 pub mod archive;
@@ -255,10 +260,15 @@ async fn connect(target: &PgTarget) -> anyhow::Result<sqlx::PgConnection> {
 ///   applies them again: the target and its position never disagree. The
 ///   end of a replay waits for the last commit to be flushed
 ///   ([`flush_commits`]).
+/// - `row_security = off`: a target table whose row-level security policies
+///   apply to the role pg-replay writes as is an error, rather than a
+///   replay that cannot see (or write) some rows and runs the policies'
+///   expressions.
 const APPLY_SESSION: &[&str] = &[
     "set work_mem = '64MB'",
     "set temp_buffers = '32MB'",
     "set synchronous_commit = off",
+    "set row_security = off",
 ];
 
 /// Waits until every commit of the session is durable: a transaction with a

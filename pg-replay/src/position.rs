@@ -12,10 +12,9 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Context as _};
 use sqlx::{PgConnection, Row as _};
 
-use crate::archive::StreamPos;
+use tidemark_common::names::{REPLAY_POSITION as TABLE, SCHEMA};
 
-/// The position table, schema-qualified.
-pub const TABLE: &str = "tidemark.replay_position";
+use crate::archive::StreamPos;
 
 /// What the stored position says.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -73,25 +72,28 @@ pub async fn open(conn: &mut PgConnection, name: &str) -> anyhow::Result<Positio
             // CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even
             // when the schema is there.
             let schema: bool = sqlx::query_scalar(
-                "select exists (select from pg_catalog.pg_namespace where nspname operator(pg_catalog.=) 'tidemark')",
+                "select exists (select from pg_catalog.pg_namespace where nspname operator(pg_catalog.=) $1)",
             )
+            .bind(SCHEMA)
             .fetch_one(&mut *conn)
             .await?;
             if !schema {
-                sqlx::query("create schema tidemark").execute(&mut *conn).await?;
+                sqlx::query(&format!("create schema {SCHEMA}"))
+                    .execute(&mut *conn)
+                    .await?;
             }
-            sqlx::query(
-                r#"create table if not exists tidemark.replay_position (
+            sqlx::query(&format!(
+                r#"create table if not exists {TABLE} (
                      name text primary key,
                      commit_order bigint,
                      ts_us bigint,
                      tx_id bigint,
                      lsn bigint,
-                     streams jsonb not null default '{}',
+                     streams jsonb not null default '{{}}',
                      changes bigint not null default 0,
                      units bigint not null default 0,
-                     updated_at timestamptz not null default pg_catalog.clock_timestamp())"#,
-            )
+                     updated_at timestamptz not null default pg_catalog.clock_timestamp())"#
+            ))
             .execute(&mut *conn)
             .await
         }
@@ -99,7 +101,7 @@ pub async fn open(conn: &mut PgConnection, name: &str) -> anyhow::Result<Positio
         if let Err(e) = created {
             bail!(
                 "cannot create {TABLE} in the target, where pg-replay keeps its position: {e}; \
-                 grant this role CREATE on the database (or on schema tidemark), or create the table as its owner"
+                 grant this role CREATE on the database (or on schema {SCHEMA}), or create the table as its owner"
             );
         }
     }
@@ -127,15 +129,15 @@ pub async fn open(conn: &mut PgConnection, name: &str) -> anyhow::Result<Positio
             "{TABLE} belongs to another role; pg-replay must connect as its owner (or drop it to start over)"
         ),
         (_, false, _) => bail!(
-            "schema tidemark belongs to a role that is neither this one nor a superuser, so it could replace \
-             {TABLE}; change its owner (alter schema tidemark owner to ...)"
+            "schema {SCHEMA} belongs to a role that is neither this one nor a superuser, so it could replace \
+             {TABLE}; change its owner (alter schema {SCHEMA} owner to ...)"
         ),
         (_, _, false) => bail!("{TABLE} has triggers or rules; pg-replay will not write to it"),
         _ => {}
     }
-    sqlx::query(
-        "insert into tidemark.replay_position (name) values ($1) on conflict (name) do nothing",
-    )
+    sqlx::query(&format!(
+        "insert into {TABLE} (name) values ($1) on conflict (name) do nothing"
+    ))
     .bind(name)
     .execute(&mut *conn)
     .await
@@ -149,10 +151,10 @@ pub async fn open(conn: &mut PgConnection, name: &str) -> anyhow::Result<Positio
 ///
 /// Fails on a query error or a damaged `streams` value.
 pub async fn read(conn: &mut PgConnection, name: &str) -> anyhow::Result<Position> {
-    let row = sqlx::query(
-        "select commit_order, ts_us, streams::text as streams, changes, units \
-         from tidemark.replay_position where name operator(pg_catalog.=) $1",
-    )
+    let row = sqlx::query(&format!(
+        "select commit_order, ts_us, streams::pg_catalog.text as streams, changes, units \
+         from {TABLE} where name operator(pg_catalog.=) $1"
+    ))
     .bind(name)
     .fetch_one(&mut *conn)
     .await
@@ -196,13 +198,13 @@ pub struct Advance<'a> {
 /// applied in between, which the lock should have prevented).
 pub async fn advance(conn: &mut PgConnection, name: &str, a: &Advance<'_>) -> anyhow::Result<()> {
     let streams = serde_json::to_string(a.streams).expect("positions serialise");
-    let done = sqlx::query(
-        r#"update tidemark.replay_position
+    let done = sqlx::query(&format!(
+        r#"update {TABLE}
            set commit_order = $2, ts_us = $3, tx_id = $4, lsn = $5, streams = $6::pg_catalog.text::pg_catalog.jsonb,
                changes = changes operator(pg_catalog.+) $7, units = units operator(pg_catalog.+) $8,
                updated_at = pg_catalog.clock_timestamp()
-           where name operator(pg_catalog.=) $1 and commit_order is not distinct from $9"#,
-    )
+           where name operator(pg_catalog.=) $1 and commit_order is not distinct from $9"#
+    ))
     .bind(name)
     .bind(a.commit_order)
     .bind(a.ts_us)

@@ -60,6 +60,15 @@ pub struct TargetTable {
     pub user_triggers: Vec<(String, String)>,
     /// Whether this session's role owns it (directly or by membership).
     pub owned: bool,
+    /// Its owner's role name.
+    pub owner: String,
+    /// Whether the owner is this session's role itself.
+    pub owner_is_session: bool,
+    /// Whether this session may `SET ROLE` to the owner (a superuser, or a
+    /// member of the owner role).
+    pub may_become_owner: bool,
+    /// Whether the owner is a superuser (whose code may run as anyone).
+    pub owner_is_superuser: bool,
     /// Privileges of this session's role on it.
     pub can_insert: bool,
     /// See `can_insert`.
@@ -96,6 +105,13 @@ pub async fn load_table(
     let row = sqlx::query(
         r#"select c.oid::int8 as oid, c.relkind::text as relkind,
                   pg_catalog.pg_has_role(c.relowner, 'USAGE') as owned,
+                  pg_catalog.pg_get_userbyid(c.relowner)::pg_catalog.text as owner,
+                  c.relowner operator(pg_catalog.=) (select r.oid from pg_catalog.pg_roles r
+                                                     where r.rolname operator(pg_catalog.=) current_user)
+                      as owner_is_session,
+                  pg_catalog.pg_has_role(c.relowner, 'MEMBER') as may_become_owner,
+                  (select r.rolsuper from pg_catalog.pg_roles r where r.oid operator(pg_catalog.=) c.relowner)
+                      as owner_is_superuser,
                   pg_catalog.has_table_privilege(c.oid, 'INSERT') as can_insert,
                   pg_catalog.has_table_privilege(c.oid, 'UPDATE') as can_update,
                   pg_catalog.has_table_privilege(c.oid, 'DELETE') as can_delete,
@@ -238,6 +254,10 @@ pub async fn load_table(
         pk_constraint,
         user_triggers,
         owned: row.get("owned"),
+        owner: row.get("owner"),
+        owner_is_session: row.get("owner_is_session"),
+        may_become_owner: row.get("may_become_owner"),
+        owner_is_superuser: row.get("owner_is_superuser"),
         can_insert: row.get("can_insert"),
         can_update: row.get("can_update"),
         can_delete: row.get("can_delete"),

@@ -73,8 +73,14 @@ impl Report {
 }
 
 /// Verify only reads. (The settings that fix each value's text are every
-/// Tidemark session's, from `common::pg`.)
-const SETTINGS: &[&str] = &["set default_transaction_read_only = on"];
+/// Tidemark session's, from `common::pg`.) A table whose row-level security
+/// policies would apply to this role is an error (`row_security = off`):
+/// a policy would hide rows, so two tables could compare equal that are
+/// not, and its expressions are the table owner's code.
+const SETTINGS: &[&str] = &[
+    "set default_transaction_read_only = on",
+    "set row_security = off",
+];
 
 async fn open(target: &PgTarget) -> anyhow::Result<PgConnection> {
     let pool = target

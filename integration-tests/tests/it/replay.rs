@@ -879,3 +879,139 @@ async fn the_target_password_comes_from_a_file_and_one_on_the_command_line_is_wa
     ))
     .await;
 }
+
+/// A trap for the hostile-owner test: records who called it and, when that
+/// is a superuser, makes `attacker` one.
+fn owner_trap(attacker: &str, name: &str, returns: &str, result: &str) -> String {
+    let label = name.split('(').next().unwrap();
+    format!(
+        r#"create function public.{name} returns {returns} language plpgsql as $trap$
+begin
+  insert into public.calls (caller, trap) values (current_user, '{label}');
+  if (select rolsuper from pg_catalog.pg_roles where rolname operator(pg_catalog.=) current_user) then
+    execute 'alter role {attacker} superuser';
+  end if;
+  {result}
+end $trap$;
+alter function public.{name} owner to {attacker};"#
+    )
+}
+
+/// The owner of a target table (no superuser) attaches its code to it: a
+/// CHECK constraint, a domain's CHECK on a column's type, a trigger. A
+/// pg-replay connected as a superuser writes as the owner, so that code
+/// never runs with more privilege than the owner has; a pg-replay whose
+/// role has only grants on the table (so cannot write as the owner) refuses
+/// the table instead of running the owner's code as itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_table_owner_s_code_never_runs_with_pg_replay_s_privileges() {
+    let db = Db::new().await;
+    let attacker = unique("rp_owner_");
+    let writer = unique("rp_writer_");
+    let mut setup = format!(
+        "create role {attacker} nologin;
+         create role {writer} login password 'pw';
+         create table public.calls (caller text, trap text);
+         grant insert on public.calls to public;"
+    );
+    setup.push_str(&owner_trap(
+        &attacker,
+        "trap_check(d text)",
+        "boolean",
+        "return true;",
+    ));
+    setup.push_str(&owner_trap(
+        &attacker,
+        "trap_domain(d text)",
+        "boolean",
+        "return true;",
+    ));
+    setup.push_str(&owner_trap(
+        &attacker,
+        "trap_trigger()",
+        "trigger",
+        "return new;",
+    ));
+    setup.push_str(&format!(
+        "create domain public.label as text check (public.trap_domain(value));
+         alter domain public.label owner to {attacker};
+         create table public.t (id int primary key, data public.label not null
+                                check (public.trap_check(data)));
+         alter table public.t owner to {attacker};
+         create trigger trap before insert or update on public.t
+           for each row execute function public.trap_trigger();
+         grant select, insert, update, delete on public.t to {writer};
+         create schema tidemark authorization {writer};"
+    ));
+    db.exec(&setup).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.txt");
+    // With the Connect schema: the records name the domain as the type.
+    let fields = [
+        ("id", "int32", "integer"),
+        ("data", "string", "public.label"),
+    ];
+    let mut delete: Value =
+        serde_json::from_str(&event_with_schema(&fields, "c", row(2, "b"), 4)).unwrap();
+    delete["payload"]["op"] = json!("d");
+    delete["payload"]["before"] = delete["payload"]["after"].take();
+    let mut a = Archive::default();
+    a.raw(&event_with_schema(&fields, "c", row(1, "a"), 1))
+        .raw(&event_with_schema(&fields, "c", row(2, "b"), 2))
+        .raw(&event_with_schema(&fields, "u", row(1, "a2"), 3))
+        .raw(&delete.to_string());
+    a.write(&path);
+
+    // A role with grants only: refused before anything is written.
+    let mut u = url::Url::parse(&db.url()).unwrap();
+    u.set_username(&writer).unwrap();
+    u.set_password(Some("pw")).unwrap();
+    let mut cfg = config(&db, &[&path]);
+    cfg.target = PgTarget::from_url("url", u.as_str()).unwrap();
+    let err = format!("{:#}", replay(cfg).await.unwrap_err());
+    assert!(
+        err.contains(&format!(
+            "target table public.t belongs to role \"{attacker}\""
+        )) && err.contains("would run with this role's privileges"),
+        "{err}"
+    );
+    assert_eq!(db.rows("select id from t").await, Vec::<String>::new());
+    assert_eq!(
+        db.rows("select caller from public.calls").await,
+        Vec::<String>::new()
+    );
+    db.exec("drop schema tidemark cascade").await;
+
+    // A superuser, letting the owner's trigger fire too: it writes as the owner.
+    let mut cfg = config(&db, &[&path]);
+    cfg.user_triggers = pg_replay::apply::UserTriggers::Fire;
+    replay(cfg).await.unwrap();
+    assert_eq!(
+        db.rows("select id, data::text from t").await,
+        vec!["(1,a2)"]
+    );
+    let superuser: bool = sqlx::query_scalar("select rolsuper from pg_roles where rolname = $1")
+        .bind(&attacker)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    if superuser {
+        db.exec(&format!("alter role {attacker} nosuperuser")).await;
+    }
+    let callers = db
+        .rows("select distinct caller, trap from public.calls")
+        .await;
+    assert!(!superuser, "{attacker} made itself superuser: {callers:?}");
+    // Every trap ran (the test can see them), and only as the owner.
+    let mut want: Vec<String> = ["trap_check", "trap_domain", "trap_trigger"]
+        .iter()
+        .map(|t| format!("({attacker},{t})"))
+        .collect();
+    want.sort();
+    assert_eq!(callers, want);
+    db.exec(&format!(
+        "drop schema tidemark cascade; drop table public.t; drop domain public.label;
+         drop owned by {attacker}; drop owned by {writer}; drop role {attacker}; drop role {writer}"
+    ))
+    .await;
+}
