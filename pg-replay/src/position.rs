@@ -33,6 +33,9 @@ pub struct Position {
     pub units: i64,
 }
 
+/// How long [`open`] waits for the replay's lock.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// A 64-bit key for the advisory lock of replay `name` (FNV-1a, stable
 /// across releases).
 pub(crate) fn lock_key(name: &str) -> i64 {
@@ -50,13 +53,32 @@ pub(crate) fn lock_key(name: &str) -> i64 {
 ///
 /// Fails when the schema or table cannot be created (no CREATE privilege:
 /// says what to grant), when the table or its schema belongs to another
-/// role, or when another pg-replay holds the name.
+/// role, or when another pg-replay still holds the name after [`LOCK_WAIT`].
 pub async fn open(conn: &mut PgConnection, name: &str) -> anyhow::Result<Position> {
-    let locked: bool = sqlx::query_scalar("select pg_catalog.pg_try_advisory_lock($1)")
-        .bind(lock_key(name))
-        .fetch_one(&mut *conn)
-        .await
-        .context("cannot take the replay's advisory lock")?;
+    // A pg-replay killed a moment ago may still hold the lock: its server
+    // session ends only when the server notices, which can take until its
+    // current statement ends. So wait a while before calling it another
+    // pg-replay.
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let mut said = false;
+    let locked = loop {
+        let locked: bool = sqlx::query_scalar("select pg_catalog.pg_try_advisory_lock($1)")
+            .bind(lock_key(name))
+            .fetch_one(&mut *conn)
+            .await
+            .context("cannot take the replay's advisory lock")?;
+        if locked || std::time::Instant::now() >= deadline {
+            break locked;
+        }
+        if !said {
+            tracing::info!(
+                replay = name,
+                "another session holds this replay's lock; waiting for it to end"
+            );
+            said = true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
     if !locked {
         bail!(
             "another pg-replay is applying replay {name:?} to this database; stop it, or give this one \
