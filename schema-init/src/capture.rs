@@ -107,9 +107,11 @@ pub fn function_settings() -> String {
 
 /// The tags after which the event trigger looks for changed shapes: every
 /// `ALTER TABLE` (columns, types, keys, renames) and the renames of what a
-/// shape names (schemas, types, domains, extensions' types).
+/// shape names (schemas, types, domains, extensions' types); and `CREATE
+/// TABLE`, only to refuse an inheritance child of a captured table (or a
+/// partition of one captured with statement triggers).
 const DDL_TAGS: &str =
-    "'ALTER TABLE', 'ALTER SCHEMA', 'ALTER TYPE', 'ALTER DOMAIN', 'ALTER EXTENSION'";
+    "'ALTER TABLE', 'ALTER SCHEMA', 'ALTER TYPE', 'ALTER DOMAIN', 'ALTER EXTENSION', 'CREATE TABLE'";
 
 /// The check (and creation) of the capture role, for a role named `role`:
 /// what schema-init runs for `tidemark_capture`, here so that tests can try
@@ -324,22 +326,45 @@ pub fn changelog_steps(table: &TableName, capture: impl Into<Capture>) -> Vec<St
             fill(include_str!("sql/upgrade_0_1.sql")),
         ),
     ];
-    if capture.trigger == TriggerLevel::Statement {
-        steps.push(step(
-            "check that the table is not partitioned (statement triggers miss writes to partitions)",
-            do_block(&format!(
-                r#"begin
-  if (select c.relkind from pg_catalog.pg_class c
-       where c.oid operator(pg_catalog.=) {table}::pg_catalog.regclass) operator(pg_catalog.=) 'p' then
+    steps.push(step(
+        "check that no write to the table can bypass its triggers (partitions, inheritance)",
+        do_block(&format!(
+            r#"declare
+  v_relkind pg_catalog.char;
+  v_partition pg_catalog.bool;
+  v_name pg_catalog.text;
+  v_parent pg_catalog.text;
+  v_child pg_catalog.text;
+begin
+  select c.relkind, c.relispartition, c.oid::pg_catalog.regclass::pg_catalog.text,
+         (select i.inhparent::pg_catalog.regclass::pg_catalog.text from pg_catalog.pg_inherits i
+           where i.inhrelid operator(pg_catalog.=) c.oid order by i.inhseqno limit 1),
+         (select i.inhrelid::pg_catalog.regclass::pg_catalog.text from pg_catalog.pg_inherits i
+           where i.inhparent operator(pg_catalog.=) c.oid order by i.inhrelid limit 1)
+    into v_relkind, v_partition, v_name, v_parent, v_child
+    from pg_catalog.pg_class c
+   where c.oid operator(pg_catalog.=) {table}::pg_catalog.regclass;
+  if {statement} and v_relkind operator(pg_catalog.=) 'p' then
     raise exception using
-      message = pg_catalog.format('table %s is partitioned: its statement-level triggers would not fire for writes made to a partition directly, whose changes would be lost', {table}),
+      message = pg_catalog.format('table %s is partitioned: its statement-level triggers would not fire for writes made to a partition directly, whose changes would be lost', v_name),
       hint = 'capture it with row-level triggers (--capture-trigger row), which its partitions inherit';
   end if;
+  if {statement} and v_parent is not null then
+    raise exception using
+      message = pg_catalog.format('table %s is %s of %s: its statement-level triggers would not fire for writes made through %s, whose changes would be lost',
+        v_name, case when v_partition then 'a partition' else 'an inheritance child' end, v_parent, v_parent),
+      hint = 'capture it with row-level triggers (--capture-trigger row), which fire for every row written to it, or capture the partitioned table';
+  end if;
+  if v_relkind operator(pg_catalog.<>) 'p' and v_child is not null then
+    raise exception using
+      message = pg_catalog.format('table %s has the inheritance child %s: its triggers would not fire for rows of %s (written to it directly, or updated and deleted through %s), whose changes would be lost', v_name, v_child, v_child, v_name),
+      hint = 'make it a partitioned table, whose row-level triggers every partition runs (--capture-trigger row)';
+  end if;
 end"#,
-                table = quote_literal(&t)
-            )),
-        ));
-    }
+            table = quote_literal(&t),
+            statement = capture.trigger == TriggerLevel::Statement,
+        )),
+    ));
     steps.extend([Step {
         needs_key: true,
         ..step(

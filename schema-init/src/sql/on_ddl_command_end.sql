@@ -5,22 +5,65 @@ security definer
 set search_path = pg_catalog, pg_temp
 as $ddl$
 -- Runs at the end of every ALTER TABLE (and renames of schemas, types and
--- domains), in the DDL's own transaction: each captured table it touched
--- whose shape changed gets a new shape and a capture function writing it.
+-- domains, and CREATE TABLE), in the DDL's own transaction: each captured
+-- table it touched whose shape changed gets a new shape and a capture
+-- function writing it. Then it refuses (aborting the DDL) to leave a
+-- captured table whose triggers writes can bypass: one with statement-level
+-- triggers that became a partition or an inheritance child (writes through
+-- its parent fire only the parent's statement triggers), or one that got
+-- an inheritance child (whose rows its triggers never see).
 -- Security definer, as the superuser who ran schema-init: the DDL's user
 -- owns the table but not Tidemark's objects. It reads only the catalog.
+declare
+  v_relids pg_catalog.oid[];
+  v_bad pg_catalog.text;
 begin
-  if tg_tag operator(pg_catalog.=) 'ALTER TABLE' then
-    perform @REFRESH_CAPTURES@(array(
+  if tg_tag operator(pg_catalog.=) 'CREATE TABLE' then
+    v_relids := array(
+      select c.objid from pg_catalog.pg_event_trigger_ddl_commands() c
+       where c.classid operator(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass);
+  elsif tg_tag operator(pg_catalog.=) 'ALTER TABLE' then
+    v_relids := array(
       with recursive touched(relid) as (
         select c.objid from pg_catalog.pg_event_trigger_ddl_commands() c
          where c.classid operator(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
         union
         select i.inhrelid from pg_catalog.pg_inherits i
           join touched t on i.inhparent operator(pg_catalog.=) t.relid)
-      select relid from touched));
+      select relid from touched);
+    perform @REFRESH_CAPTURES@(v_relids);
   else
     perform @REFRESH_CAPTURES@(null);
+    return;
+  end if;
+  select pg_catalog.string_agg(bad.what, '; ') into v_bad from (
+    select pg_catalog.format(
+             'table %s is captured with statement-level triggers and is a partition or an inheritance child of %s: writes made through %s would not fire them',
+             i.inhrelid::pg_catalog.regclass, i.inhparent::pg_catalog.regclass, i.inhparent::pg_catalog.regclass) as what
+      from pg_catalog.pg_trigger t
+      join pg_catalog.pg_proc p on p.oid operator(pg_catalog.=) t.tgfoid
+      join pg_catalog.pg_inherits i on i.inhrelid operator(pg_catalog.=) t.tgrelid
+     where t.tgname operator(pg_catalog.=) '@INSERT_TRIGGER@'
+       and p.pronamespace operator(pg_catalog.=) '@SCHEMA@'::pg_catalog.regnamespace
+       and (t.tgrelid operator(pg_catalog.=) any (v_relids) or i.inhparent operator(pg_catalog.=) any (v_relids))
+    union all
+    select pg_catalog.format(
+             'table %s is captured and has the inheritance child %s, whose rows its triggers would not see',
+             i.inhparent::pg_catalog.regclass, i.inhrelid::pg_catalog.regclass)
+      from pg_catalog.pg_trigger t
+      join pg_catalog.pg_proc p on p.oid operator(pg_catalog.=) t.tgfoid
+      join pg_catalog.pg_inherits i on i.inhparent operator(pg_catalog.=) t.tgrelid
+      join pg_catalog.pg_class c on c.oid operator(pg_catalog.=) t.tgrelid
+     where t.tgname operator(pg_catalog.=) any (array['@ROW_TRIGGER@', '@INSERT_TRIGGER@'])
+       and t.tgparentid operator(pg_catalog.=) 0
+       and p.pronamespace operator(pg_catalog.=) '@SCHEMA@'::pg_catalog.regnamespace
+       and c.relkind operator(pg_catalog.<>) 'p'
+       and (t.tgrelid operator(pg_catalog.=) any (v_relids) or i.inhrelid operator(pg_catalog.=) any (v_relids))
+  ) bad;
+  if v_bad is not null then
+    raise exception using
+      message = pg_catalog.format('Tidemark would miss changes: %s', v_bad),
+      hint = 'capture partitions and inheritance children with row-level triggers (schema-init --capture-trigger row), and only partitioned tables, not inheritance parents';
   end if;
 end
 $ddl$
