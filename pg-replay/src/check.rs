@@ -218,9 +218,10 @@ async fn stored_position(
         );
         return Ok(());
     }
-    let stored: Option<(Option<i64>, i64, i64)> = sqlx::query_as(
-        "select commit_order, changes, units from tidemark.replay_position where name operator(pg_catalog.=) $1",
-    )
+    let stored: Option<(Option<i64>, i64, i64)> = sqlx::query_as(&format!(
+        "select commit_order, changes, units from {} where name operator(pg_catalog.=) $1",
+        position::TABLE
+    ))
     .bind(&cfg.name)
     .fetch_optional(&mut *conn)
     .await?;
@@ -300,6 +301,16 @@ async fn table(
                 "grant select, insert, update, delete on {} to it, or connect as the table's owner",
                 t.quoted()
             ),
+        );
+        return Ok(());
+    }
+    if !found.owner_is_session && !found.may_become_owner && !found.owner_is_superuser {
+        let owner = tidemark_common::names::quote_ident(&found.owner);
+        r.fail(
+            format!(
+                "target table {t} belongs to role {owner}, whose code on it would run with this user's privileges"
+            ),
+            format!("connect as {owner} (or a member of it, or a superuser: pg-replay then writes as {owner})"),
         );
         return Ok(());
     }

@@ -12,7 +12,10 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Context as _};
 use sqlx::{PgConnection, Row as _};
 
-use tidemark_common::names::{REPLAY_POSITION as TABLE, SCHEMA};
+use tidemark_common::names::SCHEMA;
+
+/// The position table, schema-qualified (its name is `common::names`').
+pub use tidemark_common::names::REPLAY_POSITION as TABLE;
 
 use crate::archive::StreamPos;
 
