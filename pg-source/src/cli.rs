@@ -8,10 +8,15 @@ use tidemark_common::config::ConnectorConfig;
 use tidemark_common::kafka::KafkaArgs;
 use tidemark_common::secret::{read_secret_file, Secret};
 
-/// Streams the rows of Postgres tables into Kafka, like Kafka Connect's JDBC
-/// source in timestamp+incrementing mode, but missing no row when
-/// transactions commit out of order, keeping microseconds and exact numerics,
-/// and writing each batch and its position in one Kafka transaction.
+/// Streams every change of Postgres tables into Kafka, each batch and its
+/// position in one Kafka transaction, so nothing is missed or repeated.
+///
+/// Three modes (`mode`): `logical` reads every insert, update and delete
+/// from a replication slot (schema-init --capture logical); `changelog`
+/// reads them from a change log that triggers fill (schema-init --capture
+/// changelog); `timestamp+incrementing`, the default and the JDBC source
+/// connector's mode, reads row states and never sees a DELETE.
+/// docs/modes.md says which to choose.
 ///
 /// Reads the JDBC connector's JSON (`--connector-config`); every key can also
 /// be set by a flag or an environment variable, which win over the file.

@@ -13,7 +13,7 @@
 //! event trigger generate the same code; `--dry-run` prints it.
 //!
 //! What the choices cost a writer is measured by `dev/bench-triggers` and
-//! tabled in the README.
+//! tabled in docs/benchmarks.md.
 
 use tidemark_common::names::{self, quote_ident, quote_literal};
 use tidemark_common::pg::TableName;
@@ -24,7 +24,7 @@ use crate::Step;
 pub const CHANGE_LOG: &str = names::CHANGE_LOG;
 
 /// How change-log triggers fire. Both record the same changes; they differ
-/// in what they cost the writer (see the README's table).
+/// in what they cost the writer (see docs/benchmarks.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TriggerLevel {
     /// One log insert per changed row: a function call per row, so bulk

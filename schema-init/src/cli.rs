@@ -50,14 +50,14 @@ struct Cli {
     /// that write each change to `tidemark.change_log`, and an event
     /// trigger that follows ALTER TABLE; works on any server, and needs a
     /// superuser's DATABASE_URL (only superusers may create event
-    /// triggers). See the README's costs.
+    /// triggers). See docs/benchmarks.md for what each costs.
     #[arg(long, env = "TIDEMARK_CAPTURE", value_parser = ["changelog", "logical"])]
     capture: Option<String>,
 
     /// How change-log triggers fire: `statement` (one log insert per
     /// statement, from its transition tables: cheapest for bulk statements,
     /// as cheap as `row` for single-row commits) or `row` (a function call
-    /// per changed row). See the README's costs.
+    /// per changed row). See docs/benchmarks.md for what each costs.
     #[arg(long, env = "TIDEMARK_CAPTURE_TRIGGER", default_value = "statement", value_parser = ["row", "statement"])]
     capture_trigger: String,
 

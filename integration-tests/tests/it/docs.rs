@@ -1,6 +1,7 @@
 //! What the repository tells users, checked against the programs, so it
 //! cannot go stale: the Grafana dashboard queries only metrics the programs
-//! export.
+//! export, and docs/configuration.md names every flag, variable and
+//! connector key.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -189,4 +190,109 @@ fn promtool_check_queries(queries: &[String]) {
         }
         Err(e) => panic!("cannot run promtool: {e}"),
     }
+}
+
+/// Each option of a program's `--help`: its flag and, when it has one, its
+/// environment variable.
+fn help_options(bin: &str, args: &[&str]) -> Vec<(String, Option<String>)> {
+    let out = std::process::Command::new(bin)
+        .args(args)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{bin} --help failed");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut options: Vec<(String, Option<String>)> = Vec::new();
+    for line in text.lines() {
+        let trimmed = line.trim_start();
+        let flag = trimmed
+            .strip_prefix("-h, ")
+            .or_else(|| trimmed.strip_prefix("-V, "))
+            .unwrap_or(trimmed);
+        if line.starts_with("  ") && flag.starts_with("--") {
+            let name: String = flag
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .collect();
+            options.push((name, None));
+        }
+        if let Some((_, rest)) = line.split_once("[env: ") {
+            let var: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            options.last_mut().expect("an env line follows its flag").1 = Some(var);
+        }
+    }
+    options.retain(|(f, _)| f != "--help" && f != "--version");
+    assert!(
+        options.len() >= 5,
+        "{bin}: too few options found: {options:?}"
+    );
+    options
+}
+
+/// Issue 16.2: docs/configuration.md names every flag of every program,
+/// its environment variable, and every connector key pg-source and
+/// file-sink accept; a flag or key added without its line fails here.
+#[test]
+fn configuration_md_names_every_flag_variable_and_connector_key() {
+    let path = repo("docs/configuration.md");
+    let doc = std::fs::read_to_string(&path).unwrap();
+    let mut missing = Vec::new();
+    for (bin, args) in [
+        (env!("CARGO_BIN_EXE_it-pg-source"), &[][..]),
+        (env!("CARGO_BIN_EXE_it-file-sink"), &[][..]),
+        (env!("CARGO_BIN_EXE_it-pg-replay"), &[][..]),
+        (env!("CARGO_BIN_EXE_it-pg-replay"), &["verify"][..]),
+        (env!("CARGO_BIN_EXE_it-schema-init"), &[][..]),
+    ] {
+        let file = Path::new(bin).file_name().unwrap().to_string_lossy();
+        let program = file.trim_start_matches("it-");
+        for (flag, var) in help_options(bin, args) {
+            if !doc.contains(&format!("`{flag}`")) {
+                missing.push(format!("{program} {} flag {flag}", args.join(" ")));
+            }
+            if let Some(var) = var {
+                if !doc.contains(&format!("`{var}`")) {
+                    missing.push(format!("{program} {flag}'s variable {var}"));
+                }
+            }
+        }
+    }
+    for (program, keys) in [
+        ("pg-source", &pg_source::KEYS),
+        ("file-sink", &file_sink::KEYS),
+    ] {
+        let names = keys
+            .supported
+            .iter()
+            .copied()
+            .chain(keys.conditional.iter().map(|c| c.key));
+        for key in names {
+            if !doc.contains(&format!("`{key}`")) {
+                missing.push(format!("{program} connector key {key}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} does not document: {missing:#?}",
+        path.display()
+    );
+}
+
+/// Issue 16.2: docs/operations.md lists every metric family the programs
+/// export.
+#[test]
+fn operations_md_lists_every_metric() {
+    let doc = std::fs::read_to_string(repo("docs/operations.md")).unwrap();
+    let missing: Vec<&str> = names::all()
+        .map(|m| m.name)
+        .filter(|n| !doc.contains(&format!("`{n}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/operations.md does not list: {missing:?}"
+    );
 }
