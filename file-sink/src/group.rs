@@ -184,17 +184,21 @@ pub async fn run(
     consumer
         .subscribe(&topics)
         .context("cannot subscribe to the topics")?;
+    // Issue 16.5: one line that says what this run is and will do.
     tracing::info!(
         connector = %cfg.name,
+        mode = "segmented",
+        topics = %cfg.topics.join(", "),
+        position = "per partition, in the archive",
+        plan = "resume each partition this instance is assigned after its checkpoint in the archive (from its beginning without one)",
         archive = %root.display(),
         group,
-        topics = ?cfg.topics,
         rotate_bytes = seg.rotate_bytes,
         rotate_interval = ?seg.rotate_interval,
         compression = ?seg.compression,
         retention_window = ?seg.retention_window,
         kafka = %cfg.kafka.bootstrap_servers,
-        "file-sink started, writing a segmented archive as a member of its consumer group"
+        "file-sink started"
     );
     cfg.health.set_ready(true);
 

@@ -67,7 +67,7 @@ pub mod pipeline;
 pub mod retention;
 pub mod segments;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -461,10 +461,29 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
+    // Issue 16.5: one line that says what this run is and will do.
+    let resumed = out
+        .checkpoint
+        .offsets
+        .values()
+        .map(BTreeMap::len)
+        .sum::<usize>();
     tracing::info!(
         connector = %cfg.name,
+        mode = "file",
+        topics = %cfg.topics.join(", "),
         file = %cfg.file.display(),
         partitions = assigned.len(),
+        position = %if resumed == 0 {
+            "none".to_owned()
+        } else {
+            format!("checkpoint of {resumed} partition(s), file at {} bytes", out.checkpoint.file_len)
+        },
+        plan = if resumed == 0 {
+            "read every partition from its beginning"
+        } else {
+            "resume each partition after its checkpoint"
+        },
         kafka = %cfg.kafka.bootstrap_servers,
         "file-sink started"
     );

@@ -519,11 +519,43 @@ async fn run_once(
             ),
         },
     };
+    // Issue 16.5: one line that says what this run is and will do.
+    let upto = match until {
+        Until::End => "the archive's end".to_owned(),
+        Until::Time(t) => format!("the last unit committed by {}", format_us(t)),
+        Until::CommitOrder(co) => format!("unit {co}"),
+    };
     tracing::info!(
         replay = %cfg.name,
+        mode = if cfg.follow { "follow" } else { "replay" },
+        archive = %cfg
+            .inputs
+            .iter()
+            .map(|p| p.display().to_string())
+            .chain(cfg.topics.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(", "),
+        tables = %if cfg.tables.is_empty() {
+            "every table of the archive to the same name".to_owned()
+        } else {
+            cfg.tables
+                .iter()
+                .map(|(s, t)| format!("{s}={t}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
         target = %cfg.target,
-        position = ?pos.commit_order,
+        position = %match pos.commit_order {
+            Some(co) => format!("unit {co}"),
+            None => "none".to_owned(),
+        },
         commit_time = %pos.ts_us.map(format_us).unwrap_or_default(),
+        plan = %match (pos.commit_order, cfg.follow) {
+            (Some(_), false) => format!("resume after the stored unit, up to {upto}"),
+            (None, false) => format!("apply from the archive's start, up to {upto}"),
+            (Some(_), true) => "resume after the stored unit and follow the archive".to_owned(),
+            (None, true) => "apply from the archive's start and follow it".to_owned(),
+        },
         streams = inputs.streams.len(),
         follow = cfg.follow,
         "pg-replay started"

@@ -484,70 +484,36 @@ async fn position(
     stored: &HashMap<Vec<u8>, Vec<u8>>,
     r: &mut Report,
 ) -> anyhow::Result<()> {
-    let key = match &cfg.mode {
-        ModeConfig::Logical(_) => position_key(&cfg.name, "tidemark.logical"),
-        ModeConfig::ChangeLog(_) => position_key(&cfg.name, names::CHANGE_LOG),
-        ModeConfig::Timestamp(_) => {
-            let n = stored
-                .keys()
-                .filter(|k| {
-                    serde_json::from_slice::<serde_json::Value>(k)
-                        .ok()
-                        .is_some_and(|v| v[0] == cfg.name.as_str())
-                })
-                .count();
-            if n == 0 {
-                r.ok("no stored position: a start reads every table from its beginning (or timestamp.initial)");
-            } else {
-                r.ok(format!(
-                    "stored positions of {n} table(s): a start resumes after them"
-                ));
-            }
-            return Ok(());
-        }
-    };
-    let found = stored
-        .get(&key)
-        .map(|b| SourcePosition::decode(b))
-        .transpose();
-    let snapshot = |initial: bool| {
-        if initial {
-            "the initial snapshot of every table, then the changes"
-        } else {
-            "the changes from now on (snapshot.mode no_data)"
-        }
-    };
-    match (found, &cfg.mode) {
-        (Err(e), _) => r.error("stored position", &e),
-        (Ok(None), ModeConfig::Logical(l)) => {
-            r.ok(format!(
-                "no stored position: a start sends {}",
-                snapshot(l.initial_snapshot)
-            ));
-        }
-        (Ok(None), ModeConfig::ChangeLog(c)) => {
-            r.ok(format!(
-                "no stored position: a start sends {}",
-                snapshot(c.initial_snapshot)
-            ));
-        }
-        (Ok(Some(SourcePosition::Logical(p))), ModeConfig::Logical(l)) => {
+    let (at, plan) = crate::start_plan(cfg, stored);
+    if plan == "refuse" {
+        r.fail(
+            format!(
+                "the stored position of connector {} is for another mode",
+                cfg.name
+            ),
+            "use a new connector name to change modes",
+        );
+        return Ok(());
+    }
+    if let ModeConfig::Logical(l) = &cfg.mode {
+        let key = position_key(&cfg.name, "tidemark.logical");
+        if let Some(Ok(SourcePosition::Logical(p))) =
+            stored.get(&key).map(|b| SourcePosition::decode(b))
+        {
             let flushed: Option<Option<String>> = sqlx::query_scalar(
                 "select confirmed_flush_lsn::pg_catalog.text from pg_catalog.pg_replication_slots where slot_name operator(pg_catalog.=) $1",
             )
             .bind(&l.slot_name)
             .fetch_optional(pool)
             .await?;
-            let resume = if p.snapshot.is_some() {
-                "resumes the initial snapshot"
-            } else {
-                "resumes the stream"
-            };
             match flushed {
-                None => r.fail(
-                    format!("a position is stored (LSN {}) but replication slot {} is gone: the changes since cannot be read", Lsn(p.lsn), l.slot_name),
-                    "start over with a new connector name (a new initial snapshot), or restore the slot",
-                ),
+                None => {
+                    r.fail(
+                        format!("a position is stored ({at}) but replication slot {} is gone: the changes since cannot be read", l.slot_name),
+                        "start over with a new connector name (a new initial snapshot), or restore the slot",
+                    );
+                    return Ok(());
+                }
                 Some(f) => {
                     let f = logical::parse_lsn(f.as_deref().unwrap_or("0/0"))?;
                     if f > p.lsn {
@@ -555,34 +521,12 @@ async fn position(
                             format!("replication slot {} was confirmed up to {} but the stored position is {}: something else reads the slot", l.slot_name, Lsn(f), Lsn(p.lsn)),
                             "give each connector its own slot.name; drop this slot and start over with a new connector name",
                         );
-                    } else {
-                        r.ok(format!("stored position LSN {}: a start {resume}", Lsn(p.lsn)));
+                        return Ok(());
                     }
                 }
             }
         }
-        (Ok(Some(SourcePosition::ChangeLog(p))), ModeConfig::ChangeLog(_)) => r.ok(format!(
-            "stored position (unit {}): a start {}",
-            p.commit_order,
-            if p.snapshot.is_some() {
-                "resumes the initial snapshot"
-            } else {
-                "resumes the change log"
-            }
-        )),
-        (Ok(None), ModeConfig::Timestamp(_)) => unreachable!("returned above"),
-        (Ok(Some(other)), _) => r.fail(
-            format!(
-                "the stored position of connector {} is for another mode ({})",
-                cfg.name,
-                match other {
-                    SourcePosition::Logical(_) => "logical",
-                    SourcePosition::ChangeLog(_) => "changelog",
-                    _ => "timestamp+incrementing",
-                }
-            ),
-            "use a new connector name to change modes",
-        ),
     }
+    r.ok(format!("stored position: {at}; a start does: {plan}"));
     Ok(())
 }

@@ -131,11 +131,26 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
 
     let drop_schemas = (!cfg.key_schemas, !cfg.value_schemas);
     let database = cfg.pg.database().unwrap_or("postgres").to_owned();
+    // Issue 16.5: one line that says what this run is and will do.
+    let (position, plan) = start_plan(&cfg, &stored);
+    let table_names = tables
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let topic_names = tables
+        .iter()
+        .map(|t| topic_name(&cfg.topic_prefix, &t.name))
+        .collect::<Vec<_>>()
+        .join(", ");
     let started = |mode: &str| {
         tracing::info!(
             connector = %cfg.name,
             mode,
-            tables = tables.len(),
+            tables = %table_names,
+            topics = %topic_names,
+            position = %position,
+            plan,
             postgres = %cfg.pg,
             kafka = %cfg.kafka.bootstrap_servers,
             "pg-source started"
@@ -317,6 +332,72 @@ async fn catch_up<M: Capture>(
         }
     }
     Ok(())
+}
+
+/// What a start does, from the stored positions: the position (as text,
+/// `none` when there is none) and the plan (snapshot, resume, or stream
+/// from now), for the start line and `--check`.
+pub(crate) fn start_plan(
+    cfg: &Config,
+    stored: &std::collections::HashMap<Vec<u8>, Vec<u8>>,
+) -> (String, &'static str) {
+    use tidemark_common::offset::{position_key, SourcePosition};
+    let decode = |table: &str| {
+        stored
+            .get(&position_key(&cfg.name, table))
+            .and_then(|b| SourcePosition::decode(b).ok())
+    };
+    let fresh = |initial: bool| {
+        if initial {
+            "initial snapshot, then stream changes"
+        } else {
+            "stream changes from now (snapshot.mode no_data)"
+        }
+    };
+    match &cfg.mode {
+        ModeConfig::Logical(l) => match decode("tidemark.logical") {
+            Some(SourcePosition::Logical(p)) => (
+                format!("lsn {}", pgwire_replication::Lsn(p.lsn)),
+                if p.snapshot.is_some() {
+                    "resume the initial snapshot"
+                } else {
+                    "resume streaming"
+                },
+            ),
+            Some(_) => ("another mode's".to_owned(), "refuse"),
+            None => ("none".to_owned(), fresh(l.initial_snapshot)),
+        },
+        ModeConfig::ChangeLog(c) => match decode(tidemark_common::names::CHANGE_LOG) {
+            Some(SourcePosition::ChangeLog(p)) => (
+                format!("unit {}", p.commit_order),
+                if p.snapshot.is_some() {
+                    "resume the initial snapshot"
+                } else {
+                    "resume streaming"
+                },
+            ),
+            Some(_) => ("another mode's".to_owned(), "refuse"),
+            None => ("none".to_owned(), fresh(c.initial_snapshot)),
+        },
+        ModeConfig::Timestamp(_) => {
+            let n = stored
+                .keys()
+                .filter(|k| {
+                    serde_json::from_slice::<serde_json::Value>(k)
+                        .ok()
+                        .is_some_and(|v| v[0] == cfg.name.as_str())
+                })
+                .count();
+            if n == 0 {
+                (
+                    "none".to_owned(),
+                    "read every table from its start (or timestamp.initial)",
+                )
+            } else {
+                (format!("{n} table(s)"), "resume after the stored rows")
+            }
+        }
+    }
 }
 
 /// The topic of a table: the prefix and the table name, with every

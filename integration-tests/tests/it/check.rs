@@ -61,7 +61,7 @@ async fn pg_source_check_passes_a_logical_setup_and_names_what_breaks_it() {
         "ok   table public.streaming_update_table: ",
         "published with replica identity full",
         "does not exist yet: the first start creates it",
-        "no stored position: a start sends the initial snapshot",
+        "stored position: none; a start does: initial snapshot, then stream changes",
         "0 failed",
     ] {
         assert!(out.contains(line), "no {line:?} in\n{out}");

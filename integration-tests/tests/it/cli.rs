@@ -452,3 +452,153 @@ async fn pg_replay_serves_health_readiness_and_metrics_while_following() {
     promtool_check_metrics("pg-replay", &body);
     sigterm_and_wait(&mut replay.0);
 }
+
+/// The first line of `program`'s JSON log whose message is `message`,
+/// reading its stdout for at most 60 s.
+fn json_line(child: &mut std::process::Child, message: &str) -> serde_json::Value {
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            // Drained to the end, so the program never writes to a closed pipe.
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .unwrap_or_else(|e| panic!("no {message:?} line within 60 s: {e}"));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| {
+            panic!("--json-logs printed a line that is not JSON ({e}): {line}")
+        });
+        if v["fields"]["message"] == message {
+            return v;
+        }
+    }
+}
+
+/// Issue 16.5: each program's start line says its mode, tables, topics,
+/// position and plan, under the JSON keys docs/operations.md lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_lines_say_mode_tables_topics_position_and_plan() {
+    let fx = Fixture::changelog(schema_init::TriggerLevel::Row).await;
+    let c = fx.source_connector();
+    let offsets = format!("{}offsets", fx.prefix);
+    let mut source = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_it-pg-source"))
+            .args([
+                "--json-logs",
+                "--http-addr",
+                "off",
+                "--offsets-topic",
+                &offsets,
+            ])
+            .args(["--bootstrap-servers", &bootstrap()])
+            .args(["--name", &c.name, "--mode", "changelog"])
+            .args(["--connection-url", c.props["connection.url"].as_str()])
+            .args(["--connection-user", c.props["connection.user"].as_str()])
+            .args(["--topic-prefix", &fx.prefix])
+            .env(
+                "TIDEMARK_CONNECTION_PASSWORD",
+                c.props
+                    .get("connection.password")
+                    .cloned()
+                    .unwrap_or_default(),
+            )
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let line = json_line(&mut source.0, "pg-source started");
+    let f = &line["fields"];
+    assert_eq!(f["mode"], "changelog", "{line}");
+    assert_eq!(f["tables"], "public.streaming_update_table", "{line}");
+    assert_eq!(f["topics"], fx.topic().as_str(), "{line}");
+    assert_eq!(f["position"], "none", "{line}");
+    assert_eq!(f["plan"], "initial snapshot, then stream changes", "{line}");
+    for key in ["timestamp", "level", "target", "fields"] {
+        assert!(line.get(key).is_some(), "no {key}: {line}");
+    }
+    let mut lines = vec![line];
+
+    let mut sink = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_it-file-sink"))
+            .args(["--json-logs", "--http-addr", "off"])
+            .args(["--name", &fx.sink_name, "--topics", &fx.topic()])
+            .arg("--file")
+            .arg(fx.file())
+            .args(["--bootstrap-servers", &bootstrap()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let line = json_line(&mut sink.0, "file-sink started");
+    assert_eq!(line["fields"]["mode"], "file", "{line}");
+    assert_eq!(line["fields"]["topics"], fx.topic().as_str(), "{line}");
+    assert_eq!(line["fields"]["position"], "none", "{line}");
+    lines.push(line);
+    wait_for_events(&fx.file(), 1, Duration::from_secs(30)).await;
+    sigterm_and_wait(&mut source.0);
+    sigterm_and_wait(&mut sink.0);
+
+    // The sink again: it resumes after its checkpoint.
+    let mut sink = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_it-file-sink"))
+            .args(["--json-logs", "--http-addr", "off"])
+            .args(["--name", &fx.sink_name, "--topics", &fx.topic()])
+            .arg("--file")
+            .arg(fx.file())
+            .args(["--bootstrap-servers", &bootstrap()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let line = json_line(&mut sink.0, "file-sink started");
+    assert_eq!(
+        line["fields"]["plan"], "resume each partition after its checkpoint",
+        "{line}"
+    );
+    sigterm_and_wait(&mut sink.0);
+
+    let db = crate::replay::Db::new().await;
+    let mut replay = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_it-pg-replay"))
+            .args(["--json-logs", "--http-addr", "off", "--input"])
+            .arg(fx.file())
+            .args(["--target-url", &db.url()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let line = json_line(&mut replay.0, "pg-replay started");
+    assert_eq!(line["fields"]["mode"], "replay", "{line}");
+    assert_eq!(line["fields"]["position"], "none", "{line}");
+    assert_eq!(
+        line["fields"]["plan"], "apply from the archive's start, up to the archive's end",
+        "{line}"
+    );
+    lines.push(line);
+    let _ = replay.0.wait();
+
+    // Every key of these lines is in docs/operations.md.
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/operations.md"),
+    )
+    .unwrap();
+    for line in &lines {
+        let keys = line
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .chain(line["fields"].as_object().unwrap().keys().cloned());
+        for key in keys {
+            assert!(
+                doc.contains(&format!("`{key}`")),
+                "docs/operations.md does not list the log key `{key}` ({line})"
+            );
+        }
+    }
+}
