@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use sqlx::{Connection as _, PgConnection};
 use tidemark_common::check::Report;
+use tidemark_common::names;
 use tidemark_common::pg::TableName;
 
 use crate::apply::UserTriggers;
@@ -175,18 +176,18 @@ async fn stored_position(
                     exists (select from pg_catalog.pg_namespace where nspname operator(pg_catalog.=) 'tidemark')
                     and pg_catalog.has_schema_privilege('tidemark', 'CREATE')",
         )
-        .bind(position::TABLE)
+        .bind(names::REPLAY_POSITION)
         .fetch_one(&mut *conn)
         .await?;
     if !exists {
         if can_create_schema || (!schema_exists && can_create_db) {
             r.ok(format!(
                 "{} does not exist yet: the first run creates it, and replays from the archive's start",
-                position::TABLE
+                names::REPLAY_POSITION
             ));
         } else {
             r.fail(
-                format!("{} does not exist, and user {user} may not create it", position::TABLE),
+                format!("{} does not exist, and user {user} may not create it", names::REPLAY_POSITION),
                 format!("grant create on database to {user} (or create schema tidemark for it), or create the table as its owner"),
             );
         }
@@ -198,22 +199,25 @@ async fn stored_position(
                 pg_catalog.has_table_privilege(c.oid, 'INSERT') and pg_catalog.has_table_privilege(c.oid, 'UPDATE')
            from pg_catalog.pg_class c where c.oid operator(pg_catalog.=) pg_catalog.to_regclass($1)",
     )
-    .bind(position::TABLE)
+    .bind(names::REPLAY_POSITION)
     .fetch_one(&mut *conn)
     .await?;
     if !owned {
         r.fail(
-            format!("{} belongs to another role", position::TABLE),
+            format!("{} belongs to another role", names::REPLAY_POSITION),
             "connect as its owner (or drop it to start over)",
         );
         return Ok(());
     }
     if !readable || !writable {
         r.fail(
-            format!("user {user} may not read and write {}", position::TABLE),
+            format!(
+                "user {user} may not read and write {}",
+                names::REPLAY_POSITION
+            ),
             format!(
                 "grant select, insert, update on {} to {user}",
-                position::TABLE
+                names::REPLAY_POSITION
             ),
         );
         return Ok(());
