@@ -504,18 +504,33 @@ fn try_acquire(
 /// Seeks `tp` to `offset` and resumes it. Always a seek: the fetcher may
 /// have met an offset the topic no longer has before the partition was
 /// paused, and only a seek starts it again.
+///
+/// A fetcher that met such an offset (a checkpoint's offset in a topic
+/// created again) has stopped, and librdkafka refuses to seek it
+/// (`Erroneous state`): the partition is then taken again at `offset`.
 fn start_reading(consumer: &SharedConsumer, tp: &Tp, offset: Option<i64>) -> anyhow::Result<()> {
     let to = offset.map_or(Offset::Beginning, Offset::Offset);
-    consumer
-        .seek(&tp.0, tp.1, to, Duration::from_secs(10))
-        .with_context(|| {
-            format!(
-                "cannot move the reading of {} partition {} to {to:?}",
-                tp.0, tp.1
-            )
-        })?;
+    let what = || {
+        format!(
+            "cannot move the reading of {} partition {} to {to:?}",
+            tp.0, tp.1
+        )
+    };
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(&tp.0, tp.1);
+    match consumer.seek(&tp.0, tp.1, to, Duration::from_secs(10)) {
+        Ok(()) => {}
+        // rdkafka gives a seek's error as text only.
+        Err(rdkafka::error::KafkaError::Seek(e)) if e.ends_with("Erroneous state") => {
+            tracing::debug!(topic = %tp.0, partition = tp.1, "the partition's fetcher has stopped; taking the partition again at its offset");
+            consumer.incremental_unassign(&tpl).with_context(what)?;
+            let mut at = TopicPartitionList::new();
+            at.add_partition_offset(&tp.0, tp.1, to)
+                .with_context(what)?;
+            consumer.incremental_assign(&at).with_context(what)?;
+        }
+        Err(e) => return Err(e).with_context(what),
+    }
     consumer
         .resume(&tpl)
         .with_context(|| format!("cannot resume reading {} partition {}", tp.0, tp.1))

@@ -545,7 +545,12 @@ async fn a_recreated_topic_sets_the_archived_partitions_aside() {
     let sink = Running::start(|t| file_sink::run(cfg, t));
     let deadline = Instant::now() + Duration::from_secs(60);
     let got = loop {
-        let got = wait_for_archive(&root, 4, Duration::from_secs(60)).await;
+        let got = tokio::select! {
+            got = wait_for_archive(&root, 4, Duration::from_secs(60)) => got,
+            _ = async { while !sink.finished() { tokio::time::sleep(Duration::from_millis(100)).await } } => {
+                panic!("file-sink ended by itself: {:?}", sink.stop().await.map(|_| ()));
+            }
+        };
         if got.len() == 4 || Instant::now() > deadline {
             break got;
         }

@@ -588,6 +588,11 @@ impl<T: Send + 'static> Running<T> {
         self
     }
 
+    /// Whether it has ended by itself (an error, most likely).
+    pub fn finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+
     /// Stops it as SIGTERM would, and returns its result.
     pub async fn stop(self) -> anyhow::Result<T> {
         self.token.cancel();
