@@ -63,6 +63,10 @@ pub struct Snapshot {
     pub at: Option<Instant>,
     /// Per `(topic, partition)`.
     pub partitions: HashMap<(String, i32), PartitionStats>,
+    /// Bytes received from the brokers since start, as sent (compressed).
+    pub rx_bytes: u64,
+    /// Bytes of the records in them, uncompressed.
+    pub rxmsg_bytes: u64,
 }
 
 /// The consumer's context: keeps the latest statistics and, for a member
@@ -140,6 +144,14 @@ impl SinkContext {
         }
     }
 
+    /// When the latest statistics were emitted, the bytes received from
+    /// the brokers by then (as sent) and the bytes of the records in them
+    /// (keys and values, decompressed), since start.
+    pub fn traffic(&self) -> (Option<Instant>, u64, u64) {
+        let s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        (s.at, s.rx_bytes, s.rxmsg_bytes)
+    }
+
     /// The statistics of one partition, with when they were emitted.
     pub fn partition(&self, topic: &str, partition: i32) -> Option<(Instant, PartitionStats)> {
         let s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
@@ -150,10 +162,102 @@ impl SinkContext {
     }
 }
 
+/// The smallest per-partition fetch (`fetch.message.max.bytes`) file-sink
+/// asks for, and where it starts: safe for records that compress 40:1.
+pub const FETCH_MIN: usize = 64 * 1024;
+/// The largest: about what `ConsumerPerformance` asks for.
+pub const FETCH_MAX: usize = 1024 * 1024;
+/// What one partition's fetch may expand to once decompressed.
+pub const FETCH_EXPANDED: usize = 2 * 1024 * 1024;
+/// Bytes a statistics interval must have brought to judge the ratio by.
+const FETCH_SAMPLE: u64 = 1024 * 1024;
+
+/// Sizes the per-partition fetch to what the topic's records expand to.
+///
+/// A fetch brings compressed batches, which librdkafka decompresses whole
+/// before its queue bound (`queued.max.messages.kbytes`, counted in
+/// decompressed bytes) can stop the next fetch: one fetch expanded is what
+/// the read-ahead may overshoot by. Records that compress 40:1 make 64 KiB
+/// fetched 2.6 MB in memory; records written without compression make
+/// 64 KiB about 90 records of 750 B, and a round trip to the broker per 90
+/// records holds the sink to a fraction of what it can write. So the fetch
+/// is sized from what the brokers actually send: the bytes of records
+/// received (decompressed) over the bytes received, from librdkafka's
+/// statistics, such that one fetch expands to about [`FETCH_EXPANDED`],
+/// within [`FETCH_MIN`]..=[`FETCH_MAX`], a power of two. It grows only when
+/// four times larger is wanted and shrinks as soon as half is enough, so
+/// it does not go back and forth on a ratio near a boundary.
+#[derive(Debug)]
+pub struct FetchSizer {
+    /// The fetch size in use.
+    pub current: usize,
+    /// The statistics last judged by: when, bytes received, bytes of
+    /// records; `None`: none yet, counting from zero.
+    last: Option<(Instant, u64, u64)>,
+}
+
+impl Default for FetchSizer {
+    fn default() -> Self {
+        Self {
+            current: FETCH_MIN,
+            last: None,
+        }
+    }
+}
+
+impl FetchSizer {
+    /// The fetch size for records that expand `ratio` times.
+    pub fn wanted(ratio: f64) -> usize {
+        let fit = (FETCH_EXPANDED as f64 / ratio.max(1.0)) as usize;
+        let pow = if fit.is_power_of_two() {
+            fit
+        } else {
+            fit.next_power_of_two() / 2
+        };
+        pow.clamp(FETCH_MIN, FETCH_MAX)
+    }
+
+    /// Takes the latest statistics (when emitted, bytes received, bytes of
+    /// records in them); returns the new fetch size when it should change.
+    pub fn observe(&mut self, at: Option<Instant>, rx: u64, rxmsg: u64) -> Option<usize> {
+        let at = at?;
+        // The counters start at zero with the consumer.
+        let (was_at, was_rx, was_rxmsg) =
+            self.last.map_or((None, 0, 0), |(a, r, m)| (Some(a), r, m));
+        if was_at == Some(at) {
+            return None;
+        }
+        let (drx, drxmsg) = (rx.saturating_sub(was_rx), rxmsg.saturating_sub(was_rxmsg));
+        if drx < FETCH_SAMPLE {
+            // Too little to judge by; keep counting from the same start.
+            if rx < was_rx {
+                self.last = Some((at, rx, rxmsg));
+            }
+            return None;
+        }
+        self.last = Some((at, rx, rxmsg));
+        let wanted = Self::wanted(drxmsg as f64 / drx as f64);
+        if wanted >= self.current * 4 || wanted <= self.current / 2 {
+            self.current = wanted;
+            return Some(wanted);
+        }
+        None
+    }
+
+    /// Forgets the byte counts (a new consumer counts from zero).
+    pub fn restart(&mut self) {
+        self.last = None;
+    }
+}
+
 #[derive(Deserialize)]
 struct RawStats {
     #[serde(default)]
     topics: HashMap<String, RawTopic>,
+    #[serde(default)]
+    rx_bytes: u64,
+    #[serde(default)]
+    rxmsg_bytes: u64,
 }
 
 #[derive(Deserialize)]
@@ -190,12 +294,12 @@ impl ClientContext for SinkContext {
             }
         };
         let mut partitions = HashMap::new();
-        for (topic, t) in raw.topics {
-            for (p, stats) in t.partitions {
+        for (topic, t) in &raw.topics {
+            for (p, stats) in &t.partitions {
                 // "-1" is librdkafka's internal unassigned partition.
                 if let Ok(p) = p.parse::<i32>() {
                     if p >= 0 {
-                        partitions.insert((topic.clone(), p), stats);
+                        partitions.insert((topic.clone(), p), *stats);
                     }
                 }
             }
@@ -204,6 +308,8 @@ impl ClientContext for SinkContext {
         *s = Snapshot {
             at: Some(Instant::now()),
             partitions,
+            rx_bytes: raw.rx_bytes,
+            rxmsg_bytes: raw.rxmsg_bytes,
         };
     }
 }
@@ -303,5 +409,37 @@ mod tests {
         let (_, p) = ctx.partition("t", 0).unwrap();
         assert_eq!(p.app_offset, 11);
         assert!(ctx.partition("t", -1).is_none());
+    }
+
+    #[test]
+    fn the_fetch_is_sized_to_what_it_expands_to() {
+        assert_eq!(FetchSizer::wanted(0.93), FETCH_MAX);
+        assert_eq!(FetchSizer::wanted(1.0), FETCH_MAX);
+        assert_eq!(FetchSizer::wanted(3.0), 512 * 1024);
+        assert_eq!(FetchSizer::wanted(4.0), 512 * 1024);
+        assert_eq!(FetchSizer::wanted(40.0), FETCH_MIN);
+
+        let t0 = Instant::now();
+        let at = |s: u64| Some(t0 + std::time::Duration::from_secs(s));
+        let mb = 1024 * 1024;
+        let mut z = FetchSizer::default();
+        assert_eq!(z.observe(None, 0, 0), None);
+        // Too little traffic to judge by.
+        assert_eq!(z.observe(at(0), mb / 2, mb / 2), None);
+        assert_eq!(z.current, FETCH_MIN);
+        // Uncompressed records: the largest fetch; the same statistics
+        // again change nothing.
+        assert_eq!(z.observe(at(2), 10 * mb, 9 * mb), Some(FETCH_MAX));
+        assert_eq!(z.observe(at(2), 10 * mb, 9 * mb), None);
+        assert_eq!(z.current, FETCH_MAX);
+        // 3:1 wants 512 KiB: half is enough, so it shrinks...
+        assert_eq!(z.observe(at(3), 20 * mb, 39 * mb), Some(512 * 1024));
+        // ...but uncompressed again is only twice larger: it stays.
+        assert_eq!(z.observe(at(4), 30 * mb, 49 * mb), None);
+        // Records that compress 40:1 shrink it at once.
+        assert_eq!(z.observe(at(5), 40 * mb, 449 * mb), Some(FETCH_MIN));
+        // A new consumer's counters start from zero.
+        z.restart();
+        assert_eq!(z.observe(at(6), 2 * mb, 2 * mb), Some(FETCH_MAX));
     }
 }

@@ -87,7 +87,7 @@ use tidemark_common::ops::names;
 use tidemark_common::ConfigError;
 use tokio_util::sync::CancellationToken;
 
-use crate::consumer::SinkContext;
+use crate::consumer::{FetchSizer, SinkContext, FETCH_MIN};
 use crate::output::{Batch, Output};
 use crate::pipeline::{Committed, Pipeline};
 use crate::segments::SegmentConfig;
@@ -183,6 +183,9 @@ pub struct Config {
     /// Partitions of a segmented archive this instance writes now; for
     /// the gauge and for tests.
     pub held: Arc<std::sync::atomic::AtomicUsize>,
+    /// The per-partition fetch size a single file's consumer uses now
+    /// (see [`consumer::FetchSizer`]); for tests.
+    pub fetch_bytes: Arc<std::sync::atomic::AtomicUsize>,
     /// Where to serve `/healthz` and `/metrics`; `None` serves nothing.
     pub http_addr: Option<std::net::SocketAddr>,
 }
@@ -230,6 +233,7 @@ impl Config {
                 metadata_refresh: Duration::from_secs(10),
                 health: Health::new(),
                 held: Arc::default(),
+                fetch_bytes: Arc::default(),
                 http_addr: None,
             },
             warnings,
@@ -341,10 +345,14 @@ pub const BATCH_BYTES: usize = 256 * 1024;
 /// dead-letter file if it is over `max_record_bytes`. librdkafka's default
 /// `fetch.queue.backoff.ms` (1 s) idled the sink 88% of the time: a small
 /// queue is drained within a millisecond, so it is checked every
-/// millisecond. With a remote broker and records that do not compress,
-/// larger fetches (`--kafka-property fetch.message.max.bytes=1048576`) trade
-/// memory for fewer round trips. `fetch.max.bytes` bounds one response over
-/// all partitions; librdkafka allows no less than `message.max.bytes` (1 MB).
+/// millisecond. A single file's consumer starts at 64 KiB fetches and sizes
+/// them to what the records expand to ([`consumer::FetchSizer`]): up to
+/// 1 MiB for records written without compression, where 64 KiB fetches
+/// held the sink to a third of what it writes; a segmented archive's
+/// consumer keeps 64 KiB (changing it means leaving the group). A user's
+/// `--kafka-property fetch.message.max.bytes` wins and is kept.
+/// `fetch.max.bytes` bounds one response over all partitions; librdkafka
+/// allows no less than `message.max.bytes` (1 MB).
 pub(crate) const CONSUMER_SETTINGS: &[(&str, &str)] = &[
     ("queued.max.messages.kbytes", "1024"),
     ("fetch.message.max.bytes", "65536"),
@@ -404,14 +412,16 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
     let path = cfg.file.clone();
     let owner = cfg.name.clone();
     let mut out = tokio::task::spawn_blocking(move || Output::open(&path, &owner)).await??;
-    let group = format!("connect-{}", cfg.name);
-    let mut settings = vec![("group.id", group.as_str())];
-    settings.extend_from_slice(CONSUMER_SETTINGS);
-    let consumer: StreamConsumer<SinkContext> = cfg
+    // The user's own fetch size wins, and is kept.
+    let mut sizer = (!cfg
         .kafka
-        .client_config_fixed(&settings, FIXED_SETTINGS)?
-        .create_with_context(SinkContext::default())
-        .context("cannot create the Kafka consumer; check the kafka properties")?;
+        .properties
+        .iter()
+        .any(|(k, _)| k == "fetch.message.max.bytes"))
+    .then(FetchSizer::default);
+    let mut consumer = single_consumer(&cfg, FETCH_MIN)?;
+    cfg.fetch_bytes
+        .store(FETCH_MIN, std::sync::atomic::Ordering::Relaxed);
 
     let mut assigned = BTreeSet::new();
     let mut waiting_logged = false;
@@ -497,16 +507,47 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
     let mut refresh = tokio::time::interval(cfg.metadata_refresh);
     refresh.tick().await;
     let mut lag_tick = tokio::time::interval(LAG_INTERVAL);
+    let mut size_tick = tokio::time::interval(SIZE_INTERVAL);
     let mut kafka_error_logged = false;
     let mut fatal: Option<anyhow::Error> = None;
     let mut sent = 0u64;
     // Per partition, the offset after the last record handed over.
     let mut delivered: HashMap<(String, i32), i64> = HashMap::new();
+    let mut resize: Option<usize> = None;
     loop {
+        if let Some(fetch) = resize.take() {
+            let checkpoint = pipeline.committed().borrow().checkpoint.clone();
+            match resized(&cfg, fetch, &assigned, &delivered, &checkpoint) {
+                Ok(new) => {
+                    tracing::info!(
+                        fetch_bytes = fetch,
+                        "reading with another fetch size, sized to what the records expand to"
+                    );
+                    cfg.fetch_bytes
+                        .store(fetch, std::sync::atomic::Ordering::Relaxed);
+                    let old = std::mem::replace(&mut consumer, new);
+                    tokio::spawn(close(Arc::new(old), None));
+                    if let Some(z) = sizer.as_mut() {
+                        z.restart();
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot resize the fetch; reading on as before");
+                    sizer = None;
+                }
+            }
+        }
         let first = tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = lag_tick.tick() => {
                 report_lag(&consumer, &pipeline.committed().borrow().checkpoint, &delivered, &assigned);
+                continue;
+            }
+            _ = size_tick.tick(), if sizer.is_some() => {
+                if let Some(z) = sizer.as_mut() {
+                    let (at, rx, rxmsg) = consumer.context().traffic();
+                    resize = z.observe(at, rx, rxmsg);
+                }
                 continue;
             }
             _ = refresh.tick() => {
@@ -645,6 +686,50 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
         "file-sink stopped"
     );
     Ok(committed.totals)
+}
+
+/// The consumer of a single file, fetching `fetch` bytes per partition.
+fn single_consumer(cfg: &Config, fetch: usize) -> anyhow::Result<StreamConsumer<SinkContext>> {
+    let group = format!("connect-{}", cfg.name);
+    let fetch = fetch.to_string();
+    let mut settings = vec![("group.id", group.as_str())];
+    settings.extend_from_slice(CONSUMER_SETTINGS);
+    settings.push(("fetch.message.max.bytes", &fetch));
+    // The fetch sizer judges by the statistics: a backlog read at the
+    // wrong size for a second would be a second lost.
+    settings.push(("statistics.interval.ms", SIZE_INTERVAL_MS));
+    cfg.kafka
+        .client_config_fixed(&settings, FIXED_SETTINGS)?
+        .create_with_context(SinkContext::default())
+        .context("cannot create the Kafka consumer; check the kafka properties")
+}
+
+/// A consumer fetching `fetch` bytes per partition, reading the `assigned`
+/// partitions on from the record after the last one handed over (else the
+/// checkpoint's offset, else the beginning): what the former one had
+/// fetched beyond is fetched again, nothing is skipped.
+fn resized(
+    cfg: &Config,
+    fetch: usize,
+    assigned: &BTreeSet<(String, i32)>,
+    delivered: &HashMap<(String, i32), i64>,
+    checkpoint: &SinkCheckpoint,
+) -> anyhow::Result<StreamConsumer<SinkContext>> {
+    let consumer = single_consumer(cfg, fetch)?;
+    let mut tpl = TopicPartitionList::new();
+    for (topic, p) in assigned {
+        let offset = match delivered
+            .get(&(topic.clone(), *p))
+            .copied()
+            .or_else(|| checkpoint.next_offset(topic, *p))
+        {
+            Some(next) => Offset::Offset(next),
+            None => Offset::Beginning,
+        };
+        tpl.add_partition_offset(topic, *p, offset)?;
+    }
+    consumer.assign(&tpl).context("cannot assign partitions")?;
+    Ok(consumer)
 }
 
 /// How long closing the consumer may take. With the broker down, librdkafka
@@ -831,8 +916,13 @@ fn has_line_break(value: &[u8]) -> bool {
 }
 
 /// How often the lag gauge is set: librdkafka's statistics come once a
-/// second.
+/// second (a single file's, every [`SIZE_INTERVAL`]).
 const LAG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How often a single file's consumer emits statistics and its fetch size
+/// is judged.
+const SIZE_INTERVAL: Duration = Duration::from_millis(250);
+const SIZE_INTERVAL_MS: &str = "250";
 
 /// Sets the lag gauge: records in Kafka not yet in the file, from
 /// librdkafka's latest statistics (see [`consumer::PartitionStats::lag`]);

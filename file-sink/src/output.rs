@@ -270,7 +270,10 @@ impl Output {
             .replace(':', "");
         let mut aside = beside(&self.path, &format!(".before-reset-{stamp}"));
         let mut n = 1;
-        while aside.exists() || SinkCheckpoint::path_for(&aside).exists() {
+        while aside.exists()
+            || SinkCheckpoint::path_for(&aside).exists()
+            || dead_letter_path(&aside).exists()
+        {
             n += 1;
             aside = beside(&self.path, &format!(".before-reset-{stamp}-{n}"));
         }

@@ -104,3 +104,75 @@ impl Drop for ChildGuard {
         let _ = self.0.wait();
     }
 }
+
+/// A single file's consumer starts with 64 KiB fetches and, on a topic
+/// another producer wrote without compression, takes larger ones while
+/// records keep coming (a new consumer, reading on after the last record
+/// handed over): every record is in the file once, in order. With 64 KiB
+/// fetches such a topic was read at a third of what the sink writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fetch_grows_on_an_uncompressed_topic_and_nothing_is_lost_or_doubled() {
+    use rdkafka::producer::FutureRecord;
+    use std::sync::atomic::Ordering;
+    let topic = crate::archive::topic(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("out.txt");
+    let cfg = crate::archive::archive_sink(&unique("fetch"), &topic, &file, &[]);
+    let fetch = cfg.fetch_bytes.clone();
+    let producer = crate::archive::producer();
+    let pad = "x".repeat(1000);
+    let send = |range: std::ops::Range<usize>| {
+        let (producer, topic, pad) = (producer.clone(), topic.clone(), pad.clone());
+        async move {
+            let mut pending = Vec::new();
+            let mut lines = Vec::new();
+            for i in range {
+                let line = format!(r#"{{"id":{i},"pad":"{pad}"}}"#);
+                pending.push(
+                    producer
+                        .send_result(FutureRecord::<(), _>::to(&topic).payload(line.as_bytes()))
+                        .map_err(|(e, _)| e)
+                        .unwrap(),
+                );
+                lines.push(line);
+            }
+            for p in pending {
+                p.await.unwrap().unwrap();
+            }
+            lines
+        }
+    };
+    // A backlog, then more while the sink reads it.
+    let mut want = send(0..8000).await;
+    let sink = Running::start(|t| file_sink::run(cfg, t));
+    for k in 1..6 {
+        want.extend(send(k * 6000 + 2000..(k + 1) * 6000 + 2000).await);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let got = loop {
+        let got: Vec<String> = std::fs::read_to_string(&file)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        if got.len() >= want.len() || std::time::Instant::now() > deadline {
+            break got;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    sink.stop().await.unwrap();
+    let admin = kafka().admin().unwrap();
+    let _ = admin
+        .delete_topics(&[&topic], &rdkafka::admin::AdminOptions::new())
+        .await;
+    assert_eq!(got.len(), want.len(), "lines in the file");
+    assert!(
+        got == want,
+        "the file holds other lines than the topic, or in another order"
+    );
+    assert_eq!(
+        fetch.load(Ordering::Relaxed),
+        file_sink::consumer::FETCH_MAX,
+        "the fetch grew to its largest"
+    );
+}
