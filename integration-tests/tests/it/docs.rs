@@ -296,3 +296,68 @@ fn operations_md_lists_every_metric() {
         "docs/operations.md does not list: {missing:?}"
     );
 }
+
+/// Issue 16.4: the `observe` profile's Prometheus scrapes every program
+/// where compose serves its /metrics, and promtool accepts its config.
+#[test]
+fn the_observe_profile_scrapes_every_program_where_it_serves() {
+    let compose = std::fs::read_to_string(repo("docker/compose.yaml")).unwrap();
+    let scrape = std::fs::read_to_string(repo("docker/prometheus/prometheus.yml")).unwrap();
+    // Each service block of the compose file: its lines up to the next
+    // service's name at two spaces' indent.
+    let mut block_of = std::collections::BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in compose.lines() {
+        if let Some(name) = line
+            .strip_prefix("  ")
+            .filter(|l| !l.starts_with(' ') && !l.starts_with('#'))
+            .and_then(|l| l.strip_suffix(':'))
+        {
+            current = Some(name.to_owned());
+        } else if !line.starts_with(' ') && !line.is_empty() && !line.starts_with('#') {
+            current = None;
+        }
+        if let Some(c) = &current {
+            block_of
+                .entry(c.clone())
+                .or_insert_with(String::new)
+                .push_str(&format!("{line}\n"));
+        }
+    }
+    for program in ["pg-source", "file-sink", "pg-replay"] {
+        let block = block_of
+            .get(program)
+            .unwrap_or_else(|| panic!("no {program} service in docker/compose.yaml"));
+        let port = block
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("TIDEMARK_HTTP_ADDR: 0.0.0.0:"))
+            .unwrap_or_else(|| panic!("{program} serves no /metrics in compose: {block}"));
+        assert!(
+            scrape.contains(&format!("\"{program}:{port}\"")),
+            "docker/prometheus/prometheus.yml does not scrape {program}:{port}"
+        );
+    }
+    assert!(
+        block_of
+            .get("prometheus")
+            .is_some_and(|b| b.contains("profiles: [\"observe\"]")),
+        "no prometheus service in the observe profile"
+    );
+    match std::process::Command::new("promtool")
+        .args(["check", "config", "--syntax-only"])
+        .arg(repo("docker/prometheus/prometheus.yml"))
+        .output()
+    {
+        Ok(out) => assert!(
+            out.status.success(),
+            "promtool check config: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => assert!(
+            std::env::var_os("CI").is_none(),
+            "promtool is not installed; CI must run it (apt-get install prometheus)"
+        ),
+        Err(e) => panic!("cannot run promtool: {e}"),
+    }
+}
