@@ -85,6 +85,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     // Changelog mode: a captured table dropped since may still have changes
     // in the change log, which are sent; it is no reason to refuse.
     let changelog = matches!(&cfg.mode, ModeConfig::ChangeLog(_));
+    let topics: Vec<(&TableName, String)> = tables
+        .iter()
+        .map(|t| (t, topic_name(&cfg.topic_prefix, &t.name)))
+        .collect();
+    let mut reserved = vec![("the offsets topic", cfg.offsets_topic.as_str())];
+    if changelog {
+        reserved.push(("the dead-letter topic", modes::changelog::DEAD_LETTER_TOPIC));
+    }
+    check_topics(&topics, &reserved)?;
     let mut infos = Vec::new();
     let mut gone = Vec::new();
     for t in &tables {
@@ -416,6 +425,48 @@ pub fn topic_name(prefix: &str, table: &str) -> String {
         .collect()
 }
 
+/// Refuses tables whose topics would be one: their records would mix in
+/// one topic, and in a compacted topic one table's keys would overwrite the
+/// other's. Kafka counts names that differ only in `.` and `_` as one (they
+/// share metric names) and refuses the second; a table's topic may not be
+/// one of Tidemark's own (`reserved`: what each is, and its name) either.
+///
+/// Fails naming both tables, or the table and the topic.
+pub fn check_topics(
+    tables: &[(&TableName, String)],
+    reserved: &[(&str, &str)],
+) -> anyhow::Result<()> {
+    let kafka_key = |topic: &str| topic.replace('.', "_");
+    let mut seen: std::collections::HashMap<String, (&TableName, &str)> =
+        std::collections::HashMap::new();
+    for (table, topic) in tables {
+        if let Some((what, name)) = reserved
+            .iter()
+            .find(|(_, name)| kafka_key(name) == kafka_key(topic))
+        {
+            bail!(
+                "table {table} would write to topic {topic}, which is {what} ({name}): set another topic.prefix"
+            );
+        }
+        match seen.get(&kafka_key(topic)) {
+            Some((other, _)) if other == table => {}
+            Some((other, other_topic)) if other_topic == topic => bail!(
+                "tables {other} and {table} would share the topic {topic} (the topic names a table by its name alone, \
+                 with characters Kafka does not allow as `_`), and in a compacted topic one's keys would overwrite the other's: \
+                 capture them with two connectors of different topic.prefix, or rename one"
+            ),
+            Some((other, other_topic)) => bail!(
+                "the topics of tables {other} ({other_topic}) and {table} ({topic}) differ only in `.` and `_`, \
+                 which Kafka counts as one name: capture them with two connectors of different topic.prefix, or rename one"
+            ),
+            None => {
+                seen.insert(kafka_key(topic), (table, topic));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The tables to read when `table.whitelist` is not set.
 pub(crate) async fn discover_tables(cfg: &Config, pool: &PgPool) -> anyhow::Result<Vec<TableName>> {
     let found = match cfg.mode.mode() {
@@ -480,4 +531,46 @@ pub(crate) fn is_utc(tz: &str) -> bool {
         tz.to_ascii_uppercase().as_str(),
         "UTC" | "ETC/UTC" | "GMT" | "ETC/GMT" | "UCT" | "Z" | "ZULU"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(tables: &[&str]) -> Result<(), String> {
+        let names: Vec<TableName> = tables
+            .iter()
+            .map(|t| TableName::parse(t).unwrap())
+            .collect();
+        let topics: Vec<(&TableName, String)> = names
+            .iter()
+            .map(|t| (t, topic_name("p.", &t.name)))
+            .collect();
+        check_topics(&topics, &[("the offsets topic", "tidemark.source-offsets")])
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn tables_sharing_a_topic_are_refused_naming_both() {
+        check(&["t", "u", "\"T\"", "s.v"]).unwrap();
+        check(&["t", "public.t"]).unwrap();
+        let err = check(&["s1.t", "s2.t"]).unwrap_err();
+        assert!(
+            err.contains("tables s1.t and s2.t would share the topic p.t"),
+            "{err}"
+        );
+        let err = check(&["\"a b\"", "a_b"]).unwrap_err();
+        assert!(err.contains("would share the topic p.a_b"), "{err}");
+        let err = check(&["\"a.b\"", "a_b"]).unwrap_err();
+        assert!(
+            err.contains("(p.a.b) and public.a_b (p.a_b) differ only in"),
+            "{err}"
+        );
+        let names = [TableName::parse("\"source-offsets\"").unwrap()];
+        let topics = [(&names[0], topic_name("tidemark.", &names[0].name))];
+        let err = check_topics(&topics, &[("the offsets topic", "tidemark.source-offsets")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("which is the offsets topic"), "{err}");
+    }
 }

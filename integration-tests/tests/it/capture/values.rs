@@ -483,3 +483,61 @@ async fn a_change_the_codec_refuses_goes_to_the_dead_letter_topic_and_counts_in_
     );
     assert_eq!(reader.events[&topic][1].after().unwrap()["v"], "after");
 }
+
+/// Issue 10.10: tables whose topics would be one (the same name in two
+/// schemas, a name whose odd characters become `_`, names Kafka counts as
+/// one for differing only in `.` and `_`) are refused at start, naming
+/// both, before any topic is created: their keys would overwrite each
+/// other in a compacted topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_that_would_share_a_topic_are_refused_before_any_topic_is_made() {
+    let db = Db::new().await;
+    for sql in [
+        "create schema s1",
+        "create schema s2",
+        "create table s1.t (id int primary key)",
+        "create table s2.t (id int primary key)",
+        r#"create table public."a b" (id int primary key)"#,
+        "create table public.a_b (id int primary key)",
+        r#"create table public."c.d" (id int primary key)"#,
+        "create table public.c_d (id int primary key)",
+    ] {
+        exec(&db.admin, sql).await;
+    }
+    for t in ["s1.t", "s2.t", r#""a b""#, "a_b", r#""c.d""#, "c_d"] {
+        db.capture(t, every_capture()[1]).await;
+    }
+    for (tables, says) in [
+        (
+            ["s1.t", "s2.t"],
+            "tables s1.t and s2.t would share the topic",
+        ),
+        ([r#""a b""#, "a_b"], "would share the topic"),
+        ([r#""c.d""#, "c_d"], "differ only in `.` and `_`"),
+    ] {
+        let cfg = db.source_config(&tables, &[]);
+        let token = CancellationToken::new();
+        let run =
+            tokio::time::timeout(Duration::from_secs(20), pg_source::run(cfg, token.clone())).await;
+        token.cancel();
+        let err = run
+            .unwrap_or_else(|_| panic!("{tables:?}: pg-source ran on with tables sharing a topic"))
+            .expect_err("tables sharing a topic");
+        let err = format!("{err:#}");
+        assert!(err.contains(says), "{tables:?}: {err}");
+    }
+    let consumer: rdkafka::consumer::BaseConsumer = kafka()
+        .client_config(&[("group.id", &unique("meta"))])
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(None, Duration::from_secs(10))
+        .unwrap();
+    let made: Vec<&str> = metadata
+        .topics()
+        .iter()
+        .map(|t| t.name())
+        .filter(|t| t.starts_with(&db.prefix))
+        .collect();
+    assert!(made.is_empty(), "{made:?}");
+}
