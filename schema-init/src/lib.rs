@@ -333,6 +333,21 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Report> {
     })
 }
 
+/// A database error as its message and, where Postgres gives one, its hint
+/// (which says what to do); other errors as they are.
+fn database_error(e: sqlx::Error) -> anyhow::Error {
+    match e
+        .as_database_error()
+        .and_then(|d| d.try_downcast_ref::<sqlx::postgres::PgDatabaseError>())
+    {
+        Some(pg) => match pg.hint() {
+            Some(hint) => anyhow::anyhow!("{} (hint: {hint})", pg.message()),
+            None => anyhow::anyhow!("{}", pg.message()),
+        },
+        None => e.into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -404,20 +419,5 @@ mod tests {
         let text = dry_run(&c);
         assert!(text.contains(r#"create database "we""ird";"#));
         assert!(text.contains(r#""public"."My Table""#));
-    }
-}
-
-/// A database error as its message and, where Postgres gives one, its hint
-/// (which says what to do); other errors as they are.
-fn database_error(e: sqlx::Error) -> anyhow::Error {
-    match e
-        .as_database_error()
-        .and_then(|d| d.try_downcast_ref::<sqlx::postgres::PgDatabaseError>())
-    {
-        Some(pg) => match pg.hint() {
-            Some(hint) => anyhow::anyhow!("{} (hint: {hint})", pg.message()),
-            None => anyhow::anyhow!("{}", pg.message()),
-        },
-        None => e.into(),
     }
 }
