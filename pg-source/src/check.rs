@@ -350,6 +350,39 @@ async fn table(
                     format!("add a primary key to {t}"),
                 );
             }
+            // Each poll reads `(timestamp, id) > position` in that order:
+            // without an index that leads with both, every poll scans.
+            let indexed: bool = sqlx::query_scalar(
+                "select exists (
+                   select 1 from pg_catalog.pg_index i
+                    where i.indrelid operator(pg_catalog.=) pg_catalog.to_regclass($1)
+                      and i.indnatts operator(pg_catalog.>=) 2
+                      and (select a.attname from pg_catalog.pg_attribute a
+                            where a.attrelid operator(pg_catalog.=) i.indrelid
+                              and a.attnum operator(pg_catalog.=) i.indkey[0]) operator(pg_catalog.=) $2::pg_catalog.name
+                      and (select a.attname from pg_catalog.pg_attribute a
+                            where a.attrelid operator(pg_catalog.=) i.indrelid
+                              and a.attnum operator(pg_catalog.=) i.indkey[1]) operator(pg_catalog.=) $3::pg_catalog.name)",
+            )
+            .bind(t.quoted())
+            .bind(&ts.timestamp_column)
+            .bind(&ts.incrementing_column)
+            .fetch_one(pool)
+            .await?;
+            if !indexed && info.column(&ts.timestamp_column).is_some() {
+                r.warn(
+                    format!(
+                        "table {t} has no index on ({}, {}): every poll reads the whole table",
+                        ts.timestamp_column, ts.incrementing_column
+                    ),
+                    format!(
+                        "create index on {} ({}, {})",
+                        t.quoted(),
+                        tidemark_common::names::quote_ident(&ts.timestamp_column),
+                        tidemark_common::names::quote_ident(&ts.incrementing_column)
+                    ),
+                );
+            }
             Ok(())
         }
         ModeConfig::ChangeLog(_) => changelog::check_trigger(pool, t).await,
@@ -387,6 +420,7 @@ async fn kafka(
 ) -> Option<HashMap<Vec<u8>, Vec<u8>>> {
     let (_, metadata) =
         tokio::task::block_in_place(|| tidemark_common::check::kafka_metadata(&cfg.kafka, r))?;
+    transactions(cfg, &metadata, r).await;
     let existing: HashMap<&str, (usize, bool)> = metadata
         .topics()
         .iter()
@@ -454,6 +488,57 @@ async fn kafka(
                 }
             }
         }
+    }
+}
+
+/// Whether the brokers can run transactions, which every batch is: Kafka
+/// creates its transaction log at the first transaction, with
+/// `transaction.state.log.replication.factor` replicas, and refuses to while
+/// fewer brokers run (a single broker keeps the default, 3).
+async fn transactions(cfg: &Config, metadata: &rdkafka::metadata::Metadata, r: &mut Report) {
+    if metadata
+        .topics()
+        .iter()
+        .any(|t| t.name() == "__transaction_state")
+    {
+        r.ok("kafka: the transaction log exists");
+        return;
+    }
+    let brokers = metadata.brokers().len();
+    let Some(broker) = metadata.brokers().first() else {
+        return;
+    };
+    let wanted = async {
+        let admin = cfg.kafka.admin()?;
+        let results = admin
+            .describe_configs(
+                &[ResourceSpecifier::Broker(broker.id())],
+                &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
+            )
+            .await?;
+        let resource = results
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("no answer"))?
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        anyhow::Ok(
+            resource
+                .get("transaction.state.log.replication.factor")
+                .and_then(|e| e.value.as_deref())
+                .and_then(|v| v.parse::<usize>().ok()),
+        )
+    }
+    .await;
+    match wanted {
+        Ok(Some(rf)) if rf > brokers => r.fail(
+            format!("kafka: the first transaction needs {rf} brokers for the transaction log (transaction.state.log.replication.factor), and {brokers} run"),
+            format!("set transaction.state.log.replication.factor (and transaction.state.log.min.isr) to at most {brokers} in the brokers' configuration, or run more brokers"),
+        ),
+        Ok(_) => r.ok("kafka: the brokers can create the transaction log"),
+        Err(e) => r.warn(
+            format!("kafka: cannot read the brokers' configuration ({e:#}), so whether transactions work is unknown"),
+            "grant DESCRIBE_CONFIGS on the cluster, or check transaction.state.log.replication.factor by hand",
+        ),
     }
 }
 

@@ -277,3 +277,46 @@ async fn pg_replay_check_passes_a_ready_target_and_refuses_a_table_without_key()
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_source_check_of_timestamp_mode_warns_of_a_poll_without_index() {
+    let fx = Fixture::new().await;
+    sqlx::raw_sql(
+        "create table plain (id serial primary key, last_updated timestamp not null default now())",
+    )
+    .execute(&fx.pool)
+    .await
+    .unwrap();
+    let file = source_file(&fx);
+    let offsets = format!("{}offsets", fx.prefix);
+    let (code, out) = run(
+        env!("CARGO_BIN_EXE_it-pg-source"),
+        &[
+            "--check",
+            "--connector-config",
+            file.to_str().unwrap(),
+            "--table-whitelist",
+            "public.streaming_update_table,public.plain",
+            "--offsets-topic",
+            &offsets,
+            "--bootstrap-servers",
+            &bootstrap(),
+        ],
+    );
+    assert_eq!(code, Some(0), "a warning does not stop a run: {out}");
+    assert!(
+        out.contains("WARN table public.plain has no index on (last_updated, id): every poll reads the whole table")
+            && out.contains(r#"fix: create index on "public"."plain" ("last_updated", "id")"#),
+        "{out}"
+    );
+    assert!(
+        !out.contains("table public.streaming_update_table has no index"),
+        "schema-init made the seed's index: {out}"
+    );
+    // A fresh broker has no transaction log before the first transaction.
+    assert!(
+        out.contains("kafka: the transaction log exists")
+            || out.contains("kafka: the brokers can create the transaction log"),
+        "{out}"
+    );
+}
