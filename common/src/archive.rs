@@ -104,6 +104,16 @@
 //! skips whole segments outside a commit-order or time range, reading only
 //! the manifest for them. The open segment is read up to its checkpointed
 //! length. Nothing here writes.
+//!
+//! [`PartitionTail`] reads one partition from a [`SegmentPos`] (segment,
+//! lines and bytes read of it) and follows it while file-sink writes,
+//! through rotations and seals; each line comes with the position to resume
+//! from. That is what a player of the archive keeps as its place: the
+//! position names a segment by its first offset, so it survives seals,
+//! restarts and moves of the archive. A player merges its partitions' tails
+//! by commit order, as [`Archive::records`] does, and may apply a unit up to
+//! the archive's completeness mark ([`Archive::complete_before`]) knowing
+//! that no partition will show an earlier one later.
 
 use std::collections::BinaryHeap;
 use std::fs::File;
@@ -1208,6 +1218,319 @@ impl Iterator for Records {
             self.failed = Some(e);
         }
         Some(Ok(head.record))
+    }
+}
+
+/// Where reading one partition of a segmented archive stands: in the
+/// segment whose first Kafka offset is `segment`, after its first `lines`
+/// lines (`bytes` bytes of them, uncompressed). Segment names and contents
+/// are deterministic and a sealed segment holds exactly the lines its open
+/// file held, so a position stays valid across seals, restarts of
+/// file-sink and moves of the archive; keep it to resume reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentPos {
+    /// The segment's first offset; `-1`: before the first segment.
+    pub segment: i64,
+    /// Bytes of its lines already read.
+    pub bytes: u64,
+    /// Its lines already read.
+    pub lines: u64,
+}
+
+impl SegmentPos {
+    /// Before every record.
+    pub const START: SegmentPos = SegmentPos {
+        segment: -1,
+        bytes: 0,
+        lines: 0,
+    };
+}
+
+impl Default for SegmentPos {
+    fn default() -> Self {
+        Self::START
+    }
+}
+
+/// One line read by a [`PartitionTail`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TailRecord {
+    /// The line, without its line break.
+    pub line: Vec<u8>,
+    /// Where its event stands in the source; the offset is its segment's
+    /// first offset.
+    pub position: Position,
+    /// Where the line starts.
+    pub at: SegmentPos,
+    /// Where the next line starts: the position to resume from once this
+    /// one is applied.
+    pub next: SegmentPos,
+}
+
+/// A segment a tail can read: its first offset, where its lines are, and
+/// how many bytes of them are durable.
+struct TailSegment {
+    first_offset: i64,
+    path: PathBuf,
+    compression: Compression,
+    stored_bytes: Option<u64>,
+    plain_bytes: u64,
+    records: u64,
+    stats: SegmentStats,
+    sealed: bool,
+}
+
+/// Reads one partition of a segmented archive in offset order from a
+/// [`SegmentPos`], and follows it while file-sink writes: sealed segments
+/// first, then the segments not sealed yet, each up to the length its
+/// checkpoint says is durable. When everything durable has been read,
+/// [`Self::next_record`] returns `None`; called again later it goes on
+/// with what was written meanwhile, through rotations and seals (a segment
+/// sealed while being read is read on in its sealed file, at the same
+/// line). Sealed segments whose manifest line `skip` says hold nothing in
+/// its range ([`ReadOptions::may_keep`]) are stepped over unread; records
+/// are not filtered one by one.
+///
+/// It only reads, so any number of readers may follow an archive that
+/// file-sink is writing, on any machine that sees the folder.
+pub struct PartitionTail {
+    dir: PathBuf,
+    pos: SegmentPos,
+    skip: ReadOptions,
+    /// The segment being read, its lines, and how many bytes of them may
+    /// be read.
+    current: Option<(TailSegment, Box<dyn BufRead + Send>, u64)>,
+}
+
+impl PartitionTail {
+    /// A reader of the partition folder `dir` from `from`.
+    pub fn new(dir: &Path, from: SegmentPos, skip: ReadOptions) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            pos: from,
+            skip,
+            current: None,
+        }
+    }
+
+    /// Where the next line starts.
+    pub fn position(&self) -> SegmentPos {
+        self.pos
+    }
+
+    /// The partition's segments now, sealed and not, in offset order.
+    fn segments(&self) -> Result<Vec<TailSegment>, ArchiveError> {
+        let p = PartitionArchive::open(&self.dir, "", 0)?;
+        let mut out: Vec<TailSegment> = p
+            .segments
+            .iter()
+            .map(|s| TailSegment {
+                first_offset: s.stats.first_offset,
+                path: self.dir.join(&s.segment),
+                compression: s.compression,
+                stored_bytes: Some(s.bytes),
+                plain_bytes: s.stats.plain_bytes,
+                records: s.stats.records,
+                stats: s.stats.clone(),
+                sealed: true,
+            })
+            .collect();
+        for o in p.unsealed() {
+            out.push(TailSegment {
+                first_offset: o.stats.first_offset,
+                path: self.dir.join(&o.segment),
+                compression: Compression::None,
+                stored_bytes: None,
+                plain_bytes: o.stats.plain_bytes,
+                records: o.stats.records,
+                stats: o.stats.clone(),
+                sealed: false,
+            });
+        }
+        out.sort_by_key(|s| s.first_offset);
+        Ok(out)
+    }
+
+    /// Opens `seg` at `bytes` into its lines. `None` when an unsealed
+    /// segment's file is gone: it was sealed meanwhile.
+    fn open_at(
+        seg: &TailSegment,
+        bytes: u64,
+    ) -> Result<Option<Box<dyn BufRead + Send>>, ArchiveError> {
+        let mut file = match File::open(&seg.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !seg.sealed => return Ok(None),
+            Err(e) => return Err(io_err(&seg.path)(e)),
+        };
+        if let Some(want) = seg.stored_bytes {
+            let have = file.metadata().map_err(io_err(&seg.path))?.len();
+            if have != want {
+                return Err(damaged(
+                    &seg.path,
+                    format!("{have} bytes where the manifest says {want}"),
+                ));
+            }
+        }
+        let mut raw: Box<dyn Read + Send> = match seg.compression {
+            Compression::None => {
+                use std::io::Seek as _;
+                file.seek(std::io::SeekFrom::Start(bytes))
+                    .map_err(io_err(&seg.path))?;
+                Box::new(file)
+            }
+            Compression::Zstd => {
+                Box::new(zstd::stream::read::Decoder::new(file).map_err(io_err(&seg.path))?)
+            }
+            Compression::Gzip => Box::new(flate2::read::GzDecoder::new(file)),
+        };
+        if seg.compression != Compression::None {
+            let skipped = std::io::copy(&mut (&mut raw).take(bytes), &mut std::io::sink())
+                .map_err(io_err(&seg.path))?;
+            if skipped != bytes {
+                return Err(damaged(
+                    &seg.path,
+                    format!("{skipped} bytes of lines where {bytes} were read before"),
+                ));
+            }
+        }
+        Ok(Some(Box::new(BufReader::with_capacity(
+            256 * 1024,
+            raw.take(seg.plain_bytes.saturating_sub(bytes)),
+        ))))
+    }
+
+    /// Positions the reader on what to read next, from the segments as
+    /// they are now; `false` when there is nothing more yet.
+    fn refill(&mut self) -> Result<bool, ArchiveError> {
+        self.current = None;
+        // An unsealed segment sealed between listing and opening is looked
+        // for again, in its sealed file.
+        for _ in 0..3 {
+            let mut segments = self.segments()?;
+            let Some(i) = self.pick(&segments)? else {
+                return Ok(false);
+            };
+            let seg = segments.swap_remove(i);
+            if let Some(lines) = Self::open_at(&seg, self.pos.bytes)? {
+                let left = seg.plain_bytes - self.pos.bytes;
+                self.current = Some((seg, lines, left));
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Moves the position over segments read to their end that a later
+    /// one follows (file-sink writes one segment of a partition at a time,
+    /// so those are complete) and over segments `skip` leaves out; returns
+    /// the index of the segment to read from, or `None` when every durable
+    /// line has been read.
+    fn pick(&mut self, segments: &[TailSegment]) -> Result<Option<usize>, ArchiveError> {
+        let gone = |pos: SegmentPos, dir: &Path| {
+            damaged(
+                dir,
+                format!(
+                    "the segment starting at offset {} (read up to its line {}) is not in the archive: retired by retention, or another archive",
+                    pos.segment, pos.lines
+                ),
+            )
+        };
+        // Whether the position's segment is listed (or need not be: at its
+        // start, the next listed one will do).
+        let mut found = self.pos.bytes == 0 && self.pos.lines == 0;
+        for (i, seg) in segments.iter().enumerate() {
+            if seg.first_offset < self.pos.segment {
+                continue;
+            }
+            if seg.first_offset > self.pos.segment {
+                if !found {
+                    return Err(gone(self.pos, &self.dir));
+                }
+                self.pos = SegmentPos {
+                    segment: seg.first_offset,
+                    bytes: 0,
+                    lines: 0,
+                };
+                if seg.sealed && !self.skip.may_keep(&seg.stats) {
+                    self.pos.bytes = seg.plain_bytes;
+                    self.pos.lines = seg.records;
+                    continue;
+                }
+            }
+            found = true;
+            if self.pos.bytes > seg.plain_bytes || self.pos.lines > seg.records {
+                return Err(damaged(
+                    &seg.path,
+                    format!(
+                        "it holds {} lines ({} bytes), fewer than the {} ({} bytes) read from it before",
+                        seg.records, seg.plain_bytes, self.pos.lines, self.pos.bytes
+                    ),
+                ));
+            }
+            if self.pos.bytes < seg.plain_bytes {
+                return Ok(Some(i));
+            }
+        }
+        if !found {
+            return Err(gone(self.pos, &self.dir));
+        }
+        Ok(None)
+    }
+
+    /// The next durable line, or `None` when every durable line has been
+    /// read (call again to follow).
+    ///
+    /// Fails when a segment is missing, damaged, or shorter than what was
+    /// read from it before (an archive other than the one the position
+    /// was taken in).
+    pub fn next_record(&mut self) -> Result<Option<TailRecord>, ArchiveError> {
+        loop {
+            if self.current.is_none() && !self.refill()? {
+                return Ok(None);
+            }
+            let (seg, lines, left) = self.current.as_mut().expect("refilled");
+            if *left == 0 {
+                self.current = None;
+                // Read to the durable end: see whether more is durable, or
+                // sealed, or a later segment began.
+                if !self.refill()? {
+                    return Ok(None);
+                }
+                continue;
+            }
+            let mut buf = Vec::new();
+            let n = lines
+                .read_until(b'\n', &mut buf)
+                .map_err(io_err(&seg.path))? as u64;
+            if n == 0 || !buf.ends_with(b"\n") {
+                return Err(damaged(
+                    &seg.path,
+                    format!(
+                        "it ends inside the {} durable bytes its {} says it holds",
+                        seg.plain_bytes,
+                        if seg.sealed { "manifest" } else { "checkpoint" }
+                    ),
+                ));
+            }
+            *left -= n;
+            buf.pop();
+            let at = self.pos;
+            self.pos.bytes += n;
+            self.pos.lines += 1;
+            if self.pos.lines > seg.records {
+                return Err(damaged(
+                    &seg.path,
+                    "more lines than its manifest or checkpoint says",
+                ));
+            }
+            let position = Position::of_line(&buf, seg.first_offset);
+            return Ok(Some(TailRecord {
+                line: buf,
+                position,
+                at,
+                next: self.pos,
+            }));
+        }
     }
 }
 

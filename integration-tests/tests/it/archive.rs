@@ -801,3 +801,116 @@ async fn a_stalled_former_owner_is_waited_for_and_never_written_beside() {
     assert!(log.contains("partition taken"), "{log}");
     drop((a, b));
 }
+
+/// Readers following each partition of an archive file-sink is writing
+/// (rotation by size and time, zstd) read every record once, in offset
+/// order, through rotations and seals, the open segment sealed by time
+/// while they read it included; a reader started again from the position
+/// of the last line it read (every 37 lines) goes on from exactly there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tail_follows_the_archive_through_rotations_and_seals_and_resumes_from_its_position() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tidemark_common::archive::{partition_dir, PartitionArchive, PartitionTail, SegmentPos};
+    let topic = topic(2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("archive");
+    let keys = [
+        ("file.rotate.bytes", "4000"),
+        ("file.rotate.interval.ms", "700"),
+        ("file.compression", "zstd"),
+    ];
+    let cfg = archive_sink(&unique("tail"), &topic, &root, &keys);
+    let sink = Running::start(|t| file_sink::run(cfg, t));
+    let (stop, read) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let followers: Vec<_> = (0..2)
+        .map(|p| {
+            let pdir = partition_dir(&root, &topic, p);
+            let (stop, read) = (stop.clone(), read.clone());
+            tokio::task::spawn_blocking(move || {
+                let mut tail = PartitionTail::new(&pdir, SegmentPos::START, ReadOptions::default());
+                let mut got: Vec<String> = Vec::new();
+                let mut resumes = 0;
+                loop {
+                    match tail.next_record().unwrap() {
+                        Some(r) => {
+                            assert_eq!(r.at.lines + 1, r.next.lines.max(1));
+                            got.push(String::from_utf8(r.line).unwrap());
+                            read.fetch_add(1, Ordering::Relaxed);
+                            if got.len().is_multiple_of(37) {
+                                tail = PartitionTail::new(&pdir, r.next, ReadOptions::default());
+                                resumes += 1;
+                            }
+                        }
+                        None if stop.load(Ordering::Relaxed) => return (got, resumes),
+                        None => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+            })
+        })
+        .collect();
+    let producer = producer();
+    let mut want = Vec::new();
+    for wave in 0..4 {
+        want.extend(
+            produce_units(
+                &producer,
+                &topic,
+                wave * 40 + 1..wave * 40 + 41,
+                2,
+                |_, _| "false",
+            )
+            .await,
+        );
+        tokio::time::sleep(Duration::from_millis(900)).await;
+    }
+    // Every record read, and time has sealed every segment.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while read.load(Ordering::Relaxed) < want.len() || !files(&root, ".jsonl.open").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "read {} of {}; open: {:?}",
+            read.load(Ordering::Relaxed),
+            want.len(),
+            files(&root, ".jsonl.open")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Time to read anything twice.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    sink.stop().await.unwrap();
+    let mut all = Vec::new();
+    for (p, f) in followers.into_iter().enumerate() {
+        let (got, resumes) = f.await.unwrap();
+        let pdir = partition_dir(&root, &topic, p as i32);
+        let reference: Vec<String> = PartitionArchive::open(&pdir, &topic, p as i32)
+            .unwrap()
+            .records(&ReadOptions::default())
+            .map(|r| r.unwrap().line)
+            .collect();
+        assert!(
+            got == reference,
+            "partition {p}: the tail read other lines than the archive holds, or in another order"
+        );
+        assert!(resumes >= 2, "partition {p}: {resumes} resumes");
+        all.extend(got);
+    }
+    let key = |l: &String| {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        (
+            v["transaction"]["commit_order"].as_i64().unwrap(),
+            v["transaction"]["total_order"].as_i64().unwrap(),
+        )
+    };
+    all.sort_by_key(key);
+    assert_exactly_once_in_order(&all, &want);
+    assert!(
+        files(&root, ".jsonl.zst").len() > 8,
+        "rotations: {:?}",
+        files(&root, ".jsonl.zst")
+    );
+}
