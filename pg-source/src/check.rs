@@ -211,6 +211,17 @@ async fn postgres(
             }
         },
     };
+    let named: Vec<(&TableName, String)> = tables
+        .iter()
+        .map(|t| (t, topic_name(&cfg.topic_prefix, &t.name)))
+        .collect();
+    let mut reserved = vec![("the offsets topic", cfg.offsets_topic.as_str())];
+    if matches!(cfg.mode, ModeConfig::ChangeLog(_)) {
+        reserved.push(("the dead-letter topic", changelog::DEAD_LETTER_TOPIC));
+    }
+    if let Err(e) = crate::check_topics(&named, &reserved) {
+        r.error("topics", &e);
+    }
     for t in &tables {
         topics.push(topic_name(&cfg.topic_prefix, &t.name));
         if let Err(e) = table(cfg, pool, t, &user, r).await {

@@ -313,6 +313,27 @@ async fn pg_source_check_of_timestamp_mode_warns_of_a_poll_without_index() {
         !out.contains("table public.streaming_update_table has no index"),
         "schema-init made the seed's index: {out}"
     );
+    // Two tables of one name in two schemas would share a topic.
+    sqlx::raw_sql("create schema other; create table other.plain (id int primary key, last_updated timestamp)")
+        .execute(&fx.pool)
+        .await
+        .unwrap();
+    let (code, collide) = run(
+        env!("CARGO_BIN_EXE_it-pg-source"),
+        &[
+            "--check",
+            "--connector-config",
+            file.to_str().unwrap(),
+            "--table-whitelist",
+            "public.plain,other.plain",
+            "--offsets-topic",
+            &offsets,
+            "--bootstrap-servers",
+            &bootstrap(),
+        ],
+    );
+    assert_eq!(code, Some(1), "{collide}");
+    assert!(collide.contains("FAIL topics: "), "{collide}");
     // A fresh broker has no transaction log before the first transaction.
     assert!(
         out.contains("kafka: the transaction log exists")
