@@ -1027,20 +1027,83 @@ impl Applier {
 
     async fn copy_one(&mut self, idx: usize) -> anyhow::Result<()> {
         let stage = &mut self.stages[idx];
-        let mut copy = self
-            .conn
-            .copy_in_raw(&stage.copy_sql)
-            .await
-            .with_context(|| format!("cannot stage the changes of {}", stage.source))?;
-        copy.send(stage.buf.as_slice()).await?;
-        copy.finish().await.with_context(|| {
-            format!(
-                "a value of table {} does not fit its target column {} (the target type's input refused it)",
-                stage.source, stage.target.name
-            )
-        })?;
-        stage.buf.clear();
+        let result = {
+            let mut copy = self
+                .conn
+                .copy_in_raw(&stage.copy_sql)
+                .await
+                .with_context(|| format!("cannot stage the changes of {}", stage.source))?;
+            match copy.send(stage.buf.as_slice()).await {
+                Ok(_) => copy.finish().await.map(|_| ()),
+                Err(e) => Err(e),
+            }
+        };
+        if let Err(e) = result {
+            return Err(self.copy_error(idx, e));
+        }
+        self.stages[idx].buf.clear();
         Ok(())
+    }
+
+    /// The error of a `COPY` into table `idx`'s staging table, naming the
+    /// archive's place, table, column and key of the value the target type
+    /// refused (from the error's `COPY ..., line N, column cK` context and
+    /// line N of the buffer, which is still there).
+    fn copy_error(&self, idx: usize, e: sqlx::Error) -> anyhow::Error {
+        let stage = &self.stages[idx];
+        let context = e
+            .as_database_error()
+            .and_then(|d| d.try_downcast_ref::<sqlx::postgres::PgDatabaseError>())
+            .and_then(|d| d.r#where())
+            .unwrap_or_default();
+        let number_after = |tag: &str| -> Option<usize> {
+            let rest = &context[context.find(tag)? + tag.len()..];
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        };
+        let located = (|| {
+            let line_no = number_after(", line ")?;
+            let column = number_after(", column c")?;
+            let line = stage
+                .buf
+                .split(|&b| b == b'\n')
+                .nth(line_no.checked_sub(1)?)?;
+            let fields: Vec<&[u8]> = line.split(|&b| b == b'\t').collect();
+            let number = |i: usize| -> Option<u64> {
+                std::str::from_utf8(fields.get(i)?).ok()?.parse().ok()
+            };
+            let origin = self.streams.origin(
+                u32::try_from(number(3)?).ok()?,
+                StreamPos {
+                    offset: number(4)?,
+                    line: number(5)?,
+                },
+            );
+            let col = &stage.target.columns[*stage.cols.get(column.checked_sub(1)?)?];
+            let key: Vec<String> = stage
+                .target
+                .key
+                .iter()
+                .map(|&k| {
+                    let j = stage.cols.iter().position(|&c| c == k)?;
+                    Some(String::from_utf8_lossy(fields.get(6 + j)?).into_owned())
+                })
+                .collect::<Option<_>>()?;
+            Some((origin, col.name.clone(), key.join(",")))
+        })();
+        match located {
+            Some((origin, column, key)) => anyhow!(
+                "cannot replay column {column} of table {} (target {}, key ({})=({key})) at {origin}: the target \
+                 column's type refused the value: {e}; nothing was applied from this batch of the archive",
+                stage.source,
+                stage.target.name,
+                stage.key_names(),
+            ),
+            None => anyhow!(e).context(format!(
+                "a value of table {} does not fit its target table {} (the target type's input refused it)",
+                stage.source, stage.target.name
+            )),
+        }
     }
 
     /// Sends every buffered change to its staging table.

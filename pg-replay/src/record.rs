@@ -334,6 +334,8 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<i64>>
 #[derive(Deserialize)]
 struct RawSource<'a> {
     #[serde(default, borrow)]
+    version: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
     name: Option<Cow<'a, str>>,
     #[serde(default)]
     ts_ms: Option<i64>,
@@ -578,6 +580,9 @@ impl Decoder {
             Ok(raw) => raw,
             Err(first) => return not_an_event(payload, schema, first),
         };
+        if let Some(version) = &raw.source.version {
+            check_version(version)?;
+        }
         let op = Op::parse(&raw.op)
             .ok_or_else(|| RecordError::NotARecord(format!("unknown op {:?}", raw.op)))?;
         let image = match op {
@@ -660,6 +665,34 @@ impl Decoder {
             tx: raw.transaction,
             schema,
         }))
+    }
+}
+
+/// Refuses a Tidemark envelope (`source.version` `tidemark-X.Y.Z`) of a
+/// release after this one: its events may mean something this pg-replay
+/// does not know. Tidemark 0.1 (envelope 1) up to this release are read;
+/// another connector's version string (Debezium's) is left alone.
+fn check_version(version: &str) -> Result<(), RecordError> {
+    let Some(rest) = version.strip_prefix("tidemark-") else {
+        return Ok(());
+    };
+    let release = |text: &str| -> Option<(u64, u64)> {
+        let mut parts = text.split(['.', '-', '+']);
+        Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+    };
+    let ours = release(env!("CARGO_PKG_VERSION")).expect("the package version is X.Y.Z");
+    match release(rest) {
+        Some(theirs) if theirs >= (0, 1) && theirs <= ours => Ok(()),
+        Some(_) => Err(RecordError::NotARecord(format!(
+            "envelope version {version} is of a later Tidemark than this pg-replay ({}), which reads \
+             tidemark-0.1 to tidemark-{}.{}: replay it with the pg-replay of that release",
+            env!("CARGO_PKG_VERSION"),
+            ours.0,
+            ours.1
+        ))),
+        None => Err(RecordError::NotARecord(format!(
+            "unknown envelope version {version:?} (expected tidemark-X.Y.Z)"
+        ))),
     }
 }
 
@@ -874,6 +907,22 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn envelopes_of_this_release_and_before_and_other_connectors_decode() {
+        let mut d = Decoder::new();
+        for version in [
+            "tidemark-0.1.0",
+            "tidemark-0.2.0",
+            "tidemark-0.2.7",
+            "2.7.0.Final",
+        ] {
+            let line = format!(
+                r#"{{"op":"c","source":{{"version":"{version}","schema":"s","table":"t","ts_ms":1}},"after":{{"id":1}}}}"#
+            );
+            assert!(d.decode(line.as_bytes()).is_ok(), "{version}");
+        }
+    }
+
+    #[test]
     fn bad_lines_say_what_is_wrong() {
         let mut d = Decoder::new();
         let cases: &[(&[u8], &str)] = &[
@@ -890,6 +939,12 @@ pub(crate) mod tests {
             (br#"{"op":"c","source":{"schema":"s","table":"t","ts_ms":1},"after":{},"transaction":{"total_order":0,"commit_order":1}}"#, "total_order 0"),
             (br#"{"op":"c","source":{"schema":"s","table":"t","ts_ms":1},"after":{},"transaction":{"total_order":3,"commit_order":1,"event_count":2}}"#, "below"),
             (br#"{"schema":{"a":1},"payload":{"id":1}} trailing"#, "not JSON"),
+            (br#"{"op":"c","source":{"version":"tidemark-9.0.0","schema":"s","table":"t","ts_ms":1},"after":{}}"#,
+             "envelope version tidemark-9.0.0 is of a later Tidemark"),
+            (br#"{"op":"c","source":{"version":"tidemark-0.99.1","schema":"s","table":"t","ts_ms":1},"after":{}}"#,
+             "envelope version tidemark-0.99.1 is of a later Tidemark"),
+            (br#"{"op":"c","source":{"version":"tidemark-x","schema":"s","table":"t","ts_ms":1},"after":{}}"#,
+             "unknown envelope version \"tidemark-x\""),
         ];
         for (line, want) in cases {
             let err = d.decode(line).unwrap_err().to_string();

@@ -1015,3 +1015,110 @@ async fn a_target_table_owner_s_code_never_runs_with_pg_replay_s_privileges() {
     ))
     .await;
 }
+
+/// `line` (an event of [`event`]) with `transaction.prev_commit_order`.
+fn with_prev(line: &str, prev: Option<i64>) -> String {
+    let mut v: Value = serde_json::from_str(line).unwrap();
+    v["transaction"]["prev_commit_order"] = json!(prev);
+    v.to_string()
+}
+
+/// The bad inputs not covered above, each refused with an error
+/// that names its place in the archive (and table, column and key where
+/// there is one), with nothing of the bad unit applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_names_its_place_table_column_and_key_and_applies_nothing_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.txt");
+
+    // An envelope of a later Tidemark.
+    let db = Db::new().await;
+    db.exec("create table t (id int primary key, data text not null)")
+        .await;
+    let mut a = Archive::default();
+    a.unit(1, 1, 1, &[("c", "t", NULL, row(1, "a"))]);
+    let mut later: Value =
+        serde_json::from_str(&event("c", "t", NULL, row(2, "b"), 2, 1, Some(1), 2, 2)).unwrap();
+    later["source"]["version"] = json!("tidemark-9.0.0");
+    a.raw(&later.to_string());
+    a.write(&path);
+    let err = format!("{:#}", replay(config(&db, &[&path])).await.unwrap_err());
+    assert!(err.contains("out.txt line 2 (byte offset"), "{err}");
+    assert!(
+        err.contains("envelope version tidemark-9.0.0 is of a later Tidemark"),
+        "{err}"
+    );
+    assert_eq!(db.rows("select id from t").await, Vec::<String>::new());
+
+    // A file cut in the middle of a unit (its last line torn).
+    let db = Db::new().await;
+    db.exec("create table t (id int primary key, data text not null)")
+        .await;
+    let mut a = Archive::default();
+    a.unit(1, 1, 1, &[("c", "t", NULL, row(1, "a"))]);
+    a.raw(&event("c", "t", NULL, row(2, "b"), 2, 1, None, 2, 2));
+    a.write(&path);
+    let torn = event("c", "t", NULL, row(3, "c"), 2, 2, Some(2), 2, 2);
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    std::io::Write::write_all(&mut f, &torn.as_bytes()[..torn.len() / 2]).unwrap();
+    let err = format!("{:#}", replay(config(&db, &[&path])).await.unwrap_err());
+    assert!(
+        err.contains("a gap in the archive: unit 2 (transaction 2, first event at"),
+        "{err}"
+    );
+    assert!(err.contains("out.txt line 2 (byte offset"), "{err}");
+    assert!(err.contains("holds 1 events but not its last one"), "{err}");
+    assert_eq!(db.rows("select id from t").await, vec!["(1)"]);
+
+    // A unit missing entirely: the one after it names it.
+    let db = Db::new().await;
+    db.exec("create table t (id int primary key, data text not null)")
+        .await;
+    let mut a = Archive::default();
+    a.raw(&with_prev(
+        &event("c", "t", NULL, row(1, "a"), 1, 1, Some(1), 1, 1),
+        None,
+    ))
+    .raw(&with_prev(
+        &event("c", "t", NULL, row(3, "c"), 3, 1, Some(1), 3, 3),
+        Some(2),
+    ));
+    a.write(&path);
+    let err = format!("{:#}", replay(config(&db, &[&path])).await.unwrap_err());
+    assert!(
+        err.contains("unit 3 (first event at") && err.contains("out.txt line 2 (byte offset"),
+        "{err}"
+    );
+    assert!(
+        err.contains("a unit before it is missing from the archive (it names unit 2 before it)"),
+        "{err}"
+    );
+    assert_eq!(db.rows("select id from t").await, vec!["(1)"]);
+
+    // A value the target's column type refuses.
+    let db = Db::new().await;
+    db.exec("create table t (id int primary key, data varchar(3) not null)")
+        .await;
+    let mut a = Archive::default();
+    a.unit(1, 1, 1, &[("c", "t", NULL, row(1, "ab"))]).unit(
+        2,
+        2,
+        2,
+        &[("c", "t", NULL, row(2, "abcdef"))],
+    );
+    a.write(&path);
+    let err = format!("{:#}", replay(config(&db, &[&path])).await.unwrap_err());
+    assert!(
+        err.contains("cannot replay column data of table public.t (target public.t, key (id)=(2))"),
+        "{err}"
+    );
+    assert!(err.contains("out.txt line 2 (byte offset"), "{err}");
+    assert!(
+        err.contains("value too long for type character varying(3)"),
+        "{err}"
+    );
+    assert_eq!(db.rows("select id from t").await, Vec::<String>::new());
+}
