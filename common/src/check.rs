@@ -111,7 +111,7 @@ impl Report {
         print!("{}", self.render(program));
         let fails = self.count(Level::Fail);
         if fails > 0 {
-            anyhow::bail!("--check found {fails} problem(s) that would stop a run");
+            return Err(CheckFailed(fails).into());
         }
         Ok(())
     }
@@ -149,6 +149,12 @@ pub fn kafka_metadata(
         }
     }
 }
+
+/// The error of a `--check` that found problems: the report said them
+/// all, so the program exits 1 without logging them again.
+#[derive(Debug, thiserror::Error)]
+#[error("--check found {0} problem(s) that would stop a run")]
+pub struct CheckFailed(pub usize);
 
 /// Whether this process may create and write files in `dir`, as the
 /// kernel decides (`access(2)` with `W_OK | X_OK`: permissions, ACLs, a

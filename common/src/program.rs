@@ -29,6 +29,10 @@ where
         let shutdown = crate::shutdown::on_signal();
         match run(shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
+            Err(e) if e.downcast_ref::<crate::check::CheckFailed>().is_some() => {
+                eprintln!("{name}: {e}");
+                ExitCode::FAILURE
+            }
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), "{name} failed");
                 eprintln!("{name}: error: {e:#}");
