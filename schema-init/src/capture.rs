@@ -223,6 +223,12 @@ fn fill(template: &str) -> String {
 /// another order logs them in the table's). Statement triggers are refused
 /// there, since a write straight to a partition never fires them.
 ///
+/// **Replica sessions.** The triggers are enabled always, so they fire for
+/// logical replication's apply too (it runs with `session_replication_role
+/// = replica`, where a trigger enabled the default way does not fire); the
+/// event trigger enables them always again after `enable trigger all`, and
+/// warns when one is disabled.
+///
 /// **Generated text.** A body goes into `create function` as a string
 /// literal, never between dollar quotes: a table or column name (which a
 /// table owner chooses) may hold any dollar-quote tag, and the event
@@ -386,6 +392,7 @@ end"#,
         )
     }]);
     let drop = |name: &str| format!("drop trigger if exists {} on {t}", quote_ident(name));
+
     match capture.trigger {
         TriggerLevel::Row => {
             for name in [
@@ -449,6 +456,29 @@ end"#,
             }
         }
     }
+    // Also in replica sessions: logical replication's apply (a subscriber's
+    // tables) runs as one, and a trigger enabled the default way would not
+    // fire for what it writes. One ALTER TABLE, so that the event trigger
+    // (of an earlier run) sees them all enabled.
+    let triggers: &[&str] = match capture.trigger {
+        TriggerLevel::Row => &[names::ROW_TRIGGER],
+        TriggerLevel::Statement => &[
+            names::INSERT_TRIGGER,
+            names::UPDATE_TRIGGER,
+            names::DELETE_TRIGGER,
+        ],
+    };
+    steps.push(step(
+        "enable the capture triggers always (also for replica sessions)",
+        format!(
+            "alter table {t} {}",
+            triggers
+                .iter()
+                .map(|name| format!("enable always trigger {}", quote_ident(name)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    ));
     for (name, event, function) in [
         (
             names::EVENT_TRIGGER,

@@ -845,3 +845,83 @@ async fn capture_that_writes_could_bypass_is_refused_by_schema_init_and_by_the_e
         ]
     );
 }
+
+/// Capture triggers are enabled always, so they fire for replica sessions
+/// too: those of logical replication's apply (a subscriber's tables) run
+/// with `session_replication_role = replica`, where a trigger enabled the
+/// default way stays silent. `enable trigger all` (which would set them
+/// back to the default) leaves them enabled always.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_triggers_fire_for_replica_sessions_and_stay_enabled_always() {
+    let db = Db::new().await;
+    let (owner, owner_pool) = db.role("owner_").await;
+    exec(
+        &db.admin,
+        &format!("grant create on schema public to {owner}"),
+    )
+    .await;
+    for sql in [
+        "create table public.by_statement (id int primary key, v text)",
+        "create table public.by_row (id int primary key, v text) partition by range (id)",
+        "create table public.by_row_low partition of public.by_row for values from (0) to (100)",
+    ] {
+        exec(&owner_pool, sql).await;
+    }
+    db.capture("by_statement", every_capture()[1]).await;
+    db.capture("by_row", every_capture()[0]).await;
+    let replica_write = |n: i32| {
+        let admin = db.admin.clone();
+        async move {
+            let mut tx = admin.begin().await.unwrap();
+            sqlx::query("set local session_replication_role = replica")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            for table in ["by_statement", "by_row"] {
+                sqlx::query(&format!(
+                    "insert into public.{table} values ({n}, 'as a replica')"
+                ))
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            }
+            tx.commit().await.unwrap();
+        }
+    };
+    replica_write(1).await;
+    for table in ["by_statement", "by_row"] {
+        exec(
+            &owner_pool,
+            &format!("alter table public.{table} enable trigger all"),
+        )
+        .await;
+    }
+    replica_write(2).await;
+    let states: Vec<(String, String)> = sqlx::query_as(
+        "select tgrelid::regclass::text, tgenabled::text from pg_trigger where tgname like 'tidemark%' order by 1, tgname",
+    )
+    .fetch_all(&db.admin)
+    .await
+    .unwrap();
+    assert!(states.iter().all(|(_, s)| s == "A"), "{states:?}");
+    let logged: Vec<(String, Option<String>)> =
+        sqlx::query_as("select table_name, after from tidemark.change_log order by seq")
+            .fetch_all(&db.admin)
+            .await
+            .unwrap();
+    let row = |t: &str, n: i32| {
+        (
+            format!("public.{t}"),
+            Some(format!("({n},\"as a replica\")")),
+        )
+    };
+    assert_eq!(
+        logged,
+        [
+            row("by_statement", 1),
+            row("by_row", 1),
+            row("by_statement", 2),
+            row("by_row", 2)
+        ]
+    );
+}
