@@ -1313,14 +1313,19 @@ impl Applier {
             );
         }
         self.set_triggers(tables, false).await?;
+        // The tables a TRUNCATE of the run empties, first: only their
+        // changes after it are in the net tables. One statement for all (per
+        // owner), as the source's own: a parent cannot be truncated apart
+        // from the children that reference it.
+        let truncated: Vec<usize> = tables
+            .iter()
+            .copied()
+            .filter(|&i| self.stages[i].truncates.range(..=upto).next().is_some())
+            .collect();
+        self.truncate(&truncated).await?;
         for &i in tables {
             self.act_for(Some(i)).await?;
             let s = &self.stages[i];
-            if s.truncates.range(..=upto).next().is_some() {
-                sqlx::query(&format!("truncate {}", s.target.name.quoted()))
-                    .execute(&mut self.conn)
-                    .await?;
-            }
             let (ins, upd, _) = expected[&i];
             if upsert {
                 let sql = format!(
@@ -1426,6 +1431,29 @@ impl Applier {
         }
         self.set_triggers(tables, true).await?;
         Ok(FastOutcome::Done)
+    }
+
+    /// Empties the target tables of `stages` with one `truncate` per owner
+    /// pg-replay writes as.
+    async fn truncate(&mut self, stages: &[usize]) -> Result<(), sqlx::Error> {
+        let mut groups: Vec<(usize, Vec<String>)> = Vec::new();
+        for &i in stages {
+            let name = self.stages[i].target.name.quoted();
+            match groups
+                .iter_mut()
+                .find(|(j, _)| self.stages[*j].act_as == self.stages[i].act_as)
+            {
+                Some((_, names)) => names.push(name),
+                None => groups.push((i, vec![name])),
+            }
+        }
+        for (i, names) in groups {
+            self.act_for(Some(i)).await?;
+            sqlx::query(&format!("truncate {}", names.join(", ")))
+                .execute(&mut self.conn)
+                .await?;
+        }
+        Ok(())
     }
 
     /// Disables (`enable = false`) or restores the target tables' own
@@ -1585,7 +1613,15 @@ impl Applier {
             if rows.is_empty() {
                 break;
             }
-            for row in rows {
+            // TRUNCATEs of one unit in a row, taken into the first one's
+            // statement (a parent cannot be truncated apart from its
+            // children): how many of the next rows are done.
+            let mut skip = 0usize;
+            for (r, row) in rows.iter().enumerate() {
+                if skip > 0 {
+                    skip -= 1;
+                    continue;
+                }
                 let i = row.get::<i32, _>("t") as usize;
                 let op: String = row.get("op");
                 let tid: String = row.get("tid");
@@ -1594,7 +1630,21 @@ impl Applier {
                 let s = &self.stages[i];
                 let t = s.target.name.quoted();
                 let (sql, want_one) = match op.as_str() {
-                    "t" => (format!("truncate {t}"), false),
+                    "t" => {
+                        let mut names = vec![t.clone()];
+                        for next in &rows[r + 1..] {
+                            let j = next.get::<i32, _>("t") as usize;
+                            if next.get::<String, _>("op") != "t"
+                                || next.get::<i64, _>("m_co") != co
+                                || self.stages[j].act_as != s.act_as
+                            {
+                                break;
+                            }
+                            names.push(self.stages[j].target.name.quoted());
+                            skip += 1;
+                        }
+                        (format!("truncate {}", names.join(", ")), false)
+                    }
                     "c" | "r" | "u" if upsert => (
                         format!(
                             "insert into {t} ({cols}){ov} select {vals} from {stage} s \
