@@ -300,15 +300,14 @@ async fn every_column_type_replays(logical: bool) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "capture sends a json value of an updated row normalized (as jsonb prints it), so the restore differs; \
-            run it once pg-source carries json's exact text in updates"]
 async fn every_column_type_replays_from_a_changelog_archive() {
     every_column_type_replays(false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "capture sends a json value of an updated row normalized (as jsonb prints it), so the restore differs; \
-            run it once pg-source carries json's exact text in updates"]
+#[ignore = "logical capture sends a json value of an updated row normalized (as jsonb prints it: duplicate \
+            key dropped, spacing, \\u escape, 1.0E+2 as 100), so the restore differs; run it once pg-source's \
+            logical mode carries json's exact text in updates (changelog mode does)"]
 async fn every_column_type_replays_from_a_logical_archive() {
     every_column_type_replays(true).await;
 }
