@@ -109,8 +109,14 @@ pub fn create_archive(root: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create the archive folder {}", root.display()))?;
     let marker = root.join(ARCHIVE_MARKER);
     if !marker.exists() {
+        // Several instances may start at once on a new archive: each
+        // writes through a name of its own (they write the same bytes).
+        // One temporary name for all made the later renames fail.
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = root.join(format!("{ARCHIVE_MARKER}.{}-{n}.tmp", std::process::id()));
         let text = serde_json::json!({"format": "tidemark-archive", "version": FORMAT_VERSION});
-        write_atomically(&marker, format!("{text}\n").as_bytes())?;
+        write_through(&marker, &tmp, format!("{text}\n").as_bytes())?;
     }
     Ok(())
 }
@@ -148,7 +154,12 @@ pub fn note_partitions(root: &Path, topic: &str, partitions: i32) -> anyhow::Res
 fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
     tmp_name.push(".tmp");
-    let tmp = path.with_file_name(tmp_name);
+    write_through(path, &path.with_file_name(tmp_name), bytes)
+}
+
+/// [`write_atomically`] through the temporary file `tmp`.
+fn write_through(path: &Path, tmp: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = tmp.to_path_buf();
     let mut f = File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
     f.write_all(bytes)
         .and_then(|_| f.sync_all())
@@ -1120,6 +1131,24 @@ pub fn reset(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn instances_starting_at_once_on_a_new_archive_all_start() {
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().join("archive");
+            let results: Vec<anyhow::Result<()>> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..6).map(|_| s.spawn(|| create_archive(&root))).collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for r in results {
+                r.unwrap();
+            }
+            assert!(root.join(ARCHIVE_MARKER).is_file());
+            let left: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().collect();
+            assert_eq!(left.len(), 1, "{left:?}");
+        }
+    }
 
     fn cfg(root: &Path, rotate_bytes: u64, c: Compression) -> SegmentConfig {
         SegmentConfig {
