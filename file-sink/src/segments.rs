@@ -1210,6 +1210,91 @@ mod tests {
             .collect()
     }
 
+    /// A tail reads what the archive holds, steps over sealed segments
+    /// outside its range unread, and refuses a position in a segment that
+    /// retention took away rather than skip what is left of it.
+    #[test]
+    fn a_tail_skips_what_is_outside_its_range_and_refuses_a_retired_position() {
+        use tidemark_common::archive::{PartitionTail, ReadOptions, SegmentPos};
+        let tp: Tp = ("t".into(), 0);
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path(), 1000, Compression::Zstd);
+        create_archive(dir.path()).unwrap();
+        let a = take(&c, &tp);
+        run(
+            &c,
+            vec![
+                Work::Acquire(Box::new(a)),
+                Work::Batch(vec![(tp.clone(), batch(0, 40))]),
+            ],
+        );
+        let pdir = partition_dir(dir.path(), "t", 0);
+        let read_all = |t: &mut PartitionTail| {
+            let mut out = Vec::new();
+            while let Some(r) = t.next_record().unwrap() {
+                out.push((String::from_utf8(r.line).unwrap(), r.next));
+            }
+            out
+        };
+        let all = read_all(&mut PartitionTail::new(
+            &pdir,
+            SegmentPos::START,
+            ReadOptions::default(),
+        ));
+        let lines: Vec<String> = all.iter().map(|(l, _)| l.clone()).collect();
+        assert_eq!(lines, lines_of(dir.path()));
+        assert_eq!(lines.len(), 40);
+
+        let (manifest, _) = read_manifest(&pdir).unwrap();
+        let sealed: Vec<SealedSegment> = manifest
+            .into_iter()
+            .filter_map(|l| match l {
+                ManifestLine::Sealed(s) => Some(*s),
+                ManifestLine::Retired { .. } => None,
+            })
+            .collect();
+        assert!(sealed.len() >= 3, "{sealed:?}");
+        // From commit order 30 on: the segments wholly before it unread.
+        let opts = ReadOptions {
+            from_commit_order: Some(30),
+            ..Default::default()
+        };
+        let from30 = read_all(&mut PartitionTail::new(&pdir, SegmentPos::START, opts));
+        let holding30 = sealed
+            .iter()
+            .find(|s| s.stats.last.commit_order >= Some(30))
+            .unwrap();
+        assert_eq!(from30.len() as i64, 40 - holding30.stats.first_offset);
+        assert_eq!(from30[0].0, lines[holding30.stats.first_offset as usize]);
+
+        // Retention takes the first segment away from under a reader in it.
+        let inside = all[2].1;
+        assert_eq!(inside.segment, sealed[0].stats.first_offset);
+        std::fs::remove_file(pdir.join(&sealed[0].segment)).unwrap();
+        let retired = ManifestLine::Retired {
+            segment: sealed[0].segment.clone(),
+            at: "2026-12-01T00:00:00Z".into(),
+            reason: "test".into(),
+        };
+        let mut m = std::fs::OpenOptions::new()
+            .append(true)
+            .open(pdir.join(MANIFEST))
+            .unwrap();
+        writeln!(m, "{}", serde_json::to_string(&retired).unwrap()).unwrap();
+        let err = PartitionTail::new(&pdir, inside, ReadOptions::default())
+            .next_record()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not in the archive"), "{err}");
+        // From the start, what is left.
+        let left = read_all(&mut PartitionTail::new(
+            &pdir,
+            SegmentPos::START,
+            ReadOptions::default(),
+        ));
+        assert_eq!(left.len() as i64, 40 - sealed[1].stats.first_offset);
+    }
+
     #[test]
     fn segments_rotate_by_size_whatever_the_batching_and_are_complete_streams() {
         let tp: Tp = ("t".into(), 0);
