@@ -244,6 +244,11 @@ impl FetchSizer {
         None
     }
 
+    /// Whether a ratio has been judged since the start (or restart).
+    pub fn judged(&self) -> bool {
+        self.last.is_some()
+    }
+
     /// Forgets the byte counts (a new consumer counts from zero).
     pub fn restart(&mut self) {
         self.last = None;

@@ -163,8 +163,30 @@ pub async fn run(
         move |t, p| unlocked_start(&root, t, p)
     }));
     let group = format!("connect-{}", cfg.name);
+    let fetch = {
+        let (kafka, group, topics, root) = (
+            cfg.kafka.clone(),
+            group.clone(),
+            cfg.topics.clone(),
+            root.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            crate::probe_fetch(&kafka, &group, &topics, |t, p| unlocked_start(&root, t, p))
+        })
+        .await?
+    };
+    cfg.fetch_bytes
+        .store(fetch, std::sync::atomic::Ordering::Relaxed);
+    if fetch != crate::consumer::FETCH_MIN {
+        tracing::info!(
+            fetch_bytes = fetch,
+            "reading with larger fetches, sized to what the records expand to"
+        );
+    }
+    let fetch = fetch.to_string();
     let mut settings = vec![("group.id", group.as_str())];
     settings.extend_from_slice(CONSUMER_SETTINGS);
+    settings.push(("fetch.message.max.bytes", &fetch));
     // A killed member's partitions move on after this; librdkafka's 45 s
     // would leave them unread that long.
     settings.push(("session.timeout.ms", "10000"));

@@ -183,8 +183,8 @@ pub struct Config {
     /// Partitions of a segmented archive this instance writes now; for
     /// the gauge and for tests.
     pub held: Arc<std::sync::atomic::AtomicUsize>,
-    /// The per-partition fetch size a single file's consumer uses now
-    /// (see [`consumer::FetchSizer`]); for tests.
+    /// The per-partition fetch size the consumer uses now (see
+    /// [`consumer::FetchSizer`], [`probe_fetch`]); for tests.
     pub fetch_bytes: Arc<std::sync::atomic::AtomicUsize>,
     /// Where to serve `/healthz` and `/metrics`; `None` serves nothing.
     pub http_addr: Option<std::net::SocketAddr>,
@@ -348,8 +348,9 @@ pub const BATCH_BYTES: usize = 256 * 1024;
 /// millisecond. A single file's consumer starts at 64 KiB fetches and sizes
 /// them to what the records expand to ([`consumer::FetchSizer`]): up to
 /// 1 MiB for records written without compression, where 64 KiB fetches
-/// held the sink to a third of what it writes; a segmented archive's
-/// consumer keeps 64 KiB (changing it means leaving the group). A user's
+/// held the sink to a third of what it writes. A segmented archive's
+/// consumer (a group member: changing it means leaving the group) takes
+/// the size [`probe_fetch`] finds at its start, and keeps it. A user's
 /// `--kafka-property fetch.message.max.bytes` wins and is kept.
 /// `fetch.max.bytes` bounds one response over all partitions; librdkafka
 /// allows no less than `message.max.bytes` (1 MB).
@@ -686,6 +687,77 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
         "file-sink stopped"
     );
     Ok(committed.totals)
+}
+
+/// How long [`probe_fetch`] may read.
+const PROBE_TIME: Duration = Duration::from_millis(600);
+
+/// The fetch size for a consumer that cannot change it later (a member of
+/// a consumer group: a new consumer would leave the group and move every
+/// partition). Reads `topics` for a moment from where reading will start
+/// (`start`: a partition's offset, `None` for its beginning), outside the
+/// group and writing nothing, and sizes the fetch by what the brokers send,
+/// as [`FetchSizer`] does. [`FETCH_MIN`] when there is too little to read
+/// to judge by (a topic read to its end), on any error, or when the user
+/// set `fetch.message.max.bytes`.
+pub(crate) fn probe_fetch(
+    kafka: &KafkaSettings,
+    group: &str,
+    topics: &[String],
+    start: impl Fn(&str, i32) -> Option<i64>,
+) -> usize {
+    if kafka
+        .properties
+        .iter()
+        .any(|(k, _)| k == "fetch.message.max.bytes")
+    {
+        return FETCH_MIN;
+    }
+    let fetch = FETCH_MIN.to_string();
+    let mut settings = vec![("group.id", group)];
+    settings.extend_from_slice(CONSUMER_SETTINGS);
+    settings.push(("fetch.message.max.bytes", &fetch));
+    settings.push(("statistics.interval.ms", "100"));
+    let consumer: rdkafka::consumer::BaseConsumer<SinkContext> = match kafka
+        .client_config_fixed(&settings, FIXED_SETTINGS)
+        .and_then(|c| {
+            c.create_with_context(SinkContext::default())
+                .map_err(anyhow::Error::from)
+        }) {
+        Ok(c) => c,
+        Err(_) => return FETCH_MIN,
+    };
+    let mut tpl = TopicPartitionList::new();
+    for topic in topics {
+        let Ok(md) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) else {
+            return FETCH_MIN;
+        };
+        for t in md.topics().iter().filter(|t| t.error().is_none()) {
+            for p in t.partitions() {
+                let offset = start(topic, p.id()).map_or(Offset::Beginning, Offset::Offset);
+                if tpl.add_partition_offset(topic, p.id(), offset).is_err() {
+                    return FETCH_MIN;
+                }
+            }
+        }
+    }
+    if tpl.count() == 0 || consumer.assign(&tpl).is_err() {
+        return FETCH_MIN;
+    }
+    let mut sizer = FetchSizer::default();
+    let deadline = std::time::Instant::now() + PROBE_TIME;
+    while std::time::Instant::now() < deadline {
+        // Serves the fetches and the statistics; the records are dropped.
+        let _ = consumer.poll(Duration::from_millis(10));
+        let (at, rx, rxmsg) = consumer.context().traffic();
+        if let Some(size) = sizer.observe(at, rx, rxmsg) {
+            return size;
+        }
+        if sizer.judged() {
+            break;
+        }
+    }
+    FETCH_MIN
 }
 
 /// The consumer of a single file, fetching `fetch` bytes per partition.

@@ -914,3 +914,61 @@ async fn a_tail_follows_the_archive_through_rotations_and_seals_and_resumes_from
         files(&root, ".jsonl.zst")
     );
 }
+
+/// A segmented archive's instance sizes its fetch at start from where its
+/// partitions resume: on a backlog another producer wrote without
+/// compression it takes the largest, and archives every record once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_on_an_uncompressed_backlog_takes_larger_fetches() {
+    use rdkafka::producer::FutureRecord;
+    use std::sync::atomic::Ordering;
+    let topic = topic(2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("archive");
+    let producer = producer();
+    let pad = "x".repeat(1000);
+    let mut want = Vec::new();
+    let mut pending = Vec::new();
+    for i in 0..12000 {
+        let line = format!(r#"{{"id":{i},"pad":"{pad}"}}"#);
+        pending.push(
+            producer
+                .send_result(
+                    FutureRecord::to(&topic)
+                        .key(&format!("{i}"))
+                        .payload(line.as_bytes()),
+                )
+                .map_err(|(e, _)| e)
+                .unwrap(),
+        );
+        want.push(line);
+    }
+    for p in pending {
+        p.await.unwrap().unwrap();
+    }
+    let keys = [
+        ("file.rotate.bytes", "4000000"),
+        ("file.compression", "zstd"),
+    ];
+    let cfg = archive_sink(&unique("probe"), &topic, &root, &keys);
+    let fetch = cfg.fetch_bytes.clone();
+    let sink = Running::start(|t| file_sink::run(cfg, t));
+    let mut got = wait_for_archive(&root, want.len(), Duration::from_secs(120)).await;
+    sink.stop().await.unwrap();
+    let admin = kafka().admin().unwrap();
+    let _ = admin
+        .delete_topics(&[&topic], &rdkafka::admin::AdminOptions::new())
+        .await;
+    assert_eq!(got.len(), want.len(), "records in the archive");
+    got.sort();
+    want.sort();
+    assert!(
+        got == want,
+        "the archive holds other records than the topic"
+    );
+    assert_eq!(
+        fetch.load(Ordering::Relaxed),
+        file_sink::consumer::FETCH_MAX,
+        "the fetch is the largest"
+    );
+}
