@@ -12,6 +12,8 @@ use tidemark_common::pg::TableName;
 pub struct TableInfo {
     /// The table.
     pub name: TableName,
+    /// Its OID.
+    pub oid: tidemark_common::codec::Oid,
     /// All columns, in order.
     pub columns: Vec<Column>,
     /// The record key's columns: the primary key, or the incrementing column
@@ -35,33 +37,57 @@ struct ColumnRow {
 }
 
 impl TableInfo {
-    /// Reads the table's columns and primary key.
+    /// Reads the table's columns and primary key; `None` when it does not
+    /// exist.
     ///
-    /// Fails when the table does not exist, naming the setting to fix.
-    pub async fn load(pool: &PgPool, name: &TableName) -> anyhow::Result<Self> {
-        let oid: Option<i64> = sqlx::query_scalar("select to_regclass($1)::oid::int8")
-            .bind(name.quoted())
-            .fetch_one(pool)
-            .await
-            .with_context(|| format!("cannot look up table {name}"))?;
-        let Some(oid) = oid else {
-            bail!("table {name} does not exist in this database: run schema-init, or fix table.whitelist / connection.url");
+    /// Fails when the name is not a table (a view, a foreign table, ...),
+    /// naming the setting to fix.
+    pub async fn load(pool: &PgPool, name: &TableName) -> anyhow::Result<Option<Self>> {
+        let found: Option<(i64, String)> = sqlx::query_as(
+            "select c.oid::pg_catalog.int8, c.relkind::pg_catalog.text
+             from pg_catalog.pg_class c
+             join pg_catalog.pg_namespace n on n.oid operator(pg_catalog.=) c.relnamespace
+             where n.nspname operator(pg_catalog.=) $1 and c.relname operator(pg_catalog.=) $2",
+        )
+        .bind(&name.schema)
+        .bind(&name.name)
+        .fetch_optional(pool)
+        .await
+        .with_context(|| format!("cannot look up table {name}"))?;
+        let Some((oid, kind)) = found else {
+            return Ok(None);
         };
+        let what = match kind.as_str() {
+            "r" | "p" => None,
+            "v" => Some("a view"),
+            "m" => Some("a materialized view"),
+            "f" => Some("a foreign table"),
+            "S" => Some("a sequence"),
+            "i" | "I" => Some("an index"),
+            "c" => Some("a composite type"),
+            _ => Some("not a table"),
+        };
+        if let Some(what) = what {
+            bail!("{name} is {what}, and pg-source reads tables only: name its tables in table.whitelist instead");
+        }
         let rows: Vec<ColumnRow> = sqlx::query_as(
             r#"
-            select a.attname::text as name,
-                   t.typname::text as typname,
-                   t.typtype::text as typtype,
-                   et.typname::text as elem_typname,
-                   et.typtype::text as elem_typtype,
+            select a.attname::pg_catalog.text as name,
+                   t.typname::pg_catalog.text as typname,
+                   t.typtype::pg_catalog.text as typtype,
+                   et.typname::pg_catalog.text as elem_typname,
+                   et.typtype::pg_catalog.text as elem_typtype,
                    a.attnotnull as not_null,
-                   format_type(a.atttypid, null) as sql_type,
-                   coalesce(a.attnum = any(i.indkey::int2[]), false) as in_pk
-            from pg_attribute a
-            join pg_type t on t.oid = a.atttypid
-            left join pg_type et on et.oid = t.typelem and t.typcategory = 'A'
-            left join pg_index i on i.indrelid = a.attrelid and i.indisprimary
-            where a.attrelid = $1::oid and a.attnum > 0 and not a.attisdropped
+                   pg_catalog.format_type(a.atttypid, null) as sql_type,
+                   coalesce(a.attnum operator(pg_catalog.=) any(i.indkey::pg_catalog.int2[]), false) as in_pk
+            from pg_catalog.pg_attribute a
+            join pg_catalog.pg_type t on t.oid operator(pg_catalog.=) a.atttypid
+            left join pg_catalog.pg_type et
+              on et.oid operator(pg_catalog.=) t.typelem and t.typcategory operator(pg_catalog.=) 'A'
+            left join pg_catalog.pg_index i
+              on i.indrelid operator(pg_catalog.=) a.attrelid and i.indisprimary
+            where a.attrelid operator(pg_catalog.=) $1::pg_catalog.oid
+              and a.attnum operator(pg_catalog.>) 0 and not a.attisdropped
             order by a.attnum
             limit 1600
             "#,
@@ -82,12 +108,13 @@ impl TableInfo {
             sql_types.push((r.name.clone(), r.sql_type));
             columns.push(col);
         }
-        Ok(Self {
+        Ok(Some(Self {
             name: name.clone(),
+            oid: oid as tidemark_common::codec::Oid,
             columns,
             key,
             sql_types,
-        })
+        }))
     }
 
     /// A column by name.
@@ -222,6 +249,20 @@ pub async fn dropped_with_changes(pool: &PgPool) -> anyhow::Result<Vec<String>> 
     .await
     .context("cannot list the dropped tables with changes in the change log")?;
     Ok(names)
+}
+
+/// Whether `table` has the publication schema-init gives logical capture:
+/// for a table that does not exist, that it was captured and dropped.
+///
+/// Fails on a catalog error.
+pub async fn was_published(pool: &PgPool, table: &TableName) -> anyhow::Result<bool> {
+    sqlx::query_scalar(
+        "select exists (select 1 from pg_catalog.pg_publication p where p.pubname operator(pg_catalog.=) $1)",
+    )
+    .bind(tidemark_common::pg::publication_name(table))
+    .fetch_one(pool)
+    .await
+    .with_context(|| format!("cannot look whether {table} was captured"))
 }
 
 /// The tables schema-init gave logical capture (a `tidemark_` publication),

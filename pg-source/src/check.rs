@@ -216,8 +216,8 @@ async fn postgres(
         .map(|t| (t, topic_name(&cfg.topic_prefix, &t.name)))
         .collect();
     let mut reserved = vec![("the offsets topic", cfg.offsets_topic.as_str())];
-    if matches!(cfg.mode, ModeConfig::ChangeLog(_)) {
-        reserved.push(("the dead-letter topic", changelog::DEAD_LETTER_TOPIC));
+    if !matches!(cfg.mode, ModeConfig::Timestamp(_)) {
+        reserved.push(("the dead-letter topic", crate::dead_letter::TOPIC));
     }
     if let Err(e) = crate::check_topics(&named, &reserved) {
         r.error("topics", &e);
@@ -228,8 +228,8 @@ async fn postgres(
             r.error(&format!("table {t}"), &e);
         }
     }
-    if let ModeConfig::ChangeLog(_) = &cfg.mode {
-        topics.push(changelog::DEAD_LETTER_TOPIC.to_owned());
+    if !matches!(cfg.mode, ModeConfig::Timestamp(_)) {
+        topics.push(crate::dead_letter::TOPIC.to_owned());
     }
     Ok(())
 }
@@ -314,8 +314,8 @@ async fn table(
     r: &mut Report,
 ) -> anyhow::Result<()> {
     let info = match catalog::TableInfo::load(pool, t).await {
-        Ok(info) => info,
-        Err(e) => {
+        Ok(Some(info)) => info,
+        Ok(None) => {
             if matches!(cfg.mode, ModeConfig::ChangeLog(_))
                 && catalog::was_captured(pool, t).await?
             {
@@ -323,9 +323,23 @@ async fn table(
                     format!("table {t} was dropped: the changes logged before the drop are sent, then nothing"),
                     "remove it from table.whitelist once they are sent",
                 );
+            } else if matches!(cfg.mode, ModeConfig::Logical(_))
+                && catalog::was_published(pool, t).await?
+            {
+                r.warn(
+                    format!("table {t} was dropped: what was captured of it was sent, the other tables go on"),
+                    "remove it from table.whitelist",
+                );
             } else {
-                r.error(&format!("table {t}"), &e);
+                r.error(
+                    &format!("table {t}"),
+                    &anyhow::anyhow!("table {t} does not exist in this database: run schema-init, or fix table.whitelist / connection.url"),
+                );
             }
+            return Ok(());
+        }
+        Err(e) => {
+            r.error(&format!("table {t}"), &e);
             return Ok(());
         }
     };

@@ -25,14 +25,17 @@ pub mod catalog;
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod dead_letter;
 pub mod errors;
 pub mod log;
 pub mod modes;
 pub mod pgoutput;
 pub mod producer;
+pub mod shape;
 pub mod shapes;
 pub mod snapshot;
 pub mod table;
+pub mod visibility;
 
 use std::time::{Duration, Instant};
 
@@ -90,24 +93,41 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         .map(|t| (t, topic_name(&cfg.topic_prefix, &t.name)))
         .collect();
     let mut reserved = vec![("the offsets topic", cfg.offsets_topic.as_str())];
-    if changelog {
-        reserved.push(("the dead-letter topic", modes::changelog::DEAD_LETTER_TOPIC));
+    if !matches!(cfg.mode, ModeConfig::Timestamp(_)) {
+        reserved.push(("the dead-letter topic", dead_letter::TOPIC));
     }
     check_topics(&topics, &reserved)?;
     let mut infos = Vec::new();
     let mut gone = Vec::new();
     for t in &tables {
         let topic = topic_name(&cfg.topic_prefix, &t.name);
-        match catalog::TableInfo::load(&pool, t).await {
-            Ok(info) => infos.push((info, topic)),
-            Err(e) => {
-                if changelog && catalog::was_captured(&pool, t).await? {
-                    gone.push((t.clone(), topic));
-                } else {
-                    return Err(e);
-                }
+        match catalog::TableInfo::load(&pool, t).await? {
+            Some(info) => infos.push((info, topic)),
+            None if changelog && catalog::was_captured(&pool, t).await? => {
+                gone.push((t.clone(), topic));
             }
+            // Logical mode: a captured table dropped since (its publication
+            // is still there) is no reason to stop the others.
+            None if matches!(cfg.mode, ModeConfig::Logical(_))
+                && catalog::was_published(&pool, t).await? =>
+            {
+                tracing::warn!(table = %t, "a captured table was dropped: what was captured of it was sent; the other tables go on");
+                metrics::gauge!(names::SOURCE_TABLES_DROPPED, "table" => t.to_string()).set(1.0);
+            }
+            None => bail!(
+                "table {t} does not exist in this database: run schema-init, or fix table.whitelist / connection.url"
+            ),
         }
+    }
+    if infos.is_empty() && gone.is_empty() {
+        bail!(
+            "none of the tables to read exists any more ({}): nothing to capture",
+            tables
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
 
     let admin = cfg.kafka.admin()?;
@@ -118,19 +138,25 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     {
         ensure_topic(&admin, topic, &cfg.topic).await?;
     }
-    if let ModeConfig::ChangeLog(_) = &cfg.mode {
-        ensure_topic(&admin, modes::changelog::DEAD_LETTER_TOPIC, &cfg.topic).await?;
-    }
     let offsets_spec = TopicSpec {
         partitions: 1,
         replication_factor: cfg.topic.replication_factor,
         configs: vec![("cleanup.policy".into(), "compact".into())],
     };
     ensure_topic(&admin, &cfg.offsets_topic, &offsets_spec).await?;
+    if !matches!(cfg.mode, ModeConfig::Timestamp(_)) {
+        ensure_topic(&admin, dead_letter::TOPIC, &cfg.topic).await?;
+    }
 
     // Fence older instances first, so their open transaction is aborted and
     // the positions read next are final.
-    let producer = TxProducer::new(&cfg.kafka, &cfg.transactional_id, shutdown.clone()).await?;
+    let mut producer = TxProducer::new(&cfg.kafka, &cfg.transactional_id, shutdown.clone()).await?;
+    producer.name_tables(
+        infos
+            .iter()
+            .map(|(info, topic)| (topic.clone(), info.name.to_string()))
+            .collect(),
+    );
     let settings = cfg.kafka.clone();
     let offsets_topic = cfg.offsets_topic.clone();
     let stored = tokio::task::spawn_blocking(move || {
@@ -138,7 +164,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     })
     .await??;
 
-    let drop_schemas = (!cfg.key_schemas, !cfg.value_schemas);
+    let schemas = (cfg.key_schemas, cfg.value_schemas);
     let database = cfg.pg.database().unwrap_or("postgres").to_owned();
     // Issue 16.5: one line that says what this run is and will do.
     let (position, plan) = start_plan(&cfg, &stored);
@@ -174,7 +200,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                 infos,
                 &stored,
                 &cfg.offsets_topic,
-                drop_schemas,
+                schemas,
             )
             .await?;
             started("timestamp+incrementing");
@@ -190,7 +216,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                 gone,
                 &stored,
                 &cfg.offsets_topic,
-                drop_schemas,
+                schemas,
             )
             .await?;
             started("changelog");
@@ -209,7 +235,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                     infos,
                     &stored,
                     &cfg.offsets_topic,
-                    drop_schemas,
+                    schemas,
                 ) => Some(r?),
                 _ = shutdown.cancelled() => None,
             };

@@ -71,7 +71,28 @@ pub struct Acks {
 #[derive(Default)]
 struct AckState {
     done: u64,
-    first_error: Option<KafkaError>,
+    /// The first failed delivery, with its record's topic, key and size.
+    first_error: Option<(KafkaError, Failed)>,
+}
+
+/// The record a delivery or a send failed for, for the message.
+#[derive(Debug, Clone, Default)]
+struct Failed {
+    topic: String,
+    key: String,
+    bytes: usize,
+}
+
+impl Failed {
+    fn of(topic: &str, key: Option<&[u8]>, payload: Option<&[u8]>) -> Self {
+        Self {
+            topic: topic.to_owned(),
+            key: key
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .unwrap_or_default(),
+            bytes: payload.map_or(0, <[u8]>::len) + key.map_or(0, <[u8]>::len),
+        }
+    }
 }
 
 impl Acks {
@@ -102,7 +123,7 @@ impl Acks {
         true
     }
 
-    fn take_error(&self) -> Option<KafkaError> {
+    fn take_error(&self) -> Option<(KafkaError, Failed)> {
         self.lock().first_error.take()
     }
 }
@@ -114,8 +135,11 @@ impl ProducerContext for Acks {
 
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
         let mut state = self.lock();
-        if let Err((e, _)) = result {
-            state.first_error.get_or_insert_with(|| e.clone());
+        if let Err((e, msg)) = result {
+            state.first_error.get_or_insert_with(|| {
+                use rdkafka::Message as _;
+                (e.clone(), Failed::of(msg.topic(), msg.key(), msg.payload()))
+            });
         }
         state.done += 1;
         drop(state);
@@ -131,6 +155,8 @@ type Producer = ThreadedProducer<Acks>;
 pub struct TxProducer {
     producer: Arc<Producer>,
     stop: CancellationToken,
+    /// The table of each topic, for messages about a record.
+    tables: Arc<std::collections::HashMap<String, String>>,
 }
 
 impl TxProducer {
@@ -181,7 +207,17 @@ impl TxProducer {
             .with_context(|| {
                 format!("cannot start the transactional producer `{transactional_id}`; is Kafka reachable at the bootstrap servers?")
             })?;
-        Ok(Self { producer, stop })
+        Ok(Self {
+            producer,
+            stop,
+            tables: Arc::default(),
+        })
+    }
+
+    /// Names the table of each topic (`topic` → `schema.table`), so an
+    /// error about a record says which table and key it came from.
+    pub fn name_tables(&mut self, tables: std::collections::HashMap<String, String>) {
+        self.tables = Arc::new(tables);
     }
 
     /// Produces `records` and then `position` in one transaction and commits
@@ -196,9 +232,12 @@ impl TxProducer {
     ) -> Result<(), BatchError> {
         let producer = self.producer.clone();
         let stop = self.stop.clone();
-        tokio::task::spawn_blocking(move || send_blocking(&producer, records, &position, &stop))
-            .await
-            .map_err(|e| BatchError::Fatal(anyhow!("producer task failed: {e}")))?
+        let tables = self.tables.clone();
+        tokio::task::spawn_blocking(move || {
+            send_blocking(&producer, records, &position, &stop, &tables)
+        })
+        .await
+        .map_err(|e| BatchError::Fatal(anyhow!("producer task failed: {e}")))?
     }
 }
 
@@ -207,6 +246,7 @@ fn send_blocking(
     records: Vec<Record>,
     position: &Record,
     stop: &CancellationToken,
+    tables: &std::collections::HashMap<String, String>,
 ) -> Result<(), BatchError> {
     let acks = producer.context();
     let mut topics: Vec<String> = records
@@ -217,6 +257,8 @@ fn send_blocking(
     topics.sort_unstable();
     topics.dedup();
     let committed_anyway = std::cell::Cell::new(false);
+    // The record a failure is about, when it is one record's.
+    let failed: std::cell::RefCell<Option<Failed>> = std::cell::RefCell::new(None);
     let run = || -> Result<(), KafkaError> {
         producer.begin_transaction()?;
         // A failed or aborted batch before this one may have left an error
@@ -253,7 +295,11 @@ fn send_blocking(
                         // The queue drains as acknowledgements come in.
                         acks.wait_for(acks.done() + 1, Instant::now() + QUEUE_FULL_WAIT);
                     }
-                    Err((e, _)) => return Err(e),
+                    Err((e, _)) => {
+                        *failed.borrow_mut() =
+                            Some(Failed::of(&r.topic, Some(&r.key), r.value.as_deref()));
+                        return Err(e);
+                    }
                 }
             }
         }
@@ -283,7 +329,8 @@ fn send_blocking(
         while producer.in_flight_count() > 0 && Instant::now() < until {
             std::thread::sleep(Duration::from_micros(100));
         }
-        if let Some(e) = acks.take_error() {
+        if let Some((e, record)) = acks.take_error() {
+            *failed.borrow_mut() = Some(record);
             return Err(transaction_cause(producer, e, &committed_anyway));
         }
         producer.commit_transaction(TXN_TIMEOUT)
@@ -301,6 +348,21 @@ fn send_blocking(
     }
     match result {
         Ok(()) => Ok(()),
+        Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge) => {
+            let f = failed.borrow().clone().unwrap_or_default();
+            let table = tables.get(&f.topic).map_or("?", String::as_str);
+            let _ = abort(producer);
+            Err(BatchError::Fatal(anyhow!(
+                "a record of table {table} (topic {}, key {}) is {} bytes, more than Kafka accepts ({e}): \
+                 raise the producer's message.max.bytes (--kafka-property message.max.bytes=N), the topic's \
+                 max.message.bytes (or the broker's message.max.bytes), and queue.buffering.max.kbytes \
+                 (16384 by default) above the largest record; until then pg-source stops here, so that \
+                 nothing is sent past it",
+                f.topic,
+                f.key,
+                f.bytes
+            )))
+        }
         Err(e) => {
             let err = classify(e, &format!("commit a batch to {}", topics.join(", ")));
             if let BatchError::Retry(_) = &err {

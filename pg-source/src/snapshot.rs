@@ -16,15 +16,18 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use futures::TryStreamExt as _;
 use sqlx::PgPool;
-use tidemark_common::envelope::{
-    now_us, payload_and_wide_sql, Change, Op, Sequence, SnapshotMark, TxPlace, UnitEnd,
-};
+use std::sync::Arc;
+
+use anyhow::bail;
+use serde_json::Value;
+use tidemark_common::codec::{parse_record, TypeCache};
+use tidemark_common::envelope::{now_us, Change, Op, Sequence, SnapshotMark, TxPlace, UnitEnd};
 use tidemark_common::offset::{count_event, Segment, SnapshotProgress, SnapshotState};
-use tidemark_common::pg::quote_ident;
 
 use crate::errors::SourceError;
 use crate::modes::Batch;
 use crate::producer::Record;
+use crate::shape::{key_after_sql, key_order_sql, stored_key_texts, CatalogShape, Shape};
 use crate::table::CapturedTable;
 
 /// A position that holds an initial snapshot's part.
@@ -60,6 +63,7 @@ impl InitialSnapshot {
     /// Fails on a database error.
     pub async fn start<T: AsRef<CapturedTable>, P: SnapshotPosition>(
         pool: &PgPool,
+        types: &TypeCache,
         tables: &[T],
         position: &mut P,
         fresh: bool,
@@ -69,7 +73,7 @@ impl InitialSnapshot {
             return Ok(Self::default());
         }
         Ok(Self {
-            run: Some(SnapshotRun::open(pool, tables, state, fresh).await?),
+            run: Some(SnapshotRun::open(pool, types, tables, state, fresh).await?),
         })
     }
 
@@ -84,6 +88,7 @@ impl InitialSnapshot {
     pub async fn step<T: AsRef<CapturedTable>, P: SnapshotPosition>(
         &mut self,
         pool: &PgPool,
+        types: &TypeCache,
         tables: &[T],
         position: &mut P,
         chunk: i64,
@@ -92,7 +97,7 @@ impl InitialSnapshot {
             return Ok(None);
         }
         if self.run.is_none() {
-            let run = SnapshotRun::open(pool, tables, position.snapshot_state(), false)
+            let run = SnapshotRun::open(pool, types, tables, position.snapshot_state(), false)
                 .await
                 .map_err(SourceError::from_anyhow)?;
             self.run = Some(run);
@@ -142,19 +147,17 @@ pub fn begin<T: AsRef<CapturedTable>>(tables: &[T]) -> SnapshotProgress {
     }
 }
 
-/// The queries of one table's snapshot.
-struct TableQueries {
-    first: String,
-    after: String,
+/// One table of the snapshot: its shape as the snapshot transaction sees
+/// it.
+struct SnapshotTable {
+    shape: Arc<Shape>,
 }
 
 #[derive(sqlx::FromRow)]
 struct SnapshotRow {
-    raw_key: serde_json::Value,
-    key: String,
-    key_wide: bool,
-    after: String,
-    wide: bool,
+    /// `pg_catalog.textin(pg_catalog.record_out(t.*))`: each column by its
+    /// type's output function, nothing else.
+    row: String,
 }
 
 /// Rows read by one step of the snapshot.
@@ -170,7 +173,7 @@ pub struct SnapshotRun {
     /// Rolled back if dropped, so a stopped snapshot never leaves its
     /// snapshot on a pooled connection.
     tx: Option<sqlx::Transaction<'static, sqlx::Postgres>>,
-    queries: HashMap<String, TableQueries>,
+    tables: HashMap<String, SnapshotTable>,
     /// Rows per table in this snapshot: a table with none after the one
     /// being read leaves that one's last row the snapshot's last.
     rows_in: HashMap<String, i64>,
@@ -185,11 +188,15 @@ impl SnapshotRun {
     /// Opens the snapshot transaction. On a fresh start its snapshot becomes
     /// `state.done`, where streaming starts; on a resume after a crash, the
     /// rest of the tables are read in this new snapshot and recorded as
-    /// segments.
+    /// segments. Each table's shape is read inside the transaction, after
+    /// its lock: DDL waits until the snapshot is over, so the shape is the
+    /// rows' shape.
     ///
-    /// Fails on a database error, or when no snapshot is in progress.
+    /// Fails on a database error, a table without a primary key, or when no
+    /// snapshot is in progress.
     pub async fn open<T: AsRef<CapturedTable>>(
         pool: &PgPool,
+        types: &TypeCache,
         tables: &[T],
         state: SnapshotState<'_>,
         fresh: bool,
@@ -198,9 +205,10 @@ impl SnapshotRun {
         sqlx::query("set transaction isolation level repeatable read, read only")
             .execute(&mut *tx)
             .await?;
-        let snap: String = sqlx::query_scalar("select pg_current_snapshot()::text")
-            .fetch_one(&mut *tx)
-            .await?;
+        let snap: String =
+            sqlx::query_scalar("select pg_catalog.pg_current_snapshot()::pg_catalog.text")
+                .fetch_one(&mut *tx)
+                .await?;
         let progress = state.progress.as_mut().context("no snapshot to run")?;
         if progress.started_us == 0 {
             // A snapshot begun by 0.1, which did not record when.
@@ -234,22 +242,40 @@ impl SnapshotRun {
             );
         }
         let mut total = 0i64;
-        let mut queries = HashMap::new();
+        let mut shapes = HashMap::new();
         let mut rows_in = HashMap::new();
         for name in &progress.tables {
-            if let Some(t) = tables
+            let Some(t) = tables
                 .iter()
                 .map(AsRef::as_ref)
                 .find(|t| &t.log_name == name)
-            {
-                let n: i64 =
-                    sqlx::query_scalar(&format!("select count(*) from {}", t.info.name.quoted()))
-                        .fetch_one(&mut *tx)
-                        .await?;
-                total += n;
-                rows_in.insert(name.clone(), n);
-                queries.insert(name.clone(), table_queries(t));
+            else {
+                continue;
+            };
+            let n: i64 = sqlx::query_scalar(&format!(
+                "select pg_catalog.count(*) from {}",
+                t.info.name.quoted()
+            ))
+            .fetch_one(&mut *tx)
+            .await?;
+            total += n;
+            rows_in.insert(name.clone(), n);
+            let shape = CatalogShape::load(&mut tx, types, t.oid)
+                .await?
+                .with_context(|| format!("table {} is gone", t.info.name))?;
+            if shape.key.is_empty() {
+                bail!(
+                    "table {} has no primary key, so its rows cannot be keyed: add one, or use mode timestamp+incrementing",
+                    t.info.name
+                );
             }
+            let shape = Shape::new(t.origin.clone(), shape.columns, shape.key)?;
+            shapes.insert(
+                name.clone(),
+                SnapshotTable {
+                    shape: Arc::new(shape),
+                },
+            );
         }
         tracing::info!(
             rows = total + progress.rows as i64,
@@ -263,7 +289,7 @@ impl SnapshotRun {
         );
         Ok(Self {
             tx: Some(tx),
-            queries,
+            tables: shapes,
             rows_in,
             total: total + progress.rows as i64,
             started: Instant::now(),
@@ -278,8 +304,9 @@ impl SnapshotRun {
     /// snapshot's last row also ends the snapshot, and that row carries
     /// `snapshot: last` and the unit's totals.
     ///
-    /// Fails on a database error; the caller then drops the run and reopens
-    /// it from the stored position.
+    /// Fails on a database error, or a value the codec cannot carry (naming
+    /// table, column and key); the caller then drops the run and reopens it
+    /// from the stored position.
     pub async fn next<T: AsRef<CapturedTable>>(
         &mut self,
         tables: &[T],
@@ -296,14 +323,15 @@ impl SnapshotRun {
                 *state.progress = None;
                 return Ok(None);
             };
-            let (table, queries) = tables
+            let (table, st) = tables
                 .iter()
                 .map(AsRef::as_ref)
                 .find(|t| t.log_name == name)
-                .zip(self.queries.get(&name))
+                .zip(self.tables.get(&name))
                 .with_context(|| {
                     format!("the stored position names table {name}, which is not configured")
                 })?;
+            let shape = st.shape.clone();
             let tx = self
                 .tx
                 .as_mut()
@@ -312,22 +340,48 @@ impl SnapshotRun {
             // it. Each row becomes its record as the next arrives, so a
             // chunk is held once, as records, and not also as rows.
             let limit = chunk - n as i64 + 1;
-            let last_key = progress.last_key.clone();
-            let mut stream = match &last_key {
-                None => sqlx::query_as::<_, SnapshotRow>(&queries.first)
-                    .bind(limit)
-                    .fetch(&mut **tx),
-                Some(k) => sqlx::query_as::<_, SnapshotRow>(&queries.after)
-                    .bind(k)
-                    .bind(limit)
-                    .fetch(&mut **tx),
+            let after = match &progress.last_key {
+                None => None,
+                Some(k) => Some(stored_key_texts(k, &shape.key).with_context(|| {
+                    format!(
+                        "the stored snapshot position of table {name} has an unreadable key: {k}"
+                    )
+                })?),
             };
+            let sql = rows_query(table, &shape, after.as_deref());
+            let mut stream = sqlx::query_as::<_, SnapshotRow>(&sql)
+                .bind(limit)
+                .fetch(&mut **tx);
             let read_us = now_us();
             let later_empty = progress.tables[1..]
                 .iter()
                 .all(|t| self.rows_in.get(t).copied().unwrap_or(0) == 0);
-            let collection = table.envelope_for(false).data_collection().to_owned();
-            let render = |r: SnapshotRow, progress: &mut SnapshotProgress, last_of_table: bool| {
+            let collection = format!("{}.{}", table.info.name.schema, table.info.name.name);
+            let render = |r: SnapshotRow,
+                          progress: &mut SnapshotProgress,
+                          last_of_table: bool|
+             -> anyhow::Result<Record> {
+                let fields = parse_record(&r.row).with_context(|| {
+                    format!(
+                        "table {}: a row that is not a composite literal",
+                        table.info.name
+                    )
+                })?;
+                let fields: Vec<Option<&[u8]>> = fields
+                    .iter()
+                    .map(|f| f.as_deref().map(str::as_bytes))
+                    .collect();
+                let key_texts = shape.key_texts(&fields);
+                let encoded = shape
+                    .encode_row(&fields)
+                    .and_then(|after| Ok((after, shape.encode_key(&fields)?)));
+                let (after, key) = encoded.with_context(|| {
+                    format!(
+                        "table {}, key {}: cannot carry a value exactly",
+                        table.info.name,
+                        key_display(&shape, &key_texts)
+                    )
+                })?;
                 let first_of_table = !progress.counts.iter().any(|(t, _)| *t == collection);
                 let (in_table, total) = count_event(&mut progress.counts, &collection);
                 progress.rows = total;
@@ -336,13 +390,14 @@ impl SnapshotRun {
                     event_count: total,
                     data_collections: progress.counts.clone(),
                 });
+                let envelope = shape.envelope(None, Some(&after.variants));
                 let record = Record {
                     topic: table.topic.clone(),
-                    key: table.key_template.render(&r.key, r.key_wide),
-                    value: Some(table.envelope_for(r.wide).render(&Change {
+                    key: shape.key_record(&key),
+                    value: Some(envelope.render(&Change {
                         op: Op::Read,
                         before: None,
-                        after: Some(&r.after),
+                        after: Some(&after.json),
                         commit_us: progress.started_us,
                         txid: None,
                         sequence: Sequence::None,
@@ -361,8 +416,17 @@ impl SnapshotRun {
                         },
                     })),
                 };
-                progress.last_key = Some(r.raw_key);
-                record
+                // The key columns' texts by name: what 0.1 stored (`to_jsonb`
+                // of the key columns) reads the same way.
+                progress.last_key = Some(Value::Object(
+                    shape
+                        .key
+                        .iter()
+                        .zip(key_texts)
+                        .map(|(k, t)| (k.name.clone(), t.map_or(Value::Null, Value::String)))
+                        .collect(),
+                ));
+                Ok(record)
             };
             let mut pending: Option<SnapshotRow> = None;
             let mut more = false;
@@ -372,13 +436,13 @@ impl SnapshotRun {
                     break;
                 }
                 if let Some(p) = pending.replace(r) {
-                    records.push(render(p, progress, false));
+                    records.push(render(p, progress, false)?);
                 }
                 n += 1;
             }
             drop(stream);
             if let Some(p) = pending {
-                records.push(render(p, progress, !more));
+                records.push(render(p, progress, !more)?);
             }
             if more {
                 break;
@@ -437,35 +501,29 @@ impl SnapshotRun {
     }
 }
 
-/// A table's snapshot queries: the first chunk, and the chunk after a key
-/// (`to_jsonb` of the key columns in `$1`), both in primary-key order.
-fn table_queries(table: &CapturedTable) -> TableQueries {
-    let info = &table.info;
-    let t = info.name.quoted();
-    let order = info
+/// A table's rows in key order after the key `after` (all rows without
+/// one), up to `$1`, each as its `record_out` text. The bound is written in
+/// as literals of the key columns' base types and compared with the key
+/// index's own operators, so no cast and no user-resolvable operator runs.
+fn rows_query(table: &CapturedTable, shape: &Shape, after: Option<&[String]>) -> String {
+    let filter = match after {
+        Some(texts) => format!("where {}", key_after_sql(&shape.key, "t", texts, false)),
+        None => String::new(),
+    };
+    format!(
+        "select pg_catalog.textin(pg_catalog.record_out(t.*)) as row from {} t {filter} order by {} limit $1",
+        table.info.name.quoted(),
+        key_order_sql(&shape.key, "t"),
+    )
+}
+
+/// A key for messages: `(7, abc)`.
+pub fn key_display(shape: &Shape, texts: &[Option<String>]) -> String {
+    let parts: Vec<String> = shape
         .key
         .iter()
-        .map(|c| format!("t.{}", quote_ident(&c.name)))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let raw_key = format!(
-        "(select to_jsonb(\"tidemark.key\") from (select {}) \"tidemark.key\")",
-        order
-    );
-    let (key, key_wide) = payload_and_wide_sql(&info.key, "t");
-    let (after, wide) = payload_and_wide_sql(&info.columns, "t");
-    let snapshot = |filter: &str, limit: &str| {
-        format!(
-            "select {raw_key} as raw_key, {key} as key, {key_wide} as key_wide, \
-             {after} as after, {wide} as wide \
-             from (select * from {t} t {filter} order by {order} limit {limit}) t order by {order}"
-        )
-    };
-    TableQueries {
-        first: snapshot("", "$1"),
-        after: snapshot(
-            &format!("where ({order}) > ({})", table.typed_key("$1::jsonb")),
-            "$2",
-        ),
-    }
+        .zip(texts)
+        .map(|(k, t)| format!("{}={}", k.name, t.as_deref().unwrap_or("NULL")))
+        .collect();
+    format!("({})", parts.join(", "))
 }

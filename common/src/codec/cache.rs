@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use sqlx::{Acquire, Postgres};
+use sqlx::{Acquire, PgConnection, Postgres};
 
 use super::types::{builtin, format_builtin, ColumnType, Oid, PgType, TypeKind};
 use super::CodecError;
@@ -140,6 +140,26 @@ impl TypeCache {
     where
         A: Acquire<'c, Database = Postgres>,
     {
+        let Some(&first) = oids.iter().find(|&&o| self.get(o).is_none()) else {
+            return Ok(());
+        };
+        let mut conn = conn
+            .acquire()
+            .await
+            .map_err(|source| CodecError::Catalog { oid: first, source })?;
+        self.resolve_on(&mut conn, oids).await
+    }
+
+    /// [`TypeCache::resolve`] on a connection. Not generic, so a future
+    /// that awaits it stays `Send` (a generic `Acquire` argument makes the
+    /// compiler ask for it under every lifetime).
+    ///
+    /// Fails as [`TypeCache::resolve`] does.
+    pub async fn resolve_on(
+        &self,
+        conn: &mut PgConnection,
+        oids: &[Oid],
+    ) -> Result<(), CodecError> {
         let missing: Vec<Oid> = oids
             .iter()
             .copied()
@@ -148,10 +168,6 @@ impl TypeCache {
         if missing.is_empty() {
             return Ok(());
         }
-        let mut conn = conn.acquire().await.map_err(|source| CodecError::Catalog {
-            oid: missing[0],
-            source,
-        })?;
         let ids: Vec<i64> = missing.iter().map(|&o| i64::from(o)).collect();
         let rows: Vec<TypeRow> = sqlx::query_as(TYPES_SQL)
             .bind(&ids)
@@ -260,8 +276,20 @@ impl TypeCache {
             oid: columns.first().map_or(0, |c| c.0),
             source,
         })?;
+        self.column_types_on(&mut conn, columns).await
+    }
+
+    /// [`TypeCache::column_types`] on a connection, `Send` for the same
+    /// reason as [`TypeCache::resolve_on`].
+    ///
+    /// Fails as [`TypeCache::resolve`] does.
+    pub async fn column_types_on(
+        &self,
+        conn: &mut PgConnection,
+        columns: &[(Oid, i32)],
+    ) -> Result<Vec<ColumnType>, CodecError> {
         let oids: Vec<Oid> = columns.iter().map(|c| c.0).collect();
-        self.resolve(&mut *conn, &oids).await?;
+        self.resolve_on(&mut *conn, &oids).await?;
         // Non-built-in types with a typmod: only the server can print them.
         let unknown: Vec<(Oid, i32)> = {
             let formats = self.formats.lock().expect("never poisoned");

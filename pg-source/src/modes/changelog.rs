@@ -31,7 +31,7 @@
 //! configured neither refuses nor stops.
 //!
 //! **A value that cannot be carried** (a text its type's codec refuses)
-//! goes to the dead-letter topic `tidemark.dead-letter` with the table,
+//! goes to the dead-letter topic `tidemark.dead-letter` ([`crate::dead_letter`]) with the table,
 //! column, key, error, raw text and position, with an ERROR log and
 //! `tidemark_source_dead_letters_total{table}`; it still counts in the
 //! unit's `total_order`/`event_count`, so pg-replay sees the gap.
@@ -67,12 +67,10 @@ use crate::producer::Record;
 use crate::shapes::{Image, Shape, Shapes};
 use crate::snapshot::{self, InitialSnapshot};
 use crate::table::CapturedTable;
+use crate::visibility::PgSnapshot;
 
 /// Log rows deleted per prune.
 pub const PRUNE_CHUNK: i64 = 5000;
-
-/// The topic of changes Tidemark cannot encode.
-pub const DEAD_LETTER_TOPIC: &str = "tidemark.dead-letter";
 
 /// How often to look whether a table was dropped.
 const GONE_CHECK: Duration = Duration::from_secs(5);
@@ -101,11 +99,6 @@ struct LogTable {
     envelopes: HashMap<(i32, Variants, Variants), Arc<ChangeEnvelope>>,
     /// Key templates by (shape, key variants).
     keys: HashMap<(i32, Variants), Arc<RecordTemplate>>,
-    /// The key columns (names and type OIDs) the initial snapshot renders
-    /// keys of, and where its table is in `tables`: a change with that key
-    /// gets its key in the snapshot's schema, so that a row has one key
-    /// byte string in a compacted topic whichever wrote it.
-    snapshot_key: Option<(Vec<(String, i64)>, usize)>,
 }
 
 /// `changelog` mode: the change log read batch by batch, with the initial
@@ -128,6 +121,8 @@ pub struct ChangeLogMode {
     position: ChangeLogPosition,
     /// The initial snapshot's transaction, while it runs.
     snapshot: InitialSnapshot,
+    /// Types, for the shapes and the snapshot.
+    types: Arc<TypeCache>,
     /// Where the position is stored in the offsets topic.
     position_key: Vec<u8>,
     offsets_topic: String,
@@ -177,7 +172,7 @@ impl ChangeLogMode {
         gone: Vec<(TableName, String)>,
         stored: &HashMap<Vec<u8>, Vec<u8>>,
         offsets_topic: &str,
-        drop_schemas: (bool, bool),
+        (key_schemas, value_schemas): (bool, bool),
     ) -> anyhow::Result<Self> {
         check_change_log(pool).await?;
         let mut tables = Vec::new();
@@ -185,12 +180,16 @@ impl ChangeLogMode {
         for (info, topic) in infos {
             let name = info.name.clone();
             check_trigger(pool, &name).await?;
-            let mut table =
-                CapturedTable::new(pool, info, topic.clone(), connector, database).await?;
-            table.drop_schemas(drop_schemas.0, drop_schemas.1);
-            let mut t = LogTable::new(pool, name, topic).await?;
-            t.snapshot_key = Some((primary_key(pool, &t.log_name).await?, tables.len()));
-            log_tables.push(t);
+            let table = CapturedTable::new(
+                pool,
+                info,
+                topic.clone(),
+                connector,
+                database,
+                (key_schemas, value_schemas),
+            )
+            .await?;
+            log_tables.push(LogTable::new(pool, name, topic).await?);
             tables.push(table);
         }
         for (name, topic) in gone {
@@ -250,19 +249,21 @@ impl ChangeLogMode {
             }
             progress.tables.retain(|t| exists.contains(&t.as_str()));
         }
+        let types = Arc::new(TypeCache::new());
         let mut mode = Self {
             wakeup: Wakeup::new(pool, cfg.listen).await,
             cfg,
             pool: pool.clone(),
             connector: connector.to_owned(),
             database: database.to_owned(),
-            drop_schemas,
+            drop_schemas: (!key_schemas, !value_schemas),
             tables,
             log_tables,
             reading,
-            shapes: Shapes::new(Arc::new(TypeCache::new())),
+            shapes: Shapes::new(types.clone()),
             position,
             snapshot: InitialSnapshot::default(),
+            types,
             position_key,
             offsets_topic: offsets_topic.to_owned(),
             // Rows sent before a stop may be left: prune them from the start.
@@ -272,7 +273,8 @@ impl ChangeLogMode {
         };
         mode.check_gone().await?;
         mode.snapshot =
-            InitialSnapshot::start(pool, &mode.tables, &mut mode.position, fresh).await?;
+            InitialSnapshot::start(pool, &mode.types, &mode.tables, &mut mode.position, fresh)
+                .await?;
         Ok(mode)
     }
 
@@ -548,7 +550,9 @@ impl ChangeLogMode {
                 continue;
             };
             for s in segments {
-                if log::visible_in(d.row.txid, &s.snapshot) == Some(true) {
+                if PgSnapshot::parse(&s.snapshot)
+                    .is_ok_and(|snap| u64::try_from(d.row.txid).is_ok_and(|x| snap.visible(x)))
+                {
                     // The key of the row the change leaves (a delete's), else
                     // the one it makes.
                     let image = d.after.as_ref().or(d.before.as_ref()).expect("an image");
@@ -734,24 +738,6 @@ impl ChangeLogMode {
 
     /// The record key of `image`.
     fn key(&mut self, d: &Decoded, image: &Image) -> Vec<u8> {
-        // While the initial snapshot module renders keys with 0.1's
-        // templates, a key of the columns it knows takes the same schema.
-        if let Some((columns, i)) = &self.log_tables[d.table].snapshot_key {
-            let same = d.shape.key.len() == columns.len()
-                && d.shape.key.iter().zip(columns).all(|(k, (name, oid))| {
-                    k == name
-                        && d.shape
-                            .columns
-                            .iter()
-                            .any(|c| &c.name == k && c.type_oid == *oid)
-                });
-            if same {
-                return self.tables[*i].key_template.render(
-                    std::str::from_utf8(&image.key).expect("JSON is UTF-8"),
-                    !image.key_variants.is_default(),
-                );
-            }
-        }
         let key = (d.shape.id, image.key_variants.clone());
         let (connector, drop_keys) = (&self.connector, self.drop_schemas.0);
         let t = &mut self.log_tables[d.table];
@@ -783,35 +769,23 @@ impl ChangeLogMode {
     /// counted.
     fn dead_letter(&self, dead: &DeadLetter, total_order: u64) -> Record {
         let t = &self.log_tables[dead.table];
-        let raw = dead.row.after.as_deref().or(dead.row.before.as_deref());
-        tracing::error!(table = %t.name, column = ?dead.column, seq = dead.row.seq, error = %dead.error, topic = DEAD_LETTER_TOPIC, "a change cannot be carried exactly; sent to the dead-letter topic");
-        metrics::counter!(metric::SOURCE_DEAD_LETTERS, "table" => t.log_name.clone()).increment(1);
-        let key = serde_json::json!({
-            "connector": self.connector,
-            "table": t.log_name,
-            "key": Value::Null,
-        });
-        let value = serde_json::json!({
-            "connector": self.connector,
-            "table": t.log_name,
-            "column": dead.column,
-            "key": Value::Null,
-            "error": dead.error,
-            "raw": raw,
-            "op": dead.row.op,
-            "position": {
+        crate::dead_letter::DeadLetter {
+            connector: &self.connector,
+            table: &t.log_name,
+            column: dead.column.as_deref(),
+            key: None,
+            error: &dead.error,
+            raw: dead.row.after.as_deref().or(dead.row.before.as_deref()),
+            op: &dead.row.op,
+            position: serde_json::json!({
                 "seq": dead.row.seq,
                 "txid": dead.row.txid,
                 "shape": dead.row.shape,
                 "commit_order": self.position.commit_order,
                 "total_order": total_order,
-            },
-        });
-        Record {
-            topic: DEAD_LETTER_TOPIC.to_owned(),
-            key: serde_json::to_vec(&key).expect("JSON"),
-            value: Some(serde_json::to_vec(&value).expect("JSON")),
+            }),
         }
+        .record()
     }
 
     /// Says once of each table that it was dropped; refreshes what the
@@ -933,31 +907,8 @@ impl LogTable {
             renamed_to: None,
             envelopes: HashMap::new(),
             keys: HashMap::new(),
-            snapshot_key: None,
         })
     }
-}
-
-/// The primary key's columns of `table` now: names and type OIDs, in
-/// index order.
-///
-/// Fails on a catalog error.
-async fn primary_key(pool: &PgPool, table: &str) -> anyhow::Result<Vec<(String, i64)>> {
-    let rows: Vec<(String, i64)> = sqlx::query_as(
-        "select a.attname::pg_catalog.text, a.atttypid::pg_catalog.int8
-           from pg_catalog.pg_index i
-          cross join pg_catalog.unnest(i.indkey::pg_catalog.int2[]) with ordinality as k(attnum, ord)
-           join pg_catalog.pg_attribute a on a.attrelid operator(pg_catalog.=) i.indrelid
-                                         and a.attnum operator(pg_catalog.=) k.attnum
-          where i.indrelid operator(pg_catalog.=) pg_catalog.to_regclass($1) and i.indisprimary
-          order by k.ord
-          limit 32",
-    )
-    .bind(table)
-    .fetch_all(pool)
-    .await
-    .with_context(|| format!("cannot read the primary key of {table}"))?;
-    Ok(rows)
 }
 
 /// What the change-log query reads for `tables`.
@@ -1103,6 +1054,7 @@ impl Capture for ChangeLogMode {
             .snapshot
             .step(
                 &self.pool,
+                &self.types,
                 &self.tables,
                 &mut self.position,
                 self.cfg.batch_max_rows,

@@ -15,9 +15,11 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use anyhow::bail;
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _};
 use sqlx::PgPool;
-use tidemark_common::envelope::{payload_and_wide_sql, RecordTemplates};
+use tidemark_common::codec::{parse_record, CodecError, Field, RowCodec, TypeCache, TypeKind};
 use tidemark_common::offset::{position_key, SourcePosition, TimestampPosition};
 use tidemark_common::pg::quote_ident;
 use tokio_util::sync::CancellationToken;
@@ -27,6 +29,7 @@ use crate::config::TimestampConfig;
 use crate::errors::SourceError;
 use crate::modes::{Batch, Capture, Committed, Wakeup};
 use crate::producer::Record;
+use crate::shape::{CatalogShape, Templates};
 
 /// How far below the server clock the bound stays, to cover the instant
 /// between a transaction taking its start time and showing in
@@ -44,8 +47,12 @@ pub struct TimestampReader {
     pub position_key: Vec<u8>,
     /// The last row sent and committed; `None` reads from the beginning.
     pub position: Option<(String, i64)>,
-    key_template: RecordTemplates,
-    value_template: RecordTemplates,
+    row: Arc<RowCodec>,
+    key: Arc<RowCodec>,
+    /// Where the key's columns are in the row.
+    key_index: Vec<usize>,
+    keys: Templates,
+    values: Templates,
     sql_first: String,
     sql_after: String,
     sql_bound: String,
@@ -69,114 +76,142 @@ pub struct Row {
 struct RawRow {
     ts: String,
     inc: i64,
-    key: String,
-    key_wide: bool,
-    value: String,
-    wide: bool,
+    /// `pg_catalog.textin(pg_catalog.record_out(t.*))`.
+    row: String,
+}
+
+/// Why a poll failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PollError {
+    /// The query failed.
+    #[error(transparent)]
+    Postgres(#[from] sqlx::Error),
+    /// A value the codec cannot carry exactly.
+    #[error("table {table}, row at {position:?}: {source}")]
+    Value {
+        /// The table.
+        table: String,
+        /// The row's (timestamp, incrementing).
+        position: (String, i64),
+        /// What is wrong.
+        #[source]
+        source: Box<CodecError>,
+    },
 }
 
 impl TimestampReader {
-    /// Leaves the Connect schema out of keys and/or values
-    /// (`schemas.enable=false`).
-    pub fn drop_schemas(&mut self, keys: bool, values: bool) {
-        if keys {
-            self.key_template = RecordTemplates::schemaless();
-        }
-        if values {
-            self.value_template = RecordTemplates::schemaless();
-        }
-    }
-
-    /// Prepares the queries for a table.
+    /// Prepares the queries for a table whose live columns are `columns`
+    /// (from the catalog) and whose primary key is `key` (names, in key
+    /// order; the incrementing column when empty).
     ///
     /// Fails when the timestamp or incrementing column is missing or of the
     /// wrong type, naming the config key.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         table: TableInfo,
+        shape: CatalogShape,
         topic: String,
         position_key: Vec<u8>,
         ts_col: &str,
         inc_col: &str,
         timezone: &str,
+        (key_schemas, value_schemas): (bool, bool),
     ) -> anyhow::Result<Self> {
         let name = table.name.clone();
-        let Some(ts) = table.column(ts_col) else {
+        let column = |c: &str| shape.columns.iter().position(|s| s.name == c);
+        let Some(ts) = column(ts_col) else {
             bail!("table {name} has no column `{ts_col}`: fix timestamp.column.name");
         };
-        let ts_type = ts.pg_type.clone();
-        if !matches!(ts_type.as_str(), "timestamp" | "timestamptz") {
-            bail!(
-                "column {name}.{ts_col} is {ts_type}, not a timestamp: fix timestamp.column.name"
-            );
-        }
-        let Some(inc) = table.column(inc_col).cloned() else {
-            bail!("table {name} has no column `{inc_col}`: fix incrementing.column.name");
-        };
-        let inc_min = match inc.pg_type.as_str() {
-            "int2" => i16::MIN as i64,
-            "int4" => i32::MIN as i64,
-            "int8" => i64::MIN,
-            other => bail!(
-                "column {name}.{inc_col} is {other}, not an integer: fix incrementing.column.name"
+        let ts_type = &shape.columns[ts].ty;
+        let zoned = match ts_type.ty.base().kind {
+            TypeKind::Timestamp => false,
+            TypeKind::Timestamptz => true,
+            _ => bail!(
+                "column {name}.{ts_col} is {}, not a timestamp: fix timestamp.column.name",
+                ts_type.sql_type()
             ),
         };
-        let mut table = table;
-        if table.key.is_empty() {
+        let Some(inc) = column(inc_col) else {
+            bail!("table {name} has no column `{inc_col}`: fix incrementing.column.name");
+        };
+        let inc_type = &shape.columns[inc].ty;
+        let inc_min = match inc_type.ty.base().kind {
+            TypeKind::Int2 => i16::MIN as i64,
+            TypeKind::Int4 => i32::MIN as i64,
+            TypeKind::Int8 => i64::MIN,
+            _ => bail!(
+                "column {name}.{inc_col} is {}, not an integer: fix incrementing.column.name",
+                inc_type.sql_type()
+            ),
+        };
+        let mut key_index: Vec<usize> = shape.key.iter().filter_map(|k| column(&k.name)).collect();
+        if key_index.is_empty() {
             tracing::warn!(table = %name, column = inc_col, "table has no primary key; records are keyed by the incrementing column");
-            table.key = vec![inc];
+            key_index = vec![inc];
         }
-        let ts_sql_type = table.sql_type(ts_col).to_owned();
-        let inc_sql_type = table.sql_type(inc_col).to_owned();
+        // Bounds are compared as the columns' base types (a domain's CHECK
+        // never runs), with built-in operators.
+        let ts_base = ts_type.ty.base().sql_name.clone();
+        let inc_base = inc_type.ty.base().sql_name.clone();
         let ts_q = format!("t.{}", quote_ident(ts_col));
         let inc_q = format!("t.{}", quote_ident(inc_col));
         // The inner query picks the batch by the (timestamp, id) index; the
-        // outer one converts only those rows, so a planner misled by stale
-        // statistics after a bulk load sorts keys, not whole JSON rows.
-        let (key, key_wide) = payload_and_wide_sql(&table.key, "t");
-        let (value, wide) = payload_and_wide_sql(&table.columns, "t");
+        // outer one prints only those rows, so a planner misled by stale
+        // statistics after a bulk load sorts keys, not whole rows.
         let select = |filter: &str, limit: &str| {
             format!(
-                "select {ts_q}::text as ts, {inc_q}::int8 as inc, {key} as key, {key_wide} as key_wide, \
-                 {value} as value, {wide} as wide \
+                "select {ts_q}::pg_catalog.text as ts, {inc_q}::pg_catalog.int8 as inc, \
+                 pg_catalog.textin(pg_catalog.record_out(t.*)) as row \
                  from (select * from {} t where {filter} order by {ts_q}, {inc_q} limit {limit}) t \
                  order by {ts_q}, {inc_q}",
                 table.name.quoted()
             )
         };
-        let sql_first = select(&format!("{ts_q} < $1::{ts_sql_type}"), "$2");
+        let sql_first = select(
+            &format!("{ts_q} operator(pg_catalog.<) $1::{ts_base}"),
+            "$2",
+        );
         let sql_after = select(
             &format!(
-                "({ts_q}, {inc_q}) > ($1::{ts_sql_type}, $2::{inc_sql_type}) and {ts_q} < $3::{ts_sql_type}"
+                "({ts_q}, {inc_q}) operator(pg_catalog.>) ($1::{ts_base}, $2::{inc_base}) and {ts_q} operator(pg_catalog.<) $3::{ts_base}"
             ),
             "$4",
         );
         // A `timestamp` column holds wall-clock time in the writers' zone; a
         // `timestamptz` column is compared as it is.
-        let in_zone = if ts_type == "timestamp" {
-            " at time zone $3"
-        } else {
-            ""
-        };
+        let in_zone = if zoned { "" } else { " at time zone $3" };
         let sql_bound = format!(
             r#"with oldest as (
-                 select min(xact_start) as t from pg_stat_activity
-                 where datname = current_database() and pid <> pg_backend_pid()
-                   and xact_start is not null
+                 select pg_catalog.min(a.xact_start) as t from pg_catalog.pg_stat_activity a
+                 where a.datname operator(pg_catalog.=) pg_catalog.current_database()
+                   and a.pid operator(pg_catalog.<>) pg_catalog.pg_backend_pid()
+                   and a.xact_start is not null
                )
-               select ((least(clock_timestamp() - $1::int8 * interval '1 millisecond', (select t from oldest))
-                        - $2::int8 * interval '1 millisecond'){in_zone})::text"#
+               select ((least(pg_catalog.clock_timestamp() operator(pg_catalog.-) pg_catalog.make_interval(secs => $1::pg_catalog.int8 operator(pg_catalog./) 1000.0),
+                              (select o.t from oldest o))
+                        operator(pg_catalog.-) pg_catalog.make_interval(secs => $2::pg_catalog.int8 operator(pg_catalog./) 1000.0)){in_zone})::pg_catalog.text"#
         );
-        let sql_initial = if ts_type == "timestamp" {
-            "select (case when $1::int8 < 0 then clock_timestamp() else to_timestamp($1::int8 / 1000.0) end at time zone $2)::text".to_owned()
+        let sql_initial = if zoned {
+            "select (case when $1::pg_catalog.int8 operator(pg_catalog.<) 0 then pg_catalog.clock_timestamp() else pg_catalog.to_timestamp($1::pg_catalog.int8 operator(pg_catalog./) 1000.0) end)::pg_catalog.text where $2::pg_catalog.text is not null".to_owned()
         } else {
-            "select (case when $1::int8 < 0 then clock_timestamp() else to_timestamp($1::int8 / 1000.0) end)::text where $2::text is not null".to_owned()
+            "select (case when $1::pg_catalog.int8 operator(pg_catalog.<) 0 then pg_catalog.clock_timestamp() else pg_catalog.to_timestamp($1::pg_catalog.int8 operator(pg_catalog./) 1000.0) end at time zone $2)::pg_catalog.text".to_owned()
         };
+        let key_specs = key_index
+            .iter()
+            .map(|&i| shape.columns[i].clone())
+            .collect();
+        let row = Arc::new(RowCodec::new(shape.columns));
+        let key = Arc::new(RowCodec::new(key_specs));
         Ok(Self {
-            key_template: RecordTemplates::new(
+            keys: Templates::new(
+                key.clone(),
                 &format!("{}.{}.Key", name.schema, name.name),
-                &table.key,
+                key_schemas,
             ),
-            value_template: RecordTemplates::new(&name.name, &table.columns),
+            values: Templates::new(row.clone(), &name.name, value_schemas),
+            row,
+            key,
+            key_index,
             table,
             topic,
             position_key,
@@ -218,15 +253,16 @@ impl TimestampReader {
     }
 
     /// Reads up to `limit` rows after the position and below `bound`, in
-    /// (timestamp, id) order.
+    /// (timestamp, id) order, each encoded by the codec.
     ///
-    /// Fails on a database error.
+    /// Fails on a database error, or a value that cannot be carried
+    /// exactly (naming table, column and the row).
     pub async fn poll(
         &self,
         pool: &PgPool,
         bound: &str,
         limit: i64,
-    ) -> Result<Vec<Row>, sqlx::Error> {
+    ) -> Result<Vec<Row>, PollError> {
         let rows: Vec<RawRow> = match &self.position {
             None => {
                 sqlx::query_as(&self.sql_first)
@@ -245,14 +281,45 @@ impl TimestampReader {
                     .await?
             }
         };
-        Ok(rows
-            .into_iter()
-            .map(|r| Row {
-                key: self.key_template.render(&r.key, r.key_wide),
-                value: self.value_template.render(&r.value, r.wide),
-                position: (r.ts, r.inc),
-            })
-            .collect())
+        rows.into_iter().map(|r| self.encode(r)).collect()
+    }
+
+    fn encode(&self, r: RawRow) -> Result<Row, PollError> {
+        let position = (r.ts, r.inc);
+        let err = |source| PollError::Value {
+            table: self.table.name.to_string(),
+            position: position.clone(),
+            source: Box::new(source),
+        };
+        let fields = parse_record(&r.row).map_err(err)?;
+        let key_fields: Vec<Option<&str>> = self
+            .key_index
+            .iter()
+            .map(|&i| fields.get(i).and_then(|f| f.as_deref()))
+            .collect();
+        let mut value = Vec::with_capacity(r.row.len() + 64);
+        let variants = self
+            .row
+            .encode(&fields_bytes(&fields), &mut value)
+            .map_err(err)?;
+        let mut key = Vec::with_capacity(32);
+        let key_variants = self
+            .key
+            .encode(
+                &key_fields
+                    .iter()
+                    .map(|f| f.map(str::as_bytes))
+                    .collect::<Vec<_>>(),
+                &mut key,
+            )
+            .map_err(err)?;
+        let key = String::from_utf8(key).expect("the codec writes UTF-8");
+        let value = String::from_utf8(value).expect("the codec writes UTF-8");
+        Ok(Row {
+            key: self.keys.get(&key_variants).render(&key),
+            value: self.values.get(&variants).render(&value),
+            position,
+        })
     }
 
     /// The stored form of a position.
@@ -263,6 +330,13 @@ impl TimestampReader {
         })
         .encode()
     }
+}
+
+fn fields_bytes<'a>(fields: &'a [Field<'a>]) -> Vec<Option<&'a [u8]>> {
+    fields
+        .iter()
+        .map(|f| f.as_deref().map(str::as_bytes))
+        .collect()
 }
 
 /// `timestamp+incrementing` mode: every table polled in turn until it is
@@ -296,20 +370,26 @@ impl TimestampMode {
         tables: Vec<(TableInfo, String)>,
         stored: &HashMap<Vec<u8>, Vec<u8>>,
         offsets_topic: &str,
-        (drop_key_schemas, drop_value_schemas): (bool, bool),
+        schemas: (bool, bool),
     ) -> anyhow::Result<Self> {
         let mut readers = Vec::new();
+        let types = TypeCache::new();
+        let mut conn = pool.acquire().await?;
         for (info, topic) in tables {
             let key = position_key(connector, &info.name.to_string());
+            let shape = CatalogShape::load(&mut conn, &types, info.oid)
+                .await?
+                .with_context(|| format!("table {} is gone", info.name))?;
             let mut r = TimestampReader::new(
                 info,
+                shape,
                 topic,
                 key,
                 &cfg.timestamp_column,
                 &cfg.incrementing_column,
                 &cfg.db_timezone,
+                schemas,
             )?;
-            r.drop_schemas(drop_key_schemas, drop_value_schemas);
             match stored.get(&r.position_key).map(|b| SourcePosition::decode(b)).transpose()? {
                 Some(SourcePosition::TimestampIncrementing(p)) => {
                     tracing::info!(table = %r.table.name, timestamp = %p.timestamp, incrementing = p.incrementing, "resuming from stored position");
@@ -383,7 +463,12 @@ impl Capture for TimestampMode {
             let rows = r
                 .poll(&self.pool, &bound, self.cfg.batch_max_rows)
                 .await
-                .map_err(|e| SourceError::postgres("cannot read the source table", e))?;
+                .map_err(|e| match e {
+                    PollError::Postgres(e) => {
+                        SourceError::postgres("cannot read the source table", e)
+                    }
+                    value => SourceError::Definite(value.into()),
+                })?;
             let n = rows.len();
             tracing::debug!(table = %r.table.name, rows = n, bound = %bound, read = ?started.elapsed(), "polled");
             let Some(last) = rows.last().map(|row| row.position.clone()) else {

@@ -1,0 +1,1195 @@
+//! `logical` mode: reads every insert, update and delete from a logical
+//! replication slot (Postgres' `pgoutput`), so nothing runs in the writers'
+//! transactions: Postgres decodes its WAL in a process of its own, and
+//! pg-source turns each change into its event itself, with the codec: no
+//! query renders a row, and no Tidemark session runs per change.
+//!
+//! Delivery:
+//!
+//! - The slot is created before the initial snapshot is taken. Every
+//!   transaction that commits after the slot's start is in the stream; the
+//!   ones the snapshot already holds (visible in its `done` snapshot, read
+//!   in Rust, or in a segment's snapshot for the key ranges read after a
+//!   restart, checked with one query for those changes only) are left out,
+//!   so there is neither a gap nor an overlap.
+//! - The stream sends whole transactions in commit order. A batch of them
+//!   goes to Kafka in one transaction together with the position: the end
+//!   LSN of the last transaction sent whole, and how many changes of the
+//!   next one were sent when a large one is split over several batches.
+//! - The slot is told a position only after Kafka committed it, so Postgres
+//!   keeps the WAL a restart needs; after a crash the stream resumes at the
+//!   stored LSN and skips the changes of a split transaction already sent.
+//!   Any failure drops the stream and resumes it from the stored position.
+//!
+//! Shapes: every change is typed by the shape it was written with. The
+//! stream describes a table (a `Relation` message: column names, type OIDs,
+//! typmods, as of that point in the WAL) before its first change and again
+//! after any change to the table, so a change written before an `ALTER
+//! TABLE` is decoded with the old columns and types, one written after with
+//! the new, whenever pg-source reads them. The primary key and the NOT NULL
+//! flags come from the catalog when a Relation arrives (replica identity
+//! full flags every column as key); for a table dropped since, the last
+//! ones known. A consumer sees the new shape in the event's schema from the
+//! first change after the DDL: an added column (its values from the first
+//! change after it), a dropped or renamed one, a new type (its
+//! `tidemark.column.type` parameter), a new primary key (the record key's
+//! fields).
+
+mod slot;
+
+pub(crate) use slot::parse_lsn;
+pub use slot::{default_slot_name, prepare_slot};
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use futures::FutureExt as _;
+use pgwire_replication::{
+    Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig,
+};
+use sqlx::postgres::PgSslMode;
+use sqlx::PgPool;
+use tidemark_common::codec::{CodecError, ColumnSpec, Oid, TypeCache};
+use tidemark_common::envelope::{now_us, Op, Sequence};
+use tidemark_common::offset::{position_key, LogicalPosition, SourcePosition};
+use tidemark_common::ops::names;
+use tidemark_common::pg::{publication_name, quote_ident, PgTarget, TableName};
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::TableInfo;
+use crate::config::LogicalConfig;
+use crate::errors::{stream_sqlstate, SourceError};
+use crate::modes::{Batch, Capture, Committed};
+use crate::pgoutput::{self, Message, Value};
+use crate::producer::Record;
+use crate::shape::{lexicographic_gt, literals, stored_key_texts, CatalogShape, Encoded, Shape};
+use crate::snapshot::{self, key_display, InitialSnapshot};
+use crate::table::{CapturedTable, DeadLetter, EncodedChange, Unit};
+use crate::visibility::PgSnapshot;
+
+/// Microseconds between 1970-01-01 and 2000-01-01, Postgres' epoch.
+const PG_EPOCH_US: i64 = 946_684_800_000_000;
+
+/// How long a stream with nothing new waits before returning to the main
+/// loop (which reports health and checks for a stop).
+const IDLE_RETURN: Duration = Duration::from_secs(1);
+
+/// With only changes of other tables (or of the snapshot's transactions)
+/// passing, the position is still committed this often, so the slot can let
+/// Postgres recycle its WAL.
+const POSITION_ONLY_EVERY: Duration = Duration::from_secs(5);
+
+/// While idle, how often to look whether a captured table was dropped.
+const GONE_CHECK_EVERY: Duration = Duration::from_secs(10);
+
+/// One decoded change, encoded, before it gets its place in its unit.
+struct Decoded {
+    table: usize,
+    change: EncodedChange,
+    /// The changed row's key column texts, for the segment check.
+    key_texts: Vec<Option<String>>,
+    txid: u64,
+    changed_ms: i64,
+    lsn: u64,
+    /// How many changes of its transaction at `lsn` were read with it.
+    at_last: u64,
+    /// Its transaction's commit LSN (the unit's `commit_order`) and commit
+    /// time in µs since the epoch.
+    commit_lsn: u64,
+    commit_us: i64,
+    /// The end LSN of the last transaction before its own.
+    last_commit: u64,
+    /// The last change of its transaction: the Commit came after it.
+    txn_last: bool,
+}
+
+/// A table as the stream describes it.
+struct Relation {
+    /// Index into the mode's tables; `None` for a table not read.
+    table: Option<usize>,
+    /// The shape its changes are encoded with.
+    shape: Option<Arc<Shape>>,
+}
+
+/// A transaction being read from the stream.
+struct Txn {
+    xid: u64,
+    commit_us: i64,
+    /// The commit record's LSN (Begin's final LSN): it orders transactions
+    /// by commit and is known before their first change.
+    commit_lsn: u64,
+    /// The end LSN of the transaction before.
+    last_commit: u64,
+    /// The WAL position of its last change read, and how many changes were
+    /// read at that position.
+    last_lsn: u64,
+    at_last: u64,
+}
+
+/// A captured table with what logical mode knows of it besides.
+struct LogicalTable {
+    table: CapturedTable,
+    /// The table's columns and key as the catalog had them when last
+    /// looked at: the key and NOT NULL flags of its changes, and what
+    /// stands in once the table is gone.
+    known: CatalogShape,
+    /// The table was dropped (and that was logged).
+    gone: bool,
+}
+
+impl AsRef<CapturedTable> for LogicalTable {
+    fn as_ref(&self) -> &CapturedTable {
+        &self.table
+    }
+}
+
+/// Refuses a table without logical capture (its publication, replica
+/// identity full) or with generated columns, saying what to do.
+///
+/// Fails on a database error too.
+pub(crate) async fn check_capture(pool: &PgPool, name: &TableName) -> anyhow::Result<()> {
+    let publication = publication_name(name);
+    let (published, identity, generated): (bool, Option<String>, Option<String>) = sqlx::query_as(
+        "select exists (select 1 from pg_catalog.pg_publication_tables p
+                        where p.pubname operator(pg_catalog.=) $1 and p.schemaname operator(pg_catalog.=) $2
+                          and p.tablename operator(pg_catalog.=) $3),
+                c.relreplident::pg_catalog.text,
+                (select pg_catalog.string_agg(a.attname::pg_catalog.text, ', ' order by a.attnum)
+                   from pg_catalog.pg_attribute a
+                  where a.attrelid operator(pg_catalog.=) c.oid and a.attnum operator(pg_catalog.>) 0
+                    and not a.attisdropped and a.attgenerated operator(pg_catalog.<>) '')
+         from (select 1) one
+         left join pg_catalog.pg_namespace n on n.nspname operator(pg_catalog.=) $2
+         left join pg_catalog.pg_class c
+           on c.relnamespace operator(pg_catalog.=) n.oid and c.relname operator(pg_catalog.=) $3",
+    )
+    .bind(&publication)
+    .bind(&name.schema)
+    .bind(&name.name)
+    .fetch_one(pool)
+    .await?;
+    if !published || identity.as_deref() != Some("f") {
+        bail!("table {name} has no logical capture (publication {publication} and replica identity full): run schema-init --capture logical --table {name}");
+    }
+    if let Some(columns) = generated {
+        bail!("table {name} has generated columns ({columns}), whose values logical decoding does not send: capture it with --capture changelog and mode changelog");
+    }
+    Ok(())
+}
+
+/// Checks a table's logical capture.
+///
+/// Fails when the table has no publication or full replica identity, has
+/// generated columns, or has no primary key.
+async fn logical_table(
+    pool: &PgPool,
+    types: &TypeCache,
+    table: CapturedTable,
+) -> anyhow::Result<LogicalTable> {
+    let name = &table.info.name;
+    check_capture(pool, name).await?;
+    let mut conn = pool.acquire().await?;
+    let known = CatalogShape::load(&mut conn, types, table.oid)
+        .await?
+        .with_context(|| format!("table {name} is gone"))?;
+    if known.key.is_empty() {
+        bail!("table {name} has no primary key, so its changes cannot be keyed: add one, or use mode timestamp+incrementing");
+    }
+    Ok(LogicalTable {
+        table,
+        known,
+        gone: false,
+    })
+}
+
+/// The open replication stream and what decoding it needs.
+pub struct LogicalStream {
+    client: ReplicationClient,
+    relations: HashMap<u32, Relation>,
+    /// The open transaction.
+    txn: Option<Txn>,
+    /// Where the first transaction was cut before a restart: its changes up
+    /// to this WAL position (and this many at it) were sent already.
+    skip: Option<(u64, u64)>,
+    /// A recent full transaction id, to widen the stream's 32-bit xids.
+    xid_base: u64,
+    slot: String,
+    /// The position last told to the slot.
+    acked: u64,
+    /// The end LSN of the last transaction read: the next one's
+    /// `source.sequence` starts with it.
+    last_commit: u64,
+    /// A change read after a full batch, in the transaction the batch cut:
+    /// it starts the next batch. Holding it back tells, when the Commit
+    /// comes first, that the batch's last change ends its transaction.
+    pending: Option<Decoded>,
+    /// The stream's own connection, for the catalog lookups a Relation
+    /// needs and the segment check: when Postgres shuts down (and waits for
+    /// this stream to confirm what it sent) a lookup fails at once instead
+    /// of waiting for the pool to connect again, which would hold the
+    /// shutdown up.
+    conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
+}
+
+/// `logical` mode: the initial snapshot, then the replication stream.
+pub struct LogicalMode {
+    cfg: LogicalConfig,
+    pool: PgPool,
+    target: PgTarget,
+    types: Arc<TypeCache>,
+    tables: Vec<LogicalTable>,
+    position: LogicalPosition,
+    /// `position.done`, parsed.
+    done: PgSnapshot,
+    snapshot: InitialSnapshot,
+    stream: Option<LogicalStream>,
+    /// When a batch last committed: with only other tables' changes
+    /// passing, the position is committed every [`POSITION_ONLY_EVERY`].
+    last_commit: Instant,
+    /// When the tables were last looked for.
+    last_gone_check: Instant,
+    position_key: Vec<u8>,
+    offsets_topic: String,
+}
+
+impl LogicalMode {
+    /// Checks the server, the slot and every table, and reads the stored
+    /// position; without one, creates the slot and starts now (with the
+    /// initial snapshot when configured). Creating the slot waits for the
+    /// transactions open on the server.
+    ///
+    /// Fails when the server, slot or a table is not set up for logical
+    /// capture, or a stored position belongs to another mode.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn new(
+        cfg: LogicalConfig,
+        connector: &str,
+        database: &str,
+        pool: &PgPool,
+        target: &PgTarget,
+        infos: Vec<(TableInfo, String)>,
+        stored: &HashMap<Vec<u8>, Vec<u8>>,
+        offsets_topic: &str,
+        schemas: (bool, bool),
+    ) -> anyhow::Result<Self> {
+        let types = Arc::new(TypeCache::new());
+        let mut tables = Vec::new();
+        for (info, topic) in infos {
+            let t = CapturedTable::new(pool, info, topic, connector, database, schemas).await?;
+            tables.push(logical_table(pool, &types, t).await?);
+        }
+        // Logical positions live under their own key: a connector that
+        // changes mode is told so instead of reading another mode's position.
+        let position_key = position_key(connector, "tidemark.logical");
+        let stored = stored
+            .get(&position_key)
+            .map(|b| SourcePosition::decode(b))
+            .transpose()?;
+        let (mut position, fresh) = match stored {
+            Some(SourcePosition::Logical(p)) => {
+                let lsn = prepare_slot(pool, &cfg.slot_name, Some(p.lsn)).await?;
+                tracing::info!(slot = %cfg.slot_name, lsn = %Lsn(lsn), in_txn = p.in_txn, snapshot_running = p.snapshot.is_some(), "resuming from stored position");
+                (p, false)
+            }
+            Some(other) => bail!(
+                "the stored position of connector {connector} is for another mode ({other:?}): use a new connector name to change modes"
+            ),
+            None => {
+                // The slot first: every transaction committed after it is in
+                // its stream, every one before is in the snapshot taken next.
+                let lsn = prepare_slot(pool, &cfg.slot_name, None).await?;
+                let done: String = sqlx::query_scalar(
+                    "select pg_catalog.pg_current_snapshot()::pg_catalog.text",
+                )
+                .fetch_one(pool)
+                .await?;
+                let snapshot = cfg.initial_snapshot.then(|| snapshot::begin(&tables));
+                tracing::info!(initial_snapshot = cfg.initial_snapshot, "no stored position, starting now");
+                (
+                    LogicalPosition {
+                        lsn,
+                        done,
+                        snapshot,
+                        ..Default::default()
+                    },
+                    true,
+                )
+            }
+        };
+        let snapshot = InitialSnapshot::start(pool, &types, &tables, &mut position, fresh).await?;
+        let done = PgSnapshot::parse(&position.done)?;
+        Ok(Self {
+            cfg,
+            pool: pool.clone(),
+            target: target.clone(),
+            types,
+            tables,
+            position,
+            done,
+            snapshot,
+            stream: None,
+            last_commit: Instant::now(),
+            last_gone_check: Instant::now(),
+            position_key,
+            offsets_topic: offsets_topic.to_owned(),
+        })
+    }
+
+    /// Opens the stream at the stored position.
+    ///
+    /// Fails when the replication connection cannot be made.
+    async fn open_stream(&self) -> Result<LogicalStream, SourceError> {
+        let slot = &self.cfg.slot_name;
+        let t = self.target.replication_target().ok_or_else(|| {
+            SourceError::Definite(anyhow::anyhow!(
+                "mode logical needs a TCP connection.url (host and port), not a Unix socket"
+            ))
+        })?;
+        let mut tls = match t.ssl_mode {
+            PgSslMode::Disable | PgSslMode::Allow => TlsConfig::disabled(),
+            PgSslMode::Prefer => TlsConfig {
+                mode: pgwire_replication::SslMode::Prefer,
+                ..TlsConfig::default()
+            },
+            PgSslMode::Require => TlsConfig::require(),
+            PgSslMode::VerifyCa => TlsConfig::verify_ca(t.ssl_root_cert.clone().map(Into::into)),
+            PgSslMode::VerifyFull => {
+                TlsConfig::verify_full(t.ssl_root_cert.clone().map(Into::into))
+            }
+        };
+        if let Some((cert, key)) = &t.ssl_cert_key {
+            tls = tls.with_client_cert(cert, key);
+        }
+        let at = self.position.lsn;
+        // Publication names are identifiers in START_REPLICATION's list:
+        // quoted, so upper case and spaces survive.
+        let publications: Vec<String> = self
+            .tables
+            .iter()
+            .filter(|t| !t.gone)
+            .map(|t| quote_ident(&publication_name(&t.table.info.name)))
+            .collect();
+        let config =
+            ReplicationConfig::new(t.host, t.user, t.password, t.database, slot, publications)
+                .with_port(t.port)
+                .with_tls(tls)
+                .with_start_lsn(Lsn(at))
+                .with_ack_lsn(Lsn(at))
+                .with_status_interval(Duration::from_secs(1))
+                .with_buffer_size(1024)
+                .with_application_name("tidemark-pg-source")
+                // Tidemark's session settings: values as the reader's own sessions
+                // print them, so they read back the same, and its search_path.
+                .with_options(tidemark_common::pg::session_options());
+        let pg = |e| SourceError::postgres("cannot prepare the replication stream", e);
+        let mut conn = self.pool.acquire().await.map_err(pg)?;
+        let xid_base: i64 =
+            sqlx::query_scalar("select pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())::pg_catalog.text::pg_catalog.int8")
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(pg)?;
+        let client = match ReplicationClient::connect(config).await {
+            Ok(client) => client,
+            Err(e) => return Err(self.stream_error(e, Some(&mut conn)).await),
+        };
+        let skip = self.position.in_txn_lsn.map(|l| (l, self.position.in_txn));
+        tracing::info!(slot, lsn = %Lsn(at), resume_inside = ?skip.map(|(l, n)| (Lsn(l).to_string(), n)), "replication stream opened");
+        Ok(LogicalStream {
+            client,
+            relations: HashMap::new(),
+            txn: None,
+            skip,
+            xid_base: xid_base as u64,
+            slot: slot.to_owned(),
+            acked: at,
+            last_commit: at,
+            pending: None,
+            conn,
+        })
+    }
+
+    /// A stream error with what to do, when its SQLSTATE says; a missing
+    /// object is told apart (the slot or a publication) by looking.
+    async fn stream_error(
+        &self,
+        e: PgWireError,
+        conn: Option<&mut sqlx::PgConnection>,
+    ) -> SourceError {
+        let slot = &self.cfg.slot_name;
+        let hint = match (&e, stream_sqlstate(&e)) {
+            (PgWireError::Auth(_), _) => {
+                "; check connection.user and connection.password".to_owned()
+            }
+            (_, Some("42501")) => {
+                "; the user needs the REPLICATION attribute: alter role <user> replication".to_owned()
+            }
+            (_, Some("42704")) => {
+                let slot_exists = match conn {
+                    Some(conn) => sqlx::query_scalar::<_, bool>(
+                        "select exists (select 1 from pg_catalog.pg_replication_slots s where s.slot_name operator(pg_catalog.=) $1)",
+                    )
+                    .bind(slot)
+                    .fetch_one(conn)
+                    .await
+                    .ok(),
+                    None => None,
+                };
+                match slot_exists {
+                    Some(false) => "; the slot is gone, so the changes since the stored position cannot be read: start over with a new connector name (a new initial snapshot)".to_owned(),
+                    _ => "; run schema-init --capture logical for every table read".to_owned(),
+                }
+            }
+            (_, Some("55006")) => format!(
+                "; another session is reading slot {slot}: a dying one lets go within seconds; if it is another connector, give each its own slot.name"
+            ),
+            _ => String::new(),
+        };
+        SourceError::Stream {
+            slot: slot.clone(),
+            source: e,
+            hint,
+        }
+    }
+
+    /// Reads until a batch is ready: `batch.max.rows` changes, or every
+    /// transaction the stream has sent so far. Returns `None` after
+    /// [`IDLE_RETURN`] with nothing to send. Moves the position to what the
+    /// batch covers.
+    ///
+    /// Fails on a stream or decoding error.
+    async fn stream_step(&mut self) -> Result<Option<Batch>, SourceError> {
+        if self.stream.is_none() {
+            self.stream = Some(self.open_stream().await?);
+        }
+        let mut changes: Vec<Decoded> = Vec::new();
+        let mut first_change = Instant::now();
+        let started = Instant::now();
+        let chunk = self.cfg.batch_max_rows;
+        let linger = self.cfg.linger;
+        let position_only = |what| Batch {
+            what,
+            ..Batch::default()
+        };
+        // What the batch cut off last time starts this one.
+        changes.extend(self.stream.as_mut().and_then(|s| s.pending.take()));
+        loop {
+            let s = self.stream.as_mut().expect("opened above");
+            let caught_up = s.txn.is_none();
+            let ev = if changes.is_empty() && caught_up {
+                if self.position.lsn != s.acked && self.last_commit.elapsed() >= POSITION_ONLY_EVERY
+                {
+                    return Ok(Some(position_only("position committed")));
+                }
+                let left = IDLE_RETURN.saturating_sub(started.elapsed());
+                match tokio::time::timeout(left, s.client.recv()).await {
+                    Ok(ev) => ev,
+                    Err(_) => return Ok(None),
+                }
+            } else if caught_up {
+                // Between transactions with changes in hand: take what is
+                // already here, and what comes within the linger of the
+                // batch's first change, then send. Fewer, larger Kafka
+                // transactions cost the machine less under many small
+                // commits; the linger bounds what that adds to latency.
+                let left = linger.saturating_sub(first_change.elapsed());
+                match s.client.recv().now_or_never() {
+                    Some(ev) => ev,
+                    None if left.is_zero() => break,
+                    None => match tokio::time::timeout(left, s.client.recv()).await {
+                        Ok(ev) => ev,
+                        Err(_) => break,
+                    },
+                }
+            } else {
+                s.client.recv().await
+            };
+            let ev = match ev {
+                Ok(ev) => ev,
+                Err(e) => return Err(self.stream_error(e, None).await),
+            };
+            let s = self.stream.as_mut().expect("opened above");
+            match ev {
+                None => return Err(SourceError::StreamClosed(s.slot.clone())),
+                Some(ReplicationEvent::Begin {
+                    xid,
+                    commit_time_micros,
+                    final_lsn,
+                }) => {
+                    let full = s.full_xid(xid);
+                    s.txn = Some(Txn {
+                        xid: full,
+                        commit_us: commit_time_micros + PG_EPOCH_US,
+                        commit_lsn: final_lsn.0,
+                        last_commit: s.last_commit,
+                        last_lsn: 0,
+                        at_last: 0,
+                    });
+                }
+                Some(ReplicationEvent::XLogData {
+                    wal_start, data, ..
+                }) => {
+                    let decoded = decode(
+                        s,
+                        &mut self.tables,
+                        &self.types,
+                        &self.done,
+                        &data,
+                        wal_start.0,
+                    )
+                    .await?;
+                    if let Some(d) = decoded {
+                        if changes.len() as i64 >= chunk {
+                            // A large transaction goes in parts; the next
+                            // start skips what this one sends. This change
+                            // goes first in the next part.
+                            let sent = changes.last().expect("a full batch");
+                            self.position.in_txn_lsn = Some(sent.lsn);
+                            self.position.in_txn = sent.at_last;
+                            s.pending = Some(d);
+                            break;
+                        }
+                        if changes.is_empty() {
+                            first_change = Instant::now();
+                        }
+                        changes.push(d);
+                    }
+                }
+                Some(ReplicationEvent::Commit { end_lsn, .. }) => {
+                    if let Some(txn) = s.txn.take() {
+                        if let Some(last) = changes
+                            .last_mut()
+                            .filter(|c| c.commit_lsn == txn.commit_lsn)
+                        {
+                            last.txn_last = true;
+                        }
+                    }
+                    s.last_commit = end_lsn.0;
+                    s.skip = None;
+                    self.position.lsn = end_lsn.0;
+                    self.position.in_txn_lsn = None;
+                    self.position.in_txn = 0;
+                    if changes.len() as i64 >= chunk {
+                        break;
+                    }
+                }
+                Some(ReplicationEvent::KeepAlive {
+                    wal_end,
+                    reply_requested,
+                    ..
+                }) => {
+                    // Between transactions with nothing unsent, everything the
+                    // server sent before `wal_end` is in Kafka: the position
+                    // may move there. A server shutting down waits for its
+                    // slot to be confirmed that far (it asks for a reply), so
+                    // that position is committed and confirmed at once.
+                    if s.txn.is_none() && changes.is_empty() && wal_end.0 > self.position.lsn {
+                        self.position.lsn = wal_end.0;
+                        self.position.in_txn_lsn = None;
+                        self.position.in_txn = 0;
+                        if reply_requested {
+                            return Ok(Some(position_only("position committed")));
+                        }
+                    }
+                }
+                Some(ReplicationEvent::Message { .. }) => {}
+                Some(ReplicationEvent::StoppedAt { .. }) => {
+                    return Err(SourceError::Definite(anyhow::anyhow!(
+                        "the replication stream of slot {} stopped",
+                        s.slot
+                    )))
+                }
+            }
+        }
+        let rows = changes.len();
+        let newest_change_ms = changes.iter().map(|c| c.changed_ms).max();
+        let s = self.stream.as_mut().expect("opened above");
+        let complete = changes
+            .iter()
+            .filter(|c| c.txn_last)
+            .map(|c| c.commit_lsn)
+            .collect();
+        let first_txn = changes.first().map(|c| c.commit_lsn);
+        // The transaction this batch cuts, if it does: the last one read.
+        let cut_txn = self
+            .position
+            .in_txn_lsn
+            .and(changes.last().map(|c| c.commit_lsn));
+        drop_segment_rows(&mut s.conn, &self.tables, &self.position, &mut changes).await?;
+        // The events of a transaction cut by the last batch, counted so far.
+        let carried = std::mem::take(&mut self.position.in_txn_counts);
+        let records = render(
+            &self.tables,
+            &mut self.position,
+            Txns {
+                complete,
+                first: first_txn,
+                cut: cut_txn,
+                carried,
+            },
+            self.cfg.tombstones,
+            changes,
+        );
+        Ok(Some(Batch {
+            records,
+            rows,
+            newest_change_ms,
+            what: "changes committed",
+        }))
+    }
+
+    /// Looks whether a captured table was dropped; each one found is logged
+    /// and counted once, and the others go on. What the stream already
+    /// brought of it was sent.
+    async fn check_gone(&mut self) {
+        self.last_gone_check = Instant::now();
+        let oids: Vec<i64> = self
+            .tables
+            .iter()
+            .filter(|t| !t.gone)
+            .map(|t| i64::from(t.known.oid))
+            .collect();
+        if oids.is_empty() {
+            return;
+        }
+        let missing: Result<Vec<i64>, _> = sqlx::query_scalar(
+            "select o.oid from pg_catalog.unnest($1::pg_catalog.int8[]) as o(oid)
+             where not exists (select 1 from pg_catalog.pg_class c
+                               where c.oid operator(pg_catalog.=) o.oid::pg_catalog.oid)",
+        )
+        .bind(&oids)
+        .fetch_all(&self.pool)
+        .await;
+        let Ok(missing) = missing else { return };
+        for t in self.tables.iter_mut().filter(|t| !t.gone) {
+            if missing.contains(&i64::from(t.known.oid)) {
+                t.gone = true;
+                tracing::warn!(table = %t.table.info.name, "a captured table was dropped: its changes up to the drop were sent, the other tables go on");
+                metrics::counter!(names::SOURCE_TABLES_DROPPED, "table" => t.table.info.name.to_string())
+                    .increment(1);
+            }
+        }
+    }
+}
+
+impl LogicalStream {
+    /// Widens a 32-bit xid to the full id nearest the last one seen.
+    fn full_xid(&mut self, xid: u32) -> u64 {
+        let diff = i64::from(xid.wrapping_sub(self.xid_base as u32) as i32);
+        let full = (self.xid_base as i64 + diff).max(0) as u64;
+        self.xid_base = full;
+        full
+    }
+}
+
+/// A Relation message: the shape the table's next changes were written
+/// with. Its columns and types are the message's (as of that point in the
+/// WAL); its key and NOT NULL flags the catalog's now, or the last known
+/// when the table is gone.
+async fn relation(
+    s: &mut LogicalStream,
+    tables: &mut [LogicalTable],
+    types: &TypeCache,
+    rel: pgoutput::Relation,
+) -> Result<(), SourceError> {
+    let table = tables
+        .iter()
+        .position(|t| t.table.info.name.schema == rel.schema && t.table.info.name.name == rel.name);
+    let Some(i) = table else {
+        s.relations.insert(
+            rel.id,
+            Relation {
+                table: None,
+                shape: None,
+            },
+        );
+        return Ok(());
+    };
+    let name = tables[i].table.info.name.clone();
+    let catalog = |e: anyhow::Error| {
+        SourceError::from_anyhow(e.context(format!("cannot read the shape of table {name}")))
+    };
+    let ids: Vec<(Oid, i32)> = rel.columns.iter().map(|c| (c.type_oid, c.typmod)).collect();
+    let column_types = types
+        .column_types_on(&mut s.conn, &ids)
+        .await
+        .map_err(|e| catalog(codec_error(e)))?;
+    if let Some(now) = CatalogShape::load(&mut s.conn, types, rel.id)
+        .await
+        .map_err(catalog)?
+    {
+        tables[i].known = now;
+    }
+    let known = &tables[i].known;
+    let columns: Vec<ColumnSpec> = rel
+        .columns
+        .iter()
+        .zip(column_types)
+        .map(|(c, ty)| ColumnSpec {
+            name: c.name.clone(),
+            ty,
+            not_null: known.columns.iter().any(|k| k.name == c.name && k.not_null),
+        })
+        .collect();
+    let has = |key: &[crate::shape::KeyColumn]| {
+        !key.is_empty() && key.iter().all(|k| columns.iter().any(|c| c.name == k.name))
+    };
+    let previous = s.relations.get(&rel.id).and_then(|r| r.shape.clone());
+    let key = if has(&known.key) {
+        known.key.clone()
+    } else if let Some(p) = previous.as_ref().filter(|p| has(&p.key)) {
+        // The catalog's key is not among the columns sent (a key column
+        // dropped or renamed since this change): the key it had.
+        p.key.clone()
+    } else {
+        return Err(SourceError::Definite(anyhow::anyhow!(
+            "table {name}: the stream sent columns ({}) without the primary key's ({}); changes cannot be keyed",
+            columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "),
+            known.key.iter().map(|k| k.name.as_str()).collect::<Vec<_>>().join(", "),
+        )));
+    };
+    if let Some(p) = &previous {
+        if !p.same_as(&columns, &key) {
+            tracing::info!(
+                table = %name,
+                columns = %columns.iter().map(|c| format!("{} {}", c.name, c.ty.sql_type())).collect::<Vec<_>>().join(", "),
+                key = %key.iter().map(|k| k.name.as_str()).collect::<Vec<_>>().join(", "),
+                "the table's shape changed; its next events carry the new one"
+            );
+        }
+    }
+    let shape =
+        Shape::new(tables[i].table.origin.clone(), columns, key).map_err(SourceError::Definite)?;
+    s.relations.insert(
+        rel.id,
+        Relation {
+            table: Some(i),
+            shape: Some(Arc::new(shape)),
+        },
+    );
+    Ok(())
+}
+
+fn codec_error(e: CodecError) -> anyhow::Error {
+    match e {
+        CodecError::Catalog { source, oid } => anyhow::Error::new(source)
+            .context(format!("cannot read type {oid} from pg_catalog.pg_type")),
+        other => anyhow::Error::new(other),
+    }
+}
+
+/// Decodes one `pgoutput` message; `Some` for a change of a table read
+/// whose transaction the initial snapshot does not hold.
+///
+/// Fails on a malformed message, a change the stream did not describe, or
+/// a catalog error while reading a Relation.
+async fn decode(
+    s: &mut LogicalStream,
+    tables: &mut [LogicalTable],
+    types: &TypeCache,
+    done: &PgSnapshot,
+    data: &[u8],
+    lsn: u64,
+) -> Result<Option<Decoded>, SourceError> {
+    let definite = |e: anyhow::Error| SourceError::Definite(e);
+    let message = pgoutput::decode(data).map_err(|e| definite(e.into()))?;
+    let (op, id, old, new) = match message {
+        Message::Relation(rel) => {
+            relation(s, tables, types, rel).await?;
+            return Ok(None);
+        }
+        Message::Type(t) => {
+            // Names a type a dropped relation may still use.
+            types.note_type(t.oid, &t.schema, &t.name);
+            return Ok(None);
+        }
+        Message::Insert { relation, new } => (Op::Create, relation, None, Some(new)),
+        Message::Update { relation, old, new } => (Op::Update, relation, old, Some(new)),
+        Message::Delete { relation, old } => (Op::Delete, relation, old, None),
+        Message::Truncate { .. } => {
+            tracing::warn!("a TRUNCATE of a captured table is not sent: its rows' deletes are not in the stream");
+            return Ok(None);
+        }
+        Message::Other(_) => return Ok(None),
+    };
+    let rel = s.relations.get(&id).ok_or_else(|| {
+        definite(anyhow::anyhow!(
+            "a change of relation {id}, which the stream never described"
+        ))
+    })?;
+    let (Some(table), Some(shape)) = (rel.table, rel.shape.clone()) else {
+        return Ok(None);
+    };
+    let txn = s.txn.as_mut().ok_or_else(|| {
+        definite(anyhow::anyhow!(
+            "a change outside a transaction in the replication stream"
+        ))
+    })?;
+    // The initial snapshot holds this transaction's changes already.
+    if done.visible(txn.xid) {
+        return Ok(None);
+    }
+    if lsn == txn.last_lsn {
+        txn.at_last += 1;
+    } else {
+        txn.last_lsn = lsn;
+        txn.at_last = 1;
+    }
+    // Sent before a restart that cut this transaction.
+    if let Some((cut, n)) = s.skip {
+        if lsn < cut || (lsn == cut && txn.at_last <= n) {
+            return Ok(None);
+        }
+    }
+    let name = &tables[table].table.info.name;
+    if op != Op::Create && old.is_none() {
+        return Err(definite(anyhow::anyhow!(
+            "table {name} sends updates and deletes without the old row: run schema-init --capture logical --table {name} (replica identity full)"
+        )));
+    }
+    let old_fields = match &old {
+        Some(t) => Some(fields(&shape, t, None).map_err(definite)?),
+        None => None,
+    };
+    let new_fields = match &new {
+        Some(t) => Some(fields(&shape, t, old.as_deref()).map_err(definite)?),
+        None => None,
+    };
+    let row_fields = new_fields
+        .as_ref()
+        .or(old_fields.as_ref())
+        .expect("a change has a row");
+    let key_texts = shape.key_texts(row_fields);
+    let encode =
+        |f: &Option<Vec<Option<&[u8]>>>| -> Result<(Option<Encoded>, Option<Encoded>), CodecError> {
+            match f {
+                Some(f) => Ok((Some(shape.encode_row(f)?), Some(shape.encode_key(f)?))),
+                None => Ok((None, None)),
+            }
+        };
+    let change = match encode(&old_fields).and_then(|b| Ok((b, encode(&new_fields)?))) {
+        Ok(((before, key_before), (after, key_after))) => EncodedChange::Ok {
+            shape: shape.clone(),
+            op,
+            before: if op == Op::Create { None } else { before },
+            after,
+            key_before,
+            key_after,
+        },
+        Err(e) => {
+            let column = match &e {
+                CodecError::Value { column, .. } => Some(column.clone()),
+                _ => None,
+            };
+            let raw = column.as_ref().and_then(|c| {
+                let i = shape.columns.iter().position(|s| &s.name == c)?;
+                let f = row_fields.get(i)?.as_ref()?;
+                Some(String::from_utf8_lossy(f).into_owned())
+            });
+            EncodedChange::Dead(DeadLetter {
+                op,
+                column,
+                key: key_display(&shape, &key_texts),
+                error: e.to_string(),
+                raw,
+            })
+        }
+    };
+    Ok(Some(Decoded {
+        table,
+        change,
+        key_texts,
+        txid: txn.xid,
+        changed_ms: txn.commit_us.div_euclid(1000),
+        lsn,
+        at_last: txn.at_last,
+        commit_lsn: txn.commit_lsn,
+        commit_us: txn.commit_us,
+        last_commit: txn.last_commit,
+        txn_last: false,
+    }))
+}
+
+/// A tuple's column texts for the shape; an unchanged TOASTed value is
+/// taken from the old row.
+///
+/// Fails when the tuple does not fit the shape, or a value was not sent and
+/// the old row lacks it.
+fn fields<'a>(
+    shape: &Shape,
+    tuple: &[Value<'a>],
+    old: Option<&[Value<'a>]>,
+) -> anyhow::Result<Vec<Option<&'a [u8]>>> {
+    if tuple.len() != shape.columns.len() {
+        bail!(
+            "table {}: a row with {} columns for a table described with {}",
+            shape.table(),
+            tuple.len(),
+            shape.columns.len()
+        );
+    }
+    tuple
+        .iter()
+        .enumerate()
+        .map(|(i, v)| match v {
+            Value::Null => Ok(None),
+            Value::Text(t) => Ok(Some(*t)),
+            Value::Unchanged => match old.and_then(|o| o.get(i)) {
+                Some(Value::Text(t)) => Ok(Some(*t)),
+                Some(Value::Null) => Ok(None),
+                _ => bail!(
+                    "table {}: column {} was not sent (an unchanged TOASTed value) and the old row lacks it: set replica identity full (schema-init --capture logical)",
+                    shape.table(),
+                    shape.columns[i].name
+                ),
+            },
+        })
+        .collect()
+}
+
+/// Leaves out the changes already in the rows of a snapshot segment read
+/// after a restart: a change whose transaction is visible in a segment's
+/// snapshot and whose key lies in the segment's range. Only those changes
+/// are checked, in one query, comparing keys as the key index does, with
+/// the keys written in as literals of the key columns' base types.
+///
+/// Fails on a database error.
+async fn drop_segment_rows(
+    conn: &mut sqlx::PgConnection,
+    tables: &[LogicalTable],
+    position: &LogicalPosition,
+    changes: &mut Vec<Decoded>,
+) -> Result<(), SourceError> {
+    if position.segments.is_empty() || changes.is_empty() {
+        return Ok(());
+    }
+    let parsed: HashMap<&str, Vec<(PgSnapshot, &tidemark_common::offset::Segment)>> = position
+        .segments
+        .iter()
+        .map(|(name, segs)| {
+            let segs = segs
+                .iter()
+                .filter_map(|s| PgSnapshot::parse(&s.snapshot).ok().map(|p| (p, s)))
+                .collect();
+            (name.as_str(), segs)
+        })
+        .collect();
+    // One boolean per change that needs a look: inside some segment.
+    let mut checked = Vec::new();
+    let mut exprs = Vec::new();
+    for (i, c) in changes.iter().enumerate() {
+        let EncodedChange::Ok { shape, .. } = &c.change else {
+            continue;
+        };
+        let Some(segs) = parsed.get(tables[c.table].table.log_name.as_str()) else {
+            continue;
+        };
+        let Some(texts) = c.key_texts.iter().cloned().collect::<Option<Vec<String>>>() else {
+            continue;
+        };
+        let key = literals(&shape.key, &texts);
+        let mut inside = Vec::new();
+        for (snap, seg) in segs.iter().filter(|(snap, _)| snap.visible(c.txid)) {
+            let mut conds = vec!["true".to_owned()];
+            let bound = |v: &Option<serde_json::Value>| {
+                v.as_ref()
+                    .and_then(|v| stored_key_texts(v, &shape.key))
+                    .map(|t| literals(&shape.key, &t))
+            };
+            if let Some(lo) = bound(&seg.lo) {
+                conds.push(lexicographic_gt(&shape.key, &key, &lo, false));
+            }
+            if let Some(hi) = bound(&seg.hi) {
+                conds.push(format!(
+                    "not {}",
+                    lexicographic_gt(&shape.key, &key, &hi, false)
+                ));
+            }
+            let _ = snap;
+            inside.push(format!("({})", conds.join(" and ")));
+        }
+        if !inside.is_empty() {
+            checked.push(i);
+            exprs.push(format!("({})", inside.join(" or ")));
+        }
+    }
+    if exprs.is_empty() {
+        return Ok(());
+    }
+    let sql = format!("select array[{}]::pg_catalog.bool[]", exprs.join(", "));
+    let inside: Vec<bool> = sqlx::query_scalar(&sql)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| {
+            SourceError::postgres("cannot compare changes with the snapshot's segments", e)
+        })?;
+    let mut drop = vec![false; changes.len()];
+    for (i, is_in) in checked.into_iter().zip(inside) {
+        drop[i] = is_in;
+    }
+    let mut k = 0;
+    changes.retain(|_| {
+        let keep = !drop[k];
+        k += 1;
+        keep
+    });
+    Ok(())
+}
+
+/// How the batch's changes stand in their transactions.
+struct Txns {
+    /// Transactions whose Commit the batch read.
+    complete: std::collections::HashSet<u64>,
+    /// The batch's first transaction, which may go on from the last batch.
+    first: Option<u64>,
+    /// The transaction the batch cuts, if it does.
+    cut: Option<u64>,
+    /// The events of the first transaction counted before this batch.
+    carried: Vec<(String, u64)>,
+}
+
+/// Renders decoded changes into records, each transaction a unit: its
+/// events are counted (a transaction cut by the last batch goes on from
+/// its carried counts), and its last event carries the totals once its
+/// Commit was read. The counts of a transaction this batch cuts stay in
+/// the position.
+fn render(
+    tables: &[LogicalTable],
+    position: &mut LogicalPosition,
+    txns: Txns,
+    tombstones: bool,
+    changes: Vec<Decoded>,
+) -> Vec<Record> {
+    // The last event of each transaction.
+    let mut last_of_txn = vec![false; changes.len()];
+    let mut seen = std::collections::HashSet::new();
+    for (k, c) in changes.iter().enumerate().rev() {
+        if seen.insert(c.commit_lsn) {
+            last_of_txn[k] = txns.complete.contains(&c.commit_lsn);
+        }
+    }
+    let read_us = now_us();
+    let mut records = Vec::with_capacity(changes.len() + changes.len() / 8);
+    let mut counts = Vec::new();
+    let mut current = None;
+    for (k, c) in changes.iter().enumerate() {
+        if current != Some(c.commit_lsn) {
+            current = Some(c.commit_lsn);
+            counts = if Some(c.commit_lsn) == txns.first {
+                txns.carried.clone()
+            } else {
+                Vec::new()
+            };
+        }
+        let mut unit = Unit {
+            commit_order: c.commit_lsn,
+            commit_us: c.commit_us,
+            counts: &mut counts,
+        };
+        tables[c.table].table.render_encoded(
+            &c.change,
+            Some(c.txid),
+            Sequence::Logical {
+                last_commit: c.last_commit,
+                lsn: c.lsn,
+            },
+            &mut unit,
+            last_of_txn[k],
+            read_us,
+            tombstones,
+            &mut records,
+        );
+    }
+    if let Some(cut) = txns.cut {
+        // The batch cut a transaction: its counts go on in the next one.
+        position.in_txn_counts = if current == Some(cut) {
+            counts
+        } else if txns.first == Some(cut) {
+            txns.carried
+        } else {
+            Vec::new()
+        };
+    }
+    records
+}
+
+impl Capture for LogicalMode {
+    type Saved = LogicalPosition;
+
+    fn save(&self) -> Self::Saved {
+        self.position.clone()
+    }
+
+    fn restore(&mut self, saved: Self::Saved) {
+        // The stream resumes from the stored position.
+        self.stream = None;
+        self.position = saved;
+    }
+
+    async fn next(&mut self, shutdown: &CancellationToken) -> Result<Option<Batch>, SourceError> {
+        if shutdown.is_cancelled() {
+            return Ok(None);
+        }
+        if let Some(batch) = self
+            .snapshot
+            .step(
+                &self.pool,
+                &self.types,
+                &self.tables,
+                &mut self.position,
+                self.cfg.batch_max_rows,
+            )
+            .await?
+        {
+            return Ok(Some(batch));
+        }
+        let saved = self.position.clone();
+        let step = tokio::select! {
+            _ = shutdown.cancelled() => None,
+            step = self.stream_step() => Some(step),
+        };
+        match step {
+            Some(Err(e)) => {
+                // The stream resumes from the stored position.
+                self.stream = None;
+                Err(e)
+            }
+            Some(Ok(None)) => {
+                if self.last_gone_check.elapsed() >= GONE_CHECK_EVERY {
+                    self.check_gone().await;
+                }
+                Ok(None)
+            }
+            Some(Ok(batch)) => Ok(batch),
+            None => {
+                // Stopped mid-read: nothing of it was sent.
+                self.stream = None;
+                self.position = saved;
+                Ok(None)
+            }
+        }
+    }
+
+    fn position_record(&self) -> Record {
+        Record {
+            topic: self.offsets_topic.clone(),
+            key: self.position_key.clone(),
+            value: Some(SourcePosition::Logical(self.position.clone()).encode()),
+        }
+    }
+
+    async fn committed(&mut self, done: &Committed) {
+        self.last_commit = Instant::now();
+        let lsn = self.position.lsn;
+        if let Some(s) = self.stream.as_mut() {
+            s.acked = lsn;
+            s.client.update_applied_lsn(Lsn(lsn));
+        }
+        tracing::info!(records = done.records, rows = done.rows, lsn = %Lsn(lsn), commit = ?done.commit, "{}", done.what);
+    }
+
+    async fn wait(&mut self, _shutdown: &CancellationToken) {
+        // The stream waits for changes itself.
+    }
+}
