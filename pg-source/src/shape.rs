@@ -48,10 +48,15 @@ pub struct CatalogShape {
     pub columns: Vec<ColumnSpec>,
     /// The primary key in index order; empty without one.
     pub key: Vec<KeyColumn>,
+    /// The newest transaction (32-bit xid) that wrote the catalog rows of
+    /// the columns and the primary-key index: the last DDL that changed a
+    /// NOT NULL flag or the key is this one or an earlier one.
+    pub changed_by: u32,
 }
 
 #[derive(sqlx::FromRow)]
 struct AttributeRow {
+    xmin: i64,
     name: String,
     type_oid: i64,
     typmod: i32,
@@ -60,6 +65,7 @@ struct AttributeRow {
 
 #[derive(sqlx::FromRow)]
 struct KeyRow {
+    xmin: i64,
     name: String,
     lt: String,
     eq: String,
@@ -68,7 +74,8 @@ struct KeyRow {
 
 /// The live columns of a table.
 const COLUMNS_SQL: &str = r#"
-select a.attname::pg_catalog.text as name, a.atttypid::pg_catalog.int8 as type_oid,
+select a.xmin::pg_catalog.text::pg_catalog.int8 as xmin,
+       a.attname::pg_catalog.text as name, a.atttypid::pg_catalog.int8 as type_oid,
        a.atttypmod as typmod, a.attnotnull as not_null
 from pg_catalog.pg_attribute a
 where a.attrelid operator(pg_catalog.=) $1::pg_catalog.oid
@@ -80,7 +87,8 @@ limit 1600
 /// The primary key's columns in index order, with the `<`, `=` and `>`
 /// (strategies 1, 3 and 5) of each column's operator class.
 const KEY_SQL: &str = r#"
-select a.attname::pg_catalog.text as name,
+select i.xmin::pg_catalog.text::pg_catalog.int8 as xmin,
+       a.attname::pg_catalog.text as name,
        pg_catalog.format('operator(%I.%s)', ltn.nspname, lt.oprname) as lt,
        pg_catalog.format('operator(%I.%s)', eqn.nspname, eq.oprname) as eq,
        pg_catalog.format('operator(%I.%s)', gtn.nspname, gt.oprname) as gt
@@ -141,6 +149,7 @@ impl CatalogShape {
             .fetch_all(&mut *conn)
             .await?;
         let ids: Vec<(Oid, i32)> = rows.iter().map(|r| (r.type_oid as Oid, r.typmod)).collect();
+        let mut xmins: Vec<u32> = rows.iter().map(|r| r.xmin as u32).collect();
         let column_types = types.column_types_on(conn, &ids).await?;
         let columns: Vec<ColumnSpec> = rows
             .into_iter()
@@ -155,6 +164,8 @@ impl CatalogShape {
             .bind(i64::from(oid))
             .fetch_all(&mut *conn)
             .await?;
+        xmins.extend(keys.iter().map(|k| k.xmin as u32));
+        let changed_by = newest_xid(&xmins);
         let key = keys
             .into_iter()
             .filter_map(|k| {
@@ -168,7 +179,12 @@ impl CatalogShape {
                 })
             })
             .collect();
-        Ok(Some(Self { oid, columns, key }))
+        Ok(Some(Self {
+            oid,
+            columns,
+            key,
+            changed_by,
+        }))
     }
 
     /// The OID of a table by name; `None` when it does not exist.
@@ -186,6 +202,20 @@ impl CatalogShape {
         .await?;
         Ok(oid.map(|o| o as Oid))
     }
+}
+
+/// Whether 32-bit transaction id `a` was assigned after `b` (the server's
+/// circular order: ids within 2^31 of each other compare).
+pub fn xid_after(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
+}
+
+/// The newest of `xids` in circular order; 0 for none.
+fn newest_xid(xids: &[u32]) -> u32 {
+    xids.iter()
+        .copied()
+        .reduce(|n, x| if xid_after(x, n) { x } else { n })
+        .unwrap_or(0)
 }
 
 /// The type a key literal is written as: a domain's base type, the column's
@@ -537,6 +567,16 @@ mod tests {
             at,
             "((x operator(pg_catalog.>) y) or (x operator(pg_catalog.=) y))"
         );
+    }
+
+    #[test]
+    fn xids_compare_in_circular_order() {
+        assert!(xid_after(10, 9));
+        assert!(!xid_after(9, 10) && !xid_after(9, 9));
+        assert!(xid_after(3, u32::MAX - 3), "across the wrap");
+        assert_eq!(newest_xid(&[5, 900, 7]), 900);
+        assert_eq!(newest_xid(&[u32::MAX - 1, 4, u32::MAX]), 4);
+        assert_eq!(newest_xid(&[]), 0);
     }
 
     #[test]

@@ -64,7 +64,9 @@ use crate::errors::{stream_sqlstate, SourceError};
 use crate::modes::{Batch, Capture, Committed};
 use crate::pgoutput::{self, Message, Value};
 use crate::producer::Record;
-use crate::shape::{lexicographic_gt, literals, stored_key_texts, CatalogShape, Encoded, Shape};
+use crate::shape::{
+    lexicographic_gt, literals, stored_key_texts, xid_after, CatalogShape, Encoded, Shape,
+};
 use crate::snapshot::{self, key_display, InitialSnapshot};
 use crate::table::{CapturedTable, DeadLetter, EncodedChange, Unit};
 use crate::visibility::PgSnapshot;
@@ -685,8 +687,12 @@ impl LogicalStream {
 
 /// A Relation message: the shape the table's next changes were written
 /// with. Its columns and types are the message's (as of that point in the
-/// WAL); its key and NOT NULL flags the catalog's now, or the last known
-/// when the table is gone.
+/// WAL); its key and NOT NULL flags the catalog's now, unless the catalog
+/// was written after the change's transaction began writing (then the ones
+/// known before), or the last known when the table is gone. What is left
+/// uncertain: a transaction that overlaps an ALTER TABLE of the table but
+/// writes it only after, or two ALTERs within pg-source's lag of each
+/// other, may get the other side's flags (never other values).
 async fn relation(
     s: &mut LogicalStream,
     tables: &mut [LogicalTable],
@@ -715,11 +721,29 @@ async fn relation(
         .column_types_on(&mut s.conn, &ids)
         .await
         .map_err(|e| catalog(codec_error(e)))?;
+    // The key and NOT NULL flags are not in the message: they come from the
+    // catalog as it is now, which may be later than this change (pg-source
+    // reads behind the writers, and the stream describes a table again
+    // after any cache invalidation, autovacuum's too). Catalog rows written
+    // by a transaction newer than this change's are a DDL after it (an
+    // ALTER TABLE holds its lock on the table from before it has an id
+    // until it commits): the flags known before stand for this change, and
+    // the new ones are taken at a Relation of a change after the DDL.
+    let xid = s.txn.as_ref().map(|t| t.xid as u32);
     if let Some(now) = CatalogShape::load(&mut s.conn, types, rel.id)
         .await
         .map_err(catalog)?
     {
-        tables[i].known = now;
+        let newer = xid.is_some_and(|x| xid_after(now.changed_by, x));
+        let known = &tables[i].known;
+        if !newer {
+            tables[i].known = now;
+        } else if now.changed_by == known.changed_by {
+            tracing::warn!(table = %name, ddl_xid = now.changed_by, "changes written before a later ALTER TABLE are read with the primary key and NOT NULL flags the catalog has now (pg-source did not see the table before it)");
+            tables[i].known = now;
+        } else {
+            tracing::debug!(table = %name, ddl_xid = now.changed_by, "a change written before an ALTER TABLE: the key and NOT NULL flags known before stand for it");
+        }
     }
     let known = &tables[i].known;
     let columns: Vec<ColumnSpec> = rel
