@@ -127,7 +127,8 @@ limit 32
 
 impl CatalogShape {
     /// Reads a table's columns, their types (through `types`) and its
-    /// primary key; `None` when the table no longer exists.
+    /// primary key; `None` when the table no longer exists (or was dropped
+    /// while it was read).
     ///
     /// Fails on a catalog error or a type the codec cannot resolve.
     pub async fn load(
@@ -179,6 +180,18 @@ impl CatalogShape {
                 })
             })
             .collect();
+        // Dropped while it was read (the queries above then found nothing):
+        // a table that exists now existed all along, since a dropped table's
+        // OID does not come back.
+        let exists: bool = sqlx::query_scalar(
+            "select exists (select 1 from pg_catalog.pg_class c where c.oid operator(pg_catalog.=) $1::pg_catalog.oid)",
+        )
+        .bind(i64::from(oid))
+        .fetch_one(&mut *conn)
+        .await?;
+        if !exists {
+            return Ok(None);
+        }
         Ok(Some(Self {
             oid,
             columns,

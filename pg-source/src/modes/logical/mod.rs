@@ -668,8 +668,8 @@ impl LogicalMode {
             if missing.contains(&i64::from(t.known.oid)) {
                 t.gone = true;
                 tracing::warn!(table = %t.table.info.name, "a captured table was dropped: its changes up to the drop were sent, the other tables go on");
-                metrics::counter!(names::SOURCE_TABLES_DROPPED, "table" => t.table.info.name.to_string())
-                    .increment(1);
+                metrics::gauge!(names::SOURCE_TABLES_DROPPED, "table" => t.table.info.name.to_string())
+                    .set(1.0);
             }
         }
     }
