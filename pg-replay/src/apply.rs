@@ -1196,8 +1196,28 @@ impl Applier {
                         .execute(&mut self.conn)
                         .await?;
                 } else {
-                    sqlx::query(&format!("delete from {} s where s.m_co {LE} $1", s.stage))
-                        .bind(run.upto)
+                    // Deleting the applied rows would leave them dead in
+                    // the table for every later scan to read (nothing
+                    // vacuums a temporary table), so a long replay would
+                    // slow down run after run: the rest is put aside, the
+                    // table emptied and the rest put back.
+                    sqlx::query(&format!(
+                        "create temp table pg_temp.tidemark_keep as select * from {} s where s.m_co {GT} $1",
+                        s.stage
+                    ))
+                    .bind(run.upto)
+                    .execute(&mut self.conn)
+                    .await?;
+                    sqlx::query(&format!("truncate {}", s.stage))
+                        .execute(&mut self.conn)
+                        .await?;
+                    sqlx::query(&format!(
+                        "insert into {} select * from pg_temp.tidemark_keep",
+                        s.stage
+                    ))
+                    .execute(&mut self.conn)
+                    .await?;
+                    sqlx::query("drop table pg_temp.tidemark_keep")
                         .execute(&mut self.conn)
                         .await?;
                 }
