@@ -305,9 +305,6 @@ async fn every_column_type_replays_from_a_changelog_archive() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "logical capture sends a json value of an updated row normalized (as jsonb prints it: duplicate \
-            key dropped, spacing, \\u escape, 1.0E+2 as 100), so the restore differs; run it once pg-source's \
-            logical mode carries json's exact text in updates (changelog mode does)"]
 async fn every_column_type_replays_from_a_logical_archive() {
     every_column_type_replays(true).await;
 }
