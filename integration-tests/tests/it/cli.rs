@@ -602,3 +602,106 @@ async fn start_lines_say_mode_tables_topics_position_and_plan() {
         }
     }
 }
+
+/// Issue 16.6 as a user meets it: file-sink (the program) has written a
+/// file, the topic is deleted and created again with other records (as
+/// after `docker compose down -v`), and file-sink started again says in its
+/// log what it does, keeps the old file unchanged under the name it
+/// logs, next to its checkpoint, and writes the new topic's records to a
+/// new file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_reset_the_program_logs_where_the_old_file_went_and_starts_a_new_one() {
+    let topic = crate::archive::topic(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("out.txt");
+    let name = unique("reset");
+    let producer = crate::archive::producer();
+    let start = || {
+        KillOnDrop(
+            Command::new(env!("CARGO_BIN_EXE_it-file-sink"))
+                .args(["--json-logs", "--http-addr", "off"])
+                .args(["--name", &name, "--topics", &topic])
+                .arg("--file")
+                .arg(&file)
+                .args(["--bootstrap-servers", &bootstrap()])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let lines = |path: &std::path::Path| -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    let wait_lines = |want: Vec<String>| {
+        let file = file.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while lines(&file) != want {
+                assert!(Instant::now() < deadline, "{:?}", lines(&file));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let first = crate::archive::produce_units(&producer, &topic, 1..21, 1, |_, _| "false").await;
+    let mut sink = start();
+    wait_lines(first.clone()).await;
+    sigterm_and_wait(&mut sink.0);
+    let before = std::fs::read(&file).unwrap();
+
+    crate::archive::recreate(&topic, 1).await;
+    let second =
+        crate::archive::produce_units(&producer, &topic, 500..505, 1, |_, _| "false").await;
+    let mut sink = start();
+    let line = json_line_where(&mut sink.0, |m| m.contains("deleted and created again"));
+    assert_eq!(line["level"], "WARN", "{line}");
+    let aside = std::path::PathBuf::from(line["fields"]["aside"].as_str().unwrap());
+    assert_eq!(line["fields"]["file"], file.display().to_string(), "{line}");
+    assert!(
+        aside
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("out.txt.before-reset-"),
+        "{line}"
+    );
+    wait_lines(second).await;
+    sigterm_and_wait(&mut sink.0);
+    assert_eq!(
+        std::fs::read(&aside).unwrap(),
+        before,
+        "the old file, unchanged"
+    );
+    assert!(tidemark_common::offset::SinkCheckpoint::path_for(&aside).is_file());
+}
+
+/// The first line of a program's JSON log whose message passes `pred`,
+/// reading its stdout for at most 60 s (and draining it after).
+fn json_line_where(
+    child: &mut std::process::Child,
+    pred: impl Fn(&str) -> bool,
+) -> serde_json::Value {
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .unwrap_or_else(|e| panic!("no such line within 60 s: {e}"));
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if v["fields"]["message"].as_str().is_some_and(&pred) {
+            return v;
+        }
+    }
+}
