@@ -47,6 +47,10 @@ pub mod names {
     /// 1 for each captured table that was dropped, by `table` (changelog
     /// mode: its changes logged before the drop are sent; the others go on).
     pub const SOURCE_TABLES_DROPPED: &str = "tidemark_source_tables_dropped";
+    /// 1 for each captured table whose change-log triggers are gone or
+    /// disabled, by `table` (changelog mode: its new changes are not logged;
+    /// the others go on).
+    pub const SOURCE_TABLES_UNCAPTURED: &str = "tidemark_source_tables_uncaptured";
     /// Seconds between the newest change sent and now, when one was sent.
     pub const SOURCE_LAG_SECONDS: &str = "tidemark_source_lag_seconds";
     /// Histogram: seconds from a change's commit in Postgres to the commit
@@ -135,6 +139,12 @@ pub mod names {
             name: SOURCE_TABLES_DROPPED,
             kind: Kind::Gauge,
             help: "1 for a captured table that was dropped, by table: its changes logged before the drop are sent, the other tables go on.",
+            start: Start::Absent,
+        },
+        Metric {
+            name: SOURCE_TABLES_UNCAPTURED,
+            kind: Kind::Gauge,
+            help: "1 for a captured table whose change-log triggers were dropped or disabled, by table: its new changes are not captured, the other tables go on.",
             start: Start::Absent,
         },
         Metric {

@@ -28,7 +28,9 @@
 //! dropped table's changes logged before the drop are sent; then a log line
 //! and `tidemark_source_tables_dropped` say it left, and the other tables
 //! go on; the change log is pruned of it; a restart with it still
-//! configured neither refuses nor stops.
+//! configured neither refuses nor stops. A table whose owner dropped or
+//! disabled its change-log triggers stops only itself: an ERROR log and
+//! `tidemark_source_tables_uncaptured` say so, and a restart goes on.
 //!
 //! **A value that cannot be carried** (a text its type's codec refuses)
 //! goes to the dead-letter topic `tidemark.dead-letter` ([`crate::dead_letter`]) with the table,
@@ -92,6 +94,9 @@ struct LogTable {
     relids: Vec<i64>,
     /// It no longer exists: said once.
     gone: bool,
+    /// It exists, but no enabled change-log trigger captures it: said once
+    /// per change.
+    uncaptured: bool,
     /// The name its last change was logged under, when not `log_name`
     /// (renamed): said once per name.
     renamed_to: Option<String>,
@@ -179,7 +184,7 @@ impl ChangeLogMode {
         let mut log_tables = Vec::new();
         for (info, topic) in infos {
             let name = info.name.clone();
-            check_trigger(pool, &name).await?;
+            let trigger = check_trigger(pool, &name).await;
             let table = CapturedTable::new(
                 pool,
                 info,
@@ -189,7 +194,16 @@ impl ChangeLogMode {
                 (key_schemas, value_schemas),
             )
             .await?;
-            log_tables.push(LogTable::new(pool, name, topic).await?);
+            let t = LogTable::new(pool, name, topic).await?;
+            // A table captured once whose triggers its owner dropped stops
+            // only itself (said by check_gone below); one never captured is
+            // a configuration error.
+            if let Err(e) = trigger {
+                if t.relids.is_empty() {
+                    return Err(e);
+                }
+            }
+            log_tables.push(t);
             tables.push(table);
         }
         for (name, topic) in gone {
@@ -805,6 +819,21 @@ impl ChangeLogMode {
         .fetch_all(&self.pool)
         .await
         .map_err(|e| SourceError::postgres("cannot look whether the tables still exist", e))?;
+        // Existing tables without an enabled change-log trigger: its owner
+        // dropped or disabled them.
+        let uncaptured: Vec<i64> = sqlx::query_scalar(
+            "select c.oid::pg_catalog.int8 from pg_catalog.pg_class c
+              where c.oid operator(pg_catalog.=) any ($1::pg_catalog.int8[]::pg_catalog.oid[])
+                and not exists (select 1 from pg_catalog.pg_trigger t
+                                 where t.tgrelid operator(pg_catalog.=) c.oid
+                                   and t.tgname operator(pg_catalog.=) any ($2)
+                                   and t.tgenabled operator(pg_catalog.=) any (array['A', 'O']::pg_catalog.\"char\"[]))",
+        )
+        .bind(&existing)
+        .bind([names::ROW_TRIGGER, names::INSERT_TRIGGER])
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| SourceError::postgres("cannot look whether the tables are still captured", e))?;
         for t in &mut self.log_tables {
             let gone = !t.relids.iter().any(|r| existing.contains(r));
             if gone && !t.gone {
@@ -815,6 +844,18 @@ impl ChangeLogMode {
                     .set(if gone { 1.0 } else { 0.0 });
             }
             t.gone = gone;
+            let off = !gone && t.relids.iter().any(|r| uncaptured.contains(r));
+            if off && !t.uncaptured {
+                tracing::error!(table = %t.name, topic = %t.topic,
+                    "table no longer captured: its change-log triggers were dropped or disabled, so its new changes are not logged (those logged before are sent, the other tables go on); run schema-init --capture changelog --table {} to capture it again", t.name);
+            } else if !off && t.uncaptured {
+                tracing::info!(table = %t.name, "table captured again");
+            }
+            if off != t.uncaptured || off {
+                metrics::gauge!(metric::SOURCE_TABLES_UNCAPTURED, "table" => t.log_name.clone())
+                    .set(if off { 1.0 } else { 0.0 });
+            }
+            t.uncaptured = off;
         }
         Ok(())
     }
@@ -904,6 +945,7 @@ impl LogTable {
             relids,
             // Found by the first check, which says so.
             gone: false,
+            uncaptured: false,
             renamed_to: None,
             envelopes: HashMap::new(),
             keys: HashMap::new(),

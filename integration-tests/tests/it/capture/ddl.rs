@@ -925,3 +925,86 @@ async fn capture_triggers_fire_for_replica_sessions_and_stay_enabled_always() {
         ]
     );
 }
+
+/// A table owner drops the change-log triggers of its table (owners may):
+/// pg-source says so (an ERROR log and `tidemark_source_tables_uncaptured`),
+/// the other tables go on, and a restart neither refuses nor stops; once
+/// captured again, its changes flow again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_whose_owner_drops_its_capture_stops_only_itself() {
+    let metrics = tidemark_common::ops::recorder();
+    let db = Db::new().await;
+    let (owner, owner_pool) = db.role("owner_").await;
+    exec(
+        &db.admin,
+        &format!("grant create on schema public to {owner}"),
+    )
+    .await;
+    exec(
+        &db.admin,
+        "create table public.kept_captured (id int primary key)",
+    )
+    .await;
+    exec(
+        &owner_pool,
+        "create table public.capture_dropped_by_owner (id int primary key)",
+    )
+    .await;
+    let tables = ["kept_captured", "capture_dropped_by_owner"];
+    for t in tables {
+        db.capture(t, every_capture()[1]).await;
+    }
+    let topics = [db.topic(tables[0]), db.topic(tables[1])];
+    let mut reader = TopicReader::new(&topics);
+    let source = db
+        .start_source(&tables, &[("snapshot.mode", "no_data")])
+        .await;
+    exec(&db.admin, "insert into public.kept_captured values (1)").await;
+    exec(
+        &owner_pool,
+        "insert into public.capture_dropped_by_owner values (1)",
+    )
+    .await;
+    reader.at_least(&topics[1], 1).await;
+    for trigger in ["insert", "update", "delete"] {
+        exec(
+            &owner_pool,
+            &format!("drop trigger tidemark_capture_{trigger} on public.capture_dropped_by_owner"),
+        )
+        .await;
+    }
+    let said = || {
+        metrics.render().lines().any(|l| {
+            l.starts_with("tidemark_source_tables_uncaptured{")
+                && l.contains(r#"table="public.capture_dropped_by_owner""#)
+                && l.ends_with(" 1")
+        })
+    };
+    let start = Instant::now();
+    while !said() {
+        assert!(
+            start.elapsed() < WAIT,
+            "no metric says the table is no longer captured: {}",
+            metrics.render()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    exec(&db.admin, "insert into public.kept_captured values (2)").await;
+    reader.at_least(&topics[0], 2).await;
+    source.stop().await;
+
+    let mut source = db
+        .start_source(&tables, &[("snapshot.mode", "no_data")])
+        .await;
+    exec(&db.admin, "insert into public.kept_captured values (3)").await;
+    reader.at_least(&topics[0], 3).await;
+    db.capture(tables[1], every_capture()[1]).await;
+    exec(
+        &owner_pool,
+        "insert into public.capture_dropped_by_owner values (2)",
+    )
+    .await;
+    reader.at_least(&topics[1], 2).await;
+    source.assert_running("pg-source").await;
+    source.stop().await;
+}
