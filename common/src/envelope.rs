@@ -427,6 +427,10 @@ pub enum Op {
     /// A row read by the initial snapshot.
     #[serde(rename = "r")]
     Read,
+    /// The table was truncated (Debezium's `t`): `before` and `after` are
+    /// null and the record's Kafka key is null.
+    #[serde(rename = "t")]
+    Truncate,
 }
 
 impl Op {
@@ -437,6 +441,7 @@ impl Op {
             Self::Update => "u",
             Self::Delete => "d",
             Self::Read => "r",
+            Self::Truncate => "t",
         }
     }
 }

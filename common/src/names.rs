@@ -40,10 +40,19 @@ pub const UPDATE_TRIGGER: &str = "tidemark_capture_update";
 /// The statement-level capture trigger of deletes.
 pub const DELETE_TRIGGER: &str = "tidemark_capture_delete";
 
+/// The statement-level capture trigger of `TRUNCATE` (both trigger levels:
+/// Postgres fires truncate triggers per statement only).
+pub const TRUNCATE_TRIGGER: &str = "tidemark_capture_truncate";
+
 /// Every capture trigger name; a table with [`ROW_TRIGGER`] or
 /// [`INSERT_TRIGGER`] is captured.
-pub const CAPTURE_TRIGGERS: [&str; 4] =
-    [ROW_TRIGGER, INSERT_TRIGGER, UPDATE_TRIGGER, DELETE_TRIGGER];
+pub const CAPTURE_TRIGGERS: [&str; 5] = [
+    ROW_TRIGGER,
+    INSERT_TRIGGER,
+    UPDATE_TRIGGER,
+    DELETE_TRIGGER,
+    TRUNCATE_TRIGGER,
+];
 
 /// The transition table of new rows in statement-level capture triggers.
 pub const NEW_TRANSITION_TABLE: &str = "tidemark_new";

@@ -35,6 +35,7 @@ pub const KEYS: KeySet = KeySet {
         "topic.creation.default.replication.factor",
         "validate.non.null",
         "tombstones.on.delete",
+        "skipped.operations",
         "snapshot.mode",
         "slot.name",
     ],
@@ -210,6 +211,8 @@ pub struct TimestampConfig {
 pub struct ChangeLogConfig {
     /// `tombstones.on.delete`: a null-valued record after each delete.
     pub tombstones: bool,
+    /// `skipped.operations`: the kinds of change not sent.
+    pub skipped: SkippedOps,
     /// `snapshot.mode=initial`: send every existing row first when no
     /// position is stored.
     pub initial_snapshot: bool,
@@ -232,6 +235,8 @@ pub struct ChangeLogConfig {
 pub struct LogicalConfig {
     /// `tombstones.on.delete`.
     pub tombstones: bool,
+    /// `skipped.operations`.
+    pub skipped: SkippedOps,
     /// `snapshot.mode=initial`.
     pub initial_snapshot: bool,
     /// `batch.max.rows`: changes per Kafka transaction; a larger source
@@ -242,6 +247,67 @@ pub struct LogicalConfig {
     /// `--linger`: how long a batch waits for more transactions after its
     /// first change.
     pub linger: Duration,
+}
+
+/// `skipped.operations` (Debezium's key): the operations whose events
+/// `logical` and `changelog` modes do not send, from `c` (create), `u`
+/// (update), `d` (delete) and `t` (truncate). The default, `none`, sends
+/// every change. A skipped change is not sent at all: it takes no place in
+/// its unit's `total_order` and is not counted in `event_count`. An update
+/// that changes the primary key (sent as a delete and a create) counts as
+/// an update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SkippedOps {
+    /// `c`.
+    pub create: bool,
+    /// `u`.
+    pub update: bool,
+    /// `d`.
+    pub delete: bool,
+    /// `t`.
+    pub truncate: bool,
+}
+
+impl SkippedOps {
+    /// Reads `skipped.operations`.
+    ///
+    /// Fails on an operation it does not know, naming the key.
+    pub fn from_connector(c: &ConnectorConfig) -> Result<Self, ConfigError> {
+        let key = "skipped.operations";
+        let mut ops = Self::default();
+        let Some(text) = c.get(key) else {
+            return Ok(ops);
+        };
+        for op in text.split(',').map(str::trim).filter(|op| !op.is_empty()) {
+            match op {
+                "c" => ops.create = true,
+                "u" => ops.update = true,
+                "d" => ops.delete = true,
+                "t" => ops.truncate = true,
+                "none" => {}
+                _ => {
+                    return Err(ConfigError::invalid(
+                        key,
+                        text,
+                        "expected a comma-separated list of c (create), u (update), d (delete) and t (truncate), or none",
+                    ))
+                }
+            }
+        }
+        Ok(ops)
+    }
+
+    /// Whether changes of the one-letter op `code` (`c`, `u`, `d`, `t`) are
+    /// skipped.
+    pub fn skips(&self, code: &str) -> bool {
+        match code {
+            "c" => self.create,
+            "u" => self.update,
+            "d" => self.delete,
+            "t" => self.truncate,
+            _ => false,
+        }
+    }
 }
 
 /// The default of [`ChangeLogConfig::probe_interval`]: a wake-up within
@@ -328,6 +394,7 @@ impl ChangeLogConfig {
     pub fn from_connector(c: &ConnectorConfig) -> Result<Self, ConfigError> {
         Ok(Self {
             tombstones: boolean(c, "tombstones.on.delete", "true")?,
+            skipped: SkippedOps::from_connector(c)?,
             initial_snapshot: initial_snapshot(c)?,
             batch_max_rows: batch_max_rows(c)?,
             poll_interval: c.millis("poll.interval.ms", 5000)?,
@@ -363,6 +430,7 @@ impl LogicalConfig {
         };
         Ok(Self {
             tombstones: boolean(c, "tombstones.on.delete", "true")?,
+            skipped: SkippedOps::from_connector(c)?,
             initial_snapshot: initial_snapshot(c)?,
             batch_max_rows: batch_max_rows(c)?,
             slot_name,
@@ -545,10 +613,19 @@ mod tests {
         ]))
         .unwrap();
         assert!(!c.tombstones && !c.initial_snapshot);
+        assert_eq!(c.skipped, SkippedOps::default());
+        let c = ChangeLogConfig::from_connector(&connector(&[("skipped.operations", " t, u ")]))
+            .unwrap();
+        assert!(c.skipped.skips("t") && c.skipped.skips("u"));
+        assert!(!c.skipped.skips("c") && !c.skipped.skips("d"));
+        let c =
+            ChangeLogConfig::from_connector(&connector(&[("skipped.operations", "none")])).unwrap();
+        assert_eq!(c.skipped, SkippedOps::default());
         for (key, value) in [
             ("tombstones.on.delete", "yes"),
             ("snapshot.mode", "always"),
             ("batch.max.rows", "0"),
+            ("skipped.operations", "c,x"),
         ] {
             let err = ChangeLogConfig::from_connector(&connector(&[(key, value)])).unwrap_err();
             assert!(err.to_string().contains(key), "{err}");

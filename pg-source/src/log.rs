@@ -20,7 +20,7 @@ pub struct LogRow {
     pub shape: i32,
     /// The table's OID, from the shape.
     pub relid: i64,
-    /// `c`, `u` or `d`.
+    /// `c`, `u`, `d` or `t` (a TRUNCATE, with neither image).
     pub op: String,
     /// When the change was made, µs since the epoch.
     pub changed_us: i64,

@@ -33,7 +33,8 @@ const STOP_CHECK: Duration = Duration::from_millis(100);
 pub struct Record {
     /// Topic.
     pub topic: String,
-    /// Key bytes.
+    /// Key bytes; empty for a null key (a TRUNCATE event's: every key
+    /// Tidemark writes otherwise is JSON, never empty).
     pub key: Vec<u8>,
     /// Value bytes; `None` is a tombstone.
     pub value: Option<Vec<u8>>,
@@ -274,7 +275,10 @@ fn send_blocking(
         // librdkafka copies each record: drop ours once it is queued, so a
         // batch is held once, not twice.
         for r in records.into_iter().chain(std::iter::once(position.clone())) {
-            let mut rec = BaseRecord::to(&r.topic).key(&r.key);
+            let mut rec = BaseRecord::<Vec<u8>, Vec<u8>>::to(&r.topic);
+            if !r.key.is_empty() {
+                rec = rec.key(&r.key);
+            }
             if let Some(value) = &r.value {
                 rec = rec.payload(value);
             }

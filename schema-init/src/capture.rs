@@ -124,7 +124,7 @@ pub fn capture_role_sql(role: &str) -> String {
 /// [`names`] (and a few constants of this module).
 fn fill(template: &str) -> String {
     let settings = function_settings();
-    let values: [(&str, &str); 18] = [
+    let values: [(&str, &str); 19] = [
         ("SCHEMA", names::SCHEMA),
         ("CHANGE_LOG", names::CHANGE_LOG),
         ("SHAPES", names::SHAPES),
@@ -141,6 +141,7 @@ fn fill(template: &str) -> String {
         ("INSERT_TRIGGER", names::INSERT_TRIGGER),
         ("UPDATE_TRIGGER", names::UPDATE_TRIGGER),
         ("DELETE_TRIGGER", names::DELETE_TRIGGER),
+        ("TRUNCATE_TRIGGER", names::TRUNCATE_TRIGGER),
         ("NEW_TABLE", names::NEW_TRANSITION_TABLE),
         ("OLD_TABLE", names::OLD_TRANSITION_TABLE),
         ("FUNCTION_SETTINGS", &settings),
@@ -216,6 +217,18 @@ fn fill(template: &str) -> String {
 /// announces. A captured table left without a primary key
 /// refuses writes, naming the fix, until it has one again (change a key in
 /// one `ALTER TABLE`, or drop and add it in one transaction).
+///
+/// **TRUNCATE** fires the trigger `tidemark_capture_truncate` (`after
+/// truncate`, per statement: Postgres has no row-level truncate trigger),
+/// which runs the same function: one log row of op `t`, both images null,
+/// with the table's current shape, in the truncating transaction and in its
+/// order among that transaction's other changes. `TRUNCATE a, b` and
+/// `TRUNCATE ... CASCADE` fire it on every captured table they empty. A
+/// function generated before TRUNCATE was captured (its comment lacks
+/// "truncate too") is generated anew by the next run. A partitioned table's
+/// truncate trigger fires when the table is truncated, not when one of its
+/// partitions is truncated directly (Postgres does not clone statement
+/// triggers onto partitions), so such a TRUNCATE is not captured.
 ///
 /// **Partitioned tables** take row triggers, which Postgres clones onto
 /// every partition: the function builds each image column by column in the
@@ -456,16 +469,29 @@ end"#,
             }
         }
     }
+    // Postgres fires truncate triggers per statement only, at both levels;
+    // the function logs one `t` row with no image. `TRUNCATE a, b` and a
+    // cascade fire the trigger of each captured table truncated.
+    steps.push(step(
+        &format!("create trigger {}", names::TRUNCATE_TRIGGER),
+        format!(
+            "create or replace trigger {}\n\
+             after truncate on {t}\n\
+             for each statement execute function {function}()",
+            quote_ident(names::TRUNCATE_TRIGGER)
+        ),
+    ));
     // Also in replica sessions: logical replication's apply (a subscriber's
     // tables) runs as one, and a trigger enabled the default way would not
     // fire for what it writes. One ALTER TABLE, so that the event trigger
     // (of an earlier run) sees them all enabled.
     let triggers: &[&str] = match capture.trigger {
-        TriggerLevel::Row => &[names::ROW_TRIGGER],
+        TriggerLevel::Row => &[names::ROW_TRIGGER, names::TRUNCATE_TRIGGER],
         TriggerLevel::Statement => &[
             names::INSERT_TRIGGER,
             names::UPDATE_TRIGGER,
             names::DELETE_TRIGGER,
+            names::TRUNCATE_TRIGGER,
         ],
     };
     steps.push(step(

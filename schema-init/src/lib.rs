@@ -9,8 +9,8 @@
 //! again (or twice at once) changes nothing and adds no second sample row.
 //!
 //! With `--capture changelog` it installs change-log capture instead of the
-//! NOTIFY trigger: triggers that record every insert, update and delete,
-//! with the row before and after, the transaction id, a sequence and the
+//! NOTIFY trigger: triggers that record every insert, update, delete and
+//! truncate, with the row before and after, the transaction id, a sequence and the
 //! row's shape, in `tidemark.change_log`, in the writing transaction itself,
 //! and an event trigger that follows `ALTER TABLE` (see [`changelog_steps`],
 //! which also says why the privileges are as they are). pg-source finds

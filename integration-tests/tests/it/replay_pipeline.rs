@@ -235,6 +235,57 @@ async fn changelog_archives_restore_to_a_point_in_time_and_to_the_end() {
     point_in_time_and_full_restore(Fixture::changelog(schema_init::TriggerLevel::Row).await).await;
 }
 
+/// TRUNCATE inside a transaction with inserts before and after it (issue
+/// 14.1), between writers' transactions that then take the freed keys
+/// again: file-sink writes the TRUNCATE event like any other, and the
+/// restore equals the source (one that missed it would keep the rows it
+/// removed).
+async fn truncate_replays(fx: Fixture) {
+    // Ready first: the writes must come after the initial snapshot.
+    let source = fx.start_source_with(&[]).ready().await;
+    let sink = fx.start_sink();
+    let mut writer = Writer::new(&fx.pool, 11).await;
+    writer.run(&fx.pool, 30).await;
+    let mut tx = fx.pool.begin().await.unwrap();
+    for sql in [
+        "insert into streaming_update_table (id, data) values (5000, 'before')",
+        "truncate streaming_update_table",
+        "insert into streaming_update_table (id, data) values (1, 'after'), (5000, 'after')",
+    ] {
+        sqlx::query(sql).execute(&mut *tx).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let mut writer = Writer::new(&fx.pool, 12).await;
+    writer.run(&fx.pool, 30).await;
+    wait_idle(&fx.file()).await;
+    source.stop().await.unwrap();
+    sink.stop().await.unwrap();
+    let events = read_events(&fx.file());
+    let truncates: Vec<_> = events
+        .iter()
+        .filter(|e| e.op == tidemark_common::envelope::Op::Truncate)
+        .collect();
+    assert_eq!(
+        truncates.len(),
+        1,
+        "one TRUNCATE in the file: {:?}",
+        events.iter().map(|e| e.op).collect::<Vec<_>>()
+    );
+    assert!(truncates[0].before.is_none() && truncates[0].after.is_none());
+    let final_rows = table_rows(&fx.pool).await;
+
+    let db = Db::new().await;
+    db.exec(SEED_DDL).await;
+    replay(config(&db, &[fx.file()])).await.unwrap();
+    assert_eq!(table_rows(&db.pool).await, final_rows, "restored = source");
+    fx.drop_slot().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changelog_truncate_replays_to_the_source() {
+    truncate_replays(Fixture::changelog(schema_init::TriggerLevel::Row).await).await;
+}
+
 /// Every column type of the round-trip tests, captured (a snapshot row, then
 /// changes: an all-NULL row, edge values, an update) and replayed into a
 /// table made from the same DDL: the same rows, value for value, by text.

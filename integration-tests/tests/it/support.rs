@@ -727,6 +727,7 @@ pub fn replay(
                 let before = e.before.as_ref().expect("d carries the row before");
                 rows.remove(&before["id"].as_i64().unwrap());
             }
+            Op::Truncate => rows.clear(),
         }
     }
     rows

@@ -1,5 +1,6 @@
 //! `changelog` mode: reads the change log schema-init's triggers fill, and
-//! sends every insert, update and delete as a Debezium-style change event.
+//! sends every insert, update, delete and truncate as a Debezium-style
+//! change event.
 //!
 //! Commit-safe order without logical decoding: pg-source takes a snapshot
 //! (`pg_current_snapshot()`) and sends the changes of the transactions that
@@ -22,6 +23,16 @@
 //! columns, and its schema says so (the event schema is the one of its
 //! shape and of its values' variants). A change of the primary key's
 //! columns is a new key schema from that change on.
+//!
+//! **TRUNCATE.** A table's truncate trigger logs one row of op `t`; it is
+//! sent as Debezium's truncate event: op `t`, `before` and `after` null, a
+//! null Kafka key, on the table's topic, in its place among the unit's
+//! other changes (`seq` order) and counted in the unit's `total_order`,
+//! `data_collection_order`, `event_count` and `data_collections` like any
+//! other. `TRUNCATE a, b` (and a cascade) is one event per captured table.
+//! `skipped.operations=t` leaves them out. A TRUNCATE that a resumed initial
+//! snapshot's later segment already follows goes to the dead-letter topic:
+//! its earlier segments' rows precede it, and no event could say which.
 //!
 //! **Tables that go.** A table is followed by its OID, so a renamed table's
 //! changes keep going to its topic (its events name the new table). A
@@ -453,6 +464,10 @@ impl ChangeLogMode {
             let Some(table) = self.table_of(&row) else {
                 continue;
             };
+            if self.cfg.skipped.skips(&row.op) {
+                // skipped.operations: not sent, not counted.
+                continue;
+            }
             if row.seq
                 <= self
                     .position
@@ -478,7 +493,13 @@ impl ChangeLogMode {
             let decoded = image(&row.before).and_then(|b| Ok((b, image(&row.after)?)));
             out.push(match decoded {
                 Ok((before, after)) => {
-                    if (row.op == "d" && before.is_none()) || (row.op != "d" && after.is_none()) {
+                    let missing = match row.op.as_str() {
+                        "d" => before.is_none(),
+                        // A TRUNCATE has no row image.
+                        "t" => false,
+                        _ => after.is_none(),
+                    };
+                    if missing {
                         Err(Box::new(DeadLetter {
                             error: format!(
                                 "a change-log row of op {:?} without its row image",
@@ -557,6 +578,7 @@ impl ChangeLogMode {
             return Ok(decoded);
         }
         let mut checks = Vec::new();
+        let mut truncated_under_segment = std::collections::HashSet::new();
         for (i, d) in decoded.iter().enumerate() {
             let Ok(d) = d else { continue };
             let t = &self.log_tables[d.table];
@@ -564,9 +586,18 @@ impl ChangeLogMode {
                 continue;
             };
             for s in segments {
-                if PgSnapshot::parse(&s.snapshot)
-                    .is_ok_and(|snap| u64::try_from(d.row.txid).is_ok_and(|x| snap.visible(x)))
-                {
+                let visible = PgSnapshot::parse(&s.snapshot)
+                    .is_ok_and(|snap| u64::try_from(d.row.txid).is_ok_and(|x| snap.visible(x)));
+                if d.row.op == "t" {
+                    // A TRUNCATE some segment's rows already follow while
+                    // earlier segments' rows precede it: no event says
+                    // exactly which rows it removed from the snapshot.
+                    if visible {
+                        truncated_under_segment.insert(i);
+                    }
+                    continue;
+                }
+                if visible {
                     // The key of the row the change leaves (a delete's), else
                     // the one it makes.
                     let image = d.after.as_ref().or(d.before.as_ref()).expect("an image");
@@ -577,6 +608,23 @@ impl ChangeLogMode {
                 }
             }
         }
+        let decoded = if truncated_under_segment.is_empty() {
+            decoded
+        } else {
+            decoded
+                .into_iter()
+                .enumerate()
+                .map(|(i, d)| match d {
+                    Ok(d) if truncated_under_segment.contains(&i) => Err(Box::new(DeadLetter {
+                        error: "TRUNCATE while the initial snapshot of the table was resumed after a restart: the snapshot's rows read before and after it cannot be told apart; snapshot the table again (a new connector name)".into(),
+                        column: None,
+                        table: d.table,
+                        row: d.row,
+                    })),
+                    other => other,
+                })
+                .collect()
+        };
         if checks.is_empty() {
             return Ok(decoded);
         }
@@ -709,8 +757,18 @@ impl ChangeLogMode {
                     });
                 }
             }
+            ("t", _, _) => {
+                // Debezium's convention: a null key (nothing for
+                // compaction to keep or forget), before and after null.
+                let value = event(self, Op::Truncate, None, None, true);
+                out.push(Record {
+                    topic,
+                    key: Vec::new(),
+                    value: Some(value),
+                });
+            }
             (op, _, _) => {
-                tracing::warn!(seq = d.row.seq, op, table = %self.log_tables[d.table].name, "skipping a change-log row that is not c, u or d")
+                tracing::warn!(seq = d.row.seq, op, table = %self.log_tables[d.table].name, "skipping a change-log row that is not c, u, d or t")
             }
         }
     }
@@ -1018,6 +1076,18 @@ pub(crate) async fn check_trigger(pool: &PgPool, name: &TableName) -> anyhow::Re
     .await?;
     if !has_trigger {
         bail!("table {name} has no change-log trigger: run schema-init --capture changelog --table {name}");
+    }
+    let has_truncate_trigger: bool = sqlx::query_scalar(
+        "select exists (select 1 from pg_catalog.pg_trigger
+                         where tgrelid operator(pg_catalog.=) pg_catalog.to_regclass($1)
+                           and tgname operator(pg_catalog.=) $2)",
+    )
+    .bind(name.quoted())
+    .bind(names::TRUNCATE_TRIGGER)
+    .fetch_one(pool)
+    .await?;
+    if !has_truncate_trigger {
+        tracing::warn!(table = %name, "the table was captured by an older schema-init, without a TRUNCATE trigger: a TRUNCATE of it is not sent, and a restore would keep the rows it removed; run schema-init --capture changelog --table {name} again");
     }
     Ok(())
 }

@@ -95,7 +95,7 @@ begin
 
   if v_key is null then
     v_comment := pg_catalog.format(
-      'Tidemark change-log capture of %s: %s triggers, update before %s, no primary key',
+      'Tidemark change-log capture (truncate too) of %s: %s triggers, update before %s, no primary key',
       v_table, p_level, p_update_before);
     v_body := pg_catalog.format($b$begin
   raise exception using
@@ -118,7 +118,7 @@ end$b$, v_table);
       returning id into v_shape;
     end if;
     v_comment := pg_catalog.format(
-      'Tidemark change-log capture of %s: %s triggers, update before %s, shape %s',
+      'Tidemark change-log capture (truncate too) of %s: %s triggers, update before %s, shape %s',
       v_table, p_level, p_update_before, v_shape);
     -- Whether the key kept its text, from the output functions of its
     -- columns only: in a row trigger (old, new), and the opposite in a
@@ -135,7 +135,10 @@ end$b$, v_table);
     v_first := v_key[1];
     if p_level operator(pg_catalog.=) 'row' then
       v_body := pg_catalog.format($b$begin
-  if tg_op operator(pg_catalog.=) 'INSERT' then
+  if tg_op operator(pg_catalog.=) 'TRUNCATE' then
+    -- Its statement-level truncate trigger: no row image.
+    insert into @CHANGE_LOG@ (table_name, shape, op) values (%1$L, %2$s, 't');
+  elsif tg_op operator(pg_catalog.=) 'INSERT' then
     insert into @CHANGE_LOG@ (table_name, shape, op, after)
     values (%1$L, %2$s, 'c', pg_catalog.textin(pg_catalog.record_out(%4$s)));
   elsif tg_op operator(pg_catalog.=) 'UPDATE' then
@@ -173,7 +176,9 @@ end$b$, v_table, v_shape,
         into v_join
         from rows from (pg_catalog.unnest(v_key), pg_catalog.unnest(v_key_catalog_eq)) with ordinality as u(c, e, ord);
       v_body := pg_catalog.format($b$begin
-  if tg_op operator(pg_catalog.=) 'INSERT' then
+  if tg_op operator(pg_catalog.=) 'TRUNCATE' then
+    insert into @CHANGE_LOG@ (table_name, shape, op) values (%1$L, %2$s, 't');
+  elsif tg_op operator(pg_catalog.=) 'INSERT' then
     insert into @CHANGE_LOG@ (table_name, shape, op, after)
     select %1$L, %2$s, 'c', pg_catalog.textin(pg_catalog.record_out(n.*)) from @NEW_TABLE@ n;
   elsif tg_op operator(pg_catalog.=) 'DELETE' then

@@ -46,7 +46,7 @@ begin
     select t.tgrelid::pg_catalog.regclass::pg_catalog.text as relation, t.tgname::pg_catalog.text as name
       from pg_catalog.pg_trigger t
       join pg_catalog.pg_proc p on p.oid operator(pg_catalog.=) t.tgfoid
-     where t.tgname operator(pg_catalog.=) any (array['@ROW_TRIGGER@', '@INSERT_TRIGGER@', '@UPDATE_TRIGGER@', '@DELETE_TRIGGER@'])
+     where t.tgname operator(pg_catalog.=) any (array['@ROW_TRIGGER@', '@INSERT_TRIGGER@', '@UPDATE_TRIGGER@', '@DELETE_TRIGGER@', '@TRUNCATE_TRIGGER@'])
        and p.pronamespace operator(pg_catalog.=) '@SCHEMA@'::pg_catalog.regnamespace
        and t.tgenabled operator(pg_catalog.=) 'O'
        and t.tgrelid operator(pg_catalog.=) any (v_relids)
@@ -92,7 +92,7 @@ begin
              end) as what
       from pg_catalog.pg_trigger t
       join pg_catalog.pg_proc p on p.oid operator(pg_catalog.=) t.tgfoid
-     where t.tgname operator(pg_catalog.=) any (array['@ROW_TRIGGER@', '@INSERT_TRIGGER@', '@UPDATE_TRIGGER@', '@DELETE_TRIGGER@'])
+     where t.tgname operator(pg_catalog.=) any (array['@ROW_TRIGGER@', '@INSERT_TRIGGER@', '@UPDATE_TRIGGER@', '@DELETE_TRIGGER@', '@TRUNCATE_TRIGGER@'])
        and p.pronamespace operator(pg_catalog.=) '@SCHEMA@'::pg_catalog.regnamespace
        and t.tgenabled operator(pg_catalog.<>) 'A'
        and t.tgrelid operator(pg_catalog.=) any (v_relids)

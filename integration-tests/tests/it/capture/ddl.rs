@@ -68,6 +68,7 @@ fn op_char(op: Op) -> char {
         Op::Update => 'u',
         Op::Delete => 'd',
         Op::Read => 'r',
+        Op::Truncate => 't',
     }
 }
 

@@ -5,6 +5,7 @@
 
 mod ddl;
 mod security;
+mod truncate;
 mod upgrade;
 mod values;
 
@@ -404,6 +405,8 @@ pub fn replay(events: &[Event]) -> BTreeMap<String, Value> {
                     "a delete of key {key}, which is missing: {e:?}"
                 );
             }
+            // One topic is one table.
+            Op::Truncate => rows.clear(),
         }
     }
     rows

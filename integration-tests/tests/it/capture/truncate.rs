@@ -1,0 +1,319 @@
+//! TRUNCATE as its own event (issue 14.1, contract amendment 4): inside a
+//! transaction between inserts, `TRUNCATE a, b` and a cascade over a
+//! captured foreign-key child; one event per table truncated, with a null
+//! Kafka key, in its place in the unit and counted in its totals.
+
+use schema_init::{TriggerLevel, UpdateBefore};
+use tidemark_common::envelope::Op;
+
+use super::*;
+
+const TABLES: &str = "
+create table public.a (id int8 primary key, v text not null);
+create table public.b (id int8 primary key, v text not null);
+create table public.c (id int8 primary key, a_id int8 not null references public.a (id));
+insert into public.a values (1, 'old'), (2, 'old');
+insert into public.b values (1, 'old');
+insert into public.c values (1, 1)";
+
+/// The writes after pg-source started: each string one transaction.
+const TRANSACTIONS: [&str; 3] = [
+    // Inserts before and after a TRUNCATE, and a key the TRUNCATE freed
+    // inserted again.
+    "begin;
+     insert into public.a values (3, 'x');
+     truncate public.b;
+     insert into public.b values (1, 'new');
+     insert into public.a values (4, 'x');
+     commit",
+    // Two tables named, and c by the cascade.
+    "begin;
+     insert into public.c values (2, 3);
+     truncate public.a, public.b cascade;
+     insert into public.a values (1, 'again');
+     insert into public.c values (1, 1);
+     commit",
+    "truncate public.b; insert into public.b values (5, 'y')",
+];
+
+/// Runs `sql`, statements and all, as the user.
+async fn script(pool: &PgPool, sql: &str) {
+    sqlx::raw_sql(sql)
+        .execute(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// What the streamed units hold, flattened in unit order: (table, op, id).
+/// TRUNCATE events of one statement are sorted by table.
+fn expected() -> Vec<(String, char, Option<i64>)> {
+    let e = |t: &str, op: char, id: Option<i64>| (t.to_owned(), op, id);
+    vec![
+        e("a", 'c', Some(3)),
+        e("b", 't', None),
+        e("b", 'c', Some(1)),
+        e("a", 'c', Some(4)),
+        e("c", 'c', Some(2)),
+        e("a", 't', None),
+        e("b", 't', None),
+        e("c", 't', None),
+        e("a", 'c', Some(1)),
+        e("c", 'c', Some(1)),
+        e("b", 't', None),
+        e("b", 'c', Some(5)),
+    ]
+}
+
+/// Records per topic once every write is sent (snapshot reads included).
+const COUNTS: [(&str, usize); 3] = [("a", 6), ("b", 6), ("c", 4)];
+
+/// The change events of `topics` by unit (`commit_order`), each unit's in
+/// `total_order`, with their table; checks every unit's numbering and
+/// totals on the way.
+fn units(reader: &TopicReader, topics: &[(String, String)]) -> BTreeMap<u64, Vec<(String, Event)>> {
+    let mut units: BTreeMap<u64, Vec<(String, Event)>> = BTreeMap::new();
+    for (table, topic) in topics {
+        for e in reader.events.get(topic).into_iter().flatten() {
+            let event = e.event.as_ref().expect("no tombstones: nothing is deleted");
+            let tx = event.transaction.as_ref().expect("a transaction block");
+            units
+                .entry(tx.commit_order)
+                .or_default()
+                .push((table.clone(), e.clone()));
+        }
+    }
+    for (commit_order, events) in &mut units {
+        events.sort_by_key(|(_, e)| tx(e).total_order);
+        let n = events.len() as u64;
+        let mut per_table: BTreeMap<String, u64> = BTreeMap::new();
+        for (i, (table, e)) in events.iter().enumerate() {
+            let t = tx(e);
+            assert_eq!(
+                t.total_order,
+                i as u64 + 1,
+                "unit {commit_order}: total_order runs 1..={n} without a gap: {events:#?}"
+            );
+            let k = per_table.entry(format!("public.{table}")).or_default();
+            *k += 1;
+            assert_eq!(t.data_collection_order, *k, "unit {commit_order}, {e:?}");
+            let last = i as u64 + 1 == n;
+            assert_eq!(
+                t.event_count,
+                last.then_some(n),
+                "event_count on the unit's last event only: {e:?}"
+            );
+            if last {
+                let got: BTreeMap<String, u64> = t
+                    .data_collections
+                    .clone()
+                    .expect("data_collections on the last event")
+                    .into_iter()
+                    .map(|d| (d.data_collection, d.event_count))
+                    .collect();
+                assert_eq!(got, per_table, "unit {commit_order}'s data_collections");
+            } else {
+                assert!(t.data_collections.is_none(), "{e:?}");
+            }
+        }
+    }
+    units
+}
+
+fn tx(e: &Event) -> &tidemark_common::envelope::Transaction {
+    e.event.as_ref().unwrap().transaction.as_ref().unwrap()
+}
+
+/// One event as (table, op, id, txId).
+type Flat = (String, char, Option<i64>, Option<u64>);
+
+/// The streamed units' events, runs of TRUNCATE events sorted by table.
+fn flatten(units: &BTreeMap<u64, Vec<(String, Event)>>) -> Vec<Flat> {
+    let mut out: Vec<Flat> = Vec::new();
+    let mut run: Vec<Flat> = Vec::new();
+    for (_, events) in units.range(1..) {
+        for (table, e) in events {
+            let event = e.event.as_ref().unwrap();
+            let op = event.op.code().chars().next().unwrap();
+            let id = event.row().map(|r| r["id"].as_i64().unwrap());
+            let flat = (table.clone(), op, id, event.source.tx_id);
+            if op == 't' {
+                run.push(flat);
+                continue;
+            }
+            run.sort();
+            out.append(&mut run);
+            out.push(flat);
+        }
+        run.sort();
+        out.append(&mut run);
+    }
+    out
+}
+
+/// The streamed units' events as (table, op, id).
+fn ops(units: &BTreeMap<u64, Vec<(String, Event)>>) -> Vec<(String, char, Option<i64>)> {
+    flatten(units)
+        .into_iter()
+        .map(|(t, op, id, _)| (t, op, id))
+        .collect()
+}
+
+/// A database with the tables, captured with `capture`, pg-source over them
+/// with `overrides`, and the writes made; the tables and their topics.
+async fn captured_writes(
+    capture: Capture,
+    overrides: &[(&str, &str)],
+) -> (Db, Task, Vec<(String, String)>) {
+    let db = Db::new().await;
+    script(&db.admin, TABLES).await;
+    for t in ["a", "b", "c"] {
+        db.capture(t, capture).await;
+    }
+    let topics: Vec<(String, String)> = ["a", "b", "c"]
+        .iter()
+        .map(|t| ((*t).to_owned(), db.topic(t)))
+        .collect();
+    let source = db.start_source(&["a", "b", "c"], overrides).await;
+    for sql in TRANSACTIONS {
+        script(&db.admin, sql).await;
+    }
+    (db, source, topics)
+}
+
+async fn truncate_is_an_event_in_its_place(capture: Capture) {
+    let (db, source, topics) = captured_writes(capture, &[]).await;
+    let mut reader = TopicReader::new(&topics.iter().map(|(_, t)| t).collect::<Vec<_>>());
+    reader
+        .until("every change", WAIT, |events| {
+            COUNTS
+                .iter()
+                .all(|(t, n)| events.get(&db.topic(t)).map_or(0, Vec::len) >= *n)
+        })
+        .await;
+    reader.settle(Duration::from_secs(1)).await;
+    for (t, n) in COUNTS {
+        assert_eq!(reader.events[&db.topic(t)].len(), n, "records of {t}");
+    }
+    let sent = units(&reader, &topics);
+    assert_eq!(ops(&sent), expected());
+    for (table, e) in sent.values().flatten() {
+        let event = e.event.as_ref().unwrap();
+        if event.op != Op::Truncate {
+            continue;
+        }
+        // Debezium's convention: null key, no images, the table named.
+        assert_eq!(e.key, Value::Null, "a TRUNCATE's Kafka key is null");
+        assert!(event.before.is_none() && event.after.is_none(), "{e:?}");
+        assert_eq!(
+            (event.source.schema.as_str(), event.source.table.as_str()),
+            ("public", table.as_str())
+        );
+        assert_eq!(event.source.snapshot.as_deref(), Some("false"));
+        let raw = e.raw.as_ref().unwrap();
+        assert_eq!(raw["payload"]["op"], "t", "{raw}");
+        assert!(raw["schema"].is_object(), "the Connect schema is there");
+    }
+    // One transaction's events share its txId, TRUNCATE's included.
+    let txids: Vec<Option<u64>> = flatten(&sent).iter().map(|e| e.3).collect();
+    let (one, rest) = txids.split_at(4);
+    let (two, three) = rest.split_at(6);
+    for tx in [one, two, three] {
+        assert!(
+            tx[0].is_some() && tx.iter().all(|t| *t == tx[0]),
+            "{txids:?}"
+        );
+    }
+    assert!(one[0] != two[0] && two[0] != three[0], "{txids:?}");
+    // Replayed, every table is as the source has it (a TRUNCATE left out
+    // would keep the old rows, and a create of a freed key would fail).
+    for (table, topic) in &topics {
+        assert_eq!(
+            replay(&reader.events[topic]),
+            table_rows(&db.admin, &format!("public.{table}"), &["id"]).await,
+            "{table} replayed"
+        );
+    }
+
+    source.stop().await;
+}
+
+/// `skipped.operations=t`: the same changes but the TRUNCATEs, numbered and
+/// counted without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changelog_truncate_skipped_by_skipped_operations() {
+    let (_db, source, topics) = captured_writes(
+        Capture::full(TriggerLevel::Row),
+        &[("skipped.operations", "t")],
+    )
+    .await;
+    let mut reader = TopicReader::new(&topics.iter().map(|(_, t)| t).collect::<Vec<_>>());
+    let without: Vec<_> = expected().into_iter().filter(|e| e.1 != 't').collect();
+    reader
+        .until("every change but the TRUNCATEs", WAIT, |events| {
+            events.values().map(Vec::len).sum::<usize>() >= 4 + without.len()
+        })
+        .await;
+    reader.settle(Duration::from_secs(1)).await;
+    let sent = units(&reader, &topics);
+    assert_eq!(ops(&sent), without);
+    source.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changelog_truncate_with_row_triggers() {
+    truncate_is_an_event_in_its_place(Capture::full(TriggerLevel::Row)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changelog_truncate_with_statement_triggers() {
+    truncate_is_an_event_in_its_place(Capture {
+        trigger: TriggerLevel::Statement,
+        update_before: UpdateBefore::Null,
+    })
+    .await;
+}
+
+/// A change log and capture functions of a schema-init from before TRUNCATE
+/// was captured: the next run brings them up to date.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_schema_init_captures_truncate_of_a_table_captured_before() {
+    let db = Db::new().await;
+    exec(&db.admin, "create table public.a (id int8 primary key)").await;
+    db.capture("a", Capture::full(TriggerLevel::Row)).await;
+    // As the previous version left it: no truncate trigger, a function
+    // whose comment is the old one's.
+    script(
+        &db.admin,
+        &format!(
+            "drop trigger {} on public.a;
+             do $$ declare f regprocedure := (select t.tgfoid::regprocedure from pg_trigger t
+                                               where t.tgrelid = 'public.a'::regclass and t.tgname = 'tidemark_capture');
+             begin
+               execute format('comment on function %s is %L', f,
+                 replace(obj_description(f, 'pg_proc'), ' (truncate too)', ''));
+             end $$",
+            tidemark_common::names::TRUNCATE_TRIGGER
+        ),
+    )
+    .await;
+    db.capture("a", Capture::full(TriggerLevel::Row)).await;
+    script(
+        &db.admin,
+        "insert into public.a values (1); truncate public.a",
+    )
+    .await;
+    let ops: Vec<String> =
+        sqlx::query_scalar("select op::text from tidemark.change_log order by seq")
+            .fetch_all(&db.admin)
+            .await
+            .unwrap();
+    assert_eq!(ops, ["c", "t"]);
+    let comment: String = sqlx::query_scalar(
+        "select obj_description(t.tgfoid, 'pg_proc') from pg_trigger t
+          where t.tgrelid = 'public.a'::regclass and t.tgname = 'tidemark_capture'",
+    )
+    .fetch_one(&db.admin)
+    .await
+    .unwrap();
+    assert!(comment.contains("(truncate too)"), "{comment}");
+}
