@@ -574,6 +574,26 @@ pub fn logical_steps(table: &TableName) -> Vec<Step> {
         });
     }
     steps.push(step(
+        "check that the table has no generated columns (logical decoding does not send them)",
+        do_block(&format!(
+            r#"declare
+  v_columns pg_catalog.text;
+begin
+  select pg_catalog.string_agg(pg_catalog.quote_ident(a.attname), ', ' order by a.attnum) into v_columns
+    from pg_catalog.pg_attribute a
+   where a.attrelid operator(pg_catalog.=) {table}::pg_catalog.regclass
+     and a.attnum operator(pg_catalog.>) 0 and not a.attisdropped
+     and a.attgenerated operator(pg_catalog.<>) '';
+  if v_columns is not null then
+    raise exception using
+      message = pg_catalog.format('table %s has generated columns (%s), whose values logical decoding does not send, so its events would lack them', {table}::pg_catalog.regclass, v_columns),
+      hint = 'capture it with --capture changelog (and mode changelog), whose row images carry them';
+  end if;
+end"#,
+            table = quote_literal(&t),
+        )),
+    ));
+    steps.push(step(
         &format!("set replica identity full on {table}"),
         format!("alter table {t} replica identity full"),
     ));

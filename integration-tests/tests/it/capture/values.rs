@@ -541,3 +541,35 @@ async fn tables_that_would_share_a_topic_are_refused_before_any_topic_is_made() 
         .collect();
     assert!(made.is_empty(), "{made:?}");
 }
+
+/// Logical decoding does not send stored generated columns, so `--capture
+/// logical` refuses a table that has one (pg-source refuses it at start),
+/// naming the columns and changelog capture, whose row images carry them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logical_capture_refuses_a_table_with_generated_columns() {
+    let db = Db::new().await;
+    exec(
+        &db.admin,
+        r#"create table public.g (id int primary key, v int, "Twice" int generated always as (v * 2) stored)"#,
+    )
+    .await;
+    let err = schema_init::run(&schema_init::Config {
+        target: Some(db.superuser.with_database("postgres")),
+        database: db.name.clone(),
+        table: TableName::parse("g").unwrap(),
+        notify: false,
+        sample_row: false,
+        seed_objects: false,
+        capture: None,
+        logical: true,
+    })
+    .await
+    .expect_err("logical capture of a table with a generated column");
+    let err = format!("{err:#}");
+    assert!(
+        err.contains(r#"table public.g has generated columns ("Twice"), whose values logical decoding does not send"#),
+        "{err}"
+    );
+    assert!(err.contains("--capture changelog"), "{err}");
+    db.capture("g", every_capture()[1]).await;
+}
