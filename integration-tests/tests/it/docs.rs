@@ -361,3 +361,92 @@ fn the_observe_profile_scrapes_every_program_where_it_serves() {
         Err(e) => panic!("cannot run promtool: {e}"),
     }
 }
+
+/// GitHub's anchor of a heading: lower case, punctuation dropped, spaces
+/// as hyphens.
+fn slug(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The anchors of a Markdown file's headings (outside code blocks).
+fn anchors(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut code = false;
+    for line in text.lines() {
+        if line.starts_with("```") {
+            code = !code;
+        } else if !code && line.starts_with('#') {
+            out.insert(slug(line.trim_start_matches('#')));
+        }
+    }
+    out
+}
+
+/// Issue 16.1: the README stays short, keeps the test command `.ci/run`
+/// reads, and every link of it and of docs/ leads to a file and heading
+/// that exist.
+#[test]
+fn the_readme_is_short_and_every_link_of_it_and_the_docs_resolves() {
+    let readme = std::fs::read_to_string(repo("README.md")).unwrap();
+    let lines = readme.lines().count();
+    assert!(
+        lines <= 150,
+        "README.md has {lines} lines; at most 150: move the rest into docs/"
+    );
+    let tests = readme
+        .split("\n## Tests\n")
+        .nth(1)
+        .expect("README.md has a `## Tests` heading, which .ci/run reads");
+    assert!(
+        tests.lines().any(|l| l == "cargo test --workspace"),
+        "the first `cargo test` line under `## Tests` is what .ci/run runs"
+    );
+    let mut files = vec![PathBuf::from("README.md")];
+    for entry in std::fs::read_dir(repo("docs")).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        if name.ends_with(".md") {
+            files.push(PathBuf::from("docs").join(name));
+        }
+    }
+    let mut broken = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(repo(file.to_str().unwrap())).unwrap();
+        let dir = file.parent().unwrap_or(Path::new(""));
+        // Every `](target)` outside code: a relative path, an anchor, or both.
+        for (i, _) in text.match_indices("](") {
+            let rest = &text[i + 2..];
+            let Some(end) = rest.find(')') else { continue };
+            let target = &rest[..end];
+            if target.contains("://") || target.starts_with("mailto:") || target.contains(' ') {
+                continue;
+            }
+            let (path, anchor) = target.split_once('#').unwrap_or((target, ""));
+            let linked = if path.is_empty() {
+                file.clone()
+            } else {
+                dir.join(path)
+            };
+            let linked_text = match std::fs::read_to_string(repo(linked.to_str().unwrap())) {
+                Ok(t) => t,
+                Err(_) if repo(linked.to_str().unwrap()).is_dir() => continue,
+                Err(_) => {
+                    broken.push(format!("{}: {target} (no such file)", file.display()));
+                    continue;
+                }
+            };
+            if !anchor.is_empty() && !anchors(&linked_text).contains(anchor) {
+                broken.push(format!("{}: {target} (no such heading)", file.display()));
+            }
+        }
+    }
+    assert!(broken.is_empty(), "broken links: {broken:#?}");
+}
