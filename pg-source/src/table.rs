@@ -90,6 +90,9 @@ pub(crate) enum EncodedChange {
     /// A value the codec cannot carry exactly: it goes to the dead-letter
     /// topic, and still counts in its unit.
     Dead(DeadLetter),
+    /// The table was truncated: an event of op `t` with neither image and
+    /// a null Kafka key, in the table's shape at the time.
+    Truncate { shape: Arc<Shape> },
 }
 
 /// What the dead-letter topic says of a change.
@@ -121,6 +124,37 @@ impl CapturedTable {
     ) {
         let collection = format!("{}.{}", self.info.name.schema, self.info.name.name);
         let (shape, op, before, after, key_before, key_after) = match c {
+            EncodedChange::Truncate { shape } => {
+                let (data_collection_order, total_order) = count_event(unit.counts, &collection);
+                let end = last.then(|| UnitEnd {
+                    event_count: total_order,
+                    data_collections: unit.counts.clone(),
+                });
+                let value = shape.envelope(None, None).render(&Change {
+                    op: Op::Truncate,
+                    before: None,
+                    after: None,
+                    commit_us: unit.commit_us,
+                    txid,
+                    sequence,
+                    snapshot: SnapshotMark::No,
+                    read_us,
+                    transaction: TxPlace {
+                        commit_order: unit.commit_order,
+                        total_order,
+                        data_collection_order,
+                        end: end.as_ref(),
+                    },
+                });
+                // Debezium's convention: a null key (the producer sends an
+                // empty one as null).
+                out.push(Record {
+                    topic: self.topic.clone(),
+                    key: Vec::new(),
+                    value: Some(value),
+                });
+                return;
+            }
             EncodedChange::Dead(d) => {
                 let (_, total_order) = count_event(unit.counts, &collection);
                 out.push(self.dead_letter_record(

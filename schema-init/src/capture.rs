@@ -550,7 +550,9 @@ fn do_block(body: &str) -> String {
 /// The objects of `logical` capture for one table: the whole old row in
 /// the WAL (`replica identity full`, so updates and deletes carry their
 /// `before` as change-log capture does) and a publication of its inserts,
-/// updates and deletes, which pg-source's replication slot reads. Nothing
+/// updates, deletes and truncates, which pg-source's replication slot
+/// reads (a publication an older schema-init made without truncates is
+/// altered to publish them). Nothing
 /// runs in the writers' transactions: Postgres decodes the WAL in its own
 /// process. Change-log triggers left from `--capture changelog` are
 /// dropped, so writers do not pay for both.
@@ -602,7 +604,10 @@ end"#,
         do_block(&format!(
             r#"begin
   if not exists (select 1 from pg_catalog.pg_publication where pubname operator(pg_catalog.=) {name}) then
-    create publication {ident} for table {t} with (publish = 'insert, update, delete');
+    create publication {ident} for table {t} with (publish = 'insert, update, delete, truncate');
+  elsif not (select p.pubtruncate from pg_catalog.pg_publication p where p.pubname operator(pg_catalog.=) {name}) then
+    -- Made by a schema-init from before TRUNCATE was captured.
+    alter publication {ident} set (publish = 'insert, update, delete, truncate');
   end if;
 end"#,
             name = quote_literal(&publication),

@@ -282,6 +282,11 @@ async fn truncate_replays(fx: Fixture) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logical_truncate_replays_to_the_source() {
+    truncate_replays(Fixture::logical().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changelog_truncate_replays_to_the_source() {
     truncate_replays(Fixture::changelog(schema_init::TriggerLevel::Row).await).await;
 }

@@ -1,7 +1,8 @@
 //! TRUNCATE as its own event (issue 14.1, contract amendment 4): inside a
 //! transaction between inserts, `TRUNCATE a, b` and a cascade over a
 //! captured foreign-key child; one event per table truncated, with a null
-//! Kafka key, in its place in the unit and counted in its totals.
+//! Kafka key, in its place in the unit and counted in its totals; in
+//! `changelog` mode (both trigger levels) and `logical` mode.
 
 use schema_init::{TriggerLevel, UpdateBefore};
 use tidemark_common::envelope::Op;
@@ -158,29 +159,53 @@ fn ops(units: &BTreeMap<u64, Vec<(String, Event)>>) -> Vec<(String, char, Option
         .collect()
 }
 
-/// A database with the tables, captured with `capture`, pg-source over them
-/// with `overrides`, and the writes made; the tables and their topics.
+/// A database with the tables, captured with `capture` (`None`: `logical`
+/// capture and mode), pg-source over them with `overrides`, and the writes
+/// made; the tables and their topics.
 async fn captured_writes(
-    capture: Capture,
+    capture: Option<Capture>,
     overrides: &[(&str, &str)],
 ) -> (Db, Task, Vec<(String, String)>) {
     let db = Db::new().await;
     script(&db.admin, TABLES).await;
     for t in ["a", "b", "c"] {
-        db.capture(t, capture).await;
+        match capture {
+            Some(capture) => db.capture(t, capture).await,
+            None => {
+                for step in schema_init::logical_steps(&TableName::parse(t).unwrap()) {
+                    script(&db.admin, &step.sql).await;
+                }
+            }
+        }
     }
     let topics: Vec<(String, String)> = ["a", "b", "c"]
         .iter()
         .map(|t| ((*t).to_owned(), db.topic(t)))
         .collect();
-    let source = db.start_source(&["a", "b", "c"], overrides).await;
+    let mut overrides = overrides.to_vec();
+    if capture.is_none() {
+        overrides.push(("mode", "logical"));
+    }
+    let source = db.start_source(&["a", "b", "c"], &overrides).await;
     for sql in TRANSACTIONS {
         script(&db.admin, sql).await;
     }
     (db, source, topics)
 }
 
-async fn truncate_is_an_event_in_its_place(capture: Capture) {
+/// Drops the replication slot of `db`'s source (logical mode).
+async fn drop_slot(db: &Db) {
+    let slot = pg_source::modes::logical::default_slot_name(&db.source_name);
+    sqlx::query(
+        "select pg_drop_replication_slot(slot_name) from pg_replication_slots where slot_name = $1",
+    )
+    .bind(&slot)
+    .execute(&db.admin)
+    .await
+    .unwrap();
+}
+
+async fn truncate_is_an_event_in_its_place(capture: Option<Capture>) {
     let (db, source, topics) = captured_writes(capture, &[]).await;
     let mut reader = TopicReader::new(&topics.iter().map(|(_, t)| t).collect::<Vec<_>>());
     reader
@@ -233,19 +258,16 @@ async fn truncate_is_an_event_in_its_place(capture: Capture) {
             "{table} replayed"
         );
     }
-
     source.stop().await;
+    if capture.is_none() {
+        drop_slot(&db).await;
+    }
 }
 
 /// `skipped.operations=t`: the same changes but the TRUNCATEs, numbered and
 /// counted without them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn changelog_truncate_skipped_by_skipped_operations() {
-    let (_db, source, topics) = captured_writes(
-        Capture::full(TriggerLevel::Row),
-        &[("skipped.operations", "t")],
-    )
-    .await;
+async fn truncate_skipped(capture: Option<Capture>) {
+    let (db, source, topics) = captured_writes(capture, &[("skipped.operations", "t")]).await;
     let mut reader = TopicReader::new(&topics.iter().map(|(_, t)| t).collect::<Vec<_>>());
     let without: Vec<_> = expected().into_iter().filter(|e| e.1 != 't').collect();
     reader
@@ -257,19 +279,37 @@ async fn changelog_truncate_skipped_by_skipped_operations() {
     let sent = units(&reader, &topics);
     assert_eq!(ops(&sent), without);
     source.stop().await;
+    if capture.is_none() {
+        drop_slot(&db).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changelog_truncate_skipped_by_skipped_operations() {
+    truncate_skipped(Some(Capture::full(TriggerLevel::Row))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logical_truncate_skipped_by_skipped_operations() {
+    truncate_skipped(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logical_truncate() {
+    truncate_is_an_event_in_its_place(None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changelog_truncate_with_row_triggers() {
-    truncate_is_an_event_in_its_place(Capture::full(TriggerLevel::Row)).await;
+    truncate_is_an_event_in_its_place(Some(Capture::full(TriggerLevel::Row))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changelog_truncate_with_statement_triggers() {
-    truncate_is_an_event_in_its_place(Capture {
+    truncate_is_an_event_in_its_place(Some(Capture {
         trigger: TriggerLevel::Statement,
         update_before: UpdateBefore::Null,
-    })
+    }))
     .await;
 }
 

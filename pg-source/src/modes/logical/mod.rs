@@ -1,5 +1,5 @@
-//! `logical` mode: reads every insert, update and delete from a logical
-//! replication slot (Postgres' `pgoutput`), so nothing runs in the writers'
+//! `logical` mode: reads every insert, update, delete and truncate from a
+//! logical replication slot (Postgres' `pgoutput`), so nothing runs in the writers'
 //! transactions: Postgres decodes its WAL in a process of its own, and
 //! pg-source turns each change into its event itself, with the codec: no
 //! query renders a row, and no Tidemark session runs per change.
@@ -34,6 +34,14 @@
 //! change after it), a dropped or renamed one, a new type (its
 //! `tidemark.column.type` parameter), a new primary key (the record key's
 //! fields).
+//!
+//! TRUNCATE: a `Truncate` message names every published table it emptied
+//! (`TRUNCATE a, b`, and those a cascade reached); each captured one is an
+//! event of op `t` with `before` and `after` null and a null Kafka key, in
+//! its place in its transaction and counted in its totals, as in `changelog`
+//! mode. `skipped.operations=t` leaves them out. One that a resumed initial
+//! snapshot's later segment already follows is a dead letter: the rows of
+//! the segments read before it precede it, and no event could say which.
 
 mod slot;
 
@@ -59,7 +67,7 @@ use tidemark_common::pg::{publication_name, quote_ident, PgTarget, TableName};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::TableInfo;
-use crate::config::LogicalConfig;
+use crate::config::{LogicalConfig, SkippedOps};
 use crate::errors::{stream_sqlstate, SourceError};
 use crate::modes::{Batch, Capture, Committed};
 use crate::pgoutput::{self, Message, Value};
@@ -178,6 +186,16 @@ pub(crate) async fn check_capture(pool: &PgPool, name: &TableName) -> anyhow::Re
     if let Some(columns) = generated {
         bail!("table {name} has generated columns ({columns}), whose values logical decoding does not send: capture it with --capture changelog and mode changelog");
     }
+    let truncates: bool = sqlx::query_scalar(
+        "select coalesce(pg_catalog.bool_and(p.pubtruncate), false) from pg_catalog.pg_publication p
+          where p.pubname operator(pg_catalog.=) $1",
+    )
+    .bind(&publication)
+    .fetch_one(pool)
+    .await?;
+    if !truncates {
+        tracing::warn!(table = %name, publication = %publication, "the table's publication does not publish TRUNCATE (made by an older schema-init): a TRUNCATE of it is not sent, and a restore would keep the rows it removed; run schema-init --capture logical --table {name} again");
+    }
     Ok(())
 }
 
@@ -226,7 +244,9 @@ pub struct LogicalStream {
     /// A change read after a full batch, in the transaction the batch cut:
     /// it starts the next batch. Holding it back tells, when the Commit
     /// comes first, that the batch's last change ends its transaction.
-    pending: Option<Decoded>,
+    /// A TRUNCATE of several tables is several changes at one position, so
+    /// more than one may wait.
+    pending: Vec<Decoded>,
     /// The stream's own connection, for the catalog lookups a Relation
     /// needs and the segment check: when Postgres shuts down (and waits for
     /// this stream to confirm what it sent) a lookup fails at once instead
@@ -407,7 +427,7 @@ impl LogicalMode {
             slot: slot.to_owned(),
             acked: at,
             last_commit: at,
-            pending: None,
+            pending: Vec::new(),
             conn,
         })
     }
@@ -475,8 +495,10 @@ impl LogicalMode {
             ..Batch::default()
         };
         // What the batch cut off last time starts this one.
-        changes.extend(self.stream.as_mut().and_then(|s| s.pending.take()));
-        loop {
+        if let Some(s) = self.stream.as_mut() {
+            changes.append(&mut s.pending);
+        }
+        'read: loop {
             let s = self.stream.as_mut().expect("opened above");
             let caught_up = s.txn.is_none();
             let ev = if changes.is_empty() && caught_up {
@@ -537,11 +559,13 @@ impl LogicalMode {
                         &mut self.tables,
                         &self.types,
                         &self.done,
+                        self.cfg.skipped,
                         &data,
                         wal_start.0,
                     )
                     .await?;
-                    if let Some(d) = decoded {
+                    let mut decoded = decoded.into_iter();
+                    while let Some(d) = decoded.next() {
                         if changes.len() as i64 >= chunk {
                             // A large transaction goes in parts; the next
                             // start skips what this one sends. This change
@@ -549,8 +573,9 @@ impl LogicalMode {
                             let sent = changes.last().expect("a full batch");
                             self.position.in_txn_lsn = Some(sent.lsn);
                             self.position.in_txn = sent.at_last;
-                            s.pending = Some(d);
-                            break;
+                            s.pending.push(d);
+                            s.pending.extend(decoded);
+                            break 'read;
                         }
                         if changes.is_empty() {
                             first_change = Instant::now();
@@ -803,8 +828,11 @@ fn codec_error(e: CodecError) -> anyhow::Error {
     }
 }
 
-/// Decodes one `pgoutput` message; `Some` for a change of a table read
-/// whose transaction the initial snapshot does not hold.
+/// Decodes one `pgoutput` message: the changes of tables read whose
+/// transaction the initial snapshot does not hold and whose op is not
+/// skipped (`skipped.operations`). A row change is one; a Truncate is one
+/// per captured table it names (`TRUNCATE a, b`, and the tables a cascade
+/// reached, which the message names too), in the message's order.
 ///
 /// Fails on a malformed message, a change the stream did not describe, or
 /// a catalog error while reading a Relation.
@@ -813,58 +841,50 @@ async fn decode(
     tables: &mut [LogicalTable],
     types: &TypeCache,
     done: &PgSnapshot,
+    skipped: SkippedOps,
     data: &[u8],
     lsn: u64,
-) -> Result<Option<Decoded>, SourceError> {
+) -> Result<Vec<Decoded>, SourceError> {
     let definite = |e: anyhow::Error| SourceError::Definite(e);
     let message = pgoutput::decode(data).map_err(|e| definite(e.into()))?;
     let (op, id, old, new) = match message {
         Message::Relation(rel) => {
             relation(s, tables, types, rel).await?;
-            return Ok(None);
+            return Ok(Vec::new());
         }
         Message::Type(t) => {
             // Names a type a dropped relation may still use.
             types.note_type(t.oid, &t.schema, &t.name);
-            return Ok(None);
+            return Ok(Vec::new());
         }
         Message::Insert { relation, new } => (Op::Create, relation, None, Some(new)),
         Message::Update { relation, old, new } => (Op::Update, relation, old, Some(new)),
         Message::Delete { relation, old } => (Op::Delete, relation, old, None),
-        Message::Truncate { .. } => {
-            tracing::warn!("a TRUNCATE of a captured table is not sent: its rows' deletes are not in the stream");
-            return Ok(None);
+        Message::Truncate { relations } => {
+            let mut out = Vec::new();
+            for id in relations {
+                let Some((table, shape, place)) = change_place(s, done, id, lsn)? else {
+                    continue;
+                };
+                if skipped.truncate {
+                    continue;
+                }
+                out.push(Decoded {
+                    table,
+                    change: EncodedChange::Truncate { shape },
+                    key_texts: Vec::new(),
+                    ..place
+                });
+            }
+            return Ok(out);
         }
-        Message::Other(_) => return Ok(None),
+        Message::Other(_) => return Ok(Vec::new()),
     };
-    let rel = s.relations.get(&id).ok_or_else(|| {
-        definite(anyhow::anyhow!(
-            "a change of relation {id}, which the stream never described"
-        ))
-    })?;
-    let (Some(table), Some(shape)) = (rel.table, rel.shape.clone()) else {
-        return Ok(None);
+    let Some((table, shape, place)) = change_place(s, done, id, lsn)? else {
+        return Ok(Vec::new());
     };
-    let txn = s.txn.as_mut().ok_or_else(|| {
-        definite(anyhow::anyhow!(
-            "a change outside a transaction in the replication stream"
-        ))
-    })?;
-    // The initial snapshot holds this transaction's changes already.
-    if done.visible(txn.xid) {
-        return Ok(None);
-    }
-    if lsn == txn.last_lsn {
-        txn.at_last += 1;
-    } else {
-        txn.last_lsn = lsn;
-        txn.at_last = 1;
-    }
-    // Sent before a restart that cut this transaction.
-    if let Some((cut, n)) = s.skip {
-        if lsn < cut || (lsn == cut && txn.at_last <= n) {
-            return Ok(None);
-        }
+    if skipped.skips(op.code()) {
+        return Ok(Vec::new());
     }
     let name = &tables[table].table.info.name;
     if op != Op::Create && old.is_none() {
@@ -920,10 +940,65 @@ async fn decode(
             })
         }
     };
-    Ok(Some(Decoded {
+    Ok(vec![Decoded {
         table,
         change,
         key_texts,
+        ..place
+    }])
+}
+
+/// Where a change of relation `id` at `lsn` stands in its transaction: its
+/// table, shape and place (a [`Decoded`] whose change is to be filled in);
+/// `None` for a relation not read, a transaction the initial snapshot
+/// holds, or a change sent before a restart that cut its transaction. Counts
+/// the change at `lsn` either way, so that a resumed transaction skips
+/// exactly what was sent.
+///
+/// Fails on a change of a relation the stream did not describe, or outside
+/// a transaction.
+fn change_place(
+    s: &mut LogicalStream,
+    done: &PgSnapshot,
+    id: u32,
+    lsn: u64,
+) -> Result<Option<(usize, Arc<Shape>, Decoded)>, SourceError> {
+    let definite = |e: anyhow::Error| SourceError::Definite(e);
+    let rel = s.relations.get(&id).ok_or_else(|| {
+        definite(anyhow::anyhow!(
+            "a change of relation {id}, which the stream never described"
+        ))
+    })?;
+    let (Some(table), Some(shape)) = (rel.table, rel.shape.clone()) else {
+        return Ok(None);
+    };
+    let txn = s.txn.as_mut().ok_or_else(|| {
+        definite(anyhow::anyhow!(
+            "a change outside a transaction in the replication stream"
+        ))
+    })?;
+    // The initial snapshot holds this transaction's changes already.
+    if done.visible(txn.xid) {
+        return Ok(None);
+    }
+    if lsn == txn.last_lsn {
+        txn.at_last += 1;
+    } else {
+        txn.last_lsn = lsn;
+        txn.at_last = 1;
+    }
+    // Sent before a restart that cut this transaction.
+    if let Some((cut, n)) = s.skip {
+        if lsn < cut || (lsn == cut && txn.at_last <= n) {
+            return Ok(None);
+        }
+    }
+    let place = Decoded {
+        table,
+        change: EncodedChange::Truncate {
+            shape: shape.clone(),
+        },
+        key_texts: Vec::new(),
         txid: txn.xid,
         changed_ms: txn.commit_us.div_euclid(1000),
         lsn,
@@ -932,7 +1007,8 @@ async fn decode(
         commit_us: txn.commit_us,
         last_commit: txn.last_commit,
         txn_last: false,
-    }))
+    };
+    Ok(Some((table, shape, place)))
 }
 
 /// A tuple's column texts for the shape; an unchanged TOASTed value is
@@ -999,6 +1075,28 @@ async fn drop_segment_rows(
             (name.as_str(), segs)
         })
         .collect();
+    // A TRUNCATE that a segment's rows already follow, while the rows of
+    // the segments read before it precede it: no event could say which
+    // rows it removed from the snapshot, so it is a dead letter (a replay
+    // stops at it) rather than a silently wrong restore.
+    for c in changes.iter_mut() {
+        let EncodedChange::Truncate { shape } = &c.change else {
+            continue;
+        };
+        let seen = parsed
+            .get(tables[c.table].table.log_name.as_str())
+            .is_some_and(|segs| segs.iter().any(|(snap, _)| snap.visible(c.txid)));
+        if seen {
+            let table = shape.table().to_string();
+            c.change = EncodedChange::Dead(DeadLetter {
+                op: Op::Truncate,
+                column: None,
+                key: String::new(),
+                error: format!("TRUNCATE of {table} while its initial snapshot was resumed after a restart: the snapshot's rows read before and after it cannot be told apart; snapshot the table again (a new connector name)"),
+                raw: None,
+            });
+        }
+    }
     // One boolean per change that needs a look: inside some segment.
     let mut checked = Vec::new();
     let mut exprs = Vec::new();
