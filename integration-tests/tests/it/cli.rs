@@ -109,8 +109,8 @@ async fn schema_init_twice_changes_nothing_the_second_time() {
     .await
     .unwrap();
     assert_eq!(
-        triggers, 4,
-        "last_updated and the three statement-level capture triggers (the default), once each; no NOTIFY trigger"
+        triggers, 5,
+        "last_updated, the three statement-level capture triggers (the default) and the TRUNCATE one, once each; no NOTIFY trigger"
     );
 }
 
