@@ -11,6 +11,8 @@
 //!   follow mode the reader waits for the rest of it; when the file has
 //!   file-sink's checkpoint beside it, only the bytes the checkpoint covers
 //!   are read, because file-sink cuts anything after them when it restarts.
+//! - A segmented archive (a folder) is a stream per topic partition, read
+//!   by [`crate::segmented`].
 //! - A topic is read `read_committed` from the beginning (or the resume hint)
 //!   of every partition, without a consumer group's offsets: the position
 //!   lives in the target database. A tombstone (null value) is skipped.
@@ -45,7 +47,7 @@ const BATCH_RECORDS: usize = 256;
 const BATCH_BYTES: usize = 512 * 1024;
 
 /// How often a follow-mode reader looks for more of a file.
-const FILE_POLL: Duration = Duration::from_millis(50);
+pub(crate) const FILE_POLL: Duration = Duration::from_millis(50);
 
 /// Identifies a stream: an index into [`Streams`].
 pub type StreamId = u32;
@@ -62,6 +64,17 @@ pub enum StreamKind {
         /// The partition.
         partition: i32,
     },
+    /// One partition of a segmented archive (its folder), read by
+    /// [`crate::segmented`]. Its positions are a segment's first Kafka
+    /// offset (`offset`) and the lines of it read (`line`).
+    Segments {
+        /// The partition's folder.
+        dir: PathBuf,
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: i32,
+    },
 }
 
 impl StreamKind {
@@ -70,6 +83,11 @@ impl StreamKind {
         match self {
             Self::File(path) => format!("file:{}", path.display()),
             Self::Partition { topic, partition } => format!("kafka:{topic}:{partition}"),
+            // Not the folder: a position names segments by their first
+            // offset, so it holds when the archive is moved.
+            Self::Segments {
+                topic, partition, ..
+            } => format!("archive:{topic}:{partition}"),
         }
     }
 }
@@ -81,6 +99,7 @@ impl fmt::Display for StreamKind {
             Self::Partition { topic, partition } => {
                 write!(f, "topic {topic} partition {partition}")
             }
+            Self::Segments { dir, .. } => write!(f, "{}", dir.display()),
         }
     }
 }
@@ -132,6 +151,10 @@ pub enum Item {
     CaughtUp(StreamId),
     /// The stream has nothing more, ever (not following).
     End(StreamId),
+    /// A partition of a segmented archive holds every event of the units
+    /// before this commit order that it will ever hold, and the reader has
+    /// handed them all over (the archive's completeness mark, followed).
+    CompleteBefore(StreamId, i64),
     /// The reader failed; the replay stops with this error.
     Failed(anyhow::Error),
 }
@@ -160,6 +183,13 @@ impl fmt::Display for Origin {
                 f,
                 "topic {topic} partition {partition} offset {}",
                 self.pos.offset
+            ),
+            StreamKind::Segments { dir, .. } => write!(
+                f,
+                "{} segment from offset {} line {}",
+                dir.display(),
+                self.pos.offset,
+                self.pos.line + 1
             ),
         }
     }
@@ -203,7 +233,7 @@ impl Streams {
 }
 
 /// Decodes records and hands them over in batches.
-struct Batcher {
+pub(crate) struct Batcher {
     tx: mpsc::Sender<Item>,
     decoder: Decoder,
     batch: Vec<Decoded>,
@@ -211,7 +241,7 @@ struct Batcher {
 }
 
 impl Batcher {
-    fn new(tx: mpsc::Sender<Item>) -> Self {
+    pub(crate) fn new(tx: mpsc::Sender<Item>) -> Self {
         Self {
             tx,
             decoder: Decoder::new(),
@@ -221,7 +251,7 @@ impl Batcher {
     }
 
     /// Decodes and queues a record; false once the receiver is gone.
-    fn push(&mut self, r: RawRecord) -> bool {
+    pub(crate) fn push(&mut self, r: RawRecord) -> bool {
         self.bytes += r.bytes.len();
         let record = self.decoder.decode(&r.bytes);
         self.batch.push(Decoded {
@@ -247,7 +277,7 @@ impl Batcher {
     }
 
     /// Sends what is queued, then `item`; false once the receiver is gone.
-    fn send(&mut self, item: Item) -> bool {
+    pub(crate) fn send(&mut self, item: Item) -> bool {
         self.flush() && self.tx.blocking_send(item).is_ok()
     }
 }

@@ -53,8 +53,11 @@ enum Command {
 #[derive(Debug, Args)]
 struct ReplayArgs {
     /// An archive file as file-sink writes it (one JSON record per line, with
-    /// or without the Connect schema). Repeatable (comma-separated in the
-    /// environment) for several files of one archive.
+    /// or without the Connect schema), or a segmented archive's folder
+    /// (file-sink with file.rotate.* or file.compression): every partition
+    /// read through its segments, compressed or being written, resumed from
+    /// its own position. Repeatable (comma-separated in the environment) for
+    /// several files of one archive.
     #[arg(long = "input", env = "TIDEMARK_INPUT", value_delimiter = ',')]
     inputs: Vec<PathBuf>,
 

@@ -2,7 +2,8 @@
 //! time, exactly once.
 //!
 //! Input: the file file-sink writes (`--input`, one or more; with or without
-//! the Connect schema), or the Kafka topics pg-source writes (`--topic`,
+//! the Connect schema) or its segmented archive folder (a stream per
+//! partition, [`segmented`]), or the Kafka topics pg-source writes (`--topic`,
 //! read `read_committed`). Output: tables of a target database
 //! (`--target-url`), by default the archive's tables under the same names,
 //! or others with `--table SOURCE=TARGET`.
@@ -54,6 +55,7 @@ pub mod check;
 pub mod cli;
 pub mod position;
 pub mod record;
+pub mod segmented;
 pub mod target;
 pub mod units;
 pub mod values;
@@ -298,9 +300,15 @@ struct Inputs {
     streams: Streams,
     starts: Vec<StreamPos>,
     total: u64,
+    /// The last unit applied before this run.
+    applied: Option<i64>,
+    /// Where the replay stops, once known: readers of a segmented archive
+    /// read a partition no further than its first record past it.
+    until: Until,
 }
 
-async fn open_inputs(cfg: &Config, hints: &BTreeMap<String, StreamPos>) -> anyhow::Result<Inputs> {
+async fn open_inputs(cfg: &Config, pos: &position::Position) -> anyhow::Result<Inputs> {
+    let hints = &pos.streams;
     let mut streams = Streams::default();
     let mut starts = Vec::new();
     let mut total = 0;
@@ -308,6 +316,28 @@ async fn open_inputs(cfg: &Config, hints: &BTreeMap<String, StreamPos>) -> anyho
         // The absolute path keys the resume point, whatever directory
         // pg-replay is started from.
         let path = &std::fs::canonicalize(given).unwrap_or_else(|_| given.clone());
+        if path.is_dir() {
+            // A segmented archive: a stream per partition, keyed by topic
+            // and partition (not the folder, which may move).
+            for (topic, partition, dir) in segmented::partitions(path)? {
+                let kind = StreamKind::Segments {
+                    dir: dir.clone(),
+                    topic,
+                    partition,
+                };
+                if (0..streams.len() as u32).any(|i| streams.kind(i).hint_key() == kind.hint_key())
+                {
+                    bail!(
+                        "{} holds {kind}, which another --input holds too: give each archive once",
+                        path.display()
+                    );
+                }
+                starts.push(hints.get(&kind.hint_key()).copied().unwrap_or_default());
+                total += segmented::last_offset(&dir);
+                streams.add(kind);
+            }
+            continue;
+        }
         let kind = StreamKind::File(path.clone());
         let first = StreamPos { offset: 0, line: 1 };
         let start = match hints.get(&kind.hint_key()) {
@@ -348,6 +378,8 @@ async fn open_inputs(cfg: &Config, hints: &BTreeMap<String, StreamPos>) -> anyho
         streams,
         starts,
         total,
+        applied: pos.commit_order,
+        until: Until::End,
     })
 }
 
@@ -373,6 +405,19 @@ fn start_readers(
             }
             StreamKind::Partition { topic, partition } => {
                 partitions.push((id, topic.clone(), *partition, inputs.starts[id as usize]));
+            }
+            StreamKind::Segments { dir, .. } => {
+                let p = segmented::Partition {
+                    id,
+                    dir: dir.clone(),
+                    start: inputs.starts[id as usize],
+                    applied: inputs.applied,
+                    until: inputs.until,
+                };
+                let (tx, stop, max_line) = (tx.clone(), stop.clone(), cfg.max_line_bytes);
+                std::thread::spawn(move || {
+                    segmented::read_partition(p, follow, max_line, tx, stop)
+                });
             }
         }
     }
@@ -423,7 +468,7 @@ async fn locate_txid(
                     break None;
                 }
             }
-            Some(Item::CaughtUp(_)) => {}
+            Some(Item::CaughtUp(_)) | Some(Item::CompleteBefore(..)) => {}
             Some(Item::Failed(e)) => {
                 stop.cancel();
                 return Err(e);
@@ -502,7 +547,7 @@ async fn run_once(
 ) -> anyhow::Result<()> {
     let mut conn = connect(&cfg.target).await?;
     let pos = position::open(&mut conn, &cfg.name).await?;
-    let inputs = open_inputs(cfg, &pos.streams).await?;
+    let mut inputs = open_inputs(cfg, &pos).await?;
     let until = match cfg.until {
         UntilArg::End => Until::End,
         UntilArg::Time(t) => Until::Time(t),
@@ -519,6 +564,7 @@ async fn run_once(
             ),
         },
     };
+    inputs.until = until;
     // Issue 16.5: one line that says what this run is and will do.
     let upto = match until {
         Until::End => "the archive's end".to_owned(),
@@ -682,6 +728,7 @@ async fn replay_loop(
                 }
                 idle = true;
             }
+            Some(Item::CompleteBefore(s, co)) => st.units.stream_complete_before(s, co),
             Some(Item::Records(batch)) => {
                 for d in batch {
                     st.record(applier, d, total).await?;

@@ -247,6 +247,9 @@ struct StreamState {
     ended: bool,
     /// A Kafka partition read to its end (see the module doc).
     caught_up_partition: bool,
+    /// A segmented archive's partition read past its completeness mark:
+    /// it holds nothing more of the units before it.
+    complete_before: Option<i64>,
     /// Where its next record starts.
     read: StreamPos,
 }
@@ -439,6 +442,13 @@ impl Units {
         self.streams[stream as usize].caught_up_partition = true;
     }
 
+    /// A segmented archive's partition holds nothing more of the units
+    /// before `commit_order`.
+    pub fn stream_complete_before(&mut self, stream: StreamId, commit_order: i64) {
+        let s = &mut self.streams[stream as usize];
+        s.complete_before = s.complete_before.max(Some(commit_order));
+    }
+
     /// A Kafka partition received a record again.
     pub fn partition_active(&mut self, stream: StreamId) {
         self.streams[stream as usize].caught_up_partition = false;
@@ -458,7 +468,10 @@ impl Units {
     /// Whether no stream can still hold a unit at or before `commit_order`.
     fn streams_past(&self, commit_order: i64) -> bool {
         self.streams.iter().all(|s| {
-            s.ended || s.caught_up_partition || s.watermark.is_some_and(|w| w >= commit_order)
+            s.ended
+                || s.caught_up_partition
+                || s.watermark.is_some_and(|w| w >= commit_order)
+                || s.complete_before.is_some_and(|c| commit_order < c)
         })
     }
 
@@ -565,7 +578,9 @@ impl Units {
         for (_, unit) in self.pending.range(applied.saturating_add(1)..) {
             for (s, pos) in &unit.first_pos {
                 let p = &mut points[*s as usize];
-                if pos.offset < p.offset {
+                // (offset, line): a segmented archive's positions are a
+                // segment's first offset and a line in it.
+                if (pos.offset, pos.line) < (p.offset, p.line) {
                     *p = *pos;
                 }
             }

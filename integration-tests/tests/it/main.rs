@@ -21,6 +21,7 @@ mod logical_ddl;
 mod ordering;
 mod replay;
 mod replay_pipeline;
+mod replay_segments;
 mod restart;
 mod secrets;
 mod seed;
