@@ -33,6 +33,33 @@ pub async fn check(cfg: &Config) -> Report {
     ));
     let mut seen = BTreeSet::new();
     for path in &cfg.inputs {
+        if path.is_dir() {
+            match crate::segmented::partitions(path) {
+                Ok(parts) => {
+                    r.ok(format!(
+                        "segmented archive {} readable ({} partitions)",
+                        path.display(),
+                        parts.len()
+                    ));
+                    // The tables of each partition's first records.
+                    let records = tidemark_common::archive::Archive::open(path).map(|a| {
+                        a.records(&Default::default())
+                            .take(SCAN_LINES)
+                            .filter_map(Result::ok)
+                            .map(|r| r.line)
+                            .collect::<Vec<_>>()
+                    });
+                    if let Ok(lines) = records {
+                        scan_lines(lines.iter().map(String::as_str), &mut seen);
+                    }
+                }
+                Err(e) => r.fail(
+                    format!("{e:#}"),
+                    "fix --input: give the folder file-sink's `file` names, readable by this user",
+                ),
+            }
+            continue;
+        }
         match std::fs::File::open(path) {
             Ok(f) => {
                 let len = f.metadata().map(|m| m.len()).unwrap_or(0);
@@ -115,9 +142,17 @@ pub async fn check(cfg: &Config) -> Report {
 
 /// Adds the `schema.table` of the first records of an archive file.
 fn scan_tables(f: std::fs::File, seen: &mut BTreeSet<String>) {
-    for line in std::io::BufReader::new(f).lines().take(SCAN_LINES) {
-        let Ok(line) = line else { break };
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+    let lines: Vec<String> = std::io::BufReader::new(f)
+        .lines()
+        .take(SCAN_LINES)
+        .map_while(Result::ok)
+        .collect();
+    scan_lines(lines.iter().map(String::as_str), seen);
+}
+
+fn scan_lines<'a>(lines: impl Iterator<Item = &'a str>, seen: &mut BTreeSet<String>) {
+    for line in lines {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };
         let payload = if v.get("payload").is_some() && v.get("schema").is_some() {

@@ -86,6 +86,18 @@ fn past(until: Until, p: &Position) -> bool {
     }
 }
 
+/// The error for a stored position the partition does not hold.
+fn not_held(p: &Partition) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{}: the stored position is line {} of the segment from offset {}, which the archive does not hold \
+         (fewer durable lines, retired by retention, or another archive than the one the position was taken in); \
+         replay into a fresh target, or give another --name",
+        p.dir.display(),
+        p.start.line,
+        p.start.offset
+    )
+}
+
 /// What one partition reader is to read.
 pub struct Partition {
     /// The stream's id.
@@ -141,15 +153,18 @@ fn read_inner(
     // The stored position names the segment and the lines of it read; the
     // lines are read again to reach it (a compressed segment is read from
     // its start in any case).
-    let mut tail = PartitionTail::new(
-        &p.dir,
+    // Nothing read yet: before the first segment, so that it too may be
+    // stepped over.
+    let from = if p.start == StreamPos::default() {
+        SegmentPos::START
+    } else {
         SegmentPos {
             segment: p.start.offset as i64,
             bytes: 0,
             lines: 0,
-        },
-        skip,
-    );
+        }
+    };
+    let mut tail = PartitionTail::new(&p.dir, from, skip);
     let mut to_skip = p.start.line;
     // Following: the partition's completeness mark, read before the
     // records were last read to their durable end (so they hold everything
@@ -169,14 +184,7 @@ fn read_inner(
         })?;
         let Some(rec) = rec else {
             if to_skip > 0 {
-                bail!(
-                    "{}: the stored position is line {} of the segment from offset {}, which holds fewer \
-                     durable lines: this is not the archive the position was taken in (or file-sink cut it); \
-                     replay into a fresh target, or give another --name",
-                    p.dir.display(),
-                    p.start.line,
-                    p.start.offset
-                );
+                return Err(not_held(p));
             }
             if !follow {
                 out.send(Item::End(id));
@@ -200,13 +208,7 @@ fn read_inner(
         };
         if to_skip > 0 {
             if rec.at.segment != p.start.offset as i64 {
-                bail!(
-                    "{}: the stored position is line {} of the segment from offset {}, which is not in the \
-                     archive (retired by retention, or another archive); replay into a fresh target",
-                    p.dir.display(),
-                    p.start.line,
-                    p.start.offset
-                );
+                return Err(not_held(p));
             }
             to_skip -= 1;
             continue;
@@ -235,5 +237,210 @@ fn read_inner(
             out.send(Item::End(id));
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidemark_common::archive::{
+        partition_dir, segment_name, Compression, ManifestLine, Mark, OpenSegment,
+        PartitionCheckpoint, SealedSegment, SegmentStats, ARCHIVE_MARKER, CHECKPOINT,
+        FORMAT_VERSION, MANIFEST,
+    };
+
+    fn event(co: i64, ts: i64) -> String {
+        format!(
+            r#"{{"op":"c","before":null,"after":{{"id":{co}}},"source":{{"connector":"tidemark","ts_us":{ts},"schema":"public","table":"t","snapshot":"false"}},"transaction":{{"commit_order":{co},"total_order":1,"event_count":1}}}}"#
+        )
+    }
+
+    fn stats(lines: &[(i64, String)]) -> SegmentStats {
+        let mut s: Option<SegmentStats> = None;
+        for (off, l) in lines {
+            let p = Position::of_line(l.as_bytes(), *off);
+            match &mut s {
+                None => s = Some(SegmentStats::start(p, l.len() as u64 + 1)),
+                Some(s) => s.add(p, l.len() as u64 + 1),
+            }
+        }
+        s.unwrap()
+    }
+
+    /// A partition folder with one uncompressed sealed segment per entry
+    /// of `sealed`, then an open one, as file-sink lays them out.
+    fn write(
+        root: &Path,
+        sealed: &[&[(i64, String)]],
+        open: &[(i64, String)],
+        mark: i64,
+    ) -> PathBuf {
+        std::fs::write(
+            root.join(ARCHIVE_MARKER),
+            r#"{"format":"tidemark-archive","version":1}"#,
+        )
+        .unwrap();
+        let dir = partition_dir(root, "t", 0);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut manifest = String::new();
+        for seg in sealed {
+            let st = stats(seg);
+            let name = segment_name("t", 0, st.first_offset, Compression::None);
+            let text: String = seg.iter().map(|(_, l)| format!("{l}\n")).collect();
+            std::fs::write(dir.join(&name), &text).unwrap();
+            manifest += &serde_json::to_string(&ManifestLine::Sealed(Box::new(SealedSegment {
+                segment: name,
+                topic: "t".into(),
+                partition: 0,
+                stats: st,
+                compression: Compression::None,
+                bytes: text.len() as u64,
+                sha256: String::new(),
+                complete_before: None,
+                sealed_at: String::new(),
+            })))
+            .unwrap();
+            manifest.push('\n');
+        }
+        std::fs::write(dir.join(MANIFEST), manifest).unwrap();
+        let st = stats(open);
+        let name = tidemark_common::archive::open_segment_name("t", 0, st.first_offset);
+        let text: String = open.iter().map(|(_, l)| format!("{l}\n")).collect();
+        std::fs::write(dir.join(&name), text).unwrap();
+        let cp = PartitionCheckpoint {
+            version: FORMAT_VERSION,
+            topic: "t".into(),
+            partition: 0,
+            sealed: sealed.len() as u64,
+            open: Some(OpenSegment {
+                segment: name,
+                opened_at_ms: 0,
+                stats: st,
+            }),
+            complete_before: Some(Mark {
+                commit_order: Some(mark),
+                ts_us: None,
+            }),
+            ..Default::default()
+        };
+        std::fs::write(dir.join(CHECKPOINT), serde_json::to_vec(&cp).unwrap()).unwrap();
+        dir
+    }
+
+    fn read(
+        dir: &Path,
+        start: StreamPos,
+        applied: Option<i64>,
+        until: Until,
+        follow: bool,
+    ) -> (Vec<Item>, Vec<(StreamPos, StreamPos)>) {
+        let (tx, mut rx) = mpsc::channel(1000);
+        let shutdown = CancellationToken::new();
+        let p = Partition {
+            id: 0,
+            dir: dir.to_path_buf(),
+            start,
+            applied,
+            until,
+        };
+        let s = shutdown.clone();
+        let reader = std::thread::spawn(move || read_partition(p, follow, 1 << 20, tx, s));
+        let mut items = Vec::new();
+        let mut records = Vec::new();
+        let mut caught_up = 0;
+        while let Some(item) = rx.blocking_recv() {
+            match &item {
+                Item::Records(r) => records.extend(r.iter().map(|d| (d.pos, d.next))),
+                Item::CaughtUp(_) => {
+                    caught_up += 1;
+                    if caught_up == 3 {
+                        shutdown.cancel();
+                    }
+                }
+                Item::End(_) | Item::Failed(_) => {}
+                Item::CompleteBefore(..) => {}
+            }
+            let end = matches!(item, Item::End(_) | Item::Failed(_));
+            items.push(item);
+            if end {
+                break;
+            }
+        }
+        drop(rx);
+        reader.join().unwrap();
+        (items, records)
+    }
+
+    fn lines(from: i64, to: i64) -> Vec<(i64, String)> {
+        (from..to).map(|o| (o, event(o, o * 10))).collect()
+    }
+
+    #[test]
+    fn a_partition_is_read_resumed_at_its_line_and_stopped_past_the_point() {
+        let root = tempfile::tempdir().unwrap();
+        let (a, b, c) = (lines(0, 3), lines(3, 6), lines(6, 8));
+        let dir = write(root.path(), &[&a, &b], &c, 8);
+        let at = |offset, line| StreamPos { offset, line };
+        // Everything, with positions naming segment and line.
+        let (items, recs) = read(&dir, StreamPos::default(), None, Until::End, false);
+        assert_eq!(recs.len(), 8);
+        assert_eq!(recs[0], (at(0, 0), at(0, 1)));
+        assert_eq!(recs[4], (at(3, 1), at(3, 2)));
+        assert_eq!(recs[7], (at(6, 1), at(6, 2)));
+        assert!(matches!(items.last(), Some(Item::End(0))));
+        // Resumed inside a sealed segment: the rest only.
+        let (_, recs) = read(&dir, at(3, 2), None, Until::End, false);
+        assert_eq!(recs.first().map(|r| r.0), Some(at(3, 2)));
+        assert_eq!(recs.len(), 3);
+        // Units up to 4 applied: the first segment is stepped over unread.
+        std::fs::rename(
+            dir.join(segment_name("t", 0, 0, Compression::None)),
+            dir.join("aside"),
+        )
+        .unwrap();
+        let (_, recs) = read(&dir, StreamPos::default(), Some(4), Until::End, false);
+        assert_eq!(recs.first().map(|r| r.0), Some(at(3, 0)));
+        std::fs::rename(
+            dir.join("aside"),
+            dir.join(segment_name("t", 0, 0, Compression::None)),
+        )
+        .unwrap();
+        // Past the point: the first record after it, then nothing more; the
+        // segments after it are not opened.
+        std::fs::rename(
+            dir.join("t+0+00000000000000000006.jsonl.open"),
+            dir.join("aside"),
+        )
+        .unwrap();
+        let (items, recs) = read(
+            &dir,
+            StreamPos::default(),
+            None,
+            Until::CommitOrder(3),
+            false,
+        );
+        assert_eq!(recs.len(), 5, "{items:?}");
+        let (_, recs) = read(&dir, StreamPos::default(), None, Until::Time(15), false);
+        assert_eq!(recs.len(), 3);
+        std::fs::rename(
+            dir.join("aside"),
+            dir.join("t+0+00000000000000000006.jsonl.open"),
+        )
+        .unwrap();
+        // A position the archive does not hold is an error.
+        let (items, _) = read(&dir, at(3, 9), None, Until::End, false);
+        assert!(
+            matches!(items.last(), Some(Item::Failed(e)) if format!("{e:#}").contains("does not hold")),
+            "{items:?}"
+        );
+        // Following: the completeness mark, once read past.
+        let (items, recs) = read(&dir, StreamPos::default(), None, Until::End, true);
+        assert_eq!(recs.len(), 8);
+        assert!(
+            items
+                .iter()
+                .any(|i| matches!(i, Item::CompleteBefore(0, 8))),
+            "{items:?}"
+        );
     }
 }

@@ -310,6 +310,24 @@ async fn a_segmented_archive_of_three_partitions_replays_follows_stops_at_a_time
         .await
         .unwrap();
     assert!(streams.contains("archive:"), "{streams}");
+    // --check reads the folder as an archive.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_it-pg-replay"))
+        .arg("--check")
+        .arg("--input")
+        .arg(&root)
+        .args(["--target-url", &killed.url()])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("segmented archive") && text.contains("3 partitions"),
+        "{text}"
+    );
     eprintln!("{kills} kills, {total} changes, {sealed} sealed segments");
     fx.drop_slot().await;
 }
