@@ -579,6 +579,9 @@ pub struct UnitEnd {
 pub struct TxPlace<'a> {
     /// The unit's place in commit order.
     pub commit_order: u64,
+    /// The commit_order of the unit the connector sent before this one;
+    /// `None` for the first it ever sends.
+    pub prev_commit_order: Option<u64>,
     /// The event's place in the unit, from 1.
     pub total_order: u64,
     /// The event's place among the unit's events of its table, from 1.
@@ -669,6 +672,7 @@ impl ChangeEnvelope {
             {"type": "int64", "optional": false, "field": "total_order"},
             {"type": "int64", "optional": false, "field": "data_collection_order"},
             {"type": "int64", "optional": false, "field": "commit_order"},
+            {"type": "int64", "optional": true, "field": "prev_commit_order"},
             {"type": "int64", "optional": true, "field": "event_count"},
             {"type": "array", "optional": true, "field": "data_collections",
              "items": {"type": "struct", "optional": false, "name": "tidemark.DataCollection",
@@ -787,6 +791,12 @@ impl ChangeEnvelope {
             r#":{}","total_order":{},"data_collection_order":{},"commit_order":{},"#,
             t.commit_order, t.total_order, t.data_collection_order, t.commit_order
         );
+        match t.prev_commit_order {
+            Some(p) => {
+                let _ = write!(out, r#""prev_commit_order":{p},"#);
+            }
+            None => out.extend_from_slice(br#""prev_commit_order":null,"#),
+        }
         match t.end {
             Some(end) => {
                 let _ = write!(
@@ -894,6 +904,10 @@ pub struct Transaction {
     pub data_collection_order: u64,
     /// The unit's place in commit order.
     pub commit_order: u64,
+    /// The commit_order of the unit sent before this one (`None` for the
+    /// first, and in events of Tidemark before 0.2's amendment).
+    #[serde(default)]
+    pub prev_commit_order: Option<u64>,
     /// Events in the unit: on its last event only.
     pub event_count: Option<u64>,
     /// Events per table: on the unit's last event only.
@@ -1255,6 +1269,7 @@ mod tests {
             read_us: 1_700_000_000_050_000,
             transaction: TxPlace {
                 commit_order: 160,
+                prev_commit_order: Some(100),
                 total_order: 2,
                 data_collection_order: 2,
                 end: Some(&end),
@@ -1299,6 +1314,20 @@ mod tests {
             .map(String::as_str)
             .collect();
         assert_eq!(source_fields, source_keys);
+        let tx_fields: Vec<&str> = raw["schema"]["fields"][3]["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["field"].as_str().unwrap())
+            .collect();
+        let tx_keys: Vec<&str> = p["transaction"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(tx_fields, tx_keys);
+        assert_eq!(p["transaction"]["prev_commit_order"], 100);
         let ev = ChangeEvent::decode(&bytes).unwrap();
         assert_eq!(ev.op, Op::Update);
         assert_eq!(ev.before.unwrap()["data"], "a");
@@ -1309,8 +1338,13 @@ mod tests {
         assert_eq!(ev.ts_ms, Some(1_700_000_000_050));
         let tx = ev.transaction.unwrap();
         assert_eq!(
-            (tx.commit_order, tx.total_order, tx.event_count),
-            (160, 2, Some(2))
+            (
+                tx.commit_order,
+                tx.prev_commit_order,
+                tx.total_order,
+                tx.event_count
+            ),
+            (160, Some(100), 2, Some(2))
         );
         assert_eq!(tx.data_collections.unwrap()[0].event_count, 2);
 
@@ -1325,6 +1359,7 @@ mod tests {
             read_us: 2_000,
             transaction: TxPlace {
                 commit_order: 0,
+                prev_commit_order: None,
                 total_order: 1,
                 data_collection_order: 1,
                 end: None,

@@ -77,6 +77,10 @@ pub struct ChangeLogPosition {
     /// (their `total_order` and `data_collection_order` go on from here).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unit_counts: Vec<(String, u64)>,
+    /// The units sent so far (see [`UnitChain`]): the next unit's
+    /// `prev_commit_order`.
+    #[serde(default, flatten)]
+    pub chain: UnitChain,
 }
 
 /// How far `logical` mode has read the replication slot, and the initial
@@ -112,6 +116,38 @@ pub struct LogicalPosition {
     /// after a restart (see [`Segment`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub segments: BTreeMap<String, Vec<Segment>>,
+    /// The units sent so far (see [`UnitChain`]): the next unit's
+    /// `prev_commit_order`.
+    #[serde(default, flatten)]
+    pub chain: UnitChain,
+}
+
+/// Which units a connector has sent, for `transaction.prev_commit_order`:
+/// the commit_order of the unit sent before this one, `null` on the first
+/// unit it ever sends (the initial snapshot, unit 0, when it has rows).
+/// Kept in the stored position, so a restart and a unit cut over several
+/// Kafka transactions go on with the right one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnitChain {
+    /// The commit_order of the last unit with events (or dead letters)
+    /// sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sent: Option<u64>,
+    /// The prev_commit_order of that unit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_prev: Option<u64>,
+}
+
+impl UnitChain {
+    /// The prev_commit_order of an event (or dead letter) of unit
+    /// `commit_order`, which is now the last unit sent.
+    pub fn event_of(&mut self, commit_order: u64) -> Option<u64> {
+        if self.last_sent != Some(commit_order) {
+            self.last_prev = self.last_sent;
+            self.last_sent = Some(commit_order);
+        }
+        self.last_prev
+    }
 }
 
 /// Counts events of a unit per table, in the order the tables come: the
@@ -141,6 +177,8 @@ pub struct SnapshotState<'a> {
     pub progress: &'a mut Option<SnapshotProgress>,
     /// Key ranges read in later snapshots after restarts.
     pub segments: &'a mut BTreeMap<String, Vec<Segment>>,
+    /// The units sent: the snapshot is unit 0.
+    pub chain: &'a mut UnitChain,
 }
 
 impl ChangeLogPosition {
@@ -150,6 +188,7 @@ impl ChangeLogPosition {
             done: &mut self.done,
             progress: &mut self.snapshot,
             segments: &mut self.segments,
+            chain: &mut self.chain,
         }
     }
 }
@@ -161,6 +200,7 @@ impl LogicalPosition {
             done: &mut self.done,
             progress: &mut self.snapshot,
             segments: &mut self.segments,
+            chain: &mut self.chain,
         }
     }
 }
@@ -343,6 +383,24 @@ pub fn sync_dir(path: &Path) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_unit_names_the_one_sent_before_it() {
+        let mut c = UnitChain::default();
+        assert_eq!(c.event_of(0), None, "the snapshot is the first unit");
+        assert_eq!(c.event_of(0), None);
+        assert_eq!(c.event_of(160), Some(0));
+        assert_eq!(c.event_of(160), Some(0), "a unit's every event");
+        assert_eq!(c.event_of(300), Some(160));
+        let stored: UnitChain = serde_json::from_value(serde_json::to_value(c).unwrap()).unwrap();
+        assert_eq!(stored, c);
+        let mut fresh = UnitChain::default();
+        assert_eq!(
+            fresh.event_of(7),
+            None,
+            "no snapshot: the first unit has none"
+        );
+    }
 
     #[test]
     fn changelog_positions_round_trip() {

@@ -410,6 +410,8 @@ impl SnapshotRun {
                         read_us,
                         transaction: TxPlace {
                             commit_order: 0,
+                            // The first unit a connector sends.
+                            prev_commit_order: None,
                             total_order: total,
                             data_collection_order: in_table,
                             end: end.as_ref(),
@@ -467,6 +469,10 @@ impl SnapshotRun {
             if n as i64 == chunk {
                 break;
             }
+        }
+        if !records.is_empty() {
+            // Unit 0 is sent: the first streamed unit comes after it.
+            state.chain.event_of(0);
         }
         if let Some(progress) = state.progress.as_ref() {
             tidemark_common::ops::snapshot_progress(

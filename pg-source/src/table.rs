@@ -141,6 +141,7 @@ impl CapturedTable {
                     read_us,
                     transaction: TxPlace {
                         commit_order: unit.commit_order,
+                        prev_commit_order: unit.prev_commit_order,
                         total_order,
                         data_collection_order,
                         end: end.as_ref(),
@@ -193,6 +194,7 @@ impl CapturedTable {
                 read_us,
                 transaction: TxPlace {
                     commit_order: unit.commit_order,
+                    prev_commit_order: unit.prev_commit_order,
                     total_order,
                     data_collection_order,
                     end: end.as_ref(),
@@ -279,6 +281,8 @@ impl CapturedTable {
 /// counted so far per table.
 pub(crate) struct Unit<'a> {
     pub commit_order: u64,
+    /// The unit sent before it (`transaction.prev_commit_order`).
+    pub prev_commit_order: Option<u64>,
     pub commit_us: i64,
     pub counts: &'a mut Vec<(String, u64)>,
 }

@@ -17,12 +17,14 @@ async fn exec(pool: &sqlx::PgPool, sql: &str) {
 /// Checks every unit of `events` (in file order, one partition): its events
 /// are contiguous, numbered 1..n in `total_order` and per table in
 /// `data_collection_order`, and only its last carries `event_count` n and
-/// the per-table totals; `commit_order` increases from unit to unit.
-/// Returns the units' sizes.
-fn check_units(events: &[ChangeEvent]) -> Vec<usize> {
+/// the per-table totals; `commit_order` increases from unit to unit, and
+/// each unit's events name the unit before (`prev_commit_order`; `before`
+/// for the first of `events`). Returns the units' sizes.
+fn check_units(events: &[ChangeEvent], before: Option<u64>) -> Vec<usize> {
     let mut sizes = Vec::new();
     let mut i = 0;
-    let mut last_order = None;
+    let mut last_order = before;
+    let mut prev_unit = before;
     while i < events.len() {
         let tx = events[i].transaction.as_ref().expect("a v2 event");
         let order = tx.commit_order;
@@ -42,6 +44,7 @@ fn check_units(events: &[ChangeEvent]) -> Vec<usize> {
             assert_eq!(tx.total_order, k as u64 + 1, "{tx:?}");
             assert_eq!(tx.data_collection_order, k as u64 + 1, "{tx:?}");
             assert!(tx.id.ends_with(&format!(":{order}")), "{tx:?}");
+            assert_eq!(tx.prev_commit_order, prev_unit, "{tx:?}");
             if k + 1 == n {
                 assert_eq!(tx.event_count, Some(n as u64), "{tx:?}");
                 let dc = tx
@@ -57,6 +60,7 @@ fn check_units(events: &[ChangeEvent]) -> Vec<usize> {
             }
         }
         sizes.push(n);
+        prev_unit = Some(order);
         i += n;
     }
     sizes
@@ -83,7 +87,7 @@ async fn units_and_marks(fx: Fixture) {
         assert_eq!(e.source.sequence, None);
         assert_eq!(e.source.lsn, None);
     }
-    assert_eq!(check_units(&snapshot), [5]);
+    assert_eq!(check_units(&snapshot, None), [5]);
 
     // Transactions of several changes each, a primary-key change among them
     // (a delete and a create: two events of one unit).
@@ -104,7 +108,7 @@ async fn units_and_marks(fx: Fixture) {
     .await;
     let events = wait_for_events(&fx.file(), 5 + 3 + 2 + 3, WAIT).await;
     let changes = &events[5..];
-    let sizes = check_units(changes);
+    let sizes = check_units(changes, Some(0));
     assert_eq!(sizes.iter().sum::<usize>(), 8, "{sizes:?}");
     if fx.logical {
         // One unit per transaction.
@@ -134,6 +138,24 @@ async fn units_and_marks(fx: Fixture) {
             seq.parse::<u64>().unwrap_or_else(|e| panic!("{seq}: {e}"));
         }
     }
+    // After a restart, the next unit names the last one sent before it
+    // (kept in the stored position).
+    source.stop().await.unwrap();
+    let last = changes
+        .last()
+        .unwrap()
+        .transaction
+        .as_ref()
+        .unwrap()
+        .commit_order;
+    let source = fx.start_source();
+    exec(
+        &fx.pool,
+        "insert into streaming_update_table (data) values ('after the restart')",
+    )
+    .await;
+    let events = wait_for_events(&fx.file(), 5 + 8 + 1, WAIT).await;
+    assert_eq!(check_units(&events[13..], Some(last)), [1]);
     source.stop().await.unwrap();
     sink.stop().await.unwrap();
     if fx.logical {

@@ -426,6 +426,8 @@ impl ChangeLogMode {
                     self.render(&d, commit_us, read_us, &mut counts, end, &mut records);
                 }
                 Err(dead) => {
+                    // A unit of dead letters only is a unit sent too.
+                    self.position.chain.event_of(self.position.commit_order);
                     let collection = self.data_collection(dead.table);
                     let (_, total_order) = count_event(&mut counts, &collection);
                     records.push(self.dead_letter(&dead, total_order));
@@ -672,6 +674,7 @@ impl ChangeLogMode {
         let collection = self.data_collection(d.table);
         let tombstones = self.cfg.tombstones;
         let commit_order = self.position.commit_order;
+        let prev_commit_order = self.position.chain.event_of(commit_order);
         let before = d.before.as_ref();
         let after = d.after.as_ref();
         let mut event =
@@ -693,6 +696,7 @@ impl ChangeLogMode {
                     read_us,
                     transaction: TxPlace {
                         commit_order,
+                        prev_commit_order,
                         total_order,
                         data_collection_order,
                         end: end.as_ref(),

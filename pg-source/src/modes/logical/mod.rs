@@ -1206,6 +1206,7 @@ fn render(
         }
         let mut unit = Unit {
             commit_order: c.commit_lsn,
+            prev_commit_order: position.chain.event_of(c.commit_lsn),
             commit_us: c.commit_us,
             counts: &mut counts,
         };
