@@ -319,7 +319,15 @@ async fn open_inputs(cfg: &Config, pos: &position::Position) -> anyhow::Result<I
         if path.is_dir() {
             // A segmented archive: a stream per partition, keyed by topic
             // and partition (not the folder, which may move).
-            for (topic, partition, dir) in segmented::partitions(path)? {
+            let parts = segmented::partitions(path)?;
+            if parts.is_empty() {
+                bail!(
+                    "the segmented archive {} holds no topic yet: start pg-replay once file-sink has run on it \
+                     (it writes each topic's <topic>/topic.json)",
+                    path.display()
+                );
+            }
+            for (topic, partition, dir) in parts {
                 let kind = StreamKind::Segments {
                     dir: dir.clone(),
                     topic,
