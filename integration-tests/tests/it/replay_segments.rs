@@ -331,3 +331,74 @@ async fn a_segmented_archive_of_three_partitions_replays_follows_stops_at_a_time
     eprintln!("{kills} kills, {total} changes, {sealed} sealed segments");
     fx.drop_slot().await;
 }
+
+/// Partitions that never receive a record (one key written, three
+/// partitions) hold nothing back, following or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_without_records_hold_nothing_back() {
+    let fx = Fixture::logical().await;
+    sqlx::raw_sql("delete from streaming_update_table; insert into streaming_update_table (id, data) values (1, 'one')")
+        .execute(&fx.pool)
+        .await
+        .unwrap();
+    let source = fx.start_source_with(&[("topic.creation.default.partitions", "3")]);
+    let root = fx.dir.path().join("archive");
+    let sink_cfg = archive_sink(
+        &fx.sink_name,
+        &fx.topic(),
+        &root,
+        &[("file.rotate.bytes", "4000"), ("file.compression", "zstd")],
+    );
+    let sink = Running::start(|token| file_sink::run(sink_cfg, token));
+    // The snapshot first, then changes of that one key.
+    wait_idle(&root).await;
+    for i in 0..30 {
+        sqlx::query("update streaming_update_table set data = $1 where id = 1")
+            .bind(format!("v{i}"))
+            .execute(&fx.pool)
+            .await
+            .unwrap();
+    }
+    wait_idle(&root).await;
+    source.stop().await.unwrap();
+    sink.stop().await.unwrap();
+    let Archive::Segmented { partitions, .. } = Archive::open(&root).unwrap() else {
+        panic!("not segmented")
+    };
+    let with_records = partitions
+        .iter()
+        .filter(|p| p.checkpoint.as_ref().is_some_and(|c| c.last.is_some()))
+        .count();
+    eprintln!(
+        "{} partition folders, {with_records} with records, marks {:?}",
+        partitions.len(),
+        partitions
+            .iter()
+            .map(|p| p.complete_before(false))
+            .collect::<Vec<_>>()
+    );
+    let db = Db::new().await;
+    db.exec(DDL).await;
+    let s = replay(config(&db, &[&root])).await.unwrap();
+    assert_eq!(with_records, 1, "one key, one partition");
+    assert_eq!(s.changes, 31, "the snapshot's row and 30 updates");
+    assert_eq!(rows(&db.pool).await, rows(&fx.pool).await);
+    // A follower over the same archive gets there too.
+    let follow_db = Db::new().await;
+    follow_db.exec(DDL).await;
+    let mut cfg = config(&follow_db, &[&root]);
+    cfg.follow = true;
+    let stop = CancellationToken::new();
+    let follower = tokio::spawn(pg_replay::run(cfg, stop.clone()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rows(&follow_db.pool).await != rows(&fx.pool).await {
+        assert!(
+            !follower.is_finished() && Instant::now() < deadline,
+            "the follower did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    follower.await.unwrap().unwrap();
+    fx.drop_slot().await;
+}
