@@ -58,6 +58,10 @@ async fn writer(pool: PgPool, lane: i64, stop: CancellationToken) -> WriterLog {
                 log.push((id, 'd', None));
             }
         }
+        // Paced: the test is about every DDL kind under concurrent writes,
+        // not about throughput; unpaced, two writers outran the pipeline on
+        // a loaded CI machine and the lag grew until a wait timed out.
+        tokio::time::sleep(Duration::from_millis(3)).await;
     }
     log
 }
