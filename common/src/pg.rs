@@ -21,6 +21,9 @@ pub struct PgTarget {
     /// The password and TLS settings again, for the replication connection
     /// of `logical` mode, which sqlx does not make.
     replication: ReplicationAuth,
+    /// Where the calling program takes the user and password from, for the
+    /// message of a refused login (see [`Self::with_credentials`]).
+    credentials: String,
 }
 
 /// What a replication connection needs that [`PgConnectOptions`] does not
@@ -197,6 +200,7 @@ impl PgTarget {
             options: with_session_settings(options),
             display,
             replication,
+            credentials: format!("the user and password of {key} (or PGPASSWORD)"),
         })
     }
 
@@ -233,7 +237,16 @@ impl PgTarget {
             options: with_session_settings(options),
             display,
             replication,
+            credentials: format!("the user and password in {key} (or PGPASSWORD)"),
         })
+    }
+
+    /// Names where the calling program takes the user and password from
+    /// (its flags, keys and environment variables), for the message of a
+    /// refused login: `check {credentials}`.
+    pub fn with_credentials(mut self, credentials: impl Into<String>) -> Self {
+        self.credentials = credentials.into();
+        self
     }
 
     /// Where a replication connection to this server goes; `None` for a
@@ -267,6 +280,7 @@ impl PgTarget {
             options: self.options.clone().password(password),
             display: self.display.clone(),
             replication,
+            credentials: self.credentials.clone(),
         }
     }
 
@@ -280,6 +294,7 @@ impl PgTarget {
             options: self.options.clone().database(database),
             display,
             replication: self.replication.clone(),
+            credentials: self.credentials.clone(),
         }
     }
 
@@ -459,17 +474,27 @@ pub fn explain(e: sqlx::Error, target: &PgTarget) -> anyhow::Error {
     let hint = match &e {
         sqlx::Error::Database(db) => match db.code().as_deref() {
             Some("28P01") | Some("28000") => {
-                "the password or user is wrong: check connection.user and connection.password (or --connection-password-file, DATABASE_URL, --database-password-file, PGPASSWORD)"
+                format!(
+                    "the password or user is wrong: check {}",
+                    target.credentials
+                )
             }
-            Some("3D000") => "the database does not exist: run schema-init first, or fix the database in the URL",
-            Some("42501") => "permission denied: grant the user access, or connect as the table's owner",
-            _ => "",
+            Some("3D000") => {
+                "the database does not exist: run schema-init first, or fix the database in the URL"
+                    .into()
+            }
+            Some("42501") => {
+                "permission denied: grant the user access, or connect as the table's owner".into()
+            }
+            _ => String::new(),
         },
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => {
-            "the server is unreachable: check the host and port, and that Postgres runs"
+            "the server is unreachable: check the host and port, and that Postgres runs".into()
         }
-        sqlx::Error::Tls(_) => "the TLS handshake failed: check sslmode and the certificates",
-        _ => "",
+        sqlx::Error::Tls(_) => {
+            "the TLS handshake failed: check sslmode and the certificates".into()
+        }
+        _ => String::new(),
     };
     if hint.is_empty() {
         anyhow::anyhow!("cannot connect to postgres at {target}: {e}")

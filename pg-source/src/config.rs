@@ -486,7 +486,11 @@ impl Config {
             url,
             c.get("connection.user"),
             c.props.get("connection.password").map(String::as_str),
-        )?;
+        )?
+        .with_credentials(
+            "connection.user and connection.password (or --connection-password-file, \
+             TIDEMARK_CONNECTION_PASSWORD, the URL's user and password, PGPASSWORD)",
+        );
         let tables = match c.get("table.whitelist").or(c.get("table.include.list")) {
             None => None,
             Some(list) => Some(

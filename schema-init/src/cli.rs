@@ -114,7 +114,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let target = cli
         .database_url
         .as_deref()
-        .map(|url| PgTarget::from_url("DATABASE_URL", url))
+        .map(|url| {
+            PgTarget::from_url("DATABASE_URL", url).map(|t| {
+                t.with_credentials(
+                    "the user and password in DATABASE_URL (or --database-password-file, PGPASSWORD)",
+                )
+            })
+        })
         .transpose()?;
     let target = match (target, &cli.database_password_file) {
         (Some(target), Some(path)) => Some(target.with_password(

@@ -125,7 +125,65 @@ async fn schema_init_with_a_wrong_password_exits_non_zero_without_echoing_it() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("password or user is wrong"), "{err}");
+    assert!(err.contains("DATABASE_URL"), "{err}");
+    assert!(err.contains("--database-password-file"), "{err}");
+    assert!(!err.contains("connection.password"), "{err}");
     assert!(!err.contains("wrong-secret"), "{err}");
+}
+
+/// A refused login names the flags of the program that was refused: pg-replay's
+/// own, for its target and for verify's source, not pg-source's keys.
+#[tokio::test]
+async fn pg_replay_with_a_wrong_password_names_its_own_flags() {
+    let mut u = url::Url::parse(&database_url()).unwrap();
+    u.set_password(Some("wrong-secret")).unwrap();
+    let archive = tempfile::NamedTempFile::new().unwrap();
+    let runs: [(&[&str], &str, &str); 2] = [
+        (
+            &[
+                "--input",
+                archive.path().to_str().unwrap(),
+                "--target-url",
+                u.as_str(),
+                "--http-addr",
+                "off",
+            ],
+            "--target-url",
+            "--target-password-file",
+        ),
+        (
+            &[
+                "verify",
+                "--source-url",
+                u.as_str(),
+                "--target-url",
+                &database_url(),
+                "--table",
+                "public.t",
+            ],
+            "--source-url",
+            "--source-password-file",
+        ),
+    ];
+    for (args, url_flag, file_flag) in runs {
+        let out = Command::new(env!("CARGO_BIN_EXE_it-pg-replay"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert_ne!(out.status.code(), Some(0), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("password or user is wrong"), "{err}");
+        assert!(err.contains(url_flag) && err.contains(file_flag), "{err}");
+        for other in [
+            "connection.password",
+            "--connection-password-file",
+            "--database-password-file",
+            "DATABASE_URL",
+        ] {
+            assert!(!err.contains(other), "names {other}: {err}");
+        }
+        assert!(!err.contains("wrong-secret"), "{err}");
+    }
 }
 
 /// Every series in a Prometheus scrape belongs to a family with `# HELP`
