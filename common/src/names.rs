@@ -44,14 +44,41 @@ pub const DELETE_TRIGGER: &str = "tidemark_capture_delete";
 /// Postgres fires truncate triggers per statement only).
 pub const TRUNCATE_TRIGGER: &str = "tidemark_capture_truncate";
 
+/// On a captured partitioned table: marks, before a `TRUNCATE` of it, that
+/// its partitions are truncated with it (see [`TRUNCATE_GUARD_FUNCTION`]).
+pub const TRUNCATE_BEGIN_TRIGGER: &str = "tidemark_capture_truncate_begin";
+
+/// On a captured partitioned table: clears the mark of
+/// [`TRUNCATE_BEGIN_TRIGGER`] after the `TRUNCATE`.
+pub const TRUNCATE_END_TRIGGER: &str = "tidemark_capture_truncate_end";
+
+/// On every partition (at any depth) of a captured partitioned table:
+/// refuses a `TRUNCATE` that empties the partition without its table.
+pub const TRUNCATE_GUARD_TRIGGER: &str = "tidemark_capture_truncate_guard";
+
+/// The function of the three triggers above (security definer, owned by
+/// [`CAPTURE_ROLE`] in `changelog` capture).
+pub const TRUNCATE_GUARD_FUNCTION: &str = "tidemark.guard_truncate";
+
+/// Puts [`TRUNCATE_BEGIN_TRIGGER`], [`TRUNCATE_END_TRIGGER`] and
+/// [`TRUNCATE_GUARD_TRIGGER`] on a partitioned table and its partitions.
+pub const GUARD_PARTITIONS_FUNCTION: &str = "tidemark.guard_partitions";
+
+/// The marks of [`TRUNCATE_BEGIN_TRIGGER`]: (transaction, table) while the
+/// table's `TRUNCATE` runs.
+pub const TRUNCATE_MARKS: &str = "tidemark.truncating";
+
 /// Every capture trigger name; a table with [`ROW_TRIGGER`] or
 /// [`INSERT_TRIGGER`] is captured.
-pub const CAPTURE_TRIGGERS: [&str; 5] = [
+pub const CAPTURE_TRIGGERS: [&str; 8] = [
     ROW_TRIGGER,
     INSERT_TRIGGER,
     UPDATE_TRIGGER,
     DELETE_TRIGGER,
     TRUNCATE_TRIGGER,
+    TRUNCATE_BEGIN_TRIGGER,
+    TRUNCATE_END_TRIGGER,
+    TRUNCATE_GUARD_TRIGGER,
 ];
 
 /// The transition table of new rows in statement-level capture triggers.

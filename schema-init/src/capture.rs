@@ -124,7 +124,7 @@ pub fn capture_role_sql(role: &str) -> String {
 /// [`names`] (and a few constants of this module).
 fn fill(template: &str) -> String {
     let settings = function_settings();
-    let values: [(&str, &str); 19] = [
+    let values: [(&str, &str); 25] = [
         ("SCHEMA", names::SCHEMA),
         ("CHANGE_LOG", names::CHANGE_LOG),
         ("SHAPES", names::SHAPES),
@@ -142,6 +142,15 @@ fn fill(template: &str) -> String {
         ("UPDATE_TRIGGER", names::UPDATE_TRIGGER),
         ("DELETE_TRIGGER", names::DELETE_TRIGGER),
         ("TRUNCATE_TRIGGER", names::TRUNCATE_TRIGGER),
+        ("TRUNCATE_BEGIN_TRIGGER", names::TRUNCATE_BEGIN_TRIGGER),
+        ("TRUNCATE_END_TRIGGER", names::TRUNCATE_END_TRIGGER),
+        ("TRUNCATE_GUARD_TRIGGER", names::TRUNCATE_GUARD_TRIGGER),
+        ("TRUNCATE_GUARD_FUNCTION", names::TRUNCATE_GUARD_FUNCTION),
+        (
+            "GUARD_PARTITIONS_FUNCTION",
+            names::GUARD_PARTITIONS_FUNCTION,
+        ),
+        ("TRUNCATE_MARKS", names::TRUNCATE_MARKS),
         ("NEW_TABLE", names::NEW_TRANSITION_TABLE),
         ("OLD_TABLE", names::OLD_TRANSITION_TABLE),
         ("FUNCTION_SETTINGS", &settings),
@@ -186,7 +195,8 @@ fn fill(template: &str) -> String {
 ///
 /// **Privileges.** Each table's capture function is `security definer`,
 /// owned by the NOLOGIN role `tidemark_capture`, which holds nothing but
-/// USAGE on schema `tidemark` and INSERT on the change log (the identity
+/// USAGE on schema `tidemark`, INSERT on the change log and SELECT, INSERT,
+/// DELETE on `tidemark.truncating` (the partition guard's marks; the identity
 /// `seq` needs no sequence grant: Postgres does not check one for identity
 /// columns). So writers need no grant of their own, cannot write the log
 /// other than through their changes, and whatever the function ran would
@@ -225,10 +235,22 @@ fn fill(template: &str) -> String {
 /// order among that transaction's other changes. `TRUNCATE a, b` and
 /// `TRUNCATE ... CASCADE` fire it on every captured table they empty. A
 /// function generated before TRUNCATE was captured (its comment lacks
-/// "truncate too") is generated anew by the next run. A partitioned table's
-/// truncate trigger fires when the table is truncated, not when one of its
-/// partitions is truncated directly (Postgres does not clone statement
-/// triggers onto partitions), so such a TRUNCATE is not captured.
+/// "truncate too") is generated anew by the next run.
+///
+/// **TRUNCATE of a partition.** Postgres clones no statement trigger onto
+/// a partition, and a TRUNCATE of one partition of a captured partitioned
+/// table removes only that partition's rows: a TRUNCATE event of the table
+/// would empty the whole table on replay, and no event at all would keep
+/// the rows. Such a TRUNCATE is refused, naming the fix (`delete from` the
+/// partition, which is captured row by row, or truncate the table as a
+/// whole): every partition at every depth gets the trigger
+/// `tidemark_capture_truncate_guard` (`before truncate`, from
+/// `tidemark.guard_partitions`; the event trigger puts it on partitions
+/// created or attached later). A TRUNCATE of the partitioned table truncates
+/// its partitions too and fires their triggers: the table's own
+/// `tidemark_capture_truncate_begin` marks, in `tidemark.truncating`, which
+/// no writer can write, that its partitions go with it, and
+/// `tidemark_capture_truncate_end` clears the mark after it.
 ///
 /// **Partitioned tables** take row triggers, which Postgres clones onto
 /// every partition: the function builds each image column by column in the
@@ -302,6 +324,17 @@ pub fn changelog_steps(table: &TableName, capture: impl Into<Capture>) -> Vec<St
             ),
         ),
         step(
+            "create table tidemark.truncating",
+            format!(
+                "create table if not exists {} (\n  txid pg_catalog.xid8 not null,\n  relid pg_catalog.oid not null\n)",
+                names::TRUNCATE_MARKS
+            ),
+        ),
+        step(
+            "revoke every privilege on tidemark.truncating from public",
+            format!("revoke all on table {} from public", names::TRUNCATE_MARKS),
+        ),
+        step(
             "create role tidemark_capture, or check the one there",
             fill(include_str!("sql/capture_role.sql")),
         ),
@@ -314,12 +347,34 @@ pub fn changelog_steps(table: &TableName, capture: impl Into<Capture>) -> Vec<St
             format!("grant insert on table {change_log} to {role}"),
         ),
         step(
+            "grant tidemark_capture select, insert, delete on tidemark.truncating",
+            format!(
+                "grant select, insert, delete on table {} to {role}",
+                names::TRUNCATE_MARKS
+            ),
+        ),
+        step(
             "create function tidemark.generate_capture",
             fill(include_str!("sql/generate_capture.sql")),
         ),
         step(
             "create function tidemark.refresh_captures",
             fill(include_str!("sql/refresh_captures.sql")),
+        ),
+        step(
+            "create function tidemark.guard_truncate",
+            fill(include_str!("sql/guard_truncate.sql")),
+        ),
+        step(
+            "make tidemark_capture own tidemark.guard_truncate",
+            format!(
+                "alter function {}() owner to {role}",
+                names::TRUNCATE_GUARD_FUNCTION
+            ),
+        ),
+        step(
+            "create function tidemark.guard_partitions",
+            fill(include_str!("sql/guard_partitions.sql")),
         ),
         step(
             "create function tidemark.on_ddl_command_end",
@@ -333,11 +388,13 @@ pub fn changelog_steps(table: &TableName, capture: impl Into<Capture>) -> Vec<St
             "revoke execute on tidemark's own functions from public",
             format!(
                 "revoke all on function {}(pg_catalog.oid, pg_catalog.text, pg_catalog.text, pg_catalog.text), \
-                 {}(pg_catalog.oid[]), {}(), {}() from public",
+                 {}(pg_catalog.oid[]), {}(), {}(), {}(), {}(pg_catalog.oid) from public",
                 names::GENERATE_CAPTURE_FUNCTION,
                 names::REFRESH_CAPTURES_FUNCTION,
                 names::EVENT_TRIGGER_FUNCTION,
-                names::DROP_EVENT_TRIGGER_FUNCTION
+                names::DROP_EVENT_TRIGGER_FUNCTION,
+                names::TRUNCATE_GUARD_FUNCTION,
+                names::GUARD_PARTITIONS_FUNCTION,
             ),
         ),
         step(
@@ -481,6 +538,17 @@ end"#,
             quote_ident(names::TRUNCATE_TRIGGER)
         ),
     ));
+    // Postgres clones no statement trigger onto a partition: a partitioned
+    // table's partitions refuse a TRUNCATE of their own, which no event
+    // could carry (the event trigger guards partitions made later too).
+    steps.push(step(
+        "guard the partitions of a partitioned table against a TRUNCATE of a partition alone",
+        format!(
+            "select {}({}::pg_catalog.regclass::pg_catalog.oid)",
+            names::GUARD_PARTITIONS_FUNCTION,
+            quote_literal(&t)
+        ),
+    ));
     // Also in replica sessions: logical replication's apply (a subscriber's
     // tables) runs as one, and a trigger enabled the default way would not
     // fire for what it writes. One ALTER TABLE, so that the event trigger
@@ -552,7 +620,11 @@ fn do_block(body: &str) -> String {
 /// `before` as change-log capture does) and a publication of its inserts,
 /// updates, deletes and truncates, which pg-source's replication slot
 /// reads (a publication an older schema-init made without truncates is
-/// altered to publish them). Nothing
+/// altered to publish them). A partitioned table is refused (see
+/// docs/modes.md): pgoutput sends a partition's changes under the
+/// partition's own name and replica identity, and a TRUNCATE of one
+/// partition, which no event of the table could carry, goes unseen when
+/// the partitions are published as their table. Nothing
 /// runs in the writers' transactions: Postgres decodes the WAL in its own
 /// process. Change-log triggers left from `--capture changelog` are
 /// dropped, so writers do not pay for both.
@@ -575,6 +647,22 @@ pub fn logical_steps(table: &TableName) -> Vec<Step> {
             )
         });
     }
+    steps.push(step(
+        "check that the table is not partitioned (a TRUNCATE of one partition could not be carried)",
+        do_block(&format!(
+            r#"begin
+  if exists (select 1 from pg_catalog.pg_class c
+              where c.oid operator(pg_catalog.=) {table}::pg_catalog.regclass
+                and c.relkind operator(pg_catalog.=) 'p') then
+    raise exception using
+      errcode = 'feature_not_supported',
+      message = pg_catalog.format('table %s is partitioned, which logical capture does not carry: the stream names its partitions, each with a replica identity of its own, and drops a TRUNCATE of one partition unseen, so a restore would keep its rows', {table}::pg_catalog.regclass),
+      hint = 'capture it with --capture changelog --capture-trigger row (and mode changelog), which carries every partition''s changes and refuses a TRUNCATE of a partition alone';
+  end if;
+end"#,
+            table = quote_literal(&t),
+        )),
+    ));
     steps.push(step(
         "check that the table has no generated columns (logical decoding does not send them)",
         do_block(&format!(

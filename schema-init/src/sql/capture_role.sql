@@ -61,6 +61,13 @@ begin
                and not exists (select 1 from pg_catalog.pg_class c cross join pg_catalog.aclexplode(c.relacl) a
                                 where c.oid operator(pg_catalog.=) d.objid and a.grantee operator(pg_catalog.=) v_role.oid
                                   and a.privilege_type operator(pg_catalog.<>) 'INSERT'))
+           -- The TRUNCATE guard's marks (see @TRUNCATE_GUARD_FUNCTION@).
+           or (d.classid operator(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass and d.deptype operator(pg_catalog.=) 'a'
+               and d.objsubid operator(pg_catalog.=) 0
+               and d.objid operator(pg_catalog.=) pg_catalog.to_regclass('@TRUNCATE_MARKS@')
+               and not exists (select 1 from pg_catalog.pg_class c cross join pg_catalog.aclexplode(c.relacl) a
+                                where c.oid operator(pg_catalog.=) d.objid and a.grantee operator(pg_catalog.=) v_role.oid
+                                  and a.privilege_type operator(pg_catalog.<>) all (array['SELECT', 'INSERT', 'DELETE'])))
          else (d.classid operator(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass and d.deptype operator(pg_catalog.=) 'o')
            or (d.classid operator(pg_catalog.=) any (array['pg_catalog.pg_namespace'::pg_catalog.regclass, 'pg_catalog.pg_class'::pg_catalog.regclass])
                and d.deptype operator(pg_catalog.=) 'a' and d.objsubid operator(pg_catalog.=) 0)
@@ -69,7 +76,7 @@ begin
   if v_bad is not null then
     raise exception using
       message = pg_catalog.format('the role @CAPTURE_ROLE@ exists and may do more than append to @CHANGE_LOG@: %s', v_bad),
-      hint = 'the capture functions run as this role; Tidemark creates it NOLOGIN with USAGE on schema @SCHEMA@ and INSERT on @CHANGE_LOG@ only: revoke the rest (or drop the role), then run schema-init again';
+      hint = 'the capture functions run as this role; Tidemark creates it NOLOGIN with USAGE on schema @SCHEMA@, INSERT on @CHANGE_LOG@ and SELECT, INSERT, DELETE on @TRUNCATE_MARKS@ only: revoke the rest (or drop the role), then run schema-init again';
   end if;
 end
 $tidemark$

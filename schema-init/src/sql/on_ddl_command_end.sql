@@ -40,13 +40,29 @@ begin
     perform @REFRESH_CAPTURES@(null);
     return;
   end if;
+  -- A partition created or attached under a captured partitioned table (at
+  -- any depth) refuses a TRUNCATE of its own, as its siblings do.
+  for v_fix in
+    select distinct a.relid
+      from pg_catalog.unnest(v_relids) r(relid)
+     cross join pg_catalog.pg_partition_ancestors(r.relid) a
+      join pg_catalog.pg_class c on c.oid operator(pg_catalog.=) a.relid
+      join pg_catalog.pg_trigger t on t.tgrelid operator(pg_catalog.=) a.relid
+      join pg_catalog.pg_proc p on p.oid operator(pg_catalog.=) t.tgfoid
+     where c.relkind operator(pg_catalog.=) 'p'
+       and t.tgname operator(pg_catalog.=) '@TRUNCATE_TRIGGER@'
+       and t.tgparentid operator(pg_catalog.=) 0
+       and p.pronamespace operator(pg_catalog.=) '@SCHEMA@'::pg_catalog.regnamespace
+  loop
+    perform @GUARD_PARTITIONS_FUNCTION@(v_fix.relid);
+  end loop;
   -- A capture trigger enabled the default way again (enable trigger all)
   -- is made to fire for replica sessions again too.
   for v_fix in
     select t.tgrelid::pg_catalog.regclass::pg_catalog.text as relation, t.tgname::pg_catalog.text as name
       from pg_catalog.pg_trigger t
       join pg_catalog.pg_proc p on p.oid operator(pg_catalog.=) t.tgfoid
-     where t.tgname operator(pg_catalog.=) any (array['@ROW_TRIGGER@', '@INSERT_TRIGGER@', '@UPDATE_TRIGGER@', '@DELETE_TRIGGER@', '@TRUNCATE_TRIGGER@'])
+     where t.tgname operator(pg_catalog.=) any (array['@ROW_TRIGGER@', '@INSERT_TRIGGER@', '@UPDATE_TRIGGER@', '@DELETE_TRIGGER@', '@TRUNCATE_TRIGGER@', '@TRUNCATE_BEGIN_TRIGGER@', '@TRUNCATE_END_TRIGGER@', '@TRUNCATE_GUARD_TRIGGER@'])
        and p.pronamespace operator(pg_catalog.=) '@SCHEMA@'::pg_catalog.regnamespace
        and t.tgenabled operator(pg_catalog.=) 'O'
        and t.tgrelid operator(pg_catalog.=) any (v_relids)
@@ -92,7 +108,7 @@ begin
              end) as what
       from pg_catalog.pg_trigger t
       join pg_catalog.pg_proc p on p.oid operator(pg_catalog.=) t.tgfoid
-     where t.tgname operator(pg_catalog.=) any (array['@ROW_TRIGGER@', '@INSERT_TRIGGER@', '@UPDATE_TRIGGER@', '@DELETE_TRIGGER@', '@TRUNCATE_TRIGGER@'])
+     where t.tgname operator(pg_catalog.=) any (array['@ROW_TRIGGER@', '@INSERT_TRIGGER@', '@UPDATE_TRIGGER@', '@DELETE_TRIGGER@', '@TRUNCATE_TRIGGER@', '@TRUNCATE_BEGIN_TRIGGER@', '@TRUNCATE_END_TRIGGER@', '@TRUNCATE_GUARD_TRIGGER@'])
        and p.pronamespace operator(pg_catalog.=) '@SCHEMA@'::pg_catalog.regnamespace
        and t.tgenabled operator(pg_catalog.<>) 'A'
        and t.tgrelid operator(pg_catalog.=) any (v_relids)

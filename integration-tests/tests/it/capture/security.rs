@@ -515,7 +515,15 @@ async fn capture_runs_as_a_role_that_may_only_append_to_the_change_log() {
     .await
     .unwrap();
     assert!(!login && !superuser);
-    assert_eq!(privileges, ["INSERT on tidemark.change_log"]);
+    assert_eq!(
+        privileges,
+        [
+            "DELETE on tidemark.truncating",
+            "INSERT on tidemark.change_log",
+            "INSERT on tidemark.truncating",
+            "SELECT on tidemark.truncating"
+        ]
+    );
 }
 
 /// Changelog capture needs a superuser (its event trigger), and says so.

@@ -161,7 +161,12 @@ impl AsRef<CapturedTable> for LogicalTable {
 /// Fails on a database error too.
 pub(crate) async fn check_capture(pool: &PgPool, name: &TableName) -> anyhow::Result<()> {
     let publication = publication_name(name);
-    let (published, identity, generated): (bool, Option<String>, Option<String>) = sqlx::query_as(
+    let (published, identity, generated, kind): (
+        bool,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    ) = sqlx::query_as(
         "select exists (select 1 from pg_catalog.pg_publication_tables p
                         where p.pubname operator(pg_catalog.=) $1 and p.schemaname operator(pg_catalog.=) $2
                           and p.tablename operator(pg_catalog.=) $3),
@@ -169,7 +174,8 @@ pub(crate) async fn check_capture(pool: &PgPool, name: &TableName) -> anyhow::Re
                 (select pg_catalog.string_agg(a.attname::pg_catalog.text, ', ' order by a.attnum)
                    from pg_catalog.pg_attribute a
                   where a.attrelid operator(pg_catalog.=) c.oid and a.attnum operator(pg_catalog.>) 0
-                    and not a.attisdropped and a.attgenerated operator(pg_catalog.<>) '')
+                    and not a.attisdropped and a.attgenerated operator(pg_catalog.<>) ''),
+                c.relkind::pg_catalog.text
          from (select 1) one
          left join pg_catalog.pg_namespace n on n.nspname operator(pg_catalog.=) $2
          left join pg_catalog.pg_class c
@@ -180,6 +186,9 @@ pub(crate) async fn check_capture(pool: &PgPool, name: &TableName) -> anyhow::Re
     .bind(&name.name)
     .fetch_one(pool)
     .await?;
+    if kind.as_deref() == Some("p") {
+        bail!("table {name} is partitioned, which logical capture does not carry (the stream names its partitions, and drops a TRUNCATE of one partition unseen): capture it with schema-init --capture changelog --capture-trigger row and mode changelog");
+    }
     if !published || identity.as_deref() != Some("f") {
         bail!("table {name} has no logical capture (publication {publication} and replica identity full): run schema-init --capture logical --table {name}");
     }
