@@ -945,10 +945,12 @@ impl Applier {
                         .cols
                         .iter()
                         .zip(types)
-                        .map(|(&i, ty)| tidemark_common::codec::ColumnSpec {
-                            name: stage.target.columns[i].name.clone(),
-                            ty,
-                            not_null: stage.target.columns[i].not_null,
+                        .map(|(&i, ty)| {
+                            tidemark_common::codec::ColumnSpec::new(
+                                stage.target.columns[i].name.clone(),
+                                ty,
+                                stage.target.columns[i].not_null,
+                            )
                         })
                         .collect();
                     let codec = tidemark_common::codec::RowCodec::new(specs);

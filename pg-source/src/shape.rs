@@ -61,6 +61,7 @@ struct AttributeRow {
     type_oid: i64,
     typmod: i32,
     not_null: bool,
+    attnum: i32,
 }
 
 #[derive(sqlx::FromRow)]
@@ -76,7 +77,7 @@ struct KeyRow {
 const COLUMNS_SQL: &str = r#"
 select a.xmin::pg_catalog.text::pg_catalog.int8 as xmin,
        a.attname::pg_catalog.text as name, a.atttypid::pg_catalog.int8 as type_oid,
-       a.atttypmod as typmod, a.attnotnull as not_null
+       a.atttypmod as typmod, a.attnotnull as not_null, a.attnum::pg_catalog.int4 as attnum
 from pg_catalog.pg_attribute a
 where a.attrelid operator(pg_catalog.=) $1::pg_catalog.oid
   and a.attnum operator(pg_catalog.>) 0 and not a.attisdropped
@@ -159,6 +160,8 @@ impl CatalogShape {
                 name: r.name,
                 ty,
                 not_null: r.not_null,
+                attnum: Some(r.attnum),
+                key_position: None,
             })
             .collect();
         let keys: Vec<KeyRow> = sqlx::query_as(KEY_SQL)
@@ -426,9 +429,8 @@ impl Shape {
                     })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let key_specs = key_index.iter().map(|&i| columns[i].clone()).collect();
-        let row = Arc::new(RowCodec::new(columns.clone()));
-        let key_codec = Arc::new(RowCodec::new(key_specs));
+        let (row, key_codec) = RowCodec::keyed(columns.clone(), &key_index);
+        let (row, key_codec) = (Arc::new(row), Arc::new(key_codec));
         let t = &origin.table;
         let keys = Templates::new(
             key_codec.clone(),

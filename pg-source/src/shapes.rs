@@ -239,6 +239,8 @@ impl Shapes {
                     c.sql_type.clone(),
                 ),
                 not_null: c.not_null,
+                attnum: Some(c.attnum),
+                key_position: None,
             })
             .collect();
         let mut key_index = Vec::with_capacity(key.len());
@@ -251,13 +253,13 @@ impl Shapes {
             })?;
             key_index.push(i);
         }
-        let key_specs = key_index.iter().map(|&i| specs[i].clone()).collect();
+        let (row, key_codec) = RowCodec::keyed(specs, &key_index);
         Ok(Shape {
             id: r.id,
             relid: r.relid,
             table_name: r.table_name,
-            row: Arc::new(RowCodec::new(specs)),
-            key_codec: Arc::new(RowCodec::new(key_specs)),
+            row: Arc::new(row),
+            key_codec: Arc::new(key_codec),
             key_index,
             columns,
             key,
@@ -329,10 +331,12 @@ mod tests {
             .collect();
         let specs: Vec<ColumnSpec> = columns
             .iter()
-            .map(|c| ColumnSpec {
-                name: c.name.clone(),
-                ty: ColumnType::builtin(c.type_oid as u32, -1).unwrap(),
-                not_null: c.not_null,
+            .map(|c| {
+                ColumnSpec::new(
+                    c.name.clone(),
+                    ColumnType::builtin(c.type_oid as u32, -1).unwrap(),
+                    c.not_null,
+                )
             })
             .collect();
         let key_index: Vec<usize> = key

@@ -20,10 +20,6 @@ pub fn one_column(pick: u8) -> (u32, codec::RowCodec) {
     let mut oids: Vec<u32> = codec::builtin_types().map(|t| t.oid).collect();
     oids.sort_unstable();
     let oid = oids[usize::from(pick) % oids.len()];
-    let column = codec::ColumnSpec {
-        name: "c".into(),
-        ty: codec::ColumnType::builtin(oid, -1).expect("built in"),
-        not_null: false,
-    };
+    let column = codec::ColumnSpec::new("c", codec::ColumnType::builtin(oid, -1).expect("built in"), false);
     (oid, codec::RowCodec::new(vec![column]))
 }

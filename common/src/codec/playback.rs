@@ -292,11 +292,11 @@ mod tests {
 
     /// Forward then back: the text Postgres printed.
     fn round(oid: Oid, text: &str) -> String {
-        let codec = RowCodec::new(vec![ColumnSpec {
-            name: "c".into(),
-            ty: ColumnType::builtin(oid, -1).unwrap(),
-            not_null: false,
-        }]);
+        let codec = RowCodec::new(vec![ColumnSpec::new(
+            "c",
+            ColumnType::builtin(oid, -1).unwrap(),
+            false,
+        )]);
         let mut out = Vec::new();
         let v = codec.encode(&[Some(text)], &mut out).unwrap();
         let row: Value = serde_json::from_slice(&out).unwrap();
@@ -450,16 +450,8 @@ mod tests {
     #[test]
     fn rows_play_back_in_field_order() {
         let codec = RowCodec::new(vec![
-            ColumnSpec {
-                name: "id".into(),
-                ty: ColumnType::builtin(23, -1).unwrap(),
-                not_null: true,
-            },
-            ColumnSpec {
-                name: "t".into(),
-                ty: ColumnType::builtin(25, -1).unwrap(),
-                not_null: false,
-            },
+            ColumnSpec::new("id", ColumnType::builtin(23, -1).unwrap(), true),
+            ColumnSpec::new("t", ColumnType::builtin(25, -1).unwrap(), false),
         ]);
         let fields = codec.fields(&Variants::default());
         let row = json!({"t": "x", "id": 7});

@@ -33,11 +33,11 @@ fn the_limits_are_postgres_limits() {
 
 /// Forward with a one-column codec of `oid`, then back.
 fn round(oid: Oid, text: &str) -> Result<String, String> {
-    let codec = RowCodec::new(vec![ColumnSpec {
-        name: "c".into(),
-        ty: ColumnType::builtin(oid, -1).unwrap(),
-        not_null: false,
-    }]);
+    let codec = RowCodec::new(vec![ColumnSpec::new(
+        "c",
+        ColumnType::builtin(oid, -1).unwrap(),
+        false,
+    )]);
     let mut out = Vec::new();
     let v = codec
         .encode(&[Some(text)], &mut out)

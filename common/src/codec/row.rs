@@ -54,6 +54,11 @@ pub mod param {
     pub const COLUMN_TYPE: &str = "tidemark.column.type";
     /// The array element delimiter, only where it is not `,` (`box[]`).
     pub const ARRAY_DELIMITER: &str = "tidemark.array.delimiter";
+    /// A primary-key column's 1-based position in the key (absent on other
+    /// columns), so that playback can create the table from the records.
+    pub const COLUMN_KEY: &str = "tidemark.column.key";
+    /// The column's `pg_attribute.attnum` in the source, where known.
+    pub const COLUMN_ATTNUM: &str = "tidemark.column.attnum";
 }
 
 /// How one value of a column was carried, when its column's usual schema
@@ -109,6 +114,25 @@ pub struct ColumnSpec {
     pub ty: ColumnType,
     /// `attnotnull`: the field schema is not optional.
     pub not_null: bool,
+    /// `pg_attribute.attnum`, where the caller knows it: the field schema's
+    /// `tidemark.column.attnum`.
+    pub attnum: Option<i32>,
+    /// The 1-based position in the primary key, for a key column: the field
+    /// schema's `tidemark.column.key`. [`RowCodec::keyed`] sets it.
+    pub key_position: Option<u32>,
+}
+
+impl ColumnSpec {
+    /// A column with no known attnum, not in the key.
+    pub fn new(name: impl Into<String>, ty: ColumnType, not_null: bool) -> Self {
+        Self {
+            name: name.into(),
+            ty,
+            not_null,
+            attnum: None,
+            key_position: None,
+        }
+    }
 }
 
 /// How a scalar (or an array element) maps.
@@ -300,6 +324,20 @@ impl RowCodec {
         }
     }
 
+    /// The codecs of a table's rows and of its key, the key being the
+    /// columns at `key_index` in key order: each key column's field schema
+    /// says its position in the key (`tidemark.column.key`), in both.
+    ///
+    /// Panics when an index is out of range (callers found them among
+    /// `columns`).
+    pub fn keyed(mut columns: Vec<ColumnSpec>, key_index: &[usize]) -> (Self, Self) {
+        for (position, &i) in key_index.iter().enumerate() {
+            columns[i].key_position = Some(position as u32 + 1);
+        }
+        let key = key_index.iter().map(|&i| columns[i].clone()).collect();
+        (Self::new(columns), Self::new(key))
+    }
+
     /// The columns, in order.
     pub fn columns(&self) -> impl ExactSizeIterator<Item = &ColumnSpec> {
         self.columns.iter().map(|p| &p.spec)
@@ -418,6 +456,12 @@ impl Plan {
             parameters.insert(param::SOURCE_SCALE.into(), scale.to_string().into());
         }
         parameters.insert(param::COLUMN_TYPE.into(), spec.ty.sql_type().into());
+        if let Some(position) = spec.key_position {
+            parameters.insert(param::COLUMN_KEY.into(), position.to_string().into());
+        }
+        if let Some(attnum) = spec.attnum {
+            parameters.insert(param::COLUMN_ATTNUM.into(), attnum.to_string().into());
+        }
         if let Mapping::Array { delimiter, .. } = mapping {
             if delimiter != b',' {
                 parameters.insert(
@@ -736,11 +780,7 @@ mod tests {
     use crate::codec::types::{builtin, Oid};
 
     fn col(name: &str, oid: Oid, typmod: i32, not_null: bool) -> ColumnSpec {
-        ColumnSpec {
-            name: name.to_owned(),
-            ty: ColumnType::builtin(oid, typmod).unwrap(),
-            not_null,
-        }
+        ColumnSpec::new(name, ColumnType::builtin(oid, typmod).unwrap(), not_null)
     }
 
     fn one(oid: Oid, text: &str) -> (String, Variant) {
@@ -1049,11 +1089,11 @@ mod tests {
                 base: builtin(869).unwrap(),
             },
         });
-        let codec = RowCodec::new(vec![ColumnSpec {
-            name: "a".into(),
-            ty: ColumnType::new(domain, -1, "public.addr".into()),
-            not_null: false,
-        }]);
+        let codec = RowCodec::new(vec![ColumnSpec::new(
+            "a",
+            ColumnType::new(domain, -1, "public.addr".into()),
+            false,
+        )]);
         let mut out = Vec::new();
         codec.encode(&[Some("10.0.0.1")], &mut out).unwrap();
         assert_eq!(out, br#"{"a":"10.0.0.1"}"#);
@@ -1069,11 +1109,11 @@ mod tests {
             sql_name: "public.posint".into(),
             kind: TypeKind::Domain { base },
         });
-        let codec = RowCodec::new(vec![ColumnSpec {
-            name: "d".into(),
-            ty: ColumnType::new(domain, -1, "public.posint".into()),
-            not_null: false,
-        }]);
+        let codec = RowCodec::new(vec![ColumnSpec::new(
+            "d",
+            ColumnType::new(domain, -1, "public.posint".into()),
+            false,
+        )]);
         let mut out = Vec::new();
         codec.encode(&[Some("5")], &mut out).unwrap();
         assert_eq!(out, br#"{"d":5}"#);
@@ -1081,5 +1121,33 @@ mod tests {
         assert_eq!(f["type"], "int32");
         assert_eq!(f["parameters"][param::SOURCE_TYPE], "POSINT");
         assert_eq!(f["parameters"][param::COLUMN_TYPE], "public.posint");
+    }
+
+    #[test]
+    fn keyed_codecs_say_each_key_column_s_position_and_every_known_attnum() {
+        let mut cols = vec![
+            col("a", 23, -1, true),
+            col("b", 25, -1, false),
+            col("c", 20, -1, true),
+        ];
+        for (i, c) in cols.iter_mut().enumerate() {
+            c.attnum = Some(i as i32 + 2);
+        }
+        cols[1].attnum = None;
+        // The key is (c, a): positions follow the key, not the columns.
+        let (row, key) = RowCodec::keyed(cols, &[2, 0]);
+        let fields = row.fields(&Variants::default());
+        let params = |f: &Value, p: &str| f["parameters"].get(p).cloned();
+        assert_eq!(params(&fields[0], param::COLUMN_KEY), Some(json!("2")));
+        assert_eq!(params(&fields[1], param::COLUMN_KEY), None);
+        assert_eq!(params(&fields[2], param::COLUMN_KEY), Some(json!("1")));
+        assert_eq!(params(&fields[0], param::COLUMN_ATTNUM), Some(json!("2")));
+        assert_eq!(params(&fields[1], param::COLUMN_ATTNUM), None);
+        assert_eq!(params(&fields[2], param::COLUMN_ATTNUM), Some(json!("4")));
+        let key_fields = key.fields(&Variants::default());
+        let names: Vec<_> = key_fields.iter().map(|f| f["field"].clone()).collect();
+        assert_eq!(names, [json!("c"), json!("a")]);
+        assert_eq!(params(&key_fields[0], param::COLUMN_KEY), Some(json!("1")));
+        assert_eq!(params(&key_fields[1], param::COLUMN_KEY), Some(json!("2")));
     }
 }

@@ -83,7 +83,7 @@ impl Db {
         RowCodec::new(
             rows.into_iter()
                 .zip(types)
-                .map(|((name, _, _, not_null), ty)| ColumnSpec { name, ty, not_null })
+                .map(|((name, _, _, not_null), ty)| ColumnSpec::new(name, ty, not_null))
                 .collect(),
         )
     }

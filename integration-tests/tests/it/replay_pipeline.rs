@@ -294,7 +294,10 @@ async fn changelog_truncate_replays_to_the_source() {
 /// Every column type of the round-trip tests, captured (a snapshot row, then
 /// changes: an all-NULL row, edge values, an update) and replayed into a
 /// table made from the same DDL: the same rows, value for value, by text.
-async fn every_column_type_replays(logical: bool) {
+/// With `create_target`, the target has no such table: pg-replay creates it
+/// from the records' field schemas (`tidemark.column.type`, `.key`,
+/// optional), with the source's column types, NOT NULLs and primary key.
+async fn every_column_type_replays(logical: bool, create_target: bool) {
     use crate::bad_input::*;
     let fx = capture_fixture(logical).await;
     let mood = "create type mood as enum ('happy', 'it''s \"complicated\"')";
@@ -335,8 +338,30 @@ async fn every_column_type_replays(logical: bool) {
 
     let db = Db::new().await;
     db.exec(mood).await;
-    db.exec(ALL_TYPES).await;
+    if !create_target {
+        db.exec(ALL_TYPES).await;
+    }
     replay(config(&db, &[&file])).await.unwrap();
+    // The table's definition: columns in order with their exact types and
+    // NOT NULL, and the primary key's columns in key order.
+    let definition = |pool: PgPool| async move {
+        sqlx::query_scalar::<_, String>(
+            "select a.attname || ' ' || format_type(a.atttypid, a.atttypmod) || case when a.attnotnull then ' not null' else '' end
+               || coalesce(' key ' || (select k.n from unnest(i.indkey) with ordinality k(att, n) where k.att = a.attnum), '')
+             from pg_attribute a left join pg_index i on i.indrelid = a.attrelid and i.indisprimary
+             where a.attrelid = 'public.all_types'::regclass and a.attnum > 0 and not a.attisdropped
+             order by a.attnum",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+    let source_definition = definition(fx.pool.clone()).await;
+    assert!(
+        source_definition.contains(&"id integer not null key 1".to_owned()),
+        "{source_definition:?}"
+    );
+    assert_eq!(definition(db.pool.clone()).await, source_definition);
     let rows = |pool: PgPool| async move {
         let mut conn = pool.acquire().await.unwrap();
         // Both sides printed with the same settings.
@@ -357,12 +382,22 @@ async fn every_column_type_replays(logical: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_column_type_replays_from_a_changelog_archive() {
-    every_column_type_replays(false).await;
+    every_column_type_replays(false, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_column_type_replays_from_a_logical_archive() {
-    every_column_type_replays(true).await;
+    every_column_type_replays(true, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_target_table_is_created_from_a_changelog_archive() {
+    every_column_type_replays(false, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_target_table_is_created_from_a_logical_archive() {
+    every_column_type_replays(true, true).await;
 }
 
 /// `--follow` on the file while writers make 1,000 changes/s: the target

@@ -196,12 +196,8 @@ impl TimestampReader {
         } else {
             "select (case when $1::pg_catalog.int8 operator(pg_catalog.<) 0 then pg_catalog.clock_timestamp() else pg_catalog.to_timestamp($1::pg_catalog.int8 operator(pg_catalog./) 1000.0) end at time zone $2)::pg_catalog.text".to_owned()
         };
-        let key_specs = key_index
-            .iter()
-            .map(|&i| shape.columns[i].clone())
-            .collect();
-        let row = Arc::new(RowCodec::new(shape.columns));
-        let key = Arc::new(RowCodec::new(key_specs));
+        let (row, key) = RowCodec::keyed(shape.columns, &key_index);
+        let (row, key) = (Arc::new(row), Arc::new(key));
         Ok(Self {
             keys: Templates::new(
                 key.clone(),

@@ -784,10 +784,15 @@ async fn relation(
         .columns
         .iter()
         .zip(column_types)
-        .map(|(c, ty)| ColumnSpec {
-            name: c.name.clone(),
-            ty,
-            not_null: known.columns.iter().any(|k| k.name == c.name && k.not_null),
+        .map(|(c, ty)| {
+            let catalog = known.columns.iter().find(|k| k.name == c.name);
+            ColumnSpec {
+                name: c.name.clone(),
+                ty,
+                not_null: catalog.is_some_and(|k| k.not_null),
+                attnum: catalog.and_then(|k| k.attnum),
+                key_position: None,
+            }
         })
         .collect();
     let has = |key: &[crate::shape::KeyColumn]| {
