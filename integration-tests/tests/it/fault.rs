@@ -350,6 +350,67 @@ async fn writer(
     (committed, rolled_back)
 }
 
+/// The migrations the migration writer runs during a fault run (issue 11.5),
+/// each with the query that says it is done (a migration interrupted by a
+/// Postgres restart is tried again): a column added, one renamed, the key
+/// widened, one retyped and one dropped.
+const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "alter table streaming_update_table add column note text not null default 'n'",
+        "select exists (select from pg_attribute where attrelid = 'streaming_update_table'::regclass and attname = 'note' and not attisdropped)",
+    ),
+    (
+        "alter table streaming_update_table rename column is_soft_deleted to soft_deleted",
+        "select exists (select from pg_attribute where attrelid = 'streaming_update_table'::regclass and attname = 'soft_deleted')",
+    ),
+    (
+        "alter table streaming_update_table alter column id type bigint, alter column data type text",
+        "select atttypid = 'int8'::regtype from pg_attribute where attrelid = 'streaming_update_table'::regclass and attname = 'id'",
+    ),
+    (
+        "alter table streaming_update_table drop column create_date",
+        "select not exists (select from pg_attribute where attrelid = 'streaming_update_table'::regclass and attname = 'create_date' and not attisdropped)",
+    ),
+];
+
+/// Runs [`MIGRATIONS`] spread over the run, while the writers write and the
+/// services are killed: each is retried until its check says it is done.
+/// Returns how many were done.
+async fn migration_writer(
+    target: sqlx::postgres::PgConnectOptions,
+    start: Instant,
+    run: Duration,
+) -> usize {
+    let mut done = 0;
+    for (i, (sql, check)) in MIGRATIONS.iter().enumerate() {
+        let at = start + run.mul_f64((i + 1) as f64 / (MIGRATIONS.len() + 1) as f64);
+        tokio::time::sleep_until(at.into()).await;
+        loop {
+            let attempt = async {
+                let mut c = target.connect().await?;
+                if !sqlx::query_scalar::<_, bool>(check)
+                    .fetch_one(&mut c)
+                    .await?
+                {
+                    sqlx::query(sql).execute(&mut c).await?;
+                }
+                sqlx::query_scalar::<_, bool>(check).fetch_one(&mut c).await
+            };
+            match attempt.await {
+                Ok(true) => break,
+                Ok(false) => panic!("{sql} ran but its check says it is not done"),
+                Err(e) => {
+                    println!("migration {sql}: {e}; trying again");
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
+        }
+        done += 1;
+        println!("migration done: {sql}");
+    }
+    done
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "restarts the shared Kafka broker and Postgres; run alone (see the module doc)"]
 async fn fault_injection_every_committed_change_exactly_once() {
@@ -493,7 +554,13 @@ async fn fault_injection_with(fx: Fixture, sinks_setup: Sinks) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let stop_at = Instant::now() + Duration::from_secs(seconds);
+    let run_started = Instant::now();
+    let stop_at = run_started + Duration::from_secs(seconds);
+    let migrations = tokio::spawn(migration_writer(
+        fx.user_options(),
+        run_started,
+        Duration::from_secs(seconds),
+    ));
     let mut tasks = Vec::new();
     for w in 0..writers {
         tasks.push(tokio::spawn(writer(
@@ -548,6 +615,11 @@ async fn fault_injection_with(fx: Fixture, sinks_setup: Sinks) {
         rolled_back += r;
     }
     let changes: usize = committed.values().map(Vec::len).sum();
+    assert_eq!(
+        migrations.await.unwrap(),
+        MIGRATIONS.len(),
+        "every migration ran"
+    );
 
     // Wait for the stream to catch up.
     let deadline = Instant::now() + Duration::from_secs(180);
@@ -664,6 +736,27 @@ async fn fault_injection_with(fx: Fixture, sinks_setup: Sinks) {
     );
     assert_eq!(unexpected, 0, "changes from rolled-back transactions");
     assert_eq!(seen, committed);
+    // The migrations show in the events: the added column's value from the
+    // first change after it, the renamed column under one name at a time,
+    // and the last change in the final shape.
+    let rows: Vec<&serde_json::Value> = events.iter().filter_map(|e| e.after.as_ref()).collect();
+    for row in &rows {
+        if let Some(note) = row.get("note") {
+            assert_eq!(note, "n", "the added column's value: {row}");
+        }
+        assert!(
+            !(row.get("soft_deleted").is_some() && row.get("is_soft_deleted").is_some()),
+            "a renamed column under both names: {row}"
+        );
+    }
+    let last = rows.last().expect("rows were written");
+    assert!(
+        last.get("note").is_some()
+            && last.get("soft_deleted").is_some()
+            && last.get("is_soft_deleted").is_none()
+            && last.get("create_date").is_none(),
+        "the last change has the final shape: {last}"
+    );
     assert!(kills_total > 0, "the run was too short to kill anything");
     fx.drop_slot().await;
 }

@@ -735,9 +735,11 @@ pub fn replay(
 
 /// The table's `id` → `data`.
 pub async fn table_state(pool: &sqlx::PgPool) -> std::collections::BTreeMap<i64, String> {
-    let rows: Vec<(i32, String)> = sqlx::query_as("select id, data from streaming_update_table")
-        .fetch_all(pool)
-        .await
-        .unwrap();
-    rows.into_iter().map(|(id, d)| (i64::from(id), d)).collect()
+    // Cast: the fault suite's migrations widen `id` and retype `data`.
+    let rows: Vec<(i64, String)> =
+        sqlx::query_as("select id::int8, data::text from streaming_update_table")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    rows.into_iter().collect()
 }
