@@ -10,31 +10,37 @@ use tokio_util::sync::CancellationToken;
 pub fn on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let child = token.clone();
-    tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        {
-            let mut term = match tokio::signal::unix::signal(
-                tokio::signal::unix::SignalKind::terminate(),
-            ) {
-                Ok(term) => term,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops gracefully");
-                    let _ = ctrl_c.await;
+    // The handlers are installed here, before this returns, not in the task:
+    // a SIGTERM that arrives while the program starts (before the task first
+    // runs) must stop it gracefully too, not kill it by the default action.
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = int.recv() => tracing::info!("SIGINT received, shutting down"),
+                        _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+                    }
                     child.cancel();
-                    return;
-                }
-            };
-            tokio::select! {
-                _ = ctrl_c => tracing::info!("SIGINT received, shutting down"),
-                _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+                });
+            }
+            (term, int) => {
+                let e = term.err().or(int.err()).expect("one failed");
+                tracing::warn!(error = %e, "cannot listen for SIGTERM or SIGINT; stop with SIGKILL");
             }
         }
-        #[cfg(not(unix))]
-        {
-            let _ = ctrl_c.await;
-        }
-        child.cancel();
-    });
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            child.cancel();
+        });
+    }
     token
 }
