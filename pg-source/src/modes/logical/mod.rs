@@ -147,6 +147,11 @@ struct LogicalTable {
     known: CatalogShape,
     /// The table was dropped (and that was logged).
     gone: bool,
+    /// The table's publication is younger than the WAL the stream reads
+    /// (the table was captured while pg-source was stopped): it joins the
+    /// stream once the position passes this LSN, read after the
+    /// publication existed (see [`LogicalMode::join_later`]).
+    join_at: Option<u64>,
 }
 
 impl AsRef<CapturedTable> for LogicalTable {
@@ -230,6 +235,7 @@ async fn logical_table(
         table,
         known,
         gone: false,
+        join_at: None,
     })
 }
 
@@ -399,7 +405,7 @@ impl LogicalMode {
         let publications: Vec<String> = self
             .tables
             .iter()
-            .filter(|t| !t.gone)
+            .filter(|t| !t.gone && t.join_at.is_none())
             .map(|t| quote_ident(&publication_name(&t.table.info.name)))
             .collect();
         let config =
@@ -673,6 +679,83 @@ impl LogicalMode {
             newest_change_ms,
             what: "changes committed",
         }))
+    }
+
+    /// A stream that failed because a table's publication did not exist yet
+    /// at the WAL it decodes (`publication "…" does not exist`: the table
+    /// was captured while pg-source was stopped, and pgoutput looks
+    /// publications up as of each transaction it decodes) is opened again
+    /// without that table, which joins once the stream has passed the WAL
+    /// position read now, after its publication was made: from there every
+    /// transaction decodes with it. Returns whether that was the failure.
+    ///
+    /// What the table held, and its changes before it joins, are not sent:
+    /// logical mode has no incremental snapshot yet, and the WARN says so.
+    async fn join_later(&mut self, e: &SourceError) -> bool {
+        let SourceError::Stream { source, .. } = e else {
+            return false;
+        };
+        if stream_sqlstate(source) != Some("42704") {
+            return false;
+        }
+        let text = source.to_string();
+        let Some(name) = text
+            .split_once("publication \"")
+            .and_then(|(_, rest)| rest.split_once("\" does not exist"))
+            .map(|(name, _)| name.to_owned())
+        else {
+            return false;
+        };
+        let Some(i) = self
+            .tables
+            .iter()
+            .position(|t| t.join_at.is_none() && publication_name(&t.table.info.name) == name)
+        else {
+            return false;
+        };
+        let now: Result<(bool, String), _> = sqlx::query_as(
+            "select exists (select 1 from pg_catalog.pg_publication p where p.pubname operator(pg_catalog.=) $1),
+                    pg_catalog.pg_current_wal_lsn()::pg_catalog.text",
+        )
+        .bind(&name)
+        .fetch_one(&self.pool)
+        .await;
+        let Ok((true, lsn)) = now else { return false };
+        let Ok(lsn) = parse_lsn(&lsn) else {
+            return false;
+        };
+        if self
+            .tables
+            .iter()
+            .filter(|t| !t.gone && t.join_at.is_none())
+            .count()
+            <= 1
+        {
+            // No table would be left to stream.
+            return false;
+        }
+        let t = &mut self.tables[i];
+        t.join_at = Some(lsn);
+        tracing::warn!(table = %t.table.info.name, publication = %name, from = %Lsn(self.position.lsn), joins_at = %Lsn(lsn),
+            "the table's publication is younger than the WAL still to read (it was captured while pg-source was stopped): the other tables stream on, and it joins once the stream passes joins_at; its rows from before, and its changes until then, are not sent (logical mode has no incremental snapshot yet: capture it before it gets rows, or start a new connector to snapshot it)");
+        true
+    }
+
+    /// Tables waiting to join (see [`Self::join_later`]) whose LSN the
+    /// position has passed join the stream, which is opened again with them.
+    fn rejoin(&mut self) {
+        let at = self.position.lsn;
+        let mut joined = false;
+        for t in &mut self.tables {
+            if t.join_at.is_some_and(|j| at >= j) {
+                t.join_at = None;
+                joined = true;
+                tracing::info!(table = %t.table.info.name, lsn = %Lsn(at), "the table joins the stream");
+            }
+        }
+        if joined {
+            self.stream = None;
+        }
     }
 
     /// Looks whether a captured table was dropped; each one found is logged
@@ -1281,6 +1364,7 @@ impl Capture for LogicalMode {
         {
             return Ok(Some(batch));
         }
+        self.rejoin();
         let saved = self.position.clone();
         let step = tokio::select! {
             _ = shutdown.cancelled() => None,
@@ -1290,6 +1374,10 @@ impl Capture for LogicalMode {
             Some(Err(e)) => {
                 // The stream resumes from the stored position.
                 self.stream = None;
+                if self.join_later(&e).await {
+                    self.position = saved;
+                    return Ok(None);
+                }
                 Err(e)
             }
             Some(Ok(None)) => {
