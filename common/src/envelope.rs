@@ -509,6 +509,9 @@ pub enum SnapshotMark {
     LastInTable,
     /// The snapshot's last row.
     Last,
+    /// A row of an incremental snapshot (a table that entered the
+    /// connector's set while it streams): `incremental`.
+    Incremental,
 }
 
 impl SnapshotMark {
@@ -521,6 +524,7 @@ impl SnapshotMark {
             Self::Yes => "true",
             Self::LastInTable => "last_in_data_collection",
             Self::Last => "last",
+            Self::Incremental => "incremental",
         }
     }
 

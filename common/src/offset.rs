@@ -5,7 +5,7 @@
 //! exactly after what Kafka committed. A sink checkpoint says which Kafka
 //! offsets the output file covers; file-sink owns it, next to the file.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -81,6 +81,38 @@ pub struct ChangeLogPosition {
     /// `prev_commit_order`.
     #[serde(default, flatten)]
     pub chain: UnitChain,
+    /// The tables this connector streams (`format('%I.%I')` names): a
+    /// table read now that is not here entered the set since (a longer
+    /// `table.whitelist`, a table a pattern came to match) and gets an
+    /// incremental snapshot. `None` in a position stored before tables
+    /// could enter: every table read at the next start counts as in the set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tables: Option<BTreeSet<String>>,
+    /// The incremental snapshots to do, the one being read first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub incremental: Vec<IncrementalProgress>,
+}
+
+/// Where the incremental snapshot of one table stands: the table's rows are
+/// sent in key order, a chunk per unit, and this says how far.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncrementalProgress {
+    /// The table (`format('%I.%I')`).
+    pub table: String,
+    /// The key of the last row sent (each key column's text by name);
+    /// `None` before the first chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_key: Option<serde_json::Value>,
+    /// Rows sent so far.
+    #[serde(default)]
+    pub rows: u64,
+    /// Why the snapshot runs: `added` (the table entered the set) or
+    /// `signal` (asked for).
+    #[serde(default)]
+    pub reason: String,
+    /// When it was asked for, µs since the epoch.
+    #[serde(default)]
+    pub since_us: i64,
 }
 
 /// How far `logical` mode has read the replication slot, and the initial

@@ -64,6 +64,14 @@ pub mod names {
     pub const SOURCE_SNAPSHOT_ROWS_EXPECTED: &str = "tidemark_source_snapshot_rows_expected";
     /// Tables of the initial snapshot not read to their end yet.
     pub const SOURCE_SNAPSHOT_TABLES_LEFT: &str = "tidemark_source_snapshot_tables_left";
+    /// Rows sent by incremental snapshots, by table.
+    pub const SOURCE_INCREMENTAL_ROWS: &str = "tidemark_source_incremental_snapshot_rows_total";
+    /// Tables whose incremental snapshot is not finished.
+    pub const SOURCE_INCREMENTAL_TABLES_LEFT: &str =
+        "tidemark_source_incremental_snapshot_tables_left";
+    /// Tables that entered the connector's set while it ran or since its
+    /// last run, by table.
+    pub const SOURCE_TABLES_ADDED: &str = "tidemark_source_tables_added_total";
     /// Lines written to the output file.
     pub const SINK_LINES_WRITTEN: &str = "tidemark_sink_lines_written_total";
     /// Records sent to the dead-letter file.
@@ -181,6 +189,24 @@ pub mod names {
             name: SOURCE_SNAPSHOT_TABLES_LEFT,
             kind: Kind::Gauge,
             help: "Tables of the initial snapshot not yet read to their end.",
+            start: Start::Absent,
+        },
+        Metric {
+            name: SOURCE_INCREMENTAL_ROWS,
+            kind: Kind::Counter,
+            help: "Rows sent by incremental snapshots (of tables that entered the set, or asked for), by table.",
+            start: Start::Absent,
+        },
+        Metric {
+            name: SOURCE_INCREMENTAL_TABLES_LEFT,
+            kind: Kind::Gauge,
+            help: "Tables whose incremental snapshot is not finished.",
+            start: Start::Zero,
+        },
+        Metric {
+            name: SOURCE_TABLES_ADDED,
+            kind: Kind::Counter,
+            help: "Tables that entered the connector's set (a longer table.whitelist, or a table a pattern came to match), by table.",
             start: Start::Absent,
         },
     ];

@@ -284,3 +284,52 @@ pub async fn discover_published(pool: &PgPool) -> anyhow::Result<Vec<TableName>>
         .map(|(schema, name)| TableName { schema, name })
         .collect())
 }
+
+/// The tables of the database that a `table.include.list` pattern matches
+/// but that have no capture of `mode` (change-log triggers, or a Tidemark
+/// publication): the user is told what to run for each. Partitions are
+/// left out (their parent is what is captured).
+///
+/// Fails on a catalog error.
+pub async fn uncaptured_matching(
+    pool: &PgPool,
+    patterns: &[crate::config::TablePattern],
+    mode: crate::config::Mode,
+) -> anyhow::Result<Vec<TableName>> {
+    let captured = match mode {
+        crate::config::Mode::Logical => {
+            "exists (select 1 from pg_catalog.pg_publication_rel r
+                      join pg_catalog.pg_publication p on p.oid operator(pg_catalog.=) r.prpubid
+                     where r.prrelid operator(pg_catalog.=) c.oid
+                       and pg_catalog.starts_with(p.pubname::pg_catalog.text, $2)
+                       and $1::pg_catalog.text[] is not null)"
+        }
+        _ => {
+            "exists (select 1 from pg_catalog.pg_trigger t
+                      where t.tgrelid operator(pg_catalog.=) c.oid and t.tgname operator(pg_catalog.=) any ($1)
+                        and $2::pg_catalog.text is not null)"
+        }
+    };
+    let rows: Vec<(String, String)> = sqlx::query_as(&format!(
+        "select n.nspname::pg_catalog.text, c.relname::pg_catalog.text
+           from pg_catalog.pg_class c
+           join pg_catalog.pg_namespace n on n.oid operator(pg_catalog.=) c.relnamespace
+          where c.relkind operator(pg_catalog.=) any (array['r', 'p']::pg_catalog.\"char\"[])
+            and not c.relispartition
+            and n.nspname operator(pg_catalog.<>) all (array['pg_catalog', 'information_schema', 'tidemark', 'pg_toast'])
+            and not pg_catalog.starts_with(n.nspname::pg_catalog.text, 'pg_temp')
+            and not {captured}
+          order by 1, 2
+          limit 10000"
+    ))
+    .bind([names::ROW_TRIGGER, names::INSERT_TRIGGER])
+    .bind(names::PUBLICATION_PREFIX)
+    .fetch_all(pool)
+    .await
+    .context("cannot list the tables of the database")?;
+    Ok(rows
+        .into_iter()
+        .map(|(schema, name)| TableName { schema, name })
+        .filter(|t| crate::config::matches_any(patterns, t))
+        .collect())
+}

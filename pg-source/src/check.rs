@@ -193,11 +193,11 @@ async fn postgres(
     }
 
     let tables = match &cfg.tables {
-        Some(t) => t.clone(),
-        None => match crate::discover_tables(cfg, pool).await {
+        Some(t) if cfg.table_patterns.is_empty() => t.clone(),
+        _ => match crate::resolve_tables(cfg, pool).await {
             Ok(t) => {
                 r.ok(format!(
-                    "tables found (table.whitelist unset): {}",
+                    "tables found (table.whitelist unset or a pattern): {}",
                     t.iter()
                         .map(ToString::to_string)
                         .collect::<Vec<_>>()

@@ -104,8 +104,12 @@ struct Cli {
     #[arg(long, env = "TIDEMARK_TIMESTAMP_INITIAL", allow_hyphen_values = true)]
     timestamp_initial: Option<String>,
 
-    /// `table.whitelist`: comma-separated tables (schema.table); unset reads
-    /// every table with both columns.
+    /// `table.whitelist`: comma-separated tables (schema.table) or patterns
+    /// (anchored regular expressions on schema.table, like
+    /// `public\.orders_.*`); unset reads every captured table (every table
+    /// with both columns in timestamp+incrementing mode). In changelog mode
+    /// a captured table that comes to match a pattern is read while
+    /// running, its existing rows sent by an incremental snapshot.
     #[arg(long, env = "TIDEMARK_TABLE_WHITELIST")]
     table_whitelist: Option<String>,
 

@@ -140,8 +140,14 @@ pub struct Config {
     pub pg: PgTarget,
     /// The brokers.
     pub kafka: KafkaSettings,
-    /// Tables to read; `None` finds them (see each mode).
+    /// Tables named in `table.whitelist` / `table.include.list`; `None`
+    /// finds them (see each mode). With patterns, the tables named exactly
+    /// (possibly none).
     pub tables: Option<Vec<TableName>>,
+    /// The entries of `table.include.list` that are patterns: the tables
+    /// they match are found at start, and while running (changelog mode)
+    /// those that come to match.
+    pub table_patterns: Vec<TablePattern>,
     /// Topic = prefix + table name.
     pub topic_prefix: String,
     /// How long to wait for Postgres at start (`connection.attempts` x
@@ -491,17 +497,7 @@ impl Config {
             "connection.user and connection.password (or --connection-password-file, \
              TIDEMARK_CONNECTION_PASSWORD, the URL's user and password, PGPASSWORD)",
         );
-        let tables = match c.get("table.whitelist").or(c.get("table.include.list")) {
-            None => None,
-            Some(list) => Some(
-                list.split(',')
-                    .map(|t| {
-                        TableName::parse(t)
-                            .map_err(|why| ConfigError::invalid("table.whitelist", list, why))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?,
-            ),
-        };
+        let (tables, table_patterns) = table_list(c)?;
         let partitions = c.int("topic.creation.default.partitions", 1, 1..=10_000)?;
         let replication = c.int("topic.creation.default.replication.factor", -1, -1..=32)?;
         if replication == 0 {
@@ -520,6 +516,7 @@ impl Config {
             pg,
             kafka,
             tables,
+            table_patterns,
             topic_prefix: c.get("topic.prefix").unwrap_or("").to_owned(),
             connect_patience: connect_patience(c)?,
             topic: TopicSpec {
@@ -533,6 +530,76 @@ impl Config {
         };
         Ok((cfg, warnings))
     }
+}
+
+/// One pattern of `table.include.list`, as Debezium reads them: a regular
+/// expression that must match a table's whole `schema.table` name (the
+/// names as the catalog spells them, unquoted, case-sensitive).
+#[derive(Debug, Clone)]
+pub struct TablePattern {
+    /// As the user wrote it, for messages.
+    pub text: String,
+    regex: regex::Regex,
+}
+
+impl TablePattern {
+    /// Whether the pattern matches `table` as a whole.
+    pub fn matches(&self, table: &TableName) -> bool {
+        self.regex
+            .is_match(&format!("{}.{}", table.schema, table.name))
+    }
+}
+
+/// Whether any pattern of `patterns` matches `table`.
+pub fn matches_any(patterns: &[TablePattern], table: &TableName) -> bool {
+    patterns.iter().any(|p| p.matches(table))
+}
+
+/// The characters that make a `table.include.list` entry a pattern rather
+/// than a table name.
+const PATTERN_CHARS: &[char] = &[
+    '*', '+', '?', '[', ']', '(', ')', '{', '}', '|', '^', '$', '\\',
+];
+
+/// `table.whitelist` or `table.include.list` (the same key by two names):
+/// comma-separated entries, each a table name (`t`, `schema.t`,
+/// `"Odd Name"`) or, when it holds a regular-expression character
+/// (`* + ? [ ] ( ) { } | ^ $ \\`) and no double quote, a pattern on
+/// `schema.table`, anchored at both ends (`public\.orders_.*`). A `.` in a
+/// pattern matches any character, as in Debezium's; write `\\.` for a dot.
+///
+/// Fails naming the key on a name that does not parse or a pattern that
+/// does not compile.
+fn table_list(
+    c: &ConnectorConfig,
+) -> Result<(Option<Vec<TableName>>, Vec<TablePattern>), ConfigError> {
+    // `--table-whitelist` overrides a file's `table.include.list`.
+    let (key, list) = match (c.get("table.whitelist"), c.get("table.include.list")) {
+        (Some(l), _) => ("table.whitelist", l),
+        (None, Some(l)) => ("table.include.list", l),
+        (None, None) => return Ok((None, Vec::new())),
+    };
+    let mut tables = Vec::new();
+    let mut patterns = Vec::new();
+    for entry in list.split(',').map(str::trim) {
+        if !entry.contains('"') && entry.contains(PATTERN_CHARS) {
+            let regex = regex::Regex::new(&format!("^(?:{entry})$")).map_err(|e| {
+                ConfigError::invalid(
+                    key,
+                    list,
+                    format!("`{entry}` is not a regular expression: {e}"),
+                )
+            })?;
+            patterns.push(TablePattern {
+                text: entry.to_owned(),
+                regex,
+            });
+        } else {
+            tables
+                .push(TableName::parse(entry).map_err(|why| ConfigError::invalid(key, list, why))?);
+        }
+    }
+    Ok((Some(tables), patterns))
 }
 
 /// The longest start-up wait for Postgres accepted: a day. Far beyond any
@@ -654,6 +721,40 @@ mod tests {
         let err =
             LogicalConfig::from_connector(&connector(&[("slot.name", "Bad-Name")])).unwrap_err();
         assert!(err.to_string().contains("slot.name"), "{err}");
+    }
+
+    #[test]
+    fn table_lists_hold_names_and_anchored_patterns() {
+        let list = |v: &str| {
+            Config::from_connector(
+                &connector(&[("mode", "changelog"), ("table.include.list", v)]),
+                kafka(),
+            )
+            .map(|(c, _)| c)
+        };
+        let cfg = list("a, s.\"Odd*Name\", public\\.orders_[0-9]+, inv.*").unwrap();
+        let names: Vec<String> = cfg
+            .tables
+            .unwrap()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(names, ["public.a", "s.Odd*Name"]);
+        let t = |s: &str| TableName::parse(s).unwrap();
+        let p = &cfg.table_patterns;
+        assert_eq!(p.len(), 2);
+        assert!(matches_any(p, &t("orders_12")));
+        assert!(!matches_any(p, &t("orders_12x")), "anchored at the end");
+        assert!(!matches_any(p, &t("x.orders_12")), "anchored at the start");
+        assert!(matches_any(p, &t("inv.stock")));
+        assert!(!matches_any(p, &t("public.a")));
+        let cfg = list("a,b").unwrap();
+        assert!(cfg.table_patterns.is_empty());
+        let err = list("orders_(").unwrap_err().to_string();
+        assert!(
+            err.contains("table.include.list") && err.contains("regular expression"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub mod cli;
 pub mod config;
 pub mod dead_letter;
 pub mod errors;
+pub mod incremental;
 pub mod log;
 pub mod modes;
 pub mod pgoutput;
@@ -81,10 +82,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     if let ModeConfig::Timestamp(t) = &cfg.mode {
         check_privileges(&pool, &t.db_timezone).await?;
     }
-    let tables = match &cfg.tables {
-        Some(t) => t.clone(),
-        None => discover_tables(&cfg, &pool).await?,
-    };
+    let tables = resolve_tables(&cfg, &pool).await?;
     // Changelog mode: a captured table dropped since may still have changes
     // in the change log, which are sent; it is no reason to refuse.
     let changelog = matches!(&cfg.mode, ModeConfig::ChangeLog(_));
@@ -207,7 +205,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             drive(&cfg, mode, &producer, &shutdown).await
         }
         ModeConfig::ChangeLog(c) => {
-            let mode = ChangeLogMode::new(
+            let mut mode = ChangeLogMode::new(
                 c.clone(),
                 &cfg.name,
                 &database,
@@ -219,10 +217,37 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                 schemas,
             )
             .await?;
+            if !cfg.table_patterns.is_empty() {
+                mode.discovery = Some(crate::modes::changelog::Discovery {
+                    patterns: cfg.table_patterns.clone(),
+                    prefix: cfg.topic_prefix.clone(),
+                    admin: cfg.kafka.admin()?,
+                    topic: cfg.topic.clone(),
+                    reserved: reserved
+                        .iter()
+                        .map(|(w, n)| ((*w).to_owned(), (*n).to_owned()))
+                        .collect(),
+                });
+            }
             started("changelog");
             drive(&cfg, mode, &producer, &shutdown).await
         }
         ModeConfig::Logical(l) => {
+            if !cfg.table_patterns.is_empty() {
+                // Read at start only: a table published later joins at the
+                // next start.
+                match catalog::uncaptured_matching(&pool, &cfg.table_patterns, Mode::Logical).await
+                {
+                    Ok(missing) => {
+                        for t in missing {
+                            tracing::warn!(table = %t, "table matches table.include.list but has no logical capture, so none of its changes are read: run schema-init --capture logical --table {t}, then restart pg-source");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "cannot look for uncaptured tables the patterns match")
+                    }
+                }
+            }
             // Creating the slot waits for open transactions, however long:
             // a stop must not wait with it.
             let prepared = tokio::select! {
@@ -491,6 +516,33 @@ pub fn check_topics(
         }
     }
     Ok(())
+}
+
+/// The tables to read: those `table.whitelist` names, and those its
+/// patterns match among the tables the mode finds (captured, published, or
+/// with both columns); every table the mode finds when it is not set.
+///
+/// Fails when the mode finds no table, or on a catalog error.
+pub(crate) async fn resolve_tables(cfg: &Config, pool: &PgPool) -> anyhow::Result<Vec<TableName>> {
+    let Some(named) = &cfg.tables else {
+        return discover_tables(cfg, pool).await;
+    };
+    let mut tables = named.clone();
+    if !cfg.table_patterns.is_empty() {
+        for t in discover_tables(cfg, pool).await.unwrap_or_default() {
+            if config::matches_any(&cfg.table_patterns, &t) && !tables.contains(&t) {
+                tables.push(t);
+            }
+        }
+        if tables.is_empty() {
+            bail!(
+                "no table that table.whitelist names or matches ({}) is captured in {}: run schema-init for them (--capture changelog or logical --table <table>)",
+                cfg.table_patterns.iter().map(|p| p.text.as_str()).collect::<Vec<_>>().join(", "),
+                cfg.pg
+            );
+        }
+    }
+    Ok(tables)
 }
 
 /// The tables to read when `table.whitelist` is not set.

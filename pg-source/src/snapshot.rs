@@ -511,7 +511,7 @@ impl SnapshotRun {
 /// one), up to `$1`, each as its `record_out` text. The bound is written in
 /// as literals of the key columns' base types and compared with the key
 /// index's own operators, so no cast and no user-resolvable operator runs.
-fn rows_query(table: &CapturedTable, shape: &Shape, after: Option<&[String]>) -> String {
+pub(crate) fn rows_query(table: &CapturedTable, shape: &Shape, after: Option<&[String]>) -> String {
     let filter = match after {
         Some(texts) => format!("where {}", key_after_sql(&shape.key, "t", texts, false)),
         None => String::new(),

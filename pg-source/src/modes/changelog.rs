@@ -66,7 +66,9 @@ use tidemark_common::envelope::{
     now_us, Change, ChangeEnvelope, Op, RecordTemplate, Sequence, SnapshotMark, TxPlace, UnitEnd,
 };
 use tidemark_common::names::{self, quote_literal};
-use tidemark_common::offset::{count_event, position_key, ChangeLogPosition, SourcePosition};
+use tidemark_common::offset::{
+    count_event, position_key, ChangeLogPosition, IncrementalProgress, SourcePosition,
+};
 use tidemark_common::ops::names as metric;
 use tidemark_common::pg::TableName;
 use tokio_util::sync::CancellationToken;
@@ -74,6 +76,7 @@ use tokio_util::sync::CancellationToken;
 use crate::catalog::TableInfo;
 use crate::config::ChangeLogConfig;
 use crate::errors::SourceError;
+use crate::incremental::{self, Incremental};
 use crate::log::{self, LogRow, Tables};
 use crate::modes::{Batch, Capture, Committed, Wakeup};
 use crate::producer::Record;
@@ -149,6 +152,28 @@ pub struct ChangeLogMode {
     prune_after_commit: bool,
     last_gone_check: Instant,
     wakeup: Wakeup,
+    /// Incremental snapshots of tables that entered the set.
+    incremental: Incremental,
+    /// How to find and add tables that come to match a pattern.
+    pub discovery: Option<Discovery>,
+    /// Tables a pattern matches that cannot be read (no capture, a topic
+    /// clash): said once each.
+    told: std::collections::HashSet<TableName>,
+}
+
+/// What finding tables while running needs: the patterns of
+/// `table.include.list`, and how to name and create their topics.
+pub struct Discovery {
+    /// The patterns.
+    pub patterns: Vec<crate::config::TablePattern>,
+    /// `topic.prefix`.
+    pub prefix: String,
+    /// Creates topics.
+    pub admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>,
+    /// How a new topic looks.
+    pub topic: tidemark_common::kafka::TopicSpec,
+    /// Tidemark's own topics, which no table may write to: (what, name).
+    pub reserved: Vec<(String, String)>,
 }
 
 /// One change-log row decoded with its shape.
@@ -295,7 +320,11 @@ impl ChangeLogMode {
             prune_pending: true,
             prune_after_commit: false,
             last_gone_check: Instant::now(),
+            incremental: Incremental::default(),
+            discovery: None,
+            told: std::collections::HashSet::new(),
         };
+        mode.reconcile();
         mode.check_gone().await?;
         mode.snapshot =
             InitialSnapshot::start(pool, &mode.types, &mode.tables, &mut mode.position, fresh)
@@ -375,6 +404,7 @@ impl ChangeLogMode {
         let newest_change_ms = rows.iter().map(|r| r.changed_us.div_euclid(1000)).max();
         let decoded = self.decode(rows).await?;
         let decoded = self.outside_segments(decoded).await?;
+        let decoded = self.before_incremental(decoded).await?;
         for t in &self.log_tables {
             self.position.after_seq.insert(t.log_name.clone(), last_seq);
         }
@@ -864,6 +894,353 @@ impl ChangeLogMode {
         .record()
     }
 
+    /// Brings the stored set of tables up to the tables read: a table read
+    /// that the set lacks entered it (a longer `table.whitelist`, a table a
+    /// pattern came to match) and gets an incremental snapshot when
+    /// `snapshot.mode` is `initial`; a table no longer read leaves it (and
+    /// its snapshot, if one was to come). A position stored before tables
+    /// could enter takes every table read now as in the set.
+    fn reconcile(&mut self) {
+        let reading: Vec<&str> = self
+            .log_tables
+            .iter()
+            .map(|t| t.log_name.as_str())
+            .collect();
+        let known = self
+            .position
+            .tables
+            .get_or_insert_with(|| reading.iter().map(|t| (*t).to_owned()).collect());
+        for t in &self.tables {
+            if known.insert(t.log_name.clone()) {
+                metrics::counter!(metric::SOURCE_TABLES_ADDED, "table" => t.log_name.clone())
+                    .increment(1);
+                if self.cfg.initial_snapshot {
+                    tracing::info!(table = %t.info.name, topic = %t.topic, "table entered the set: its existing rows are sent by an incremental snapshot while every table streams");
+                    self.position.incremental.push(IncrementalProgress {
+                        table: t.log_name.clone(),
+                        reason: "added".to_owned(),
+                        since_us: now_us(),
+                        ..Default::default()
+                    });
+                } else {
+                    tracing::info!(table = %t.info.name, topic = %t.topic, "table entered the set: its changes from now on are sent (snapshot.mode no_data: its existing rows are not)");
+                }
+            }
+        }
+        known.retain(|t| reading.contains(&t.as_str()));
+        let existing: Vec<&str> = self.tables.iter().map(|t| t.log_name.as_str()).collect();
+        self.position
+            .incremental
+            .retain(|p| existing.contains(&p.table.as_str()));
+        metrics::gauge!(metric::SOURCE_INCREMENTAL_TABLES_LEFT)
+            .set(self.position.incremental.len() as f64);
+    }
+
+    /// The next step of the incremental snapshot, at a batch boundary (see
+    /// [`crate::incremental`]): a chunk read earlier whose snapshot the
+    /// stream has now reached, as its own unit; else, when the stream is
+    /// between batches, a new chunk is read, and the batch up to its
+    /// snapshot is sent first (unless there is none: then the chunk at once).
+    ///
+    /// Fails on a database error reading the chunk.
+    async fn incremental_step(&mut self) -> Result<Option<Batch>, SourceError> {
+        if self.position.snapshot.is_some() || self.position.incremental.is_empty() {
+            self.incremental.pending = None;
+            return Ok(None);
+        }
+        if self.position.batch.is_some() {
+            return Ok(None);
+        }
+        if let Some(chunk) = self.incremental.pending.take() {
+            if chunk.snapshot == self.position.done
+                && self.position.incremental[0].table == chunk.table
+            {
+                return Ok(Some(self.emit_chunk(chunk)));
+            }
+        }
+        let progress = self.position.incremental[0].clone();
+        let table = self.tables.iter().find(|t| t.log_name == progress.table);
+        let chunk = match table {
+            Some(t) => incremental::read_chunk(
+                &self.pool,
+                &self.types,
+                t,
+                &progress,
+                self.cfg.batch_max_rows,
+            )
+            .await
+            .map_err(SourceError::from_anyhow)?,
+            None => None,
+        };
+        let Some(chunk) = chunk else {
+            tracing::warn!(table = %progress.table, "table gone before its incremental snapshot ended; the other tables go on");
+            self.position.incremental.remove(0);
+            return Ok(Some(Batch {
+                what: "incremental snapshot of a dropped table given up",
+                ..Batch::default()
+            }));
+        };
+        if progress.last_key.is_none() && progress.rows == 0 {
+            tracing::info!(table = %progress.table, reason = %progress.reason, "incremental snapshot started");
+        }
+        if chunk.snapshot == self.position.done {
+            return Ok(Some(self.emit_chunk(chunk)));
+        }
+        // The stream first sends every change up to the chunk's snapshot.
+        self.position.batch = Some(chunk.snapshot.clone());
+        self.position.batch_us = Some(chunk.at_us);
+        self.incremental.pending = Some(chunk);
+        Ok(None)
+    }
+
+    /// The chunk as its own unit, moving its table's progress; the table
+    /// leaves the list when the chunk is its last.
+    fn emit_chunk(&mut self, chunk: incremental::Chunk) -> Batch {
+        let last = incremental::last_of_table(&chunk);
+        let table = self
+            .tables
+            .iter()
+            .find(|t| t.log_name == chunk.table)
+            .expect("a chunk is read of a table read");
+        let mut rendered = None;
+        if !chunk.rows_is_empty() {
+            self.position.commit_order += 1;
+            let co = self.position.commit_order;
+            let prev = self.position.chain.event_of(co);
+            rendered = Some(self.incremental.render(
+                &self.connector,
+                table,
+                chunk,
+                &mut self.position.incremental[0],
+                (co, prev),
+            ));
+        } else {
+            tracing::info!(table = %table.info.name, rows = self.position.incremental[0].rows, "incremental snapshot of table done; its changes stream from here");
+        }
+        if last {
+            self.position.incremental.remove(0);
+            metrics::gauge!(metric::SOURCE_INCREMENTAL_TABLES_LEFT)
+                .set(self.position.incremental.len() as f64);
+        }
+        match rendered {
+            Some(r) => Batch {
+                records: r.records,
+                rows: r.rows,
+                newest_change_ms: None,
+                what: "incremental snapshot chunk committed",
+            },
+            None => Batch {
+                what: "incremental snapshot done",
+                ..Batch::default()
+            },
+        }
+    }
+
+    /// Leaves out the changes of tables under an incremental snapshot that
+    /// touch keys above its last key sent (a later chunk reads them); see
+    /// [`crate::incremental`]. A change moving a row between the two sides
+    /// keeps only its side at or below: a delete of the old key, or a
+    /// create of the new.
+    async fn before_incremental(
+        &self,
+        decoded: Vec<Result<Decoded, Box<DeadLetter>>>,
+    ) -> Result<Vec<Result<Decoded, Box<DeadLetter>>>, SourceError> {
+        if self.position.incremental.is_empty() {
+            return Ok(decoded);
+        }
+        // Per change: whether its before and after keys are above the last
+        // key sent (`None`: no image, or no chunk yet: above).
+        let mut checks: Vec<String> = Vec::new();
+        let mut plan: Vec<Option<(Option<usize>, Option<usize>)>> =
+            Vec::with_capacity(decoded.len());
+        let mut drop_all = std::collections::HashSet::new();
+        for d in &decoded {
+            let Ok(d) = d else {
+                plan.push(None);
+                continue;
+            };
+            let name = &self.log_tables[d.table].log_name;
+            let Some(i) = self
+                .position
+                .incremental
+                .iter()
+                .position(|p| &p.table == name)
+            else {
+                plan.push(None);
+                continue;
+            };
+            let last_key = self.position.incremental[i]
+                .last_key
+                .as_ref()
+                .filter(|_| i == 0);
+            let Some(last_key) = last_key else {
+                drop_all.insert(plan.len());
+                plan.push(None);
+                continue;
+            };
+            let mut check = |image: Option<&Image>| {
+                image.map(|im| {
+                    checks.push(in_range_sql(&d.shape, &im.key_text, Some(last_key), None));
+                    checks.len() - 1
+                })
+            };
+            let b = check(d.before.as_ref());
+            let a = check(d.after.as_ref());
+            plan.push(Some((b, a)));
+        }
+        let above: Vec<bool> = if checks.is_empty() {
+            Vec::new()
+        } else {
+            sqlx::query_scalar(&format!(
+                "select array[{}]::pg_catalog.bool[]",
+                checks.join(", ")
+            ))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| {
+                SourceError::postgres(
+                    "cannot compare keys with the incremental snapshot's progress",
+                    e,
+                )
+            })?
+        };
+        let mut out = Vec::with_capacity(decoded.len());
+        for (k, d) in decoded.into_iter().enumerate() {
+            let mut d = match d {
+                Ok(d) => d,
+                Err(dead) => {
+                    out.push(Err(dead));
+                    continue;
+                }
+            };
+            if drop_all.contains(&k) {
+                continue;
+            }
+            let Some((b, a)) = plan[k] else {
+                out.push(Ok(d));
+                continue;
+            };
+            let b_above = b.map(|i| above[i]);
+            let a_above = a.map(|i| above[i]);
+            match (d.row.op.as_str(), b_above, a_above) {
+                // A TRUNCATE empties what was sent.
+                ("t", _, _) => out.push(Ok(d)),
+                ("u", Some(false), Some(true)) => {
+                    // Moves above: the old key's delete only.
+                    d.row.op = "d".to_owned();
+                    d.after = None;
+                    out.push(Ok(d));
+                }
+                ("u", Some(true), Some(false)) => {
+                    // Moves from above: the new key's create only.
+                    d.row.op = "c".to_owned();
+                    d.before = None;
+                    out.push(Ok(d));
+                }
+                (_, b, a) if b != Some(true) && a != Some(true) => out.push(Ok(d)),
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// Finds the tables a `table.include.list` pattern has come to match
+    /// and adds those captured; says once of each matching table that
+    /// cannot be read why, and what to run. One table's trouble leaves the
+    /// others alone.
+    async fn discover(&mut self) {
+        let Some(d) = &self.discovery else { return };
+        if d.patterns.is_empty() {
+            return;
+        }
+        let patterns = d.patterns.clone();
+        let reading: Vec<TableName> = self.log_tables.iter().map(|t| t.name.clone()).collect();
+        let found = match crate::catalog::discover_captured(&self.pool).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot look for tables the patterns match; looking again later");
+                return;
+            }
+        };
+        for t in found {
+            if !crate::config::matches_any(&patterns, &t) || reading.contains(&t) {
+                continue;
+            }
+            if let Err(e) = self.add_table(&t).await {
+                if self.told.insert(t.clone()) {
+                    tracing::warn!(table = %t, error = %format!("{e:#}"), "a table table.include.list matches cannot be read; the other tables go on, and it is tried again");
+                }
+            }
+        }
+        match crate::catalog::uncaptured_matching(
+            &self.pool,
+            &patterns,
+            crate::config::Mode::ChangeLog,
+        )
+        .await
+        {
+            Ok(tables) => {
+                for t in tables {
+                    if self.told.insert(t.clone()) {
+                        tracing::warn!(table = %t, "table matches table.include.list but has no change-log capture, so none of its changes are read: run schema-init --capture changelog --table {t}");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot look for uncaptured tables the patterns match")
+            }
+        }
+    }
+
+    /// Adds a captured table to those read (its topic created), from the
+    /// next batch on; [`Self::reconcile`] gives it its snapshot.
+    ///
+    /// Fails when it cannot be read: gone, not captured, a topic clash, or
+    /// a database or Kafka error.
+    async fn add_table(&mut self, t: &TableName) -> anyhow::Result<()> {
+        let d = self.discovery.as_ref().expect("discovering");
+        let Some(info) = TableInfo::load(&self.pool, t).await? else {
+            return Ok(());
+        };
+        check_trigger(&self.pool, t).await?;
+        let topic = crate::topic_name(&d.prefix, &t.name);
+        let mut named: Vec<(&TableName, String)> = self
+            .log_tables
+            .iter()
+            .map(|l| (&l.name, l.topic.clone()))
+            .collect();
+        named.push((t, topic.clone()));
+        let reserved: Vec<(&str, &str)> = d
+            .reserved
+            .iter()
+            .map(|(w, n)| (w.as_str(), n.as_str()))
+            .collect();
+        crate::check_topics(&named, &reserved)?;
+        tidemark_common::kafka::ensure_topic(&d.admin, &topic, &d.topic).await?;
+        let table = CapturedTable::new(
+            &self.pool,
+            info,
+            topic.clone(),
+            &self.connector,
+            &self.database,
+            (!self.drop_schemas.0, !self.drop_schemas.1),
+        )
+        .await?;
+        let lt = LogTable::new(&self.pool, t.clone(), topic.clone()).await?;
+        if lt.relids.is_empty() {
+            bail!(
+                "table {t} has no shape in {}: run schema-init --capture changelog --table {t}",
+                names::SHAPES
+            );
+        }
+        tracing::info!(table = %t, topic = %topic, "a table.include.list pattern matches a new table: reading it");
+        self.tables.push(table);
+        self.log_tables.push(lt);
+        self.reading = reading(&self.log_tables);
+        self.told.remove(t);
+        Ok(())
+    }
+
     /// Says once of each table that it was dropped; refreshes what the
     /// change-log query reads.
     async fn check_gone(&mut self) -> Result<(), SourceError> {
@@ -1160,6 +1537,8 @@ impl Capture for ChangeLogMode {
         // A snapshot finished in memory is reopened from the stored progress.
         self.position = saved;
         self.prune_after_commit = false;
+        // A chunk read for a batch that did not commit is read again.
+        self.incremental.pending = None;
     }
 
     async fn next(&mut self, shutdown: &CancellationToken) -> Result<Option<Batch>, SourceError> {
@@ -1182,10 +1561,23 @@ impl Capture for ChangeLogMode {
         }
         if self.last_gone_check.elapsed() >= GONE_CHECK {
             self.check_gone().await?;
+            // Tables join at a batch boundary, so a batch is read whole
+            // for the same tables.
+            if self.position.batch.is_none() {
+                self.discover().await;
+            }
+        }
+        self.reconcile();
+        if let Some(batch) = self.incremental_step().await? {
+            return Ok(Some(batch));
         }
         match self.next_changes().await? {
             Some(batch) => Ok(Some(batch)),
             None => {
+                // The batch a chunk waited for may just have ended.
+                if let Some(batch) = self.incremental_step().await? {
+                    return Ok(Some(batch));
+                }
                 if self.prune_pending {
                     // Caught up: a good moment for the rest of a backlog.
                     self.prune().await;

@@ -3,6 +3,7 @@
 //! database (without the seed's table, unless it asks), roles, topics and
 //! connector name.
 
+mod added;
 mod ddl;
 mod security;
 mod truncate;
@@ -214,6 +215,14 @@ impl Task {
             .expect("stops within 30 s of the cancel")
             .expect("does not panic")
             .expect("pg-source ran without an error");
+    }
+
+    /// Kills it at whatever point it is (in-process stand-in for SIGKILL:
+    /// no shutdown code runs, a Kafka transaction in flight stays open
+    /// until the next instance fences it).
+    pub async fn kill(self) {
+        self.handle.abort();
+        let _ = self.handle.await;
     }
 
     /// Panics with its error if it stopped by itself.

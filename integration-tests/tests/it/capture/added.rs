@@ -1,0 +1,365 @@
+//! Tables that enter a connector's set while it runs (issue 14.2): by a
+//! `table.include.list` pattern that comes to match a table created later,
+//! or by a longer list at a restart. The table's existing rows arrive by an
+//! incremental snapshot while the other tables stream; a replay of its topic
+//! is the table, with no create of a key it holds and no update of one it
+//! lacks.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use schema_init::TriggerLevel;
+use tidemark_common::envelope::Op;
+
+use super::*;
+
+/// Runs `sql` as the user.
+async fn script(pool: &PgPool, sql: &str) {
+    sqlx::raw_sql(sql)
+        .execute(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// One writer: inserts, updates and deletes on `table` (keys from `base`),
+/// paced, until `stop`; `v` holds the commit's wall time in ms, so a
+/// reader can tell how long a change took to arrive.
+fn writer(pool: PgPool, table: &'static str, base: i64, stop: Arc<AtomicBool>) -> JoinHandle<u64> {
+    tokio::spawn(async move {
+        let mut n = 0u64;
+        let mut i = 0i64;
+        while !stop.load(Ordering::Relaxed) {
+            i += 1;
+            let now = "(extract(epoch from clock_timestamp()) * 1000)::int8::text";
+            let sql = match i % 4 {
+                // Keys the snapshot reads, or has read: updates and deletes
+                // of rows that were there before the table was added.
+                1 => format!("update {table} set v = {now} where id = {}", (i * 37) % 3000),
+                2 => format!("insert into {table} values ({}, {now}) on conflict (id) do update set v = excluded.v", base + i),
+                3 => format!("delete from {table} where id = {}", (i * 53 + 11) % 3000),
+                _ => format!("update {table} set id = id + 100000, v = {now} where id = {}", (i * 17 + 5) % 3000),
+            };
+            // A conflicting key move is no failure of the pipeline.
+            let _ = sqlx::query(&sql).execute(&pool).await;
+            n += 1;
+            // Paced: CI runs many tests on two cores.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        n
+    })
+}
+
+/// The `r` events of `events` per key.
+fn snapshot_reads(events: &[Event]) -> BTreeMap<String, usize> {
+    let mut reads = BTreeMap::new();
+    for e in events {
+        if e.event.as_ref().is_some_and(|ev| ev.op == Op::Read) {
+            *reads.entry(e.key.to_string()).or_default() += 1;
+        }
+    }
+    reads
+}
+
+/// How long each streamed change of `events` took from its commit (its
+/// `v`, ms) to pg-source's read (`ts_ms`), in ms.
+fn delays(events: &[Event]) -> Vec<i64> {
+    events
+        .iter()
+        .filter_map(|e| {
+            let ev = e.event.as_ref()?;
+            if ev.op == Op::Read {
+                return None;
+            }
+            let v: i64 = ev.after.as_ref()?["v"].as_str()?.parse().ok()?;
+            let read = e.raw.as_ref()?["payload"]["ts_ms"].as_i64()?;
+            Some(read - v)
+        })
+        .collect()
+}
+
+/// A table created while pg-source runs, matched by a pattern, under four
+/// writers (two on other tables, two on it), pg-source killed twice during
+/// its incremental snapshot: its topic replays to the table with every row
+/// once, and the other tables kept streaming (their delay is printed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changelog_table_created_while_running_is_snapshotted_incrementally() {
+    let db = Db::new().await;
+    script(
+        &db.admin,
+        "create table public.a (id int8 primary key, v text not null);
+         create table public.b (id int8 primary key, v text not null);
+         insert into public.a select g, 'old' from generate_series(0, 99) g;
+         insert into public.b select g, 'old' from generate_series(0, 99) g;",
+    )
+    .await;
+    for t in ["a", "b"] {
+        db.capture(t, Capture::full(TriggerLevel::Row)).await;
+    }
+    let overrides = [
+        ("batch.max.rows", "100"),
+        ("table.whitelist", "a, b, public\\.new_[a-z]+"),
+    ];
+    let mut source = db.start_source(&["a", "b"], &overrides).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = vec![
+        writer(db.admin.clone(), "public.a", 10_000, stop.clone()),
+        writer(db.admin.clone(), "public.b", 10_000, stop.clone()),
+    ];
+    // The new table, with rows from before its capture (which no change
+    // event holds), then captured: the pattern picks it up.
+    script(
+        &db.admin,
+        "create table public.new_t (id int8 primary key, v text not null);
+         insert into public.new_t select g, 'before capture ' || g from generate_series(0, 2999) g;",
+    )
+    .await;
+    db.capture("new_t", Capture::full(TriggerLevel::Row)).await;
+    writers.push(writer(
+        db.admin.clone(),
+        "public.new_t",
+        20_000,
+        stop.clone(),
+    ));
+    writers.push(writer(
+        db.admin.clone(),
+        "public.new_t",
+        30_000,
+        stop.clone(),
+    ));
+    let topic = db.topic("new_t");
+    let topics = [db.topic("a"), db.topic("b"), topic.clone()];
+    let mut reader = TopicReader::new(&topics);
+    // Killed twice while the snapshot runs.
+    for reads in [300, 1200] {
+        reader
+            .until(&format!("{reads} snapshot reads of new_t"), WAIT * 2, |e| {
+                snapshot_reads(e.get(&topic).map_or(&[][..], Vec::as_slice)).len() >= reads
+            })
+            .await;
+        source.assert_running("pg-source").await;
+        source.kill().await;
+        source = db.start_source(&["a", "b"], &overrides).await;
+    }
+    reader
+        .until("2500 snapshot reads of new_t", WAIT * 2, |e| {
+            snapshot_reads(e.get(&topic).map_or(&[][..], Vec::as_slice)).len() >= 2500
+        })
+        .await;
+    stop.store(true, Ordering::Relaxed);
+    let mut writes = 0;
+    for w in writers {
+        writes += w.await.unwrap();
+    }
+    // A last change of each table marks the end.
+    for t in ["a", "b", "new_t"] {
+        script(
+            &db.admin,
+            &format!("insert into public.{t} values (-1, 'end')"),
+        )
+        .await;
+    }
+    reader
+        .until("the last change of every table", WAIT * 2, |e| {
+            topics.iter().all(|t| {
+                e.get(t).is_some_and(|ev| {
+                    ev.iter()
+                        .any(|e| e.after().is_some_and(|a| a["v"] == "end"))
+                })
+            })
+        })
+        .await;
+    reader.settle(Duration::from_secs(1)).await;
+    source.stop().await;
+    let events = &reader.events[&topic];
+    // Every row exactly once: the replay (which refuses a create of a key
+    // it holds, an update or delete of one it lacks) is the table.
+    assert_eq!(
+        replay(events),
+        table_rows(&db.admin, "public.new_t", &["id"]).await,
+        "new_t replayed"
+    );
+    let reads = snapshot_reads(events);
+    let twice: Vec<_> = reads.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "keys read twice by the snapshot: {twice:?}"
+    );
+    for e in events.iter().filter_map(|e| e.event.as_ref()) {
+        if e.op == Op::Read {
+            assert_eq!(e.source.snapshot.as_deref(), Some("incremental"), "{e:?}");
+        }
+    }
+    for t in ["a", "b"] {
+        assert_eq!(
+            replay(&reader.events[&db.topic(t)]),
+            table_rows(&db.admin, &format!("public.{t}"), &["id"]).await,
+            "{t} replayed"
+        );
+    }
+    let mut d: Vec<i64> = topics[..2]
+        .iter()
+        .flat_map(|t| delays(&reader.events[t]))
+        .collect();
+    d.sort_unstable();
+    let pct = |p: usize| {
+        d.get(d.len().saturating_sub(1) * p / 100)
+            .copied()
+            .unwrap_or(0)
+    };
+    println!(
+        "incremental snapshot of 3000 rows (chunks of 100, 2 kills) under {writes} writes: \
+         other tables' changes commit->read p50 {} ms, p99 {} ms, max {} ms over {} changes; \
+         new_t: {} snapshot reads, {} events",
+        pct(50),
+        pct(99),
+        pct(100),
+        d.len(),
+        reads.len(),
+        events.len()
+    );
+}
+
+/// A table added by a longer list at a restart gets the snapshot too, and
+/// its changes made while pg-source was stopped are not lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changelog_table_added_by_restart_is_snapshotted_incrementally() {
+    let db = Db::new().await;
+    script(
+        &db.admin,
+        "create table public.a (id int8 primary key, v text not null);
+         create table public.b (id int8 primary key, v text not null);
+         insert into public.a values (1, 'a1');
+         insert into public.b select g, 'b' || g from generate_series(1, 250) g;",
+    )
+    .await;
+    db.capture("a", Capture::full(TriggerLevel::Row)).await;
+    db.capture("b", Capture::full(TriggerLevel::Row)).await;
+    let overrides = [("batch.max.rows", "100")];
+    let source = db.start_source(&["a"], &overrides).await;
+    script(&db.admin, "insert into public.a values (2, 'a2')").await;
+    let mut reader = TopicReader::new(&[db.topic("a"), db.topic("b")]);
+    reader.at_least(&db.topic("a"), 2).await;
+    source.stop().await;
+    script(
+        &db.admin,
+        "update public.b set v = 'changed while stopped' where id = 7;
+         delete from public.b where id = 8;",
+    )
+    .await;
+    let source = db.start_source(&["a", "b"], &overrides).await;
+    script(
+        &db.admin,
+        "update public.b set v = 'changed while snapshotting' where id in (3, 203);
+         insert into public.b values (1000, 'new');
+         insert into public.a values (3, 'a3');",
+    )
+    .await;
+    let topic = db.topic("b");
+    reader
+        .until("every row of b", WAIT, |e| {
+            e.get(&topic).is_some_and(|ev| {
+                let rows = super::replay(ev);
+                rows.len() == 250
+                    && rows
+                        .values()
+                        .filter(|r| r["v"] == "changed while snapshotting")
+                        .count()
+                        == 2
+            })
+        })
+        .await;
+    reader.settle(Duration::from_secs(1)).await;
+    source.stop().await;
+    assert_eq!(
+        replay(&reader.events[&topic]),
+        table_rows(&db.admin, "public.b", &["id"]).await
+    );
+    assert_eq!(
+        replay(&reader.events[&db.topic("a")]),
+        table_rows(&db.admin, "public.a", &["id"]).await
+    );
+    let reads = snapshot_reads(&reader.events[&topic]);
+    assert!(reads.values().all(|n| *n == 1), "{reads:?}");
+    assert!(reads.len() >= 247, "{} keys read", reads.len());
+}
+
+/// Logical mode: a table captured (its publication made) while pg-source
+/// is stopped, with WAL from before the publication still to read, and a
+/// restart with the longer list: pg-source streams instead of exiting with
+/// `publication ... does not exist` at every start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logical_table_added_by_restart_does_not_crash_loop() {
+    let db = Db::new().await;
+    script(
+        &db.admin,
+        "create table public.a (id int8 primary key, v text not null)",
+    )
+    .await;
+    for step in schema_init::logical_steps(&TableName::parse("a").unwrap()) {
+        script(&db.admin, &step.sql).await;
+    }
+    let source = db.start_source(&["a"], &[("mode", "logical")]).await;
+    script(&db.admin, "insert into public.a values (1, 'x')").await;
+    let mut reader = TopicReader::new(&[db.topic("a"), db.topic("b")]);
+    reader.at_least(&db.topic("a"), 1).await;
+    source.stop().await;
+    // WAL the slot has not confirmed, from before b's publication.
+    script(&db.admin, "insert into public.a values (2, 'x')").await;
+    script(
+        &db.admin,
+        "create table public.b (id int8 primary key, v text not null)",
+    )
+    .await;
+    for step in schema_init::logical_steps(&TableName::parse("b").unwrap()) {
+        script(&db.admin, &step.sql).await;
+    }
+    script(
+        &db.admin,
+        "insert into public.a values (3, 'x'); insert into public.b values (1, 'y')",
+    )
+    .await;
+    let mut source = db.start_source(&["a", "b"], &[("mode", "logical")]).await;
+    reader.at_least(&db.topic("a"), 3).await;
+    // b joins once the stream has passed its publication's birth; its
+    // changes from then on arrive (those before are lost, and logged).
+    let mut id = 100;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        id += 1;
+        script(
+            &db.admin,
+            &format!("insert into public.b values ({id}, 'y')"),
+        )
+        .await;
+        let b = db.topic("b");
+        let arrived = tokio::time::timeout(Duration::from_millis(500), async {
+            reader
+                .until("a change of b", WAIT, |e| {
+                    e.get(&b).is_some_and(|ev| !ev.is_empty())
+                })
+                .await
+        })
+        .await;
+        if arrived.is_ok() {
+            break;
+        }
+        source.assert_running("pg-source").await;
+        assert!(
+            Instant::now() < deadline,
+            "no change of b arrived within {WAIT:?}"
+        );
+    }
+    source.assert_running("pg-source").await;
+    let ids: BTreeSet<i64> = reader.events[&db.topic("a")]
+        .iter()
+        .filter_map(|e| e.after().and_then(|a| a["id"].as_i64()))
+        .collect();
+    assert_eq!(ids, BTreeSet::from([1, 2, 3]));
+    source.stop().await;
+    let slot = pg_source::modes::logical::default_slot_name(&db.source_name);
+    let _ = sqlx::query("select pg_drop_replication_slot($1)")
+        .bind(&slot)
+        .execute(&db.admin)
+        .await;
+}
