@@ -91,6 +91,11 @@ pub struct ChangeLogPosition {
     /// The incremental snapshots to do, the one being read first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub incremental: Vec<IncrementalProgress>,
+    /// Tables that left the set (no longer read): what the archive holds
+    /// of one is stale, so if it enters again, its snapshot begins with a
+    /// TRUNCATE event that empties it.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub left: BTreeSet<String>,
 }
 
 /// Where the incremental snapshot of one table stands: the table's rows are
@@ -106,8 +111,9 @@ pub struct IncrementalProgress {
     /// Rows sent so far.
     #[serde(default)]
     pub rows: u64,
-    /// Why the snapshot runs: `added` (the table entered the set) or
-    /// `signal` (asked for).
+    /// Why the snapshot runs: `added` (the table entered the set),
+    /// `re-entered` (it entered again after it had left: its first chunk
+    /// begins with a TRUNCATE event) or `signal` (asked for).
     #[serde(default)]
     pub reason: String,
     /// When it was asked for, µs since the epoch.

@@ -557,16 +557,16 @@ pub fn matches_any(patterns: &[TablePattern], table: &TableName) -> bool {
 
 /// The characters that make a `table.include.list` entry a pattern rather
 /// than a table name.
-const PATTERN_CHARS: &[char] = &[
-    '*', '+', '?', '[', ']', '(', ')', '{', '}', '|', '^', '$', '\\',
-];
+const PATTERN_CHARS: &[char] = &['*', '+', '?', '[', ']', '(', ')', '{', '}', '|', '^', '\\'];
 
 /// `table.whitelist` or `table.include.list` (the same key by two names):
 /// comma-separated entries, each a table name (`t`, `schema.t`,
 /// `"Odd Name"`) or, when it holds a regular-expression character
-/// (`* + ? [ ] ( ) { } | ^ $ \\`) and no double quote, a pattern on
+/// (`* + ? [ ] ( ) { } | ^ \\`) and no double quote, a pattern on
 /// `schema.table`, anchored at both ends (`public\.orders_.*`). A `.` in a
 /// pattern matches any character, as in Debezium's; write `\\.` for a dot.
+/// `$` is not among them: Postgres allows it in unquoted names (`a$b`), and
+/// the pattern is anchored anyway.
 ///
 /// Fails naming the key on a name that does not parse or a pattern that
 /// does not compile.
@@ -748,7 +748,8 @@ mod tests {
         assert!(!matches_any(p, &t("x.orders_12")), "anchored at the start");
         assert!(matches_any(p, &t("inv.stock")));
         assert!(!matches_any(p, &t("public.a")));
-        let cfg = list("a,b").unwrap();
+        let cfg = list("a,b,a$b").unwrap();
+        assert_eq!(cfg.tables.unwrap().len(), 3, "a$b is a name");
         assert!(cfg.table_patterns.is_empty());
         let err = list("orders_(").unwrap_err().to_string();
         assert!(

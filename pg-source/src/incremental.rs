@@ -177,7 +177,13 @@ impl Incremental {
         let collection = format!("{}.{}", table.info.name.schema, table.info.name.name);
         let shape = &chunk.shape;
         let read_us = now_us();
-        let n = chunk.rows.len() as u64;
+        // A table that entered the set again: what the archive holds of it
+        // is stale (its changes while it was out are not there), so its
+        // snapshot begins by emptying it.
+        let reset =
+            progress.reason == "re-entered" && progress.rows == 0 && progress.last_key.is_none();
+        let first = u64::from(reset);
+        let n = chunk.rows.len() as u64 + first;
         let mut encoded = Vec::with_capacity(chunk.rows.len());
         for row in &chunk.rows {
             let fields = match parse_record(row) {
@@ -207,9 +213,38 @@ impl Incremental {
             });
         }
         let last_event = encoded.iter().rposition(Result::is_ok);
-        let mut records = Vec::with_capacity(encoded.len());
+        let mut records = Vec::with_capacity(encoded.len() + 1);
+        if reset {
+            let end = last_event.is_none().then(|| UnitEnd {
+                event_count: n,
+                data_collections: vec![(collection.clone(), n)],
+            });
+            tracing::info!(table = %table.info.name, "the table entered the set again: its snapshot begins with a TRUNCATE event, as what the archive holds of it is stale");
+            records.push(Record {
+                topic: table.topic.clone(),
+                // Debezium's convention for a TRUNCATE: a null key.
+                key: Vec::new(),
+                value: Some(shape.envelope(None, None).render(&Change {
+                    op: Op::Truncate,
+                    before: None,
+                    after: None,
+                    commit_us: chunk.at_us,
+                    txid: None,
+                    sequence: Sequence::None,
+                    snapshot: SnapshotMark::Incremental,
+                    read_us,
+                    transaction: TxPlace {
+                        commit_order,
+                        prev_commit_order,
+                        total_order: 1,
+                        data_collection_order: 1,
+                        end: end.as_ref(),
+                    },
+                })),
+            });
+        }
         for (i, e) in encoded.into_iter().enumerate() {
-            let order = i as u64 + 1;
+            let order = i as u64 + 1 + first;
             let key_texts = match e {
                 Ok((after, key, key_texts)) => {
                     let end = (Some(i) == last_event).then(|| UnitEnd {
@@ -275,9 +310,10 @@ impl Incremental {
                 ));
             }
         }
-        progress.rows += n;
+        let rows = chunk.rows.len() as u64;
+        progress.rows += rows;
         metrics::counter!(names::SOURCE_INCREMENTAL_ROWS, "table" => chunk.table.clone())
-            .increment(n);
+            .increment(rows);
         if !chunk.more {
             tracing::info!(table = %table.info.name, rows = progress.rows, "incremental snapshot of table done; its changes stream from here");
         } else if self.last_log.elapsed() >= Duration::from_secs(2) {

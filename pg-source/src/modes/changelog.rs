@@ -914,11 +914,12 @@ impl ChangeLogMode {
             if known.insert(t.log_name.clone()) {
                 metrics::counter!(metric::SOURCE_TABLES_ADDED, "table" => t.log_name.clone())
                     .increment(1);
+                let again = self.position.left.remove(&t.log_name);
                 if self.cfg.initial_snapshot {
-                    tracing::info!(table = %t.info.name, topic = %t.topic, "table entered the set: its existing rows are sent by an incremental snapshot while every table streams");
+                    tracing::info!(table = %t.info.name, topic = %t.topic, again, "table entered the set: its existing rows are sent by an incremental snapshot while every table streams");
                     self.position.incremental.push(IncrementalProgress {
                         table: t.log_name.clone(),
-                        reason: "added".to_owned(),
+                        reason: if again { "re-entered" } else { "added" }.to_owned(),
                         since_us: now_us(),
                         ..Default::default()
                     });
@@ -927,7 +928,15 @@ impl ChangeLogMode {
                 }
             }
         }
-        known.retain(|t| reading.contains(&t.as_str()));
+        let left = &mut self.position.left;
+        known.retain(|t| {
+            let stays = reading.contains(&t.as_str());
+            if !stays {
+                tracing::info!(table = %t, "table left the set: it is no longer read");
+                left.insert(t.clone());
+            }
+            stays
+        });
         let existing: Vec<&str> = self.tables.iter().map(|t| t.log_name.as_str()).collect();
         self.position
             .incremental
@@ -1003,7 +1012,9 @@ impl ChangeLogMode {
             .find(|t| t.log_name == chunk.table)
             .expect("a chunk is read of a table read");
         let mut rendered = None;
-        if !chunk.rows_is_empty() {
+        let p = &self.position.incremental[0];
+        let reset = p.reason == "re-entered" && p.rows == 0 && p.last_key.is_none();
+        if !chunk.rows_is_empty() || reset {
             self.position.commit_order += 1;
             let co = self.position.commit_order;
             let prev = self.position.chain.event_of(co);
