@@ -581,7 +581,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
             ..Default::default()
         };
         // The last record of each partition, for its fingerprint.
-        let mut last: HashMap<(String, i32), BorrowedMessage<'_>> = HashMap::new();
+        let mut last: Vec<BorrowedMessage<'_>> = Vec::new();
         match first {
             Ok(msg) => {
                 if kafka_error_logged {
@@ -589,7 +589,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
                     kafka_error_logged = false;
                 }
                 add(&mut batch, &msg, cfg.max_record_bytes);
-                last.insert((msg.topic().to_owned(), msg.partition()), msg);
+                keep_last(&mut last, msg);
             }
             // A refused fetch stays refused until someone grants READ:
             // retrying would only hide it.
@@ -638,13 +638,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
             match consumer.recv().now_or_never() {
                 Some(Ok(msg)) => {
                     add(&mut batch, &msg, cfg.max_record_bytes);
-                    last.insert((msg.topic().to_owned(), msg.partition()), msg);
+                    keep_last(&mut last, msg);
                 }
                 // The next recv() sees the error again and handles it.
                 _ => break,
             }
         }
-        for ((topic, p), msg) in last.drain() {
+        for msg in last.drain(..) {
+            let (topic, p) = (msg.topic().to_owned(), msg.partition());
             let fp = identity::fingerprint(
                 msg.offset(),
                 msg.timestamp().to_millis(),
@@ -896,12 +897,14 @@ fn checkpoint_offsets(checkpoint: &SinkCheckpoint) -> Option<TopicPartitionList>
     (tpl.count() > 0).then_some(tpl)
 }
 
-/// What one record becomes.
-pub enum Prepared<'a> {
+/// What one record becomes; `P` is what is read of its place in the
+/// source (a [`Position`] for the segmented archive, nothing for the single
+/// file).
+pub enum Prepared<'a, P = Position> {
     /// A tombstone (null value): skipped.
     Tombstone,
     /// A line (without its line break) and where its event stands.
-    Line(std::borrow::Cow<'a, [u8]>, Position),
+    Line(std::borrow::Cow<'a, [u8]>, P),
     /// A record that cannot be a line, and why.
     Dead(String),
 }
@@ -910,6 +913,26 @@ pub enum Prepared<'a> {
 /// tombstone, or a dead letter with the reason (not UTF-8, not JSON, larger
 /// than `max_bytes`).
 pub fn prepare(value: Option<&[u8]>, offset: i64, max_bytes: usize) -> Prepared<'_> {
+    prepare_with(value, max_bytes, |v| Position::parse_line(v, offset))
+}
+
+/// Checks a record's value as [`prepare`] does, reading nothing of its
+/// position: the single file needs none, and a plain validity check costs
+/// less than half of reading one (it runs on every byte of every record,
+/// on the thread that reads from Kafka).
+pub fn check(value: Option<&[u8]>, max_bytes: usize) -> Prepared<'_, ()> {
+    prepare_with(value, max_bytes, |v| {
+        serde_json::from_slice::<serde::de::IgnoredAny>(v).map(|_| ())
+    })
+}
+
+/// [`prepare`] and [`check`]: `read` checks that the value is JSON and
+/// reads what the caller needs of it.
+fn prepare_with<P>(
+    value: Option<&[u8]>,
+    max_bytes: usize,
+    read: impl FnOnce(&[u8]) -> Result<P, serde_json::Error>,
+) -> Prepared<'_, P> {
     let Some(value) = value else {
         return Prepared::Tombstone;
     };
@@ -922,7 +945,7 @@ pub fn prepare(value: Option<&[u8]>, offset: i64, max_bytes: usize) -> Prepared<
     if let Err(e) = std::str::from_utf8(value) {
         return Prepared::Dead(format!("not JSON: the bytes are not UTF-8 text ({e})"));
     }
-    let pos = match Position::parse_line(value, offset) {
+    let pos = match read(value) {
         Ok(p) => p,
         Err(e) => return Prepared::Dead(format!("not JSON: {e}")),
     };
@@ -955,7 +978,7 @@ pub fn dead_letter(msg: &BorrowedMessage<'_>, reason: &str, out: &mut Vec<u8>) {
 /// tombstone.
 fn add(batch: &mut Batch, msg: &BorrowedMessage<'_>, max_bytes: usize) {
     batch.reach(msg.topic(), msg.partition(), msg.offset() + 1);
-    match prepare(msg.payload(), msg.offset(), max_bytes) {
+    match check(msg.payload(), max_bytes) {
         Prepared::Tombstone => batch.skipped += 1,
         Prepared::Line(line, _) => {
             batch.lines.extend_from_slice(&line);
@@ -966,6 +989,20 @@ fn add(batch: &mut Batch, msg: &BorrowedMessage<'_>, max_bytes: usize) {
             dead_letter(msg, &reason, &mut batch.dead);
             batch.dead_count += 1;
         }
+    }
+}
+
+/// Keeps `msg` as the last record read of its partition, in place of the
+/// one before. A batch reads few partitions, so a scan by partition number
+/// first costs less per record than hashing the topic's name.
+fn keep_last<'a>(last: &mut Vec<BorrowedMessage<'a>>, msg: BorrowedMessage<'a>) {
+    let p = msg.partition();
+    match last
+        .iter_mut()
+        .find(|m| m.partition() == p && m.topic() == msg.topic())
+    {
+        Some(slot) => *slot = msg,
+        None => last.push(msg),
     }
 }
 
