@@ -158,6 +158,11 @@ pub struct LogicalPosition {
     /// `prev_commit_order`.
     #[serde(default, flatten)]
     pub chain: UnitChain,
+    /// The tables this connector streams (`format('%I.%I')` names), so a
+    /// table that entered the set since is told apart; `None` in a position
+    /// stored before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tables: Option<BTreeSet<String>>,
 }
 
 /// Which units a connector has sent, for `transaction.prev_commit_order`:

@@ -355,6 +355,16 @@ impl LogicalMode {
                 )
             }
         };
+        let reading: std::collections::BTreeSet<String> =
+            tables.iter().map(|t| t.table.log_name.clone()).collect();
+        if let Some(known) = &position.tables {
+            for t in tables.iter().filter(|t| !known.contains(&t.table.log_name)) {
+                metrics::counter!(names::SOURCE_TABLES_ADDED, "table" => t.table.log_name.clone())
+                    .increment(1);
+                tracing::warn!(table = %t.table.info.name, "table entered the set: its changes from now on are sent, but not the rows it holds (logical mode has no incremental snapshot yet; changelog mode has): to archive them, start a new connector (a new name) over it, or capture it with changelog");
+            }
+        }
+        position.tables = Some(reading);
         let snapshot = InitialSnapshot::start(pool, &types, &tables, &mut position, fresh).await?;
         let done = PgSnapshot::parse(&position.done)?;
         Ok(Self {
