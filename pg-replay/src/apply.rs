@@ -1272,7 +1272,32 @@ impl Applier {
             let window = format!(
                 "s.m_co {LE} $1 and s.m_op {NE} 't' and (s.m_co {GT} $2 or (s.m_co {EQ} $2 and s.m_ord {GT} $3))"
             );
-            let sql = format!(
+            // One sort of the run's rows by key and place: each key's first
+            // row, with its last row's values over the whole partition. It
+            // needs `PARTITION BY` to compare keys as the key's index does,
+            // which holds for the built-in default operator classes; for
+            // others, two `DISTINCT ON` sorts by the index's own ordering.
+            let sql = if s.target.key_default_ops {
+                let last = (1..=s.cols.len())
+                    .map(|j| format!("pg_catalog.last_value(s.c{j}) over w as c{j}"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                format!(
+                    "insert into {net} \
+                     select x.m_op, x.m_co, x.m_ord, x.m_src, x.m_pos, x.m_line, x.l_op, {xcols} \
+                     from (select s.m_op, s.m_co, s.m_ord, s.m_src, s.m_pos, s.m_line, \
+                                  pg_catalog.row_number() over w as m_rn, \
+                                  pg_catalog.last_value(s.m_op) over w as l_op, {last} \
+                           from {stage} s where {window} \
+                           window w as (partition by {keys} order by s.m_co, s.m_ord \
+                                        rows between unbounded preceding and unbounded following)) x \
+                     where x.m_rn {EQ} 1",
+                    net = s.net,
+                    stage = s.stage,
+                    xcols = s.stage_list("x"),
+                )
+            } else {
+                format!(
                 "insert into {net} \
                  select f.m_op, f.m_co, f.m_ord, f.m_src, f.m_pos, f.m_line, l.m_op, {lcols} \
                  from (select distinct on ({keys}) s.* from {stage} s where {window} \
@@ -1295,7 +1320,8 @@ impl Applier {
                     })
                     .collect::<Vec<_>>()
                     .join(" and "),
-            );
+                )
+            };
             sqlx::query(&format!("truncate {}", s.net))
                 .execute(&mut self.conn)
                 .await?;

@@ -148,11 +148,15 @@ struct ReplayArgs {
     schema_changes: SchemaChanges,
 
     /// Apply ready transactions after this many changes were read (also
-    /// whenever the archive has nothing more to read right now).
-    #[arg(long, env = "TIDEMARK_BATCH_CHANGES", default_value_t = 50_000)]
+    /// whenever the archive has nothing more to read right now, and when
+    /// following after --max-delay, and after 30,000 transactions).
+    /// Larger batches apply faster (changes of one key within a batch are
+    /// applied once) and hold more memory.
+    #[arg(long, env = "TIDEMARK_BATCH_CHANGES", default_value_t = 150_000)]
     batch_changes: u64,
 
-    /// Longest time a read change waits for its apply (`200ms`).
+    /// With --follow, the longest time a read change waits for its apply
+    /// (`200ms`).
     #[arg(long, env = "TIDEMARK_MAX_DELAY", default_value = "200ms", value_parser = humantime::parse_duration)]
     max_delay: Duration,
 

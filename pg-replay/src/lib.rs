@@ -166,7 +166,7 @@ impl Config {
             on_conflict: OnConflict::Stop,
             user_triggers: UserTriggers::Disable,
             schema_changes: SchemaChanges::Stop,
-            batch_changes: 50_000,
+            batch_changes: 150_000,
             max_delay: Duration::from_millis(200),
             max_line_bytes: 64 * 1024 * 1024,
             max_pending_units: 200_000,
@@ -646,6 +646,11 @@ async fn run_once(
     result
 }
 
+/// Units read after which the ready ones are applied, whatever
+/// --batch-changes says: each pending unit holds a few hundred bytes, so an
+/// archive of many one-change transactions stays in bounded memory.
+const BATCH_UNITS: usize = 30_000;
+
 /// The state of one replay run.
 struct Loop<'a> {
     cfg: &'a Config,
@@ -711,7 +716,10 @@ async fn replay_loop(
             item = rx.recv() => item,
             _ = tick.tick() => {
                 cfg.health.progress();
-                if st.staged_since_apply > 0 && st.last_apply.elapsed() >= cfg.max_delay {
+                // Not following, the archive is there to read: a batch is
+                // applied when full or when the archive has nothing more,
+                // so fewer, larger runs apply each key's changes once.
+                if cfg.follow && st.staged_since_apply > 0 && st.last_apply.elapsed() >= cfg.max_delay {
                     st.try_apply(applier, total).await?;
                 }
                 report_lag(total);
@@ -744,6 +752,7 @@ async fn replay_loop(
             }
         }
         if st.staged_since_apply >= cfg.batch_changes
+            || st.units.pending().len() >= BATCH_UNITS
             || (idle && st.staged_since_apply > 0)
             || (idle && st.units.all_ended())
         {

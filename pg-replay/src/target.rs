@@ -53,6 +53,10 @@ pub struct TargetTable {
     pub key_eq: Vec<String>,
     /// Per key column, its operator class's less-than: `operator(ns.<)`.
     pub key_lt: Vec<String>,
+    /// Whether every key column's operator class is the built-in default
+    /// one of the column's own type: then `PARTITION BY` the key compares
+    /// with the same operators as the key's index.
+    pub key_default_ops: bool,
     /// The primary key constraint's name, quoted.
     pub pk_constraint: String,
     /// Its enabled triggers of its own (not foreign-key ones): name and
@@ -202,7 +206,11 @@ pub async fn load_table(
                      and am.amoplefttype operator(pg_catalog.=) oc.opcintype
                      and am.amoprighttype operator(pg_catalog.=) oc.opcintype
                      and am.amopstrategy operator(pg_catalog.=) 1
-                     and am.amopmethod operator(pg_catalog.=) oc.opcmethod) as lt
+                     and am.amopmethod operator(pg_catalog.=) oc.opcmethod) as lt,
+                  oc.opcdefault and oc.opcintype operator(pg_catalog.=) a.atttypid
+                    and oc.opcnamespace operator(pg_catalog.=)
+                        (select n.oid from pg_catalog.pg_namespace n
+                         where n.nspname operator(pg_catalog.=) 'pg_catalog') as builtin_default
            from pg_catalog.pg_index i
            join pg_catalog.pg_constraint con on con.conindid operator(pg_catalog.=) i.indexrelid
                 and con.contype operator(pg_catalog.=) 'p'
@@ -228,6 +236,7 @@ pub async fn load_table(
     let mut key_eq = Vec::new();
     let mut key_lt = Vec::new();
     let mut pk_constraint = String::new();
+    let mut key_default_ops = true;
     for r in &key_rows {
         let col: String = r.get("name");
         let i = columns
@@ -239,6 +248,7 @@ pub async fn load_table(
         let (Some(eq), Some(lt)) = (eq, lt) else {
             bail!("the primary key of {name} has no btree equality or ordering for column {col}");
         };
+        key_default_ops &= r.get::<bool, _>("builtin_default");
         key.push(i);
         key_eq.push(format!("operator({eq})"));
         key_lt.push(format!("operator({lt})"));
@@ -251,6 +261,7 @@ pub async fn load_table(
         key,
         key_eq,
         key_lt,
+        key_default_ops,
         pk_constraint,
         user_triggers,
         owned: row.get("owned"),

@@ -21,6 +21,7 @@
 use std::collections::BTreeMap;
 
 use crate::archive::{StreamId, StreamPos};
+use smallvec::SmallVec;
 
 /// Where the replay stops, in the terms each capture mode can know.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -110,7 +111,9 @@ pub enum UnitError {
 /// events arriving in order cost one range whatever the unit's size.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Seen {
-    ranges: Vec<(i64, i64)>,
+    /// Inline for the usual one range: a long replay keeps many units
+    /// pending, and a heap allocation each would double their memory.
+    ranges: SmallVec<[(i64, i64); 1]>,
 }
 
 impl Seen {
@@ -153,7 +156,7 @@ impl Seen {
 
     /// Whether exactly 1..=count are present.
     fn is_complete(&self, count: i64) -> bool {
-        count == 0 && self.ranges.is_empty() || self.ranges == [(1, count + 1)]
+        count == 0 && self.ranges.is_empty() || self.ranges.as_slice() == [(1, count + 1)]
     }
 
     /// The first missing total_order up to `count` (or after the last seen).
@@ -180,7 +183,7 @@ pub struct UnitState {
     /// The largest change LSN seen (logical mode).
     pub lsn: Option<i64>,
     /// The first event's place in each stream it has events in.
-    pub first_pos: Vec<(StreamId, StreamPos)>,
+    pub first_pos: SmallVec<[(StreamId, StreamPos); 1]>,
     /// Changes of mapped tables staged for it.
     pub staged: u64,
     /// Whether it holds a TRUNCATE.
@@ -366,7 +369,7 @@ impl Units {
                 ts_us: e.ts_us,
                 tx_id: e.tx_id,
                 lsn: None,
-                first_pos: Vec::new(),
+                first_pos: SmallVec::new(),
                 staged: 0,
                 has_truncate: false,
             });
@@ -631,7 +634,7 @@ mod tests {
         for n in [3, 1, 5, 2] {
             assert!(s.insert(n));
         }
-        assert_eq!(s.ranges, vec![(1, 4), (5, 6)]);
+        assert_eq!(s.ranges.as_slice(), [(1, 4), (5, 6)]);
         assert!(!s.insert(2));
         assert!(!s.is_complete(5));
         assert_eq!(s.first_missing(), 4);
