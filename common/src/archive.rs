@@ -250,9 +250,11 @@ pub struct Position {
     pub snapshot: Option<String>,
 }
 
-// What the position is read from. Numbers are `serde_json::Number` so
-// that any JSON number parses (the workspace reads numbers with arbitrary
-// precision); a field of another type makes the whole line fall back to a
+// What the position is read from. Numbers are read by [`Int`], which takes
+// any JSON number (one that is not an i64 reads as none) without the
+// allocation a `serde_json::Number` makes under the workspace's
+// arbitrary precision; this runs for every record a segmented archive
+// writes. A field of another type makes the whole line fall back to a
 // plain validity check.
 #[derive(Deserialize, Default)]
 struct PeekTop {
@@ -275,9 +277,9 @@ struct PeekEvent {
 #[derive(Deserialize, Default)]
 struct PeekSource {
     #[serde(default)]
-    ts_us: Option<serde_json::Number>,
+    ts_us: Option<Int>,
     #[serde(default)]
-    ts_ms: Option<serde_json::Number>,
+    ts_ms: Option<Int>,
     #[serde(default)]
     snapshot: Option<String>,
 }
@@ -285,11 +287,36 @@ struct PeekSource {
 #[derive(Deserialize, Default)]
 struct PeekTransaction {
     #[serde(default)]
-    commit_order: Option<serde_json::Number>,
+    commit_order: Option<Int>,
     #[serde(default)]
-    total_order: Option<serde_json::Number>,
+    total_order: Option<Int>,
     #[serde(default)]
-    event_count: Option<serde_json::Number>,
+    event_count: Option<Int>,
+}
+
+/// A JSON number, as an i64 when it is one.
+struct Int(Option<i64>);
+
+impl<'de> Deserialize<'de> for Int {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Int;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a number")
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Int, E> {
+                Ok(Int(Some(v)))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Int, E> {
+                Ok(Int(i64::try_from(v).ok()))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Int, E> {
+                Ok(Int(None))
+            }
+        }
+        d.deserialize_i64(V)
+    }
 }
 
 impl Position {
@@ -314,7 +341,7 @@ impl Position {
         };
         let source = source.unwrap_or_default();
         let tx = tx.unwrap_or_default();
-        let int = |n: &Option<serde_json::Number>| n.as_ref().and_then(|n| n.as_i64());
+        let int = |n: &Option<Int>| n.as_ref().and_then(|n| n.0);
         Ok(Position {
             offset,
             commit_order: int(&tx.commit_order),
@@ -1571,6 +1598,27 @@ mod tests {
         assert!(Position::parse_line(br#"{"source":{"ts_us":"soon"}}"#, 0).is_ok());
         assert!(Position::parse_line(b"{\"a\":", 0).is_err());
         assert!(Position::parse_line(b"{} x", 0).is_err());
+    }
+
+    #[test]
+    fn a_number_that_is_no_i64_reads_as_none_and_keeps_the_rest() {
+        let line = br#"{"source":{"ts_ms":1.5e3,"ts_us":-7},"transaction":{"commit_order":18446744073709551615,"total_order":123456789012345678901234567890,"event_count":0.0}}"#;
+        let p = Position::parse_line(line, 2).unwrap();
+        assert_eq!(
+            p,
+            Position {
+                offset: 2,
+                commit_order: None,
+                total_order: None,
+                ts_us: Some(-7),
+                unit_end: true,
+                snapshot: None,
+            }
+        );
+        // A number of another type than expected: only the offset.
+        let p = Position::parse_line(br#"{"transaction":{"commit_order":"9"}}"#, 1).unwrap();
+        assert_eq!(p.commit_order, None);
+        assert!(Position::parse_line(br#"{"source":{"ts_us":01}}"#, 0).is_err());
     }
 
     #[test]

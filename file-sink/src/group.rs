@@ -776,7 +776,12 @@ fn route<'c>(
     }
     *next = offset + 1;
     part.delivered = Some(offset + 1);
-    let b = batch.entry(tp.clone()).or_default();
+    // Looked up before it is entered: a clone of the topic's name per
+    // record would cost more than the lookup.
+    if !batch.contains_key(&tp) {
+        batch.insert(tp.clone(), PartBatch::default());
+    }
+    let b = batch.get_mut(&tp).expect("inserted above");
     match prepare(msg.payload(), offset, cfg.max_record_bytes) {
         Prepared::Tombstone => b.skipped += 1,
         Prepared::Line(line, pos) => {
