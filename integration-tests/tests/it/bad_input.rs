@@ -1390,8 +1390,9 @@ async fn timestamp_mode_keys_a_table_without_a_primary_key_by_its_incrementing_c
         assert_eq!(
             key["schema"]["fields"],
             serde_json::json!([{"type": "int32", "optional": false, "parameters": {
-                "__debezium.source.column.type": "INT4", "tidemark.column.type": "integer"}, "field": "id"}]),
-            "the key is the incrementing column"
+                "__debezium.source.column.type": "INT4", "tidemark.column.type": "integer",
+                "tidemark.column.attnum": "1"}, "field": "id"}]),
+            "the key is the incrementing column (not a primary-key column: no tidemark.column.key)"
         );
         assert_eq!(key["payload"]["id"], value["payload"]["id"]);
         seen.push(key["payload"]["id"].as_i64().unwrap());

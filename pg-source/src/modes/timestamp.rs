@@ -145,6 +145,10 @@ impl TimestampReader {
             ),
         };
         let mut key_index: Vec<usize> = shape.key.iter().filter_map(|k| column(&k.name)).collect();
+        // `tidemark.column.key` marks primary-key columns only: a table
+        // keyed by its incrementing column has none (playback must not
+        // create it with a primary key it never had).
+        let primary_key = key_index.clone();
         if key_index.is_empty() {
             tracing::warn!(table = %name, column = inc_col, "table has no primary key; records are keyed by the incrementing column");
             key_index = vec![inc];
@@ -196,7 +200,15 @@ impl TimestampReader {
         } else {
             "select (case when $1::pg_catalog.int8 operator(pg_catalog.<) 0 then pg_catalog.clock_timestamp() else pg_catalog.to_timestamp($1::pg_catalog.int8 operator(pg_catalog./) 1000.0) end at time zone $2)::pg_catalog.text".to_owned()
         };
-        let (row, key) = RowCodec::keyed(shape.columns, &key_index);
+        let (row, key) = if primary_key.is_empty() {
+            let key = key_index
+                .iter()
+                .map(|&i| shape.columns[i].clone())
+                .collect();
+            (RowCodec::new(shape.columns), RowCodec::new(key))
+        } else {
+            RowCodec::keyed(shape.columns, &key_index)
+        };
         let (row, key) = (Arc::new(row), Arc::new(key));
         Ok(Self {
             keys: Templates::new(
