@@ -52,6 +52,9 @@ pub struct CatalogShape {
     /// the columns and the primary-key index: the last DDL that changed a
     /// NOT NULL flag or the key is this one or an earlier one.
     pub changed_by: u32,
+    /// The generated columns (`attgenerated`), in order: logical decoding
+    /// does not send their values.
+    pub generated: Vec<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -62,6 +65,7 @@ struct AttributeRow {
     typmod: i32,
     not_null: bool,
     attnum: i32,
+    generated: bool,
 }
 
 #[derive(sqlx::FromRow)]
@@ -77,7 +81,8 @@ struct KeyRow {
 const COLUMNS_SQL: &str = r#"
 select a.xmin::pg_catalog.text::pg_catalog.int8 as xmin,
        a.attname::pg_catalog.text as name, a.atttypid::pg_catalog.int8 as type_oid,
-       a.atttypmod as typmod, a.attnotnull as not_null, a.attnum::pg_catalog.int4 as attnum
+       a.atttypmod as typmod, a.attnotnull as not_null, a.attnum::pg_catalog.int4 as attnum,
+       a.attgenerated operator(pg_catalog.<>) '' as generated
 from pg_catalog.pg_attribute a
 where a.attrelid operator(pg_catalog.=) $1::pg_catalog.oid
   and a.attnum operator(pg_catalog.>) 0 and not a.attisdropped
@@ -153,6 +158,11 @@ impl CatalogShape {
         let ids: Vec<(Oid, i32)> = rows.iter().map(|r| (r.type_oid as Oid, r.typmod)).collect();
         let mut xmins: Vec<u32> = rows.iter().map(|r| r.xmin as u32).collect();
         let column_types = types.column_types_on(conn, &ids).await?;
+        let generated: Vec<String> = rows
+            .iter()
+            .filter(|r| r.generated)
+            .map(|r| r.name.clone())
+            .collect();
         let columns: Vec<ColumnSpec> = rows
             .into_iter()
             .zip(column_types)
@@ -200,6 +210,7 @@ impl CatalogShape {
             columns,
             key,
             changed_by,
+            generated,
         }))
     }
 

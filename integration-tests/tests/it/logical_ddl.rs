@@ -479,3 +479,94 @@ async fn logical_mode_reads_changes_made_before_an_alter_type_while_it_was_stopp
     source.stop().await.unwrap();
     fx.drop_slot().await;
 }
+
+/// A stored generated column added to a table while logical mode runs:
+/// logical decoding does not send its values, so each later change of the
+/// table is a dead letter naming the table, the column and the key, never
+/// an event without the column; the other table goes on, and a restart
+/// does not refuse the connector.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logical_mode_sends_changes_of_a_table_that_gained_a_generated_column_to_the_dead_letter_topic(
+) {
+    let fx = Fixture::logical().await;
+    exec(&fx.pool, "create table m (id int primary key, v int)").await;
+    exec(&fx.pool, "create table o (id int primary key)").await;
+    for t in ["m", "o"] {
+        for step in schema_init::logical_steps(&tidemark_common::pg::TableName::parse(t).unwrap()) {
+            exec(&fx.pool, &step.sql).await;
+        }
+    }
+    exec(&fx.pool, "insert into m values (1, 1)").await;
+    let overrides = [("table.whitelist", "m,o")];
+    let source = fx.start_source_with(&overrides).ready().await;
+    let m = format!("{}m", fx.prefix);
+    let o = format!("{}o", fx.prefix);
+    read_topic(&m, 1).await;
+    exec(
+        &fx.pool,
+        "alter table m add column twice int generated always as (v * 2) stored",
+    )
+    .await;
+    exec(&fx.pool, "insert into m values (2, 5)").await;
+    exec(&fx.pool, "insert into o values (1)").await;
+    read_topic(&o, 1).await;
+    let letter = |id: i64| {
+        let consumer = topic_consumer("tidemark.dead-letter");
+        async move {
+            let mut stream = consumer.stream();
+            let deadline = Instant::now() + WAIT;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let msg = tokio::time::timeout(left, stream.next())
+                    .await
+                    .unwrap_or_else(|_| panic!("no dead letter about row {id} of m"))
+                    .unwrap()
+                    .unwrap();
+                let Some(v) = msg.payload() else { continue };
+                let v: Value = serde_json::from_slice(v).unwrap();
+                if v["table"] == "public.m"
+                    && v["key"]
+                        .as_str()
+                        .is_some_and(|k| k.contains(&id.to_string()))
+                {
+                    break v;
+                }
+            }
+        }
+    };
+    let first = letter(2).await;
+    assert_eq!(first["column"], "twice", "{first}");
+    assert!(
+        first["error"]
+            .as_str()
+            .unwrap()
+            .contains("generated columns (twice)"),
+        "{first}"
+    );
+    source.stop().await.unwrap();
+    // A restart goes on: the other table streams, m's changes stay letters.
+    let source = fx.start_source_with(&overrides).ready().await;
+    exec(&fx.pool, "insert into m values (3, 7)").await;
+    exec(&fx.pool, "insert into o values (2)").await;
+    let events = read_topic(&o, 2).await;
+    assert_eq!(events[1].1.after.as_ref().unwrap()["id"], 2);
+    letter(3).await;
+    // The topic of m never got an event without the column.
+    let consumer = topic_consumer(&m);
+    let mut stream = consumer.stream();
+    let mut ids = Vec::new();
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
+        if let Some(v) = msg.unwrap().payload() {
+            let e = ChangeEvent::decode(v).unwrap();
+            ids.push(e.after.unwrap()["id"].clone());
+        }
+    }
+    assert_eq!(
+        ids,
+        [serde_json::json!(1)],
+        "only the snapshot row of m is an event"
+    );
+    source.assert_running();
+    source.stop().await.unwrap();
+    fx.drop_slot().await;
+}

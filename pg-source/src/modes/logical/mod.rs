@@ -121,6 +121,10 @@ struct Relation {
     table: Option<usize>,
     /// The shape its changes are encoded with.
     shape: Option<Arc<Shape>>,
+    /// Generated columns the table has and the stream does not send (as
+    /// the catalog had them at the message): its changes cannot be carried
+    /// whole and go to the dead-letter topic, naming them.
+    unsent: Option<String>,
 }
 
 /// A transaction being read from the stream.
@@ -161,10 +165,24 @@ impl AsRef<CapturedTable> for LogicalTable {
 }
 
 /// Refuses a table without logical capture (its publication, replica
-/// identity full) or with generated columns, saying what to do.
+/// identity full) or with generated columns, saying what to do (what
+/// `--check` reports).
 ///
 /// Fails on a database error too.
 pub(crate) async fn check_capture(pool: &PgPool, name: &TableName) -> anyhow::Result<()> {
+    if let Some(columns) = check_publication(pool, name).await? {
+        bail!("table {name} has generated columns ({columns}), whose values logical decoding does not send: capture it with --capture changelog and mode changelog");
+    }
+    Ok(())
+}
+
+/// Refuses a table without logical capture (its publication, replica
+/// identity full), saying what to do; returns its generated columns, if it
+/// has any (a table's trouble, not the connector's: its changes become
+/// dead letters, see [`Relation::unsent`]).
+///
+/// Fails on a database error too.
+async fn check_publication(pool: &PgPool, name: &TableName) -> anyhow::Result<Option<String>> {
     let publication = publication_name(name);
     let (published, identity, generated, kind): (
         bool,
@@ -197,9 +215,6 @@ pub(crate) async fn check_capture(pool: &PgPool, name: &TableName) -> anyhow::Re
     if !published || identity.as_deref() != Some("f") {
         bail!("table {name} has no logical capture (publication {publication} and replica identity full): run schema-init --capture logical --table {name}");
     }
-    if let Some(columns) = generated {
-        bail!("table {name} has generated columns ({columns}), whose values logical decoding does not send: capture it with --capture changelog and mode changelog");
-    }
     let truncates: bool = sqlx::query_scalar(
         "select coalesce(pg_catalog.bool_and(p.pubtruncate), false) from pg_catalog.pg_publication p
           where p.pubname operator(pg_catalog.=) $1",
@@ -210,7 +225,7 @@ pub(crate) async fn check_capture(pool: &PgPool, name: &TableName) -> anyhow::Re
     if !truncates {
         tracing::warn!(table = %name, publication = %publication, "the table's publication does not publish TRUNCATE (made by an older schema-init): a TRUNCATE of it is not sent, and a restore would keep the rows it removed; run schema-init --capture logical --table {name} again");
     }
-    Ok(())
+    Ok(generated)
 }
 
 /// Checks a table's logical capture.
@@ -223,7 +238,9 @@ async fn logical_table(
     table: CapturedTable,
 ) -> anyhow::Result<LogicalTable> {
     let name = &table.info.name;
-    check_capture(pool, name).await?;
+    if let Some(columns) = check_publication(pool, name).await? {
+        tracing::error!(table = %name, columns = %columns, "the table has generated columns, whose values logical decoding does not send: its changes go to the dead-letter topic (the other tables go on); capture it with schema-init --capture changelog and mode changelog");
+    }
     let mut conn = pool.acquire().await?;
     let known = CatalogShape::load(&mut conn, types, table.oid)
         .await?
@@ -835,6 +852,7 @@ async fn relation(
             Relation {
                 table: None,
                 shape: None,
+                unsent: None,
             },
         );
         return Ok(());
@@ -915,6 +933,16 @@ async fn relation(
             );
         }
     }
+    let unsent: Vec<&str> = known
+        .generated
+        .iter()
+        .filter(|g| !columns.iter().any(|c| &c.name == *g))
+        .map(String::as_str)
+        .collect();
+    let unsent = (!unsent.is_empty()).then(|| unsent.join(", "));
+    if let Some(columns) = &unsent {
+        tracing::error!(table = %name, columns = %columns, "the table has generated columns, whose values logical decoding does not send: its changes go to the dead-letter topic from now on (the other tables go on); capture it with schema-init --capture changelog and mode changelog");
+    }
     let shape =
         Shape::new(tables[i].table.origin.clone(), columns, key).map_err(SourceError::Definite)?;
     s.relations.insert(
@@ -922,6 +950,7 @@ async fn relation(
         Relation {
             table: Some(i),
             shape: Some(Arc::new(shape)),
+            unsent,
         },
     );
     Ok(())
@@ -1012,6 +1041,21 @@ async fn decode(
         .or(old_fields.as_ref())
         .expect("a change has a row");
     let key_texts = shape.key_texts(row_fields);
+    if let Some(columns) = s.relations.get(&id).and_then(|r| r.unsent.clone()) {
+        let first = columns.split(", ").next().unwrap_or_default().to_owned();
+        return Ok(vec![Decoded {
+            table,
+            change: EncodedChange::Dead(DeadLetter {
+                op,
+                column: Some(first),
+                key: key_display(&shape, &key_texts),
+                error: format!("table {name} has generated columns ({columns}), whose values logical decoding does not send: the change cannot be carried whole; capture the table with schema-init --capture changelog and mode changelog"),
+                raw: None,
+            }),
+            key_texts,
+            ..place
+        }]);
+    }
     let encode =
         |f: &Option<Vec<Option<&[u8]>>>| -> Result<(Option<Encoded>, Option<Encoded>), CodecError> {
             match f {
