@@ -107,9 +107,9 @@ struct Cli {
     /// `table.whitelist`: comma-separated tables (schema.table) or patterns
     /// (anchored regular expressions on schema.table, like
     /// `public\.orders_.*`); unset reads every captured table (every table
-    /// with both columns in timestamp+incrementing mode). In changelog mode
-    /// a captured table that comes to match a pattern is read while
-    /// running, its existing rows sent by an incremental snapshot.
+    /// with both columns in timestamp+incrementing mode). A captured table
+    /// that comes to match a pattern is read while running; in changelog
+    /// mode its existing rows are sent by an incremental snapshot.
     #[arg(long, env = "TIDEMARK_TABLE_WHITELIST")]
     table_whitelist: Option<String>,
 

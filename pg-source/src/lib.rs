@@ -217,37 +217,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                 schemas,
             )
             .await?;
-            if !cfg.table_patterns.is_empty() {
-                mode.discovery = Some(crate::modes::changelog::Discovery {
-                    patterns: cfg.table_patterns.clone(),
-                    prefix: cfg.topic_prefix.clone(),
-                    admin: cfg.kafka.admin()?,
-                    topic: cfg.topic.clone(),
-                    reserved: reserved
-                        .iter()
-                        .map(|(w, n)| ((*w).to_owned(), (*n).to_owned()))
-                        .collect(),
-                });
-            }
+            mode.discovery = discovery(&cfg, &reserved)?;
             started("changelog");
             drive(&cfg, mode, &producer, &shutdown).await
         }
         ModeConfig::Logical(l) => {
-            if !cfg.table_patterns.is_empty() {
-                // Read at start only: a table published later joins at the
-                // next start.
-                match catalog::uncaptured_matching(&pool, &cfg.table_patterns, Mode::Logical).await
-                {
-                    Ok(missing) => {
-                        for t in missing {
-                            tracing::warn!(table = %t, "table matches table.include.list but has no logical capture, so none of its changes are read: run schema-init --capture logical --table {t}, then restart pg-source");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %format!("{e:#}"), "cannot look for uncaptured tables the patterns match")
-                    }
-                }
-            }
             // Creating the slot waits for open transactions, however long:
             // a stop must not wait with it.
             let prepared = tokio::select! {
@@ -264,10 +238,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                 ) => Some(r?),
                 _ = shutdown.cancelled() => None,
             };
-            let Some(mode) = prepared else {
+            let Some(mut mode) = prepared else {
                 tracing::info!("pg-source stopped before it began reading");
                 return Ok(());
             };
+            mode.discovery = discovery(&cfg, &reserved)?;
             started("logical");
             drive(&cfg, mode, &producer, &shutdown).await
         }
@@ -516,6 +491,29 @@ pub fn check_topics(
         }
     }
     Ok(())
+}
+
+/// What finding tables while running needs, when `table.whitelist` has
+/// patterns.
+///
+/// Fails when the Kafka admin client cannot be made.
+fn discovery(
+    cfg: &Config,
+    reserved: &[(&str, &str)],
+) -> anyhow::Result<Option<crate::modes::changelog::Discovery>> {
+    if cfg.table_patterns.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(crate::modes::changelog::Discovery {
+        patterns: cfg.table_patterns.clone(),
+        prefix: cfg.topic_prefix.clone(),
+        admin: cfg.kafka.admin()?,
+        topic: cfg.topic.clone(),
+        reserved: reserved
+            .iter()
+            .map(|(w, n)| ((*w).to_owned(), (*n).to_owned()))
+            .collect(),
+    }))
 }
 
 /// The tables to read: those `table.whitelist` names, and those its

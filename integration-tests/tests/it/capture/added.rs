@@ -456,3 +456,92 @@ async fn changelog_table_that_left_and_came_back_replays_to_its_rows() {
         .count();
     assert_eq!(truncates, 1, "one TRUNCATE begins the second snapshot");
 }
+
+/// Logical mode: a table created and published while pg-source runs,
+/// matched by a pattern, joins the stream; the other tables go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logical_table_created_while_running_joins_by_pattern() {
+    let db = Db::new().await;
+    script(
+        &db.admin,
+        "create table public.a (id int8 primary key, v text not null)",
+    )
+    .await;
+    for step in schema_init::logical_steps(&TableName::parse("a").unwrap()) {
+        script(&db.admin, &step.sql).await;
+    }
+    let overrides = [("mode", "logical"), ("table.whitelist", "a, public\\.n_.*")];
+    let mut source = db.start_source(&["a"], &overrides).await;
+    let topic = db.topic("n_x");
+    let mut reader = TopicReader::new(&[db.topic("a"), topic.clone()]);
+    script(
+        &db.admin,
+        "create table public.n_x (id int8 primary key, v text not null)",
+    )
+    .await;
+    for step in schema_init::logical_steps(&TableName::parse("n_x").unwrap()) {
+        script(&db.admin, &step.sql).await;
+    }
+    let mut id = 0;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        id += 1;
+        script(
+            &db.admin,
+            &format!("insert into public.n_x values ({id}, 'n'); insert into public.a values ({id}, 'a')"),
+        )
+        .await;
+        let arrived = tokio::time::timeout(Duration::from_millis(500), async {
+            reader
+                .until("a change of n_x", WAIT, |e| {
+                    e.get(&topic).is_some_and(|ev| !ev.is_empty())
+                })
+                .await
+        })
+        .await;
+        if arrived.is_ok() {
+            break;
+        }
+        source.assert_running("pg-source").await;
+        assert!(
+            Instant::now() < deadline,
+            "no change of n_x arrived within {WAIT:?}"
+        );
+    }
+    // Every change of a arrived, in order, meanwhile.
+    reader.at_least(&db.topic("a"), id as usize).await;
+    let ids: Vec<i64> = reader.events[&db.topic("a")]
+        .iter()
+        .filter_map(|e| e.after().and_then(|a| a["id"].as_i64()))
+        .collect();
+    assert_eq!(ids, (1..=id).collect::<Vec<i64>>());
+    // n_x's changes from when it joined are all there.
+    let first = reader.events[&topic][0].after().unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    script(
+        &db.admin,
+        &format!("insert into public.n_x values ({}, 'last')", id + 1),
+    )
+    .await;
+    reader
+        .until("n_x's last change", WAIT, |e| {
+            e.get(&topic).is_some_and(|ev| {
+                ev.iter()
+                    .any(|e| e.after().is_some_and(|a| a["v"] == "last"))
+            })
+        })
+        .await;
+    let got: Vec<i64> = reader.events[&topic]
+        .iter()
+        .filter_map(|e| e.after().and_then(|a| a["id"].as_i64()))
+        .collect();
+    assert_eq!(got, (first..=id + 1).collect::<Vec<i64>>());
+    source.assert_running("pg-source").await;
+    source.stop().await;
+    let slot = pg_source::modes::logical::default_slot_name(&db.source_name);
+    let _ = sqlx::query("select pg_drop_replication_slot($1)")
+        .bind(&slot)
+        .execute(&db.admin)
+        .await;
+}

@@ -305,6 +305,16 @@ pub struct LogicalMode {
     /// When the tables were last looked for.
     last_gone_check: Instant,
     position_key: Vec<u8>,
+    /// How to find and add tables that come to match a pattern.
+    pub discovery: Option<crate::modes::changelog::Discovery>,
+    /// When tables were last looked for.
+    last_discovery: Instant,
+    /// Tables a pattern matches that cannot be read: said once each.
+    told: std::collections::HashSet<TableName>,
+    /// For the tables added while running.
+    connector: String,
+    database: String,
+    schemas: (bool, bool),
     offsets_topic: String,
 }
 
@@ -397,6 +407,16 @@ impl LogicalMode {
             last_commit: Instant::now(),
             last_gone_check: Instant::now(),
             position_key,
+            discovery: None,
+            // The first look (which names matching tables without
+            // capture) comes at once.
+            last_discovery: Instant::now()
+                .checked_sub(GONE_CHECK_EVERY)
+                .unwrap_or_else(Instant::now),
+            told: std::collections::HashSet::new(),
+            connector: connector.to_owned(),
+            database: database.to_owned(),
+            schemas,
             offsets_topic: offsets_topic.to_owned(),
         })
     }
@@ -766,6 +786,107 @@ impl LogicalMode {
         tracing::warn!(table = %t.table.info.name, publication = %name, from = %Lsn(self.position.lsn), joins_at = %Lsn(lsn),
             "the table's publication is younger than the WAL still to read (it was captured while pg-source was stopped): the other tables stream on, and it joins once the stream passes joins_at; its rows from before, and its changes until then, are not sent (logical mode has no incremental snapshot yet: capture it before it gets rows, or start a new connector to snapshot it)");
         true
+    }
+
+    /// Finds the published tables a `table.include.list` pattern has come
+    /// to match (schema-init `--capture logical` made their publication)
+    /// and adds them: each joins the stream once it has passed the WAL
+    /// position read now, after its publication existed (as in
+    /// [`Self::join_later`]); a WARN says its rows from before are not
+    /// sent. Says once of each matching table without capture what to run.
+    /// One table's trouble leaves the others alone.
+    async fn discover(&mut self) {
+        self.last_discovery = Instant::now();
+        let Some(d) = &self.discovery else { return };
+        let patterns = d.patterns.clone();
+        let found = match crate::catalog::discover_published(&self.pool).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot look for tables the patterns match; looking again later");
+                return;
+            }
+        };
+        for t in found {
+            if !crate::config::matches_any(&patterns, &t)
+                || self.tables.iter().any(|l| l.table.info.name == t)
+            {
+                continue;
+            }
+            if let Err(e) = self.add_table(&t).await {
+                if self.told.insert(t.clone()) {
+                    tracing::warn!(table = %t, error = %format!("{e:#}"), "a table table.include.list matches cannot be read; the other tables go on, and it is tried again");
+                }
+            }
+        }
+        match crate::catalog::uncaptured_matching(
+            &self.pool,
+            &patterns,
+            crate::config::Mode::Logical,
+        )
+        .await
+        {
+            Ok(tables) => {
+                for t in tables {
+                    if self.told.insert(t.clone()) {
+                        tracing::warn!(table = %t, "table matches table.include.list but has no logical capture, so none of its changes are read: run schema-init --capture logical --table {t}");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot look for uncaptured tables the patterns match")
+            }
+        }
+    }
+
+    /// Adds a published table (its topic created); it joins the stream
+    /// later (see [`Self::discover`]).
+    ///
+    /// Fails when it cannot be read: gone, not captured, a topic clash, or
+    /// a database or Kafka error.
+    async fn add_table(&mut self, t: &TableName) -> anyhow::Result<()> {
+        let d = self.discovery.as_ref().expect("discovering");
+        let Some(info) = TableInfo::load(&self.pool, t).await? else {
+            return Ok(());
+        };
+        let topic = crate::topic_name(&d.prefix, &t.name);
+        let mut named: Vec<(&TableName, String)> = self
+            .tables
+            .iter()
+            .map(|l| (&l.table.info.name, l.table.topic.clone()))
+            .collect();
+        named.push((t, topic.clone()));
+        let reserved: Vec<(&str, &str)> = d
+            .reserved
+            .iter()
+            .map(|(w, n)| (w.as_str(), n.as_str()))
+            .collect();
+        crate::check_topics(&named, &reserved)?;
+        tidemark_common::kafka::ensure_topic(&d.admin, &topic, &d.topic).await?;
+        let table = CapturedTable::new(
+            &self.pool,
+            info,
+            topic.clone(),
+            &self.connector,
+            &self.database,
+            self.schemas,
+        )
+        .await?;
+        let mut lt = logical_table(&self.pool, &self.types, table).await?;
+        let lsn: String =
+            sqlx::query_scalar("select pg_catalog.pg_current_wal_lsn()::pg_catalog.text")
+                .fetch_one(&self.pool)
+                .await?;
+        let lsn = parse_lsn(&lsn)?;
+        lt.join_at = Some(lsn);
+        tracing::warn!(table = %t, topic = %topic, joins_at = %Lsn(lsn), "a table.include.list pattern matches a new published table: it joins the stream once the stream passes joins_at; its rows from before are not sent (logical mode has no incremental snapshot yet: capture a table before it gets rows, or use changelog mode)");
+        metrics::counter!(names::SOURCE_TABLES_ADDED, "table" => lt.table.log_name.clone())
+            .increment(1);
+        if let Some(known) = self.position.tables.as_mut() {
+            known.insert(lt.table.log_name.clone());
+        }
+        self.tables.push(lt);
+        self.told.remove(t);
+        Ok(())
     }
 
     /// Tables waiting to join (see [`Self::join_later`]) whose LSN the
@@ -1417,6 +1538,9 @@ impl Capture for LogicalMode {
             .await?
         {
             return Ok(Some(batch));
+        }
+        if self.discovery.is_some() && self.last_discovery.elapsed() >= GONE_CHECK_EVERY {
+            self.discover().await;
         }
         self.rejoin();
         let saved = self.position.clone();
