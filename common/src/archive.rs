@@ -96,6 +96,16 @@
 //! (events arrive in commit order) and, when it is idle, from having been
 //! read to its end after some other partition showed a later unit.
 //!
+//! With no change to send, pg-source (`changelog` mode) writes a
+//! **heartbeat** every `heartbeat.interval.ms` to its heartbeat topic
+//! (`__tidemark-heartbeat.<name>`): `{"tidemark.heartbeat": {"connector":
+//! N, "complete_before": {"commit_order": C, "ts_us": T}}, "ts_ms": ..}`,
+//! committed after every unit before C and every change committed before T
+//! ([`heartbeat_value`], [`heartbeat_mark`]). file-sink writes no line for
+//! it: it is that partition's mark, and, like a later unit, lets the idle
+//! partitions read to their end take the mark too, so the archive's mark
+//! moves while the tables are quiet.
+//!
 //! # Reading
 //!
 //! [`Archive::records`] yields every record in source commit order across
@@ -373,6 +383,41 @@ pub struct Mark {
     /// Changes committed before this time (µs since the epoch) are complete.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ts_us: Option<i64>,
+}
+
+/// The field that makes a record a heartbeat (see the module's docs).
+pub const HEARTBEAT_FIELD: &str = "tidemark.heartbeat";
+
+/// A heartbeat record's value: `connector` has sent every event before
+/// `complete_before`; `ts_ms` is when it was written.
+pub fn heartbeat_value(connector: &str, complete_before: Mark, ts_ms: i64) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        HEARTBEAT_FIELD: {"connector": connector, "complete_before": complete_before},
+        "ts_ms": ts_ms,
+    }))
+    .expect("a heartbeat serialises")
+}
+
+/// The mark a heartbeat record's value carries; `None` for any other
+/// record (checked by its first bytes first, so a change event costs
+/// nothing here).
+pub fn heartbeat_mark(value: &[u8]) -> Option<Mark> {
+    #[derive(Deserialize)]
+    struct Beat {
+        complete_before: Mark,
+    }
+    #[derive(Deserialize)]
+    struct Top {
+        #[serde(rename = "tidemark.heartbeat")]
+        beat: Beat,
+    }
+    let head = br#"{"tidemark.heartbeat":"#;
+    if !value.starts_with(head) {
+        return None;
+    }
+    serde_json::from_slice::<Top>(value)
+        .ok()
+        .map(|t| t.beat.complete_before)
 }
 
 impl Mark {

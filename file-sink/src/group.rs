@@ -125,12 +125,21 @@ fn known_from(pos: &Position) -> Option<(i64, Option<i64>)> {
     Some((if pos.unit_end { co } else { co - 1 }, pos.ts_us))
 }
 
+/// Whether the unit known committed, `k`, gives a later mark than `mark`:
+/// a later unit, or (a heartbeat's) a later time.
+fn later_than(k: (i64, Option<i64>), mark: Option<Mark>) -> bool {
+    let m = mark.unwrap_or_default();
+    k.0 + 1 > m.commit_order.unwrap_or(i64::MIN)
+        || k.1.is_some_and(|t| t > m.ts_us.unwrap_or(i64::MIN))
+}
+
 fn later(
     a: Option<(i64, Option<i64>)>,
     b: Option<(i64, Option<i64>)>,
 ) -> Option<(i64, Option<i64>)> {
     match (a, b) {
-        (Some(x), Some(y)) => Some(if y.0 > x.0 { y } else { x }),
+        // A heartbeat names no later unit but a later time.
+        (Some(x), Some(y)) => Some(if (y.0, y.1) > (x.0, x.1) { y } else { x }),
         (x, y) => x.or(y),
     }
 }
@@ -784,6 +793,15 @@ fn route<'c>(
     let b = batch.get_mut(&tp).expect("inserted above");
     match prepare(msg.payload(), offset, cfg.max_record_bytes) {
         Prepared::Tombstone => b.skipped += 1,
+        Prepared::Heartbeat(mark) => {
+            // Committed after every unit before its mark: the partition's
+            // own mark, and a later one for the idle partitions to take.
+            b.skipped += 1;
+            if let Some(co) = mark.commit_order {
+                *known = later(*known, Some((co - 1, mark.ts_us)));
+            }
+            pre.push(Work::Mark(tp.clone(), mark));
+        }
         Prepared::Line(line, pos) => {
             *known = later(*known, known_from(&pos));
             b.lines.extend_from_slice(&line);
@@ -848,11 +866,7 @@ fn on_tick(
                         commit_order: Some(probe.k.0 + 1),
                         ts_us: probe.k.1,
                     };
-                    let current = cp
-                        .complete_before
-                        .and_then(|m| m.commit_order)
-                        .unwrap_or(i64::MIN);
-                    if probe.k.0 + 1 > current {
+                    if later_than(probe.k, cp.complete_before) {
                         pre.push(Work::Mark(tp.clone(), mark));
                     }
                 }
@@ -860,13 +874,9 @@ fn on_tick(
             }
         }
         let caught_up = stats.and_then(|(_, s)| s.lag(next, delivered)) == Some(0);
-        let current = cp
-            .complete_before
-            .and_then(|m| m.commit_order)
-            .unwrap_or(i64::MIN);
-        if let Some(k) = known
-            .filter(|k| caught_up && k.0 + 1 > current && part.probe.is_none() && !part.probing)
-        {
+        if let Some(k) = known.filter(|k| {
+            caught_up && later_than(*k, cp.complete_before) && part.probe.is_none() && !part.probing
+        }) {
             part.probing = true;
             let (consumer, done, tp) = (consumer.clone(), done_tx.clone(), tp.clone());
             tokio::task::spawn_blocking(move || {
@@ -958,6 +968,11 @@ fn others_known(root: &Path) -> Option<(i64, Option<i64>)> {
         for p in parts.flatten() {
             if let Ok(Some(cp)) = PartitionCheckpoint::load(&p.path()) {
                 k = later(k, cp.last.as_ref().and_then(known_from));
+                // A heartbeat's partition has a mark and no line.
+                let marked = cp
+                    .complete_before
+                    .and_then(|m| Some((m.commit_order? - 1, m.ts_us)));
+                k = later(k, marked);
             }
         }
     }

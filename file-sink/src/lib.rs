@@ -907,6 +907,8 @@ pub enum Prepared<'a, P = Position> {
     Line(std::borrow::Cow<'a, [u8]>, P),
     /// A record that cannot be a line, and why.
     Dead(String),
+    /// A heartbeat of pg-source (no line): the mark it carries.
+    Heartbeat(tidemark_common::archive::Mark),
 }
 
 /// Checks a record's value and reads its position in one pass: a line, a
@@ -941,6 +943,9 @@ fn prepare_with<P>(
             "record of {} bytes is larger than the limit of {max_bytes}",
             value.len()
         ));
+    }
+    if let Some(mark) = tidemark_common::archive::heartbeat_mark(value) {
+        return Prepared::Heartbeat(mark);
     }
     if let Err(e) = std::str::from_utf8(value) {
         return Prepared::Dead(format!("not JSON: the bytes are not UTF-8 text ({e})"));
@@ -979,7 +984,7 @@ pub fn dead_letter(msg: &BorrowedMessage<'_>, reason: &str, out: &mut Vec<u8>) {
 fn add(batch: &mut Batch, msg: &BorrowedMessage<'_>, max_bytes: usize) {
     batch.reach(msg.topic(), msg.partition(), msg.offset() + 1);
     match check(msg.payload(), max_bytes) {
-        Prepared::Tombstone => batch.skipped += 1,
+        Prepared::Tombstone | Prepared::Heartbeat(_) => batch.skipped += 1,
         Prepared::Line(line, _) => {
             batch.lines.extend_from_slice(&line);
             batch.lines.push(b'\n');

@@ -38,6 +38,8 @@ pub const KEYS: KeySet = KeySet {
         "skipped.operations",
         "snapshot.mode",
         "slot.name",
+        "heartbeat.interval.ms",
+        "heartbeat.topics.prefix",
     ],
     ignored: &[
         (
@@ -234,7 +236,18 @@ pub struct ChangeLogConfig {
     pub probe_interval: Duration,
     /// Wake on `NOTIFY tidemark` as well (`--no-listen` turns it off).
     pub listen: bool,
+    /// `heartbeat.interval.ms`: with nothing to send for this long, a
+    /// heartbeat says how far every change is sent (zero: never).
+    pub heartbeat_interval: Duration,
+    /// `heartbeat.topics.prefix`: heartbeats go to `<prefix>.<name>`.
+    pub heartbeat_topics_prefix: String,
 }
+
+/// The default of `heartbeat.interval.ms`.
+pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 10_000;
+
+/// The default of `heartbeat.topics.prefix`.
+pub const DEFAULT_HEARTBEAT_TOPICS_PREFIX: &str = "__tidemark-heartbeat";
 
 /// `logical` mode's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -406,7 +419,25 @@ impl ChangeLogConfig {
             poll_interval: c.millis("poll.interval.ms", 5000)?,
             probe_interval: DEFAULT_PROBE_INTERVAL,
             listen: true,
+            heartbeat_interval: c.millis("heartbeat.interval.ms", DEFAULT_HEARTBEAT_INTERVAL_MS)?,
+            heartbeat_topics_prefix: match c.get("heartbeat.topics.prefix") {
+                Some("") => {
+                    return Err(ConfigError::invalid(
+                        "heartbeat.topics.prefix",
+                        "",
+                        "expected a topic name prefix; heartbeats go to <prefix>.<name>",
+                    ))
+                }
+                Some(p) => p.to_owned(),
+                None => DEFAULT_HEARTBEAT_TOPICS_PREFIX.to_owned(),
+            },
         })
+    }
+
+    /// The topic of this connector's heartbeats, `None` when they are off.
+    pub fn heartbeat_topic(&self, name: &str) -> Option<String> {
+        (!self.heartbeat_interval.is_zero())
+            .then(|| format!("{}.{name}", self.heartbeat_topics_prefix))
     }
 }
 

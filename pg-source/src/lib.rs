@@ -90,7 +90,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         .iter()
         .map(|t| (t, topic_name(&cfg.topic_prefix, &t.name)))
         .collect();
+    let heartbeat_topic = match &cfg.mode {
+        ModeConfig::ChangeLog(c) => c.heartbeat_topic(&cfg.name),
+        _ => None,
+    };
     let mut reserved = vec![("the offsets topic", cfg.offsets_topic.as_str())];
+    if let Some(t) = &heartbeat_topic {
+        reserved.push(("the heartbeat topic", t.as_str()));
+    }
     if !matches!(cfg.mode, ModeConfig::Timestamp(_)) {
         reserved.push(("the dead-letter topic", dead_letter::TOPIC));
     }
@@ -144,6 +151,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     ensure_topic(&admin, &cfg.offsets_topic, &offsets_spec).await?;
     if !matches!(cfg.mode, ModeConfig::Timestamp(_)) {
         ensure_topic(&admin, dead_letter::TOPIC, &cfg.topic).await?;
+    }
+    if let Some(topic) = &heartbeat_topic {
+        let spec = TopicSpec {
+            partitions: 1,
+            ..cfg.topic.clone()
+        };
+        ensure_topic(&admin, topic, &spec).await?;
     }
 
     // Fence older instances first, so their open transaction is aborted and

@@ -159,6 +159,13 @@ pub struct ChangeLogMode {
     /// Tables a pattern matches that cannot be read (no capture, a topic
     /// clash): said once each.
     told: std::collections::HashSet<TableName>,
+    /// Where heartbeats go (`None`: they are off).
+    heartbeat_topic: Option<String>,
+    /// When the last batch was committed (or pg-source started).
+    last_sent: Instant,
+    /// The time of the last snapshot that showed nothing left to send:
+    /// every batch taken before it is sent.
+    caught_up_us: Option<i64>,
 }
 
 /// What finding tables while running needs: the patterns of
@@ -175,6 +182,9 @@ pub struct Discovery {
     /// Tidemark's own topics, which no table may write to: (what, name).
     pub reserved: Vec<(String, String)>,
 }
+
+/// [`Batch::what`] of a heartbeat.
+const HEARTBEAT: &str = "heartbeat";
 
 /// One change-log row decoded with its shape.
 struct Decoded {
@@ -323,7 +333,11 @@ impl ChangeLogMode {
             incremental: Incremental::default(),
             discovery: None,
             told: std::collections::HashSet::new(),
+            heartbeat_topic: None,
+            last_sent: Instant::now(),
+            caught_up_us: None,
         };
+        mode.heartbeat_topic = mode.cfg.heartbeat_topic(connector);
         mode.reconcile();
         mode.check_gone().await?;
         mode.snapshot =
@@ -352,6 +366,7 @@ impl ChangeLogMode {
             .await
             .map_err(pg("cannot take a snapshot"))?;
             if cur == self.position.done {
+                self.caught_up_us = Some(at_us);
                 return Ok(None);
             }
             self.position.batch = Some(cur);
@@ -387,6 +402,7 @@ impl ChangeLogMode {
         rows.truncate(chunk as usize);
         let Some(last_seq) = rows.last().map(|r| r.seq) else {
             // Every change of the batch is sent: it is done.
+            let taken_us = self.position.batch_us;
             self.finish_batch(cur)
                 .await
                 .map_err(pg("cannot finish the batch"))?;
@@ -398,6 +414,7 @@ impl ChangeLogMode {
                     ..Batch::default()
                 }));
             }
+            self.caught_up_us = taken_us;
             return Ok(None);
         };
         let n = rows.len();
@@ -1310,6 +1327,47 @@ impl ChangeLogMode {
         Ok(())
     }
 
+    /// A heartbeat, when one is due: caught up (every batch taken before
+    /// [`Self::caught_up_us`] is sent), and nothing committed for
+    /// `heartbeat.interval.ms`. Its record on the heartbeat topic says that
+    /// every unit before the next one (`commit_order` below
+    /// `complete_before.commit_order`) and every change committed before
+    /// `complete_before.ts_us` (in this mode's time: units carry the time
+    /// their batch's snapshot was taken, and every later batch's snapshot is
+    /// taken later) is committed in Kafka before it. file-sink moves the
+    /// archive's completeness mark by it (common::archive's heartbeat), and
+    /// the position goes with it, as with every batch.
+    fn heartbeat(&mut self) -> Option<Batch> {
+        let topic = self.heartbeat_topic.as_ref()?;
+        if self.last_sent.elapsed() < self.cfg.heartbeat_interval
+            || self.position.batch.is_some()
+            || self.position.snapshot.is_some()
+        {
+            return None;
+        }
+        let ts_us = self.caught_up_us?;
+        let commit_order = self.position.commit_order as i64 + 1;
+        let value = tidemark_common::archive::heartbeat_value(
+            &self.connector,
+            tidemark_common::archive::Mark {
+                commit_order: Some(commit_order),
+                ts_us: Some(ts_us),
+            },
+            now_us().div_euclid(1000),
+        );
+        Some(Batch {
+            records: vec![Record {
+                topic: topic.clone(),
+                key: serde_json::json!({ "connector": self.connector })
+                    .to_string()
+                    .into_bytes(),
+                value: Some(value),
+            }],
+            what: HEARTBEAT,
+            ..Batch::default()
+        })
+    }
+
     /// Marks the batch read up to snapshot `cur` as done.
     async fn finish_batch(&mut self, cur: String) -> Result<(), sqlx::Error> {
         self.position.done = cur;
@@ -1593,7 +1651,7 @@ impl Capture for ChangeLogMode {
                     // Caught up: a good moment for the rest of a backlog.
                     self.prune().await;
                 }
-                Ok(None)
+                Ok(self.heartbeat())
             }
         }
     }
@@ -1607,6 +1665,11 @@ impl Capture for ChangeLogMode {
     }
 
     async fn committed(&mut self, done: &Committed) {
+        self.last_sent = Instant::now();
+        if done.what == HEARTBEAT {
+            tracing::debug!(commit = ?done.commit, "{}", done.what);
+            return;
+        }
         tracing::info!(records = done.records, rows = done.rows, commit = ?done.commit, "{}", done.what);
         if std::mem::take(&mut self.prune_after_commit) || self.prune_pending {
             self.prune().await;

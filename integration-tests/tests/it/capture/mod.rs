@@ -5,6 +5,7 @@
 
 mod added;
 mod ddl;
+mod heartbeat;
 mod security;
 mod truncate;
 mod upgrade;
