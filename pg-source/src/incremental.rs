@@ -79,6 +79,8 @@ pub struct Chunk {
 pub struct Incremental {
     /// The chunk read for the batch being sent.
     pub pending: Option<Chunk>,
+    /// After a table's snapshot failed: no chunk is read before this.
+    pub retry_at: Option<Instant>,
     last_log: Instant,
 }
 
@@ -86,6 +88,7 @@ impl Default for Incremental {
     fn default() -> Self {
         Self {
             pending: None,
+            retry_at: None,
             last_log: Instant::now(),
         }
     }

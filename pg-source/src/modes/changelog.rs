@@ -984,10 +984,17 @@ impl ChangeLogMode {
                 return Ok(Some(self.emit_chunk(chunk)));
             }
         }
+        if self
+            .incremental
+            .retry_at
+            .is_some_and(|at| Instant::now() < at)
+        {
+            return Ok(None);
+        }
         let progress = self.position.incremental[0].clone();
         let table = self.tables.iter().find(|t| t.log_name == progress.table);
         let chunk = match table {
-            Some(t) => incremental::read_chunk(
+            Some(t) => match incremental::read_chunk(
                 &self.pool,
                 &self.types,
                 t,
@@ -995,9 +1002,24 @@ impl ChangeLogMode {
                 self.cfg.batch_max_rows,
             )
             .await
-            .map_err(SourceError::from_anyhow)?,
+            .map_err(SourceError::from_anyhow)
+            {
+                Ok(chunk) => chunk,
+                Err(e) if e.class() == crate::errors::Class::Definite => {
+                    // One table's trouble stops only its snapshot (and its
+                    // changes above what it sent): the others go on, it is
+                    // tried again after the others' turn.
+                    tracing::error!(table = %progress.table, error = %format!("{e:#}"), "cannot read the incremental snapshot of the table; the other tables go on, and it is tried again");
+                    let p = self.position.incremental.remove(0);
+                    self.position.incremental.push(p);
+                    self.incremental.retry_at = Some(Instant::now() + GONE_CHECK);
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            },
             None => None,
         };
+        self.incremental.retry_at = None;
         let Some(chunk) = chunk else {
             tracing::warn!(table = %progress.table, "table gone before its incremental snapshot ended; the other tables go on");
             self.position.incremental.remove(0);
@@ -1097,11 +1119,9 @@ impl ChangeLogMode {
                 plan.push(None);
                 continue;
             };
-            let last_key = self.position.incremental[i]
-                .last_key
-                .as_ref()
-                .filter(|_| i == 0);
-            let Some(last_key) = last_key else {
+            // Each table by its own progress: one set aside after an error
+            // keeps the keys it has sent.
+            let Some(last_key) = self.position.incremental[i].last_key.as_ref() else {
                 drop_all.insert(plan.len());
                 plan.push(None);
                 continue;
