@@ -390,6 +390,13 @@ impl PgTarget {
 /// (`common::codec` parses values under exactly these settings), whatever the
 /// server's, the database's or the role's defaults are.
 ///
+/// `row_security = off`: a table whose row-level security policies apply to
+/// Tidemark's role is an error ("query would be affected by row-level
+/// security policy") instead of a silently partial snapshot, poll or verify,
+/// and no policy expression of a table owner's runs in a Tidemark session.
+/// Grant the role `BYPASSRLS` (or use the table's owner) to read such a
+/// table.
+///
 /// They go to the server as `-c` options in the startup packet, which win
 /// over `ALTER ROLE/DATABASE ... SET` and `postgresql.conf`, and over a
 /// user's `PGOPTIONS` or `options=`, which come before them in the string.
@@ -403,6 +410,7 @@ pub const SESSION_SETTINGS: &[(&str, &str)] = &[
     ("lc_monetary", "C"),
     ("client_encoding", "UTF8"),
     ("standard_conforming_strings", "on"),
+    ("row_security", "off"),
 ];
 
 /// [`SESSION_SETTINGS`] as a startup `options` string (`-c name=value ...`,
@@ -738,7 +746,7 @@ mod tests {
             session_options(),
             "-c search_path=pg_catalog,\\ pg_temp -c DateStyle=ISO -c IntervalStyle=iso_8601 \
              -c TimeZone=UTC -c extra_float_digits=3 -c bytea_output=hex -c lc_monetary=C \
-             -c client_encoding=UTF8 -c standard_conforming_strings=on"
+             -c client_encoding=UTF8 -c standard_conforming_strings=on -c row_security=off"
         );
         let jdbc = PgTarget::from_jdbc("connection.url", "jdbc:postgresql://h/db", Some("u"), None)
             .unwrap();

@@ -26,6 +26,7 @@ async fn tidemark_sessions_show_their_search_path_and_codec_settings_whatever_th
         ("extra_float_digits", "0"),
         ("bytea_output", "escape"),
         ("standard_conforming_strings", "off"),
+        ("row_security", "on"),
     ] {
         // A list is written unquoted, a single value quoted.
         let value = match name {
@@ -60,6 +61,7 @@ async fn tidemark_sessions_show_their_search_path_and_codec_settings_whatever_th
         ("lc_monetary", "C"),
         ("client_encoding", "UTF8"),
         ("standard_conforming_strings", "on"),
+        ("row_security", "off"),
     ] {
         let got: String = sqlx::query_scalar("select pg_catalog.current_setting($1)")
             .bind(name)
@@ -257,4 +259,49 @@ async fn planted_public_functions_are_not_called_in_changelog_mode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn planted_public_functions_are_not_called_in_logical_mode() {
     planted_functions_are_never_called(Fixture::logical().await, 4).await;
+}
+
+/// A table whose row-level security policy applies to Tidemark's role: a
+/// Tidemark session gets an error naming the policy, not the rows the
+/// policy lets through (a snapshot or a poll would silently miss the
+/// others), and the policy's expression (the table owner's code) never runs.
+#[tokio::test]
+async fn a_row_level_security_policy_is_an_error_in_tidemark_sessions_not_a_partial_read() {
+    let fx = Fixture::new().await;
+    let role = unique("tm_rls_");
+    for sql in [
+        format!("create role {role} login password 'pw'"),
+        "create table rls_t (id int primary key)".to_owned(),
+        "insert into rls_t select generate_series(1, 10)".to_owned(),
+        "alter table rls_t enable row level security".to_owned(),
+        "create policy even on rls_t using (id % 2 = 0)".to_owned(),
+        format!("grant select on rls_t to {role}"),
+    ] {
+        exec(&fx.pool, &sql).await;
+    }
+    let url = url::Url::parse(&database_url()).unwrap();
+    let as_role = format!(
+        "postgres://{role}:pw@{}:{}/{}",
+        url.host_str().unwrap(),
+        url.port().unwrap_or(5432),
+        fx.database
+    );
+    // The role's own session sees half of the rows, silently.
+    let plain = sqlx::PgPool::connect(&as_role).await.unwrap();
+    let seen: i64 = sqlx::query_scalar("select count(*) from rls_t")
+        .fetch_one(&plain)
+        .await
+        .unwrap();
+    assert_eq!(seen, 5);
+    plain.close().await;
+    let target = tidemark_common::pg::PgTarget::from_url("DATABASE_URL", &as_role).unwrap();
+    let pool = target.connect(1, Duration::from_secs(10)).await.unwrap();
+    let err = sqlx::query_scalar::<_, i64>("select pg_catalog.count(*) from public.rls_t")
+        .fetch_one(&pool)
+        .await
+        .expect_err("a policy that applies is an error");
+    assert!(err.to_string().contains("row-level security"), "{err}");
+    pool.close().await;
+    exec(&fx.pool, "drop table rls_t").await;
+    exec(&fx.pool, &format!("drop role {role}")).await;
 }
