@@ -1258,10 +1258,12 @@ impl Applier {
         Ok(())
     }
 
-    /// Fills each table's net table from its staged rows of the run.
+    /// Fills each table's net table from its staged rows of the run, as the
+    /// table's owner: sorting and comparing keys runs their types'
+    /// operators, which for a type of the owner's are the owner's code.
     async fn build_nets(&mut self, tables: &[usize], upto: i64) -> Result<(), sqlx::Error> {
-        self.act_for(None).await?;
         for &i in tables {
+            self.act_for(Some(i)).await?;
             let s = &self.stages[i];
             let (after_co, after_ord) = s
                 .truncates
