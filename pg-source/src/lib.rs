@@ -54,7 +54,7 @@ use crate::errors::{Class, SourceError};
 use crate::modes::changelog::ChangeLogMode;
 use crate::modes::logical::LogicalMode;
 use crate::modes::timestamp::TimestampMode;
-use crate::modes::{Capture, Committed};
+use crate::modes::{Batch, Capture, Committed};
 use crate::producer::{BatchError, TxProducer};
 
 /// Runs until `shutdown` is cancelled or an error that waiting cannot cure.
@@ -341,10 +341,21 @@ async fn catch_up<M: Capture>(
     producer: &TxProducer,
     shutdown: &CancellationToken,
 ) -> Result<(), SourceError> {
+    // The Kafka transaction the batches marked `more` left open: the
+    // position before its first batch, when it began, and what it holds.
+    let mut open: Option<(M::Saved, Instant, usize, usize)> = None;
     while !shutdown.is_cancelled() {
         let saved = mode.save();
         let mut batch = match mode.next(shutdown).await {
             Ok(Some(batch)) => batch,
+            Ok(None) if open.is_some() => {
+                // Nothing came after an open transaction's parts: it ends
+                // here, with the position its parts left.
+                Batch {
+                    what: "batch committed",
+                    ..Batch::default()
+                }
+            }
             Ok(None) => {
                 if mode.zero_lag_when_caught_up() {
                     metrics::gauge!(names::SOURCE_LAG_SECONDS).set(0.0);
@@ -352,25 +363,45 @@ async fn catch_up<M: Capture>(
                 break;
             }
             Err(e) => {
-                mode.restore(saved);
+                if let Some((first, ..)) = open.take() {
+                    mode.restore(first);
+                    producer.abort_open().await.map_err(SourceError::Kafka)?;
+                } else {
+                    mode.restore(saved);
+                }
                 return Err(e);
             }
         };
-        let started = Instant::now();
         let records = std::mem::take(&mut batch.records);
         let n = records.len();
+        if batch.more && !shutdown.is_cancelled() {
+            let (first, started, records_before, rows_before) =
+                open.take().unwrap_or((saved, Instant::now(), 0, 0));
+            if let Err(e) = producer.send_part(records).await {
+                mode.restore(first);
+                return Err(SourceError::Kafka(e));
+            }
+            open = Some((first, started, records_before + n, rows_before + batch.rows));
+            continue;
+        }
+        let (saved, started, n, rows) = match open.take() {
+            Some((first, started, records, rows)) => {
+                (first, started, records + n, rows + batch.rows)
+            }
+            None => (saved, Instant::now(), n, batch.rows),
+        };
         if let Err(e) = producer.send_batch(records, mode.position_record()).await {
             mode.restore(saved);
             return Err(SourceError::Kafka(e));
         }
         mode.committed(&Committed {
             records: n,
-            rows: batch.rows,
+            rows,
             what: batch.what,
             commit: started.elapsed(),
         })
         .await;
-        metrics::counter!(names::SOURCE_ROWS_READ).increment(batch.rows as u64);
+        metrics::counter!(names::SOURCE_ROWS_READ).increment(rows as u64);
         metrics::counter!(names::SOURCE_RECORDS_PRODUCED).increment(n as u64);
         metrics::counter!(names::SOURCE_BATCHES).increment(1);
         if let Some(ms) = batch.newest_change_ms {
@@ -379,6 +410,12 @@ async fn catch_up<M: Capture>(
             // Every record of the batch is at least this old.
             metrics::histogram!(names::SOURCE_CHANGE_LAG).record_many(lag, n);
         }
+    }
+    if let Some((first, ..)) = open.take() {
+        // Stopping with a transaction open: what its parts sent is not
+        // committed, and is read again at the next start.
+        mode.restore(first);
+        producer.abort_open().await.map_err(SourceError::Kafka)?;
     }
     Ok(())
 }

@@ -158,6 +158,20 @@ pub struct TxProducer {
     stop: CancellationToken,
     /// The table of each topic, for messages about a record.
     tables: Arc<std::collections::HashMap<String, String>>,
+    /// The transaction [`TxProducer::send_part`] left open.
+    open: Arc<std::sync::Mutex<Option<OpenTxn>>>,
+}
+
+/// How many records of an open transaction may wait for Kafka's
+/// acknowledgement before [`TxProducer::send_part`] returns.
+const PART_MAX_UNACKED: u64 = 4096;
+
+/// A Kafka transaction begun and not yet committed: the acknowledgement
+/// count when it began and the records produced into it since.
+#[derive(Debug, Clone, Copy)]
+struct OpenTxn {
+    start: u64,
+    sent: u64,
 }
 
 impl TxProducer {
@@ -212,6 +226,7 @@ impl TxProducer {
             producer,
             stop,
             tables: Arc::default(),
+            open: Arc::default(),
         })
     }
 
@@ -226,16 +241,64 @@ impl TxProducer {
     ///
     /// Fails with [`BatchError::Retry`] when the transaction was aborted, and
     /// with [`BatchError::Fatal`] when the producer cannot continue.
+    ///
+    /// Records sent before by [`TxProducer::send_part`] are in the same
+    /// transaction.
     pub async fn send_batch(
         &self,
         records: Vec<Record>,
         position: Record,
     ) -> Result<(), BatchError> {
+        self.send(records, Some(position)).await
+    }
+
+    /// Produces `records` into the open transaction (beginning one when
+    /// none is open) and returns without committing it: a large batch (an
+    /// initial snapshot's) goes to Kafka chunk by chunk, held once by
+    /// librdkafka's bounded queue rather than whole in memory, and commits
+    /// once, with its position, by [`TxProducer::send_batch`].
+    ///
+    /// Fails as [`TxProducer::send_batch`] does; the transaction is then
+    /// aborted, and the records of its earlier parts are not committed.
+    pub async fn send_part(&self, records: Vec<Record>) -> Result<(), BatchError> {
+        self.send(records, None).await
+    }
+
+    /// Aborts a transaction [`TxProducer::send_part`] left open, if any:
+    /// what a part sent is never committed.
+    pub async fn abort_open(&self) -> Result<(), BatchError> {
+        let producer = self.producer.clone();
+        let open = self.open.clone();
+        tokio::task::spawn_blocking(move || {
+            if open.lock().expect("not poisoned").take().is_some() {
+                abort(&producer)?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| BatchError::Fatal(anyhow!("producer task failed: {e}")))?
+    }
+
+    async fn send(&self, records: Vec<Record>, position: Option<Record>) -> Result<(), BatchError> {
         let producer = self.producer.clone();
         let stop = self.stop.clone();
         let tables = self.tables.clone();
+        let open = self.open.clone();
         tokio::task::spawn_blocking(move || {
-            send_blocking(&producer, records, &position, &stop, &tables)
+            let mut open = open.lock().expect("not poisoned");
+            let result = send_blocking(
+                &producer,
+                records,
+                position.as_ref(),
+                &mut open,
+                &stop,
+                &tables,
+            );
+            if result.is_err() || position.is_some() {
+                // Committed, or aborted (or left to the stop) on a failure.
+                *open = None;
+            }
+            result
         })
         .await
         .map_err(|e| BatchError::Fatal(anyhow!("producer task failed: {e}")))?
@@ -245,14 +308,15 @@ impl TxProducer {
 fn send_blocking(
     producer: &Producer,
     records: Vec<Record>,
-    position: &Record,
+    position: Option<&Record>,
+    open: &mut Option<OpenTxn>,
     stop: &CancellationToken,
     tables: &std::collections::HashMap<String, String>,
 ) -> Result<(), BatchError> {
     let acks = producer.context();
     let mut topics: Vec<String> = records
         .iter()
-        .chain(std::iter::once(position))
+        .chain(position)
         .map(|r| r.topic.clone())
         .collect();
     topics.sort_unstable();
@@ -261,20 +325,29 @@ fn send_blocking(
     // The record a failure is about, when it is one record's.
     let failed: std::cell::RefCell<Option<Failed>> = std::cell::RefCell::new(None);
     let run = || -> Result<(), KafkaError> {
-        producer.begin_transaction()?;
-        // A failed or aborted batch before this one may have left an error
-        // behind (its purged records report one each): it is not this
-        // batch's.
-        let start = {
-            let mut state = acks.lock();
-            state.first_error = None;
-            state.done
+        let txn = match *open {
+            Some(txn) => txn,
+            None => {
+                producer.begin_transaction()?;
+                // A failed or aborted batch before this one may have left an
+                // error behind (its purged records report one each): it is
+                // not this batch's.
+                let start = {
+                    let mut state = acks.lock();
+                    state.first_error = None;
+                    state.done
+                };
+                let txn = OpenTxn { start, sent: 0 };
+                *open = Some(txn);
+                txn
+            }
         };
+        let start = txn.start;
         let queue_deadline = Instant::now() + TXN_TIMEOUT;
-        let mut sent = 0u64;
+        let mut sent = txn.sent;
         // librdkafka copies each record: drop ours once it is queued, so a
         // batch is held once, not twice.
-        for r in records.into_iter().chain(std::iter::once(position.clone())) {
+        for r in records.into_iter().chain(position.cloned()) {
             let mut rec = BaseRecord::<Vec<u8>, Vec<u8>>::to(&r.topic);
             if !r.key.is_empty() {
                 rec = rec.key(&r.key);
@@ -306,6 +379,26 @@ fn send_blocking(
                     }
                 }
             }
+        }
+        if position.is_none() {
+            // A part: the transaction stays open for the next. Reading
+            // goes on once Kafka has acknowledged all but the last
+            // [`PART_MAX_UNACKED`] records, so what waits for Kafka stays
+            // as small as one batch did, however large the transaction.
+            *open = Some(OpenTxn { start, sent });
+            let deadline = Instant::now() + TXN_TIMEOUT;
+            let target = (start + sent).saturating_sub(PART_MAX_UNACKED);
+            while !acks.wait_for(target, deadline.min(Instant::now() + STOP_CHECK)) {
+                if stop.is_cancelled() {
+                    return Err(KafkaError::Canceled);
+                }
+                if Instant::now() >= deadline {
+                    return Err(KafkaError::MessageProduction(
+                        RDKafkaErrorCode::MessageTimedOut,
+                    ));
+                }
+            }
+            return Ok(());
         }
         // Wait until every record of the batch is acknowledged. Committing
         // with nothing outstanding returns at once, where rust-rdkafka's

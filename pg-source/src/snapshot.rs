@@ -3,8 +3,13 @@
 //! snapshot is where streaming starts, so there is neither a gap nor an
 //! overlap between the two.
 //!
-//! Rows are read in primary-key order, a chunk per Kafka transaction; the
-//! position records the last key sent. A snapshot interrupted by a crash
+//! Rows are read in primary-key order, `snapshot.fetch.size` rows a chunk
+//! (2,048), and a Kafka transaction holds chunks until it has
+//! [`SNAPSHOT_TXN_ROWS`] rows or has been open [`SNAPSHOT_TXN_TIME`]: each
+//! chunk goes to the producer as it is read, and the next is read once
+//! Kafka has acknowledged all but 4,096 of the records sent, so memory holds
+//! about what one 5,000-row batch did, and the position, the last key sent,
+//! is committed with the transaction's last chunk. A snapshot interrupted by a crash
 //! resumes after its last key in a new snapshot; the key ranges read in
 //! later snapshots are kept as segments in the position, and a change
 //! already contained in a segment's rows is left out by the mode that
@@ -53,7 +58,21 @@ impl SnapshotPosition for tidemark_common::offset::LogicalPosition {
 #[derive(Default)]
 pub struct InitialSnapshot {
     run: Option<SnapshotRun>,
+    /// The Kafka transaction the chunks go into: when its first chunk was
+    /// read, and the rows it holds.
+    txn: Option<(Instant, usize)>,
 }
+
+/// An initial snapshot's Kafka transaction commits once it holds this many
+/// rows (`snapshot.transaction.max.rows`): a commit costs the broker about 10 ms, whatever it holds, so
+/// chunk-sized transactions (1,000 rows) spent half a snapshot's time in
+/// commits. Memory does not grow with it: each chunk is handed to the
+/// producer's bounded queue as it is read (`TxProducer::send_part`).
+pub const SNAPSHOT_TXN_ROWS: usize = 100_000;
+
+/// ... or once it has been open this long, so progress is committed often
+/// and a transaction stays far below Kafka's transaction timeout.
+pub const SNAPSHOT_TXN_TIME: Duration = Duration::from_secs(2);
 
 impl InitialSnapshot {
     /// Opens the snapshot when the position says one is in progress:
@@ -74,6 +93,7 @@ impl InitialSnapshot {
         }
         Ok(Self {
             run: Some(SnapshotRun::open(pool, types, tables, state, fresh).await?),
+            txn: None,
         })
     }
 
@@ -91,7 +111,7 @@ impl InitialSnapshot {
         types: &TypeCache,
         tables: &[T],
         position: &mut P,
-        chunk: i64,
+        (chunk, txn_rows): (i64, usize),
     ) -> Result<Option<Batch>, SourceError> {
         if position.snapshot_state().progress.is_none() {
             return Ok(None);
@@ -109,6 +129,10 @@ impl InitialSnapshot {
                 if over {
                     self.run = None;
                 }
+                let (began, rows) = self.txn.unwrap_or((Instant::now(), 0));
+                let rows = rows + chunk.rows;
+                let more = !over && rows < txn_rows && began.elapsed() < SNAPSHOT_TXN_TIME;
+                self.txn = more.then_some((began, rows));
                 Ok(Some(Batch {
                     records: chunk.records,
                     rows: chunk.rows,
@@ -118,10 +142,12 @@ impl InitialSnapshot {
                     } else {
                         "snapshot chunk committed"
                     },
+                    more,
                 }))
             }
             Ok(None) => {
                 self.run = None;
+                self.txn = None;
                 // The snapshot's end is a position too.
                 Ok(Some(Batch {
                     what: "initial snapshot committed",
@@ -130,6 +156,7 @@ impl InitialSnapshot {
             }
             Err(e) => {
                 self.run = None;
+                self.txn = None;
                 Err(SourceError::from_anyhow(e))
             }
         }

@@ -447,7 +447,13 @@ async fn logical_mode_resumes_a_crashed_snapshot_without_gap_or_overlap() {
 
 async fn crash_mid_snapshot(fx: Fixture) {
     exec(&fx.pool, "insert into streaming_update_table (data) select 'row ' || g from generate_series(2, 20000) g").await;
-    let overrides = [("batch.max.rows", "100")];
+    // Reads of 100 rows, Kafka transactions of 500: the kill comes in the
+    // middle of the snapshot, and of a transaction.
+    let overrides = [
+        ("batch.max.rows", "100"),
+        ("snapshot.fetch.size", "100"),
+        ("snapshot.transaction.max.rows", "500"),
+    ];
     let source = fx.start_source_with(&overrides);
     let sink = fx.start_sink();
     wait_for_events(&fx.file(), 2000, WAIT).await;

@@ -493,6 +493,7 @@ impl ChangeLogMode {
             rows: n,
             newest_change_ms,
             what: "changes committed",
+            more: false,
         }))
     }
 
@@ -1078,6 +1079,7 @@ impl ChangeLogMode {
                 rows: r.rows,
                 newest_change_ms: None,
                 what: "incremental snapshot chunk committed",
+                more: false,
             },
             None => Batch {
                 what: "incremental snapshot done",
@@ -1641,7 +1643,10 @@ impl Capture for ChangeLogMode {
                 &self.types,
                 &self.tables,
                 &mut self.position,
-                self.cfg.batch_max_rows,
+                (
+                    self.cfg.snapshot_fetch_size,
+                    self.cfg.snapshot_transaction_rows,
+                ),
             )
             .await?
         {

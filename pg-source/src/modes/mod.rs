@@ -32,6 +32,10 @@ pub struct Batch {
     pub newest_change_ms: Option<i64>,
     /// What the batch is, for the log line once it is committed.
     pub what: &'static str,
+    /// The Kafka transaction stays open after this batch: the next batch
+    /// goes into it, and the position is committed with the last one (an
+    /// initial snapshot's chunks, each read on its own, commit together).
+    pub more: bool,
 }
 
 /// A batch that Kafka committed.

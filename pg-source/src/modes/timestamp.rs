@@ -505,6 +505,7 @@ impl Capture for TimestampMode {
                 rows: n,
                 newest_change_ms: None,
                 what: "batch committed",
+                more: false,
             }));
         }
     }

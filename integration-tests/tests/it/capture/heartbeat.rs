@@ -73,3 +73,75 @@ async fn with_no_change_heartbeats_move_the_archive_s_completeness_mark() {
     assert_eq!(lines.len(), 3, "{lines:#?}");
     assert!(lines.iter().all(|l| !l.contains("tidemark.heartbeat")));
 }
+
+/// Issue 15.1: an initial snapshot's Kafka transactions each hold several
+/// of its reads (`snapshot.fetch.size` rows), rather than one read each, and
+/// every row arrives once. The position is written once per transaction:
+/// fewer positions with the snapshot under way than reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_s_kafka_transactions_hold_several_reads() {
+    let db = Db::new().await;
+    exec(
+        &db.admin,
+        "create table public.s (id int8 primary key, v text not null)",
+    )
+    .await;
+    exec(
+        &db.admin,
+        "insert into public.s select g, 'v' || g from generate_series(1, 6000) g",
+    )
+    .await;
+    db.capture("s", Capture::full(TriggerLevel::Row)).await;
+    let topic = db.topic("s");
+    let offsets = format!("{}offsets", db.prefix);
+    let mut reader = TopicReader::new(&[topic.as_str()]);
+    let source = db
+        .start_source(&["s"], &[("snapshot.fetch.size", "500")])
+        .await;
+    reader.at_least(&topic, 6000).await;
+    source.stop().await;
+    let ids: std::collections::BTreeSet<i64> = reader.events[&topic]
+        .iter()
+        .map(|e| e.after().unwrap()["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 6000, "every row once");
+    assert_eq!(reader.events[&topic].len(), 6000, "every row once");
+    let under_way = positions(&offsets)
+        .iter()
+        .filter(|v| v.get("snapshot").is_some())
+        .count();
+    assert!(
+        under_way < 11,
+        "12 reads of 500 rows went into {} Kafka transactions before the snapshot's last",
+        under_way
+    );
+}
+
+/// Every position record of the offsets topic `topic`, committed ones only.
+fn positions(topic: &str) -> Vec<serde_json::Value> {
+    use rdkafka::consumer::BaseConsumer;
+    let consumer: BaseConsumer = crate::support::kafka()
+        .client_config(&[
+            ("group.id", &unique("positions")),
+            ("auto.offset.reset", "earliest"),
+            ("isolation.level", "read_committed"),
+        ])
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut out = Vec::new();
+    let mut quiet_since = Instant::now();
+    while quiet_since.elapsed() < Duration::from_secs(3) {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                if let Some(v) = m.payload() {
+                    out.push(serde_json::from_slice(v).unwrap());
+                }
+                quiet_since = Instant::now();
+            }
+            Some(Err(e)) => panic!("cannot read {topic}: {e}"),
+            None => {}
+        }
+    }
+    out
+}

@@ -725,6 +725,7 @@ impl LogicalMode {
             rows,
             newest_change_ms,
             what: "changes committed",
+            more: false,
         }))
     }
 
@@ -1533,7 +1534,10 @@ impl Capture for LogicalMode {
                 &self.types,
                 &self.tables,
                 &mut self.position,
-                self.cfg.batch_max_rows,
+                (
+                    self.cfg.snapshot_fetch_size,
+                    self.cfg.snapshot_transaction_rows,
+                ),
             )
             .await?
         {
