@@ -4,6 +4,7 @@
 //! connector name.
 
 mod added;
+mod added_holes;
 mod ddl;
 mod heartbeat;
 mod security;
