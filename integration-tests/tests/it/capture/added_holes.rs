@@ -333,3 +333,66 @@ async fn review_incremental_snapshot_of_a_text_key_with_its_own_collation() {
         &wrong[..wrong.len().min(5)]
     );
 }
+
+/// A key of an array of a domain whose CHECK calls its owner's function.
+/// The chunk queries and the stream's key filter write keys as literals of
+/// the column's type (a domain's base type, but an array of a domain stays
+/// itself), and a literal's input runs the element domain's CHECK: the
+/// owner's code would run in pg-source's session, with pg-source's
+/// privileges (in the filter's session, not even read-only: pg-source may
+/// delete from the change log). Nobody but the owner may call it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_incremental_snapshot_runs_no_code_of_the_table_owner() {
+    let db = Db::new().await;
+    exec(
+        &db.admin,
+        "create table public.calls (caller text, at timestamptz default clock_timestamp())",
+    )
+    .await;
+    exec(&db.admin, "grant insert on public.calls to public").await;
+    let (owner, _owner_pool) = db.role("own").await;
+    exec(
+        &db.admin,
+        &format!("grant create on schema public to {owner}"),
+    )
+    .await;
+    let as_owner = |sql: &str| format!("set role {owner}; {sql}; reset role;");
+    let create_b = as_owner(
+        "create function public.seen(v int4) returns bool language plpgsql
+           as $f$ begin insert into public.calls (caller) values (current_user); return true; end $f$;
+         create domain public.d as int4 check (public.seen(value));
+         create table public.b (id public.d[] primary key, n int4 not null, v text not null);
+         insert into public.b select array[g]::public.d[], g, 'b' from generate_series(1, 3000) g",
+    );
+    let overrides = [("batch.max.rows", "10")];
+    let (mut source, mut reader) = b_enters_the_set(&db, &create_b, &overrides).await;
+    let topic = db.topic("b");
+    until_running(&mut reader, &mut source, "b's first chunk", |e| {
+        reads(e, &topic) >= 10
+    })
+    .await;
+    // Changes the stream's filter compares with the last key sent.
+    script(
+        &db.admin,
+        &as_owner(
+            "update public.b set v = 'changed' where n in (5, 2500);
+             insert into public.b values (array[1000000]::public.d[], 0, 'end')",
+        ),
+    )
+    .await;
+    until_running(&mut reader, &mut source, "b's row 'end'", |e| {
+        has_end(e, &topic)
+    })
+    .await;
+    source.stop().await;
+    let callers: Vec<String> =
+        sqlx::query_scalar("select distinct caller from public.calls where caller <> $1")
+            .bind(&owner)
+            .fetch_all(&db.admin)
+            .await
+            .unwrap();
+    assert!(
+        callers.is_empty(),
+        "the owner's domain check ran as {callers:?}"
+    );
+}
