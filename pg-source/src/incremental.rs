@@ -56,7 +56,7 @@ use tidemark_common::ops::names;
 
 use crate::producer::Record;
 use crate::shape::{stored_key_texts, CatalogShape, Shape};
-use crate::snapshot::{key_display, rows_query};
+use crate::snapshot::{key_display, rows_query_of};
 use crate::table::CapturedTable;
 
 /// A chunk read in its snapshot, waiting for the stream to reach it.
@@ -105,18 +105,67 @@ pub async fn read_chunk(
     progress: &IncrementalProgress,
     chunk: i64,
 ) -> anyhow::Result<Option<Chunk>> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("set transaction isolation level repeatable read, read only")
-        .execute(&mut *tx)
+    // The table's lock comes first, before any statement that takes the
+    // transaction's snapshot (a LOCK takes none): a DDL in progress (a
+    // rewrite, ADD COLUMN, TRUNCATE, RENAME) commits before the snapshot is
+    // taken, so the rows and the shape read are the table's after it. A
+    // rewrite read in a snapshot older than it would show the table empty.
+    // The table is locked by its current name, found from its OID (it may
+    // have been renamed); a rename between the lookup and the lock is seen
+    // after it, and the chunk tried again.
+    let mut tries = 0;
+    let (mut tx, name, snapshot, at_us) = loop {
+        tries += 1;
+        let name: Option<String> = sqlx::query_scalar(
+            "select pg_catalog.format('%I.%I', n.nspname, c.relname) from pg_catalog.pg_class c
+             join pg_catalog.pg_namespace n on n.oid operator(pg_catalog.=) c.relnamespace
+             where c.oid operator(pg_catalog.=) $1::pg_catalog.oid",
+        )
+        .bind(i64::from(table.oid))
+        .fetch_optional(pool)
         .await?;
-    let (snapshot, at_us): (String, i64) = sqlx::query_as(
-        "select pg_catalog.pg_current_snapshot()::pg_catalog.text,
-                (extract(epoch from pg_catalog.clock_timestamp()) operator(pg_catalog.*) 1000000)::pg_catalog.int8",
-    )
-    .fetch_one(&mut *tx)
-    .await?;
-    // The shape inside the snapshot, after the table's lock: DDL waits for
-    // the chunk, so the shape is the rows' shape.
+        let Some(name) = name else {
+            return Ok(None);
+        };
+        let mut tx = pool.begin().await?;
+        sqlx::query("set transaction isolation level repeatable read, read only")
+            .execute(&mut *tx)
+            .await?;
+        let lock = format!("lock table {name} in access share mode");
+        let locked = sqlx::query(&lock).execute(&mut *tx).await;
+        match locked {
+            Ok(_) => {}
+            // Renamed or dropped since its name was read.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") && tries < 5 => {
+                continue
+            }
+            Err(e) => {
+                return Err(anyhow::Error::from(e).context(format!(
+                    "cannot lock table {name} to read its incremental snapshot"
+                )))
+            }
+        }
+        let (snapshot, at_us, now): (String, i64, Option<String>) = sqlx::query_as(
+            "select pg_catalog.pg_current_snapshot()::pg_catalog.text,
+                    (extract(epoch from pg_catalog.clock_timestamp()) operator(pg_catalog.*) 1000000)::pg_catalog.int8,
+                    (select pg_catalog.format('%I.%I', n.nspname, c.relname) from pg_catalog.pg_class c
+                       join pg_catalog.pg_namespace n on n.oid operator(pg_catalog.=) c.relnamespace
+                      where c.oid operator(pg_catalog.=) $1::pg_catalog.oid)",
+        )
+        .bind(i64::from(table.oid))
+        .fetch_one(&mut *tx)
+        .await?;
+        match now {
+            Some(now) if now == name => break (tx, name, snapshot, at_us),
+            // Dropped after the lock's name was resolved.
+            None => return Ok(None),
+            Some(now) if tries >= 5 => bail!(
+                "table {} (now {now}) keeps being renamed while its incremental snapshot reads a chunk",
+                table.info.name
+            ),
+            Some(_) => continue,
+        }
+    };
     let Some(shape) = CatalogShape::load(&mut tx, types, table.oid).await? else {
         return Ok(None);
     };
@@ -136,7 +185,7 @@ pub async fn read_chunk(
             )
         })?),
     };
-    let sql = rows_query(table, &shape, after.as_deref());
+    let sql = rows_query_of(&name, &shape, after.as_deref());
     let mut rows: Vec<String> = sqlx::query_scalar(&sql)
         .bind(chunk + 1)
         .fetch(&mut *tx)

@@ -539,13 +539,18 @@ impl SnapshotRun {
 /// as literals of the key columns' base types and compared with the key
 /// index's own operators, so no cast and no user-resolvable operator runs.
 pub(crate) fn rows_query(table: &CapturedTable, shape: &Shape, after: Option<&[String]>) -> String {
+    rows_query_of(&table.info.name.quoted(), shape, after)
+}
+
+/// [`rows_query`] of the table named `name` (quoted, schema-qualified).
+pub(crate) fn rows_query_of(name: &str, shape: &Shape, after: Option<&[String]>) -> String {
     let filter = match after {
         Some(texts) => format!("where {}", key_after_sql(&shape.key, "t", texts, false)),
         None => String::new(),
     };
     format!(
         "select pg_catalog.textin(pg_catalog.record_out(t.*)) as row from {} t {filter} order by {} limit $1",
-        table.info.name.quoted(),
+        name,
         key_order_sql(&shape.key, "t"),
     )
 }
