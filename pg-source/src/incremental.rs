@@ -55,7 +55,7 @@ use tidemark_common::offset::IncrementalProgress;
 use tidemark_common::ops::names;
 
 use crate::producer::Record;
-use crate::shape::{stored_key_texts, CatalogShape, Shape};
+use crate::shape::{stored_key_texts, CatalogShape, KeyColumn, Shape};
 use crate::snapshot::{key_display, rows_query_of};
 use crate::table::CapturedTable;
 
@@ -81,6 +81,10 @@ pub struct Incremental {
     pub pending: Option<Chunk>,
     /// After a table's snapshot failed: no chunk is read before this.
     pub retry_at: Option<Instant>,
+    /// The key index's columns of the table last read (`format('%I.%I')`):
+    /// the stream's key filter compares keys with its operators and
+    /// collations, as the chunks are ordered.
+    pub key: Option<(String, Vec<KeyColumn>)>,
     last_log: Instant,
 }
 
@@ -89,8 +93,16 @@ impl Default for Incremental {
         Self {
             pending: None,
             retry_at: None,
+            key: None,
             last_log: Instant::now(),
         }
+    }
+}
+
+impl Chunk {
+    /// The key index's columns the chunk was read in the order of.
+    pub fn key(&self) -> &[KeyColumn] {
+        &self.shape.key
     }
 }
 
@@ -214,6 +226,14 @@ pub struct Rendered {
 }
 
 impl Incremental {
+    /// The key index's columns of `table` (`format('%I.%I')`), when read.
+    pub fn key_of(&self, table: &str) -> Option<&[KeyColumn]> {
+        self.key
+            .as_ref()
+            .filter(|(t, _)| t == table)
+            .map(|(_, k)| k.as_slice())
+    }
+
     /// Renders `chunk` as the unit `commit_order` (after `prev`) and moves
     /// `progress` past it. A row whose value the codec refuses goes to the
     /// dead-letter topic (counted in the unit, so a replay sees the gap);

@@ -37,6 +37,10 @@ pub struct KeyColumn {
     pub eq: String,
     /// `operator(schema.>)` of the key's operator class.
     pub gt: String,
+    /// The key index's collation of the column (`pg_index.indcollation`,
+    /// `"schema"."name"`), for a collatable type: what its order compares
+    /// texts in.
+    pub collation: Option<String>,
 }
 
 /// A table's columns and key as the catalog has them now.
@@ -75,6 +79,7 @@ struct KeyRow {
     lt: String,
     eq: String,
     gt: String,
+    collation: Option<String>,
 }
 
 /// The live columns of a table.
@@ -97,11 +102,16 @@ select i.xmin::pg_catalog.text::pg_catalog.int8 as xmin,
        a.attname::pg_catalog.text as name,
        pg_catalog.format('operator(%I.%s)', ltn.nspname, lt.oprname) as lt,
        pg_catalog.format('operator(%I.%s)', eqn.nspname, eq.oprname) as eq,
-       pg_catalog.format('operator(%I.%s)', gtn.nspname, gt.oprname) as gt
+       pg_catalog.format('operator(%I.%s)', gtn.nspname, gt.oprname) as gt,
+       (select pg_catalog.format('%I.%I', cn.nspname, co.collname)
+          from pg_catalog.pg_collation co
+          join pg_catalog.pg_namespace cn on cn.oid operator(pg_catalog.=) co.collnamespace
+         where co.oid operator(pg_catalog.=) k.coll) as collation
 from pg_catalog.pg_index i
 cross join lateral rows from (pg_catalog.unnest(i.indkey::pg_catalog.int2[]),
-                             pg_catalog.unnest(i.indclass::pg_catalog.oid[]))
-     with ordinality as k(attnum, opclass, n)
+                             pg_catalog.unnest(i.indclass::pg_catalog.oid[]),
+                             pg_catalog.unnest(i.indcollation::pg_catalog.oid[]))
+     with ordinality as k(attnum, opclass, coll, n)
 join pg_catalog.pg_attribute a
   on a.attrelid operator(pg_catalog.=) i.indrelid and a.attnum operator(pg_catalog.=) k.attnum
 join pg_catalog.pg_opclass oc on oc.oid operator(pg_catalog.=) k.opclass
@@ -190,6 +200,7 @@ impl CatalogShape {
                     lt: k.lt,
                     eq: k.eq,
                     gt: k.gt,
+                    collation: k.collation,
                 })
             })
             .collect();
@@ -571,6 +582,7 @@ mod tests {
                 lt: "operator(pg_catalog.<)".to_owned(),
                 eq: "operator(pg_catalog.=)".to_owned(),
                 gt: "operator(pg_catalog.>)".to_owned(),
+                collation: None,
             })
             .collect()
     }

@@ -80,6 +80,7 @@ use crate::incremental::{self, Incremental};
 use crate::log::{self, LogRow, Tables};
 use crate::modes::{Batch, Capture, Committed, Wakeup};
 use crate::producer::Record;
+use crate::shape::{lexicographic_gt, CatalogShape, KeyColumn};
 use crate::shapes::{Image, Shape, Shapes};
 use crate::snapshot::{self, InitialSnapshot};
 use crate::table::CapturedTable;
@@ -421,6 +422,7 @@ impl ChangeLogMode {
         let newest_change_ms = rows.iter().map(|r| r.changed_us.div_euclid(1000)).max();
         let decoded = self.decode(rows).await?;
         let decoded = self.outside_segments(decoded).await?;
+        self.load_incremental_key().await?;
         let decoded = self.before_incremental(decoded).await?;
         for t in &self.log_tables {
             self.position.after_seq.insert(t.log_name.clone(), last_seq);
@@ -653,7 +655,13 @@ impl ChangeLogMode {
                     let image = d.after.as_ref().or(d.before.as_ref()).expect("an image");
                     checks.push((
                         i,
-                        in_range_sql(&d.shape, &image.key_text, s.lo.as_ref(), s.hi.as_ref()),
+                        in_range_sql(
+                            &d.shape,
+                            &image.key_text,
+                            s.lo.as_ref(),
+                            s.hi.as_ref(),
+                            None,
+                        ),
                     ));
                 }
             }
@@ -1029,6 +1037,7 @@ impl ChangeLogMode {
                 ..Batch::default()
             }));
         };
+        self.incremental.key = Some((chunk.table.clone(), chunk.key().to_vec()));
         if progress.last_key.is_none() && progress.rows == 0 {
             tracing::info!(table = %progress.table, reason = %progress.reason, "incremental snapshot started");
         }
@@ -1088,6 +1097,34 @@ impl ChangeLogMode {
         }
     }
 
+    /// Reads the key index's columns (operators, collations) of the table
+    /// whose incremental snapshot runs, when no chunk of it was read since
+    /// the start: the stream's key filter compares keys as its chunks do.
+    async fn load_incremental_key(&mut self) -> Result<(), SourceError> {
+        let Some(p) = self.position.incremental.first() else {
+            return Ok(());
+        };
+        if p.last_key.is_none() || self.incremental.key_of(&p.table).is_some() {
+            return Ok(());
+        }
+        let Some(t) = self.tables.iter().find(|t| t.log_name == p.table) else {
+            return Ok(());
+        };
+        let name = p.table.clone();
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| SourceError::postgres("cannot read a table's key", e))?;
+        let shape = CatalogShape::load(&mut conn, &self.types, t.oid)
+            .await
+            .map_err(SourceError::from_anyhow)?;
+        if let Some(shape) = shape {
+            self.incremental.key = Some((name, shape.key));
+        }
+        Ok(())
+    }
+
     /// Leaves out the changes of tables under an incremental snapshot that
     /// touch keys above its last key sent (a later chunk reads them); see
     /// [`crate::incremental`]. A change moving a row between the two sides
@@ -1128,9 +1165,16 @@ impl ChangeLogMode {
                 plan.push(None);
                 continue;
             };
+            let order = self.incremental.key_of(name);
             let mut check = |image: Option<&Image>| {
                 image.map(|im| {
-                    checks.push(in_range_sql(&d.shape, &im.key_text, Some(last_key), None));
+                    checks.push(in_range_sql(
+                        &d.shape,
+                        &im.key_text,
+                        Some(last_key),
+                        None,
+                        order,
+                    ));
                     checks.len() - 1
                 })
             };
@@ -1569,46 +1613,76 @@ pub(crate) async fn check_trigger(pool: &PgPool, name: &TableName) -> anyhow::Re
 /// JSON object is open), compared as the snapshot compared keys. Every
 /// value is a literal of its column's base type, read by the type's input
 /// function: no cast and no domain check runs.
+///
+/// With `order` (the key index's columns, as the chunks read them), keys
+/// compare with the index's operators and its collation, as the chunks are
+/// ordered (a text key with a collation unlike the database's, citext);
+/// without it, or when its columns are not the shape's key, with
+/// `pg_catalog`'s operators in the database's collation.
 fn in_range_sql(
     shape: &Shape,
     key: &[Option<String>],
     lo: Option<&Value>,
     hi: Option<&Value>,
+    order: Option<&[KeyColumn]>,
 ) -> String {
     let columns: Vec<_> = shape.key_codec.columns().collect();
+    let order: Option<Vec<&KeyColumn>> = order.and_then(|order| {
+        columns
+            .iter()
+            .map(|c| order.iter().find(|k| k.name == c.name))
+            .collect()
+    });
     let literal = |text: Option<&str>, i: usize| match text {
         None => "null".to_owned(),
-        Some(t) => format!("{}::{}", quote_literal(t), columns[i].ty.ty.base().sql_name),
+        Some(t) => {
+            let lit = format!("{}::{}", quote_literal(t), columns[i].ty.ty.base().sql_name);
+            match order.as_ref().and_then(|o| o[i].collation.as_ref()) {
+                Some(c) => format!("({lit} collate {c})"),
+                None => lit,
+            }
+        }
     };
-    let row = |texts: Vec<Option<String>>| {
-        format!(
-            "row({})",
-            texts
-                .iter()
-                .enumerate()
-                .map(|(i, t)| literal(t.as_deref(), i))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    };
-    let bound = |b: Option<&Value>| -> Option<String> {
-        let o = b?.as_object()?;
-        Some(row(columns
+    let literals = |texts: &[Option<String>]| -> Vec<String> {
+        texts
             .iter()
-            .map(|c| match o.get(&c.name) {
-                None | Some(Value::Null) => None,
-                Some(Value::String(s)) => Some(s.clone()),
-                Some(other) => Some(other.to_string()),
-            })
-            .collect()))
+            .enumerate()
+            .map(|(i, t)| literal(t.as_deref(), i))
+            .collect()
     };
-    let k = row(key.to_vec());
+    let bound = |b: Option<&Value>| -> Option<Vec<String>> {
+        let o = b?.as_object()?;
+        Some(literals(
+            &columns
+                .iter()
+                .map(|c| match o.get(&c.name) {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(s)) => Some(s.clone()),
+                    Some(other) => Some(other.to_string()),
+                })
+                .collect::<Vec<_>>(),
+        ))
+    };
+    let row = |l: &[String]| format!("row({})", l.join(", "));
+    let k = literals(key);
     let mut cond = Vec::new();
     if let Some(lo) = bound(lo) {
-        cond.push(format!("{k} operator(pg_catalog.>) {lo}"));
+        cond.push(match &order {
+            Some(o) => {
+                let o: Vec<KeyColumn> = o.iter().map(|c| (*c).clone()).collect();
+                lexicographic_gt(&o, &k, &lo, false)
+            }
+            None => format!("{} operator(pg_catalog.>) {}", row(&k), row(&lo)),
+        });
     }
     if let Some(hi) = bound(hi) {
-        cond.push(format!("{k} operator(pg_catalog.<=) {hi}"));
+        cond.push(match &order {
+            Some(o) => {
+                let o: Vec<KeyColumn> = o.iter().map(|c| (*c).clone()).collect();
+                lexicographic_gt(&o, &hi, &k, true)
+            }
+            None => format!("{} operator(pg_catalog.<=) {}", row(&k), row(&hi)),
+        });
     }
     if cond.is_empty() {
         "true".to_owned()
