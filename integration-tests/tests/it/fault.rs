@@ -614,12 +614,37 @@ async fn fault_injection_with(fx: Fixture, sinks_setup: Sinks) {
         committed.extend(c);
         rolled_back += r;
     }
-    let changes: usize = committed.values().map(Vec::len).sum();
     assert_eq!(
         migrations.await.unwrap(),
         MIGRATIONS.len(),
         "every migration ran"
     );
+    // One change after the last migration (which, retried across restarts,
+    // may end after the writers stop): it must carry the final shape.
+    let final_key = 1i64;
+    loop {
+        let write = async {
+            let mut c = fx.user_options().connect().await?;
+            sqlx::query(
+                "insert into streaming_update_table (id, data) values ($1, 'after the migrations')",
+            )
+            .bind(final_key)
+            .execute(&mut c)
+            .await
+        };
+        match write.await {
+            Ok(_) => break,
+            Err(e) => {
+                println!("the write after the migrations: {e}; trying again");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    }
+    committed
+        .entry(final_key)
+        .or_default()
+        .push(Some("after the migrations".to_owned()));
+    let changes: usize = committed.values().map(Vec::len).sum();
 
     // Wait for the stream to catch up.
     let deadline = Instant::now() + Duration::from_secs(180);
@@ -749,7 +774,11 @@ async fn fault_injection_with(fx: Fixture, sinks_setup: Sinks) {
             "a renamed column under both names: {row}"
         );
     }
-    let last = rows.last().expect("rows were written");
+    let last = rows
+        .iter()
+        .rev()
+        .find(|r| r["id"] == final_key)
+        .expect("the change after the migrations");
     assert!(
         last.get("note").is_some()
             && last.get("soft_deleted").is_some()
