@@ -299,6 +299,12 @@ pub struct LogicalMode {
     done: PgSnapshot,
     snapshot: InitialSnapshot,
     stream: Option<LogicalStream>,
+    /// The position last committed to Kafka (or the slot's own, before the
+    /// first commit): all a reopened stream may confirm to the slot. The
+    /// in-memory position can be ahead of it (a keepalive moves it between
+    /// commits); confirming that would put the slot past the stored
+    /// position, and a crash then would refuse every start.
+    committed_lsn: u64,
     /// When a batch last committed: with only other tables' changes
     /// passing, the position is committed every [`POSITION_ONLY_EVERY`].
     last_commit: Instant,
@@ -394,8 +400,10 @@ impl LogicalMode {
         position.tables = Some(reading);
         let snapshot = InitialSnapshot::start(pool, &types, &tables, &mut position, fresh).await?;
         let done = PgSnapshot::parse(&position.done)?;
+        let committed_lsn = position.lsn;
         Ok(Self {
             cfg,
+            committed_lsn,
             pool: pool.clone(),
             target: target.clone(),
             types,
@@ -460,7 +468,7 @@ impl LogicalMode {
                 .with_port(t.port)
                 .with_tls(tls)
                 .with_start_lsn(Lsn(at))
-                .with_ack_lsn(Lsn(at))
+                .with_ack_lsn(Lsn(at.min(self.committed_lsn)))
                 .with_status_interval(Duration::from_secs(1))
                 .with_buffer_size(1024)
                 .with_application_name("tidemark-pg-source")
@@ -487,7 +495,9 @@ impl LogicalMode {
             skip,
             xid_base: xid_base as u64,
             slot: slot.to_owned(),
-            acked: at,
+            // What the slot was told: a position ahead of it is committed
+            // (position only) and confirmed like any other.
+            acked: at.min(self.committed_lsn),
             last_commit: at,
             pending: Vec::new(),
             conn,
@@ -1589,6 +1599,7 @@ impl Capture for LogicalMode {
     async fn committed(&mut self, done: &Committed) {
         self.last_commit = Instant::now();
         let lsn = self.position.lsn;
+        self.committed_lsn = lsn;
         if let Some(s) = self.stream.as_mut() {
             s.acked = lsn;
             s.client.update_applied_lsn(Lsn(lsn));
