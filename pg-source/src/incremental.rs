@@ -187,6 +187,7 @@ pub async fn read_chunk(
             table.info.name
         );
     }
+    shape.literal_safe_key(&table.info.name)?;
     let shape = Arc::new(Shape::new(table.origin.clone(), shape.columns, shape.key)?);
     let after = match &progress.last_key {
         None => None,

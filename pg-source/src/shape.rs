@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::Value;
 use sqlx::PgConnection;
 use tidemark_common::codec::{
-    CodecError, ColumnSpec, ColumnType, Oid, RowCodec, TypeCache, Variants,
+    CodecError, ColumnSpec, ColumnType, Oid, RowCodec, TypeCache, Variants, FIRST_NORMAL_OID,
 };
 use tidemark_common::envelope::{ChangeEnvelope, RecordTemplate};
 use tidemark_common::names::{quote_ident, quote_literal};
@@ -41,6 +41,13 @@ pub struct KeyColumn {
     /// `"schema"."name"`), for a collatable type: what its order compares
     /// texts in.
     pub collation: Option<String>,
+    /// A domain with a CHECK constraint inside the literal type
+    /// (`"public"."d"` of a key of `public.d[]`, of a composite or range
+    /// with such a field or subtype): a literal's input would run the
+    /// CHECK, code of the domain's owner, in pg-source's session. Such a
+    /// key cannot bound a keyset read, and the table cannot be snapshotted
+    /// (see [`CatalogShape::literal_safe_key`]).
+    pub literal_check: Option<String>,
 }
 
 /// A table's columns and key as the catalog has them now.
@@ -141,7 +148,77 @@ order by k.n
 limit 32
 "#;
 
+/// The first domain with a CHECK constraint that a literal of type `$1`
+/// (never itself a domain: the literal is of a domain's base type) would
+/// run the input of: one reached through array elements, composite fields,
+/// range subtypes and multiranges' ranges, at any depth (`"public"."d"`).
+const CHECKED_DOMAIN_SQL: &str = r#"
+with recursive reach(oid, depth) as (
+  select $1::pg_catalog.oid, 0
+  union
+  select e.child, r.depth operator(pg_catalog.+) 1
+  from reach r
+  cross join lateral (
+    select t.typbasetype as child from pg_catalog.pg_type t
+     where t.oid operator(pg_catalog.=) r.oid and t.typtype operator(pg_catalog.=) 'd'
+    union all
+    select t.typelem from pg_catalog.pg_type t
+     where t.oid operator(pg_catalog.=) r.oid and t.typelem operator(pg_catalog.<>) 0
+       and t.typlen operator(pg_catalog.=) -1
+    union all
+    select a.atttypid from pg_catalog.pg_type t
+      join pg_catalog.pg_attribute a on a.attrelid operator(pg_catalog.=) t.typrelid
+     where t.oid operator(pg_catalog.=) r.oid and t.typtype operator(pg_catalog.=) 'c'
+       and a.attnum operator(pg_catalog.>) 0 and not a.attisdropped
+    union all
+    select g.rngsubtype from pg_catalog.pg_range g where g.rngtypid operator(pg_catalog.=) r.oid
+    union all
+    select g.rngtypid from pg_catalog.pg_range g where g.rngmultitypid operator(pg_catalog.=) r.oid
+  ) e
+  where r.depth operator(pg_catalog.<) 16
+)
+select pg_catalog.format('%I.%I', n.nspname, t.typname)
+from reach r
+join pg_catalog.pg_type t on t.oid operator(pg_catalog.=) r.oid
+join pg_catalog.pg_namespace n on n.oid operator(pg_catalog.=) t.typnamespace
+where t.typtype operator(pg_catalog.=) 'd'
+  and exists (select 1 from pg_catalog.pg_constraint c
+               where c.contypid operator(pg_catalog.=) t.oid and c.contype operator(pg_catalog.=) 'c')
+order by r.depth
+limit 1
+"#;
+
 impl CatalogShape {
+    /// Fails when a key column's literals would run a domain's CHECK (see
+    /// [`KeyColumn::literal_check`]): snapshots read a table in key order
+    /// from a key written as literals, so such a table cannot be
+    /// snapshotted without running its owner's code with pg-source's
+    /// privileges. The error names the table, the column, the domain and
+    /// the fix.
+    pub fn literal_safe_key(&self, table: &dyn std::fmt::Display) -> anyhow::Result<()> {
+        let Some((k, domain)) = self
+            .key
+            .iter()
+            .find_map(|k| k.literal_check.as_ref().map(|d| (k, d)))
+        else {
+            return Ok(());
+        };
+        let ty = self
+            .columns
+            .iter()
+            .find(|c| c.name == k.name)
+            .map(|c| c.ty.sql_type().to_owned())
+            .unwrap_or_default();
+        anyhow::bail!(
+            "table {table}: primary key column {} has type {ty}, which holds domain {domain} with a CHECK \
+             constraint; pg-source reads a table in key order from keys written as literals, and a literal's \
+             input would run that CHECK (code of the domain's owner) with pg-source's privileges, so the table \
+             cannot be snapshotted. Fix: give the key column a type without such a domain (for an array of a \
+             domain, its base type's array) and put the check on the table (alter table ... add check (...))",
+            quote_ident(&k.name)
+        )
+    }
+
     /// Reads a table's columns, their types (through `types`) and its
     /// primary key; `None` when the table no longer exists (or was dropped
     /// while it was read).
@@ -190,20 +267,31 @@ impl CatalogShape {
             .await?;
         xmins.extend(keys.iter().map(|k| k.xmin as u32));
         let changed_by = newest_xid(&xmins);
-        let key = keys
-            .into_iter()
-            .filter_map(|k| {
-                let col = columns.iter().find(|c| c.name == k.name)?;
-                Some(KeyColumn {
-                    literal_type: literal_type(&col.ty),
-                    name: k.name,
-                    lt: k.lt,
-                    eq: k.eq,
-                    gt: k.gt,
-                    collation: k.collation,
-                })
-            })
-            .collect();
+        let mut key = Vec::with_capacity(keys.len());
+        for k in keys {
+            let Some(col) = columns.iter().find(|c| c.name == k.name) else {
+                continue;
+            };
+            let base = col.ty.ty.base();
+            // A built-in type holds no domain; a user type may.
+            let literal_check = if base.oid < FIRST_NORMAL_OID {
+                None
+            } else {
+                sqlx::query_scalar(CHECKED_DOMAIN_SQL)
+                    .bind(i64::from(base.oid))
+                    .fetch_optional(&mut *conn)
+                    .await?
+            };
+            key.push(KeyColumn {
+                literal_type: literal_type(&col.ty),
+                name: k.name,
+                lt: k.lt,
+                eq: k.eq,
+                gt: k.gt,
+                collation: k.collation,
+                literal_check,
+            });
+        }
         // Dropped while it was read (the queries above then found nothing):
         // a table that exists now existed all along, since a dropped table's
         // OID does not come back.
@@ -583,6 +671,7 @@ mod tests {
                 eq: "operator(pg_catalog.=)".to_owned(),
                 gt: "operator(pg_catalog.>)".to_owned(),
                 collation: None,
+                literal_check: None,
             })
             .collect()
     }

@@ -296,6 +296,7 @@ impl SnapshotRun {
                     t.info.name
                 );
             }
+            shape.literal_safe_key(&t.info.name)?;
             let shape = Shape::new(t.origin.clone(), shape.columns, shape.key)?;
             shapes.insert(
                 name.clone(),
