@@ -24,7 +24,15 @@ pub struct PgTarget {
     /// Where the calling program takes the user and password from, for the
     /// message of a refused login (see [`Self::with_credentials`]).
     credentials: String,
+    /// What to do about a database that does not exist (see
+    /// [`Self::with_missing_database`]).
+    missing_database: &'static str,
 }
+
+/// What a missing database's message says by default: the capture side's
+/// schema-init creates it.
+const MISSING_DATABASE: &str =
+    "run schema-init first (it creates the database), or fix the database in the URL";
 
 /// What a replication connection needs that [`PgConnectOptions`] does not
 /// give back: the same password and TLS files the pool uses, from the same
@@ -201,6 +209,7 @@ impl PgTarget {
             display,
             replication,
             credentials: format!("the user and password of {key} (or PGPASSWORD)"),
+            missing_database: MISSING_DATABASE,
         })
     }
 
@@ -238,6 +247,7 @@ impl PgTarget {
             display,
             replication,
             credentials: format!("the user and password in {key} (or PGPASSWORD)"),
+            missing_database: MISSING_DATABASE,
         })
     }
 
@@ -246,6 +256,14 @@ impl PgTarget {
     /// refused login: `check {credentials}`.
     pub fn with_credentials(mut self, credentials: impl Into<String>) -> Self {
         self.credentials = credentials.into();
+        self
+    }
+
+    /// Says what to do when the database does not exist, for a program
+    /// whose database schema-init does not create (pg-replay's target):
+    /// `the database does not exist: {hint}`.
+    pub fn with_missing_database(mut self, hint: &'static str) -> Self {
+        self.missing_database = hint;
         self
     }
 
@@ -281,6 +299,7 @@ impl PgTarget {
             display: self.display.clone(),
             replication,
             credentials: self.credentials.clone(),
+            missing_database: self.missing_database,
         }
     }
 
@@ -295,6 +314,7 @@ impl PgTarget {
             display,
             replication: self.replication.clone(),
             credentials: self.credentials.clone(),
+            missing_database: self.missing_database,
         }
     }
 
@@ -487,10 +507,7 @@ pub fn explain(e: sqlx::Error, target: &PgTarget) -> anyhow::Error {
                     target.credentials
                 )
             }
-            Some("3D000") => {
-                "the database does not exist: run schema-init first, or fix the database in the URL"
-                    .into()
-            }
+            Some("3D000") => format!("the database does not exist: {}", target.missing_database),
             Some("42501") => {
                 "permission denied: grant the user access, or connect as the table's owner".into()
             }

@@ -277,9 +277,11 @@ pub fn parse_url_with(
     file_flag: &str,
     password_file: Option<&std::path::Path>,
 ) -> anyhow::Result<PgTarget> {
-    let target = parse_url(flag, url)?.with_credentials(format!(
-        "the user and password in {flag} (or {file_flag}, PGPASSWORD)"
-    ));
+    let target = parse_url(flag, url)?
+        .with_credentials(format!(
+            "the user and password in {flag} (or {file_flag}, PGPASSWORD)"
+        ))
+        .with_missing_database("create it first (createdb NAME), or fix the database in the URL");
     Ok(match password_file {
         Some(path) => {
             let secret = tidemark_common::secret::read_secret_file(file_flag, path)?;

@@ -186,6 +186,34 @@ async fn pg_replay_with_a_wrong_password_names_its_own_flags() {
     }
 }
 
+/// A target database that does not exist: pg-replay says to create it, not
+/// to run schema-init (which creates the capture side's database, never a
+/// restore's target).
+#[tokio::test]
+async fn pg_replay_into_a_missing_database_says_to_create_it() {
+    let mut u = url::Url::parse(&database_url()).unwrap();
+    u.set_path("/tm_no_such_database");
+    let archive = tempfile::NamedTempFile::new().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_it-pg-replay"))
+        .args([
+            "--input",
+            archive.path().to_str().unwrap(),
+            "--target-url",
+            u.as_str(),
+            "--http-addr",
+            "off",
+        ])
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("does not exist") && err.contains("createdb"),
+        "{err}"
+    );
+    assert!(!err.contains("schema-init"), "{err}");
+}
+
 /// Every series in a Prometheus scrape belongs to a family with `# HELP`
 /// and `# TYPE` lines.
 fn every_family_is_described(program: &str, body: &str) {
