@@ -94,6 +94,16 @@ struct Cli {
     #[arg(long, env = "TIDEMARK_BATCH_MAX_ROWS")]
     batch_max_rows: Option<String>,
 
+    /// `batch.linger.ms` (25): logical and changelog modes, while
+    /// streaming: a Kafka transaction commits when its batch is full
+    /// (batch.max.rows) or this long after the last batch stopped reading,
+    /// whichever comes first, so a steady stream of commits makes about one
+    /// Kafka transaction per linger however high its rate. A change waits at
+    /// most about the linger plus one commit; 0 sends what is read at once
+    /// (at most 5000).
+    #[arg(long, env = "TIDEMARK_BATCH_LINGER_MS")]
+    batch_linger_ms: Option<String>,
+
     /// `timestamp.delay.interval.ms` (0): extra lag behind the clock. Not
     /// needed for safety: open transactions already hold the poll back.
     #[arg(long, env = "TIDEMARK_TIMESTAMP_DELAY_INTERVAL_MS")]
@@ -160,13 +170,6 @@ struct Cli {
     #[arg(long, env = "TIDEMARK_PROBE_INTERVAL", default_value = "20ms", value_parser = humantime::parse_duration)]
     probe_interval: std::time::Duration,
 
-    /// Logical mode: how long a batch waits for more transactions after its
-    /// first change (`10ms`; `0ms` sends each as soon as it is read, at most
-    /// `5s`). Under many small commits, fewer and larger Kafka transactions
-    /// cost less, for at most this much latency.
-    #[arg(long, env = "TIDEMARK_LINGER", default_value = "10ms", value_parser = humantime::parse_duration)]
-    linger: std::time::Duration,
-
     /// Check instead of run: read the configuration, connect to Postgres
     /// and Kafka, and print everything that would stop or weaken a run
     /// (privileges, wal_level, the slot, each table and its primary key and
@@ -227,6 +230,7 @@ fn config(cli: Cli) -> anyhow::Result<crate::Config> {
         ("connection.attempts", cli.connection_attempts),
         ("connection.backoff.ms", cli.connection_backoff_ms),
         ("batch.max.rows", cli.batch_max_rows),
+        ("batch.linger.ms", cli.batch_linger_ms),
         (
             "timestamp.delay.interval.ms",
             cli.timestamp_delay_interval_ms,
@@ -260,7 +264,7 @@ fn config(cli: Cli) -> anyhow::Result<crate::Config> {
             }
             c.probe_interval = cli.probe_interval;
         }
-        crate::ModeConfig::Logical(l) => l.set_linger(cli.linger)?,
+        crate::ModeConfig::Logical(_) => {}
     }
     cfg.http_addr = tidemark_common::program::parse_http_addr(&cli.http_addr)?;
     Ok(cfg)

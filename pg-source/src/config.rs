@@ -42,6 +42,7 @@ pub const KEYS: KeySet = KeySet {
         "heartbeat.topics.prefix",
         "snapshot.fetch.size",
         "snapshot.transaction.max.rows",
+        "batch.linger.ms",
     ],
     ignored: &[
         (
@@ -229,6 +230,11 @@ pub struct ChangeLogConfig {
     /// `batch.max.rows`: change-log rows per chunk (and per Kafka
     /// transaction) while streaming.
     pub batch_max_rows: i64,
+    /// `batch.linger.ms`: under a steady stream of commits, a new snapshot
+    /// of the change log is taken no sooner than this after the last one
+    /// that found changes, so one Kafka transaction holds every commit of
+    /// that time (a unit that filled a chunk is followed at once).
+    pub batch_linger: Duration,
     /// `snapshot.fetch.size`: rows per read of an initial snapshot (its
     /// Kafka transactions hold several reads, see [`crate::snapshot`]).
     pub snapshot_fetch_size: i64,
@@ -276,9 +282,10 @@ pub struct LogicalConfig {
     pub snapshot_transaction_rows: usize,
     /// `slot.name`: the replication slot.
     pub slot_name: String,
-    /// `--linger`: how long a batch waits for more transactions after its
-    /// first change.
-    pub linger: Duration,
+    /// `batch.linger.ms`: a batch holds the transactions read within this
+    /// time after the last batch stopped reading, unless it fills first
+    /// (`batch.max.rows`); see [`DEFAULT_BATCH_LINGER`].
+    pub batch_linger: Duration,
 }
 
 /// `skipped.operations` (Debezium's key): the operations whose events
@@ -346,13 +353,27 @@ impl SkippedOps {
 /// 20 ms, for about 50 one-row queries a second while idle.
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(20);
 
-/// The default of [`LogicalConfig::linger`]: under many small commits,
-/// fewer and larger Kafka transactions, for at most this much latency.
-pub const DEFAULT_LINGER: Duration = Duration::from_millis(10);
+/// The default of `batch.linger.ms`: a streaming Kafka transaction commits
+/// when its batch is full (`batch.max.rows`) or when this much time has
+/// passed since the previous batch stopped reading, whichever comes first.
+/// Every transaction costs the broker about the same (its coordinator's
+/// log, the markers, the requests), whatever it holds, so under a steady
+/// stream of commits the number of transactions is about one per linger,
+/// however high the rate, and what a change waits for is at most the
+/// linger plus one commit.
+pub const DEFAULT_BATCH_LINGER_MS: u64 = 25;
 
-/// The longest [`LogicalConfig::linger`] accepted: more would only add
-/// latency.
-pub const MAX_LINGER: Duration = Duration::from_secs(5);
+/// The longest `batch.linger.ms` accepted: more would only add latency.
+pub const MAX_BATCH_LINGER_MS: i64 = 5000;
+
+fn batch_linger(c: &ConnectorConfig) -> Result<Duration, ConfigError> {
+    let ms = c.int(
+        "batch.linger.ms",
+        DEFAULT_BATCH_LINGER_MS as i64,
+        0..=MAX_BATCH_LINGER_MS,
+    )?;
+    Ok(Duration::from_millis(ms as u64))
+}
 
 fn boolean(c: &ConnectorConfig, key: &str, default: &str) -> Result<bool, ConfigError> {
     match c.get(key).unwrap_or(default) {
@@ -451,6 +472,7 @@ impl ChangeLogConfig {
             skipped: SkippedOps::from_connector(c)?,
             initial_snapshot: initial_snapshot(c)?,
             batch_max_rows: batch_max_rows(c)?,
+            batch_linger: batch_linger(c)?,
             snapshot_fetch_size: snapshot_fetch_size(c)?,
             snapshot_transaction_rows: snapshot_transaction_rows(c)?,
             poll_interval: c.millis("poll.interval.ms", 5000)?,
@@ -510,23 +532,8 @@ impl LogicalConfig {
             snapshot_fetch_size: snapshot_fetch_size(c)?,
             snapshot_transaction_rows: snapshot_transaction_rows(c)?,
             slot_name,
-            linger: DEFAULT_LINGER,
+            batch_linger: batch_linger(c)?,
         })
-    }
-
-    /// Sets the linger (`--linger`).
-    ///
-    /// Fails when it is above [`MAX_LINGER`], naming the flag.
-    pub fn set_linger(&mut self, linger: Duration) -> Result<(), ConfigError> {
-        if linger > MAX_LINGER {
-            return Err(ConfigError::invalid(
-                "--linger (TIDEMARK_LINGER)",
-                &humantime::format_duration(linger).to_string(),
-                "expected at most 5s; a batch waits this long after its first change for more transactions",
-            ));
-        }
-        self.linger = linger;
-        Ok(())
     }
 }
 
@@ -767,6 +774,8 @@ mod tests {
             ("snapshot.mode", "always"),
             ("batch.max.rows", "0"),
             ("skipped.operations", "c,x"),
+            ("batch.linger.ms", "5001"),
+            ("batch.linger.ms", "-1"),
         ] {
             let err = ChangeLogConfig::from_connector(&connector(&[(key, value)])).unwrap_err();
             assert!(err.to_string().contains(key), "{err}");
@@ -774,18 +783,24 @@ mod tests {
     }
 
     #[test]
-    fn logical_mode_derives_or_checks_the_slot_name_and_bounds_the_linger() {
-        let mut l = LogicalConfig::from_connector(&connector(&[])).unwrap();
+    fn logical_mode_derives_or_checks_the_slot_name_and_bounds_the_batch_linger() {
+        let l = LogicalConfig::from_connector(&connector(&[])).unwrap();
         assert!(
             l.slot_name.starts_with("tidemark_my_connector_"),
             "{}",
             l.slot_name
         );
-        assert_eq!(l.linger, DEFAULT_LINGER);
-        l.set_linger(Duration::from_millis(50)).unwrap();
-        assert_eq!(l.linger, Duration::from_millis(50));
-        let err = l.set_linger(Duration::from_secs(60)).unwrap_err();
-        assert!(err.to_string().contains("--linger"), "{err}");
+        assert_eq!(
+            l.batch_linger,
+            Duration::from_millis(DEFAULT_BATCH_LINGER_MS)
+        );
+        let l = LogicalConfig::from_connector(&connector(&[("batch.linger.ms", "0")])).unwrap();
+        assert_eq!(l.batch_linger, Duration::ZERO);
+        let c = ChangeLogConfig::from_connector(&connector(&[("batch.linger.ms", "50")])).unwrap();
+        assert_eq!(c.batch_linger, Duration::from_millis(50));
+        let err =
+            LogicalConfig::from_connector(&connector(&[("batch.linger.ms", "60000")])).unwrap_err();
+        assert!(err.to_string().contains("batch.linger.ms"), "{err}");
         let named = LogicalConfig::from_connector(&connector(&[("slot.name", "mine")])).unwrap();
         assert_eq!(named.slot_name, "mine");
         let err =

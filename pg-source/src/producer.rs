@@ -69,11 +69,24 @@ pub struct Acks {
     changed: Condvar,
 }
 
-#[derive(Default)]
 struct AckState {
     done: u64,
     /// The first failed delivery, with its record's topic, key and size.
     first_error: Option<(KafkaError, Failed)>,
+    /// The count a waiting batch waits for (`u64::MAX`: none waits): the
+    /// deliveries before it wake no one, so a batch of many records wakes
+    /// its thread once, not once per record.
+    wanted: u64,
+}
+
+impl Default for AckState {
+    fn default() -> Self {
+        Self {
+            done: 0,
+            first_error: None,
+            wanted: u64::MAX,
+        }
+    }
 }
 
 /// The record a delivery or a send failed for, for the message.
@@ -110,18 +123,23 @@ impl Acks {
     /// whether it did.
     fn wait_for(&self, target: u64, until: Instant) -> bool {
         let mut state = self.lock();
-        while state.done < target {
+        let reached = loop {
+            if state.done >= target {
+                break true;
+            }
             let now = Instant::now();
             if now >= until {
-                return false;
+                break false;
             }
+            state.wanted = target;
             state = self
                 .changed
                 .wait_timeout(state, until - now)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
-        }
-        true
+        };
+        state.wanted = u64::MAX;
+        reached
     }
 
     fn take_error(&self) -> Option<(KafkaError, Failed)> {
@@ -143,8 +161,11 @@ impl ProducerContext for Acks {
             });
         }
         state.done += 1;
+        let wake = state.done >= state.wanted;
         drop(state);
-        self.changed.notify_all();
+        if wake {
+            self.changed.notify_all();
+        }
     }
 }
 

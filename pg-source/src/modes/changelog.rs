@@ -167,6 +167,12 @@ pub struct ChangeLogMode {
     /// The time of the last snapshot that showed nothing left to send:
     /// every batch taken before it is sent.
     caught_up_us: Option<i64>,
+    /// When the last snapshot that began a batch was taken: the next is
+    /// taken `batch.linger.ms` after it at the soonest.
+    batch_taken: Option<Instant>,
+    /// A chunk of the last batch was full (`batch.max.rows`): the next
+    /// snapshot is taken at once.
+    batch_full: bool,
 }
 
 /// What finding tables while running needs: the patterns of
@@ -337,6 +343,8 @@ impl ChangeLogMode {
             heartbeat_topic: None,
             last_sent: Instant::now(),
             caught_up_us: None,
+            batch_taken: None,
+            batch_full: false,
         };
         mode.heartbeat_topic = mode.cfg.heartbeat_topic(connector);
         mode.reconcile();
@@ -345,6 +353,31 @@ impl ChangeLogMode {
             InitialSnapshot::start(pool, &mode.types, &mode.tables, &mut mode.position, fresh)
                 .await?;
         Ok(mode)
+    }
+
+    /// Batching by time: before a new snapshot of the change log, waits
+    /// until `batch.linger.ms` has passed since the last one that began a
+    /// batch, so under a steady stream of commits one batch (and one Kafka
+    /// transaction, unless it fills a chunk) holds every commit of a
+    /// linger. No wait inside a batch, after a batch that filled a chunk
+    /// (pg-source is behind), or when the last batch began longer ago than
+    /// the linger (the first commits after a pause go at once). Returns
+    /// `false` when stopped meanwhile.
+    async fn linger(&self, shutdown: &CancellationToken) -> bool {
+        if self.position.batch.is_some() || self.batch_full {
+            return true;
+        }
+        let Some(left) = self
+            .batch_taken
+            .map(|t| (t + self.cfg.batch_linger).saturating_duration_since(Instant::now()))
+            .filter(|left| !left.is_zero())
+        else {
+            return true;
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = tokio::time::sleep(left) => true,
+        }
     }
 
     /// Reads the next chunk of changes, or `None` when caught up. Advances
@@ -359,6 +392,7 @@ impl ChangeLogMode {
         let pg = |what: &'static str| move |e: sqlx::Error| SourceError::postgres(what, e);
         let had_rows = !self.position.after_seq.is_empty();
         if self.position.batch.is_none() {
+            let taken = Instant::now();
             let (cur, at_us): (String, i64) = sqlx::query_as(
                 "select pg_catalog.pg_current_snapshot()::pg_catalog.text,
                         (extract(epoch from pg_catalog.clock_timestamp()) operator(pg_catalog.*) 1000000)::pg_catalog.int8",
@@ -372,6 +406,8 @@ impl ChangeLogMode {
             }
             self.position.batch = Some(cur);
             self.position.batch_us = Some(at_us);
+            self.batch_taken = Some(taken);
+            self.batch_full = false;
         }
         let cur = self.position.batch.clone().expect("set above");
         // Every table's changes up to the same seq are read (a 0.1 position
@@ -400,6 +436,7 @@ impl ChangeLogMode {
         .await
         .map_err(pg("cannot read the change log"))?;
         let more = rows.len() as i64 > chunk;
+        self.batch_full |= more;
         rows.truncate(chunk as usize);
         let Some(last_seq) = rows.last().map(|r| r.seq) else {
             // Every change of the batch is sent: it is done.
@@ -1743,6 +1780,9 @@ impl Capture for ChangeLogMode {
         self.reconcile();
         if let Some(batch) = self.incremental_step().await? {
             return Ok(Some(batch));
+        }
+        if !self.linger(shutdown).await {
+            return Ok(None);
         }
         match self.next_changes().await? {
             Some(batch) => Ok(Some(batch)),

@@ -118,7 +118,7 @@ async fn a_snapshot_s_kafka_transactions_hold_several_reads() {
 }
 
 /// Every position record of the offsets topic `topic`, committed ones only.
-fn positions(topic: &str) -> Vec<serde_json::Value> {
+pub(super) fn positions(topic: &str) -> Vec<serde_json::Value> {
     use rdkafka::consumer::BaseConsumer;
     let consumer: BaseConsumer = crate::support::kafka()
         .client_config(&[

@@ -5,6 +5,7 @@
 
 mod added;
 mod added_holes;
+mod batching;
 mod ddl;
 mod heartbeat;
 mod security;

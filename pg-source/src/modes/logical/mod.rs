@@ -91,6 +91,11 @@ const IDLE_RETURN: Duration = Duration::from_secs(1);
 /// Postgres recycle its WAL.
 const POSITION_ONLY_EVERY: Duration = Duration::from_secs(5);
 
+/// While a batch lingers, how long it sleeps before it takes what the
+/// stream has buffered meanwhile (the buffer holds 1024 messages, a few ms
+/// of the fastest stream).
+const LINGER_SLICE: Duration = Duration::from_millis(5);
+
 /// While idle, how often to look whether a captured table was dropped.
 const GONE_CHECK_EVERY: Duration = Duration::from_secs(10);
 
@@ -305,6 +310,9 @@ pub struct LogicalMode {
     /// commits); confirming that would put the slot past the stored
     /// position, and a crash then would refuse every start.
     committed_lsn: u64,
+    /// When the last batch of changes stopped reading: the next batch's
+    /// linger runs from there.
+    read_ended: Option<Instant>,
     /// When a batch last committed: with only other tables' changes
     /// passing, the position is committed every [`POSITION_ONLY_EVERY`].
     last_commit: Instant,
@@ -412,6 +420,7 @@ impl LogicalMode {
             done,
             snapshot,
             stream: None,
+            read_ended: None,
             last_commit: Instant::now(),
             last_gone_check: Instant::now(),
             position_key,
@@ -547,10 +556,16 @@ impl LogicalMode {
         }
     }
 
-    /// Reads until a batch is ready: `batch.max.rows` changes, or every
-    /// transaction the stream has sent so far. Returns `None` after
-    /// [`IDLE_RETURN`] with nothing to send. Moves the position to what the
-    /// batch covers.
+    /// Reads until a batch is ready: `batch.max.rows` changes, or the
+    /// transactions read until `batch.linger.ms` after the last batch
+    /// stopped reading (a change read later than that goes with what is
+    /// already there, at once). Returns `None` after [`IDLE_RETURN`] with
+    /// nothing to send. Moves the position to what the batch covers.
+    ///
+    /// While the linger runs, the step sleeps in slices of [`LINGER_SLICE`]
+    /// and takes what the stream's buffer holds after each, rather than
+    /// waking for every message: under many small commits that is most of
+    /// what reading costs pg-source.
     ///
     /// Fails on a stream or decoding error.
     async fn stream_step(&mut self) -> Result<Option<Batch>, SourceError> {
@@ -558,10 +573,15 @@ impl LogicalMode {
             self.stream = Some(self.open_stream().await?);
         }
         let mut changes: Vec<Decoded> = Vec::new();
-        let mut first_change = Instant::now();
         let started = Instant::now();
         let chunk = self.cfg.batch_max_rows;
-        let linger = self.cfg.linger;
+        // The batch's linger: it began when the last batch stopped reading
+        // (what came since has waited for that batch's commit already); a
+        // first batch, or one after a pause longer than the linger, takes
+        // what is there and goes.
+        let deadline = self
+            .read_ended
+            .map_or(started, |t| t + self.cfg.batch_linger);
         let position_only = |what| Batch {
             what,
             ..Batch::default()
@@ -585,18 +605,20 @@ impl LogicalMode {
                 }
             } else if caught_up {
                 // Between transactions with changes in hand: take what is
-                // already here, and what comes within the linger of the
-                // batch's first change, then send. Fewer, larger Kafka
-                // transactions cost the machine less under many small
-                // commits; the linger bounds what that adds to latency.
-                let left = linger.saturating_sub(first_change.elapsed());
+                // already here, and what comes until the linger is over,
+                // then send. Fewer, larger Kafka transactions cost the
+                // broker and pg-source less under many small commits; the
+                // linger bounds what that adds to latency.
                 match s.client.recv().now_or_never() {
                     Some(ev) => ev,
-                    None if left.is_zero() => break,
-                    None => match tokio::time::timeout(left, s.client.recv()).await {
-                        Ok(ev) => ev,
-                        Err(_) => break,
-                    },
+                    None => {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            break;
+                        }
+                        tokio::time::sleep(left.min(LINGER_SLICE)).await;
+                        continue;
+                    }
                 }
             } else {
                 s.client.recv().await
@@ -649,9 +671,6 @@ impl LogicalMode {
                             s.pending.extend(decoded);
                             break 'read;
                         }
-                        if changes.is_empty() {
-                            first_change = Instant::now();
-                        }
                         changes.push(d);
                     }
                 }
@@ -702,6 +721,9 @@ impl LogicalMode {
             }
         }
         let rows = changes.len();
+        if rows > 0 {
+            self.read_ended = Some(Instant::now());
+        }
         let newest_change_ms = changes.iter().map(|c| c.changed_ms).max();
         let s = self.stream.as_mut().expect("opened above");
         let complete = changes
