@@ -451,7 +451,7 @@ fn send_blocking(
             *failed.borrow_mut() = Some(record);
             return Err(transaction_cause(producer, e, &committed_anyway));
         }
-        producer.commit_transaction(TXN_TIMEOUT)
+        commit(producer, stop)
     };
     let result = run();
     // Only the waits above give `Canceled`: the program is stopping.
@@ -487,6 +487,39 @@ fn send_blocking(
                 abort(producer)?;
             }
             Err(err)
+        }
+    }
+}
+
+/// Commits the open transaction. A commit that times out (the brokers went
+/// away in the middle of it) goes on in librdkafka's background: it is
+/// resumed until it ends, never aborted, since an abort then only fails
+/// with "conflicting commit_transaction API call is already in progress"
+/// (pg-source waited out its whole abort patience so, stalled), and the
+/// commit may well have reached the broker. Gives up with `Canceled` when
+/// the program stops meanwhile: the next start fences this producer and
+/// reads back whatever the broker committed.
+fn commit(producer: &Producer, stop: &CancellationToken) -> Result<(), KafkaError> {
+    let deadline = Instant::now() + ABORT_PATIENCE;
+    let mut logged = false;
+    loop {
+        match producer.commit_transaction(TXN_TIMEOUT) {
+            Err(KafkaError::Transaction(e))
+                if e.is_retriable()
+                    && !e.txn_requires_abort()
+                    && !e.is_fatal()
+                    && Instant::now() < deadline =>
+            {
+                if stop.is_cancelled() {
+                    return Err(KafkaError::Canceled);
+                }
+                if !logged {
+                    tracing::warn!(error = %e, "the Kafka commit has not finished yet; resuming it");
+                    logged = true;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            other => return other,
         }
     }
 }
