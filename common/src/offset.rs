@@ -163,6 +163,15 @@ pub struct LogicalPosition {
     /// stored before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tables: Option<BTreeSet<String>>,
+    /// The incremental snapshots to do, the one being read first (as in
+    /// [`ChangeLogPosition::incremental`]; pg-source's
+    /// `modes::logical::added` says how logical mode lines a chunk up with
+    /// the replication stream).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub incremental: Vec<IncrementalProgress>,
+    /// Tables that left the set (as in [`ChangeLogPosition::left`]).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub left: BTreeSet<String>,
 }
 
 /// Which units a connector has sent, for `transaction.prev_commit_order`:

@@ -55,7 +55,7 @@ use tidemark_common::offset::IncrementalProgress;
 use tidemark_common::ops::names;
 
 use crate::producer::Record;
-use crate::shape::{stored_key_texts, CatalogShape, KeyColumn, Shape};
+use crate::shape::{stored_key_texts, CatalogShape, Encoded, KeyColumn, Shape};
 use crate::snapshot::{key_display, rows_query_of};
 use crate::table::CapturedTable;
 
@@ -68,6 +68,9 @@ pub struct Chunk {
     pub snapshot: String,
     /// When that snapshot was taken, µs since the epoch.
     pub at_us: i64,
+    /// `logical` mode: the WAL insert position read just after the
+    /// snapshot was taken (see [`crate::modes::logical`]'s `added`).
+    pub wal_lsn: Option<u64>,
     shape: Arc<Shape>,
     /// Each row's `record_out` text, in key order.
     rows: Vec<String>,
@@ -117,6 +120,22 @@ pub async fn read_chunk(
     progress: &IncrementalProgress,
     chunk: i64,
 ) -> anyhow::Result<Option<Chunk>> {
+    read_chunk_at(pool, types, table, progress, chunk, false).await
+}
+
+/// [`read_chunk`], and (`wal`) the WAL insert position read in the same
+/// statement that takes the snapshot, after it: every transaction the
+/// snapshot sees wrote its commit record before that position.
+///
+/// Fails like [`read_chunk`].
+pub async fn read_chunk_at(
+    pool: &PgPool,
+    types: &TypeCache,
+    table: &CapturedTable,
+    progress: &IncrementalProgress,
+    chunk: i64,
+    wal: bool,
+) -> anyhow::Result<Option<Chunk>> {
     // The table's lock comes first, before any statement that takes the
     // transaction's snapshot (a LOCK takes none): a DDL in progress (a
     // rewrite, ADD COLUMN, TRUNCATE, RENAME) commits before the snapshot is
@@ -126,7 +145,7 @@ pub async fn read_chunk(
     // have been renamed); a rename between the lookup and the lock is seen
     // after it, and the chunk tried again.
     let mut tries = 0;
-    let (mut tx, name, snapshot, at_us) = loop {
+    let (mut tx, name, snapshot, at_us, wal_lsn) = loop {
         tries += 1;
         let name: Option<String> = sqlx::query_scalar(
             "select pg_catalog.format('%I.%I', n.nspname, c.relname) from pg_catalog.pg_class c
@@ -157,18 +176,26 @@ pub async fn read_chunk(
                 )))
             }
         }
-        let (snapshot, at_us, now): (String, i64, Option<String>) = sqlx::query_as(
-            "select pg_catalog.pg_current_snapshot()::pg_catalog.text,
+        // The snapshot is taken before the statement runs (at its parse),
+        // so the WAL position is read after it.
+        let (snapshot, at_us, now, wal_lsn): (String, i64, Option<String>, Option<String>) =
+            sqlx::query_as(
+                "select pg_catalog.pg_current_snapshot()::pg_catalog.text,
                     (extract(epoch from pg_catalog.clock_timestamp()) operator(pg_catalog.*) 1000000)::pg_catalog.int8,
                     (select pg_catalog.format('%I.%I', n.nspname, c.relname) from pg_catalog.pg_class c
                        join pg_catalog.pg_namespace n on n.oid operator(pg_catalog.=) c.relnamespace
-                      where c.oid operator(pg_catalog.=) $1::pg_catalog.oid)",
-        )
-        .bind(i64::from(table.oid))
-        .fetch_one(&mut *tx)
-        .await?;
+                      where c.oid operator(pg_catalog.=) $1::pg_catalog.oid),
+                    case when $2 then pg_catalog.pg_current_wal_insert_lsn()::pg_catalog.text end",
+            )
+            .bind(i64::from(table.oid))
+            .bind(wal)
+            .fetch_one(&mut *tx)
+            .await?;
+        let wal_lsn = wal_lsn
+            .map(|l| crate::modes::logical::parse_lsn(&l))
+            .transpose()?;
         match now {
-            Some(now) if now == name => break (tx, name, snapshot, at_us),
+            Some(now) if now == name => break (tx, name, snapshot, at_us, wal_lsn),
             // Dropped after the lock's name was resolved.
             None => return Ok(None),
             Some(now) if tries >= 5 => bail!(
@@ -211,6 +238,7 @@ pub async fn read_chunk(
         table: progress.table.clone(),
         snapshot,
         at_us,
+        wal_lsn,
         shape,
         rows,
         more,
@@ -245,6 +273,23 @@ impl Incremental {
         table: &CapturedTable,
         chunk: Chunk,
         progress: &mut IncrementalProgress,
+        order: (u64, Option<u64>),
+    ) -> Rendered {
+        self.render_with(connector, table, chunk, Vec::new(), progress, order)
+    }
+
+    /// [`Self::render`], with the chunk's rows corrected by `repairs` (in
+    /// the order they happened): a key a repair names is rendered as the
+    /// repair's row, or not at all when its row is gone; a repair's row
+    /// whose key the chunk lacks is added. The progress moves to the last
+    /// key the chunk read either way.
+    pub fn render_with(
+        &mut self,
+        connector: &str,
+        table: &CapturedTable,
+        chunk: Chunk,
+        repairs: Vec<Repair>,
+        progress: &mut IncrementalProgress,
         (commit_order, prev_commit_order): (u64, Option<u64>),
     ) -> Rendered {
         let collection = format!("{}.{}", table.info.name.schema, table.info.name.name);
@@ -256,13 +301,39 @@ impl Incremental {
         let reset =
             progress.reason == "re-entered" && progress.rows == 0 && progress.last_key.is_none();
         let first = u64::from(reset);
-        let n = chunk.rows.len() as u64 + first;
-        let mut encoded = Vec::with_capacity(chunk.rows.len());
-        for row in &chunk.rows {
+        // Each key's net repair: its row, or gone. Later repairs win.
+        type KeyState = (Vec<Option<String>>, Option<(Arc<Shape>, Encoded, Encoded)>);
+        let mut net: Vec<KeyState> = Vec::new();
+        for r in repairs {
+            let (key, row) = match r {
+                Repair::Gone(key) => (key, None),
+                Repair::Row {
+                    key,
+                    shape,
+                    after,
+                    key_record,
+                } => (key, Some((shape, after, key_record))),
+            };
+            match net.iter_mut().find(|(k, _)| *k == key) {
+                Some(slot) => slot.1 = row,
+                None => net.push((key, row)),
+            }
+        }
+        let mut used = vec![false; net.len()];
+        // What is rendered, in order: chunk rows (or their repairs), then
+        // the repairs of keys the chunk lacks.
+        type Item<'a> = (
+            &'a Shape,
+            Result<(Encoded, Encoded), (Option<String>, Vec<Option<String>>, String)>,
+            Option<usize>,
+        );
+        let mut items: Vec<Item<'_>> = Vec::with_capacity(chunk.rows.len());
+        let mut last_key_texts = None;
+        for (i, row) in chunk.rows.iter().enumerate() {
             let fields = match parse_record(row) {
                 Ok(f) => f,
                 Err(e) => {
-                    encoded.push(Err((None, Vec::new(), e.to_string())));
+                    items.push((shape, Err((None, Vec::new(), e.to_string())), Some(i)));
                     continue;
                 }
             };
@@ -271,22 +342,38 @@ impl Incremental {
                 .map(|f| f.as_deref().map(str::as_bytes))
                 .collect();
             let key_texts = shape.key_texts(&fields);
+            if i + 1 == chunk.rows.len() {
+                last_key_texts = Some(key_texts.clone());
+            }
+            if let Some(j) = net.iter().position(|(k, _)| *k == key_texts) {
+                used[j] = true;
+                if let Some((s, after, key)) = &net[j].1 {
+                    items.push((s, Ok((after.clone(), key.clone())), None));
+                }
+                continue;
+            }
             let e = shape
                 .encode_row(&fields)
                 .and_then(|after| Ok((after, shape.encode_key(&fields)?)));
-            encoded.push(match e {
-                Ok((after, key)) => Ok((after, key, key_texts)),
+            items.push(match e {
+                Ok(ok) => (shape, Ok(ok), Some(i)),
                 Err(e) => {
                     let column = match &e {
                         CodecError::Value { column, .. } => Some(column.clone()),
                         _ => None,
                     };
-                    Err((column, key_texts, e.to_string()))
+                    (shape, Err((column, key_texts, e.to_string())), Some(i))
                 }
             });
         }
-        let last_event = encoded.iter().rposition(Result::is_ok);
-        let mut records = Vec::with_capacity(encoded.len() + 1);
+        for (j, (_, row)) in net.iter().enumerate() {
+            if let (false, Some((s, after, key))) = (used[j], row) {
+                items.push((s, Ok((after.clone(), key.clone())), None));
+            }
+        }
+        let n = items.len() as u64 + first;
+        let last_event = items.iter().rposition(|(_, r, _)| r.is_ok());
+        let mut records = Vec::with_capacity(items.len() + 1);
         if reset {
             let end = last_event.is_none().then(|| UnitEnd {
                 event_count: n,
@@ -316,18 +403,18 @@ impl Incremental {
                 })),
             });
         }
-        for (i, e) in encoded.into_iter().enumerate() {
+        for (i, (s, e, raw)) in items.into_iter().enumerate() {
             let order = i as u64 + 1 + first;
-            let key_texts = match e {
-                Ok((after, key, key_texts)) => {
+            match e {
+                Ok((after, key)) => {
                     let end = (Some(i) == last_event).then(|| UnitEnd {
                         event_count: n,
                         data_collections: vec![(collection.clone(), n)],
                     });
-                    let envelope = shape.envelope(None, Some(&after.variants));
+                    let envelope = s.envelope(None, Some(&after.variants));
                     records.push(Record {
                         topic: table.topic.clone(),
-                        key: shape.key_record(&key),
+                        key: s.key_record(&key),
                         value: Some(envelope.render(&Change {
                             op: Op::Read,
                             before: None,
@@ -346,10 +433,9 @@ impl Incremental {
                             },
                         })),
                     });
-                    key_texts
                 }
                 Err((column, key_texts, error)) => {
-                    let key = key_display(shape, &key_texts);
+                    let key = key_display(s, &key_texts);
                     records.push(
                         crate::dead_letter::DeadLetter {
                             connector,
@@ -357,7 +443,7 @@ impl Incremental {
                             column: column.as_deref(),
                             key: Some(&key),
                             error: &error,
-                            raw: Some(&chunk.rows[i]),
+                            raw: raw.map(|i| chunk.rows[i].as_str()),
                             op: "r",
                             position: serde_json::json!({
                                 "incremental_snapshot": chunk.snapshot,
@@ -367,23 +453,25 @@ impl Incremental {
                         }
                         .record(),
                     );
-                    key_texts
+                    if raw == Some(chunk.rows.len().wrapping_sub(1)) && last_key_texts.is_none() {
+                        last_key_texts = Some(key_texts);
+                    }
                 }
-            };
-            if i + 1 == chunk.rows.len() {
-                // The key columns' texts by name, as the initial snapshot
-                // stores its last key.
-                progress.last_key = Some(Value::Object(
-                    shape
-                        .key
-                        .iter()
-                        .zip(key_texts)
-                        .map(|(k, t)| (k.name.clone(), t.map_or(Value::Null, Value::String)))
-                        .collect(),
-                ));
             }
         }
-        let rows = chunk.rows.len() as u64;
+        if let Some(key_texts) = last_key_texts {
+            // The key columns' texts by name, as the initial snapshot
+            // stores its last key.
+            progress.last_key = Some(Value::Object(
+                shape
+                    .key
+                    .iter()
+                    .zip(key_texts)
+                    .map(|(k, t)| (k.name.clone(), t.map_or(Value::Null, Value::String)))
+                    .collect(),
+            ));
+        }
+        let rows = n - first;
         progress.rows += rows;
         metrics::counter!(names::SOURCE_INCREMENTAL_ROWS, "table" => chunk.table.clone())
             .increment(rows);
@@ -395,9 +483,22 @@ impl Incremental {
         }
         Rendered {
             records,
-            rows: chunk.rows.len(),
+            rows: rows as usize,
         }
     }
+}
+
+/// A correction of a chunk's rows (see [`Incremental::render_with`]).
+pub enum Repair {
+    /// The key (its columns' texts) has no row where the chunk is placed.
+    Gone(Vec<Option<String>>),
+    /// The key's row where the chunk is placed, as the stream encoded it.
+    Row {
+        key: Vec<Option<String>>,
+        shape: Arc<Shape>,
+        after: Encoded,
+        key_record: Encoded,
+    },
 }
 
 /// Whether the chunk ends its table's snapshot.
@@ -409,5 +510,21 @@ impl Chunk {
     /// Whether the chunk holds no row (the table was read to its end).
     pub fn rows_is_empty(&self) -> bool {
         self.rows.is_empty()
+    }
+
+    /// Whether the table has rows after the chunk's.
+    pub fn more_after(&self) -> bool {
+        self.more
+    }
+
+    /// The key column texts of the chunk's last row; `None` without rows
+    /// (or when its text cannot be read).
+    pub fn last_key(&self) -> Option<Vec<Option<String>>> {
+        let fields = parse_record(self.rows.last()?).ok()?;
+        let fields: Vec<Option<&[u8]>> = fields
+            .iter()
+            .map(|f| f.as_deref().map(str::as_bytes))
+            .collect();
+        Some(self.shape.key_texts(&fields))
     }
 }

@@ -41,6 +41,11 @@ impl PgSnapshot {
         Ok(Self { xmin, xmax, xip })
     }
 
+    /// The transactions in progress when it was taken (below `xmax`).
+    pub fn in_progress(&self) -> impl Iterator<Item = u64> + '_ {
+        self.xip.iter().copied()
+    }
+
     /// Whether a transaction that committed is visible in the snapshot, as
     /// `pg_visible_in_snapshot` says: it ended before the snapshot was
     /// taken.

@@ -43,6 +43,7 @@
 //! snapshot's later segment already follows is a dead letter: the rows of
 //! the segments read before it precede it, and no event could say which.
 
+mod added;
 mod slot;
 
 pub(crate) use slot::parse_lsn;
@@ -103,8 +104,11 @@ const GONE_CHECK_EVERY: Duration = Duration::from_secs(10);
 struct Decoded {
     table: usize,
     change: EncodedChange,
-    /// The changed row's key column texts, for the segment check.
+    /// The changed row's key column texts (the new row's, or a delete's
+    /// old row's), for the segment check and the incremental snapshot.
     key_texts: Vec<Option<String>>,
+    /// An update's old row's key column texts.
+    old_key_texts: Option<Vec<Option<String>>>,
     txid: u64,
     changed_ms: i64,
     lsn: u64,
@@ -318,6 +322,13 @@ pub struct LogicalMode {
     last_commit: Instant,
     /// When the tables were last looked for.
     last_gone_check: Instant,
+    /// The server's WAL position when the current round of reading began:
+    /// once the stream passed it (and [`IDLE_RETURN`] went by), the round
+    /// ends (see [`LogicalMode::round_done`]).
+    round: Option<(u64, Instant)>,
+    /// The last round ended with the stream idle (so the lag is 0), not by
+    /// [`LogicalMode::round_done`] under writes.
+    idle_round: bool,
     position_key: Vec<u8>,
     /// How to find and add tables that come to match a pattern.
     pub discovery: Option<crate::modes::changelog::Discovery>,
@@ -330,6 +341,9 @@ pub struct LogicalMode {
     database: String,
     schemas: (bool, bool),
     offsets_topic: String,
+    /// The incremental snapshots' chunk waiting for its place, and what
+    /// they keep of the stream (see [`added`]).
+    added: added::Added,
 }
 
 impl LogicalMode {
@@ -396,20 +410,14 @@ impl LogicalMode {
                 )
             }
         };
-        let reading: std::collections::BTreeSet<String> =
-            tables.iter().map(|t| t.table.log_name.clone()).collect();
-        if let Some(known) = &position.tables {
-            for t in tables.iter().filter(|t| !known.contains(&t.table.log_name)) {
-                metrics::counter!(names::SOURCE_TABLES_ADDED, "table" => t.table.log_name.clone())
-                    .increment(1);
-                tracing::warn!(table = %t.table.info.name, "table entered the set: its changes from now on are sent, but not the rows it holds (logical mode has no incremental snapshot yet; changelog mode has): to archive them, start a new connector (a new name) over it, or capture it with changelog");
-            }
+        if fresh {
+            // Every table read now is in the initial snapshot.
+            position.tables = Some(tables.iter().map(|t| t.table.log_name.clone()).collect());
         }
-        position.tables = Some(reading);
         let snapshot = InitialSnapshot::start(pool, &types, &tables, &mut position, fresh).await?;
         let done = PgSnapshot::parse(&position.done)?;
         let committed_lsn = position.lsn;
-        Ok(Self {
+        let mut mode = Self {
             cfg,
             committed_lsn,
             pool: pool.clone(),
@@ -423,6 +431,8 @@ impl LogicalMode {
             read_ended: None,
             last_commit: Instant::now(),
             last_gone_check: Instant::now(),
+            round: None,
+            idle_round: true,
             position_key,
             discovery: None,
             // The first look (which names matching tables without
@@ -435,7 +445,46 @@ impl LogicalMode {
             database: database.to_owned(),
             schemas,
             offsets_topic: offsets_topic.to_owned(),
-        })
+            added: added::Added::default(),
+        };
+        mode.reconcile_added();
+        Ok(mode)
+    }
+
+    /// Whether the stream, between transactions with nothing held, has
+    /// passed the server's WAL position of when this round of reading
+    /// began, at least [`IDLE_RETURN`] ago: then the mode says it is caught
+    /// up, so a stream that never idles (writers that never pause) still
+    /// ends rounds, and pg-source reports itself ready and alive. Starts
+    /// the next round.
+    async fn round_done(&mut self) -> bool {
+        let between = self
+            .stream
+            .as_ref()
+            .is_some_and(|s| s.txn.is_none() && s.pending.is_empty());
+        match self.round {
+            Some((lsn, at))
+                if between && self.position.lsn >= lsn && at.elapsed() >= IDLE_RETURN =>
+            {
+                self.round = None;
+                true
+            }
+            Some(_) => false,
+            None => {
+                let now: Result<String, _> =
+                    sqlx::query_scalar("select pg_catalog.pg_current_wal_lsn()::pg_catalog.text")
+                        .fetch_one(&self.pool)
+                        .await;
+                // Unknown (a server in recovery): rounds end only when the
+                // stream idles.
+                let lsn = now
+                    .ok()
+                    .and_then(|l| parse_lsn(&l).ok())
+                    .unwrap_or(u64::MAX);
+                self.round = Some((lsn, Instant::now()));
+                false
+            }
+        }
     }
 
     /// Opens the stream at the stored position.
@@ -571,6 +620,7 @@ impl LogicalMode {
     async fn stream_step(&mut self) -> Result<Option<Batch>, SourceError> {
         if self.stream.is_none() {
             self.stream = Some(self.open_stream().await?);
+            self.added.stream_opened();
         }
         let mut changes: Vec<Decoded> = Vec::new();
         let started = Instant::now();
@@ -644,6 +694,13 @@ impl LogicalMode {
                         last_lsn: 0,
                         at_last: 0,
                     });
+                    // An incremental snapshot's chunk goes before the
+                    // first transaction committed at or after its WAL
+                    // position: the batch ends here, and this transaction
+                    // is read on after the chunk.
+                    if self.added.reaches(final_lsn.0) {
+                        break 'read;
+                    }
                 }
                 Some(ReplicationEvent::XLogData {
                     wal_start, data, ..
@@ -710,6 +767,23 @@ impl LogicalMode {
                             return Ok(Some(position_only("position committed")));
                         }
                     }
+                    // Every transaction before `wal_end` was sent: a chunk
+                    // placed before it is due.
+                    if s.txn.is_none() && self.added.reaches(wal_end.0) {
+                        break 'read;
+                    }
+                }
+                Some(ReplicationEvent::Message {
+                    transactional: false,
+                    lsn,
+                    ..
+                }) => {
+                    // A non-transactional message (the mark written after a
+                    // chunk's read) comes after every transaction committed
+                    // before it.
+                    if s.txn.is_none() && self.added.reaches(lsn.0) {
+                        break 'read;
+                    }
                 }
                 Some(ReplicationEvent::Message { .. }) => {}
                 Some(ReplicationEvent::StoppedAt { .. }) => {
@@ -719,6 +793,9 @@ impl LogicalMode {
                     )))
                 }
             }
+        }
+        if changes.is_empty() && self.added.due() {
+            return Ok(None);
         }
         let rows = changes.len();
         if rows > 0 {
@@ -738,6 +815,14 @@ impl LogicalMode {
             .in_txn_lsn
             .and(changes.last().map(|c| c.commit_lsn));
         drop_segment_rows(&mut s.conn, &self.tables, &self.position, &mut changes).await?;
+        let changes = added::filter(
+            &mut s.conn,
+            &self.tables,
+            &self.position.incremental,
+            &mut self.added,
+            changes,
+        )
+        .await?;
         // The events of a transaction cut by the last batch, counted so far.
         let carried = std::mem::take(&mut self.position.in_txn_counts);
         let records = render(
@@ -769,8 +854,9 @@ impl LogicalMode {
     /// position read now, after its publication was made: from there every
     /// transaction decodes with it. Returns whether that was the failure.
     ///
-    /// What the table held, and its changes before it joins, are not sent:
-    /// logical mode has no incremental snapshot yet, and the WARN says so.
+    /// What the table holds, its changes before it joins included, comes
+    /// by its incremental snapshot once it joined (see [`added`]); a table
+    /// that was in the set already is snapshotted again from a TRUNCATE.
     async fn join_later(&mut self, e: &SourceError) -> bool {
         let SourceError::Stream { source, .. } = e else {
             return false;
@@ -817,7 +903,22 @@ impl LogicalMode {
         let t = &mut self.tables[i];
         t.join_at = Some(lsn);
         tracing::warn!(table = %t.table.info.name, publication = %name, from = %Lsn(self.position.lsn), joins_at = %Lsn(lsn),
-            "the table's publication is younger than the WAL still to read (it was captured while pg-source was stopped): the other tables stream on, and it joins once the stream passes joins_at; its rows from before, and its changes until then, are not sent (logical mode has no incremental snapshot yet: capture it before it gets rows, or start a new connector to snapshot it)");
+            "the table's publication is younger than the WAL still to read (it was captured while pg-source was stopped): the other tables stream on, and it joins once the stream passes joins_at; then an incremental snapshot sends its rows (its changes until then are in them, not sent one by one)");
+        let log_name = t.table.log_name.clone();
+        let shown = t.table.info.name.to_string();
+        // A table that entered the set now has its snapshot queued; one
+        // that was in the set lost its changes until it joins: what the
+        // archive holds of it is stale, so it is snapshotted again from a
+        // TRUNCATE.
+        let fresh = self
+            .position
+            .incremental
+            .iter()
+            .any(|p| p.table == log_name && p.rows == 0 && p.last_key.is_none());
+        if !fresh {
+            self.position.left.insert(log_name.clone());
+            self.push_snapshot(&log_name, &shown);
+        }
         true
     }
 
@@ -825,8 +926,9 @@ impl LogicalMode {
     /// to match (schema-init `--capture logical` made their publication)
     /// and adds them: each joins the stream once it has passed the WAL
     /// position read now, after its publication existed (as in
-    /// [`Self::join_later`]); a WARN says its rows from before are not
-    /// sent. Says once of each matching table without capture what to run.
+    /// [`Self::join_later`]), then gets an incremental snapshot (see
+    /// [`added`]). Says once of each matching table without capture what to
+    /// run.
     /// One table's trouble leaves the others alone.
     async fn discover(&mut self) {
         self.last_discovery = Instant::now();
@@ -911,13 +1013,15 @@ impl LogicalMode {
                 .await?;
         let lsn = parse_lsn(&lsn)?;
         lt.join_at = Some(lsn);
-        tracing::warn!(table = %t, topic = %topic, joins_at = %Lsn(lsn), "a table.include.list pattern matches a new published table: it joins the stream once the stream passes joins_at; its rows from before are not sent (logical mode has no incremental snapshot yet: capture a table before it gets rows, or use changelog mode)");
+        tracing::info!(table = %t, topic = %topic, joins_at = %Lsn(lsn), "a table.include.list pattern matches a new published table: it joins the stream once the stream passes joins_at, then gets an incremental snapshot");
         metrics::counter!(names::SOURCE_TABLES_ADDED, "table" => lt.table.log_name.clone())
             .increment(1);
         if let Some(known) = self.position.tables.as_mut() {
             known.insert(lt.table.log_name.clone());
         }
+        let (log_name, shown) = (lt.table.log_name.clone(), t.to_string());
         self.tables.push(lt);
+        self.push_snapshot(&log_name, &shown);
         self.told.remove(t);
         Ok(())
     }
@@ -931,6 +1035,9 @@ impl LogicalMode {
             if t.join_at.is_some_and(|j| at >= j) {
                 t.join_at = None;
                 joined = true;
+                // Its changes committed before the stream reads it may
+                // still be running in a chunk's snapshot (see `added`).
+                self.added.seed = true;
                 tracing::info!(table = %t.table.info.name, lsn = %Lsn(at), "the table joins the stream");
             }
         }
@@ -1195,6 +1302,10 @@ async fn decode(
         .or(old_fields.as_ref())
         .expect("a change has a row");
     let key_texts = shape.key_texts(row_fields);
+    let old_key_texts = match (&old_fields, &new_fields) {
+        (Some(old), Some(_)) => Some(shape.key_texts(old)),
+        _ => None,
+    };
     if let Some(columns) = s.relations.get(&id).and_then(|r| r.unsent.clone()) {
         let first = columns.split(", ").next().unwrap_or_default().to_owned();
         return Ok(vec![Decoded {
@@ -1249,6 +1360,7 @@ async fn decode(
         table,
         change,
         key_texts,
+        old_key_texts,
         ..place
     }])
 }
@@ -1304,6 +1416,7 @@ fn change_place(
             shape: shape.clone(),
         },
         key_texts: Vec::new(),
+        old_key_texts: None,
         txid: txn.xid,
         changed_ms: txn.commit_us.div_euclid(1000),
         lsn,
@@ -1550,9 +1663,11 @@ impl Capture for LogicalMode {
     }
 
     fn restore(&mut self, saved: Self::Saved) {
-        // The stream resumes from the stored position.
+        // The stream resumes from the stored position, and a chunk read
+        // for it is read again.
         self.stream = None;
         self.position = saved;
+        self.added.window = None;
     }
 
     async fn next(&mut self, shutdown: &CancellationToken) -> Result<Option<Batch>, SourceError> {
@@ -1579,6 +1694,14 @@ impl Capture for LogicalMode {
             self.discover().await;
         }
         self.rejoin();
+        if let Some(batch) = self.incremental_step().await? {
+            return Ok(Some(batch));
+        }
+        if self.round_done().await {
+            self.idle_round = false;
+            return Ok(None);
+        }
+        self.settle_unsettled().await;
         let saved = self.position.clone();
         let step = tokio::select! {
             _ = shutdown.cancelled() => None,
@@ -1595,6 +1718,11 @@ impl Capture for LogicalMode {
                 Err(e)
             }
             Some(Ok(None)) => {
+                // A chunk whose place the stream just reached goes now.
+                if self.added.due() {
+                    return self.incremental_step().await;
+                }
+                self.idle_round = true;
                 if self.last_gone_check.elapsed() >= GONE_CHECK_EVERY {
                     self.check_gone().await;
                 }
@@ -1631,5 +1759,11 @@ impl Capture for LogicalMode {
 
     async fn wait(&mut self, _shutdown: &CancellationToken) {
         // The stream waits for changes itself.
+    }
+
+    fn zero_lag_when_caught_up(&self) -> bool {
+        // A round ended under writes is caught up only to the WAL position
+        // of its start.
+        self.idle_round
     }
 }
