@@ -105,6 +105,23 @@ pub const DROP_EVENT_TRIGGER: &str = "tidemark_ddl_drop";
 /// The function [`DROP_EVENT_TRIGGER`] runs.
 pub const DROP_EVENT_TRIGGER_FUNCTION: &str = "tidemark.on_sql_drop";
 
+/// The event trigger (`ddl_command_start` of the DROPs that can drop a
+/// table) that notes, for [`DROP_EVENT_TRIGGER`], every partition of a
+/// captured partitioned table and where its rows are stored: a partition
+/// dropped with rows would remove them from the table unseen.
+pub const DROP_START_EVENT_TRIGGER: &str = "tidemark_ddl_drop_start";
+
+/// The function [`DROP_START_EVENT_TRIGGER`] runs.
+pub const DROP_START_EVENT_TRIGGER_FUNCTION: &str = "tidemark.on_drop_start";
+
+/// The transaction-local setting in which [`DROP_START_EVENT_TRIGGER`]
+/// hands its notes to [`DROP_EVENT_TRIGGER`].
+pub const DROPPING_SETTING: &str = "tidemark.dropping";
+
+/// Logs every row of a partition attached to (or detached from) a captured
+/// partitioned table as a create (or a delete) of that table.
+pub const ARCHIVE_PARTITION_FUNCTION: &str = "tidemark.archive_partition";
+
 /// The function that records a table's shape and (re)creates its capture
 /// function; schema-init and [`EVENT_TRIGGER_FUNCTION`] call it.
 pub const GENERATE_CAPTURE_FUNCTION: &str = "tidemark.generate_capture";

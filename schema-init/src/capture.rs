@@ -113,6 +113,12 @@ pub fn function_settings() -> String {
 const DDL_TAGS: &str =
     "'ALTER TABLE', 'ALTER SCHEMA', 'ALTER TYPE', 'ALTER DOMAIN', 'ALTER EXTENSION', 'CREATE TABLE'";
 
+/// The DROPs that can drop a table (a partition), before which the start
+/// event trigger notes the partitions of captured tables; the drop trigger
+/// refuses any other DROP of such a partition, which it cannot check.
+const DROP_TAGS: &str = "'DROP TABLE', 'DROP FOREIGN TABLE', 'DROP SCHEMA', 'DROP OWNED', 'DROP TYPE', \
+     'DROP DOMAIN', 'DROP EXTENSION', 'DROP SERVER', 'DROP FOREIGN DATA WRAPPER', 'DROP ACCESS METHOD'";
+
 /// The check (and creation) of the capture role, for a role named `role`:
 /// what schema-init runs for `tidemark_capture`, here so that tests can try
 /// it on roles of their own (the real one is the server's, shared).
@@ -124,7 +130,7 @@ pub fn capture_role_sql(role: &str) -> String {
 /// [`names`] (and a few constants of this module).
 fn fill(template: &str) -> String {
     let settings = function_settings();
-    let values: [(&str, &str); 25] = [
+    let values: [(&str, &str); 28] = [
         ("SCHEMA", names::SCHEMA),
         ("CHANGE_LOG", names::CHANGE_LOG),
         ("SHAPES", names::SHAPES),
@@ -151,6 +157,15 @@ fn fill(template: &str) -> String {
             names::GUARD_PARTITIONS_FUNCTION,
         ),
         ("TRUNCATE_MARKS", names::TRUNCATE_MARKS),
+        (
+            "ARCHIVE_PARTITION_FUNCTION",
+            names::ARCHIVE_PARTITION_FUNCTION,
+        ),
+        (
+            "DROP_START_EVENT_TRIGGER_FUNCTION",
+            names::DROP_START_EVENT_TRIGGER_FUNCTION,
+        ),
+        ("DROPPING_SETTING", names::DROPPING_SETTING),
         ("NEW_TABLE", names::NEW_TRANSITION_TABLE),
         ("OLD_TABLE", names::OLD_TRANSITION_TABLE),
         ("FUNCTION_SETTINGS", &settings),
@@ -251,6 +266,16 @@ fn fill(template: &str) -> String {
 /// `tidemark_capture_truncate_begin` marks, in `tidemark.truncating`, which
 /// no writer can write, that its partitions go with it, and
 /// `tidemark_capture_truncate_end` clears the mark after it.
+///
+/// **ATTACH, DETACH and DROP of a partition.** The event trigger archives
+/// the rows of a partition attached to (detached from) a captured
+/// partitioned table as creates (deletes) of the table, in the DDL's
+/// transaction (`tidemark.archive_partition`): one attached has no guard
+/// yet, one detached keeps the guard whose argument names the table. A
+/// `DROP` of a partition whose file is not empty is refused, naming the fix
+/// (detach it first): `tidemark_ddl_drop_start` (`ddl_command_start`) notes
+/// the partitions and their files, which `tidemark_ddl_drop` reads once
+/// the catalog has forgotten them.
 ///
 /// **Partitioned tables** take row triggers, which Postgres clones onto
 /// every partition: the function builds each image column by column in the
@@ -377,8 +402,16 @@ pub fn changelog_steps(table: &TableName, capture: impl Into<Capture>) -> Vec<St
             fill(include_str!("sql/guard_partitions.sql")),
         ),
         step(
+            "create function tidemark.archive_partition",
+            fill(include_str!("sql/archive_partition.sql")),
+        ),
+        step(
             "create function tidemark.on_ddl_command_end",
             fill(include_str!("sql/on_ddl_command_end.sql")),
+        ),
+        step(
+            "create function tidemark.on_drop_start",
+            fill(include_str!("sql/on_drop_start.sql")),
         ),
         step(
             "create function tidemark.on_sql_drop",
@@ -388,13 +421,16 @@ pub fn changelog_steps(table: &TableName, capture: impl Into<Capture>) -> Vec<St
             "revoke execute on tidemark's own functions from public",
             format!(
                 "revoke all on function {}(pg_catalog.oid, pg_catalog.text, pg_catalog.text, pg_catalog.text), \
-                 {}(pg_catalog.oid[]), {}(), {}(), {}(), {}(pg_catalog.oid) from public",
+                 {}(pg_catalog.oid[]), {}(), {}(), {}(), {}(), {}(pg_catalog.oid), \
+                 {}(pg_catalog.oid, pg_catalog.oid, pg_catalog.\"char\") from public",
                 names::GENERATE_CAPTURE_FUNCTION,
                 names::REFRESH_CAPTURES_FUNCTION,
                 names::EVENT_TRIGGER_FUNCTION,
+                names::DROP_START_EVENT_TRIGGER_FUNCTION,
                 names::DROP_EVENT_TRIGGER_FUNCTION,
                 names::TRUNCATE_GUARD_FUNCTION,
                 names::GUARD_PARTITIONS_FUNCTION,
+                names::ARCHIVE_PARTITION_FUNCTION,
             ),
         ),
         step(
@@ -578,6 +614,11 @@ end"#,
             names::EVENT_TRIGGER,
             format!("ddl_command_end\nwhen tag in ({DDL_TAGS})"),
             names::EVENT_TRIGGER_FUNCTION,
+        ),
+        (
+            names::DROP_START_EVENT_TRIGGER,
+            format!("ddl_command_start\nwhen tag in ({DROP_TAGS})"),
+            names::DROP_START_EVENT_TRIGGER_FUNCTION,
         ),
         (
             names::DROP_EVENT_TRIGGER,

@@ -21,6 +21,8 @@ declare
   v_relids pg_catalog.oid[];
   v_bad pg_catalog.text;
   v_fix record;
+  v_root pg_catalog.oid;
+  v_member pg_catalog.oid;
 begin
   if tg_tag operator(pg_catalog.=) 'CREATE TABLE' then
     v_relids := array(
@@ -39,6 +41,49 @@ begin
   else
     perform @REFRESH_CAPTURES@(null);
     return;
+  end if;
+  -- A partition attached to a captured partitioned table (at any depth)
+  -- brings rows that no write of the table made, and one detached takes
+  -- rows away unwritten: the rows it holds are archived as creates (or
+  -- deletes) of the table, in the DDL's transaction, which holds the
+  -- partition's ACCESS EXCLUSIVE lock (also the last transaction of a
+  -- DETACH ... CONCURRENTLY, and DETACH ... FINALIZE). One attached has no
+  -- guard yet; one detached keeps the guard that names the table (whose
+  -- tree no longer holds it), which is dropped once its rows are archived.
+  if tg_tag operator(pg_catalog.=) 'ALTER TABLE' then
+    for v_root in
+      select distinct a.relid
+        from pg_catalog.unnest(v_relids) r(relid)
+       cross join pg_catalog.pg_partition_ancestors(r.relid) a
+       where exists (select 1 from pg_catalog.pg_trigger t
+                      where t.tgrelid operator(pg_catalog.=) a.relid
+                        and t.tgname operator(pg_catalog.=) '@TRUNCATE_BEGIN_TRIGGER@'
+                        and t.tgfoid operator(pg_catalog.=) '@TRUNCATE_GUARD_FUNCTION@()'::pg_catalog.regprocedure)
+    loop
+      for v_member in
+        select g.tgrelid from pg_catalog.pg_trigger g
+         where g.tgname operator(pg_catalog.=) '@TRUNCATE_GUARD_TRIGGER@'
+           and g.tgfoid operator(pg_catalog.=) '@TRUNCATE_GUARD_FUNCTION@()'::pg_catalog.regprocedure
+           and g.tgnargs operator(pg_catalog.=) 1
+           and g.tgargs operator(pg_catalog.=) pg_catalog.byteacat(
+                 pg_catalog.convert_to(v_root::pg_catalog.int8::pg_catalog.text, 'UTF8'), pg_catalog.decode('00', 'hex'))
+           and g.tgrelid operator(pg_catalog.<>) all (array(select t.relid from pg_catalog.pg_partition_tree(v_root) t))
+         order by g.tgrelid
+      loop
+        perform @ARCHIVE_PARTITION_FUNCTION@(v_root, v_member, 'd');
+        execute pg_catalog.format('drop trigger %I on %s', '@TRUNCATE_GUARD_TRIGGER@', v_member::pg_catalog.regclass);
+      end loop;
+      for v_member in
+        select t.relid from pg_catalog.pg_partition_tree(v_root) t
+         where t.relid operator(pg_catalog.<>) v_root
+           and not exists (select 1 from pg_catalog.pg_trigger g
+                            where g.tgrelid operator(pg_catalog.=) t.relid
+                              and g.tgfoid operator(pg_catalog.=) '@TRUNCATE_GUARD_FUNCTION@()'::pg_catalog.regprocedure)
+         order by t.level, t.relid
+      loop
+        perform @ARCHIVE_PARTITION_FUNCTION@(v_root, v_member, 'c');
+      end loop;
+    end loop;
   end if;
   -- A partition created or attached under a captured partitioned table (at
   -- any depth) refuses a TRUNCATE of its own, as its siblings do.

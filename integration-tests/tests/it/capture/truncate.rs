@@ -485,6 +485,146 @@ async fn changelog_partition_truncate_is_refused() {
     a_partition_truncate_is_refused(Capture::full(TriggerLevel::Row)).await;
 }
 
+/// The error a DROP of a partition with rows gets: (message, hint).
+async fn refused(pool: &PgPool, sql: &str) -> (String, Option<String>) {
+    let err = sqlx::raw_sql(sql).execute(pool).await.expect_err(sql);
+    let err = err
+        .as_database_error()
+        .and_then(|e| e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>())
+        .unwrap_or_else(|| panic!("{sql}: a database error"));
+    assert_eq!(err.code(), "0A000", "{sql}: {err}");
+    (err.message().to_owned(), err.hint().map(str::to_owned))
+}
+
+/// A partition that leaves a captured partitioned table (DETACH, also
+/// CONCURRENTLY, at any depth) takes its rows out of the table, and one
+/// that joins (ATTACH) brings rows in, with no write of the table: the rows
+/// it holds are archived as deletes (or creates) of the table in the DDL's
+/// transaction. A DROP of a partition that may hold rows is refused, naming
+/// the fix (detach it first); an empty partition is detached and dropped
+/// freely. Replayed, the topic gives the table as Postgres has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changelog_partitions_attached_detached_and_dropped_keep_the_archive_exact() {
+    let db = Db::new().await;
+    script(&db.admin, PARTITIONED).await;
+    db.capture("pt", Capture::full(TriggerLevel::Row)).await;
+    let topic = db.topic("pt");
+    let mut reader = TopicReader::new(&[topic.as_str()]);
+    let source = db.start_source(&["pt"], &[]).await;
+    script(
+        &db.admin,
+        "insert into public.pt select g, 'x' from generate_series(3, 141, 3) g;
+         create table public.pt_c partition of public.pt for values from (200) to (300) partition by range (id);
+         create table public.pt_c1 partition of public.pt_c for values from (200) to (250);
+         create table public.pt_c2 partition of public.pt_c for values from (250) to (300);
+         insert into public.pt select g, 'c' from generate_series(200, 299, 11) g;
+         -- Its columns in another order than the table's.
+         create table public.pt_d (v text not null, id int8 not null);
+         insert into public.pt_d select 'd', g from generate_series(300, 399, 9) g",
+    )
+    .await;
+    // Rows that join the table by an ATTACH.
+    script(
+        &db.admin,
+        "alter table public.pt attach partition public.pt_d for values from (300) to (400)",
+    )
+    .await;
+    script(&db.admin, "update public.pt set v = 'd2' where id = 309").await;
+    // DROP of a partition holding rows, at any depth, is refused.
+    for (sql, partition, parent) in [
+        ("drop table public.pt_a", "pt_a", "pt"),
+        ("drop table public.pt_b1", "pt_b1", "pt_b"),
+        ("drop table public.pt_c", "pt_c1", "pt_c"),
+        ("drop table public.pt_d", "pt_d", "pt"),
+    ] {
+        let (message, hint) = refused(&db.admin, sql).await;
+        assert!(
+            message.contains(&format!(
+                "Tidemark captures table public.pt, and dropping its partition public.{partition}, which may hold rows, would remove them from the table unseen"
+            )),
+            "{sql}: {message}"
+        );
+        assert_eq!(
+            hint.as_deref(),
+            Some(format!(
+                "alter table public.{parent} detach partition public.{partition} first (Tidemark archives the rows it holds as deletes), then drop it; or delete from public.{partition} and vacuum it"
+            ).as_str()),
+            "{sql}"
+        );
+    }
+    // DETACH takes the rows out of the table: at the top, below, and
+    // concurrently (its own statement: it cannot run in a transaction).
+    script(
+        &db.admin,
+        "alter table public.pt detach partition public.pt_a",
+    )
+    .await;
+    script(
+        &db.admin,
+        "alter table public.pt_c detach partition public.pt_c1",
+    )
+    .await;
+    script(
+        &db.admin,
+        "alter table public.pt detach partition public.pt_d concurrently",
+    )
+    .await;
+    // Detached, they are tables of their own: dropped freely.
+    script(
+        &db.admin,
+        "drop table public.pt_a, public.pt_c1, public.pt_d",
+    )
+    .await;
+    // A sub-partitioned partition leaves with its partitions' rows.
+    script(
+        &db.admin,
+        "alter table public.pt detach partition public.pt_c; drop table public.pt_c",
+    )
+    .await;
+    // An empty partition is detached and dropped freely, and a partition
+    // never written to is dropped at once.
+    script(
+        &db.admin,
+        "create table public.pt_e partition of public.pt for values from (400) to (500);
+         alter table public.pt detach partition public.pt_e;
+         drop table public.pt_e;
+         create table public.pt_f partition of public.pt for values from (500) to (600);
+         drop table public.pt_f;
+         insert into public.pt values (149, 'last')",
+    )
+    .await;
+    let expected = table_rows(&db.admin, "public.pt", &["id"]).await;
+    reader
+        .until("the table's last insert", WAIT, |events| {
+            events.get(&topic).is_some_and(|e| {
+                e.iter().any(|e| {
+                    e.event
+                        .as_ref()
+                        .and_then(|ev| ev.row())
+                        .is_some_and(|r| r["v"] == "last")
+                })
+            })
+        })
+        .await;
+    source.stop().await;
+    let events = &reader.events[&topic];
+    assert_eq!(replay(events), expected, "the topic replayed");
+    // What is left: pt_b1's rows (101, 14 written, and the last).
+    assert_eq!(expected.len(), 1 + 14 + 1, "{expected:?}");
+    let creates_of_d = events
+        .iter()
+        .filter(|e| {
+            e.event
+                .as_ref()
+                .is_some_and(|ev| ev.op == Op::Create && ev.row().is_some_and(|r| r["v"] == "d"))
+        })
+        .count();
+    assert_eq!(
+        creates_of_d, 12,
+        "pt_d's rows arrive as creates when it is attached"
+    );
+}
+
 /// `logical` capture refuses a partitioned table, schema-init and
 /// pg-source both, naming `changelog` capture: pgoutput names the
 /// partitions in the stream, and drops a TRUNCATE of one partition unseen
