@@ -65,7 +65,31 @@ pub trait Committer: Send + 'static {
 
     /// What is durable now.
     fn report(&self) -> Self::Report;
+
+    /// Whether work of its own runs in the background (the syncer then
+    /// looks in on it with [`Self::idle`] while no point comes).
+    fn busy(&self) -> bool {
+        false
+    }
+
+    /// Records background work that has finished; whether the report
+    /// changed.
+    ///
+    /// Fails as [`Self::commit`] does.
+    fn idle(&mut self) -> anyhow::Result<bool> {
+        Ok(false)
+    }
+
+    /// Finishes background work before the pipeline stops.
+    ///
+    /// Fails as [`Self::commit`] does.
+    fn finish(&mut self) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
+
+/// How often the syncer looks in on a committer's background work.
+const IDLE_LOOK: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// What is durable, as last reported by the single file's syncer.
 #[derive(Debug, Clone, Default)]
@@ -270,25 +294,57 @@ fn sync_loop<C: Committer>(
     handoff: &Handoff<C::Point>,
     committed: watch::Sender<C::Report>,
 ) -> anyhow::Result<()> {
+    enum Next<P> {
+        Point(P),
+        Idle,
+        Closed,
+    }
     loop {
-        let point = {
+        let next = {
             let mut ahead = handoff.lock();
             loop {
                 if let Some(p) = ahead.point.take() {
-                    break p;
+                    break Next::Point(p);
                 }
                 if ahead.closed {
-                    return Ok(());
+                    break Next::Closed;
                 }
-                ahead = handoff.wake.wait(ahead).unwrap_or_else(|e| e.into_inner());
+                if committer.busy() {
+                    let (guard, waited) = handoff
+                        .wake
+                        .wait_timeout(ahead, IDLE_LOOK)
+                        .unwrap_or_else(|e| e.into_inner());
+                    ahead = guard;
+                    if waited.timed_out() {
+                        break Next::Idle;
+                    }
+                } else {
+                    ahead = handoff.wake.wait(ahead).unwrap_or_else(|e| e.into_inner());
+                }
             }
         };
-        if let Err(e) = committer.commit(point) {
-            handoff.update(|a| a.failed = true);
-            // Dropping `committed` tells the reader at once.
-            return Err(e);
+        let done = match next {
+            Next::Point(point) => committer.commit(point).map(|()| true),
+            Next::Idle => committer.idle(),
+            Next::Closed => {
+                let done = committer.finish();
+                if done.is_ok() {
+                    let _ = committed.send(committer.report());
+                }
+                return done.inspect_err(|_| handoff.update(|a| a.failed = true));
+            }
+        };
+        match done {
+            Ok(true) => {
+                let _ = committed.send(committer.report());
+            }
+            Ok(false) => {}
+            Err(e) => {
+                handoff.update(|a| a.failed = true);
+                // Dropping `committed` tells the reader at once.
+                return Err(e);
+            }
         }
-        let _ = committed.send(committer.report());
     }
 }
 

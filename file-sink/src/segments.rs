@@ -570,10 +570,53 @@ pub struct SegReport {
 }
 
 /// The syncer thread's side.
+///
+/// A closed segment is sealed (compressed, its manifest line written) on a
+/// thread of its own, one at a time, while the syncer goes on fsyncing and
+/// committing what the writer appends: a 128 MiB segment's compression
+/// held every commit behind it, and with it the reading, for as long as it
+/// took. The files are written in the same order as before (the
+/// compressed file in place, then the manifest line, then the checkpoint,
+/// then the plain file removed), so a crash between any two recovers as
+/// before; only the compression itself runs beside the commits.
 pub struct SegCommitter {
     cfg: SegmentConfig,
     parts: HashMap<Tp, PartSync>,
     report: SegReport,
+    sealing: Option<SealJob>,
+}
+
+/// What compressing a closed segment needs.
+struct SealInput {
+    /// The plain segment's file name.
+    segment: String,
+    plain: PathBuf,
+    len: u64,
+    dest: PathBuf,
+    /// The sealed segment's file name.
+    name: String,
+    compression: Compression,
+    level: i32,
+}
+
+impl SealInput {
+    fn compress(&self) -> anyhow::Result<(u64, String)> {
+        compress(
+            &self.plain,
+            self.len,
+            &self.dest,
+            self.compression,
+            self.level,
+        )
+    }
+}
+
+/// A seal running on its thread.
+struct SealJob {
+    tp: Tp,
+    input: SealInput,
+    done: std::sync::mpsc::Receiver<anyhow::Result<(u64, String)>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl SegCommitter {
@@ -583,6 +626,144 @@ impl SegCommitter {
             cfg,
             parts: HashMap::new(),
             report: SegReport::default(),
+            sealing: None,
+        }
+    }
+
+    /// Records the seal in flight once its compression is done (`wait`:
+    /// waiting for it), and starts the next closed segment's; with `wait`,
+    /// until no closed segment is left. Returns the segments sealed.
+    ///
+    /// Fails when a compression or a file of the seal failed.
+    fn advance_seals(&mut self, wait: bool) -> anyhow::Result<u64> {
+        let mut sealed = 0;
+        loop {
+            if let Some(job) = &self.sealing {
+                let result = if wait {
+                    job.done.recv().ok()
+                } else {
+                    match job.done.try_recv() {
+                        Ok(r) => Some(r),
+                        Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(sealed),
+                        Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
+                    }
+                };
+                let mut job = self.sealing.take().expect("checked above");
+                if let Some(t) = job.thread.take() {
+                    let _ = t.join();
+                }
+                let result = result.unwrap_or_else(|| {
+                    Err(anyhow::anyhow!(
+                        "the thread sealing {} stopped",
+                        job.input.segment
+                    ))
+                });
+                self.finish_job(&job.tp, &job.input, result)?;
+                sealed += 1;
+            }
+            let next = self
+                .parts
+                .iter()
+                .find_map(|(tp, s)| s.next_seal(&self.cfg).map(|i| (tp.clone(), i)));
+            let Some((tp, input)) = next else {
+                return Ok(sealed);
+            };
+            self.start_job(tp, input)?;
+            if !wait {
+                return Ok(sealed);
+            }
+        }
+    }
+
+    fn start_job(&mut self, tp: Tp, input: SealInput) -> anyhow::Result<()> {
+        let (tx, done) = std::sync::mpsc::channel();
+        let job_input = SealInput {
+            segment: input.segment.clone(),
+            plain: input.plain.clone(),
+            len: input.len,
+            dest: input.dest.clone(),
+            name: input.name.clone(),
+            compression: input.compression,
+            level: input.level,
+        };
+        let thread = std::thread::Builder::new()
+            .name("file-sink-seal".into())
+            .spawn(move || {
+                let _ = tx.send(job_input.compress());
+            })
+            .context("cannot start the thread that seals segments")?;
+        self.sealing = Some(SealJob {
+            tp,
+            input,
+            done,
+            thread: Some(thread),
+        });
+        Ok(())
+    }
+
+    fn finish_job(
+        &mut self,
+        tp: &Tp,
+        input: &SealInput,
+        result: anyhow::Result<(u64, String)>,
+    ) -> anyhow::Result<()> {
+        let compressed = result?;
+        let sync = self.parts.get_mut(tp).with_context(|| {
+            format!(
+                "segment {} was sealed for a partition let go",
+                input.segment
+            )
+        })?;
+        sync.finish_seal(input, compressed)?;
+        self.report.sealed += 1;
+        self.report
+            .partitions
+            .insert(tp.clone(), sync.checkpoint.clone());
+        Ok(())
+    }
+
+    /// Seals every closed segment of `tp` now, on this thread (the one in
+    /// flight first, if it is `tp`'s): before a partition is let go, so its
+    /// next holder finds its files settled.
+    fn seal_now(&mut self, tp: &Tp) -> anyhow::Result<u64> {
+        let mut sealed = 0;
+        if self.sealing.as_ref().is_some_and(|j| &j.tp == tp) {
+            let mut job = self.sealing.take().expect("checked above");
+            let result = job.done.recv().unwrap_or_else(|_| {
+                Err(anyhow::anyhow!(
+                    "the thread sealing {} stopped",
+                    job.input.segment
+                ))
+            });
+            if let Some(t) = job.thread.take() {
+                let _ = t.join();
+            }
+            self.finish_job(tp, &job.input, result)?;
+            sealed += 1;
+        }
+        while let Some(input) = self.parts.get(tp).and_then(|s| s.next_seal(&self.cfg)) {
+            let result = input.compress();
+            self.finish_job(tp, &input, result)?;
+            sealed += 1;
+        }
+        Ok(sealed)
+    }
+
+    /// Seals every closed segment, waiting for each (tests, and the end of
+    /// a run).
+    pub fn settle(&mut self) -> anyhow::Result<u64> {
+        self.advance_seals(true)
+    }
+}
+
+impl Drop for SegCommitter {
+    fn drop(&mut self) {
+        // A compression left running would write on after the partition's
+        // lock is gone; it is deterministic, but nobody would wait for it.
+        if let Some(mut job) = self.sealing.take() {
+            if let Some(t) = job.thread.take() {
+                let _ = t.join();
+            }
         }
     }
 }
@@ -600,7 +781,8 @@ impl PartSync {
             .with_context(|| format!("cannot write to {}", self.dir.join(name).display()))
     }
 
-    fn commit(&mut self, cfg: &SegmentConfig, p: PartPoint) -> anyhow::Result<(u64, u64)> {
+    /// Fsyncs and records what `p` claims; returns the segments retired.
+    fn commit(&mut self, p: PartPoint) -> anyhow::Result<u64> {
         let mut next = self.checkpoint.clone();
         for c in &p.closed {
             self.fsync(&c.segment)?;
@@ -641,34 +823,81 @@ impl PartSync {
             save_checkpoint(&self.dir, &next)?;
             self.checkpoint = next;
         }
-        let mut sealed = 0;
-        while !self.checkpoint.closed.is_empty() {
-            let seg = self.checkpoint.closed[0].clone();
-            let nothing_after = self.checkpoint.closed.len() == 1 && self.checkpoint.open.is_none();
-            let mark = if nothing_after {
-                self.checkpoint.complete_before
-            } else {
-                Some(own_mark(&seg.stats.last))
-            };
-            self.seal(cfg, &seg, mark)?;
-            self.checkpoint.closed.remove(0);
-            self.checkpoint.sealed += 1;
-            save_checkpoint(&self.dir, &self.checkpoint)?;
-            self.handles.remove(&seg.segment);
-            let plain = self.dir.join(&seg.segment);
-            std::fs::remove_file(&plain)
-                .with_context(|| format!("cannot remove {}", plain.display()))?;
-            sync_dir(&plain)?;
-            sealed += 1;
-        }
         let mut retired = 0;
         if let Some((before, reason)) = p.retire {
             retired = self.retire(before, &reason)?;
         }
-        Ok((sealed, retired))
+        Ok(retired)
     }
 
-    /// Seals a closed segment: the compressed file, then its manifest line.
+    /// The first closed segment's compression job: what [`compress`] needs,
+    /// to run on a thread of its own.
+    fn next_seal(&self, cfg: &SegmentConfig) -> Option<SealInput> {
+        let seg = self.checkpoint.closed.first()?;
+        let name = segment_name(
+            &self.checkpoint.topic,
+            self.checkpoint.partition,
+            seg.stats.first_offset,
+            cfg.compression,
+        );
+        Some(SealInput {
+            segment: seg.segment.clone(),
+            plain: self.dir.join(&seg.segment),
+            len: seg.stats.plain_bytes,
+            dest: self.dir.join(&name),
+            name,
+            compression: cfg.compression,
+            level: cfg.level,
+        })
+    }
+
+    /// Records a sealed segment, the first closed one, whose compressed
+    /// file [`compress`] put in place: its manifest line, the checkpoint
+    /// without it, and the plain file removed, in that order (the order a
+    /// recovery after a crash between any two relies on).
+    fn finish_seal(
+        &mut self,
+        input: &SealInput,
+        (bytes, sha256): (u64, String),
+    ) -> anyhow::Result<()> {
+        let seg = self
+            .checkpoint
+            .closed
+            .first()
+            .filter(|c| c.segment == input.segment)
+            .cloned()
+            .with_context(|| {
+                format!(
+                    "segment {} was sealed but is no longer the first closed one in {}",
+                    input.segment,
+                    self.dir.display()
+                )
+            })?;
+        let nothing_after = self.checkpoint.closed.len() == 1 && self.checkpoint.open.is_none();
+        let mark = if nothing_after {
+            self.checkpoint.complete_before
+        } else {
+            Some(own_mark(&seg.stats.last))
+        };
+        self.seal_line(
+            &seg,
+            input.name.clone(),
+            input.compression,
+            (bytes, sha256),
+            mark,
+        )?;
+        self.checkpoint.closed.remove(0);
+        self.checkpoint.sealed += 1;
+        save_checkpoint(&self.dir, &self.checkpoint)?;
+        self.handles.remove(&seg.segment);
+        std::fs::remove_file(&input.plain)
+            .with_context(|| format!("cannot remove {}", input.plain.display()))?;
+        sync_dir(&input.plain)?;
+        Ok(())
+    }
+
+    /// Seals a closed segment here and now (a recovery's): the compressed
+    /// file, then its manifest line.
     fn seal(
         &mut self,
         cfg: &SegmentConfig,
@@ -681,19 +910,31 @@ impl PartSync {
             seg.stats.first_offset,
             cfg.compression,
         );
-        let (bytes, sha256) = compress(
+        let compressed = compress(
             &self.dir.join(&seg.segment),
             seg.stats.plain_bytes,
             &self.dir.join(&name),
             cfg.compression,
             cfg.level,
         )?;
+        self.seal_line(seg, name, cfg.compression, compressed, mark)
+    }
+
+    /// The manifest line of a sealed segment.
+    fn seal_line(
+        &mut self,
+        seg: &OpenSegment,
+        name: String,
+        compression: Compression,
+        (bytes, sha256): (u64, String),
+        mark: Option<Mark>,
+    ) -> anyhow::Result<()> {
         let line = ManifestLine::Sealed(Box::new(SealedSegment {
             segment: name,
             topic: self.checkpoint.topic.clone(),
             partition: self.checkpoint.partition,
             stats: seg.stats.clone(),
-            compression: cfg.compression,
+            compression,
             bytes,
             sha256,
             complete_before: mark,
@@ -866,13 +1107,13 @@ impl Committer for SegCommitter {
             let Some(sync) = self.parts.get_mut(&tp) else {
                 continue;
             };
-            let (sealed, retired) = sync.commit(&self.cfg, p)?;
+            let retired = sync.commit(p)?;
             self.report.totals.written += written;
             self.report.totals.dead += dead;
             self.report.totals.skipped += skipped;
-            self.report.sealed += sealed;
             self.report.retired += retired;
             if release {
+                self.seal_now(&tp)?;
                 // The last commit is durable: the lock can go.
                 if let Some(s) = self.parts.remove(&tp) {
                     tracing::info!(topic = %tp.0, partition = tp.1, next = s.checkpoint.next_offset, "partition let go");
@@ -883,11 +1124,24 @@ impl Committer for SegCommitter {
                 self.report.partitions.insert(tp, sync.checkpoint.clone());
             }
         }
+        self.advance_seals(false)?;
         Ok(())
     }
 
     fn report(&self) -> SegReport {
         self.report.clone()
+    }
+
+    fn busy(&self) -> bool {
+        self.sealing.is_some()
+    }
+
+    fn idle(&mut self) -> anyhow::Result<bool> {
+        Ok(self.advance_seals(false)? > 0)
+    }
+
+    fn finish(&mut self) -> anyhow::Result<()> {
+        self.advance_seals(true).map(|_| ())
     }
 }
 
@@ -1199,6 +1453,7 @@ mod tests {
                 c.commit(p).unwrap();
             }
         }
+        c.settle().unwrap();
         c.report()
     }
 
@@ -1492,6 +1747,12 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         let p = app.append(Work::Tick).unwrap().unwrap();
         com.commit(p).unwrap();
+        // Sealed on its own thread: the syncer looks in while it is busy.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while com.busy() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+            com.idle().unwrap();
+        }
         assert_eq!(com.report().sealed, 1);
         let archive = tidemark_common::archive::Archive::open(dir.path()).unwrap();
         let sealed = archive
