@@ -94,8 +94,10 @@
 //! it left out, and, when the stream starts or a table under snapshot joins
 //! it, the ids running then (`pg_current_snapshot()`: every transaction
 //! committed before the stream's position is running in it or visible in
-//! it). A chunk whose snapshot still has one of them running is not used:
-//! it is read again later (in 50 ms, then up to every second). The ids
+//! it). No chunk is read while one of them runs (looked at in a snapshot
+//! before the read), and a chunk whose own snapshot still has one running
+//! is not used: it is read again later (in 50 ms, then up to every second).
+//! The ids
 //! visible in a chunk's snapshot are forgotten (visible in every later
 //! one), so the set holds at most the transactions running at once plus
 //! those of one chunk's wait.
@@ -124,6 +126,10 @@
 //! - One table's chunk that cannot be read (a definite error) stops only
 //!   that table: an ERROR names it, it goes to the back of the list and is
 //!   tried again after 5 s, and each table's changes follow its own `K`.
+//! - It needs a primary: a server in recovery has no WAL insert position.
+//! - The mark written after each read is a non-transactional logical
+//!   message with the prefix `tidemark.incremental` and no content; other
+//!   readers of the database's slots that ask for messages see it too.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -346,14 +352,26 @@ impl LogicalMode {
             self.stream = Some(self.open_stream().await?);
             self.added.stream_opened();
         }
-        if std::mem::take(&mut self.added.seed) {
+        let seed = std::mem::take(&mut self.added.seed);
+        if seed || !self.added.unsettled.is_empty() {
+            // A snapshot of now: its running transactions are the seed, and
+            // a chunk is not read while one it may miss still runs (the
+            // chunk's own snapshot is checked again below).
             let now: String =
                 sqlx::query_scalar("select pg_catalog.pg_current_snapshot()::pg_catalog.text")
                     .fetch_one(&self.pool)
                     .await
                     .map_err(pg("cannot take a snapshot"))?;
             let now = PgSnapshot::parse(&now).map_err(|e| SourceError::Definite(e.into()))?;
-            self.added.unsettled.extend(now.in_progress());
+            if seed {
+                self.added.unsettled.extend(now.in_progress());
+            } else {
+                self.added.unsettled.retain(|x| !now.visible(*x));
+                if !self.added.unsettled.is_empty() {
+                    self.wait_for_unsettled(&progress.table);
+                    return Ok(None);
+                }
+            }
         }
         let read = incremental::read_chunk_at(
             &self.pool,
@@ -390,16 +408,8 @@ impl LogicalMode {
         // Transactions left out before the read, or older than the stream,
         // that this snapshot does not see yet: it may miss them.
         self.added.unsettled.retain(|x| !snapshot.visible(*x));
-        if let Some(x) = self.added.unsettled.first().copied() {
-            let since = *self.added.waiting_since.get_or_insert_with(Instant::now);
-            if since.elapsed() >= Duration::from_secs(10) {
-                tracing::warn!(table = %progress.table, xid = x, running = self.added.unsettled.len(), waited_s = since.elapsed().as_secs(), "the incremental snapshot of the table waits for a transaction that was running when the stream started or the table joined it (or whose changes the stream left out) to end; the other tables stream on");
-                self.added.waiting_since = Some(Instant::now());
-            } else {
-                tracing::debug!(table = %progress.table, xid = x, "a chunk's snapshot does not see a transaction it may miss yet; read again later");
-            }
-            self.added.retry_at = Some(Instant::now() + self.added.wait);
-            self.added.wait = (self.added.wait * 2).min(WAIT_MAX);
+        if !self.added.unsettled.is_empty() {
+            self.wait_for_unsettled(&progress.table);
             return Ok(None);
         }
         self.added.waiting_since = None;
@@ -442,6 +452,21 @@ impl LogicalMode {
             stream_gen: self.added.stream_gen,
         });
         Ok(None)
+    }
+
+    /// No chunk is read for now: a transaction it may miss still runs
+    /// (see the module doc). Says so after 10 s of it.
+    fn wait_for_unsettled(&mut self, table: &str) {
+        let x = self.added.unsettled.first().copied().unwrap_or_default();
+        let since = *self.added.waiting_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= Duration::from_secs(10) {
+            tracing::warn!(table = %table, xid = x, running = self.added.unsettled.len(), "the incremental snapshot of the table waits for a transaction that was running when the stream started or the table joined it (or whose changes the stream left out) to end; the other tables stream on");
+            self.added.waiting_since = Some(Instant::now());
+        } else {
+            tracing::debug!(table = %table, xid = x, "a transaction a chunk may miss still runs; the chunk is read later");
+        }
+        self.added.retry_at = Some(Instant::now() + self.added.wait);
+        self.added.wait = (self.added.wait * 2).min(WAIT_MAX);
     }
 
     /// The chunk, repaired, as its own unit at its place; moves its table's
