@@ -804,3 +804,86 @@ async fn logical_table_added_by_restart_is_snapshotted_incrementally() {
     assert!(reads.values().all(|n| *n == 1), "{reads:?}");
     assert!(reads.len() >= 247, "{} keys read", reads.len());
 }
+
+/// Logical mode: chunks whose snapshots miss transactions whose commit
+/// records are already in the WAL (a commit held by `commit_delay` waits
+/// between writing its commit record and leaving the running-transactions
+/// array, as a slow flush or a synchronous standby makes it): the stream's
+/// changes of those transactions correct the chunks' rows. Each of the
+/// writer's transactions updates 10 keys spread over the table, and each
+/// key once, so a chunk row older than a change the stream left out would
+/// stay in the replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logical_incremental_snapshot_takes_the_commits_its_snapshots_missed() {
+    let db = Db::new().await;
+    script(
+        &db.admin,
+        "create table public.a (id int8 primary key, v text not null);
+         create table public.t_slow (id int8 primary key, v text not null);
+         insert into public.t_slow select g, 'old' from generate_series(0, 2999) g;",
+    )
+    .await;
+    capture_logical(&db, "a").await;
+    let overrides = [
+        ("mode", "logical"),
+        ("batch.max.rows", "100"),
+        ("table.whitelist", "a, public\\.t_.*"),
+    ];
+    let mut source = db.start_source(&["a"], &overrides).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let slow = {
+        let pool = db.admin.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            for i in 0..300 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                // 50 ms between the commit record and the commit's end.
+                script(
+                    &pool,
+                    &format!(
+                        "begin; set local commit_delay = 50000; set local commit_siblings = 0;
+                         update public.t_slow set v = 'slow {i}' where id % 300 = {i}; commit;"
+                    ),
+                )
+                .await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    capture_logical(&db, "t_slow").await;
+    let topic = db.topic("t_slow");
+    let mut reader = TopicReader::new(&[db.topic("a"), topic.clone()]);
+    reader
+        .until("3000 snapshot reads of t_slow", WAIT * 2, |e| {
+            snapshot_reads(e.get(&topic).map_or(&[][..], Vec::as_slice)).len() >= 3000
+        })
+        .await;
+    stop.store(true, Ordering::Relaxed);
+    slow.await.unwrap();
+    script(&db.admin, "insert into public.t_slow values (-1, 'end')").await;
+    reader
+        .until("the last change of t_slow", WAIT, |e| {
+            e.get(&topic).is_some_and(|ev| {
+                ev.iter()
+                    .any(|e| e.after().is_some_and(|a| a["v"] == "end"))
+            })
+        })
+        .await;
+    source.assert_running("pg-source").await;
+    source.stop().await;
+    drop_slot(&db).await;
+    let events = &reader.events[&topic];
+    let rows = table_rows(&db.admin, "public.t_slow", &["id"]).await;
+    let slow_rows = rows.values().filter(|r| r["v"] != "old").count();
+    assert_eq!(replay_strict(events), rows, "t_slow replayed");
+    let reads = snapshot_reads(events);
+    assert!(reads.values().all(|n| *n == 1), "keys read twice");
+    println!(
+        "t_slow: {} snapshot reads, {} rows the slow writer changed, {} events",
+        reads.len(),
+        slow_rows,
+        events.len()
+    );
+}
