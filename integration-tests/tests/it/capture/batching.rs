@@ -14,8 +14,11 @@ const COMMITS: usize = 60;
 
 /// Writes `COMMITS` single-row commits 20 ms apart with
 /// `batch.linger.ms=400`: the changes arrive once each, in order, in at
-/// most one Kafka transaction per linger of the time they took (plus the
-/// first batch, which goes at once, and slack for a position commit).
+/// most one Kafka transaction per linger of the time they took, plus slack:
+/// the first batch goes at once, a batch can end just after its linger,
+/// and an idle pg-source commits its position now and then (logical mode
+/// every 5 s when the WAL moved) while the offsets are read back. Before
+/// batching by time these commits made about 60 transactions.
 async fn a_steady_stream_commits_once_per_linger(fx: &Fixture) {
     let topic = fx.topic();
     let offsets = format!("{}offsets", fx.prefix);
@@ -46,7 +49,7 @@ async fn a_steady_stream_commits_once_per_linger(fx: &Fixture) {
     let written: Vec<String> = (0..COMMITS).map(|i| format!("v{i}")).collect();
     assert_eq!(data, written, "every change once, in order");
     let transactions = positions(&offsets).len() - before;
-    let most = (took.as_millis() / LINGER_MS) as usize + 3;
+    let most = (took.as_millis() / LINGER_MS) as usize + 6;
     assert!(
         transactions <= most,
         "{COMMITS} commits over {took:?} went into {transactions} Kafka transactions; with a linger of {LINGER_MS} ms at most {most}"
