@@ -455,7 +455,7 @@ impl Op {
 /// ```text
 /// {"before": {..}|null, "after": {..}|null,
 ///  "source": {"version", "connector": "tidemark", "name", "ts_ms", "ts_us", "ts_ns",
-///             "snapshot", "db", "sequence", "schema", "table", "txId", "lsn", "xmin": null},
+///             "snapshot", "snapshot_chunk"?, "db", "sequence", "schema", "table", "txId", "lsn", "xmin": null},
 ///  "transaction": {"id", "total_order", "data_collection_order", "commit_order",
 ///                  "event_count", "data_collections"},
 ///  "op", "ts_ms", "ts_us", "ts_ns"}
@@ -468,7 +468,13 @@ impl Op {
 ///   The top-level `ts_*` is when Tidemark read the change.
 /// - `source.snapshot` is `first`, `first_in_data_collection`, `true`,
 ///   `last_in_data_collection` or `last` for snapshot reads (`last` on the
-///   snapshot's last row), `false` for changes.
+///   snapshot's last row), `false` for changes, and `incremental` for the
+///   rows (and the opening TRUNCATE) of an incremental snapshot, whose
+///   events also carry `source.snapshot_chunk`: `first`, `middle`, `last`
+///   or `only` (first and last), where their chunk stands in that table's
+///   snapshot (null on every other event). A reader that knows nothing of
+///   `snapshot_chunk` (an optional string) reads the events as before; one
+///   that does can tell where each snapshot begins and where it is complete.
 /// - `source.sequence` is, in `logical` mode, Debezium's
 ///   `["<last commit lsn>","<this lsn>"]` as one JSON string of decimal
 ///   LSNs; in `changelog` mode the change log's `seq` as a decimal string;
@@ -510,8 +516,51 @@ pub enum SnapshotMark {
     /// The snapshot's last row.
     Last,
     /// A row of an incremental snapshot (a table that entered the
-    /// connector's set while it streams): `incremental`.
+    /// connector's set while it streams, or a snapshot on demand):
+    /// `incremental`, without saying which chunk it is in.
     Incremental,
+    /// A row of an incremental snapshot's chunk, saying where the chunk
+    /// stands (`source.snapshot_chunk`): `incremental`.
+    IncrementalChunk(ChunkPlace),
+}
+
+/// Where a chunk stands in its incremental snapshot
+/// (`source.snapshot_chunk`, on every event of the chunk): a replay that
+/// starts a table from its newest complete snapshot needs to know where
+/// each snapshot begins and ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkPlace {
+    /// The snapshot's first chunk (and not its last): `first`.
+    First,
+    /// Neither first nor last: `middle`.
+    Middle,
+    /// The last chunk (the table is whole from here): `last`.
+    Last,
+    /// The first and the last: `only`.
+    Only,
+}
+
+impl ChunkPlace {
+    /// The place of a chunk from whether it is its snapshot's first and
+    /// last.
+    pub fn of(first: bool, last: bool) -> Self {
+        match (first, last) {
+            (true, true) => Self::Only,
+            (true, false) => Self::First,
+            (false, true) => Self::Last,
+            (false, false) => Self::Middle,
+        }
+    }
+
+    /// The `source.snapshot_chunk` text.
+    pub fn text(self) -> &'static str {
+        match self {
+            Self::First => "first",
+            Self::Middle => "middle",
+            Self::Last => "last",
+            Self::Only => "only",
+        }
+    }
 }
 
 impl SnapshotMark {
@@ -524,7 +573,7 @@ impl SnapshotMark {
             Self::Yes => "true",
             Self::LastInTable => "last_in_data_collection",
             Self::Last => "last",
-            Self::Incremental => "incremental",
+            Self::Incremental | Self::IncrementalChunk(_) => "incremental",
         }
     }
 
@@ -663,6 +712,7 @@ impl ChangeEnvelope {
             {"type": "string", "optional": true, "name": "io.debezium.data.Enum", "version": 1,
              "parameters": {"allowed": "true,first,first_in_data_collection,last_in_data_collection,last,false,incremental"},
              "default": "false", "field": "snapshot"},
+            {"type": "string", "optional": true, "field": "snapshot_chunk"},
             {"type": "string", "optional": false, "field": "db"},
             {"type": "string", "optional": true, "field": "sequence"},
             {"type": "string", "optional": false, "field": "schema"},
@@ -754,6 +804,12 @@ impl ChangeEnvelope {
             i128::from(c.commit_us) * 1000
         );
         let _ = write!(out, r#","snapshot":"{}""#, c.snapshot.text());
+        match c.snapshot {
+            SnapshotMark::IncrementalChunk(place) => {
+                let _ = write!(out, r#","snapshot_chunk":"{}""#, place.text());
+            }
+            _ => out.extend_from_slice(br#","snapshot_chunk":null"#),
+        }
         out.extend_from_slice(self.source_db.as_bytes());
         let lsn = match c.sequence {
             Sequence::None => {
@@ -875,6 +931,11 @@ pub struct ChangeSource {
     /// `"first"`, `"true"`, `"last"`, ... for snapshot reads, `"false"` for
     /// changes.
     pub snapshot: Option<String>,
+    /// Incremental snapshot reads: where their chunk stands in the
+    /// snapshot, `"first"`, `"middle"`, `"last"` or `"only"` (see
+    /// [`ChunkPlace`]); null (or absent, before it existed) otherwise.
+    #[serde(default)]
+    pub snapshot_chunk: Option<String>,
     /// Database.
     pub db: String,
     /// Schema.

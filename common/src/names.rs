@@ -25,6 +25,14 @@ pub const CHANGE_LOG: &str = "tidemark.change_log";
 /// one row per table and column layout, referenced by `change_log.shape`.
 pub const SHAPES: &str = "tidemark.shapes";
 
+/// The signal table (`changelog` capture): a row of kind
+/// [`SIGNAL_EXECUTE_SNAPSHOT`] asks pg-source for an incremental snapshot
+/// of the tables its `data` names.
+pub const SIGNAL: &str = "tidemark.signal";
+
+/// [`SIGNAL`]'s kind that asks for a snapshot (Debezium's signal name).
+pub const SIGNAL_EXECUTE_SNAPSHOT: &str = "execute-snapshot";
+
 /// pg-replay's applied position, in the target database.
 pub const REPLAY_POSITION: &str = "tidemark.replay_position";
 

@@ -119,6 +119,10 @@ pub struct IncrementalProgress {
     /// When it was asked for, µs since the epoch.
     #[serde(default)]
     pub since_us: i64,
+    /// The signal that asked for it (`tidemark.signal`'s `id`), for a
+    /// snapshot on demand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i64>,
 }
 
 /// How far `logical` mode has read the replication slot, and the initial

@@ -50,7 +50,9 @@ use futures::TryStreamExt as _;
 use serde_json::Value;
 use sqlx::PgPool;
 use tidemark_common::codec::{parse_record, CodecError, TypeCache};
-use tidemark_common::envelope::{now_us, Change, Op, Sequence, SnapshotMark, TxPlace, UnitEnd};
+use tidemark_common::envelope::{
+    now_us, Change, ChunkPlace, Op, Sequence, SnapshotMark, TxPlace, UnitEnd,
+};
 use tidemark_common::offset::IncrementalProgress;
 use tidemark_common::ops::names;
 
@@ -295,12 +297,14 @@ impl Incremental {
         let collection = format!("{}.{}", table.info.name.schema, table.info.name.name);
         let shape = &chunk.shape;
         let read_us = now_us();
-        // A table that entered the set again: what the archive holds of it
-        // is stale (its changes while it was out are not there), so its
-        // snapshot begins by emptying it.
-        let reset =
-            progress.reason == "re-entered" && progress.rows == 0 && progress.last_key.is_none();
+        let reset = opens_with_truncate(progress, &chunk);
         let first = u64::from(reset);
+        // Every event says where its chunk stands in the snapshot, so a
+        // replay can tell where the snapshot begins and where it is whole.
+        let mark = SnapshotMark::IncrementalChunk(ChunkPlace::of(
+            progress.rows == 0 && progress.last_key.is_none(),
+            !chunk.more,
+        ));
         // Each key's net repair: its row, or gone. Later repairs win.
         type KeyState = (Vec<Option<String>>, Option<(Arc<Shape>, Encoded, Encoded)>);
         let mut net: Vec<KeyState> = Vec::new();
@@ -379,7 +383,9 @@ impl Incremental {
                 event_count: n,
                 data_collections: vec![(collection.clone(), n)],
             });
-            tracing::info!(table = %table.info.name, "the table entered the set again: its snapshot begins with a TRUNCATE event, as what the archive holds of it is stale");
+            if progress.reason == "re-entered" {
+                tracing::info!(table = %table.info.name, "the table entered the set again: its snapshot begins with a TRUNCATE event, as what the archive holds of it is stale");
+            }
             records.push(Record {
                 topic: table.topic.clone(),
                 // Debezium's convention for a TRUNCATE: a null key.
@@ -391,7 +397,7 @@ impl Incremental {
                     commit_us: chunk.at_us,
                     txid: None,
                     sequence: Sequence::None,
-                    snapshot: SnapshotMark::Incremental,
+                    snapshot: mark,
                     read_us,
                     transaction: TxPlace {
                         commit_order,
@@ -422,7 +428,7 @@ impl Incremental {
                             commit_us: chunk.at_us,
                             txid: None,
                             sequence: Sequence::None,
-                            snapshot: SnapshotMark::Incremental,
+                            snapshot: mark,
                             read_us,
                             transaction: TxPlace {
                                 commit_order,
@@ -500,6 +506,23 @@ pub enum Repair {
         key_record: Encoded,
     },
 }
+
+/// Whether the chunk's unit begins with a TRUNCATE event of its table: the
+/// first chunk of a table that entered the set again (what the archive
+/// holds of it is stale: its changes while it was out are not there), and
+/// the only chunk of an empty table's snapshot on demand (the table is
+/// empty at the chunk's place in the stream, so the event changes nothing
+/// in a replay from the beginning, and gives a replay that starts the table
+/// from this snapshot its point to start).
+pub fn opens_with_truncate(progress: &IncrementalProgress, chunk: &Chunk) -> bool {
+    let first = progress.rows == 0 && progress.last_key.is_none();
+    first
+        && (progress.reason == "re-entered"
+            || (progress.reason == SIGNAL_REASON && chunk.rows.is_empty() && !chunk.more))
+}
+
+/// [`IncrementalProgress::reason`] of a snapshot on demand (a signal).
+pub const SIGNAL_REASON: &str = "signal";
 
 /// Whether the chunk ends its table's snapshot.
 pub fn last_of_table(chunk: &Chunk) -> bool {

@@ -294,6 +294,18 @@ fn fill(template: &str) -> String {
 /// table owner chooses) may hold any dollar-quote tag, and the event
 /// trigger generates the function as a superuser.
 ///
+/// **Snapshots on demand.** `tidemark.signal` (`id`, `kind`, `data` jsonb,
+/// `txid`, `created_by`, `created_at`) takes a row of kind
+/// `execute-snapshot` with `data` `{"data-collections": ["public.t"]}` to
+/// ask a running pg-source for an incremental snapshot of `public.t`
+/// (Debezium's signal table, as a Tidemark table). Nobody but its owner
+/// (the superuser schema-init runs as) may write it: every privilege is
+/// revoked from public, and an administrator lets a role ask with
+/// `grant usage on schema tidemark to R; grant insert (kind, data) on
+/// tidemark.signal to R` (only those two columns, so the transaction id
+/// pg-source orders signals by is always the writer's own). pg-source
+/// reads it as it reads the change log (`grant select`), acting on each
+/// row once: the first batch whose snapshot shows its transaction.
 /// **Upgrading** from 0.1 (jsonb row images, no shape): an empty change log
 /// is converted in place; one that still holds changes is refused, saying
 /// how to drain it first.
@@ -358,6 +370,24 @@ pub fn changelog_steps(table: &TableName, capture: impl Into<Capture>) -> Vec<St
         step(
             "revoke every privilege on tidemark.truncating from public",
             format!("revoke all on table {} from public", names::TRUNCATE_MARKS),
+        ),
+        step(
+            "create table tidemark.signal",
+            format!(
+                r#"create table if not exists {signal} (
+  id pg_catalog.int8 generated always as identity primary key,
+  kind pg_catalog.text not null,
+  data pg_catalog.jsonb not null default '{{}}'::pg_catalog.jsonb,
+  txid pg_catalog.xid8 not null default pg_catalog.pg_current_xact_id(),
+  created_by pg_catalog.text not null default pg_catalog."current_user"(),
+  created_at pg_catalog.timestamptz not null default pg_catalog.clock_timestamp()
+)"#,
+                signal = names::SIGNAL
+            ),
+        ),
+        step(
+            "revoke every privilege on tidemark.signal from public",
+            format!("revoke all on table {} from public", names::SIGNAL),
         ),
         step(
             "create role tidemark_capture, or check the one there",

@@ -162,6 +162,9 @@ pub struct ChangeLogMode {
     told: std::collections::HashSet<TableName>,
     /// Where heartbeats go (`None`: they are off).
     heartbeat_topic: Option<String>,
+    /// The signal table cannot be read (absent, no privilege): said once,
+    /// not asked again until a restart.
+    signals_unreadable: bool,
     /// When the last batch was committed (or pg-source started).
     last_sent: Instant,
     /// The time of the last snapshot that showed nothing left to send:
@@ -341,6 +344,7 @@ impl ChangeLogMode {
             discovery: None,
             told: std::collections::HashSet::new(),
             heartbeat_topic: None,
+            signals_unreadable: false,
             last_sent: Instant::now(),
             caught_up_us: None,
             batch_taken: None,
@@ -404,6 +408,8 @@ impl ChangeLogMode {
                 self.caught_up_us = Some(at_us);
                 return Ok(None);
             }
+            let done = self.position.done.clone();
+            self.read_signals(&done, &cur).await?;
             self.position.batch = Some(cur);
             self.position.batch_us = Some(at_us);
             self.batch_taken = Some(taken);
@@ -1081,7 +1087,10 @@ impl ChangeLogMode {
         if chunk.snapshot == self.position.done {
             return Ok(Some(self.emit_chunk(chunk)));
         }
-        // The stream first sends every change up to the chunk's snapshot.
+        // The stream first sends every change up to the chunk's snapshot
+        // (and acts on the signals that came meanwhile).
+        let done = self.position.done.clone();
+        self.read_signals(&done, &chunk.snapshot).await?;
         self.position.batch = Some(chunk.snapshot.clone());
         self.position.batch_us = Some(chunk.at_us);
         self.incremental.pending = Some(chunk);
@@ -1098,8 +1107,7 @@ impl ChangeLogMode {
             .find(|t| t.log_name == chunk.table)
             .expect("a chunk is read of a table read");
         let mut rendered = None;
-        let p = &self.position.incremental[0];
-        let reset = p.reason == "re-entered" && p.rows == 0 && p.last_key.is_none();
+        let reset = incremental::opens_with_truncate(&self.position.incremental[0], &chunk);
         if !chunk.rows_is_empty() || reset {
             self.position.commit_order += 1;
             let co = self.position.commit_order;
@@ -1132,6 +1140,99 @@ impl ChangeLogMode {
                 ..Batch::default()
             },
         }
+    }
+
+    /// Acts on the signals (rows of `tidemark.signal`) whose transactions
+    /// became visible between snapshots `done` and `cur`: the batch that
+    /// begins here. As `done` is in the stored position, each signal is
+    /// acted on once, by the first batch whose snapshot shows it, however
+    /// often pg-source restarts (an action not yet committed with a batch is
+    /// read again). A snapshot asked for is queued in the position (with the
+    /// signal's id) and runs as an incremental snapshot of the table, which
+    /// keeps streaming; see [`crate::incremental`]. A malformed signal, or
+    /// one naming a table this connector does not read, is a WARN saying
+    /// what is wrong; the stream goes on.
+    ///
+    /// Fails on a database error other than the signal table being absent
+    /// or unreadable (then a WARN says so, once per start).
+    async fn read_signals(&mut self, done: &str, cur: &str) -> Result<(), SourceError> {
+        if self.signals_unreadable {
+            return Ok(());
+        }
+        let rows: Result<Vec<(i64, String, String)>, sqlx::Error> = sqlx::query_as(&format!(
+            "select s.id, s.kind, s.data::pg_catalog.text from {} s
+              where pg_catalog.pg_visible_in_snapshot(s.txid, $2::pg_catalog.pg_snapshot)
+                and not pg_catalog.pg_visible_in_snapshot(s.txid, $1::pg_catalog.pg_snapshot)
+              order by s.id",
+            names::SIGNAL
+        ))
+        .bind(done)
+        .bind(cur)
+        .fetch_all(&self.pool)
+        .await;
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(sqlx::Error::Database(e))
+                if matches!(e.code().as_deref(), Some("42P01" | "42501" | "42703")) =>
+            {
+                self.signals_unreadable = true;
+                tracing::warn!(error = %e, "cannot read the signal table {}: snapshots on demand are off until pg-source restarts (run schema-init --capture changelog of this release to create it, and grant select on it to pg-source's user)", names::SIGNAL);
+                return Ok(());
+            }
+            Err(e) => return Err(SourceError::postgres("cannot read the signal table", e)),
+        };
+        for (id, kind, data) in rows {
+            self.act_on_signal(id, &kind, &data);
+        }
+        Ok(())
+    }
+
+    /// Acts on one signal (see [`Self::read_signals`]).
+    fn act_on_signal(&mut self, id: i64, kind: &str, data: &str) {
+        if kind != names::SIGNAL_EXECUTE_SNAPSHOT {
+            tracing::warn!(
+                signal = id,
+                kind,
+                "signal ignored: its kind is not one pg-source knows (it knows {:?})",
+                names::SIGNAL_EXECUTE_SNAPSHOT
+            );
+            return;
+        }
+        let tables = match signal_tables(data) {
+            Ok(tables) => tables,
+            Err(why) => {
+                tracing::warn!(signal = id, data, "signal ignored: {why}");
+                return;
+            }
+        };
+        for name in tables {
+            let table = TableName::parse(&name)
+                .ok()
+                .and_then(|n| self.tables.iter().find(|t| t.info.name == n));
+            let Some(table) = table else {
+                tracing::warn!(signal = id, table = %name, "signal names a table this connector does not read (not in table.whitelist / table.include.list, or not captured); nothing is snapshotted for it");
+                continue;
+            };
+            if self
+                .position
+                .incremental
+                .iter()
+                .any(|p| p.table == table.log_name)
+            {
+                tracing::info!(signal = id, table = %table.info.name, "signal asks for a snapshot of a table whose incremental snapshot is already running; that one goes on, no second is queued");
+                continue;
+            }
+            tracing::info!(signal = id, table = %table.info.name, "signal: incremental snapshot of the table queued; every table keeps streaming meanwhile");
+            self.position.incremental.push(IncrementalProgress {
+                table: table.log_name.clone(),
+                reason: incremental::SIGNAL_REASON.to_owned(),
+                since_us: now_us(),
+                signal: Some(id),
+                ..Default::default()
+            });
+        }
+        metrics::gauge!(metric::SOURCE_INCREMENTAL_TABLES_LEFT)
+            .set(self.position.incremental.len() as f64);
     }
 
     /// Reads the key index's columns (operators, collations) of the table
@@ -1191,11 +1292,14 @@ impl ChangeLogMode {
                 continue;
             };
             let name = &self.log_tables[d.table].log_name;
+            // A snapshot on demand re-reads a table the archive already
+            // holds whole: every change of it is sent, and its chunks are
+            // the rows as they are at their place in the stream.
             let Some(i) = self
                 .position
                 .incremental
                 .iter()
-                .position(|p| &p.table == name)
+                .position(|p| &p.table == name && p.reason != incremental::SIGNAL_REASON)
             else {
                 plan.push(None);
                 continue;
@@ -1731,6 +1835,52 @@ fn in_range_sql(
     } else {
         format!("({})", cond.join(" and "))
     }
+}
+
+/// The tables a signal's `data` names: Debezium's
+/// `{"data-collections": ["schema.table", ...], "type": "incremental"}`
+/// (`type` optional).
+///
+/// Fails, saying what is wrong, when `data` is not such an object.
+fn signal_tables(data: &str) -> Result<Vec<String>, String> {
+    let v: Value = serde_json::from_str(data).map_err(|e| format!("its data is not JSON: {e}"))?;
+    let Value::Object(o) = v else {
+        return Err(
+            "its data is not a JSON object like {\"data-collections\": [\"public.t\"]}".into(),
+        );
+    };
+    match o.get("type") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(t)) if t.eq_ignore_ascii_case("incremental") => {}
+        Some(other) => {
+            return Err(format!(
+                "its snapshot type {other} is not one pg-source runs (only \"incremental\")"
+            ))
+        }
+    }
+    let Some(list) = o.get("data-collections") else {
+        return Err(
+            "its data has no \"data-collections\": a list of tables like [\"public.t\"]".into(),
+        );
+    };
+    let Value::Array(list) = list else {
+        return Err(format!(
+            "its \"data-collections\" is {list}, not a list of tables like [\"public.t\"]"
+        ));
+    };
+    if list.is_empty() {
+        return Err("its \"data-collections\" is empty".into());
+    }
+    list.iter()
+        .map(|t| match t {
+            Value::String(s) => TableName::parse(s)
+                .map(|_| s.clone())
+                .map_err(|e| format!("its \"data-collections\" holds {e}")),
+            other => Err(format!(
+                "its \"data-collections\" holds {other}, not a table name like \"public.t\""
+            )),
+        })
+        .collect()
 }
 
 impl Capture for ChangeLogMode {
