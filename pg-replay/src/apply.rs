@@ -144,6 +144,14 @@ pub struct Stage {
     by_unit: BTreeMap<i64, u64>,
     /// TRUNCATEs staged and not applied: unit → last total_order.
     truncates: BTreeMap<i64, i64>,
+    /// Units staged and not applied that hold incremental snapshot reads
+    /// (`i`) of the table: upserts.
+    reads: BTreeSet<i64>,
+    /// Units staged and not applied in which the table's events are
+    /// applied as upserts: the window of the incremental snapshot a
+    /// `--from-snapshot` replay starts the table from (see
+    /// [`Applier::set_lenient`]).
+    lenient: BTreeSet<i64>,
     /// The role every statement that touches the target runs as, quoted:
     /// its owner, when that is not this session's role (see
     /// [`Applier::act_for`]).
@@ -642,6 +650,23 @@ impl Applier {
         self.on_conflict = OnConflict::Upsert;
     }
 
+    /// Applies the events of table `idx` in unit `commit_order` as upserts
+    /// (call before its events are pushed): a `--from-snapshot` replay
+    /// starts the table, emptied, at the first chunk of an incremental
+    /// snapshot, and until its last chunk the target holds only the rows
+    /// read so far and those changed since, so an update of a key not read
+    /// yet writes the row as it then was, and a delete of one is nothing.
+    pub fn set_lenient(&mut self, idx: usize, commit_order: i64) {
+        self.stages[idx].lenient.insert(commit_order);
+    }
+
+    /// Whether table `idx`'s changes up to unit `upto` are applied as
+    /// upserts (`--on-conflict upsert`, or a lenient unit in the run).
+    fn upserts(&self, idx: usize, upto: i64) -> bool {
+        self.on_conflict == OnConflict::Upsert
+            || self.stages[idx].lenient.range(..=upto).next().is_some()
+    }
+
     /// The connection, for the position and checks.
     pub fn conn(&mut self) -> &mut PgConnection {
         &mut self.conn
@@ -774,6 +799,8 @@ impl Applier {
             buf: Vec::with_capacity(64 * 1024),
             by_unit: BTreeMap::new(),
             truncates: BTreeMap::new(),
+            reads: BTreeSet::new(),
+            lenient: BTreeSet::new(),
             act_as,
         });
         self.by_source.insert(source.clone(), idx);
@@ -998,6 +1025,9 @@ impl Applier {
         if meta.op == Op::Truncate {
             let last = stage.truncates.entry(meta.commit_order).or_insert(0);
             *last = (*last).max(meta.total_order);
+        }
+        if meta.op == Op::IncrementalRead {
+            stage.reads.insert(meta.commit_order);
         }
         if stage.buf.len() >= COPY_CHUNK {
             self.flush_one(idx).await?;
@@ -1254,6 +1284,8 @@ impl Applier {
             let s = &mut self.stages[i];
             s.by_unit.retain(|&co, _| co > run.upto);
             s.truncates.retain(|&co, _| co > run.upto);
+            s.reads.retain(|&co| co > run.upto);
+            s.lenient.retain(|&co| co > run.upto);
         }
         Ok(())
     }
@@ -1340,7 +1372,6 @@ impl Applier {
     /// The set-based apply, inside the caller's transaction.
     async fn fast(&mut self, tables: &[usize], upto: i64) -> Result<FastOutcome, sqlx::Error> {
         self.build_nets(tables, upto).await?;
-        let upsert = self.on_conflict == OnConflict::Upsert;
         let mut expected = HashMap::new();
         for &i in tables {
             let s = &self.stages[i];
@@ -1377,7 +1408,7 @@ impl Applier {
             self.act_for(Some(i)).await?;
             let s = &self.stages[i];
             let (ins, upd, _) = expected[&i];
-            if upsert {
+            if self.upserts(i, upto) {
                 let sql = format!(
                     "insert into {t} ({cols}){ov} select {vals} from {net} n where n.l_op {NE} 'd' \
                      on conflict on constraint {pk} {action}",
@@ -1438,11 +1469,40 @@ impl Applier {
             if done != upd {
                 return Ok(FastOutcome::Mismatch("update count"));
             }
+            if s.reads.range(..=upto).next().is_some() {
+                // A key whose first event in the run is an incremental
+                // snapshot read may or may not be held: its row, whatever
+                // the target had.
+                let sql = format!(
+                    "insert into {t} ({cols}){ov} select {vals} from {net} n \
+                     where n.f_op {EQ} 'i' and n.l_op {NE} 'd' on conflict on constraint {pk} {action}",
+                    t = s.target.name.quoted(),
+                    cols = s.target_cols(),
+                    ov = s.overriding(),
+                    vals = s.stage_list("n"),
+                    net = s.net,
+                    pk = s.target.pk_constraint,
+                    action = s.upsert_action(),
+                );
+                sqlx::query(&sql).execute(&mut self.conn).await?;
+            }
         }
         for &i in tables.iter().rev() {
             self.act_for(Some(i)).await?;
+            let upsert = self.upserts(i, upto);
             let s = &self.stages[i];
             let (_, _, del) = expected[&i];
+            if !upsert && s.reads.range(..=upto).next().is_some() {
+                // Read by an incremental snapshot, then deleted in the run:
+                // gone, whether the target held it or not.
+                let sql = format!(
+                    "delete from {t} t using {net} n where {cond} and n.f_op {EQ} 'i' and n.l_op {EQ} 'd'",
+                    t = s.target.name.quoted(),
+                    net = s.net,
+                    cond = s.key_cond("t", "n"),
+                );
+                sqlx::query(&sql).execute(&mut self.conn).await?;
+            }
             let only_deleted = if upsert {
                 format!("n.l_op {EQ} 'd'")
             } else {
@@ -1550,6 +1610,9 @@ impl Applier {
             self.build_nets(tables, upto).await?;
             let mut first: Option<(i64, i64, String)> = None;
             for &i in tables {
+                if self.upserts(i, upto) {
+                    continue;
+                }
                 self.act_for(Some(i)).await?;
                 let s = &self.stages[i];
                 let truncated = s.truncates.range(..=upto).next().is_some();
@@ -1566,7 +1629,7 @@ impl Applier {
                 let sql = format!(
                     "select n.f_op::pg_catalog.text as op, n.f_co, n.f_ord, n.f_src, n.f_pos, n.f_line, \
                             {key} as key, {present} as present \
-                     from {net} n where (n.f_op {EQ} any ('{{c,r}}')) {EQ} ({present}) \
+                     from {net} n where n.f_op {NE} 'i' and (n.f_op {EQ} any ('{{c,r}}')) {EQ} ({present}) \
                      order by n.f_co, n.f_ord limit 1",
                     key = s.key_text_sql("n"),
                     net = s.net,
@@ -1653,7 +1716,6 @@ impl Applier {
         self.set_triggers(tables, false)
             .await
             .map_err(anyhow::Error::from)?;
-        let upsert = self.on_conflict == OnConflict::Upsert;
         let mut applied = 0u64;
         loop {
             let rows = sqlx::query("fetch 1000 from tidemark_events")
@@ -1677,6 +1739,7 @@ impl Applier {
                 let tid: String = row.get("tid");
                 let co: i64 = row.get("m_co");
                 self.act_for(Some(i)).await.map_err(anyhow::Error::from)?;
+                let upsert = self.upserts(i, upto);
                 let s = &self.stages[i];
                 let t = s.target.name.quoted();
                 let (sql, want_one) = match op.as_str() {
@@ -1695,7 +1758,7 @@ impl Applier {
                         }
                         (format!("truncate {}", names.join(", ")), false)
                     }
-                    "c" | "r" | "u" if upsert => (
+                    "c" | "r" | "u" | "i" if upsert || op == "i" => (
                         format!(
                             "insert into {t} ({cols}){ov} select {vals} from {stage} s \
                              where s.ctid {EQ} $1::pg_catalog.tid on conflict on constraint {pk} {action}",

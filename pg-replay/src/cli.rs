@@ -9,6 +9,7 @@ use tidemark_common::kafka::KafkaArgs;
 use tidemark_common::pg::{PgTarget, TableName};
 
 use crate::apply::{OnConflict, SchemaChanges, UserTriggers};
+use crate::snapshots::FromSnapshot;
 use crate::UntilArg;
 
 /// Plays a Tidemark archive back into Postgres: the file file-sink writes
@@ -116,6 +117,21 @@ struct ReplayArgs {
     /// is at most this (X/Y, as pg_current_wal_lsn() prints it).
     #[arg(long, env = "TIDEMARK_UNTIL_LSN")]
     until_lsn: Option<String>,
+
+    /// Where each table's replay starts: `beginning` (every event of the
+    /// archive), or `newest`: a table with an incremental snapshot complete
+    /// before the replay's end (--until; pg-source's snapshots on demand
+    /// and of tables added while it ran) starts from the newest such
+    /// snapshot: its earlier events are left out, the target table is
+    /// emptied where the snapshot begins, and the snapshot's events apply
+    /// as upserts until its last chunk, then as ever. The result is the
+    /// same as from the beginning (docs/playback.md says why); it takes a
+    /// first pass over the archive to find the snapshots, and applies fewer
+    /// changes. Not the default: within the snapshot pg-replay cannot check
+    /// the target against the archive, and a resumed replay must be given
+    /// the same setting.
+    #[arg(long, env = "TIDEMARK_FROM_SNAPSHOT", value_enum, default_value_t = FromSnapshot::Beginning)]
+    from_snapshot: FromSnapshot,
 
     /// Keep applying as the archive grows (a warm standby), until SIGTERM,
     /// which stops at a unit boundary; lag and position in /metrics.
@@ -378,6 +394,7 @@ fn replay_config(a: ReplayArgs) -> anyhow::Result<crate::Config> {
     };
     cfg.follow = a.follow;
     cfg.on_conflict = a.on_conflict;
+    cfg.from_snapshot = a.from_snapshot;
     cfg.user_triggers = a.user_triggers;
     cfg.schema_changes = a.schema_changes;
     if a.batch_changes == 0 {

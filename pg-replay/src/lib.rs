@@ -56,6 +56,7 @@ pub mod cli;
 pub mod position;
 pub mod record;
 pub mod segmented;
+pub mod snapshots;
 pub mod target;
 pub mod units;
 pub mod values;
@@ -79,6 +80,7 @@ use crate::apply::{
 };
 use crate::archive::{Item, StreamKind, StreamPos, Streams};
 use crate::record::{Op, Record};
+use crate::snapshots::{FromSnapshot, Starts, Treat, Windows};
 use crate::units::{Disposition, EventInfo, UnitError, Units, Until};
 
 /// Metric names: pg-replay's share of [`tidemark_common::ops::names`],
@@ -130,6 +132,8 @@ pub struct Config {
     pub follow: bool,
     /// What a disagreeing target row leads to.
     pub on_conflict: OnConflict,
+    /// Where each table's replay starts.
+    pub from_snapshot: FromSnapshot,
     /// What to do with the target tables' own triggers.
     pub user_triggers: UserTriggers,
     /// What a schema change recorded in the archive leads to.
@@ -164,6 +168,7 @@ impl Config {
             until: UntilArg::End,
             follow: false,
             on_conflict: OnConflict::Stop,
+            from_snapshot: FromSnapshot::Beginning,
             user_triggers: UserTriggers::Disable,
             schema_changes: SchemaChanges::Stop,
             batch_changes: 150_000,
@@ -487,6 +492,58 @@ async fn locate_txid(
     Ok(found)
 }
 
+/// Finds each table's newest incremental snapshot complete within `until`
+/// (`--from-snapshot newest`): a first pass over the archive as it is now.
+async fn locate_snapshots(
+    cfg: &Config,
+    inputs: &Inputs,
+    until: Until,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<Windows>> {
+    let stop = shutdown.child_token();
+    let mut rx = start_readers(cfg, inputs, false, &stop);
+    let mut ended = 0;
+    let mut windows = Windows::default();
+    tracing::info!("looking for incremental snapshots in the archive (--from-snapshot newest)");
+    let found = loop {
+        let item = tokio::select! {
+            _ = shutdown.cancelled() => break None,
+            item = rx.recv() => item,
+        };
+        match item {
+            None => break Some(windows),
+            Some(Item::Records(batch)) => {
+                for d in batch.iter() {
+                    if let Ok(Record::Change(c)) = &d.record {
+                        let Some(tx) = &c.tx else { continue };
+                        let co = tx.commit_order;
+                        if snapshots::within(until, co, c.ts_us) {
+                            let table = TableName {
+                                schema: c.schema_name.to_string(),
+                                name: c.table.to_string(),
+                            };
+                            windows.see(&table, co, c.op == Op::Truncate, c.chunk);
+                        }
+                    }
+                }
+            }
+            Some(Item::End(_)) => {
+                ended += 1;
+                if ended == inputs.streams.len() {
+                    break Some(windows);
+                }
+            }
+            Some(Item::CaughtUp(_)) | Some(Item::CompleteBefore(..)) => {}
+            Some(Item::Failed(e)) => {
+                stop.cancel();
+                return Err(e);
+            }
+        }
+    };
+    stop.cancel();
+    Ok(found)
+}
+
 /// Progress on long replays.
 struct Progress {
     every: Duration,
@@ -573,6 +630,23 @@ async fn run_once(
         },
     };
     inputs.until = until;
+    let starts = match cfg.from_snapshot {
+        FromSnapshot::Beginning => Starts::default(),
+        FromSnapshot::Newest => match locate_snapshots(cfg, &inputs, until, shutdown).await? {
+            None => return Ok(()),
+            Some(w) => {
+                let newest = w.newest_complete();
+                for (table, (first, last)) in &newest {
+                    tracing::info!(table = %table, first_unit = first, last_unit = last,
+                        "the table starts from its newest incremental snapshot complete before the replay's end: its earlier events are left out, and it is emptied where the snapshot begins");
+                }
+                if newest.is_empty() {
+                    tracing::info!("no incremental snapshot is complete before the replay's end: every table starts from the archive's beginning");
+                }
+                Starts::new(newest)
+            }
+        },
+    };
     // Issue 16.5: one line that says what this run is and will do.
     let upto = match until {
         Until::End => "the archive's end".to_owned(),
@@ -629,7 +703,7 @@ async fn run_once(
         shutdown,
         &inputs,
         pos,
-        until,
+        (until, starts),
         &mut applier,
         &mut rx,
         total,
@@ -665,6 +739,12 @@ struct Loop<'a> {
     staged_since_apply: u64,
     last_apply: Instant,
     stored_from: Option<i64>,
+    /// Where the replay ends.
+    until: Until,
+    /// The tables that start from a snapshot (`--from-snapshot newest`).
+    starts: Starts,
+    /// The incremental snapshots seen within the replay's end.
+    windows: Windows,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -673,7 +753,7 @@ async fn replay_loop(
     shutdown: &CancellationToken,
     inputs: &Inputs,
     pos: position::Position,
-    until: Until,
+    (until, starts): (Until, Starts),
     applier: &mut Applier,
     rx: &mut mpsc::Receiver<Item>,
     total: &mut Summary,
@@ -696,6 +776,9 @@ async fn replay_loop(
         staged_since_apply: 0,
         last_apply: Instant::now(),
         stored_from: pos.commit_order,
+        until,
+        starts,
+        windows: Windows::default(),
     };
     let mut progress = Progress {
         every: cfg.progress_interval,
@@ -766,6 +849,7 @@ async fn replay_loop(
     st.try_apply(applier, total).await?;
     progress.log(total, &st.units, read_bytes(&st), true);
     st.check_complete()?;
+    st.warn_unfinished_snapshots();
     tracing::info!(
         changes = total.changes,
         units = total.units,
@@ -852,7 +936,7 @@ impl Loop<'_> {
                     _ => {}
                 }
                 if let UntilArg::Lsn(_) = self.cfg.until {
-                    if c.lsn.is_none() && c.op != Op::Read {
+                    if c.lsn.is_none() && !matches!(c.op, Op::Read | Op::IncrementalRead) {
                         bail!("{origin}: --until-lsn needs an archive of logical mode, whose events carry their WAL position; use --until or --until-txid");
                     }
                 }
@@ -868,11 +952,37 @@ impl Loop<'_> {
                     pos: r.pos,
                     truncate: c.op == Op::Truncate,
                 };
+                // The table by name, where incremental snapshots need it:
+                // on its events, the first of each run of its events, and
+                // every event when tables start from snapshots.
+                let same_table = matches!(&self.last_table, Some((s, t, _))
+                    if Arc::ptr_eq(s, &c.schema_name) && Arc::ptr_eq(t, &c.table));
+                let table =
+                    (c.chunk.is_some() || !same_table || !self.starts.is_empty()).then(|| {
+                        TableName {
+                            schema: c.schema_name.to_string(),
+                            name: c.table.to_string(),
+                        }
+                    });
+                if let Some(t) = &table {
+                    if snapshots::within(self.until, tx.commit_order, c.ts_us) {
+                        self.windows
+                            .see(t, tx.commit_order, c.op == Op::Truncate, c.chunk);
+                    }
+                }
                 let disposition = self
                     .units
                     .add(&info, r.next)
                     .map_err(|e| unit_error(e, &origin))?;
                 if disposition == Disposition::Skip {
+                    return Ok(());
+                }
+                let treat = match &table {
+                    Some(t) if !self.starts.is_empty() => self.starts.treat(t, tx.commit_order),
+                    _ => Treat::Apply,
+                };
+                if treat == Treat::Skip {
+                    // Before the snapshot the table starts from.
                     return Ok(());
                 }
                 let row_schema = c
@@ -915,6 +1025,29 @@ impl Loop<'_> {
                         self.schema_change(applier, total, idx, &steps, tx.commit_order, &origin)
                             .await?;
                     }
+                }
+                if treat == Treat::ResetThenUpsert {
+                    // The table starts here: emptied before the unit's first
+                    // event, as a TRUNCATE event there would.
+                    let reset = RowMeta {
+                        commit_order: tx.commit_order,
+                        total_order: 0,
+                        op: Op::Truncate,
+                        stream: r.stream,
+                        pos: r.pos,
+                    };
+                    applier
+                        .push(
+                            idx,
+                            reset,
+                            None,
+                            row_schema.as_ref().map(|(id, r)| (*id, &**r)),
+                            &origin,
+                        )
+                        .await?;
+                }
+                if matches!(treat, Treat::ResetThenUpsert | Treat::Upsert) {
+                    applier.set_lenient(idx, tx.commit_order);
                 }
                 let row = match c.op {
                     Op::Delete => c.before.as_ref(),
@@ -1176,6 +1309,23 @@ impl Loop<'_> {
 
     /// After the last apply of a run that read everything: an incomplete
     /// unit left before the point in time is a gap.
+    /// Warns of each table whose incremental snapshot the replay ended
+    /// inside of (see [`snapshots`]).
+    fn warn_unfinished_snapshots(&self) {
+        if self.cfg.follow {
+            return;
+        }
+        for u in self.windows.unfinished() {
+            if u.partial {
+                tracing::warn!(table = %u.table, first_unit = u.first,
+                    "the replay ends inside the table's incremental snapshot, which began at unit {} and is the table's first in the archive (a table that entered the capture, or entered it again): the target holds only the rows read so far. Replay to a later point (the snapshot's last chunk) for the whole table", u.first);
+            } else {
+                tracing::info!(table = %u.table, first_unit = u.first,
+                    "the replay ends inside an incremental snapshot on demand of the table (from unit {}), which re-reads rows the archive holds: the table is whole", u.first);
+            }
+        }
+    }
+
     fn check_complete(&self) -> anyhow::Result<()> {
         if self.cfg.follow || self.units.reached_end() {
             return Ok(());

@@ -41,6 +41,11 @@ pub enum Op {
     Delete,
     /// `r`: a row read by the initial snapshot.
     Read,
+    /// `r` with `source.snapshot` `"incremental"`: a row read by an
+    /// incremental snapshot (a table added while streaming, or a snapshot
+    /// on demand). The archive may already hold the key (a re-snapshot), so
+    /// it is an upsert: the row as it was at the chunk's place in the stream.
+    IncrementalRead,
     /// `t`: the table was truncated.
     Truncate,
 }
@@ -64,10 +69,13 @@ impl Op {
             Self::Update => 'u',
             Self::Delete => 'd',
             Self::Read => 'r',
+            Self::IncrementalRead => 'i',
             Self::Truncate => 't',
         }
     }
 }
+
+pub use tidemark_common::envelope::ChunkPlace;
 
 /// A row image: its fields in the order the record lists them. Not a map:
 /// a row is read once, its fields looked up in the order of the target's
@@ -343,6 +351,8 @@ struct RawSource<'a> {
     ts_us: Option<i64>,
     #[serde(default)]
     snapshot: Option<Value>,
+    #[serde(default, borrow)]
+    snapshot_chunk: Option<Cow<'a, str>>,
     #[serde(borrow)]
     schema: Cow<'a, str>,
     #[serde(borrow)]
@@ -393,6 +403,9 @@ pub struct ChangeRecord {
     pub lsn: Option<i64>,
     /// `source.snapshot` as text (`"false"` when absent).
     pub snapshot: String,
+    /// An incremental snapshot's event: where its chunk stands in the
+    /// snapshot (`source.snapshot_chunk`).
+    pub chunk: Option<ChunkPlace>,
     /// The unit this event belongs to; `None` for events without the
     /// `transaction` block (Tidemark 0.1's).
     pub tx: Option<TxBlock>,
@@ -583,15 +596,20 @@ impl Decoder {
         if let Some(version) = &raw.source.version {
             check_version(version)?;
         }
-        let op = Op::parse(&raw.op)
+        let mut op = Op::parse(&raw.op)
             .ok_or_else(|| RecordError::NotARecord(format!("unknown op {:?}", raw.op)))?;
+        if op == Op::Read
+            && matches!(&raw.source.snapshot, Some(Value::String(s)) if s == "incremental")
+        {
+            op = Op::IncrementalRead;
+        }
         let image = match op {
-            Op::Create | Op::Read | Op::Update => match raw.after {
+            Op::Create | Op::Read | Op::IncrementalRead | Op::Update => match raw.after {
                 Some(a) if a.get() != "null" => Some(a),
                 _ => {
                     return Err(RecordError::NotARecord(format!(
                         "op {} without \"after\"",
-                        op.code()
+                        raw.op
                     )))
                 }
             },
@@ -651,6 +669,18 @@ impl Decoder {
             Op::Delete => (row, None),
             _ => (None, row),
         };
+        let chunk = match raw.source.snapshot_chunk.as_deref() {
+            None => None,
+            Some("first") => Some(ChunkPlace::First),
+            Some("middle") => Some(ChunkPlace::Middle),
+            Some("last") => Some(ChunkPlace::Last),
+            Some("only") => Some(ChunkPlace::Only),
+            Some(other) => {
+                return Err(RecordError::NotARecord(format!(
+                    "unknown source.snapshot_chunk {other:?} (first, middle, last or only)"
+                )))
+            }
+        };
         Ok(Record::Change(ChangeRecord {
             op,
             before,
@@ -662,6 +692,7 @@ impl Decoder {
             tx_id: raw.source.tx_id,
             lsn: raw.source.lsn,
             snapshot,
+            chunk,
             tx: raw.transaction,
             schema,
         }))

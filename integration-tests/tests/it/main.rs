@@ -26,6 +26,7 @@ mod restart;
 mod secrets;
 mod seed;
 mod session;
+mod signal;
 mod sink;
 mod source_trust;
 mod support;

@@ -17,7 +17,7 @@ use crate::support::*;
 
 /// The seed's table and trigger, as a restore target made with
 /// `pg_dump --schema-only` has them: the trigger must not fire on replay.
-const SEED_DDL: &str = "
+pub(crate) const SEED_DDL: &str = "
 create table streaming_update_table (
   id serial primary key,
   data varchar(256) not null,
@@ -30,7 +30,7 @@ create trigger update_last_updated_column before update on streaming_update_tabl
   for each row execute procedure update_last_updated_column()";
 
 /// Every row of the seed table as its text, in key order.
-async fn table_rows(pool: &PgPool) -> Vec<String> {
+pub(crate) async fn table_rows(pool: &PgPool) -> Vec<String> {
     sqlx::query_scalar("select t::text from streaming_update_table t order by id")
         .fetch_all(pool)
         .await
@@ -39,14 +39,14 @@ async fn table_rows(pool: &PgPool) -> Vec<String> {
 
 /// A single writer's transactions: inserts, updates, deletes and key
 /// changes, one in ten rolled back. Tracks the keys that exist.
-struct Writer {
+pub(crate) struct Writer {
     rng: rand::rngs::StdRng,
     live: BTreeSet<i32>,
     next_key: i32,
 }
 
 impl Writer {
-    async fn new(pool: &PgPool, seed: u64) -> Self {
+    pub(crate) async fn new(pool: &PgPool, seed: u64) -> Self {
         let live: Vec<i32> = sqlx::query_scalar("select id from streaming_update_table")
             .fetch_all(pool)
             .await
@@ -59,7 +59,7 @@ impl Writer {
     }
 
     /// Runs `n` transactions of 1 to 5 changes.
-    async fn run(&mut self, pool: &PgPool, n: usize) {
+    pub(crate) async fn run(&mut self, pool: &PgPool, n: usize) {
         for t in 0..n {
             let ops = self.rng.random_range(1..=5);
             self.transaction(pool, t, ops).await;
@@ -140,7 +140,7 @@ impl Writer {
 
 /// Waits until the file has stopped growing for a while (the pipeline has
 /// sent everything committed so far).
-async fn wait_idle(path: &Path) -> usize {
+pub(crate) async fn wait_idle(path: &Path) -> usize {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut last = (usize::MAX, Instant::now());
     loop {
