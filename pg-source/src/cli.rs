@@ -170,6 +170,11 @@ struct Cli {
     #[arg(long, env = "TIDEMARK_PROBE_INTERVAL", default_value = "20ms", value_parser = humantime::parse_duration)]
     probe_interval: std::time::Duration,
 
+    /// Replaced by `--batch-linger-ms` (kept to say so rather than be
+    /// ignored).
+    #[arg(long, env = "TIDEMARK_LINGER", hide = true)]
+    linger: Option<String>,
+
     /// Check instead of run: read the configuration, connect to Postgres
     /// and Kafka, and print everything that would stop or weaken a run
     /// (privileges, wal_level, the slot, each table and its primary key and
@@ -208,6 +213,13 @@ async fn run(cli: Cli, shutdown: tokio_util::sync::CancellationToken) -> anyhow:
 
 /// The configuration from the connector file, flags and variables.
 fn config(cli: Cli) -> anyhow::Result<crate::Config> {
+    if let Some(old) = &cli.linger {
+        anyhow::bail!(
+            "--linger (TIDEMARK_LINGER, here {old:?}) was replaced by --batch-linger-ms \
+             (TIDEMARK_BATCH_LINGER_MS, connector key batch.linger.ms), in milliseconds, for both \
+             streaming modes: set that instead (the default is 25)"
+        );
+    }
     let password = match &cli.connection_password_file {
         Some(path) => Some(read_secret_file("--connection-password-file", path)?),
         None => cli.connection_password,

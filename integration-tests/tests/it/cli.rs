@@ -791,3 +791,28 @@ fn json_line_where(
         }
     }
 }
+
+/// Logical mode's `--linger` (TIDEMARK_LINGER) became `--batch-linger-ms`
+/// for both streaming modes: the old name is refused with the new one, not
+/// ignored.
+#[test]
+fn pg_source_refuses_the_old_linger_setting_and_names_the_new_one() {
+    let config = example("pg.source.connector.json");
+    for (args, env) in [
+        (vec!["--linger", "10ms"], None),
+        (vec![], Some(("TIDEMARK_LINGER", "10ms"))),
+    ] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_it-pg-source"));
+        cmd.arg("--connector-config").arg(&config).args(&args);
+        if let Some((k, v)) = env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        assert_ne!(out.status.code(), Some(0), "{args:?} {env:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--batch-linger-ms") && err.contains("batch.linger.ms"),
+            "{args:?} {env:?}: {err}"
+        );
+    }
+}
