@@ -369,11 +369,21 @@ pub fn key_after_sql(key: &[KeyColumn], alias: &str, texts: &[String], or_equal:
     lexicographic_gt(key, &left, &literals(key, texts), or_equal)
 }
 
-/// The key `texts` as literals of the key columns' literal types.
+/// The key `texts` as literals of the key columns' literal types, each
+/// with an explicit COLLATE of the key index's collation where it has one:
+/// two literals (a change's key against a stored bound) would otherwise
+/// compare in the database's collation, and a column against a literal in
+/// the column's, while the snapshot's chunks are ordered by the index's.
 pub fn literals(key: &[KeyColumn], texts: &[String]) -> Vec<String> {
     key.iter()
         .zip(texts)
-        .map(|(k, t)| literal(t, &k.literal_type))
+        .map(|(k, t)| {
+            let lit = literal(t, &k.literal_type);
+            match &k.collation {
+                Some(c) => format!("({lit} collate {c})"),
+                None => lit,
+            }
+        })
         .collect()
 }
 
@@ -688,6 +698,13 @@ mod tests {
         assert_eq!(
             key_order_sql(&k, "t"),
             "t.\"a\" using operator(pg_catalog.<), t.\"b\" using operator(pg_catalog.<)"
+        );
+        let mut collated = key(&["a"]);
+        collated[0].literal_type = "\"pg_catalog\".\"text\"".to_owned();
+        collated[0].collation = Some("\"pg_catalog\".\"C\"".to_owned());
+        assert_eq!(
+            key_after_sql(&collated, "t", &["b".into()], false),
+            "((t.\"a\" operator(pg_catalog.>) ('b'::\"pg_catalog\".\"text\" collate \"pg_catalog\".\"C\")))"
         );
         let at = lexicographic_gt(&k[..1], &["x".into()], &["y".into()], true);
         assert_eq!(

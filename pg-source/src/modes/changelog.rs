@@ -155,6 +155,11 @@ pub struct ChangeLogMode {
     wakeup: Wakeup,
     /// Incremental snapshots of tables that entered the set.
     incremental: Incremental,
+    /// The key index's columns (operators, collations) of the tables whose
+    /// initial snapshot was resumed (`format('%I.%I')`): the stream compares
+    /// changes' keys with the snapshot segments' bounds as the snapshot
+    /// ordered its rows.
+    segment_keys: HashMap<String, Vec<KeyColumn>>,
     /// How to find and add tables that come to match a pattern.
     pub discovery: Option<Discovery>,
     /// Tables a pattern matches that cannot be read (no capture, a topic
@@ -341,6 +346,7 @@ impl ChangeLogMode {
             prune_after_commit: false,
             last_gone_check: Instant::now(),
             incremental: Incremental::default(),
+            segment_keys: HashMap::new(),
             discovery: None,
             told: std::collections::HashSet::new(),
             heartbeat_topic: None,
@@ -464,6 +470,7 @@ impl ChangeLogMode {
         let n = rows.len();
         let newest_change_ms = rows.iter().map(|r| r.changed_us.div_euclid(1000)).max();
         let decoded = self.decode(rows).await?;
+        self.load_segment_keys().await?;
         let decoded = self.outside_segments(decoded).await?;
         self.load_incremental_key().await?;
         let decoded = self.before_incremental(decoded).await?;
@@ -703,7 +710,7 @@ impl ChangeLogMode {
                             &image.key_text,
                             s.lo.as_ref(),
                             s.hi.as_ref(),
-                            None,
+                            self.segment_keys.get(&t.log_name).map(Vec::as_slice),
                         ),
                     ));
                 }
@@ -1183,6 +1190,42 @@ impl ChangeLogMode {
         };
         for (id, kind, data) in rows {
             self.act_on_signal(id, &kind, &data);
+        }
+        Ok(())
+    }
+
+    /// Reads the key index's columns (operators, collations) of each table
+    /// that has initial snapshot segments, once: the stream leaves out the
+    /// changes a segment holds by comparing keys as the snapshot ordered
+    /// them (a text key with a collation unlike the database's, citext).
+    async fn load_segment_keys(&mut self) -> Result<(), SourceError> {
+        let missing: Vec<(String, tidemark_common::codec::Oid)> = self
+            .position
+            .segments
+            .keys()
+            .filter(|name| !self.segment_keys.contains_key(*name))
+            .filter_map(|name| {
+                self.tables
+                    .iter()
+                    .find(|t| &t.log_name == name)
+                    .map(|t| (name.clone(), t.oid))
+            })
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| SourceError::postgres("cannot read a table's key", e))?;
+        for (name, oid) in missing {
+            let shape = CatalogShape::load(&mut conn, &self.types, oid)
+                .await
+                .map_err(SourceError::from_anyhow)?;
+            if let Some(shape) = shape {
+                self.segment_keys.insert(name, shape.key);
+            }
         }
         Ok(())
     }
