@@ -94,7 +94,9 @@
 //! it left out, and, when the stream starts or a table under snapshot joins
 //! it, the ids running then (`pg_current_snapshot()`: every transaction
 //! committed before the stream's position is running in it or visible in
-//! it). No chunk is read while one of them runs (looked at in a snapshot
+//! it; a snapshot lists as running only ids below its xmax, the newest ended
+//! id plus one, so a transaction of pg-source's own takes an id and ends
+//! first, which puts every id given out before the position below xmax). No chunk is read while one of them runs (looked at in a snapshot
 //! before the read), and a chunk whose own snapshot still has one running
 //! is not used: it is read again later (in 50 ms, then up to every second).
 //! The ids
@@ -357,6 +359,33 @@ impl LogicalMode {
             // A snapshot of now: its running transactions are the seed, and
             // a chunk is not read while one it may miss still runs (the
             // chunk's own snapshot is checked again below).
+            if seed {
+                // A snapshot lists as running only transactions below its
+                // xmax, the newest ended one plus 1: a transaction that
+                // wrote its commit record but has not ended (waiting for a
+                // synchronous standby), with the newest xid, is in no list.
+                // A transaction of our own, given an xid after the stream's
+                // position was fixed and ended before the snapshot, moves
+                // xmax past every transaction that committed before that
+                // position (each got its xid before its commit record).
+                // It writes nothing and does not wait for a standby.
+                let mut tx = self
+                    .pool
+                    .begin()
+                    .await
+                    .map_err(pg("cannot begin the seed's transaction"))?;
+                sqlx::query("set local synchronous_commit = local")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(pg("cannot set up the seed's transaction"))?;
+                sqlx::query("select pg_catalog.pg_current_xact_id()")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(pg("cannot take a transaction id for the seed"))?;
+                tx.commit()
+                    .await
+                    .map_err(pg("cannot commit the seed's transaction"))?;
+            }
             let now: String =
                 sqlx::query_scalar("select pg_catalog.pg_current_snapshot()::pg_catalog.text")
                     .fetch_one(&self.pool)
