@@ -142,6 +142,27 @@ async fn postgres(
                         format!("grant usage on schema {} to {user}; grant select on {}, {} to {user}", names::SCHEMA, names::CHANGE_LOG, names::SHAPES),
                     );
                     }
+                    let signal: Option<bool> = sqlx::query_scalar(&format!(
+                        "select pg_catalog.has_table_privilege(c.oid, 'SELECT') from pg_catalog.pg_class c
+                          where c.oid operator(pg_catalog.=) pg_catalog.to_regclass('{}')",
+                        names::SIGNAL
+                    ))
+                    .fetch_optional(pool)
+                    .await?;
+                    match signal {
+                        Some(true) => r.ok(format!(
+                            "signal table {} readable: snapshots on demand are on",
+                            names::SIGNAL
+                        )),
+                        Some(false) => r.warn(
+                            format!("user {user} cannot read the signal table {}: snapshots on demand are off", names::SIGNAL),
+                            format!("grant select on {} to {user}", names::SIGNAL),
+                        ),
+                        None => r.warn(
+                            format!("no signal table {}: snapshots on demand are off", names::SIGNAL),
+                            "run schema-init --capture changelog of this release",
+                        ),
+                    }
                     if ddl {
                         r.ok(format!(
                             "event trigger {} records schema changes",

@@ -341,3 +341,41 @@ async fn pg_source_check_of_timestamp_mode_warns_of_a_poll_without_index() {
         "{out}"
     );
 }
+
+/// `--check` in changelog mode says whether snapshots on demand are on: the
+/// signal table readable, or a WARN with the fix when it is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_source_check_of_changelog_mode_says_whether_signals_are_read() {
+    let fx = Fixture::changelog(schema_init::TriggerLevel::Row).await;
+    let file = source_file(&fx);
+    let offsets = format!("{}offsets", fx.prefix);
+    let args = [
+        "--check",
+        "--connector-config",
+        file.to_str().unwrap(),
+        "--mode",
+        "changelog",
+        "--table-whitelist",
+        "public.streaming_update_table",
+        "--offsets-topic",
+        &offsets,
+        "--bootstrap-servers",
+        &bootstrap(),
+    ];
+    let bin = env!("CARGO_BIN_EXE_it-pg-source");
+    let (_, out) = run(bin, &args);
+    assert!(
+        out.contains("ok   signal table tidemark.signal readable: snapshots on demand are on"),
+        "{out}"
+    );
+    sqlx::query("drop table tidemark.signal")
+        .execute(&fx.pool)
+        .await
+        .unwrap();
+    let (_, out) = run(bin, &args);
+    assert!(
+        out.contains("WARN no signal table tidemark.signal: snapshots on demand are off")
+            && out.contains("run schema-init --capture changelog of this release"),
+        "{out}"
+    );
+}
