@@ -350,9 +350,9 @@ impl LogicalMode {
         }
         let pg = |what| move |e| SourceError::postgres(what, e);
         if self.stream.is_none() {
-            // The chunk waits on the stream it is read against.
-            self.stream = Some(self.open_stream().await?);
-            self.added.stream_opened();
+            // A chunk waits on the stream it is read against: the stream is
+            // opened first (by the stream's step, which knows its errors).
+            return Ok(None);
         }
         let seed = std::mem::take(&mut self.added.seed);
         if seed || !self.added.unsettled.is_empty() {
