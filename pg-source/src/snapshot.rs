@@ -544,10 +544,26 @@ pub(crate) fn rows_query(table: &CapturedTable, shape: &Shape, after: Option<&[S
 }
 
 /// [`rows_query`] of the table named `name` (quoted, schema-qualified).
+///
+/// Only the table's own rows, and its partitions' (the leaves of its
+/// partition tree):
+/// not those of inheritance children, which its triggers never capture
+/// (`only` would read none of a partitioned table's).
 pub(crate) fn rows_query_of(name: &str, shape: &Shape, after: Option<&[String]>) -> String {
+    let regclass = format!(
+        "{}::pg_catalog.regclass",
+        tidemark_common::names::quote_literal(name)
+    );
+    // pg_partition_tree has no row for a table that is not partitioned.
+    let own = format!(
+        "(t.tableoid operator(pg_catalog.=) {regclass} or t.tableoid operator(pg_catalog.=) any (array(select p.relid from pg_catalog.pg_partition_tree({regclass}) p where p.isleaf)))"
+    );
     let filter = match after {
-        Some(texts) => format!("where {}", key_after_sql(&shape.key, "t", texts, false)),
-        None => String::new(),
+        Some(texts) => format!(
+            "where {own} and {}",
+            key_after_sql(&shape.key, "t", texts, false)
+        ),
+        None => format!("where {own}"),
     };
     format!(
         "select pg_catalog.textin(pg_catalog.record_out(t.*)) as row from {} t {filter} order by {} limit $1",
