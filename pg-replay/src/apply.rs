@@ -248,6 +248,22 @@ impl Stage {
         (!sets.is_empty()).then(|| sets.join(", "))
     }
 
+    /// Upserts the net rows of the run (`n`) that `cond` picks into the
+    /// target, by its primary key.
+    fn upsert_net_sql(&self, cond: &str) -> String {
+        format!(
+            "insert into {t} ({cols}){ov} select {vals} from {net} n where {cond} \
+             on conflict on constraint {pk} {action}",
+            t = self.target.name.quoted(),
+            cols = self.target_cols(),
+            ov = self.overriding(),
+            vals = self.stage_list("n"),
+            net = self.net,
+            pk = self.target.pk_constraint,
+            action = self.upsert_action(),
+        )
+    }
+
     /// What an upsert does with a key that exists: set every non-key
     /// column from the archive's row.
     fn upsert_action(&self) -> String {
@@ -1409,17 +1425,7 @@ impl Applier {
             let s = &self.stages[i];
             let (ins, upd, _) = expected[&i];
             if self.upserts(i, upto) {
-                let sql = format!(
-                    "insert into {t} ({cols}){ov} select {vals} from {net} n where n.l_op {NE} 'd' \
-                     on conflict on constraint {pk} {action}",
-                    t = s.target.name.quoted(),
-                    cols = s.target_cols(),
-                    ov = s.overriding(),
-                    vals = s.stage_list("n"),
-                    net = s.net,
-                    pk = s.target.pk_constraint,
-                    action = s.upsert_action(),
-                );
+                let sql = s.upsert_net_sql(&format!("n.l_op {NE} 'd'"));
                 sqlx::query(&sql).execute(&mut self.conn).await?;
                 continue;
             }
@@ -1473,17 +1479,7 @@ impl Applier {
                 // A key whose first event in the run is an incremental
                 // snapshot read may or may not be held: its row, whatever
                 // the target had.
-                let sql = format!(
-                    "insert into {t} ({cols}){ov} select {vals} from {net} n \
-                     where n.f_op {EQ} 'i' and n.l_op {NE} 'd' on conflict on constraint {pk} {action}",
-                    t = s.target.name.quoted(),
-                    cols = s.target_cols(),
-                    ov = s.overriding(),
-                    vals = s.stage_list("n"),
-                    net = s.net,
-                    pk = s.target.pk_constraint,
-                    action = s.upsert_action(),
-                );
+                let sql = s.upsert_net_sql(&format!("n.f_op {EQ} 'i' and n.l_op {NE} 'd'"));
                 sqlx::query(&sql).execute(&mut self.conn).await?;
             }
         }

@@ -444,41 +444,39 @@ fn start_readers(
     rx
 }
 
-/// Finds the unit that holds transaction `txid` (`--until-txid`): a first
-/// pass over the archive, so nothing is applied before it is known where
-/// to stop.
-async fn locate_txid(
+/// Reads the archive once from its start, handing each batch of records to
+/// `see` until it says `Break`: the first pass that `--until-txid` and
+/// `--from-snapshot` need before anything is applied. Returns `false` when
+/// a shutdown cut it short, `true` when every input ended, `see` stopped
+/// it, or the readers closed.
+///
+/// Fails when an input cannot be read.
+async fn first_pass(
     cfg: &Config,
     inputs: &Inputs,
-    txid: i64,
+    follow: bool,
     shutdown: &CancellationToken,
-) -> anyhow::Result<Option<i64>> {
+    mut see: impl FnMut(&[archive::Decoded]) -> std::ops::ControlFlow<()>,
+) -> anyhow::Result<bool> {
     let stop = shutdown.child_token();
-    let mut rx = start_readers(cfg, inputs, cfg.follow, &stop);
+    let mut rx = start_readers(cfg, inputs, follow, &stop);
     let mut ended = 0;
-    tracing::info!(txid, "looking for the transaction in the archive");
-    let found = loop {
+    let done = loop {
         let item = tokio::select! {
-            _ = shutdown.cancelled() => break None,
+            _ = shutdown.cancelled() => break false,
             item = rx.recv() => item,
         };
         match item {
-            None => break None,
+            None => break true,
             Some(Item::Records(batch)) => {
-                let found = batch.iter().find_map(|d| match &d.record {
-                    Ok(Record::Change(c)) if c.tx_id == Some(txid) => {
-                        c.tx.as_ref().map(|t| t.commit_order)
-                    }
-                    _ => None,
-                });
-                if found.is_some() {
-                    break found;
+                if see(&batch).is_break() {
+                    break true;
                 }
             }
             Some(Item::End(_)) => {
                 ended += 1;
                 if ended == inputs.streams.len() {
-                    break None;
+                    break true;
                 }
             }
             Some(Item::CaughtUp(_)) | Some(Item::CompleteBefore(..)) => {}
@@ -489,6 +487,32 @@ async fn locate_txid(
         }
     };
     stop.cancel();
+    Ok(done)
+}
+
+/// Finds the unit that holds transaction `txid` (`--until-txid`): a first
+/// pass over the archive, so nothing is applied before it is known where
+/// to stop.
+async fn locate_txid(
+    cfg: &Config,
+    inputs: &Inputs,
+    txid: i64,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<i64>> {
+    tracing::info!(txid, "looking for the transaction in the archive");
+    let mut found = None;
+    first_pass(cfg, inputs, cfg.follow, shutdown, |batch| {
+        found = batch.iter().find_map(|d| match &d.record {
+            Ok(Record::Change(c)) if c.tx_id == Some(txid) => c.tx.as_ref().map(|t| t.commit_order),
+            _ => None,
+        });
+        if found.is_some() {
+            std::ops::ControlFlow::Break(())
+        } else {
+            std::ops::ControlFlow::Continue(())
+        }
+    })
+    .await?;
     Ok(found)
 }
 
@@ -500,48 +524,26 @@ async fn locate_snapshots(
     until: Until,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<Windows>> {
-    let stop = shutdown.child_token();
-    let mut rx = start_readers(cfg, inputs, false, &stop);
-    let mut ended = 0;
-    let mut windows = Windows::default();
     tracing::info!("looking for incremental snapshots in the archive (--from-snapshot newest)");
-    let found = loop {
-        let item = tokio::select! {
-            _ = shutdown.cancelled() => break None,
-            item = rx.recv() => item,
-        };
-        match item {
-            None => break Some(windows),
-            Some(Item::Records(batch)) => {
-                for d in batch.iter() {
-                    if let Ok(Record::Change(c)) = &d.record {
-                        let Some(tx) = &c.tx else { continue };
-                        let co = tx.commit_order;
-                        if snapshots::within(until, co, c.ts_us) {
-                            let table = TableName {
-                                schema: c.schema_name.to_string(),
-                                name: c.table.to_string(),
-                            };
-                            windows.see(&table, co, c.op == Op::Truncate, c.chunk);
-                        }
-                    }
+    let mut windows = Windows::default();
+    let done = first_pass(cfg, inputs, false, shutdown, |batch| {
+        for d in batch {
+            if let Ok(Record::Change(c)) = &d.record {
+                let Some(tx) = &c.tx else { continue };
+                let co = tx.commit_order;
+                if snapshots::within(until, co, c.ts_us) {
+                    let table = TableName {
+                        schema: c.schema_name.to_string(),
+                        name: c.table.to_string(),
+                    };
+                    windows.see(&table, co, c.op == Op::Truncate, c.chunk);
                 }
-            }
-            Some(Item::End(_)) => {
-                ended += 1;
-                if ended == inputs.streams.len() {
-                    break Some(windows);
-                }
-            }
-            Some(Item::CaughtUp(_)) | Some(Item::CompleteBefore(..)) => {}
-            Some(Item::Failed(e)) => {
-                stop.cancel();
-                return Err(e);
             }
         }
-    };
-    stop.cancel();
-    Ok(found)
+        std::ops::ControlFlow::Continue(())
+    })
+    .await?;
+    Ok(done.then_some(windows))
 }
 
 /// Progress on long replays.
