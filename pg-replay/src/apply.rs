@@ -6,7 +6,10 @@
 //! whose columns have the target's own types: values reach Postgres as text
 //! and go through the types' input functions, never through a cast. Each
 //! staged row carries its unit (`m_co`), its place in the unit (`m_ord`), its
-//! operation and where it came from.
+//! operation and where it came from. A full buffer is sent on a task of its
+//! own, which holds the connection until its `COPY` ends, so Postgres takes
+//! one chunk in while pg-replay reads and writes the next; every other
+//! statement waits for it first.
 //!
 //! A run of whole units (see [`crate::units`]) is applied in one target
 //! transaction, together with the position:
@@ -561,7 +564,12 @@ pub struct Applied {
 
 /// The apply session: one connection, its staging tables and the mapping.
 pub struct Applier {
-    conn: PgConnection,
+    conn: Conn,
+    /// The `COPY` of a full buffer, on a task of its own that holds the
+    /// connection until it is done (see [`Applier::settle`]).
+    in_flight: Option<InFlight>,
+    /// An empty buffer with its capacity, to swap for one sent.
+    spare: Vec<u8>,
     stages: Vec<Stage>,
     by_source: HashMap<TableName, usize>,
     mapping: Vec<(TableName, TableName)>,
@@ -615,7 +623,9 @@ impl Applier {
         streams: Streams,
     ) -> Self {
         Self {
-            conn,
+            conn: Conn(Some(conn)),
+            in_flight: None,
+            spare: Vec::new(),
             stages: Vec::new(),
             by_source: HashMap::new(),
             only_mapped: !mapping.is_empty(),
@@ -632,7 +642,7 @@ impl Applier {
 
     /// Starts a transaction (as this session's own role).
     async fn begin(&mut self) -> Result<(), sqlx::Error> {
-        sqlx::query("begin").execute(&mut self.conn).await?;
+        sqlx::query("begin").execute(&mut *self.conn).await?;
         self.acting = None;
         Ok(())
     }
@@ -655,7 +665,7 @@ impl Applier {
             Some(role) => format!("set local role {role}"),
             None => "set local role none".to_owned(),
         };
-        sqlx::query(&sql).execute(&mut self.conn).await?;
+        sqlx::query(&sql).execute(&mut *self.conn).await?;
         self.acting = want;
         Ok(())
     }
@@ -683,9 +693,13 @@ impl Applier {
             || self.stages[idx].lenient.range(..=upto).next().is_some()
     }
 
-    /// The connection, for the position and checks.
-    pub fn conn(&mut self) -> &mut PgConnection {
-        &mut self.conn
+    /// The connection, for the position and checks, once every change
+    /// staged has reached it.
+    ///
+    /// Fails when staging the changes buffered fails.
+    pub async fn conn(&mut self) -> anyhow::Result<&mut PgConnection> {
+        self.flush().await?;
+        Ok(&mut *self.conn)
     }
 
     /// The target a source table maps to; `None` when it is not mapped.
@@ -717,6 +731,7 @@ impl Applier {
         let Some(target_name) = self.target_of(source) else {
             return Ok(None);
         };
+        self.settle().await?;
         let target = match target::load_table(&mut self.conn, &target_name).await? {
             Some(t) => t,
             None => {
@@ -781,11 +796,11 @@ impl Applier {
         let stage = format!("pg_temp.tidemark_stage_{idx}");
         let net = format!("pg_temp.tidemark_net_{idx}");
         sqlx::query(&stage_sql)
-            .execute(&mut self.conn)
+            .execute(&mut *self.conn)
             .await
             .with_context(|| format!("cannot create the staging table for {target_name}"))?;
         sqlx::query(&net_sql)
-            .execute(&mut self.conn)
+            .execute(&mut *self.conn)
             .await
             .with_context(|| format!("cannot create the staging table for {target_name}"))?;
         let act_as = (!target.owner_is_session && target.may_become_owner)
@@ -794,7 +809,7 @@ impl Applier {
             // Statements on the target run as its owner (`act_for`) and read
             // the staging tables; temporary tables are this session's only.
             sqlx::query(&format!("grant all on {stage}, {net} to {role}"))
-                .execute(&mut self.conn)
+                .execute(&mut *self.conn)
                 .await
                 .with_context(|| {
                     format!("cannot let {role} read the staging tables of {target_name}")
@@ -891,38 +906,39 @@ impl Applier {
             clauses.push(step.clause().map_err(|why| anyhow!("{why}"))?);
         }
         let table = stage.target.name.clone();
+        self.settle().await?;
         self.begin().await?;
         self.act_for(Some(idx)).await?;
         for clause in &clauses {
             let sql = format!("alter table {} {clause}", table.quoted());
-            if let Err(e) = sqlx::query(&sql).execute(&mut self.conn).await {
-                let _ = sqlx::query("rollback").execute(&mut self.conn).await;
+            if let Err(e) = sqlx::query(&sql).execute(&mut *self.conn).await {
+                let _ = sqlx::query("rollback").execute(&mut *self.conn).await;
                 bail!("cannot change target table {table} as the archive records ({sql}): {e}");
             }
         }
-        sqlx::query("commit").execute(&mut self.conn).await?;
+        sqlx::query("commit").execute(&mut *self.conn).await?;
         for step in steps {
             tracing::info!(table = %table, change = %step.describe(), "applied a schema change recorded in the archive");
         }
         let stage = &self.stages[idx];
         for t in [&stage.stage, &stage.net] {
             sqlx::query(&format!("drop table {t}"))
-                .execute(&mut self.conn)
+                .execute(&mut *self.conn)
                 .await?;
         }
         let target = target::load_table(&mut self.conn, &table)
             .await?
             .with_context(|| format!("target table {table} is gone"))?;
         let (stage_sql, net_sql, cols) = staging_ddl(&target, idx);
-        sqlx::query(&stage_sql).execute(&mut self.conn).await?;
-        sqlx::query(&net_sql).execute(&mut self.conn).await?;
+        sqlx::query(&stage_sql).execute(&mut *self.conn).await?;
+        sqlx::query(&net_sql).execute(&mut *self.conn).await?;
         if let Some(role) = &self.stages[idx].act_as {
             let stage = &self.stages[idx];
             sqlx::query(&format!(
                 "grant all on {}, {} to {role}",
                 stage.stage, stage.net
             ))
-            .execute(&mut self.conn)
+            .execute(&mut *self.conn)
             .await?;
         }
         let stage = &mut self.stages[idx];
@@ -1051,53 +1067,63 @@ impl Applier {
         Ok(())
     }
 
+    /// Sends table `idx`'s buffer to its staging table on a task of its
+    /// own, so the next changes are read and written while Postgres takes
+    /// these in: at most one `COPY` is in flight, and every statement
+    /// waits for it first ([`Applier::settle`]).
     async fn flush_one(&mut self, idx: usize) -> anyhow::Result<()> {
         if self.stages[idx].buf.is_empty() {
             return Ok(());
         }
+        self.settle().await?;
+        let mut conn = self.conn.0.take().expect("settled");
+        let buf = std::mem::replace(&mut self.stages[idx].buf, std::mem::take(&mut self.spare));
+        let copy_sql = self.stages[idx].copy_sql.clone();
         // The target's types check the values (a domain's CHECK runs): as
         // the target's owner, like every statement on the target.
-        let as_owner = self.stages[idx].act_as.is_some();
-        if as_owner {
-            self.begin().await?;
-            self.act_for(Some(idx)).await?;
-        }
-        let result = self.copy_one(idx).await;
-        if as_owner {
-            let end = if result.is_ok() { "commit" } else { "rollback" };
-            let ended = sqlx::query(end).execute(&mut self.conn).await;
-            result?;
-            ended?;
-            return Ok(());
-        }
-        result
+        let owner = self.stages[idx].act_as.clone();
+        let task = tokio::spawn(async move {
+            let result = copy_in(&mut conn, &copy_sql, owner.as_deref(), &buf).await;
+            (conn, buf, result)
+        });
+        self.in_flight = Some(InFlight { idx, task });
+        Ok(())
     }
 
-    async fn copy_one(&mut self, idx: usize) -> anyhow::Result<()> {
-        let stage = &mut self.stages[idx];
-        let result = {
-            let mut copy = self
-                .conn
-                .copy_in_raw(&stage.copy_sql)
-                .await
-                .with_context(|| format!("cannot stage the changes of {}", stage.source))?;
-            match copy.send(stage.buf.as_slice()).await {
-                Ok(_) => copy.finish().await.map(|_| ()),
-                Err(e) => Err(e),
-            }
+    /// Waits for the `COPY` in flight, if any, and takes the connection
+    /// back.
+    ///
+    /// Fails as the `COPY` failed (a value its target type refused, named
+    /// by table, column, key and archive position).
+    async fn settle(&mut self) -> anyhow::Result<()> {
+        let Some(InFlight { idx, task }) = self.in_flight.take() else {
+            return Ok(());
         };
-        if let Err(e) = result {
-            return Err(self.copy_error(idx, e));
+        let (conn, mut buf, result) = task
+            .await
+            .map_err(|e| anyhow!("the staging of changes stopped: {e}"))?;
+        self.conn.0 = Some(conn);
+        // The task's transaction (for the owner's role) has ended.
+        self.acting = None;
+        match result {
+            Ok(()) => {
+                buf.clear();
+                self.spare = buf;
+                Ok(())
+            }
+            Err(CopyFailed::Start(e)) => Err(anyhow!(e).context(format!(
+                "cannot stage the changes of {}",
+                self.stages[idx].source
+            ))),
+            Err(CopyFailed::Data(e)) => Err(self.copy_error(idx, e, &buf)),
         }
-        self.stages[idx].buf.clear();
-        Ok(())
     }
 
     /// The error of a `COPY` into table `idx`'s staging table, naming the
     /// archive's place, table, column and key of the value the target type
     /// refused (from the error's `COPY ..., line N, column cK` context and
     /// line N of the buffer, which is still there).
-    fn copy_error(&self, idx: usize, e: sqlx::Error) -> anyhow::Error {
+    fn copy_error(&self, idx: usize, e: sqlx::Error, buf: &[u8]) -> anyhow::Error {
         let stage = &self.stages[idx];
         let context = e
             .as_database_error()
@@ -1112,10 +1138,7 @@ impl Applier {
         let located = (|| {
             let line_no = number_after(", line ")?;
             let column = number_after(", column c")?;
-            let line = stage
-                .buf
-                .split(|&b| b == b'\n')
-                .nth(line_no.checked_sub(1)?)?;
+            let line = buf.split(|&b| b == b'\n').nth(line_no.checked_sub(1)?)?;
             let fields: Vec<&[u8]> = line.split(|&b| b == b'\t').collect();
             let number = |i: usize| -> Option<u64> {
                 std::str::from_utf8(fields.get(i)?).ok()?.parse().ok()
@@ -1161,7 +1184,7 @@ impl Applier {
         for i in 0..self.stages.len() {
             self.flush_one(i).await?;
         }
-        Ok(())
+        self.settle().await
     }
 
     /// Applies every staged change of units up to `run.upto`, and moves the
@@ -1195,14 +1218,14 @@ impl Applier {
                     tracing::debug!(error = %e, "set-based apply hit a constraint; examining the run");
                 }
                 Err(e) => {
-                    let _ = sqlx::query("rollback").execute(&mut self.conn).await;
+                    let _ = sqlx::query("rollback").execute(&mut *self.conn).await;
                     return Err(ApplyError::Other(
                         anyhow!(e).context("cannot apply changes to the target"),
                     ));
                 }
             }
             sqlx::query("rollback")
-                .execute(&mut self.conn)
+                .execute(&mut *self.conn)
                 .await
                 .map_err(anyhow::Error::from)?;
             if self.on_conflict == OnConflict::Stop {
@@ -1222,7 +1245,7 @@ impl Applier {
                 })
             }
             Err(e) => {
-                let _ = sqlx::query("rollback").execute(&mut self.conn).await;
+                let _ = sqlx::query("rollback").execute(&mut *self.conn).await;
                 Err(e)
             }
         }
@@ -1241,7 +1264,7 @@ impl Applier {
                 let s = &self.stages[i];
                 if s.by_unit.range((run.upto + 1)..).next().is_none() {
                     sqlx::query(&format!("truncate {}", s.stage))
-                        .execute(&mut self.conn)
+                        .execute(&mut *self.conn)
                         .await?;
                 } else {
                     // Deleting the applied rows would leave them dead in
@@ -1254,19 +1277,19 @@ impl Applier {
                         s.stage
                     ))
                     .bind(run.upto)
-                    .execute(&mut self.conn)
+                    .execute(&mut *self.conn)
                     .await?;
                     sqlx::query(&format!("truncate {}", s.stage))
-                        .execute(&mut self.conn)
+                        .execute(&mut *self.conn)
                         .await?;
                     sqlx::query(&format!(
                         "insert into {} select * from pg_temp.tidemark_keep",
                         s.stage
                     ))
-                    .execute(&mut self.conn)
+                    .execute(&mut *self.conn)
                     .await?;
                     sqlx::query("drop table pg_temp.tidemark_keep")
-                        .execute(&mut self.conn)
+                        .execute(&mut *self.conn)
                         .await?;
                 }
             }
@@ -1285,12 +1308,12 @@ impl Applier {
                 },
             )
             .await?;
-            sqlx::query("commit").execute(&mut self.conn).await?;
+            sqlx::query("commit").execute(&mut *self.conn).await?;
             anyhow::Ok(())
         }
         .await;
         if let Err(e) = result {
-            let _ = sqlx::query("rollback").execute(&mut self.conn).await;
+            let _ = sqlx::query("rollback").execute(&mut *self.conn).await;
             return Err(ApplyError::Other(
                 e.context("cannot commit the applied changes"),
             ));
@@ -1373,13 +1396,13 @@ impl Applier {
                 )
             };
             sqlx::query(&format!("truncate {}", s.net))
-                .execute(&mut self.conn)
+                .execute(&mut *self.conn)
                 .await?;
             sqlx::query(&sql)
                 .bind(upto)
                 .bind(after_co)
                 .bind(after_ord)
-                .execute(&mut self.conn)
+                .execute(&mut *self.conn)
                 .await?;
         }
         Ok(())
@@ -1398,7 +1421,7 @@ impl Applier {
                  from {} n",
                 s.net
             ))
-            .fetch_one(&mut self.conn)
+            .fetch_one(&mut *self.conn)
             .await?;
             expected.insert(
                 i,
@@ -1426,7 +1449,7 @@ impl Applier {
             let (ins, upd, _) = expected[&i];
             if self.upserts(i, upto) {
                 let sql = s.upsert_net_sql(&format!("n.l_op {NE} 'd'"));
-                sqlx::query(&sql).execute(&mut self.conn).await?;
+                sqlx::query(&sql).execute(&mut *self.conn).await?;
                 continue;
             }
             let sql = format!(
@@ -1439,7 +1462,7 @@ impl Applier {
                 net = s.net,
             );
             let done = sqlx::query(&sql)
-                .execute(&mut self.conn)
+                .execute(&mut *self.conn)
                 .await?
                 .rows_affected();
             if done != ins {
@@ -1455,7 +1478,7 @@ impl Applier {
                         cond = s.key_cond("t", "n"),
                     );
                     sqlx::query(&sql)
-                        .execute(&mut self.conn)
+                        .execute(&mut *self.conn)
                         .await?
                         .rows_affected()
                 }
@@ -1468,7 +1491,7 @@ impl Applier {
                         cond = s.key_cond("t", "n"),
                     );
                     sqlx::query_scalar::<_, i64>(&sql)
-                        .fetch_one(&mut self.conn)
+                        .fetch_one(&mut *self.conn)
                         .await? as u64
                 }
             };
@@ -1480,7 +1503,7 @@ impl Applier {
                 // snapshot read may or may not be held: its row, whatever
                 // the target had.
                 let sql = s.upsert_net_sql(&format!("n.f_op {EQ} 'i' and n.l_op {NE} 'd'"));
-                sqlx::query(&sql).execute(&mut self.conn).await?;
+                sqlx::query(&sql).execute(&mut *self.conn).await?;
             }
         }
         for &i in tables.iter().rev() {
@@ -1497,7 +1520,7 @@ impl Applier {
                     net = s.net,
                     cond = s.key_cond("t", "n"),
                 );
-                sqlx::query(&sql).execute(&mut self.conn).await?;
+                sqlx::query(&sql).execute(&mut *self.conn).await?;
             }
             let only_deleted = if upsert {
                 format!("n.l_op {EQ} 'd'")
@@ -1511,7 +1534,7 @@ impl Applier {
                 cond = s.key_cond("t", "n"),
             );
             let done = sqlx::query(&sql)
-                .execute(&mut self.conn)
+                .execute(&mut *self.conn)
                 .await?
                 .rows_affected();
             if !upsert && done != del {
@@ -1528,7 +1551,7 @@ impl Applier {
                     cond = s.key_cond("t", "n"),
                 );
                 if sqlx::query_scalar::<_, bool>(&sql)
-                    .fetch_one(&mut self.conn)
+                    .fetch_one(&mut *self.conn)
                     .await?
                 {
                     return Ok(FastOutcome::Mismatch("a key created in the run was there"));
@@ -1556,7 +1579,7 @@ impl Applier {
         for (i, names) in groups {
             self.act_for(Some(i)).await?;
             sqlx::query(&format!("truncate {}", names.join(", ")))
-                .execute(&mut self.conn)
+                .execute(&mut *self.conn)
                 .await?;
         }
         Ok(())
@@ -1587,7 +1610,7 @@ impl Applier {
                     s.target.name.quoted(),
                     quote_ident(name)
                 ))
-                .execute(&mut self.conn)
+                .execute(&mut *self.conn)
                 .await?;
             }
         }
@@ -1630,7 +1653,7 @@ impl Applier {
                     key = s.key_text_sql("n"),
                     net = s.net,
                 );
-                if let Some(row) = sqlx::query(&sql).fetch_optional(&mut self.conn).await? {
+                if let Some(row) = sqlx::query(&sql).fetch_optional(&mut *self.conn).await? {
                     let co: i64 = row.get("f_co");
                     let ord: i64 = row.get("f_ord");
                     if first.as_ref().is_none_or(|(c, o, _)| (co, ord) < (*c, *o)) {
@@ -1664,7 +1687,7 @@ impl Applier {
                     }
                 }
             }
-            sqlx::query("rollback").execute(&mut self.conn).await?;
+            sqlx::query("rollback").execute(&mut *self.conn).await?;
             anyhow::Ok(first)
         }
         .await;
@@ -1675,7 +1698,7 @@ impl Applier {
             })),
             Ok(None) => Ok(None),
             Err(e) => {
-                let _ = sqlx::query("rollback").execute(&mut self.conn).await;
+                let _ = sqlx::query("rollback").execute(&mut *self.conn).await;
                 Err(ApplyError::Other(
                     e.context("cannot examine the changes the target refused"),
                 ))
@@ -1706,7 +1729,7 @@ impl Applier {
         );
         sqlx::query(&declare)
             .bind(upto)
-            .execute(&mut self.conn)
+            .execute(&mut *self.conn)
             .await
             .map_err(anyhow::Error::from)?;
         self.set_triggers(tables, false)
@@ -1715,7 +1738,7 @@ impl Applier {
         let mut applied = 0u64;
         loop {
             let rows = sqlx::query("fetch 1000 from tidemark_events")
-                .fetch_all(&mut self.conn)
+                .fetch_all(&mut *self.conn)
                 .await
                 .map_err(anyhow::Error::from)?;
             if rows.is_empty() {
@@ -1807,13 +1830,13 @@ impl Applier {
                 let result = if sql.starts_with("select") {
                     sqlx::query(&sql)
                         .bind(&tid)
-                        .fetch_all(&mut self.conn)
+                        .fetch_all(&mut *self.conn)
                         .await
                         .map(|r| r.len() as u64)
                 } else {
                     sqlx::query(&sql)
                         .bind(&tid)
-                        .execute(&mut self.conn)
+                        .execute(&mut *self.conn)
                         .await
                         .map(|r| r.rows_affected())
                 };
@@ -1847,7 +1870,7 @@ impl Applier {
                         },
                     );
                     let ord: i64 = row.get("m_ord");
-                    let _ = sqlx::query("rollback").execute(&mut self.conn).await;
+                    let _ = sqlx::query("rollback").execute(&mut *self.conn).await;
                     let key = self.key_of(i, &tid).await.unwrap_or_else(|_| "?".into());
                     let s = &self.stages[i];
                     return Err(ApplyError::AtUnit {
@@ -1867,7 +1890,7 @@ impl Applier {
             }
         }
         sqlx::query("close tidemark_events")
-            .execute(&mut self.conn)
+            .execute(&mut *self.conn)
             .await
             .map_err(anyhow::Error::from)?;
         self.set_triggers(tables, true)
@@ -1885,16 +1908,99 @@ impl Applier {
         );
         let key: String = sqlx::query_scalar(&sql)
             .bind(tid)
-            .fetch_one(&mut self.conn)
+            .fetch_one(&mut *self.conn)
             .await?;
         Ok(trim_key(&key))
     }
 
     /// Closes the connection (ending the session drops the staging tables
     /// and releases the replay's lock).
-    pub async fn close(self) {
-        let _ = self.conn.close().await;
+    pub async fn close(mut self) {
+        let _ = self.settle().await;
+        if let Some(conn) = self.conn.0.take() {
+            let _ = conn.close().await;
+        }
     }
+}
+
+/// The apply session's connection; `None` while a `COPY` in flight holds
+/// it. Every use of it comes after [`Applier::settle`].
+struct Conn(Option<PgConnection>);
+
+impl std::ops::Deref for Conn {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        self.0
+            .as_ref()
+            .expect("a COPY in flight holds the connection")
+    }
+}
+
+impl std::ops::DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        self.0
+            .as_mut()
+            .expect("a COPY in flight holds the connection")
+    }
+}
+
+/// A `COPY` running on its own task: the connection, the buffer sent and
+/// how it went come back when it ends.
+struct InFlight {
+    /// The stage whose buffer it sends.
+    idx: usize,
+    task: tokio::task::JoinHandle<(PgConnection, Vec<u8>, Result<(), CopyFailed>)>,
+}
+
+/// How a `COPY` failed.
+enum CopyFailed {
+    /// It could not start (the connection, the staging table).
+    Start(sqlx::Error),
+    /// The data was refused (a value its column's type does not take).
+    Data(sqlx::Error),
+}
+
+/// `COPY`s `buf` with `copy_sql`, as `owner` when given (in a transaction
+/// of its own, so `SET LOCAL ROLE` ends with it).
+async fn copy_in(
+    conn: &mut PgConnection,
+    copy_sql: &str,
+    owner: Option<&str>,
+    buf: &[u8],
+) -> Result<(), CopyFailed> {
+    if let Some(role) = owner {
+        sqlx::query("begin")
+            .execute(&mut *conn)
+            .await
+            .map_err(CopyFailed::Start)?;
+        if let Err(e) = sqlx::query(&format!("set local role {role}"))
+            .execute(&mut *conn)
+            .await
+        {
+            let _ = sqlx::query("rollback").execute(&mut *conn).await;
+            return Err(CopyFailed::Start(e));
+        }
+    }
+    let result = async {
+        let mut copy = conn
+            .copy_in_raw(copy_sql)
+            .await
+            .map_err(CopyFailed::Start)?;
+        match copy.send(buf).await {
+            Ok(_) => copy.finish().await.map(|_| ()).map_err(CopyFailed::Data),
+            Err(e) => Err(CopyFailed::Data(e)),
+        }
+    }
+    .await;
+    if owner.is_some() {
+        let end = if result.is_ok() { "commit" } else { "rollback" };
+        let ended = sqlx::query(end).execute(&mut *conn).await;
+        result?;
+        ended.map_err(CopyFailed::Start)?;
+        return Ok(());
+    }
+    result
 }
 
 /// The `create temp table` statements of stage `idx`'s staging and net

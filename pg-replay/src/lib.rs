@@ -36,7 +36,8 @@
 //!   and no deletes: each record is upserted in archive order, and the
 //!   position is where each input was read to.
 //! - **Bounded memory.** Records are read through a bounded channel, changes
-//!   are streamed into `COPY` in chunks, and the target holds what waits for
+//!   are streamed into `COPY` in chunks (one chunk in flight on a task of
+//!   its own while the next is written), and the target holds what waits for
 //!   the rest of its unit (temporary staging tables), not pg-replay.
 //!
 //! Every session runs with `search_path = pg_catalog, pg_temp`, every name in
@@ -712,7 +713,10 @@ async fn run_once(
     )
     .await;
     if result.is_ok() {
-        result = flush_commits(applier.conn()).await;
+        result = match applier.conn().await {
+            Ok(conn) => flush_commits(conn).await,
+            Err(e) => Err(e),
+        };
     }
     stop.cancel();
     // Let the readers see the closed channel.
