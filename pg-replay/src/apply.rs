@@ -143,8 +143,8 @@ pub struct Stage {
     matched: bool,
     copy_sql: String,
     buf: Vec<u8>,
-    /// Rows staged (sent or buffered) and not applied, per unit.
-    by_unit: BTreeMap<i64, u64>,
+    /// The units with rows staged (sent or buffered) and not applied.
+    by_unit: UnitSet,
     /// TRUNCATEs staged and not applied: unit → last total_order.
     truncates: BTreeMap<i64, i64>,
     /// Units staged and not applied that hold incremental snapshot reads
@@ -828,7 +828,7 @@ impl Applier {
             matched: false,
             copy_sql,
             buf: Vec::with_capacity(64 * 1024),
-            by_unit: BTreeMap::new(),
+            by_unit: UnitSet::default(),
             truncates: BTreeMap::new(),
             reads: BTreeSet::new(),
             lenient: BTreeSet::new(),
@@ -882,7 +882,7 @@ impl Applier {
 
     /// Whether changes of table `idx` in unit `commit_order` are staged.
     pub fn stages_unit(&self, idx: usize, commit_order: i64) -> bool {
-        self.stages[idx].by_unit.contains_key(&commit_order)
+        self.stages[idx].by_unit.contains(commit_order)
     }
 
     /// Makes `steps` to the target table of `idx` in one transaction, and
@@ -1053,7 +1053,7 @@ impl Applier {
             }
         }
         buf.push(b'\n');
-        *stage.by_unit.entry(meta.commit_order).or_insert(0) += 1;
+        stage.by_unit.insert(meta.commit_order);
         if meta.op == Op::Truncate {
             let last = stage.truncates.entry(meta.commit_order).or_insert(0);
             *last = (*last).max(meta.total_order);
@@ -1199,7 +1199,7 @@ impl Applier {
             .order
             .iter()
             .copied()
-            .filter(|&i| self.stages[i].by_unit.range(..=run.upto).next().is_some())
+            .filter(|&i| self.stages[i].by_unit.any_upto(run.upto))
             .collect();
         if !self.cycle {
             self.begin().await.map_err(anyhow::Error::from)?;
@@ -1262,7 +1262,7 @@ impl Applier {
             self.act_for(None).await?;
             for &i in tables {
                 let s = &self.stages[i];
-                if s.by_unit.range((run.upto + 1)..).next().is_none() {
+                if !s.by_unit.any_after(run.upto) {
                     sqlx::query(&format!("truncate {}", s.stage))
                         .execute(&mut *self.conn)
                         .await?;
@@ -1321,7 +1321,7 @@ impl Applier {
         // Committed: what remains staged is what is after the run.
         for &i in tables {
             let s = &mut self.stages[i];
-            s.by_unit.retain(|&co, _| co > run.upto);
+            s.by_unit.remove_upto(run.upto);
             s.truncates.retain(|&co, _| co > run.upto);
             s.reads.retain(|&co| co > run.upto);
             s.lenient.retain(|&co| co > run.upto);
@@ -1920,6 +1920,47 @@ impl Applier {
         if let Some(conn) = self.conn.0.take() {
             let _ = conn.close().await;
         }
+    }
+}
+
+/// A set of units (commit orders), sorted: units mostly arrive in commit
+/// order, so an insert is mostly a push, and a long run of small units
+/// costs 8 bytes each.
+#[derive(Debug, Default)]
+struct UnitSet(Vec<i64>);
+
+impl UnitSet {
+    fn insert(&mut self, co: i64) {
+        match self.0.last() {
+            Some(&last) if last == co => {}
+            Some(&last) if last > co => {
+                if let Err(i) = self.0.binary_search(&co) {
+                    self.0.insert(i, co);
+                }
+            }
+            _ => self.0.push(co),
+        }
+    }
+
+    fn contains(&self, co: i64) -> bool {
+        self.0.binary_search(&co).is_ok()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn any_upto(&self, upto: i64) -> bool {
+        self.0.first().is_some_and(|&c| c <= upto)
+    }
+
+    fn any_after(&self, upto: i64) -> bool {
+        self.0.last().is_some_and(|&c| c > upto)
+    }
+
+    fn remove_upto(&mut self, upto: i64) {
+        let n = self.0.partition_point(|&c| c <= upto);
+        self.0.drain(..n);
     }
 }
 

@@ -164,11 +164,13 @@ struct ReplayArgs {
     schema_changes: SchemaChanges,
 
     /// Apply ready transactions after this many changes were read (also
-    /// whenever the archive has nothing more to read right now, and when
-    /// following after --max-delay, and after 30,000 transactions).
-    /// Larger batches apply faster (changes of one key within a batch are
-    /// applied once) and hold more memory.
-    #[arg(long, env = "TIDEMARK_BATCH_CHANGES", default_value_t = 150_000)]
+    /// whenever the archive has nothing more to read right now, when
+    /// following after --max-delay, after 200,000 ready transactions, and
+    /// when 30,000 wait behind one not whole yet). Larger batches apply
+    /// faster (changes of one key within a batch are applied once); a batch
+    /// waits in the target's temporary staging tables, and each of its
+    /// transactions in 40 bytes of pg-replay's memory.
+    #[arg(long, env = "TIDEMARK_BATCH_CHANGES", default_value_t = 1_000_000)]
     batch_changes: u64,
 
     /// With --follow, the longest time a read change waits for its apply

@@ -38,7 +38,8 @@
 //! - **Bounded memory.** Records are read through a bounded channel, changes
 //!   are streamed into `COPY` in chunks (one chunk in flight on a task of
 //!   its own while the next is written), and the target holds what waits for
-//!   the rest of its unit (temporary staging tables), not pg-replay.
+//!   the rest of its unit (temporary staging tables), not pg-replay; a unit
+//!   known ready waits for its run in a compact record ([`units`]).
 //!
 //! Every session runs with `search_path = pg_catalog, pg_temp`, every name in
 //! generated SQL is schema-qualified, staging tables live in `pg_temp` with
@@ -172,7 +173,7 @@ impl Config {
             from_snapshot: FromSnapshot::Beginning,
             user_triggers: UserTriggers::Disable,
             schema_changes: SchemaChanges::Stop,
-            batch_changes: 150_000,
+            batch_changes: 1_000_000,
             max_delay: Duration::from_millis(200),
             max_line_bytes: 64 * 1024 * 1024,
             max_pending_units: 200_000,
@@ -590,7 +591,7 @@ impl Progress {
             changes_per_s = rate as u64,
             position = ?summary.position,
             commit_time = %summary.ts_us.map(format_us).unwrap_or_default(),
-            pending_units = units.pending().len(),
+            pending_units = units.waiting(),
             read = %pct,
             time_left = %left,
             "replaying"
@@ -726,10 +727,14 @@ async fn run_once(
     result
 }
 
-/// Units read after which the ready ones are applied, whatever
-/// --batch-changes says: each pending unit holds a few hundred bytes, so an
-/// archive of many one-change transactions stays in bounded memory.
+/// Units waiting behind one not ready after which the ready ones are
+/// applied, whatever --batch-changes says: each holds a few hundred bytes.
 const BATCH_UNITS: usize = 30_000;
+
+/// Ready units after which they are applied, whatever --batch-changes
+/// says: each waits in 40 bytes ([`Units::fold`]), so an archive of many
+/// one-change transactions stays in bounded memory.
+const BATCH_READY_UNITS: usize = 200_000;
 
 /// The state of one replay run.
 struct Loop<'a> {
@@ -838,10 +843,13 @@ async fn replay_loop(
                 for d in batch {
                     st.record(applier, d, total).await?;
                 }
+                // The units made whole by the batch wait in little memory.
+                st.units.fold().map_err(|e| anyhow::anyhow!("{e}"))?;
             }
         }
         if st.staged_since_apply >= cfg.batch_changes
             || st.units.pending().len() >= BATCH_UNITS
+            || st.units.ready_units() >= BATCH_READY_UNITS
             || (idle && st.staged_since_apply > 0)
             || (idle && st.units.all_ended())
         {
@@ -1168,17 +1176,9 @@ impl Loop<'_> {
             );
         }
         // Everything before the change, first.
-        if let Some(run) = self.units.ready().map_err(|e| anyhow::anyhow!("{e}"))? {
-            let upto = self
-                .units
-                .pending()
-                .range(..co)
-                .next_back()
-                .map(|(c, _)| *c)
-                .filter(|c| *c <= run.last);
-            if let Some(upto) = upto {
-                self.apply_run(applier, total, upto).await?;
-            }
+        self.units.fold().map_err(|e| anyhow::anyhow!("{e}"))?;
+        if let Some(upto) = self.units.ready_before(co) {
+            self.apply_run(applier, total, upto).await?;
         }
         if let Some((first, unit)) = self.units.pending().range(..co).next() {
             bail!(
@@ -1227,17 +1227,13 @@ impl Loop<'_> {
         upto: i64,
     ) -> anyhow::Result<()> {
         let row_states = self.kind == Some(Kind::RowStates);
-        let (units, changes, ts_us, tx_id, lsn) = {
-            let mut n = (0u64, 0u64, None, None, None);
-            for (_, u) in self.units.pending().range(..=upto) {
-                n.0 += 1;
-                n.1 += u.staged;
-                n.2 = Some(u.ts_us);
-                n.3 = u.tx_id;
-                n.4 = u.lsn;
-            }
-            n
-        };
+        let units::RunSummary {
+            units,
+            staged: changes,
+            ts_us,
+            tx_id,
+            lsn,
+        } = self.units.summary_upto(upto);
         let streams = self.resume_after(upto);
         let info = RunInfo {
             upto,
@@ -1254,7 +1250,7 @@ impl Loop<'_> {
             Ok(applied) => {
                 self.units.applied_run(upto);
                 self.stored_from = info.commit_order;
-                self.staged_since_apply = self.units.pending().values().map(|u| u.staged).sum();
+                self.staged_since_apply = self.units.staged();
                 self.last_apply = Instant::now();
                 total.changes += applied.changes;
                 total.units += units;
@@ -1276,7 +1272,7 @@ impl Loop<'_> {
                 }
                 metrics::counter!(names::CHANGES_APPLIED).increment(applied.changes);
                 metrics::counter!(names::UNITS_APPLIED).increment(units);
-                metrics::gauge!(names::PENDING_UNITS).set(self.units.pending().len() as f64);
+                metrics::gauge!(names::PENDING_UNITS).set(self.units.waiting() as f64);
                 report_lag(total);
                 tracing::debug!(units, changes = applied.changes, upto, "applied");
                 Ok(())
@@ -1286,12 +1282,7 @@ impl Loop<'_> {
                 message,
             }) => {
                 // Apply the units before the one that cannot be, then stop.
-                let before = self
-                    .units
-                    .pending()
-                    .range(..commit_order)
-                    .next_back()
-                    .map(|(co, _)| *co);
+                let before = self.units.ready_before(commit_order);
                 if let Some(prev) = before {
                     if prev <= upto && Some(prev) != self.units.applied() {
                         Box::pin(self.apply_run(applier, total, prev)).await?;

@@ -17,8 +17,13 @@
 //! Units are applied as a prefix in commit order: the run of ready units
 //! stops at the first that is not ready, and at the point in time asked for
 //! (`--until*`), so the target only passes through states the source had.
+//!
+//! A unit once ready stays ready (nothing of it or before it can come any
+//! more), so it leaves the pending units for a compact record of 40 bytes
+//! ([`Units::fold`]) until its run is applied: a run of many small source
+//! transactions waits in little memory.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use crate::archive::{StreamId, StreamPos};
 use smallvec::SmallVec;
@@ -277,6 +282,42 @@ pub struct ReadyRun {
     pub reaches_end: bool,
 }
 
+/// A unit known ready (complete, in order, within the point in time) and
+/// not applied yet, as little as a run needs of it: a long run of small
+/// source transactions waits in 40 bytes each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ReadyUnit {
+    commit_order: i64,
+    ts_us: i64,
+    /// [`NONE`] for none.
+    tx_id: i64,
+    /// [`NONE`] for none.
+    lsn: i64,
+    staged: u64,
+}
+
+/// `None` of a [`ReadyUnit`]'s optional numbers.
+const NONE: i64 = i64::MIN;
+
+fn some(v: i64) -> Option<i64> {
+    (v != NONE).then_some(v)
+}
+
+/// What a run of ready units up to some unit holds, for its position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunSummary {
+    /// Units.
+    pub units: u64,
+    /// Changes staged for them.
+    pub staged: u64,
+    /// The last unit's commit time.
+    pub ts_us: Option<i64>,
+    /// Its transaction.
+    pub tx_id: Option<i64>,
+    /// Its largest LSN.
+    pub lsn: Option<i64>,
+}
+
 /// Tracks units from the events read until they are applied.
 #[derive(Debug)]
 pub struct Units {
@@ -284,7 +325,17 @@ pub struct Units {
     floor: Option<i64>,
     /// The last unit applied, this run or before.
     applied: Option<i64>,
+    /// Units read and not known ready yet.
     pending: BTreeMap<i64, UnitState>,
+    /// Units known ready and not applied, in commit order, all before the
+    /// pending ones ([`Units::fold`]).
+    ready: VecDeque<ReadyUnit>,
+    /// Changes staged for `ready`.
+    ready_staged: u64,
+    /// Per stream, the earliest first event of a unit in `ready` (`None`:
+    /// none there). Kept until `ready` is empty: a resume point earlier than
+    /// needed only re-reads events that are then skipped.
+    ready_first: Vec<Option<StreamPos>>,
     streams: Vec<StreamState>,
     until: Until,
     /// Set once a unit past `until` is in order: nothing from it on applies.
@@ -305,6 +356,9 @@ impl Units {
             floor: applied,
             applied,
             pending: BTreeMap::new(),
+            ready: VecDeque::new(),
+            ready_staged: 0,
+            ready_first: vec![None; starts.len()],
             streams: starts
                 .iter()
                 .map(|s| StreamState {
@@ -323,9 +377,25 @@ impl Units {
         self.applied
     }
 
-    /// Units read but not applied.
+    /// Units read and not known ready: incomplete, or waiting for a unit
+    /// before them.
     pub fn pending(&self) -> &BTreeMap<i64, UnitState> {
         &self.pending
+    }
+
+    /// Units read and not applied, ready or not.
+    pub fn waiting(&self) -> usize {
+        self.pending.len() + self.ready.len()
+    }
+
+    /// Units known ready and not applied.
+    pub fn ready_units(&self) -> usize {
+        self.ready.len()
+    }
+
+    /// Changes staged for the units not applied.
+    pub fn staged(&self) -> u64 {
+        self.ready_staged + self.pending.values().map(|u| u.staged).sum::<u64>()
     }
 
     /// Records an event; says whether to stage it.
@@ -426,6 +496,13 @@ impl Units {
     pub fn count_staged(&mut self, commit_order: i64) {
         if let Some(u) = self.pending.get_mut(&commit_order) {
             u.staged += 1;
+        } else if let Ok(i) = self
+            .ready
+            .binary_search_by_key(&commit_order, |u| u.commit_order)
+        {
+            // Its last event made it ready before it was staged.
+            self.ready[i].staged += 1;
+            self.ready_staged += 1;
         }
     }
 
@@ -478,16 +555,17 @@ impl Units {
         })
     }
 
-    /// The run of units that may be applied now, as a prefix in commit
-    /// order; `None` when the first pending unit is not ready.
+    /// Moves the units that have become ready (complete and in order, in
+    /// a prefix in commit order, up to the point in time) from the pending
+    /// ones into the compact ready list. A unit once ready stays so: no
+    /// event of it or before it can come any more.
     ///
     /// Fails when the chain of units is broken: a unit names a predecessor
     /// before the last applied, or says it is the first while units were
     /// applied.
-    pub fn ready(&mut self) -> Result<Option<ReadyRun>, UnitError> {
-        let mut last = self.applied;
-        let mut run: Option<ReadyRun> = None;
-        for (&co, unit) in &self.pending {
+    pub fn fold(&mut self) -> Result<(), UnitError> {
+        let mut last = self.ready.back().map(|u| u.commit_order).or(self.applied);
+        while let Some((&co, unit)) = self.pending.iter().next() {
             if self.end.is_some_and(|e| co >= e) {
                 break;
             }
@@ -500,33 +578,77 @@ impl Units {
                 // Only once it is certain no unit before it is missing.
                 if self.in_order(co, unit, last)? {
                     self.end = Some(co);
-                    if let Some(r) = run.as_mut() {
-                        r.reaches_end = true;
-                    }
                 }
                 break;
             }
             if !unit.is_complete() || !self.in_order(co, unit, last)? {
                 break;
             }
-            last = Some(co);
-            let r = run.get_or_insert(ReadyRun {
-                last: co,
-                units: 0,
-                staged: 0,
+            let (_, unit) = self.pending.pop_first().expect("just seen");
+            for (s, pos) in &unit.first_pos {
+                let first = &mut self.ready_first[*s as usize];
+                if first.is_none_or(|p| (pos.offset, pos.line) < (p.offset, p.line)) {
+                    *first = Some(*pos);
+                }
+            }
+            self.ready_staged += unit.staged;
+            self.ready.push_back(ReadyUnit {
+                commit_order: co,
                 ts_us: unit.ts_us,
-                tx_id: unit.tx_id,
-                lsn: unit.lsn,
-                reaches_end: false,
+                tx_id: unit.tx_id.unwrap_or(NONE),
+                lsn: unit.lsn.unwrap_or(NONE),
+                staged: unit.staged,
             });
-            r.last = co;
-            r.units += 1;
-            r.staged += unit.staged;
-            r.ts_us = unit.ts_us;
-            r.tx_id = unit.tx_id;
-            r.lsn = unit.lsn;
+            last = Some(co);
         }
-        Ok(run)
+        Ok(())
+    }
+
+    /// The run of units that may be applied now, as a prefix in commit
+    /// order; `None` when the first unit not applied is not ready.
+    ///
+    /// Fails as [`Units::fold`] does.
+    pub fn ready(&mut self) -> Result<Option<ReadyRun>, UnitError> {
+        self.fold()?;
+        let Some(last) = self.ready.back() else {
+            return Ok(None);
+        };
+        Ok(Some(ReadyRun {
+            last: last.commit_order,
+            units: self.ready.len(),
+            staged: self.ready_staged,
+            ts_us: last.ts_us,
+            tx_id: some(last.tx_id),
+            lsn: some(last.lsn),
+            // Every unit before the end is ready once it is known.
+            reaches_end: self.end.is_some(),
+        }))
+    }
+
+    /// The ready units up to `upto`, for the position of their run.
+    pub fn summary_upto(&self, upto: i64) -> RunSummary {
+        let n = self.ready.partition_point(|u| u.commit_order <= upto);
+        let mut sum = RunSummary {
+            units: n as u64,
+            staged: self.ready.range(..n).map(|u| u.staged).sum(),
+            ts_us: None,
+            tx_id: None,
+            lsn: None,
+        };
+        if let Some(u) = n.checked_sub(1).map(|i| self.ready[i]) {
+            sum.ts_us = Some(u.ts_us);
+            sum.tx_id = some(u.tx_id);
+            sum.lsn = some(u.lsn);
+        }
+        sum
+    }
+
+    /// The last ready unit before `commit_order`.
+    pub fn ready_before(&self, commit_order: i64) -> Option<i64> {
+        let n = self
+            .ready
+            .partition_point(|u| u.commit_order < commit_order);
+        n.checked_sub(1).map(|i| self.ready[i].commit_order)
     }
 
     /// Whether `unit` (commit_order `co`) comes right after `last`.
@@ -563,6 +685,16 @@ impl Units {
 
     /// Forgets the units of `run`: they are applied.
     pub fn applied_run(&mut self, last: i64) {
+        while let Some(u) = self.ready.front() {
+            if u.commit_order > last {
+                break;
+            }
+            self.ready_staged -= u.staged;
+            self.ready.pop_front();
+        }
+        if self.ready.is_empty() {
+            self.ready_first.iter_mut().for_each(|p| *p = None);
+        }
         self.pending.retain(|&co, _| co > last);
         self.applied = Some(last);
     }
@@ -578,6 +710,20 @@ impl Units {
     /// applied.
     pub fn resume_points_after(&self, applied: i64) -> Vec<StreamPos> {
         let mut points: Vec<StreamPos> = self.streams.iter().map(|s| s.read).collect();
+        let earlier = |p: &mut StreamPos, pos: &StreamPos| {
+            if (pos.offset, pos.line) < (p.offset, p.line) {
+                *p = *pos;
+            }
+        };
+        if self.ready.back().is_some_and(|u| u.commit_order > applied) {
+            // Ready units after `applied` stay: where the first of them
+            // (or an earlier one) starts.
+            for (p, first) in points.iter_mut().zip(&self.ready_first) {
+                if let Some(pos) = first {
+                    earlier(p, pos);
+                }
+            }
+        }
         for (_, unit) in self.pending.range(applied.saturating_add(1)..) {
             for (s, pos) in &unit.first_pos {
                 let p = &mut points[*s as usize];
@@ -694,6 +840,53 @@ mod tests {
                 applied: 20
             }
         ));
+    }
+
+    #[test]
+    fn ready_units_wait_folded_and_apply_as_a_prefix() {
+        let mut u = Units::new(None, &[at(0)], Until::End, 100);
+        for co in 1..=3 {
+            let mut e = ev(co * 10, 1, Some(1), 0);
+            e.pos = at(co as u64 * 100);
+            u.add(&e, at(co as u64 * 100 + 1)).unwrap();
+            u.count_staged(co * 10);
+        }
+        // Unit 40 is read in part: it waits, pending.
+        let mut e = ev(40, 1, None, 0);
+        e.pos = at(400);
+        u.add(&e, at(401)).unwrap();
+        u.fold().unwrap();
+        assert_eq!((u.pending().len(), u.ready_units(), u.waiting()), (1, 3, 4));
+        // A change staged after its unit was folded still counts.
+        u.count_staged(30);
+        assert_eq!(u.staged(), 4);
+        let run = u.ready().unwrap().unwrap();
+        assert_eq!(
+            (run.last, run.units, run.staged, run.tx_id),
+            (30, 3, 4, Some(30))
+        );
+        assert_eq!(u.ready_before(30), Some(20));
+        assert_eq!(u.ready_before(10), None);
+        let upto_20 = u.summary_upto(20);
+        assert_eq!(
+            (upto_20.units, upto_20.staged, upto_20.ts_us, upto_20.tx_id),
+            (2, 2, Some(200), Some(20))
+        );
+        // With units after 20 still to apply, a stream resumes no later
+        // than the first ready unit's first event.
+        assert_eq!(u.resume_points_after(20), vec![at(100)]);
+        assert_eq!(u.resume_points_after(30), vec![at(400)]);
+        u.applied_run(20);
+        assert_eq!((u.ready_units(), u.staged()), (1, 2));
+        assert_eq!(u.ready().unwrap().unwrap().last, 30);
+        u.applied_run(30);
+        assert_eq!(u.ready().unwrap(), None);
+        assert_eq!(u.resume_points(), vec![at(400)]);
+        // The rest of unit 40 makes it ready, after 30.
+        u.add(&ev(40, 2, Some(2), 0), at(402)).unwrap();
+        let run = u.ready().unwrap().unwrap();
+        assert_eq!((run.last, run.units), (40, 1));
+        assert_eq!(u.resume_points(), vec![at(400)]);
     }
 
     #[test]
