@@ -1220,7 +1220,7 @@ impl Applier {
                 Err(e) => {
                     let _ = sqlx::query("rollback").execute(&mut *self.conn).await;
                     return Err(ApplyError::Other(
-                        anyhow!(e).context("cannot apply changes to the target"),
+                        with_truncate_fix(e).context("cannot apply changes to the target"),
                     ));
                 }
             }
@@ -1857,7 +1857,7 @@ impl Applier {
                     Err(e) if is_constraint(&e) => Some(format!("fails in the target: {e}")),
                     Err(e) => {
                         return Err(ApplyError::Other(
-                            anyhow!(e).context("cannot apply a change"),
+                            with_truncate_fix(e).context("cannot apply a change"),
                         ))
                     }
                 };
@@ -2108,6 +2108,27 @@ fn is_constraint(e: &sqlx::Error) -> bool {
     e.as_database_error()
         .and_then(|d| d.code())
         .is_some_and(|c| c.starts_with("23"))
+}
+
+/// The error of a statement on the target; for a `TRUNCATE` that a foreign
+/// key stops (a table that references one emptied and is not emptied with
+/// it), what to do about it.
+fn with_truncate_fix(e: sqlx::Error) -> anyhow::Error {
+    let refused = e
+        .as_database_error()
+        .and_then(|d| d.try_downcast_ref::<sqlx::postgres::PgDatabaseError>())
+        .filter(|d| d.code() == "0A000" && d.message().contains("foreign key"))
+        .map(|d| d.detail().unwrap_or_default().to_owned());
+    match refused {
+        Some(detail) => anyhow!(e).context(format!(
+            "a target table cannot be emptied while another table references it by a foreign key ({detail}); \
+             pg-replay empties a table where the archive records a TRUNCATE of it (with the tables the source \
+             truncated with it) and where --from-snapshot newest starts it from a snapshot (that table alone). \
+             Replay without --from-snapshot (every table from the archive's beginning), or drop that foreign key \
+             in the target for the replay and add it back after it (pg-replay verify then compares the tables)"
+        )),
+        None => anyhow!(e),
+    }
 }
 
 /// `(5,)` → `(5)`: the key's text without the placeholder column that keeps

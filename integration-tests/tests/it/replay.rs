@@ -1128,6 +1128,35 @@ async fn bad_input_names_its_place_table_column_and_key_and_applies_nothing_of_i
 /// parent and its child truncated by one source statement, new rows in the
 /// same unit, a change after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncate_that_a_foreign_key_stops_names_the_fix_and_applies_nothing() {
+    let db = Db::new().await;
+    // The target's c references p; the archive truncates p alone (as a
+    // replay from a snapshot of p empties it alone).
+    parent_child(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.txt");
+    let mut a = Archive::default();
+    a.unit(1, 1, 1, &[("c", "p", NULL, row(1, "one"))]).unit(
+        2,
+        2,
+        2,
+        &[("t", "p", NULL, NULL), ("c", "p", NULL, row(2, "two"))],
+    );
+    a.write(&path);
+    let e = replay(config(&db, &[&path])).await.unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(msg.contains(r#"Table "c" references "p""#), "{msg}");
+    assert!(
+        msg.contains("Replay without --from-snapshot") && msg.contains("drop that foreign key"),
+        "{msg}"
+    );
+    assert!(
+        db.rows("select id from p").await.is_empty(),
+        "nothing of the run is applied"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_truncate_in_the_archive_empties_the_table_inside_its_unit() {
     let db = Db::new().await;
     parent_child(&db).await;
