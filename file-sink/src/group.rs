@@ -199,6 +199,12 @@ pub async fn run(
     // A killed member's partitions move on after this; librdkafka's 45 s
     // would leave them unread that long.
     settings.push(("session.timeout.ms", "10000"));
+    // The group sees partitions added to a topic, and a listed topic
+    // created, at its next metadata refresh (librdkafka's default is every
+    // 5 minutes); the records written there meanwhile wait in Kafka, read
+    // from the partition's beginning once it is assigned.
+    let refresh = cfg.metadata_refresh.as_millis().max(1).to_string();
+    settings.push(("topic.metadata.refresh.interval.ms", &refresh));
     let mut fixed: Vec<(&str, &str, &str)> = FIXED_SETTINGS.to_vec();
     fixed.push((
         "partition.assignment.strategy",
@@ -627,6 +633,7 @@ fn on_done(
                         .and_then(|fp| crate::identity::by_offsets(&tp.0, tp.1, fp, low, high));
                     match (start, fp) {
                         (None, _) => {
+                            tracing::info!(topic = %tp.0, partition = tp.1, "the archive holds nothing of this partition yet (new to the archive, or added to the topic): reading it from its beginning");
                             pre.push(Work::Acquire(a));
                             start_reading(consumer, &tp, None)?;
                             part.state = State::Owned { next: 0 };
@@ -837,6 +844,7 @@ fn on_tick(
     let mut lag = 0i64;
     let mut lag_known = true;
     let mut hint = TopicPartitionList::new();
+    let mut probes = Vec::new();
     for (tp, part) in parts.iter_mut() {
         if matches!(part.state, State::Waiting) {
             try_acquire(seg, &cfg.name, consumer, done_tx, tp, part);
@@ -878,20 +886,44 @@ fn on_tick(
             caught_up && later_than(*k, cp.complete_before) && part.probe.is_none() && !part.probing
         }) {
             part.probing = true;
-            let (consumer, done, tp) = (consumer.clone(), done_tx.clone(), tp.clone());
-            tokio::task::spawn_blocking(move || {
-                // `k` was known before this question was asked.
-                let probe = consumer
-                    .fetch_watermarks(&tp.0, tp.1, Duration::from_secs(5))
+            probes.push((tp.clone(), k));
+        }
+    }
+    if !probes.is_empty() {
+        let (consumer, done, topics, root) = (
+            consumer.clone(),
+            done_tx.clone(),
+            cfg.topics.clone(),
+            seg.root.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            // The archive's mark covers the partitions its topic files
+            // count: a partition added to a topic (or a listed topic
+            // created) before these units were committed is counted first,
+            // so the mark waits for it (read from its beginning once
+            // assigned) instead of leaving out its records. Each `k` was
+            // known before this question was asked.
+            let counted = note_topics(&consumer, &topics, &root);
+            if let Err(e) = &counted {
+                tracing::debug!(error = %format!("{e:#}"), "cannot note the topics' partitions; the completeness mark waits");
+            }
+            for (tp, k) in probes {
+                let probe = counted
+                    .as_ref()
                     .ok()
+                    .and_then(|()| {
+                        consumer
+                            .fetch_watermarks(&tp.0, tp.1, Duration::from_secs(5))
+                            .ok()
+                    })
                     .map(|(_, lso)| Probe {
                         at: Instant::now(),
                         lso,
                         k,
                     });
                 let _ = done.send(Done::Probe(tp, probe));
-            });
-        }
+            }
+        });
     }
     if lag_known {
         metrics::gauge!(names::SINK_LAG_RECORDS).set(lag as f64);
@@ -919,22 +951,7 @@ fn on_tick(
             root.clone(),
         );
         tokio::task::spawn_blocking(move || {
-            let r = (|| -> anyhow::Result<()> {
-                for t in &topics {
-                    let md = consumer.fetch_metadata(Some(t), Duration::from_secs(5))?;
-                    for mt in md.topics() {
-                        if mt.error().is_none() && !mt.partitions().is_empty() {
-                            segments::note_partitions(
-                                &root,
-                                mt.name(),
-                                mt.partitions().len() as i32,
-                            )?;
-                        }
-                    }
-                }
-                Ok(())
-            })();
-            let _ = done.send(Done::Topics(r));
+            let _ = done.send(Done::Topics(note_topics(&consumer, &topics, &root)));
         });
     }
     if ticks % 10 == 5 {
@@ -955,6 +972,21 @@ fn on_tick(
             }
         });
     }
+}
+
+/// Notes in the archive how many partitions each of `topics` has now, as
+/// the brokers say (a listed topic not created yet has none to note).
+/// Blocks.
+fn note_topics(consumer: &SharedConsumer, topics: &[String], root: &Path) -> anyhow::Result<()> {
+    for t in topics {
+        let md = consumer.fetch_metadata(Some(t), Duration::from_secs(5))?;
+        for mt in md.topics() {
+            if mt.error().is_none() && !mt.partitions().is_empty() {
+                segments::note_partitions(root, mt.name(), mt.partitions().len() as i32)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The latest unit known committed, from every partition's checkpoint in

@@ -1117,7 +1117,18 @@ fn assign_new(
         }
     }
     if fresh.count() > 0 {
-        tracing::info!(partitions = fresh.count(), "reading new partitions");
+        let names: Vec<String> = fresh
+            .elements()
+            .iter()
+            .map(|e| match e.offset() {
+                Offset::Offset(at) => format!("{} [{}] at offset {at}", e.topic(), e.partition()),
+                _ => format!("{} [{}] from its beginning", e.topic(), e.partition()),
+            })
+            .collect();
+        tracing::info!(
+            partitions = %names.join(", "),
+            "reading partitions new to this run (at start, or added to a topic or created since)"
+        );
         consumer
             .incremental_assign(&fresh)
             .context("cannot assign partitions")?;

@@ -18,6 +18,7 @@ mod docs;
 mod envelope;
 mod fault;
 mod logical_ddl;
+mod new_partitions;
 mod ordering;
 mod replay;
 mod replay_pipeline;

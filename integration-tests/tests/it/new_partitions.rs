@@ -1,0 +1,329 @@
+//! Partitions added to a topic, and a listed topic created, while
+//! file-sink runs (issue 13): both outputs start reading them without a
+//! restart, from their beginning, every record once; a restart goes on
+//! from the positions kept; and the archive's completeness mark never
+//! claims a unit whose records in a new partition are not archived yet.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminOptions, NewPartitions};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tidemark_common::archive::Archive;
+use tidemark_common::kafka::{ensure_topic, TopicSpec};
+
+use crate::archive::{
+    archive_lines, archive_sink, assert_exactly_once_in_order, event_at, producer,
+};
+use crate::support::*;
+
+/// Grows `topic` to `partitions` partitions.
+async fn add_partitions(topic: &str, partitions: usize) {
+    let admin = kafka().admin().unwrap();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let r = admin
+        .create_partitions(&[NewPartitions::new(topic, partitions)], &opts)
+        .await
+        .unwrap();
+    for r in r {
+        r.unwrap_or_else(|(t, e)| panic!("cannot add partitions to {t}: {e}"));
+    }
+    wait_partitions(topic, partitions).await;
+}
+
+/// Waits until the brokers report `partitions` partitions of `topic`.
+async fn wait_partitions(topic: &str, partitions: usize) {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    let consumer: BaseConsumer = kafka()
+        .client_config(&[("group.id", "unused")])
+        .create()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let md = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .unwrap();
+        if md
+            .topics()
+            .iter()
+            .any(|t| t.error().is_none() && t.partitions().len() == partitions)
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{topic} never had {partitions} partitions"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Creates `topic` with `partitions` partitions.
+async fn create(topic: &str, partitions: i32) {
+    ensure_topic(
+        &kafka().admin().unwrap(),
+        topic,
+        &TopicSpec {
+            partitions,
+            replication_factor: -1,
+            configs: Vec::new(),
+        },
+    )
+    .await
+    .unwrap();
+    wait_partitions(topic, partitions as usize).await;
+}
+
+/// Produces units `units`, unit `co` with one event in each of `places`
+/// (topic, partition), in commit order; returns the lines by unit.
+async fn produce_spread(
+    producer: &FutureProducer,
+    places: &[(&str, i32)],
+    units: std::ops::Range<i64>,
+) -> BTreeMap<i64, Vec<String>> {
+    let mut by_unit = BTreeMap::new();
+    let mut pending = Vec::new();
+    let n = places.len() as i64;
+    for co in units {
+        let mut lines = Vec::new();
+        for (i, (topic, p)) in places.iter().enumerate() {
+            let order = i as i64 + 1;
+            let key = co * n + order;
+            let line = event_at(co, order, n, key, "false", 1_700_000_000_000 + co * 1000);
+            let k = format!("{{\"id\":{key}}}");
+            pending.push(
+                producer
+                    .send_result(
+                        FutureRecord::to(topic)
+                            .partition(*p)
+                            .key(k.as_bytes())
+                            .payload(line.as_bytes()),
+                    )
+                    .map_err(|(e, _)| e)
+                    .unwrap(),
+            );
+            lines.push(line);
+        }
+        by_unit.insert(co, lines);
+    }
+    for p in pending {
+        p.await.unwrap().unwrap();
+    }
+    by_unit
+}
+
+/// The archive's lines once it holds every one of `want`, checking at
+/// every look that the completeness mark claims no unit of which a line
+/// is missing (the mark is read first: lines only ever arrive after it).
+async fn wait_archived(
+    root: &Path,
+    want: &BTreeMap<i64, Vec<String>>,
+    timeout: Duration,
+) -> Vec<String> {
+    let start = Instant::now();
+    let total: usize = want.values().map(Vec::len).sum();
+    loop {
+        let (dir, want2) = (root.to_path_buf(), want.clone());
+        let (lines, wrong) = tokio::task::spawn_blocking(move || {
+            if !dir.join("tidemark-archive.json").exists() {
+                return (Vec::new(), None);
+            }
+            std::panic::catch_unwind(|| {
+                let mark = Archive::open(&dir)
+                    .ok()
+                    .and_then(|a| a.complete_before(false))
+                    .and_then(|m| m.commit_order);
+                let lines = archive_lines(&dir);
+                let have: std::collections::HashSet<&str> =
+                    lines.iter().map(String::as_str).collect();
+                let wrong = mark.and_then(|m| {
+                    want2
+                        .range(..m)
+                        .find(|(_, ls)| ls.iter().any(|l| !have.contains(l.as_str())))
+                        .map(|(co, _)| (m, *co))
+                });
+                (lines, wrong)
+            })
+            .unwrap_or_default()
+        })
+        .await
+        .unwrap();
+        if let Some((mark, co)) = wrong {
+            panic!(
+                "the archive says every unit before {mark} is in it, but unit {co} is not whole"
+            );
+        }
+        if lines.len() >= total {
+            return lines;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "waited {timeout:?} for {total} records in {}, found {}",
+            root.display(),
+            lines.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn all(units: &BTreeMap<i64, Vec<String>>) -> Vec<String> {
+    units.values().flatten().cloned().collect()
+}
+
+/// A segmented archive of a one-partition topic and a listed topic that
+/// does not exist yet: two partitions are added to the first and the
+/// second is created while the sink runs, and units spread over all five
+/// partitions. Every record reaches the archive once, in commit order,
+/// without a restart; the mark never runs ahead of a new partition; after
+/// a restart the archive goes on from its checkpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_archive_reads_partitions_and_topics_added_while_it_runs_exactly_once() {
+    let first = crate::archive::topic(1).await;
+    let second = unique("t.archive.later.");
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("archive");
+    let name = unique("grow");
+    let keys = [
+        ("file.rotate.bytes", "4000"),
+        ("file.rotate.interval.ms", "700"),
+        ("file.compression", "zstd"),
+    ];
+    let topics = format!("{first},{second}");
+    let start = || {
+        let mut cfg = archive_sink(&name, &topics, &root, &keys);
+        cfg.metadata_refresh = Duration::from_secs(1);
+        Running::start(|t| file_sink::run(cfg, t))
+    };
+    let producer = producer();
+    let mut want = produce_spread(&producer, &[(&first, 0)], 1..31).await;
+    let sink = start();
+    wait_archived(&root, &want, Duration::from_secs(60)).await;
+
+    add_partitions(&first, 3).await;
+    create(&second, 2).await;
+    // One that learns the new partitions as it starts.
+    let producer = crate::archive::producer();
+    let places = [
+        (first.as_str(), 2),
+        (second.as_str(), 1),
+        (first.as_str(), 1),
+        (second.as_str(), 0),
+        (first.as_str(), 0),
+    ];
+    want.extend(produce_spread(&producer, &places, 31..61).await);
+    let got = wait_archived(&root, &want, Duration::from_secs(60)).await;
+    assert_exactly_once_in_order(&got, &all(&want));
+    sink.stop().await.unwrap();
+
+    // Restarted: each partition from its own checkpoint.
+    want.extend(produce_spread(&producer, &places, 61..81).await);
+    let sink = start();
+    wait_archived(&root, &want, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    sink.stop().await.unwrap();
+    assert_exactly_once_in_order(&archive_lines(&root), &all(&want));
+    for (topic, n) in [(&first, 3), (&second, 2)] {
+        for p in 0..n {
+            assert!(
+                root.join(topic)
+                    .join(p.to_string())
+                    .join("checkpoint.json")
+                    .exists(),
+                "{topic} partition {p} has its checkpoint"
+            );
+        }
+    }
+}
+
+/// The single file, likewise: partitions added to its topic and a listed
+/// topic created while it runs are read from their beginning, every
+/// record once (in order within each partition), and a restart goes on
+/// from the checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_single_file_reads_partitions_and_topics_added_while_it_runs_exactly_once() {
+    let first = crate::archive::topic(1).await;
+    let second = unique("t.archive.later.");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("out.txt");
+    let name = unique("grow");
+    let topics = format!("{first},{second}");
+    let start = || {
+        let mut cfg = archive_sink(&name, &topics, &file, &[]);
+        cfg.metadata_refresh = Duration::from_secs(1);
+        Running::start(|t| file_sink::run(cfg, t))
+    };
+    let lines = || -> Vec<String> {
+        std::fs::read_to_string(&file)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    let wait = |n: usize| async move {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let got = lines();
+            if got.len() >= n {
+                return got;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waited 60 s for {n} lines, found {}",
+                got.len()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let producer = producer();
+    let mut want = produce_spread(&producer, &[(&first, 0)], 1..31).await;
+    let sink = start();
+    wait(30).await;
+
+    add_partitions(&first, 3).await;
+    create(&second, 2).await;
+    // One that learns the new partitions as it starts.
+    let producer = crate::archive::producer();
+    let places = [
+        (first.as_str(), 2),
+        (second.as_str(), 1),
+        (first.as_str(), 1),
+        (second.as_str(), 0),
+        (first.as_str(), 0),
+    ];
+    want.extend(produce_spread(&producer, &places, 31..61).await);
+    wait(30 + 150).await;
+    sink.stop().await.unwrap();
+    want.extend(produce_spread(&producer, &places, 61..81).await);
+    let sink = start();
+    wait(30 + 250).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    sink.stop().await.unwrap();
+
+    let got = lines();
+    let mut sorted_got = got.clone();
+    sorted_got.sort();
+    let mut sorted_want = all(&want);
+    sorted_want.sort();
+    assert_eq!(sorted_got.len(), sorted_want.len(), "lines in the file");
+    assert!(
+        sorted_got == sorted_want,
+        "the file holds other lines than the topics"
+    );
+    // Within each partition (the place an event was sent to), in order.
+    let place_of = |l: &str| {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        v["transaction"]["total_order"].as_i64().unwrap()
+    };
+    let mut last: BTreeMap<i64, i64> = BTreeMap::new();
+    for l in &got {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        let co = v["transaction"]["commit_order"].as_i64().unwrap();
+        // Units 1..=30 had their one event in the first topic's partition 0,
+        // which later units reach as their fifth.
+        let place = if co <= 30 { 5 } else { place_of(l) };
+        if let Some(before) = last.insert(place, co) {
+            assert!(before < co, "place {place}: unit {co} after unit {before}");
+        }
+    }
+}
