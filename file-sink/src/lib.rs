@@ -955,8 +955,14 @@ fn prepare_with<P>(
         Err(e) => return Prepared::Dead(format!("not JSON: {e}")),
     };
     if has_line_break(value) {
-        // Pretty-printed JSON: one line per record, so compact it.
-        let v: serde_json::Value = serde_json::from_slice(value).expect("checked above");
+        // Pretty-printed JSON: one line per record, so compact it. Read as
+        // a value it is checked once more: a lone surrogate (`"\ud800"`)
+        // passes the check above (which skips strings' contents) but is no
+        // text, and must not stop the sink.
+        let v: serde_json::Value = match serde_json::from_slice(value) {
+            Ok(v) => v,
+            Err(e) => return Prepared::Dead(format!("not JSON: {e}")),
+        };
         let compact = serde_json::to_vec(&v).expect("a value always serialises");
         return Prepared::Line(std::borrow::Cow::Owned(compact), pos);
     }
@@ -1142,6 +1148,24 @@ fn assign_new(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pretty-printed record with a lone surrogate escape passed the
+    /// validity check and then panicked the reading thread where it was
+    /// compacted: the sink stopped, and stopped again on the same record
+    /// after every restart.
+    #[test]
+    fn a_pretty_printed_record_with_a_lone_surrogate_is_a_dead_letter() {
+        let text = b"{\n  \"a\": \"\\ud800\"\n}";
+        assert!(
+            matches!(check(Some(text), 1 << 20), Prepared::Dead(r) if r.starts_with("not JSON"))
+        );
+        assert!(
+            matches!(prepare(Some(text), 0, 1 << 20), Prepared::Dead(r) if r.starts_with("not JSON"))
+        );
+        // On one line it is kept as it is, as before.
+        let line = b"{\"a\": \"\\ud800\"}";
+        assert!(matches!(check(Some(line), 1 << 20), Prepared::Line(..)));
+    }
 
     #[test]
     fn line_breaks_are_found_at_every_position() {
