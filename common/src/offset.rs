@@ -104,10 +104,18 @@ pub struct ChangeLogPosition {
 pub struct IncrementalProgress {
     /// The table (`format('%I.%I')`).
     pub table: String,
-    /// The key of the last row sent (each key column's text by name);
-    /// `None` before the first chunk.
+    /// The key of the last row sent; `None` before the first chunk. With
+    /// [`Self::key`]: an array of the key columns' texts in key order. A
+    /// position stored without it holds an object of each key column's
+    /// text by column name, which a renamed key column cannot be found in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_key: Option<serde_json::Value>,
+    /// The primary key the chunks were read in the order of, by what a
+    /// column rename leaves alone: a key replaced since (other columns, or
+    /// another index) restarts the table's snapshot, as `last_key` means
+    /// nothing in the new key's order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<KeyIdentity>,
     /// Rows sent so far.
     #[serde(default)]
     pub rows: u64,
@@ -123,6 +131,16 @@ pub struct IncrementalProgress {
     /// snapshot on demand.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<i64>,
+}
+
+/// A primary key as a stored incremental snapshot position names it: the
+/// key index's OID and its columns' `pg_attribute.attnum`s in index order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyIdentity {
+    /// `pg_index.indexrelid`.
+    pub index: u32,
+    /// `pg_index.indkey`.
+    pub attnums: Vec<i32>,
 }
 
 /// How far `logical` mode has read the replication slot, and the initial

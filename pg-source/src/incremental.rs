@@ -38,6 +38,29 @@
 //! restart (or after a failed batch), so a crash at any instant neither
 //! loses nor repeats a row.
 //!
+//! **The key changes.** `K` is stored as its columns' texts in key order,
+//! with the key named by its index's OID and its columns' attnums (a
+//! position stored before names the columns). A key column renamed is the
+//! same column of the same index: the chunks and the stream's filter go on
+//! from `K`, comparing by attnum. A key replaced (other columns, or another
+//! index: `K` says nothing in its order) is found by the next chunk's read
+//! (its shape is read after the table's lock, so after the DDL), by the
+//! stream's filter at the first change of the new key's shape, or at a
+//! start: the table's snapshot then starts again from its first key (a
+//! WARN says why), and every change of the table is left out until its
+//! first chunk, which begins with a TRUNCATE event (unless the snapshot is
+//! one on demand, whose table the archive holds whole and whose stream is
+//! not filtered). The argument above holds from that chunk as from the
+//! first chunk of a table that entered the set again: the TRUNCATE takes
+//! away what the archive held of the table, the chunk adds its rows up to
+//! its last key as they are at its place. Before it, the archive holds
+//! events of the table that each apply to the row it had (the changes left
+//! out since the restart are later than any event sent), so a replay never
+//! meets an update of a row it lacks. The DDL that replaced the key
+//! conflicts with the chunks' lock, so no chunk straddles it; a change of
+//! the old key's shape is a transaction that ended before it, so every such
+//! change comes before the new first chunk. Other tables are not touched.
+//!
 //! Progress: an INFO line per table begun and done (and every few seconds
 //! while one runs), `tidemark_source_incremental_snapshot_rows_total{table}`
 //! and `tidemark_source_incremental_snapshot_tables_left`.
@@ -45,7 +68,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use anyhow::bail;
 use futures::TryStreamExt as _;
 use serde_json::Value;
 use sqlx::PgPool;
@@ -57,7 +80,7 @@ use tidemark_common::offset::IncrementalProgress;
 use tidemark_common::ops::names;
 
 use crate::producer::Record;
-use crate::shape::{stored_key_texts, CatalogShape, Encoded, KeyColumn, Shape};
+use crate::shape::{key_identity, stored_key_texts, CatalogShape, Encoded, KeyColumn, Shape};
 use crate::snapshot::{key_display, rows_query_of};
 use crate::table::CapturedTable;
 
@@ -111,8 +134,100 @@ impl Chunk {
     }
 }
 
+/// What a chunk read found.
+pub enum Read {
+    /// The chunk.
+    Chunk(Chunk),
+    /// The table is gone.
+    Gone,
+    /// The table's primary key is not the one the snapshot's progress was
+    /// read in (replaced: other columns, another index); why. Nothing was
+    /// read: the snapshot is to start again (see [`restart`]).
+    KeyChanged(String),
+}
+
+/// Where a table's snapshot goes on from, against its primary key now.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Resume {
+    /// From its first key.
+    Start,
+    /// After this key (its columns' texts, in the key's order).
+    After(Vec<String>),
+    /// The stored progress is of another key; why.
+    KeyChanged(String),
+}
+
+/// Where `progress` goes on from when the table's key is `key`. The stored
+/// key names its index and columns by OID and attnum, so a renamed key
+/// column goes on; a key of other columns, or of another index (whose
+/// order may differ), is [`Resume::KeyChanged`]. A position stored before
+/// names its key columns: it goes on while the key has exactly those names.
+pub fn resume_point(progress: &IncrementalProgress, key: &[KeyColumn]) -> Resume {
+    let Some(stored) = &progress.last_key else {
+        return Resume::Start;
+    };
+    let names = |k: &[KeyColumn]| {
+        k.iter()
+            .map(|c| c.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let now = key_identity(key);
+    match &progress.key {
+        Some(id) if *id != now => Resume::KeyChanged(format!(
+            "its primary key is now ({}), columns {:?} of index {}, while its chunks so far were read in the order of columns {:?} of index {}",
+            names(key),
+            now.attnums,
+            now.index,
+            id.attnums,
+            id.index
+        )),
+        Some(_) => match stored_key_texts(stored, key) {
+            Some(t) if t.len() == key.len() && stored.is_array() => Resume::After(t),
+            _ => Resume::KeyChanged(format!(
+                "its stored last key {stored} does not fit its primary key ({})",
+                names(key)
+            )),
+        },
+        None => {
+            let same_names = stored
+                .as_object()
+                .is_some_and(|o| o.len() == key.len() && key.iter().all(|k| o.contains_key(&k.name)));
+            match stored_key_texts(stored, key) {
+                Some(t) if same_names || stored.is_array() => Resume::After(t),
+                _ => Resume::KeyChanged(format!(
+                    "its stored last key {stored} (kept by column name by an older pg-source) names other columns than its primary key ({}): a key column renamed, or the key replaced",
+                    names(key)
+                )),
+            }
+        }
+    }
+}
+
+/// Starts a table's snapshot again from its first key, because its primary
+/// key changed (`why`) while it ran: the rows sent were read in the old
+/// key's order, which says nothing of the new one's. The first chunk then
+/// begins with a TRUNCATE event (the stream left out the table's changes
+/// above the old key, so what the archive holds of it would go stale),
+/// unless the snapshot is one on demand, whose table the archive holds
+/// whole. Said in a WARN line.
+pub fn restart(progress: &mut IncrementalProgress, why: &str) {
+    tracing::warn!(table = %progress.table, reason = %why, rows_sent = progress.rows,
+        "the primary key of the table changed while its incremental snapshot ran: the snapshot starts again from the first key of the new one (with a TRUNCATE event, unless it is a snapshot on demand); the other tables go on");
+    progress.last_key = None;
+    progress.key = None;
+    progress.rows = 0;
+    if progress.reason != SIGNAL_REASON {
+        progress.reason = RESTARTED_REASON.to_owned();
+    }
+}
+
+/// [`IncrementalProgress::reason`] of a snapshot started again after its
+/// table's primary key changed (see [`restart`]).
+pub const RESTARTED_REASON: &str = "key-changed";
+
 /// Reads the next chunk of `table` after `progress`'s key, up to `chunk`
-/// rows, in a new `repeatable read` snapshot; `None` when the table is gone.
+/// rows, in a new `repeatable read` snapshot.
 ///
 /// Fails on a database error, or when the table has no primary key.
 pub async fn read_chunk(
@@ -121,7 +236,7 @@ pub async fn read_chunk(
     table: &CapturedTable,
     progress: &IncrementalProgress,
     chunk: i64,
-) -> anyhow::Result<Option<Chunk>> {
+) -> anyhow::Result<Read> {
     read_chunk_at(pool, types, table, progress, chunk, false).await
 }
 
@@ -137,7 +252,7 @@ pub async fn read_chunk_at(
     progress: &IncrementalProgress,
     chunk: i64,
     wal: bool,
-) -> anyhow::Result<Option<Chunk>> {
+) -> anyhow::Result<Read> {
     // The table's lock comes first, before any statement that takes the
     // transaction's snapshot (a LOCK takes none): a DDL in progress (a
     // rewrite, ADD COLUMN, TRUNCATE, RENAME) commits before the snapshot is
@@ -158,7 +273,7 @@ pub async fn read_chunk_at(
         .fetch_optional(pool)
         .await?;
         let Some(name) = name else {
-            return Ok(None);
+            return Ok(Read::Gone);
         };
         let mut tx = pool.begin().await?;
         sqlx::query("set transaction isolation level repeatable read, read only")
@@ -199,7 +314,7 @@ pub async fn read_chunk_at(
         match now {
             Some(now) if now == name => break (tx, name, snapshot, at_us, wal_lsn),
             // Dropped after the lock's name was resolved.
-            None => return Ok(None),
+            None => return Ok(Read::Gone),
             Some(now) if tries >= 5 => bail!(
                 "table {} (now {now}) keeps being renamed while its incremental snapshot reads a chunk",
                 table.info.name
@@ -208,7 +323,7 @@ pub async fn read_chunk_at(
         }
     };
     let Some(shape) = CatalogShape::load(&mut tx, types, table.oid).await? else {
-        return Ok(None);
+        return Ok(Read::Gone);
     };
     if shape.key.is_empty() {
         bail!(
@@ -218,14 +333,10 @@ pub async fn read_chunk_at(
     }
     shape.literal_safe_key(&table.info.name)?;
     let shape = Arc::new(Shape::new(table.origin.clone(), shape.columns, shape.key)?);
-    let after = match &progress.last_key {
-        None => None,
-        Some(k) => Some(stored_key_texts(k, &shape.key).with_context(|| {
-            format!(
-                "the stored incremental snapshot position of table {} has an unreadable key: {k}",
-                table.info.name
-            )
-        })?),
+    let after = match resume_point(progress, &shape.key) {
+        Resume::Start => None,
+        Resume::After(texts) => Some(texts),
+        Resume::KeyChanged(why) => return Ok(Read::KeyChanged(why)),
     };
     let sql = rows_query_of(&name, &shape, after.as_deref());
     let mut rows: Vec<String> = sqlx::query_scalar(&sql)
@@ -236,7 +347,7 @@ pub async fn read_chunk_at(
     tx.commit().await?;
     let more = rows.len() as i64 > chunk;
     rows.truncate(chunk as usize);
-    Ok(Some(Chunk {
+    Ok(Read::Chunk(Chunk {
         table: progress.table.clone(),
         snapshot,
         at_us,
@@ -385,6 +496,8 @@ impl Incremental {
             });
             if progress.reason == "re-entered" {
                 tracing::info!(table = %table.info.name, "the table entered the set again: its snapshot begins with a TRUNCATE event, as what the archive holds of it is stale");
+            } else if progress.reason == RESTARTED_REASON {
+                tracing::info!(table = %table.info.name, "the table's snapshot starts again after its primary key changed: it begins with a TRUNCATE event, as what the archive holds of it is stale");
             }
             records.push(Record {
                 topic: table.topic.clone(),
@@ -466,16 +579,16 @@ impl Incremental {
             }
         }
         if let Some(key_texts) = last_key_texts {
-            // The key columns' texts by name, as the initial snapshot
-            // stores its last key.
-            progress.last_key = Some(Value::Object(
-                shape
-                    .key
-                    .iter()
-                    .zip(key_texts)
-                    .map(|(k, t)| (k.name.clone(), t.map_or(Value::Null, Value::String)))
+            // The key columns' texts in key order, with the key named by
+            // its index and attnums: a key column renamed since still
+            // reads it.
+            progress.last_key = Some(Value::Array(
+                key_texts
+                    .into_iter()
+                    .map(|t| t.map_or(Value::Null, Value::String))
                     .collect(),
             ));
+            progress.key = Some(key_identity(&shape.key));
         }
         let rows = n - first;
         progress.rows += rows;
@@ -518,6 +631,7 @@ pub fn opens_with_truncate(progress: &IncrementalProgress, chunk: &Chunk) -> boo
     let first = progress.rows == 0 && progress.last_key.is_none();
     first
         && (progress.reason == "re-entered"
+            || progress.reason == RESTARTED_REASON
             || (progress.reason == SIGNAL_REASON && chunk.rows.is_empty() && !chunk.more))
 }
 

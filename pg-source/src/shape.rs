@@ -18,6 +18,7 @@ use tidemark_common::codec::{
 };
 use tidemark_common::envelope::{ChangeEnvelope, RecordTemplate};
 use tidemark_common::names::{quote_ident, quote_literal};
+use tidemark_common::offset::KeyIdentity;
 use tidemark_common::pg::TableName;
 
 /// A primary-key column and how keys compare: with the operators of the
@@ -27,6 +28,11 @@ use tidemark_common::pg::TableName;
 pub struct KeyColumn {
     /// The column's name.
     pub name: String,
+    /// The column's `pg_attribute.attnum`, which a rename leaves alone.
+    pub attnum: i32,
+    /// The key index's OID (`pg_index.indexrelid`): another one is another
+    /// key, whose order may differ.
+    pub index: Oid,
     /// The type literals of the column are written as: the base type of a
     /// domain (so no domain CHECK runs), schema-qualified
     /// (`pg_catalog.int4`, `public.mood`).
@@ -83,6 +89,8 @@ struct AttributeRow {
 struct KeyRow {
     xmin: i64,
     name: String,
+    attnum: i32,
+    index: i64,
     lt: String,
     eq: String,
     gt: String,
@@ -107,6 +115,7 @@ limit 1600
 const KEY_SQL: &str = r#"
 select i.xmin::pg_catalog.text::pg_catalog.int8 as xmin,
        a.attname::pg_catalog.text as name,
+       k.attnum::pg_catalog.int4 as attnum, i.indexrelid::pg_catalog.int8 as index,
        pg_catalog.format('operator(%I.%s)', ltn.nspname, lt.oprname) as lt,
        pg_catalog.format('operator(%I.%s)', eqn.nspname, eq.oprname) as eq,
        pg_catalog.format('operator(%I.%s)', gtn.nspname, gt.oprname) as gt,
@@ -285,6 +294,8 @@ impl CatalogShape {
             key.push(KeyColumn {
                 literal_type: literal_type(&col.ty),
                 name: k.name,
+                attnum: k.attnum,
+                index: k.index as Oid,
                 lt: k.lt,
                 eq: k.eq,
                 gt: k.gt,
@@ -420,6 +431,15 @@ pub fn key_order_sql(key: &[KeyColumn], alias: &str) -> String {
         .map(|k| format!("{alias}.{} using {}", quote_ident(&k.name), k.lt))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The key as a stored incremental snapshot position names it: by its
+/// index and its columns' attnums, which a column rename leaves alone.
+pub fn key_identity(key: &[KeyColumn]) -> KeyIdentity {
+    KeyIdentity {
+        index: key.first().map_or(0, |k| k.index),
+        attnums: key.iter().map(|k| k.attnum).collect(),
+    }
 }
 
 /// A stored key (a snapshot's last key, a segment bound) as the key
@@ -674,8 +694,11 @@ mod tests {
     fn key(names: &[&str]) -> Vec<KeyColumn> {
         names
             .iter()
-            .map(|n| KeyColumn {
+            .enumerate()
+            .map(|(i, n)| KeyColumn {
                 name: (*n).to_owned(),
+                attnum: i as i32 + 1,
+                index: 1,
                 literal_type: "\"pg_catalog\".\"int4\"".to_owned(),
                 lt: "operator(pg_catalog.<)".to_owned(),
                 eq: "operator(pg_catalog.=)".to_owned(),

@@ -1063,7 +1063,17 @@ impl ChangeLogMode {
             .await
             .map_err(SourceError::from_anyhow)
             {
-                Ok(chunk) => chunk,
+                Ok(incremental::Read::Chunk(chunk)) => Some(chunk),
+                Ok(incremental::Read::Gone) => None,
+                Ok(incremental::Read::KeyChanged(why)) => {
+                    // From the first key: the stream leaves out every
+                    // change of the table until the first chunk, which
+                    // begins with a TRUNCATE event.
+                    incremental::restart(&mut self.position.incremental[0], &why);
+                    self.incremental.key = None;
+                    self.incremental.retry_at = None;
+                    return Ok(None);
+                }
                 Err(e) if e.class() == crate::errors::Class::Definite => {
                     // One table's trouble stops only its snapshot (and its
                     // changes above what it sent): the others go on, it is
@@ -1288,6 +1298,7 @@ impl ChangeLogMode {
         if p.last_key.is_none() || self.incremental.key_of(&p.table).is_some() {
             return Ok(());
         }
+        let progress = p.clone();
         let Some(t) = self.tables.iter().find(|t| t.log_name == p.table) else {
             return Ok(());
         };
@@ -1306,6 +1317,14 @@ impl ChangeLogMode {
             shape
                 .literal_safe_key(&name)
                 .map_err(SourceError::from_anyhow)?;
+            // A key replaced while pg-source was stopped: the progress is
+            // of the old key's order, which the filter cannot compare in.
+            if let incremental::Resume::KeyChanged(why) =
+                incremental::resume_point(&progress, &shape.key)
+            {
+                incremental::restart(&mut self.position.incremental[0], &why);
+                return Ok(());
+            }
             self.incremental.key = Some((name, shape.key));
         }
         Ok(())
@@ -1317,7 +1336,7 @@ impl ChangeLogMode {
     /// keeps only its side at or below: a delete of the old key, or a
     /// create of the new.
     async fn before_incremental(
-        &self,
+        &mut self,
         decoded: Vec<Result<Decoded, Box<DeadLetter>>>,
     ) -> Result<Vec<Result<Decoded, Box<DeadLetter>>>, SourceError> {
         if self.position.incremental.is_empty() {
@@ -1347,6 +1366,23 @@ impl ChangeLogMode {
                 plan.push(None);
                 continue;
             };
+            // A change of another primary key than the one the chunks were
+            // read in (replaced: other columns): the snapshot starts again,
+            // and from here every change of the table is left out until
+            // its first chunk.
+            if let Some(why) = key_changed(&self.position.incremental[i], &d.shape) {
+                incremental::restart(&mut self.position.incremental[i], &why);
+                self.incremental.key = None;
+                // A chunk read for the batch was read in the old order.
+                if self
+                    .incremental
+                    .pending
+                    .as_ref()
+                    .is_some_and(|c| &c.table == name)
+                {
+                    self.incremental.pending = None;
+                }
+            }
             // Each table by its own progress: one set aside after an error
             // keeps the keys it has sent.
             let Some(last_key) = self.position.incremental[i].last_key.as_ref() else {
@@ -1797,6 +1833,44 @@ pub(crate) async fn check_trigger(pool: &PgPool, name: &TableName) -> anyhow::Re
     Ok(())
 }
 
+/// Why a change of `shape` cannot be compared with the last key of
+/// `progress`: its primary key is not the one the chunks were read in
+/// (other columns, by attnum; by name for a progress an older pg-source
+/// stored). `None` when it can be, or when no chunk was read yet. A key
+/// column renamed is the same column: its texts are in the stored order.
+fn key_changed(progress: &IncrementalProgress, shape: &Shape) -> Option<String> {
+    let stored = progress.last_key.as_ref()?;
+    let attnums: Option<Vec<i32>> = shape
+        .key
+        .iter()
+        .map(|n| {
+            shape
+                .columns
+                .iter()
+                .find(|c| &c.name == n)
+                .map(|c| c.attnum)
+        })
+        .collect();
+    let fits = match (&progress.key, stored.as_object()) {
+        (Some(id), _) => attnums.as_ref() == Some(&id.attnums),
+        (None, Some(o)) => {
+            o.len() == shape.key.len() && shape.key.iter().all(|k| o.contains_key(k))
+        }
+        (None, None) => true,
+    };
+    (!fits).then(|| {
+        format!(
+            "a change of it has the primary key ({}), columns {:?}, not the key its chunks so far were read in the order of ({})",
+            shape.key.join(", "),
+            attnums.unwrap_or_default(),
+            match &progress.key {
+                Some(id) => format!("columns {:?}", id.attnums),
+                None => format!("by name: {stored}"),
+            }
+        )
+    })
+}
+
 /// SQL that is true when the key `key` (its columns' texts) lies in a
 /// snapshot segment's range (after `lo`, up to `hi`; a bound that is not a
 /// JSON object is open), compared as the snapshot compared keys. Every
@@ -1816,10 +1890,12 @@ fn in_range_sql(
     order: Option<&[KeyColumn]>,
 ) -> String {
     let columns: Vec<_> = shape.key_codec.columns().collect();
+    // By attnum: a key column renamed since the order was read is the same
+    // column.
     let order: Option<Vec<&KeyColumn>> = order.and_then(|order| {
         columns
             .iter()
-            .map(|c| order.iter().find(|k| k.name == c.name))
+            .map(|c| order.iter().find(|k| Some(k.attnum) == c.attnum))
             .collect()
     });
     let literal = |text: Option<&str>, i: usize| match text {
@@ -1839,7 +1915,16 @@ fn in_range_sql(
             .map(|(i, t)| literal(t.as_deref(), i))
             .collect()
     };
+    let text = |v: &Value| match v {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    };
     let bound = |b: Option<&Value>| -> Option<Vec<String>> {
+        // An array holds the texts in key order (see `key_changed`).
+        if let Some(a) = b?.as_array() {
+            return Some(literals(&a.iter().map(text).collect::<Vec<_>>()));
+        }
         let o = b?.as_object()?;
         Some(literals(
             &columns

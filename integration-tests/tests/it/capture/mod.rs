@@ -8,6 +8,7 @@ mod added_holes;
 mod batching;
 mod ddl;
 mod heartbeat;
+mod key_change;
 mod resume;
 mod security;
 mod truncate;

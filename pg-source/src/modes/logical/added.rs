@@ -113,6 +113,23 @@
 //! again in a new snapshot; the stream then left out the same changes it
 //! would have. So a kill at any instant neither loses nor repeats a row.
 //!
+//! **The key changes.** As in [`crate::incremental`]: `K` names its key
+//! by index OID and attnums, so a renamed key column goes on; a replaced
+//! key (found by a chunk's read, by the filter at the first change of the
+//! new key's shape, or at a start) starts the table's snapshot again from
+//! a TRUNCATE, leaving out every change of the table until that first
+//! chunk. One more thing differs here: a change the stream *sent* before
+//! the restart is undone by the TRUNCATE, so its transaction must be one
+//! the new first chunk sees, exactly like a transaction whose change was
+//! left out. So the restart takes the seed again (`seed`: a transaction of
+//! pg-source's own, then the running transactions of a snapshot of now):
+//! every transaction whose change the stream decoded before the restart
+//! committed before the stream's position, so it is visible there or
+//! running in it, and no chunk is used before a snapshot sees it end. A
+//! chunk waiting when the filter finds the new key was read in the old
+//! key's order and is not used (spoiled); a chunk read when the key is
+//! found changed is not used either: it is read again after the seed.
+//!
 //! # Limits
 //!
 //! - A transaction running when pg-source starts, or when a table under
@@ -145,7 +162,7 @@ use super::{Decoded, LogicalMode, LogicalTable};
 use crate::errors::{Class, SourceError};
 use crate::incremental::{self, Chunk, Incremental, Repair};
 use crate::modes::Batch;
-use crate::shape::{lexicographic_gt, literal, stored_key_texts, KeyColumn};
+use crate::shape::{lexicographic_gt, literal, KeyColumn};
 use crate::table::EncodedChange;
 use crate::visibility::PgSnapshot;
 
@@ -413,8 +430,18 @@ impl LogicalMode {
         .await
         .map_err(SourceError::from_anyhow);
         let chunk = match read {
-            Ok(Some(chunk)) => chunk,
-            Ok(None) => {
+            Ok(incremental::Read::Chunk(chunk)) => chunk,
+            Ok(incremental::Read::KeyChanged(why)) => {
+                // From the first key of the new one, with a TRUNCATE: the
+                // stream's changes of the table sent so far are undone by
+                // it, so a transaction whose change was sent and that a
+                // chunk's snapshot might not see yet is one such a chunk
+                // may miss too: the running transactions are taken again.
+                incremental::restart(&mut self.position.incremental[0], &why);
+                self.added.seed = true;
+                return Ok(None);
+            }
+            Ok(incremental::Read::Gone) => {
                 tracing::warn!(table = %progress.table, "table gone before its incremental snapshot ended; the other tables go on");
                 self.position.incremental.remove(0);
                 return Ok(Some(Batch {
@@ -598,7 +625,7 @@ fn key_sql(key: &[KeyColumn], texts: &[Option<String>]) -> Option<Vec<String>> {
 pub(super) async fn filter(
     conn: &mut sqlx::PgConnection,
     tables: &[LogicalTable],
-    progress: &[IncrementalProgress],
+    progress: &mut [IncrementalProgress],
     added: &mut Added,
     changes: Vec<Decoded>,
 ) -> Result<Vec<Decoded>, SourceError> {
@@ -626,17 +653,25 @@ pub(super) async fn filter(
             continue;
         };
         let key = &shape.key;
-        let lower = match &progress[pi].last_key {
-            None => None,
-            Some(k) => Some(
-                stored_key_texts(k, key)
-                    .and_then(|t| key_sql(key, &t.into_iter().map(Some).collect::<Vec<_>>()))
-                    .ok_or_else(|| {
-                        definite(format!(
-                            "the stored incremental snapshot position of table {name} has an unreadable key: {k}"
-                        ))
-                    })?,
+        let mut key_changed = false;
+        let lower = match incremental::resume_point(&progress[pi], key) {
+            incremental::Resume::Start => None,
+            incremental::Resume::After(t) => Some(
+                key_sql(key, &t.into_iter().map(Some).collect::<Vec<_>>())
+                    .expect("no null among the texts"),
             ),
+            incremental::Resume::KeyChanged(why) => {
+                // A change of another primary key than the one the chunks
+                // were read in (replaced): the snapshot starts again from a
+                // TRUNCATE, and from here every change of the table is left
+                // out until its first chunk. A chunk waiting was read in the
+                // old order: it is not used. The running transactions are
+                // taken again (see the restart in `incremental_step`).
+                incremental::restart(&mut progress[pi], &why);
+                added.seed = true;
+                key_changed = true;
+                None
+            }
         };
         let upper = match window.and_then(|w| w.upper.as_ref()) {
             Some(u) => Some(key_sql(key, u).ok_or_else(|| {
@@ -646,6 +681,11 @@ pub(super) async fn filter(
             })?),
             None => None,
         };
+        if key_changed {
+            if let Some(w) = added.window.as_mut().filter(|w| &w.chunk.table == name) {
+                w.spoiled = Some("the table's primary key changed".into());
+            }
+        }
         let mut image = |texts: Option<&Vec<Option<String>>>| -> Result<Image, SourceError> {
             let Some(texts) = texts else { return Ok(None) };
             let k = key_sql(key, texts).ok_or_else(|| {

@@ -818,7 +818,7 @@ impl LogicalMode {
         let changes = added::filter(
             &mut s.conn,
             &self.tables,
-            &self.position.incremental,
+            &mut self.position.incremental,
             &mut self.added,
             changes,
         )
