@@ -128,21 +128,39 @@ pub fn create_archive(root: &Path) -> anyhow::Result<()> {
 pub fn note_partitions(root: &Path, topic: &str, partitions: i32) -> anyhow::Result<()> {
     let dir = root.join(topic);
     let path = dir.join(TOPIC_FILE);
-    if let Ok(bytes) = std::fs::read(&path) {
-        if let Ok(t) = serde_json::from_slice::<TopicFile>(&bytes) {
-            if t.partitions >= partitions {
-                return Ok(());
-            }
-        }
+    let says_enough = || {
+        std::fs::read(&path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<TopicFile>(&bytes).ok())
+            .is_some_and(|t| t.partitions >= partitions)
+    };
+    if says_enough() {
+        return Ok(());
     }
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create the archive folder {}", dir.display()))?;
+    // The 10 s refresh and a completeness probe (and other instances) note
+    // at once: one writer at a time, each looking again under the lock, so
+    // an older, smaller count never replaces a larger one (the archive's
+    // mark would leave the partition added out) and two never share the
+    // temporary file. The lock file's name is no partition's.
+    let lock_path = dir.join(format!("{TOPIC_FILE}.lock"));
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    lock.lock()
+        .with_context(|| format!("cannot lock {}", lock_path.display()))?;
+    if says_enough() {
+        return Ok(());
+    }
     let t = TopicFile {
         topic: topic.to_owned(),
         partitions,
     };
-    // Several instances may write it at once: each through a name of its
-    // own, so the renames are whole.
+    // Through a name of this process's own, so a rename is whole.
     let tmp = dir.join(format!("{TOPIC_FILE}.{}.tmp", std::process::id()));
     std::fs::write(&tmp, serde_json::to_vec(&t)?)?;
     std::fs::rename(&tmp, &path)?;
@@ -1767,5 +1785,36 @@ mod tests {
             panic!("no mark")
         };
         assert_eq!(commit_order, Some(3));
+    }
+
+    #[test]
+    fn partition_counts_noted_at_once_never_go_back() {
+        // The 10 s refresh and a completeness probe note a topic's
+        // partitions on two threads at once; one with an older count must
+        // neither fail nor leave it below the other's (the archive's mark
+        // would then leave out the partition added).
+        for _ in 0..300 {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().to_path_buf();
+            note_partitions(&root, "t", 1).unwrap();
+            let go = std::sync::Arc::new(std::sync::Barrier::new(2));
+            let threads: Vec<_> = [2, 3]
+                .into_iter()
+                .map(|n| {
+                    let (root, go) = (root.clone(), go.clone());
+                    std::thread::spawn(move || {
+                        go.wait();
+                        note_partitions(&root, "t", n)
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap().unwrap();
+            }
+            let t: TopicFile =
+                serde_json::from_slice(&std::fs::read(root.join("t").join(TOPIC_FILE)).unwrap())
+                    .unwrap();
+            assert_eq!(t.partitions, 3);
+        }
     }
 }
