@@ -9,6 +9,7 @@ mod batching;
 mod ddl;
 mod heartbeat;
 mod key_change;
+mod key_change_review;
 mod resume;
 mod security;
 mod truncate;
