@@ -100,6 +100,13 @@ const LINGER_SLICE: Duration = Duration::from_millis(5);
 /// While idle, how often to look whether a captured table was dropped.
 const GONE_CHECK_EVERY: Duration = Duration::from_secs(10);
 
+/// Longest the look for tables a pattern came to match may hold the stream.
+/// While Postgres refuses new connections (as during a shutdown) the pool
+/// would wait its acquire timeout (10 s) at every look, and the stream
+/// with it; a fast shutdown waits for the walsender, which waits for this
+/// stream's replies, so it took more than pg_ctl's 60 s.
+const DISCOVERY_PATIENCE: Duration = Duration::from_secs(2);
+
 /// One decoded change, encoded, before it gets its place in its unit.
 struct Decoded {
     table: usize,
@@ -934,10 +941,19 @@ impl LogicalMode {
         self.last_discovery = Instant::now();
         let Some(d) = &self.discovery else { return };
         let patterns = d.patterns.clone();
-        let found = match crate::catalog::discover_published(&self.pool).await {
-            Ok(found) => found,
-            Err(e) => {
+        let found = match tokio::time::timeout(
+            DISCOVERY_PATIENCE,
+            crate::catalog::discover_published(&self.pool),
+        )
+        .await
+        {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => {
                 tracing::warn!(error = %format!("{e:#}"), "cannot look for tables the patterns match; looking again later");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(waited = ?DISCOVERY_PATIENCE, "cannot look for tables the patterns match (no connection to Postgres in time); looking again later");
                 return;
             }
         };
@@ -953,13 +969,20 @@ impl LogicalMode {
                 }
             }
         }
-        match crate::catalog::uncaptured_matching(
-            &self.pool,
-            &patterns,
-            crate::config::Mode::Logical,
+        match tokio::time::timeout(
+            DISCOVERY_PATIENCE,
+            crate::catalog::uncaptured_matching(
+                &self.pool,
+                &patterns,
+                crate::config::Mode::Logical,
+            ),
         )
         .await
-        {
+        .unwrap_or_else(|_| {
+            Err(anyhow::anyhow!(
+                "no connection to Postgres within {DISCOVERY_PATIENCE:?}"
+            ))
+        }) {
             Ok(tables) => {
                 for t in tables {
                     if self.told.insert(t.clone()) {
