@@ -327,3 +327,64 @@ async fn the_single_file_reads_partitions_and_topics_added_while_it_runs_exactly
         }
     }
 }
+
+/// A partition added to the topic while the archive was stopped, whose
+/// first records Kafka deleted (retention) before the archive read them:
+/// the archive must not claim the units those records belonged to. The
+/// group's reading takes a partition it holds nothing of "from its
+/// beginning" (group.rs, on_done, the `(None, _)` arm, ahead of the
+/// `low > next` stop the partitions it holds get), so it starts at the
+/// low watermark without a word and the completeness mark then covers
+/// units 11 to 15, whose records in partition 1 are gone. Ignored: found
+/// by the review of 9dbabf0, not fixed (what the sink should do, stop or
+/// hold the mark, is a decision); it fails on main: "the archive says
+/// every unit before 20 is in, but unit 11 misses 1 record(s)".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "not fixed: an added partition cut by retention is read from its low watermark and the mark covers its lost records"]
+async fn an_added_partition_cut_by_retention_is_never_claimed_whole() {
+    let first = crate::archive::topic(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("archive");
+    let name = unique("cut");
+    let start = || {
+        let mut cfg = archive_sink(&name, &first, &root, &[("file.rotate.bytes", "4000")]);
+        cfg.metadata_refresh = Duration::from_secs(1);
+        Running::start(|t| file_sink::run(cfg, t))
+    };
+    let producer = producer();
+    let mut want = produce_spread(&producer, &[(&first, 0)], 1..11).await;
+    let sink = start();
+    wait_archived(&root, &want, Duration::from_secs(60)).await;
+    sink.stop().await.unwrap();
+    add_partitions(&first, 2).await;
+    let producer = crate::archive::producer();
+    want.extend(produce_spread(&producer, &[(&first, 1), (&first, 0)], 11..21).await);
+    // Retention: partition 1's records 0 to 4 (units 11 to 15) go.
+    let mut cut = rdkafka::TopicPartitionList::new();
+    cut.add_partition_offset(&first, 1, rdkafka::Offset::Offset(5))
+        .unwrap();
+    kafka()
+        .admin()
+        .unwrap()
+        .delete_records(&cut, &AdminOptions::new())
+        .await
+        .unwrap();
+    let sink = start();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let mark = Archive::open(&root)
+            .ok()
+            .and_then(|a| a.complete_before(false))
+            .and_then(|m| m.commit_order);
+        if let Some(m) = mark.filter(|m| *m > 11) {
+            let lines = archive_lines(&root);
+            let missing = want[&11].iter().filter(|l| !lines.contains(l)).count();
+            assert_eq!(
+                missing, 0,
+                "the archive says every unit before {m} is in, but unit 11 misses {missing} record(s)"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = sink.stop().await;
+}
