@@ -1020,9 +1020,11 @@ async fn fault_injection_with(fx: Fixture, sinks_setup: Sinks) {
     let writers = env_num("TIDEMARK_FAULT_WRITERS", 4);
     let added_rows = env_num("TIDEMARK_FAULT_ADDED_ROWS", 10_000) as i64;
     // The added table (and with it `TRUNCATE` of both tables) in logical
-    // mode only when asked: there its runs failed 2 times in 6 (a change
-    // of the added table lost; the added table not restoring to Postgres),
-    // not yet understood, and a flaky suite would block every landing.
+    // mode only when asked: there its runs failed 3 times in 8 (once
+    // pg-replay stopping at a migration after a unit of both tables;
+    // a change of the added table lost; the added table not restoring to
+    // Postgres, both not yet understood), and a flaky suite would block
+    // every landing.
     let with_added = !fx.logical || env_num("TIDEMARK_FAULT_LOGICAL_ADDED", 0) == 1;
     let seed = env_num("TIDEMARK_FAULT_SEED", rand::rng().random());
     println!(
