@@ -1372,7 +1372,11 @@ impl ChangeLogMode {
             // its first chunk.
             if let Some(why) = key_changed(&self.position.incremental[i], &d.shape) {
                 incremental::restart(&mut self.position.incremental[i], &why);
-                self.incremental.key = None;
+                // The loaded key order is the table's whose chunks are
+                // read now: another table's (one set aside) keeps it.
+                if self.incremental.key_of(name).is_some() {
+                    self.incremental.key = None;
+                }
                 // A chunk read for the batch was read in the old order.
                 if self
                     .incremental
