@@ -15,7 +15,7 @@ use tidemark_common::envelope::Op;
 use super::*;
 
 /// Runs `sql` as the user.
-async fn script(pool: &PgPool, sql: &str) {
+pub(super) async fn script(pool: &PgPool, sql: &str) {
     sqlx::raw_sql(sql)
         .execute(pool)
         .await
@@ -51,7 +51,7 @@ fn writer(pool: PgPool, table: &'static str, base: i64, stop: Arc<AtomicBool>) -
 }
 
 /// The `r` events of `events` per key.
-fn snapshot_reads(events: &[Event]) -> BTreeMap<String, usize> {
+pub(super) fn snapshot_reads(events: &[Event]) -> BTreeMap<String, usize> {
     let mut reads = BTreeMap::new();
     for e in events {
         if e.event.as_ref().is_some_and(|ev| ev.op == Op::Read) {
@@ -547,14 +547,14 @@ async fn logical_table_created_while_running_joins_by_pattern() {
 }
 
 /// Logical capture of `table` (its publication, replica identity full).
-async fn capture_logical(db: &Db, table: &str) {
+pub(super) async fn capture_logical(db: &Db, table: &str) {
     for step in schema_init::logical_steps(&TableName::parse(table).unwrap()) {
         script(&db.admin, &step.sql).await;
     }
 }
 
 /// Drops the connector's slot (the janitor would, later).
-async fn drop_slot(db: &Db) {
+pub(super) async fn drop_slot(db: &Db) {
     let slot = pg_source::modes::logical::default_slot_name(&db.source_name);
     let _ = sqlx::query("select pg_drop_replication_slot($1)")
         .bind(&slot)
@@ -565,7 +565,7 @@ async fn drop_slot(db: &Db) {
 /// Replays `events` as [`replay`] does, and also refuses a snapshot read
 /// of a key the replay holds: a chunk's row that came after the key's
 /// create (or an earlier read) would put an older row over a newer one.
-fn replay_strict(events: &[Event]) -> BTreeMap<String, serde_json::Value> {
+pub(super) fn replay_strict(events: &[Event]) -> BTreeMap<String, serde_json::Value> {
     let mut held = BTreeSet::new();
     for e in events {
         let Some(ev) = &e.event else { continue };

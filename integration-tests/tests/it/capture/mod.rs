@@ -4,6 +4,7 @@
 //! connector name.
 
 mod added;
+mod added_faults;
 mod added_holes;
 mod batching;
 mod ddl;

@@ -113,6 +113,19 @@
 //! again in a new snapshot; the stream then left out the same changes it
 //! would have. So a kill at any instant neither loses nor repeats a row.
 //!
+//! **A failed step.** A step that fails (the stream lost, a database
+//! error, a Kafka batch aborted) puts back the position from before it, and
+//! the stream reads again from there. The tables read are not put back: a
+//! table a `table.include.list` pattern came to match during that step is
+//! still read, and joins the stream. So after the position is put back, a
+//! table read that its set of tables lacks enters it again, as at a start,
+//! and its snapshot is queued again: otherwise its changes would stream as
+//! if its snapshot had ended (every change of it sent, an update of a row
+//! the archive never got included) and its existing rows would never come.
+//! Likewise a snapshot queued because a table's publication turned out
+//! younger than the WAL to read is queued on the position put back, not
+//! under it.
+//!
 //! **The key changes.** As in [`crate::incremental`]: `K` names its key
 //! by index OID and attnums, so a renamed key column goes on; a replaced
 //! key (found by a chunk's read, by the filter at the first change of the
@@ -267,10 +280,12 @@ impl Added {
 
 impl LogicalMode {
     /// Brings the stored set of tables up to the tables read (at the
-    /// start): a table read that the set lacks entered it and gets an
-    /// incremental snapshot (`snapshot.mode` `initial`); a table no longer
-    /// read leaves it.
-    pub(super) fn reconcile_added(&mut self) {
+    /// start, and after a failed step put an older position back): a table
+    /// read that the set lacks entered it and gets an incremental snapshot
+    /// (`snapshot.mode` `initial`); a table no longer read leaves it.
+    /// `count`: a table entering counts in the tables-added metric (not
+    /// when a failed step only undid its entry).
+    pub(super) fn reconcile_added(&mut self, count: bool) {
         let reading: BTreeSet<String> = self
             .tables
             .iter()
@@ -288,7 +303,10 @@ impl LogicalMode {
             .map(|t| (t.table.log_name.clone(), t.table.info.name.to_string()))
             .collect();
         for (log_name, shown) in entered {
-            metrics::counter!(names::SOURCE_TABLES_ADDED, "table" => log_name.clone()).increment(1);
+            if count {
+                metrics::counter!(names::SOURCE_TABLES_ADDED, "table" => log_name.clone())
+                    .increment(1);
+            }
             self.push_snapshot(&log_name, &shown);
         }
         for t in known.difference(&reading) {

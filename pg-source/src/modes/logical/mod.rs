@@ -389,7 +389,14 @@ impl LogicalMode {
         let (mut position, fresh) = match stored {
             Some(SourcePosition::Logical(p)) => {
                 let lsn = prepare_slot(pool, &cfg.slot_name, Some(p.lsn)).await?;
-                tracing::info!(slot = %cfg.slot_name, lsn = %Lsn(lsn), in_txn = p.in_txn, snapshot_running = p.snapshot.is_some(), "resuming from stored position");
+                // The incremental snapshots' progress too: what a restart
+                // goes on from is then in the log.
+                let incremental: Vec<String> = p
+                    .incremental
+                    .iter()
+                    .map(|i| format!("{} ({} rows sent)", i.table, i.rows))
+                    .collect();
+                tracing::info!(slot = %cfg.slot_name, lsn = %Lsn(lsn), in_txn = p.in_txn, snapshot_running = p.snapshot.is_some(), incremental = %incremental.join(", "), "resuming from stored position");
                 (p, false)
             }
             Some(other) => bail!(
@@ -454,7 +461,7 @@ impl LogicalMode {
             offsets_topic: offsets_topic.to_owned(),
             added: added::Added::default(),
         };
-        mode.reconcile_added();
+        mode.reconcile_added(true);
         Ok(mode)
     }
 
@@ -1691,6 +1698,10 @@ impl Capture for LogicalMode {
         self.stream = None;
         self.position = saved;
         self.added.window = None;
+        // A table a pattern came to match after `saved` is still read: its
+        // snapshot is queued again on top of the position put back (see
+        // "A failed step" in `added`).
+        self.reconcile_added(false);
     }
 
     async fn next(&mut self, shutdown: &CancellationToken) -> Result<Option<Batch>, SourceError> {
@@ -1732,10 +1743,12 @@ impl Capture for LogicalMode {
         };
         match step {
             Some(Err(e)) => {
-                // The stream resumes from the stored position.
+                // The stream resumes from the stored position. What the
+                // step read is dropped first, so that a snapshot
+                // `join_later` queues stays in the position.
                 self.stream = None;
+                self.position = saved;
                 if self.join_later(&e).await {
-                    self.position = saved;
                     return Ok(None);
                 }
                 Err(e)
