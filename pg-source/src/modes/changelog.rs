@@ -181,6 +181,11 @@ pub struct ChangeLogMode {
     /// A chunk of the last batch was full (`batch.max.rows`): the next
     /// snapshot is taken at once.
     batch_full: bool,
+    /// The last changes kept of a chunk that did not end its batch, held
+    /// back (decoded and filtered) to go with the next chunk, and the
+    /// `seq` that chunk read up to: see [`ChangeLogMode::next_changes`].
+    held: Vec<Result<Decoded, Box<DeadLetter>>>,
+    held_to: Option<i64>,
 }
 
 /// What finding tables while running needs: the patterns of
@@ -355,6 +360,8 @@ impl ChangeLogMode {
             caught_up_us: None,
             batch_taken: None,
             batch_full: false,
+            held: Vec::new(),
+            held_to: None,
         };
         mode.heartbeat_topic = mode.cfg.heartbeat_topic(connector);
         mode.reconcile();
@@ -436,6 +443,8 @@ impl ChangeLogMode {
             })
             .min()
             .unwrap_or(0);
+        // Past what is held back, the log was read already.
+        let after_seq = self.held_to.map_or(after_seq, |h| h.max(after_seq));
         let chunk = self.cfg.batch_max_rows;
         let mut rows = log::read(
             &self.pool,
@@ -450,7 +459,11 @@ impl ChangeLogMode {
         let more = rows.len() as i64 > chunk;
         self.batch_full |= more;
         rows.truncate(chunk as usize);
-        let Some(last_seq) = rows.last().map(|r| r.seq) else {
+        let Some(last_seq) = rows
+            .last()
+            .map(|r| r.seq)
+            .or(self.held_to.filter(|_| !self.held.is_empty()))
+        else {
             // Every change of the batch is sent: it is done.
             let taken_us = self.position.batch_us;
             self.finish_batch(cur)
@@ -474,8 +487,37 @@ impl ChangeLogMode {
         let decoded = self.outside_segments(decoded).await?;
         self.load_incremental_key().await?;
         let decoded = self.before_incremental(decoded).await?;
+        let mut decoded = {
+            let mut d = std::mem::take(&mut self.held);
+            d.extend(decoded);
+            d
+        };
+        self.held_to = None;
         for t in &self.log_tables {
             self.position.after_seq.insert(t.log_name.clone(), last_seq);
+        }
+        // The batch goes on in the next chunk, whose changes the filters
+        // may all leave out (the incremental snapshot's, a resumed initial
+        // snapshot's segments, skipped.operations): the unit's totals then
+        // have no event of that chunk to go on. So the last change kept
+        // (and any dead letters after it) waits for the next chunk, which
+        // sends it, with the totals if that chunk ends the batch; the
+        // position has the batch read up to just before it, so a restart
+        // reads it, and what the filters left out after it, again.
+        if more {
+            if let Some(k) = decoded.iter().rposition(|d| d.is_ok()) {
+                self.held = decoded.split_off(k);
+                self.held_to = Some(last_seq);
+                let first = match &self.held[0] {
+                    Ok(d) => d.row.seq,
+                    Err(d) => d.row.seq,
+                };
+                for t in &self.log_tables {
+                    self.position
+                        .after_seq
+                        .insert(t.log_name.clone(), first - 1);
+                }
+            }
         }
         if decoded.is_empty() {
             if !more {
@@ -2025,6 +2067,9 @@ impl Capture for ChangeLogMode {
     fn restore(&mut self, saved: Self::Saved) {
         // A snapshot finished in memory is reopened from the stored progress.
         self.position = saved;
+        // What was held back is read again from the position.
+        self.held.clear();
+        self.held_to = None;
         self.prune_after_commit = false;
         // A chunk read for a batch that did not commit is read again.
         self.incremental.pending = None;

@@ -15,7 +15,7 @@ use tidemark_common::envelope::Op;
 use super::*;
 
 /// Runs `sql` as the user.
-async fn script(pool: &PgPool, sql: &str) {
+pub(super) async fn script(pool: &PgPool, sql: &str) {
     sqlx::raw_sql(sql)
         .execute(pool)
         .await
@@ -23,7 +23,7 @@ async fn script(pool: &PgPool, sql: &str) {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Mode {
+pub(super) enum Mode {
     ChangeLog,
     Logical,
 }
@@ -50,7 +50,7 @@ impl Mode {
 /// snapshot still runs when the test has seen its first chunks), both
 /// captured; pg-source reads `a` alone until it sent its row, then `a` and
 /// `b`: `b` entered the set.
-async fn b_enters_the_set(db: &Db, mode: Mode) -> (Task, TopicReader) {
+pub(super) async fn b_enters_the_set(db: &Db, mode: Mode) -> (Task, TopicReader) {
     let rows = match mode {
         Mode::ChangeLog => 10_000,
         Mode::Logical => 2_000,
@@ -84,14 +84,14 @@ async fn b_enters_the_set(db: &Db, mode: Mode) -> (Task, TopicReader) {
 
 /// pg-source over `a` and `b`, not waited for (it says it is ready once
 /// caught up, which is after `b`'s snapshot).
-fn spawn(db: &Db, mode: Mode) -> Task {
+pub(super) fn spawn(db: &Db, mode: Mode) -> Task {
     let cfg = db.source_config(&["a", "b"], mode.overrides());
     Task::spawn(|token| pg_source::run(cfg, token))
 }
 
 /// Waits until `b` had `n` key-index scans (the chunks' reads) by the
 /// server's statistics: pg-source's snapshot of it runs.
-async fn scans_of_b(db: &Db, source: &mut Task, n: i64) {
+pub(super) async fn scans_of_b(db: &Db, source: &mut Task, n: i64) {
     let deadline = Instant::now() + WAIT;
     loop {
         source.assert_running("pg-source").await;
@@ -111,7 +111,7 @@ async fn scans_of_b(db: &Db, source: &mut Task, n: i64) {
 
 /// Reads until `done` holds, failing the test (with pg-source's error) if
 /// pg-source stops meanwhile.
-async fn until_running(
+pub(super) async fn until_running(
     reader: &mut TopicReader,
     source: &mut Task,
     what: &str,
@@ -147,7 +147,7 @@ fn reads_keyed_by(events: &BTreeMap<String, Vec<Event>>, topic: &str, column: &s
 }
 
 /// Whether `topic` holds a row whose `v` is `end`.
-fn has_end(events: &BTreeMap<String, Vec<Event>>, topic: &str) -> bool {
+pub(super) fn has_end(events: &BTreeMap<String, Vec<Event>>, topic: &str) -> bool {
     events.get(topic).is_some_and(|ev| {
         ev.iter()
             .any(|e| e.after().is_some_and(|a| a["v"] == "end"))

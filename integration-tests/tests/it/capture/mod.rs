@@ -14,6 +14,7 @@ mod key_change_review;
 mod resume;
 mod security;
 mod truncate;
+mod unit_totals;
 mod upgrade;
 mod values;
 

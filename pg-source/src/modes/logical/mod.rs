@@ -129,6 +129,9 @@ struct Decoded {
     last_commit: u64,
     /// The last change of its transaction: the Commit came after it.
     txn_last: bool,
+    /// Filtered already: kept by the filters of the batch that read it,
+    /// and held back to the next (see [`LogicalMode::hold_back`]).
+    filtered: bool,
 }
 
 /// A table as the stream describes it.
@@ -293,7 +296,9 @@ pub struct LogicalStream {
     /// it starts the next batch. Holding it back tells, when the Commit
     /// comes first, that the batch's last change ends its transaction.
     /// A TRUNCATE of several tables is several changes at one position, so
-    /// more than one may wait.
+    /// more than one may wait. First among them may be the cut
+    /// transaction's last change kept, held back already filtered (see
+    /// [`LogicalMode::hold_back`]).
     pending: Vec<Decoded>,
     /// The stream's own connection, for the catalog lookups a Relation
     /// needs and the segment check: when Postgres shuts down (and waits for
@@ -828,15 +833,23 @@ impl LogicalMode {
             .position
             .in_txn_lsn
             .and(changes.last().map(|c| c.commit_lsn));
-        drop_segment_rows(&mut s.conn, &self.tables, &self.position, &mut changes).await?;
-        let changes = added::filter(
+        // A change held back by the last batch was filtered by it (the
+        // filters may rewrite a change, so never twice).
+        let held = changes.iter().take_while(|c| c.filtered).count();
+        let mut unfiltered = changes.split_off(held);
+        drop_segment_rows(&mut s.conn, &self.tables, &self.position, &mut unfiltered).await?;
+        let unfiltered = added::filter(
             &mut s.conn,
             &self.tables,
             &mut self.position.incremental,
             &mut self.added,
-            changes,
+            unfiltered,
         )
         .await?;
+        changes.extend(unfiltered);
+        if let Some(cut) = cut_txn {
+            Self::hold_back(&mut self.position, s, cut, &mut changes);
+        }
         // The events of a transaction cut by the last batch, counted so far.
         let carried = std::mem::take(&mut self.position.in_txn_counts);
         let records = render(
@@ -858,6 +871,32 @@ impl LogicalMode {
             what: "changes committed",
             more: false,
         }))
+    }
+
+    /// The batch cuts transaction `cut` (its Commit is in a later batch):
+    /// the last change of it the filters kept is held back, already
+    /// filtered, to start the next batch, and the position says the
+    /// transaction was sent up to just before that change (a restart reads
+    /// it, and what the filters left out after it, again). So a later part
+    /// of the transaction whose every change is left out (the incremental
+    /// snapshot's filter, a resumed initial snapshot's segments, a table
+    /// that entered the set again) still ends with an event of it that
+    /// carries the unit's totals, and pg-replay finds no gap: without it,
+    /// the unit's events already sent had no last one.
+    fn hold_back(
+        position: &mut LogicalPosition,
+        s: &mut LogicalStream,
+        cut: u64,
+        changes: &mut Vec<Decoded>,
+    ) {
+        if changes.last().is_none_or(|c| c.commit_lsn != cut) {
+            return;
+        }
+        let mut last = changes.pop().expect("looked at above");
+        position.in_txn_lsn = Some(last.lsn);
+        position.in_txn = last.at_last - 1;
+        last.filtered = true;
+        s.pending.insert(0, last);
     }
 
     /// A stream that failed because a table's publication did not exist yet
@@ -1455,6 +1494,7 @@ fn change_place(
         commit_us: txn.commit_us,
         last_commit: txn.last_commit,
         txn_last: false,
+        filtered: false,
     };
     Ok(Some((table, shape, place)))
 }
