@@ -16,7 +16,7 @@
 //!
 //! ```text
 //! <archive>/tidemark-archive.json            {"format":"tidemark-archive","version":1}
-//! <archive>/<topic>/topic.json               {"topic":..,"partitions":N}: how many partitions the topic has
+//! <archive>/<topic>/topic.json               {"topic":..,"partitions":N,"first_partitions":F}: how many partitions the topic has, and had when first noted
 //! <archive>/<topic>/<partition>/             one folder per partition, named by its number
 //!     lock                                   held (flock) by the file-sink instance writing it
 //!     checkpoint.json                        the partition's position; replaced atomically
@@ -641,6 +641,19 @@ pub struct TopicFile {
     pub topic: String,
     /// Its partitions, as last seen by a writer.
     pub partitions: i32,
+    /// The partitions it had when the archive first noted it: one numbered
+    /// at or above this was added to the topic later, so the archive must
+    /// hold it from offset 0. Absent in archives written before it was
+    /// kept (then `partitions` stands for it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_partitions: Option<i32>,
+}
+
+impl TopicFile {
+    /// The partitions the topic had when the archive first noted it.
+    pub fn first(&self) -> i32 {
+        self.first_partitions.unwrap_or(self.partitions)
+    }
 }
 
 /// Reads a manifest: its complete lines, and the byte length they take

@@ -38,6 +38,9 @@ impl Starts {
             ),
             Starts::Archive(root) => {
                 match PartitionCheckpoint::load(&partition_dir(root, topic, partition)) {
+                    // As a run takes it: a partition that never got a
+                    // record starts from its beginning.
+                    Ok(Some(cp)) if cp.next_offset == 0 && cp.fingerprint.is_none() => (None, None),
                     Ok(Some(cp)) => (Some(cp.next_offset), cp.fingerprint),
                     _ => (None, None),
                 }
@@ -304,10 +307,25 @@ fn topics_and_partitions(
                     );
                     problems += 1;
                 }
-                None if low > 0 => r.warn(
+                None if low > 0 => match starts.and_then(|s| match s {
+                    Starts::Archive(root) => crate::group::added_partition_cut(
+                        root,
+                        topic,
+                        id,
+                        crate::segments::topic_file(root, topic).map(|t| t.first()),
+                        low,
+                    ),
+                    _ => None,
+                }) {
+                    Some((why, fix)) => {
+                        r.fail(why, fix);
+                        problems += 1;
+                    }
+                    None => r.warn(
                     format!("topic {topic} partition {id}: Kafka already deleted its records before offset {low}; a new archive starts there"),
                     "raise the topic's retention.ms (or make it compacted) so an archive can start from the first change",
-                ),
+                    ),
+                },
                 _ => {}
             }
             if let Some(Starts::Archive(root)) = starts {

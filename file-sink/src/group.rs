@@ -115,7 +115,39 @@ enum Done {
 
 enum Acquisition {
     Held(String),
-    Ready(Box<Acquired>, i64, i64),
+    /// Taken: the partition's low and high watermarks, and how many
+    /// partitions the topic had when the archive first noted it (`None`:
+    /// not noted yet, a topic new to the archive).
+    Ready(Box<Acquired>, i64, i64, Option<i32>),
+}
+
+/// Why a partition the archive holds nothing of cannot start at `low`,
+/// and the fix: it was added to the topic after the archive first noted
+/// the topic's `first` partitions, so its records from offset 0 are the
+/// archive's to hold, and Kafka deleted those before `low`. `None` when it
+/// may start there (a partition the topic had when the archive began, or a
+/// topic new to the archive: an archive begun on an old topic starts at
+/// what Kafka still holds).
+pub(crate) fn added_partition_cut(
+    root: &Path,
+    topic: &str,
+    partition: i32,
+    first: Option<i32>,
+    low: i64,
+) -> Option<(String, String)> {
+    let first = first?;
+    (low > 0 && partition >= first).then(|| {
+        (
+            format!(
+                "{topic} partition {partition} was added to the topic after the archive began (it had {first} partition(s) then), so the archive must hold it from offset 0, but the topic now starts at offset {low}: records 0 to {} were deleted before they were archived (retention, or a lost broker), and the archive cannot be complete",
+                low - 1
+            ),
+            format!(
+                "to archive what is left and accept the loss, move {} away (the next start notes the topic's partitions anew, as for an archive begun on this topic now), and raise the topic's retention.ms so that a partition added later is read before Kafka deletes its records",
+                root.join(topic).join(tidemark_common::archive::TOPIC_FILE).display()
+            ),
+        )
+    })
 }
 
 /// A unit known committed in Kafka, from an event read: its own unit when
@@ -530,7 +562,8 @@ fn try_acquire(
                         .with_context(|| {
                             format!("cannot read the offsets of {} partition {}", tp.0, tp.1)
                         })?;
-                    Ok(Acquisition::Ready(a, low, high))
+                    let first = segments::topic_file(&seg.root, &tp.0).map(|t| t.first());
+                    Ok(Acquisition::Ready(a, low, high, first))
                 }
             }
         })();
@@ -624,7 +657,7 @@ fn on_done(
                         part.held_logged = true;
                     }
                 }
-                Acquisition::Ready(a, low, high) => {
+                Acquisition::Ready(a, low, high, first) => {
                     let start = a.start();
                     let fp = a.fingerprint().cloned();
                     tracing::info!(topic = %tp.0, partition = tp.1, next = ?start, low, high, "partition taken");
@@ -633,6 +666,11 @@ fn on_done(
                         .and_then(|fp| crate::identity::by_offsets(&tp.0, tp.1, fp, low, high));
                     match (start, fp) {
                         (None, _) => {
+                            if let Some((why, fix)) =
+                                added_partition_cut(&seg.root, &tp.0, tp.1, first, low)
+                            {
+                                anyhow::bail!("{why}. To go on: {fix}");
+                            }
                             tracing::info!(topic = %tp.0, partition = tp.1, "the archive holds nothing of this partition yet (new to the archive, or added to the topic): reading it from its beginning");
                             pre.push(Work::Acquire(a));
                             start_reading(consumer, &tp, None)?;
@@ -649,8 +687,22 @@ fn on_done(
                             spawn_reset(seg, owner, done_tx, tp, *a);
                         }
                         (Some(next), _) if low > next => {
+                            // A partition added after the archive began is
+                            // refused again from its beginning: its topic's
+                            // file must go too.
+                            let also = if first.is_some_and(|n| tp.1 >= n) {
+                                format!(
+                                    ", and, as the partition was added to the topic after the archive began, {} too",
+                                    seg.root
+                                        .join(&tp.0)
+                                        .join(tidemark_common::archive::TOPIC_FILE)
+                                        .display()
+                                )
+                            } else {
+                                String::new()
+                            };
                             anyhow::bail!(
-                                "{} partition {}: the topic now starts at offset {low}, but the archive has read only up to {next}: records {next} to {} were deleted before they were archived (retention, or a lost broker). To archive what is left, move the partition's folder {} away",
+                                "{} partition {}: the topic now starts at offset {low}, but the archive has read only up to {next}: records {next} to {} were deleted before they were archived (retention, or a lost broker). To archive what is left, move the partition's folder {} away{also}",
                                 tp.0,
                                 tp.1,
                                 low - 1,

@@ -121,19 +121,23 @@ pub fn create_archive(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `topic.json` of `topic` says, if it is there and readable.
+pub fn topic_file(root: &Path, topic: &str) -> Option<TopicFile> {
+    std::fs::read(root.join(topic).join(TOPIC_FILE))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<TopicFile>(&bytes).ok())
+}
+
 /// Records in `topic.json` that the topic has `partitions` partitions,
-/// unless it already says as many or more.
+/// unless it already says as many or more. The count the file was first
+/// written with is kept beside it ([`TopicFile::first_partitions`]), so the
+/// archive can tell a partition added to the topic later.
 ///
 /// Fails when the file cannot be written.
 pub fn note_partitions(root: &Path, topic: &str, partitions: i32) -> anyhow::Result<()> {
     let dir = root.join(topic);
     let path = dir.join(TOPIC_FILE);
-    let says_enough = || {
-        std::fs::read(&path)
-            .ok()
-            .and_then(|bytes| serde_json::from_slice::<TopicFile>(&bytes).ok())
-            .is_some_and(|t| t.partitions >= partitions)
-    };
+    let says_enough = || topic_file(root, topic).is_some_and(|t| t.partitions >= partitions);
     if says_enough() {
         return Ok(());
     }
@@ -153,12 +157,14 @@ pub fn note_partitions(root: &Path, topic: &str, partitions: i32) -> anyhow::Res
         .with_context(|| format!("cannot open {}", lock_path.display()))?;
     lock.lock()
         .with_context(|| format!("cannot lock {}", lock_path.display()))?;
-    if says_enough() {
+    let before = topic_file(root, topic);
+    if before.as_ref().is_some_and(|t| t.partitions >= partitions) {
         return Ok(());
     }
     let t = TopicFile {
         topic: topic.to_owned(),
         partitions,
+        first_partitions: Some(before.map_or(partitions, |t| t.first())),
     };
     // Through a name of this process's own, so a rename is whole.
     let tmp = dir.join(format!("{TOPIC_FILE}.{}.tmp", std::process::id()));
@@ -1815,6 +1821,29 @@ mod tests {
                 serde_json::from_slice(&std::fs::read(root.join("t").join(TOPIC_FILE)).unwrap())
                     .unwrap();
             assert_eq!(t.partitions, 3);
+            assert_eq!(t.first_partitions, Some(1));
         }
+    }
+
+    #[test]
+    fn the_first_partition_count_is_kept_as_the_topic_grows() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        note_partitions(&root, "t", 2).unwrap();
+        note_partitions(&root, "t", 5).unwrap();
+        note_partitions(&root, "t", 3).unwrap();
+        let t = topic_file(&root, "t").unwrap();
+        assert_eq!((t.partitions, t.first_partitions), (5, Some(2)));
+        // An archive written before the first count was kept: the count it
+        // says stands for it, and is kept once the topic grows.
+        std::fs::write(
+            root.join("t").join(TOPIC_FILE),
+            br#"{"topic":"t","partitions":4}"#,
+        )
+        .unwrap();
+        assert_eq!(topic_file(&root, "t").unwrap().first(), 4);
+        note_partitions(&root, "t", 6).unwrap();
+        let t = topic_file(&root, "t").unwrap();
+        assert_eq!((t.partitions, t.first_partitions), (6, Some(4)));
     }
 }
