@@ -756,7 +756,33 @@ struct Loop<'a> {
     starts: Starts,
     /// The incremental snapshots seen within the replay's end.
     windows: Windows,
+    /// A schema change waiting for the units before it, and the records
+    /// set aside meanwhile.
+    deferred: Option<Deferred>,
 }
+
+/// Records set aside while a change of a table's columns waits for the
+/// units before it: an event of one of them may be on a stream not read
+/// that far yet (a unit of two tables, whose topics are read side by side),
+/// or later in the same file (file-sink's single file holds the topics in
+/// the order it read them). Everything before the change is applied first,
+/// then the change is made, then these records are taken up in the order
+/// they were read: from the change's unit on, nothing is staged meanwhile.
+/// A unit before it that never comes is a gap, reported as such.
+struct Deferred {
+    /// The unit of the change.
+    co: i64,
+    /// The record that changes the columns: its unit has it already.
+    trigger: archive::Decoded,
+    /// What the table's snapshot start made of the trigger.
+    treat: Treat,
+    /// The records of units from `co` on read since, in the order read.
+    queue: Vec<archive::Decoded>,
+}
+
+/// Records set aside for a waiting schema change ([`Deferred`]) after
+/// which the replay stops: they wait in memory.
+const MAX_DEFERRED: usize = 100_000;
 
 #[allow(clippy::too_many_arguments)]
 async fn replay_loop(
@@ -790,6 +816,7 @@ async fn replay_loop(
         until,
         starts,
         windows: Windows::default(),
+        deferred: None,
     };
     let mut progress = Progress {
         every: cfg.progress_interval,
@@ -818,6 +845,7 @@ async fn replay_loop(
                 }
                 report_lag(total);
                 progress.log(total, &st.units, read_bytes(&st), false);
+                st.take_up_deferred(applier, total).await?;
                 if st.done() {
                     break;
                 }
@@ -841,7 +869,7 @@ async fn replay_loop(
             Some(Item::CompleteBefore(s, co)) => st.units.stream_complete_before(s, co),
             Some(Item::Records(batch)) => {
                 for d in batch {
-                    st.record(applier, d, total).await?;
+                    st.record(applier, d, total, None).await?;
                 }
                 // The units made whole by the batch wait in little memory.
                 st.units.fold().map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -856,6 +884,7 @@ async fn replay_loop(
             st.try_apply(applier, total).await?;
             progress.log(total, &st.units, read_bytes(&st), false);
         }
+        st.take_up_deferred(applier, total).await?;
         if st.done() {
             break;
         }
@@ -891,12 +920,16 @@ impl Loop<'_> {
         self.units.reached_end() || (!self.cfg.follow && self.units.all_ended())
     }
 
-    /// Takes one record: tracks its unit, stages its change.
+    /// Takes one record: tracks its unit, stages its change. `added`: the
+    /// record was tracked already, and set aside before its change was
+    /// staged (a [`Deferred`] trigger), with what its table's snapshot
+    /// start made of it.
     async fn record(
         &mut self,
         applier: &mut Applier,
         r: archive::Decoded,
         total: &mut Summary,
+        added: Option<Treat>,
     ) -> anyhow::Result<()> {
         let origin = self.inputs.streams.origin(r.stream, r.pos);
         if matches!(
@@ -904,6 +937,35 @@ impl Loop<'_> {
             StreamKind::Partition { .. }
         ) {
             self.units.partition_active(r.stream);
+        }
+        if let Some(d) = &mut self.deferred {
+            let co = match &r.record {
+                Ok(Record::Change(c)) => c.tx.as_ref().map(|t| t.commit_order),
+                _ => None,
+            };
+            if let Some(co) = co.filter(|co| *co >= d.co) {
+                // After the schema change that waits: taken up once it is
+                // made.
+                if d.queue.len() >= MAX_DEFERRED {
+                    let first = self
+                        .units
+                        .first_pending()
+                        .map(|(c, u)| format!("unit {c} ({} events read)", u.events()));
+                    bail!(
+                        "{origin}: the archive changes a table's columns at unit {}, and {} records of later units \
+                         were read while {} before it is still incomplete: an event of it is missing from the \
+                         archive, or one stream of the archive is far behind the others; nothing after unit {} \
+                         was applied",
+                        d.co,
+                        d.queue.len(),
+                        first.unwrap_or_else(|| "a unit".into()),
+                        self.units.applied().map_or("(none)".into(), |a| a.to_string())
+                    );
+                }
+                self.units.hold(r.stream, co, r.pos);
+                d.queue.push(r);
+                return Ok(());
+            }
         }
         let record = r.record.map_err(|e| {
             anyhow::anyhow!("{origin}: {e}; nothing of this record's unit was applied")
@@ -978,21 +1040,26 @@ impl Loop<'_> {
                             name: c.table.to_string(),
                         }
                     });
-                if let Some(t) = &table {
-                    if snapshots::within(self.until, tx.commit_order, c.ts_us) {
-                        self.windows
-                            .see(t, tx.commit_order, c.op == Op::Truncate, c.chunk);
+                if added.is_none() {
+                    if let Some(t) = &table {
+                        if snapshots::within(self.until, tx.commit_order, c.ts_us) {
+                            self.windows
+                                .see(t, tx.commit_order, c.op == Op::Truncate, c.chunk);
+                        }
+                    }
+                    let disposition = self
+                        .units
+                        .add(&info, r.next)
+                        .map_err(|e| unit_error(e, &origin))?;
+                    if disposition == Disposition::Skip {
+                        return Ok(());
                     }
                 }
-                let disposition = self
-                    .units
-                    .add(&info, r.next)
-                    .map_err(|e| unit_error(e, &origin))?;
-                if disposition == Disposition::Skip {
-                    return Ok(());
-                }
-                let treat = match &table {
-                    Some(t) if !self.starts.is_empty() => self.starts.treat(t, tx.commit_order),
+                let treat = match (added, &table) {
+                    (Some(treat), _) => treat,
+                    (None, Some(t)) if !self.starts.is_empty() => {
+                        self.starts.treat(t, tx.commit_order)
+                    }
                     _ => Treat::Apply,
                 };
                 if treat == Treat::Skip {
@@ -1036,8 +1103,27 @@ impl Loop<'_> {
                 };
                 if let Some((id, rs)) = &row_schema {
                     if let Some(steps) = applier.schema_change(idx, *id, rs) {
-                        self.schema_change(applier, total, idx, &steps, tx.commit_order, &origin)
+                        let made = self
+                            .schema_change(applier, total, idx, &steps, tx.commit_order, &origin)
                             .await?;
+                        if !made {
+                            // A unit before it is still to come: this
+                            // record, and every record of a unit from its
+                            // own on, wait aside until it is here.
+                            self.units.hold(r.stream, tx.commit_order, r.pos);
+                            self.deferred = Some(Deferred {
+                                co: tx.commit_order,
+                                treat,
+                                trigger: archive::Decoded {
+                                    stream: r.stream,
+                                    pos: r.pos,
+                                    next: r.next,
+                                    record: Ok(Record::Change(c)),
+                                },
+                                queue: Vec::new(),
+                            });
+                            return Ok(());
+                        }
                     }
                 }
                 if treat == Treat::ResetThenUpsert {
@@ -1155,7 +1241,9 @@ impl Loop<'_> {
 
     /// A record of unit `co` changes the columns of table `idx`: applies
     /// every unit before it, then makes the change (`--schema-changes
-    /// apply`) or stops, saying what changed.
+    /// apply`, `true`) or stops, saying what changed. `false` when a unit
+    /// before it is not all read yet (its events on a stream not read that
+    /// far, or in a single file after this record): the change waits.
     async fn schema_change(
         &mut self,
         applier: &mut Applier,
@@ -1164,7 +1252,7 @@ impl Loop<'_> {
         steps: &[apply::DdlStep],
         co: i64,
         origin: &archive::Origin,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<bool> {
         let table = applier.stage(idx).target.name.clone();
         let what: Vec<String> = steps.iter().map(apply::DdlStep::describe).collect();
         let what = what.join(", ");
@@ -1175,18 +1263,16 @@ impl Loop<'_> {
                  target by hand, then run pg-replay again"
             );
         }
-        // Everything before the change, first.
-        self.units.fold().map_err(|e| anyhow::anyhow!("{e}"))?;
+        // Everything before the change, first, once all of it is read.
+        if !self
+            .units
+            .before_is_ready(co)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+        {
+            return Ok(false);
+        }
         if let Some(upto) = self.units.ready_before(co) {
             self.apply_run(applier, total, upto).await?;
-        }
-        if let Some((first, unit)) = self.units.pending().range(..co).next() {
-            bail!(
-                "{origin}: table {table}'s columns change at unit {co} ({what}), but unit {first} before it is not \
-                 complete in the archive ({} events read): nothing after unit {} was applied",
-                unit.events(),
-                self.units.applied().map_or("(none)".into(), |a| a.to_string())
-            );
         }
         match self.cfg.schema_changes {
             SchemaChanges::Apply => applier
@@ -1197,7 +1283,8 @@ impl Loop<'_> {
                         "{origin}: the archive changes table {table} at unit {co} ({what}); pg-replay stopped before \
                          that unit. Make the change to the target by hand, then run pg-replay again"
                     )
-                }),
+                })
+                .map(|()| true),
             SchemaChanges::Stop => bail!(
                 "{origin}: the archive changes the columns of table {table} at unit {co}: {what}. pg-replay applied \
                  every unit before it and stopped. Make the same change to the target table (with the DEFAULT or \
@@ -1208,7 +1295,8 @@ impl Loop<'_> {
         }
     }
 
-    /// Applies the units that are ready, if any.
+    /// Applies the units that are ready, if any: those before a schema
+    /// change that waits ([`Deferred`]), whose own unit is not staged whole.
     async fn try_apply(
         &mut self,
         applier: &mut Applier,
@@ -1217,7 +1305,47 @@ impl Loop<'_> {
         let Some(run) = self.units.ready().map_err(|e| anyhow::anyhow!("{e}"))? else {
             return Ok(());
         };
-        self.apply_run(applier, total, run.last).await
+        let upto = match &self.deferred {
+            Some(d) if run.last >= d.co => match self.units.ready_before(d.co) {
+                Some(u) => u,
+                None => return Ok(()),
+            },
+            _ => run.last,
+        };
+        self.apply_run(applier, total, upto).await
+    }
+
+    /// Once every unit before a waiting schema change is here: applies
+    /// them, makes the change (or stops, as `--schema-changes` says), and
+    /// takes up the records set aside, in the order read (one of them may
+    /// be a schema change that waits in turn).
+    async fn take_up_deferred(
+        &mut self,
+        applier: &mut Applier,
+        total: &mut Summary,
+    ) -> anyhow::Result<()> {
+        while let Some(d) = &self.deferred {
+            if !self
+                .units
+                .before_is_ready(d.co)
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+            {
+                return Ok(());
+            }
+            let d = self.deferred.take().expect("just seen");
+            tracing::debug!(
+                unit = d.co,
+                records = d.queue.len(),
+                "the units before a schema change are here; taking up the records set aside"
+            );
+            self.units.release_holds();
+            self.record(applier, d.trigger, total, Some(d.treat))
+                .await?;
+            for r in d.queue {
+                self.record(applier, r, total, None).await?;
+            }
+        }
+        Ok(())
     }
 
     async fn apply_run(
@@ -1326,6 +1454,18 @@ impl Loop<'_> {
     fn check_complete(&self) -> anyhow::Result<()> {
         if self.cfg.follow || self.units.reached_end() {
             return Ok(());
+        }
+        if let Some(d) = &self.deferred {
+            if self.units.pending().range(..d.co).next().is_none() {
+                bail!(
+                    "{}: the archive changes a table's columns at unit {}, but the unit before it is not in the \
+                     archive; nothing after unit {} was applied",
+                    self.inputs.streams.origin(d.trigger.stream, d.trigger.pos),
+                    d.co,
+                    self.units.applied().map_or("(none)".into(), |a| a.to_string())
+                );
+            }
+            // Else the first unit pending is before it: that is the gap.
         }
         let Some((co, unit)) = self.units.first_pending() else {
             return Ok(());

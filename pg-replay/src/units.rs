@@ -337,6 +337,9 @@ pub struct Units {
     /// needed only re-reads events that are then skipped.
     ready_first: Vec<Option<StreamPos>>,
     streams: Vec<StreamState>,
+    /// Per stream, the first record set aside unread (see
+    /// [`Units::hold`]): a resume point is never after it.
+    holds: Vec<Option<StreamPos>>,
     until: Until,
     /// Set once a unit past `until` is in order: nothing from it on applies.
     end: Option<i64>,
@@ -359,6 +362,7 @@ impl Units {
             ready: VecDeque::new(),
             ready_staged: 0,
             ready_first: vec![None; starts.len()],
+            holds: vec![None; starts.len()],
             streams: starts
                 .iter()
                 .map(|s| StreamState {
@@ -510,6 +514,44 @@ impl Units {
     /// record of no unit, a tombstone).
     pub fn advance(&mut self, stream: StreamId, next: StreamPos) {
         self.streams[stream as usize].read = next;
+    }
+
+    /// A record of unit `commit_order` was read from `stream` at `pos` and
+    /// set aside, not added (it waits for the units before a schema change
+    /// of its table, see the crate's replay loop): the stream has reached
+    /// that unit, and resumes no later than `pos` until
+    /// [`Units::release_holds`].
+    pub fn hold(&mut self, stream: StreamId, commit_order: i64, pos: StreamPos) {
+        let s = &mut self.streams[stream as usize];
+        s.watermark = Some(s.watermark.map_or(commit_order, |w| w.max(commit_order)));
+        let hold = &mut self.holds[stream as usize];
+        if hold.is_none_or(|h| (pos.offset, pos.line) < (h.offset, h.line)) {
+            *hold = Some(pos);
+        }
+    }
+
+    /// The records set aside are taken up again (added, or set aside anew).
+    pub fn release_holds(&mut self) {
+        self.holds.iter_mut().for_each(|h| *h = None);
+    }
+
+    /// Whether every unit before `commit_order` is ready or applied: none is
+    /// pending, and none can still come (the unit's `prev_commit_order`
+    /// names the last of them; without it, every stream has passed it).
+    /// The unit itself must have been added; one folded into the ready ones
+    /// has everything before it ready.
+    ///
+    /// Fails as [`Units::fold`] does.
+    pub fn before_is_ready(&mut self, commit_order: i64) -> Result<bool, UnitError> {
+        self.fold()?;
+        if self.pending.range(..commit_order).next().is_some() {
+            return Ok(false);
+        }
+        let Some(unit) = self.pending.get(&commit_order) else {
+            return Ok(true);
+        };
+        let last = self.ready.back().map(|u| u.commit_order).or(self.applied);
+        self.in_order(commit_order, unit, last)
     }
 
     /// The stream will hold nothing more.
@@ -715,6 +757,11 @@ impl Units {
                 *p = *pos;
             }
         };
+        for (p, hold) in points.iter_mut().zip(&self.holds) {
+            if let Some(pos) = hold {
+                earlier(p, pos);
+            }
+        }
         if self.ready.back().is_some_and(|u| u.commit_order > applied) {
             // Ready units after `applied` stay: where the first of them
             // (or an earlier one) starts.
@@ -920,6 +967,46 @@ mod tests {
         again.prev = Some(None);
         u.add(&again, at(3)).unwrap();
         assert!(matches!(u.ready(), Err(UnitError::Chain { .. })));
+    }
+
+    #[test]
+    fn what_is_before_a_unit_is_ready_once_it_all_came_and_held_records_hold_the_resume_point() {
+        let e = |co, ord, count, stream, prev, pos| {
+            let mut e = ev(co, ord, count, stream);
+            e.prev = prev;
+            e.pos = at(pos);
+            e
+        };
+        // Unit 20 of two events (one per stream), 30 after it on stream 1,
+        // named by the chain.
+        let mut u = Units::new(None, &[at(0), at(0)], Until::End, 100);
+        u.add(&e(10, 1, Some(1), 0, Some(None), 0), at(1)).unwrap();
+        u.add(&e(20, 1, None, 1, Some(Some(10)), 0), at(1)).unwrap();
+        u.add(&e(30, 1, Some(1), 1, Some(Some(20)), 1), at(2))
+            .unwrap();
+        assert!(!u.before_is_ready(30).unwrap(), "20 is not whole");
+        // A record of 40 read from stream 1 and set aside, and the stream
+        // read on past it.
+        u.hold(1, 40, at(2));
+        u.advance(1, at(3));
+        u.add(&e(20, 2, Some(2), 0, Some(Some(10)), 1), at(2))
+            .unwrap();
+        assert!(u.before_is_ready(30).unwrap());
+        assert!(u.before_is_ready(20).unwrap());
+        u.applied_run(30);
+        assert_eq!(
+            u.resume_points(),
+            vec![at(2), at(2)],
+            "stream 1 resumes at the record set aside"
+        );
+        u.release_holds();
+        assert_eq!(u.resume_points(), vec![at(2), at(3)]);
+        // Without the chain: once every stream passed the unit.
+        let mut u = Units::new(None, &[at(0), at(0)], Until::End, 100);
+        u.add(&ev(5, 1, Some(1), 0), at(1)).unwrap();
+        assert!(!u.before_is_ready(5).unwrap(), "stream 1 may hold 4");
+        u.hold(1, 7, at(0));
+        assert!(u.before_is_ready(5).unwrap());
     }
 
     #[test]

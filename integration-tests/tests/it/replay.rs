@@ -1274,3 +1274,156 @@ async fn a_truncate_in_the_archive_empties_the_table_inside_its_unit() {
     assert_eq!(cyclic.rows("select * from p").await, vec!["(3,three,11)"]);
     assert_eq!(cyclic.rows("select * from c").await, vec!["(11,3)"]);
 }
+
+/// `line` (an event of [`event`] or [`event_with_schema`]) as event
+/// `ord` of unit `co`, `count` on the unit's last, after unit `prev`.
+fn placed(line: &str, co: i64, ord: i64, count: Option<i64>, prev: Option<i64>) -> String {
+    let mut v: Value = serde_json::from_str(line).unwrap();
+    let payload = if v.get("payload").is_some() {
+        &mut v["payload"]
+    } else {
+        &mut v
+    };
+    payload["transaction"] = json!({"id": format!("{co}:{co}"), "total_order": ord,
+        "data_collection_order": ord, "commit_order": co, "prev_commit_order": prev,
+        "event_count": count, "data_collections": null});
+    payload["source"]["txId"] = json!(co);
+    v.to_string()
+}
+
+/// A change of a table's columns (unit M) right after a unit of two tables
+/// (U) whose other event is read later: on another stream that lags (a
+/// partition of the other table's topic with more to read), or further on
+/// in file-sink's single file (which holds the topics in the order it read
+/// them). The archive is whole: the change waits until U is here, U is
+/// applied, then the change is made and M applied. Before, pg-replay
+/// stopped: "unit U before it is not complete in the archive" (issue 14,
+/// the logical fault runs). A unit before the change that never comes is
+/// still a gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_change_waits_for_a_unit_before_it_read_later_on_another_stream_or_in_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = [("id", "int32", "integer"), ("data", "string", "text")];
+    let v2 = [
+        ("id", "int32", "integer"),
+        ("data", "string", "text"),
+        ("extra", "int32", "integer"),
+    ];
+    let t = |fields: &[(&str, &str, &str)], op: &str, after: Value| {
+        event_with_schema(fields, op, after, 1)
+    };
+    let p = |id: i64| event("c", "p", NULL, json!({"id": id}), 1, 1, None, 1, 1);
+    let two_tables = || async {
+        let db = Db::new().await;
+        db.exec(
+            "create table t (id int primary key, data text); create table p (id int primary key)",
+        )
+        .await;
+        db
+    };
+    let expect_t = ["(1,one,7)", "(2,two,)"];
+
+    // One file: U's event of p comes after M.
+    let file = dir.path().join("single.txt");
+    let mut a = Archive::default();
+    a.raw(&placed(&t(&v1, "c", row(1, "one")), 1, 1, Some(1), None))
+        .raw(&placed(&t(&v1, "c", row(2, "two")), 2, 1, None, Some(1)))
+        .raw(&placed(
+            &t(&v2, "u", json!({"id": 1, "data": "one", "extra": 7})),
+            3,
+            1,
+            Some(1),
+            Some(2),
+        ))
+        .raw(&placed(&p(1), 2, 2, Some(2), Some(1)));
+    a.write(&file);
+    let db = two_tables().await;
+    let mut cfg = config(&db, &[&file]);
+    cfg.schema_changes = pg_replay::apply::SchemaChanges::Apply;
+    let done = replay(cfg).await.expect("the single file replays whole");
+    assert_eq!(done.position, Some(3));
+    assert_eq!(db.rows("select * from t").await, expect_t);
+    assert_eq!(db.rows("select * from p").await, ["(1)"]);
+    // By default the replay stops at the change, having applied U.
+    let db = two_tables().await;
+    let err = format!("{:#}", replay(config(&db, &[&file])).await.unwrap_err());
+    assert!(
+        err.contains(
+            "changes the columns of table public.t at unit 3: column extra (integer) added"
+        ),
+        "{err}"
+    );
+    assert_eq!(db.rows("select * from p").await, ["(1)"], "U applied");
+
+    // Two files, as two partitions: the one with U's event of p holds
+    // 20,000 units before it, and is read side by side with the small one.
+    const FILL: i64 = 20_000;
+    let (big, small) = (dir.path().join("big.txt"), dir.path().join("small.txt"));
+    let mut a = Archive::default();
+    for co in 1..=FILL {
+        a.raw(&placed(
+            &p(co + 1),
+            co,
+            1,
+            Some(1),
+            (co > 1).then_some(co - 1),
+        ));
+    }
+    a.raw(&placed(&p(1), FILL + 1, 2, Some(2), Some(FILL)));
+    a.write(&big);
+    let mut b = Archive::default();
+    b.raw(&placed(
+        &t(&v1, "c", row(1, "one")),
+        FILL + 1,
+        1,
+        None,
+        Some(FILL),
+    ))
+    .raw(&placed(
+        &t(&v1, "c", row(2, "two")),
+        FILL + 2,
+        1,
+        Some(1),
+        Some(FILL + 1),
+    ))
+    .raw(&placed(
+        &t(&v2, "u", json!({"id": 1, "data": "one", "extra": 7})),
+        FILL + 3,
+        1,
+        Some(1),
+        Some(FILL + 2),
+    ));
+    b.write(&small);
+    let db = two_tables().await;
+    // The small file first: its reader starts first.
+    let mut cfg = config(&db, &[&small, &big]);
+    cfg.schema_changes = pg_replay::apply::SchemaChanges::Apply;
+    let done = replay(cfg).await.expect("the two files replay whole");
+    assert_eq!(done.position, Some(FILL + 3));
+    assert_eq!(db.rows("select * from t").await, expect_t);
+    let n: i64 = sqlx::query_scalar("select count(*) from p")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(n, FILL + 1);
+
+    // U's event of p missing: a gap, with nothing of U or after applied.
+    let file = dir.path().join("gap.txt");
+    let mut a = Archive::default();
+    a.raw(&placed(&t(&v1, "c", row(1, "one")), 1, 1, Some(1), None))
+        .raw(&placed(&t(&v1, "c", row(2, "two")), 2, 1, None, Some(1)))
+        .raw(&placed(
+            &t(&v2, "u", json!({"id": 1, "data": "one", "extra": 7})),
+            3,
+            1,
+            Some(1),
+            Some(2),
+        ));
+    a.write(&file);
+    let db = two_tables().await;
+    let mut cfg = config(&db, &[&file]);
+    cfg.schema_changes = pg_replay::apply::SchemaChanges::Apply;
+    let err = format!("{:#}", replay(cfg).await.unwrap_err());
+    assert!(err.contains("a gap in the archive: unit 2"), "{err}");
+    assert_eq!(db.rows("select * from t").await, ["(1,one)"]);
+}
