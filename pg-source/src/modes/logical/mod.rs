@@ -29,7 +29,10 @@
 //! the new, whenever pg-source reads them. The primary key and the NOT NULL
 //! flags come from the catalog when a Relation arrives (replica identity
 //! full flags every column as key); for a table dropped since, the last
-//! ones known. A consumer sees the new shape in the event's schema from the
+//! ones known. A change read after a later DDL it was written before (as
+//! after a restart) finds its key columns by attnum, not by a name that
+//! may have changed since ([`attnums`]); one whose key column nothing
+//! proves is a dead letter. A consumer sees the new shape in the event's schema from the
 //! first change after the DDL: an added column (its values from the first
 //! change after it), a dropped or renamed one, a new type (its
 //! `tidemark.column.type` parameter), a new primary key (the record key's
@@ -44,6 +47,7 @@
 //! the segments read before it precede it, and no event could say which.
 
 mod added;
+mod attnums;
 mod slot;
 
 pub(crate) use slot::parse_lsn;
@@ -60,7 +64,7 @@ use pgwire_replication::{
 };
 use sqlx::postgres::PgSslMode;
 use sqlx::PgPool;
-use tidemark_common::codec::{CodecError, ColumnSpec, Oid, TypeCache};
+use tidemark_common::codec::{CodecError, ColumnSpec, ColumnType, Oid, TypeCache};
 use tidemark_common::envelope::{now_us, Op, Sequence};
 use tidemark_common::offset::{position_key, LogicalPosition, SourcePosition};
 use tidemark_common::ops::names;
@@ -74,7 +78,8 @@ use crate::modes::{Batch, Capture, Committed};
 use crate::pgoutput::{self, Message, Value};
 use crate::producer::Record;
 use crate::shape::{
-    lexicographic_gt, literals, stored_key_texts, xid_after, CatalogShape, Encoded, Shape,
+    lexicographic_gt, literals, stored_key_texts, xid_after, CatalogShape, Encoded, KeyColumn,
+    Shape,
 };
 use crate::snapshot::{self, key_display, InitialSnapshot};
 use crate::table::{CapturedTable, DeadLetter, EncodedChange, Unit};
@@ -144,6 +149,10 @@ struct Relation {
     /// the catalog had them at the message): its changes cannot be carried
     /// whole and go to the dead-letter topic, naming them.
     unsent: Option<String>,
+    /// Why its changes cannot be keyed (a key column that cannot be told
+    /// among the columns sent, see [`attnums`]): they go to the dead-letter
+    /// topic with their rows, until the table is described again.
+    unkeyed: Option<String>,
 }
 
 /// A transaction being read from the stream.
@@ -1167,6 +1176,18 @@ impl LogicalStream {
 /// uncertain: a transaction that overlaps an ALTER TABLE of the table but
 /// writes it only after, or two ALTERs within pg-source's lag of each
 /// other, may get the other side's flags (never other values).
+///
+/// The key columns are found among the message's by name while the
+/// catalog is the one the change was written under (or an older shape
+/// pg-source knows stands for it). When the catalog was written after the
+/// change and pg-source knows nothing older (it was stopped across the
+/// DDL), or names do not find the key, they are placed by attnum, as far as
+/// the catalog proves (see [`attnums`]): a key column renamed, or names
+/// swapped, keys the change by the column it was. A key column that cannot
+/// be placed so refuses the relation: its changes, until the stream
+/// describes the table again (at the first change after the DDL), are dead
+/// letters with their rows and an error naming the table, the column and
+/// the fix; the other tables go on.
 async fn relation(
     s: &mut LogicalStream,
     tables: &mut [LogicalTable],
@@ -1183,6 +1204,7 @@ async fn relation(
                 table: None,
                 shape: None,
                 unsent: None,
+                unkeyed: None,
             },
         );
         return Ok(());
@@ -1205,6 +1227,11 @@ async fn relation(
     // until it commits): the flags known before stand for this change, and
     // the new ones are taken at a Relation of a change after the DDL.
     let xid = s.txn.as_ref().map(|t| t.xid as u32);
+    // The catalog was written after this change, and pg-source knows no
+    // older shape of the table (it was stopped across the DDL): the
+    // catalog's names may not be the message's, and the message's columns
+    // are placed by attnum as far as can be proven (see [`attnums`]).
+    let mut after_ddl = false;
     if let Some(now) = CatalogShape::load(&mut s.conn, types, rel.id)
         .await
         .map_err(catalog)?
@@ -1214,45 +1241,60 @@ async fn relation(
         if !newer {
             tables[i].known = now;
         } else if now.changed_by == known.changed_by {
-            tracing::warn!(table = %name, ddl_xid = now.changed_by, "changes written before a later ALTER TABLE are read with the primary key and NOT NULL flags the catalog has now (pg-source did not see the table before it)");
+            tracing::warn!(table = %name, ddl_xid = now.changed_by, "changes written before a later ALTER TABLE are read with the primary key and NOT NULL flags the catalog has now (pg-source did not see the table before it); their columns are placed by attnum where the catalog proves it, not by name");
             tables[i].known = now;
+            after_ddl = true;
         } else {
             tracing::debug!(table = %name, ddl_xid = now.changed_by, "a change written before an ALTER TABLE: the key and NOT NULL flags known before stand for it");
         }
     }
     let known = &tables[i].known;
-    let columns: Vec<ColumnSpec> = rel
-        .columns
-        .iter()
-        .zip(column_types)
-        .map(|(c, ty)| {
-            let catalog = known.columns.iter().find(|k| k.name == c.name);
-            ColumnSpec {
-                name: c.name.clone(),
-                ty,
-                not_null: catalog.is_some_and(|k| k.not_null),
-                attnum: catalog.and_then(|k| k.attnum),
-                key_position: None,
-            }
-        })
-        .collect();
-    let has = |key: &[crate::shape::KeyColumn]| {
-        !key.is_empty() && key.iter().all(|k| columns.iter().any(|c| c.name == k.name))
-    };
     let previous = s.relations.get(&rel.id).and_then(|r| r.shape.clone());
-    let key = if has(&known.key) {
-        known.key.clone()
-    } else if let Some(p) = previous.as_ref().filter(|p| has(&p.key)) {
-        // The catalog's key is not among the columns sent (a key column
-        // dropped or renamed since this change): the key it had.
-        p.key.clone()
+    let by_name = if after_ddl {
+        None
     } else {
-        return Err(SourceError::Definite(anyhow::anyhow!(
-            "table {name}: the stream sent columns ({}) without the primary key's ({}); changes cannot be keyed",
-            columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "),
-            known.key.iter().map(|k| k.name.as_str()).collect::<Vec<_>>().join(", "),
-        )));
+        let columns: Vec<ColumnSpec> = rel
+            .columns
+            .iter()
+            .zip(column_types.iter().cloned())
+            .map(|(c, ty)| {
+                let catalog = known.columns.iter().find(|k| k.name == c.name);
+                ColumnSpec {
+                    name: c.name.clone(),
+                    ty,
+                    not_null: catalog.is_some_and(|k| k.not_null),
+                    attnum: catalog.and_then(|k| k.attnum),
+                    key_position: None,
+                }
+            })
+            .collect();
+        let has = |key: &[KeyColumn]| {
+            !key.is_empty() && key.iter().all(|k| columns.iter().any(|c| c.name == k.name))
+        };
+        // Else the catalog's key is not among the columns sent (a key column
+        // dropped or renamed since this change): the key it had, if known.
+        let key = if has(&known.key) {
+            Some(known.key.clone())
+        } else {
+            previous
+                .as_ref()
+                .filter(|p| has(&p.key))
+                .map(|p| p.key.clone())
+        };
+        key.map(|key| (columns, key))
     };
+    let (columns, key, unkeyed) = match by_name {
+        Some((columns, key)) => (columns, key, None),
+        None => {
+            let (catalog_xmin, attributes) = attnums::load(&mut s.conn, rel.id, &s.slot)
+                .await
+                .map_err(|e| catalog(e.into()))?;
+            placed_columns(&name, &rel, column_types, known, &attributes, catalog_xmin)
+        }
+    };
+    if let Some(error) = &unkeyed {
+        tracing::error!(table = %name, error = %error, "changes of the table written before a later ALTER TABLE cannot be keyed: they go to the dead-letter topic until the table is described again (the other tables go on)");
+    }
     if let Some(p) = &previous {
         if !p.same_as(&columns, &key) {
             tracing::info!(
@@ -1281,9 +1323,112 @@ async fn relation(
             table: Some(i),
             shape: Some(Arc::new(shape)),
             unsent,
+            unkeyed,
         },
     );
     Ok(())
+}
+
+/// The columns of a Relation message placed by attnum, as far as the
+/// catalog proves (see [`attnums`]), not by name, and the key `known` has
+/// (by attnum) under the message's names; or, when a key column cannot be
+/// placed, no key and the error that refuses the relation, naming the
+/// table, the column and the fix.
+fn placed_columns(
+    name: &TableName,
+    rel: &pgoutput::Relation,
+    column_types: Vec<ColumnType>,
+    known: &CatalogShape,
+    attributes: &[attnums::Attribute],
+    catalog_xmin: Option<u32>,
+) -> (Vec<ColumnSpec>, Vec<KeyColumn>, Option<String>) {
+    use attnums::Place;
+    let places = attnums::places(&rel.columns, attributes, catalog_xmin);
+    let place_of = |attnum: i32| -> Place {
+        places
+            .as_ref()
+            .and_then(|p| {
+                attributes
+                    .iter()
+                    .zip(p)
+                    .find(|(a, _)| a.attnum == attnum)
+                    .map(|(_, p)| *p)
+            })
+            .unwrap_or(Place::Unknown)
+    };
+    let attnum_of = |j: usize| -> Option<i32> {
+        let p = places.as_ref()?;
+        attributes
+            .iter()
+            .zip(p)
+            .find(|(_, p)| **p == Place::Sent(j))
+            .map(|(a, _)| a.attnum)
+    };
+    let columns: Vec<ColumnSpec> = rel
+        .columns
+        .iter()
+        .zip(column_types)
+        .enumerate()
+        .map(|(j, (c, ty))| {
+            let attnum = attnum_of(j);
+            let catalog = attnum.and_then(|n| known.columns.iter().find(|k| k.attnum == Some(n)));
+            ColumnSpec {
+                name: c.name.clone(),
+                ty,
+                not_null: catalog.is_some_and(|k| k.not_null),
+                attnum,
+                key_position: None,
+            }
+        })
+        .collect();
+    let sent = rel
+        .columns
+        .iter()
+        .map(|c| quote_ident(&c.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let refuse = |column: &str, why: &str| {
+        format!(
+            "table {name}: a change written before a later ALTER TABLE of the table cannot be keyed: the stream \
+             sent its columns as ({sent}), and {column} {why}. The table's changes go to the dead-letter topic \
+             with their rows until the stream describes the table again (the other tables go on). Fix: the rows \
+             are in the dead-letter records; to give the archive a whole base again, leave the table out of \
+             table.whitelist for one start of pg-source and put it back, so that it is snapshotted again from a \
+             TRUNCATE"
+        )
+    };
+    if known.key.is_empty() {
+        let why = "the table has no primary key now";
+        return (columns, Vec::new(), Some(refuse("no column", why)));
+    }
+    let mut key = Vec::with_capacity(known.key.len());
+    for k in &known.key {
+        let column = format!(
+            "primary-key column {} (attnum {})",
+            quote_ident(&k.name),
+            k.attnum
+        );
+        let why = match place_of(k.attnum) {
+            Place::Sent(j) => {
+                key.push(KeyColumn {
+                    name: rel.columns[j].name.clone(),
+                    ..k.clone()
+                });
+                continue;
+            }
+            Place::NotSent => "was not among them (added since, or not sent)",
+            Place::Unknown if attributes.is_empty() => "cannot be told among them: the table is gone",
+            Place::Unknown if places.is_none() => {
+                "cannot be told among them: the catalog contradicts the stream's description"
+            }
+            Place::Unknown => {
+                "cannot be told among them: columns renamed, retyped, added or dropped since leave more than one \
+                 place it could be, and neither a name nor a type of a column changed since proves which"
+            }
+        };
+        return (columns, Vec::new(), Some(refuse(&column, why)));
+    }
+    (columns, key, None)
 }
 
 fn codec_error(e: CodecError) -> anyhow::Error {
@@ -1370,6 +1515,24 @@ async fn decode(
         .as_ref()
         .or(old_fields.as_ref())
         .expect("a change has a row");
+    if let Some(error) = s.relations.get(&id).and_then(|r| r.unkeyed.clone()) {
+        return Ok(vec![Decoded {
+            table,
+            change: EncodedChange::Dead(DeadLetter {
+                op,
+                column: None,
+                key: String::new(),
+                error,
+                raw: Some(raw_row(
+                    &shape,
+                    old_fields.as_deref(),
+                    new_fields.as_deref(),
+                )),
+            }),
+            key_texts: Vec::new(),
+            ..place
+        }]);
+    }
     let key_texts = shape.key_texts(row_fields);
     let old_key_texts = match (&old_fields, &new_fields) {
         (Some(old), Some(_)) => Some(shape.key_texts(old)),
@@ -1432,6 +1595,28 @@ async fn decode(
         old_key_texts,
         ..place
     }])
+}
+
+/// A change's rows as the stream sent them, for a dead letter that cannot
+/// name a key: `{"before":{"col":"text",..},"after":..}`, each value its
+/// text (or null).
+fn raw_row(shape: &Shape, old: Option<&[Option<&[u8]>]>, new: Option<&[Option<&[u8]>]>) -> String {
+    let image = |f: Option<&[Option<&[u8]>]>| -> serde_json::Value {
+        let Some(f) = f else {
+            return serde_json::Value::Null;
+        };
+        shape
+            .columns
+            .iter()
+            .zip(f)
+            .map(|(c, v)| {
+                let v = v.map(|t| serde_json::Value::from(String::from_utf8_lossy(t)));
+                (c.name.clone(), v.unwrap_or(serde_json::Value::Null))
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
+    serde_json::json!({"before": image(old), "after": image(new)}).to_string()
 }
 
 /// Where a change of relation `id` at `lsn` stands in its transaction: its
