@@ -291,7 +291,27 @@ struct PeekSource {
     #[serde(default)]
     ts_ms: Option<Int>,
     #[serde(default)]
-    snapshot: Option<String>,
+    snapshot: Option<Snapshot>,
+}
+
+/// `source.snapshot` unless it is `"false"`, which nearly every event
+/// says: that one is compared where it lies in the line, not allocated.
+struct Snapshot(Option<String>);
+
+impl<'de> Deserialize<'de> for Snapshot {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Snapshot;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Snapshot, E> {
+                Ok(Snapshot((v != "false").then(|| v.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -358,7 +378,7 @@ impl Position {
             total_order: int(&tx.total_order),
             ts_us: int(&source.ts_us).or(int(&source.ts_ms).map(|ms| ms.saturating_mul(1000))),
             unit_end: tx.event_count.is_some(),
-            snapshot: source.snapshot.filter(|s| s != "false"),
+            snapshot: source.snapshot.and_then(|s| s.0),
         })
     }
 
@@ -1622,6 +1642,23 @@ impl PartitionTail {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_snapshot_mark_is_read_escaped_or_not_and_false_is_none() {
+        let snap = |v: &str| {
+            let line =
+                format!(r#"{{"source":{{"snapshot":{v}}},"transaction":{{"commit_order":4}}}}"#);
+            Position::parse_line(line.as_bytes(), 0).unwrap()
+        };
+        assert_eq!(snap(r#""false""#).snapshot, None);
+        assert_eq!(snap(r#""fa\u006cse""#).snapshot, None);
+        assert_eq!(snap("null").snapshot, None);
+        assert_eq!(snap(r#""first""#).snapshot.as_deref(), Some("first"));
+        assert_eq!(snap(r#""l\u0061st""#).snapshot.as_deref(), Some("last"));
+        assert_eq!(snap(r#""first""#).commit_order, Some(4));
+        // Another type: the line is JSON, its position unknown.
+        assert_eq!(snap("1").commit_order, None);
+    }
 
     #[test]
     fn positions_are_read_with_and_without_the_connect_wrapper() {

@@ -370,10 +370,9 @@ pub async fn run(
             }
             m = consumer.recv() => m,
         };
-        let mut batch: HashMap<Tp, PartBatch> = HashMap::new();
+        let mut slots: Vec<Slot<'_>> = Vec::new();
         let mut bytes = 0usize;
         let mut records = 0usize;
-        let mut last: HashMap<Tp, BorrowedMessage<'_>> = HashMap::new();
         match first {
             Ok(msg) => {
                 if kafka_error_logged {
@@ -381,8 +380,8 @@ pub async fn run(
                     kafka_error_logged = false;
                 }
                 route(
-                    msg, &cfg, &consumer, &done_tx, &seg, &mut parts, &mut batch, &mut last,
-                    &mut known, &mut pre, &mut bytes,
+                    msg, &cfg, &consumer, &done_tx, &seg, &mut parts, &mut slots, &mut known,
+                    &mut pre, &mut bytes,
                 );
                 records += 1;
             }
@@ -441,24 +440,15 @@ pub async fn run(
             match consumer.recv().now_or_never() {
                 Some(Ok(msg)) => {
                     route(
-                        msg, &cfg, &consumer, &done_tx, &seg, &mut parts, &mut batch, &mut last,
-                        &mut known, &mut pre, &mut bytes,
+                        msg, &cfg, &consumer, &done_tx, &seg, &mut parts, &mut slots, &mut known,
+                        &mut pre, &mut bytes,
                     );
                     records += 1;
                 }
                 _ => break,
             }
         }
-        for (tp, msg) in last.drain() {
-            if let Some(b) = batch.get_mut(&tp) {
-                b.fingerprint = Some(crate::identity::fingerprint(
-                    msg.offset(),
-                    msg.timestamp().to_millis(),
-                    msg.key(),
-                    msg.payload(),
-                ));
-            }
-        }
+        let batch = close_slots(&mut slots, &mut parts);
         let mut stopped = false;
         for w in pre.drain(..) {
             if !pipeline.send(w).await {
@@ -469,11 +459,7 @@ pub async fn run(
         if stopped {
             break;
         }
-        if !batch.is_empty()
-            && !pipeline
-                .send(Work::Batch(batch.into_iter().collect()))
-                .await
-        {
+        if !batch.is_empty() && !pipeline.send(Work::Batch(batch)).await {
             break;
         }
     }
@@ -782,6 +768,45 @@ fn on_done(
     Ok(())
 }
 
+/// One partition's records in the batch being read, with what the
+/// reading loop knows of it meanwhile: found per record by a scan (a batch
+/// reads few partitions), so a record costs neither a copy of its topic's
+/// name nor a hash of it.
+struct Slot<'c> {
+    tp: Tp,
+    /// Records before this offset are skipped (its `State::Owned`).
+    next: i64,
+    batch: PartBatch,
+    /// The last record handled; `None` while none was.
+    last: Option<BorrowedMessage<'c>>,
+}
+
+/// The batch's partitions that got a record, each with its last record's
+/// fingerprint, and their reading positions noted in `parts`.
+fn close_slots(slots: &mut Vec<Slot<'_>>, parts: &mut HashMap<Tp, Part>) -> Vec<(Tp, PartBatch)> {
+    let mut out = Vec::with_capacity(slots.len());
+    for s in slots.drain(..) {
+        let Some(msg) = s.last else {
+            continue;
+        };
+        if let Some(part) = parts.get_mut(&s.tp) {
+            if let State::Owned { next } = &mut part.state {
+                *next = s.next;
+                part.delivered = Some(s.next);
+            }
+        }
+        let mut b = s.batch;
+        b.fingerprint = Some(crate::identity::fingerprint(
+            msg.offset(),
+            msg.timestamp().to_millis(),
+            msg.key(),
+            msg.payload(),
+        ));
+        out.push((s.tp, b));
+    }
+    out
+}
+
 #[allow(clippy::too_many_arguments)]
 fn route<'c>(
     msg: BorrowedMessage<'c>,
@@ -790,20 +815,98 @@ fn route<'c>(
     done_tx: &mpsc::UnboundedSender<Done>,
     seg: &SegmentConfig,
     parts: &mut HashMap<Tp, Part>,
-    batch: &mut HashMap<Tp, PartBatch>,
-    last: &mut HashMap<Tp, BorrowedMessage<'c>>,
+    slots: &mut Vec<Slot<'c>>,
     known: &mut Option<(i64, Option<i64>)>,
     pre: &mut Vec<Work>,
     bytes: &mut usize,
 ) {
-    let tp: Tp = (msg.topic().to_owned(), msg.partition());
     let offset = msg.offset();
-    let Some(part) = parts.get_mut(&tp) else {
-        return;
+    let partition = msg.partition();
+    let topic = msg.topic();
+    let i = match slots
+        .iter()
+        .position(|s| s.tp.1 == partition && s.tp.0 == topic)
+    {
+        Some(i) => i,
+        None => match owned_slot(
+            msg.topic(),
+            partition,
+            &msg,
+            cfg,
+            consumer,
+            done_tx,
+            seg,
+            parts,
+            pre,
+        ) {
+            Some(next) => {
+                slots.push(Slot {
+                    tp: (topic.to_owned(), partition),
+                    next,
+                    batch: PartBatch::default(),
+                    last: None,
+                });
+                slots.len() - 1
+            }
+            None => return,
+        },
     };
+    let s = &mut slots[i];
+    if offset < s.next {
+        return;
+    }
+    s.next = offset + 1;
+    let b = &mut s.batch;
+    match prepare(msg.payload(), offset, cfg.max_record_bytes) {
+        Prepared::Tombstone => b.skipped += 1,
+        Prepared::Heartbeat(mark) => {
+            // Committed after every unit before its mark: the partition's
+            // own mark, and a later one for the idle partitions to take.
+            b.skipped += 1;
+            if let Some(co) = mark.commit_order {
+                *known = later(*known, Some((co - 1, mark.ts_us)));
+            }
+            pre.push(Work::Mark(s.tp.clone(), mark));
+        }
+        Prepared::Line(line, pos) => {
+            *known = later(*known, known_from(&pos));
+            b.lines.extend_from_slice(&line);
+            b.lines.push(b'\n');
+            b.records.push((b.lines.len(), pos));
+            *bytes += line.len() + 1;
+        }
+        Prepared::Dead(reason) => {
+            crate::dead_letter(&msg, &reason, &mut b.dead);
+            b.dead_count += 1;
+            *bytes += b.dead.len();
+        }
+    }
+    b.next = offset + 1;
+    s.last = Some(msg);
+}
+
+/// The first record of a partition in a batch: checks a partition being
+/// verified against the archive's last record (the record is then its
+/// first, or is skipped), and says where an owned partition's records
+/// start (`None`: not written by this instance, skip the record).
+#[allow(clippy::too_many_arguments)]
+fn owned_slot(
+    topic: &str,
+    partition: i32,
+    msg: &BorrowedMessage<'_>,
+    cfg: &Config,
+    consumer: &SharedConsumer,
+    done_tx: &mpsc::UnboundedSender<Done>,
+    seg: &SegmentConfig,
+    parts: &mut HashMap<Tp, Part>,
+    pre: &mut Vec<Work>,
+) -> Option<i64> {
+    let tp: Tp = (topic.to_owned(), partition);
+    let offset = msg.offset();
+    let part = parts.get_mut(&tp)?;
     if let State::Verifying(_, fp) = &part.state {
         if offset < fp.offset {
-            return;
+            return None;
         }
         let verdict = crate::identity::by_record(
             &tp.0,
@@ -822,7 +925,7 @@ fn route<'c>(
             tracing::warn!(topic = %tp.0, partition = tp.1, offset, "the topic holds another record where the archive's last one was: it was deleted and created again; setting the archived partition aside and starting it anew");
             pause(consumer, &tp);
             spawn_reset(seg, &cfg.name, done_tx, tp, *a);
-            return;
+            return None;
         }
         if offset > fp.offset {
             tracing::info!(topic = %tp.0, partition = tp.1, "the archive's last record is gone from the topic (compacted); going on without checking it");
@@ -833,49 +936,10 @@ fn route<'c>(
         let _ = fp;
         note_held(cfg, parts);
     }
-    let Some(part) = parts.get_mut(&tp) else {
-        return;
-    };
-    let State::Owned { next } = &mut part.state else {
-        return;
-    };
-    if offset < *next {
-        return;
+    match parts.get(&tp)?.state {
+        State::Owned { next } => Some(next),
+        _ => None,
     }
-    *next = offset + 1;
-    part.delivered = Some(offset + 1);
-    // Looked up before it is entered: a clone of the topic's name per
-    // record would cost more than the lookup.
-    if !batch.contains_key(&tp) {
-        batch.insert(tp.clone(), PartBatch::default());
-    }
-    let b = batch.get_mut(&tp).expect("inserted above");
-    match prepare(msg.payload(), offset, cfg.max_record_bytes) {
-        Prepared::Tombstone => b.skipped += 1,
-        Prepared::Heartbeat(mark) => {
-            // Committed after every unit before its mark: the partition's
-            // own mark, and a later one for the idle partitions to take.
-            b.skipped += 1;
-            if let Some(co) = mark.commit_order {
-                *known = later(*known, Some((co - 1, mark.ts_us)));
-            }
-            pre.push(Work::Mark(tp.clone(), mark));
-        }
-        Prepared::Line(line, pos) => {
-            *known = later(*known, known_from(&pos));
-            b.lines.extend_from_slice(&line);
-            b.lines.push(b'\n');
-            b.records.push((b.lines.len(), pos));
-            *bytes += line.len() + 1;
-        }
-        Prepared::Dead(reason) => {
-            crate::dead_letter(&msg, &reason, &mut b.dead);
-            b.dead_count += 1;
-            *bytes += b.dead.len();
-        }
-    }
-    b.next = offset + 1;
-    last.insert(tp, msg);
 }
 
 #[allow(clippy::too_many_arguments)]
