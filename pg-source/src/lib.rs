@@ -61,6 +61,10 @@ use crate::producer::{BatchError, TxProducer};
 ///
 /// Fails on a bad table or column, on a permission error, or when Kafka
 /// fences this instance; transient Postgres and Kafka errors are retried.
+/// While starting (before the mode reads), Postgres or Kafka lost (a
+/// restart of either just then) starts again after a second, for
+/// `connection.attempts` x `connection.backoff.ms` from the first such
+/// failure; then the error is returned.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     if let Some(addr) = cfg.http_addr {
         tidemark_common::ops::serve(
@@ -71,6 +75,63 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         )
         .await?;
     }
+    let mut first_failure: Option<Instant> = None;
+    loop {
+        let mut reading = false;
+        match start_and_run(&cfg, &shutdown, &mut reading).await {
+            Err(e)
+                if !reading
+                    && !shutdown.is_cancelled()
+                    && unreachable_at_start(&e)
+                    && first_failure.is_none_or(|t| t.elapsed() < cfg.connect_patience) =>
+            {
+                first_failure.get_or_insert_with(Instant::now);
+                tracing::warn!(error = %format!("{e:#}"), "postgres or kafka lost while starting; starting again");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Whether a failure to start is Postgres or Kafka out of reach (a lost
+/// connection, a broker down), which starting again may cure.
+fn unreachable_at_start(e: &anyhow::Error) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    e.chain().any(|c| {
+        c.downcast_ref::<sqlx::Error>()
+            .is_some_and(tidemark_common::pg::is_transient)
+            || c.downcast_ref::<rdkafka::error::KafkaError>()
+                .and_then(rdkafka::error::KafkaError::rdkafka_error_code)
+                .is_some_and(|code| {
+                    matches!(
+                        code,
+                        C::BrokerTransportFailure
+                            | C::AllBrokersDown
+                            | C::BrokerNotAvailable
+                            | C::NetworkException
+                            | C::OperationTimedOut
+                            | C::RequestTimedOut
+                            | C::LeaderNotAvailable
+                            | C::CoordinatorNotAvailable
+                            | C::CoordinatorLoadInProgress
+                            | C::NotCoordinator
+                    )
+                })
+    })
+}
+
+/// [`run`]'s start and run; `reading` is set once the mode reads.
+async fn start_and_run(
+    cfg: &Config,
+    shutdown: &CancellationToken,
+    reading: &mut bool,
+) -> anyhow::Result<()> {
+    let cfg = cfg.clone();
+    let shutdown = shutdown.clone();
     let Some(pool) = cfg
         .pg
         .connect_until(3, cfg.connect_patience, &shutdown)
@@ -216,6 +277,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             )
             .await?;
             started("timestamp+incrementing");
+            *reading = true;
             drive(&cfg, mode, &producer, &shutdown).await
         }
         ModeConfig::ChangeLog(c) => {
@@ -233,6 +295,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             .await?;
             mode.discovery = discovery(&cfg, &reserved)?;
             started("changelog");
+            *reading = true;
             drive(&cfg, mode, &producer, &shutdown).await
         }
         ModeConfig::Logical(l) => {
@@ -258,6 +321,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             };
             mode.discovery = discovery(&cfg, &reserved)?;
             started("logical");
+            *reading = true;
             drive(&cfg, mode, &producer, &shutdown).await
         }
     }
