@@ -96,6 +96,16 @@ pub struct ChangeLogPosition {
     /// TRUNCATE event that empties it.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub left: BTreeSet<String>,
+    /// The OID each table is read as: a table created under its name later
+    /// (the one read dropped, or renamed away) takes its place, and enters
+    /// the set again. Absent in a position stored before: the tables of
+    /// those names at the next start.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub oids: BTreeMap<String, u32>,
+    /// Tables read whose changes were last logged under another name
+    /// (renamed away): one logged under its name again enters the set again.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub away: BTreeSet<String>,
 }
 
 /// Where the incremental snapshot of one table stands: the table's rows are
@@ -194,6 +204,12 @@ pub struct LogicalPosition {
     /// Tables that left the set (as in [`ChangeLogPosition::left`]).
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub left: BTreeSet<String>,
+    /// The OID each table is read as: a table created under its name later
+    /// (the one read dropped, or renamed away) takes its place, and enters
+    /// the set again. Absent in a position stored before: the tables of
+    /// those names at the next start.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub oids: BTreeMap<String, u32>,
 }
 
 /// Which units a connector has sent, for `transaction.prev_commit_order`:

@@ -152,7 +152,7 @@ pub mod names {
         Metric {
             name: SOURCE_TABLES_UNCAPTURED,
             kind: Kind::Gauge,
-            help: "1 for a captured table whose change-log triggers were dropped or disabled, by table: its new changes are not captured, the other tables go on.",
+            help: "1 for a captured table whose change-log triggers were dropped or disabled, or (logical mode) for a table created again under a captured table's name without logical capture yet, by table: its new changes are not captured, the other tables go on.",
             start: Start::Absent,
         },
         Metric {

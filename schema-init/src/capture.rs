@@ -764,11 +764,22 @@ end"#,
             r#"begin
   if not exists (select 1 from pg_catalog.pg_publication where pubname operator(pg_catalog.=) {name}) then
     create publication {ident} for table {t} with (publish = 'insert, update, delete, truncate');
-  elsif not (select p.pubtruncate from pg_catalog.pg_publication p where p.pubname operator(pg_catalog.=) {name}) then
-    -- Made by a schema-init from before TRUNCATE was captured.
-    alter publication {ident} set (publish = 'insert, update, delete, truncate');
+  else
+    if not (select p.pubtruncate from pg_catalog.pg_publication p where p.pubname operator(pg_catalog.=) {name}) then
+      -- Made by a schema-init from before TRUNCATE was captured.
+      alter publication {ident} set (publish = 'insert, update, delete, truncate');
+    end if;
+    if not exists (select 1 from pg_catalog.pg_publication_rel r
+                     join pg_catalog.pg_publication p on p.oid operator(pg_catalog.=) r.prpubid
+                    where p.pubname operator(pg_catalog.=) {name}
+                      and r.prrelid operator(pg_catalog.=) {table}::pg_catalog.regclass) then
+      -- The table was dropped and created again under its name (a
+      -- publication holds tables by OID, so the new one is not in it).
+      alter publication {ident} set table {t};
+    end if;
   end if;
 end"#,
+            table = quote_literal(&t),
             name = quote_literal(&publication),
             ident = quote_ident(&publication),
         )),

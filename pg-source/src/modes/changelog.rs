@@ -43,6 +43,26 @@
 //! disabled its change-log triggers stops only itself: an ERROR log and
 //! `tidemark_source_tables_uncaptured` say so, and a restart goes on.
 //!
+//! **Tables that come back.** The position records the OID each table is
+//! read as. A change logged under the table's name by another table that is
+//! the table of that name now (the one read was dropped, or renamed away,
+//! and a new one made and captured) means that one took its place: a WARN
+//! says the old one left, and the new one enters the set again, with an
+//! incremental snapshot that begins with a TRUNCATE event (its rows from
+//! before its capture are in no change log), as a table that left the set
+//! and came back. The changes of the old one come before that point (its
+//! writers ended before the DDL that freed the name), so they are all sent.
+//! A table renamed away whose changes were logged under the other name
+//! (sent under it) and that comes back to its name is snapshotted again the
+//! same way: a replay of its name lacks those changes. Both are found from
+//! the change log itself, so after a crash the same row finds them again,
+//! and by a look between batches every 5 s, so a new table never written
+//! to (and a table renamed back that logs nothing) gets its snapshot too.
+//! A new table of the name without capture logs nothing: a WARN names the
+//! schema-init run. When pg-source is behind, the old table's last changes
+//! may still be unread at that look: they are then left out with the new
+//! table's (the TRUNCATE that begins the snapshot supersedes them).
+//!
 //! **A value that cannot be carried** (a text its type's codec refuses)
 //! goes to the dead-letter topic `tidemark.dead-letter` ([`crate::dead_letter`]) with the table,
 //! column, key, error, raw text and position, with an ERROR log and
@@ -115,6 +135,9 @@ struct LogTable {
     /// The name its last change was logged under, when not `log_name`
     /// (renamed): said once per name.
     renamed_to: Option<String>,
+    /// OIDs its rows were logged with that are an older table of its name
+    /// than the one read (dropped before it was made): read as the table.
+    older: Vec<i64>,
     /// Value envelopes by (shape, before variants, after variants).
     envelopes: HashMap<(i32, Variants, Variants), Arc<ChangeEnvelope>>,
     /// Key templates by (shape, key variants).
@@ -152,6 +175,8 @@ pub struct ChangeLogMode {
     /// log can be pruned once it is committed.
     prune_after_commit: bool,
     last_gone_check: Instant,
+    /// When [`Self::take_over_now`] last looked.
+    last_takeover_check: Instant,
     wakeup: Wakeup,
     /// Incremental snapshots of tables that entered the set.
     incremental: Incremental,
@@ -175,6 +200,11 @@ pub struct ChangeLogMode {
     /// The time of the last snapshot that showed nothing left to send:
     /// every batch taken before it is sent.
     caught_up_us: Option<i64>,
+    /// Tables (`log_tables` indexes) that enter the set again in the chunk
+    /// being read: a new table took the name of the one read, or the one
+    /// read came back to its name after it was renamed away. Each gets its
+    /// snapshot once the chunk's rows before that point are filtered.
+    reentries: Vec<usize>,
     /// When the last snapshot that began a batch was taken: the next is
     /// taken `batch.linger.ms` after it at the soonest.
     batch_taken: Option<Instant>,
@@ -214,6 +244,10 @@ struct Decoded {
     table: usize,
     before: Option<Image>,
     after: Option<Image>,
+    /// Logged after its table entered the set again in this batch (see
+    /// [`ChangeLogMode::reentries`]): left out, as the table's snapshot
+    /// holds it.
+    fresh: bool,
 }
 
 /// Why a change-log row cannot be sent.
@@ -350,6 +384,7 @@ impl ChangeLogMode {
             prune_pending: true,
             prune_after_commit: false,
             last_gone_check: Instant::now(),
+            last_takeover_check: Instant::now(),
             incremental: Incremental::default(),
             segment_keys: HashMap::new(),
             discovery: None,
@@ -362,6 +397,7 @@ impl ChangeLogMode {
             batch_full: false,
             held: Vec::new(),
             held_to: None,
+            reentries: Vec::new(),
         };
         mode.heartbeat_topic = mode.cfg.heartbeat_topic(connector);
         mode.reconcile();
@@ -482,11 +518,15 @@ impl ChangeLogMode {
         };
         let n = rows.len();
         let newest_change_ms = rows.iter().map(|r| r.changed_us.div_euclid(1000)).max();
-        let decoded = self.decode(rows).await?;
+        let mut decoded = self.decode(rows).await?;
+        decoded.retain(|d| !matches!(d, Ok(d) if d.fresh));
         self.load_segment_keys().await?;
         let decoded = self.outside_segments(decoded).await?;
         self.load_incremental_key().await?;
         let decoded = self.before_incremental(decoded).await?;
+        for i in std::mem::take(&mut self.reentries) {
+            self.reenter(i);
+        }
         let mut decoded = {
             let mut d = std::mem::take(&mut self.held);
             d.extend(decoded);
@@ -608,6 +648,11 @@ impl ChangeLogMode {
             let Some(table) = self.table_of(&row) else {
                 continue;
             };
+            if self.enters_again(table, &row).await && !self.reentries.contains(&table) {
+                self.reentries.push(table);
+            }
+            // With no snapshot to hold them (`no_data`), they are sent.
+            let fresh = self.cfg.initial_snapshot && self.reentries.contains(&table);
             if self.cfg.skipped.skips(&row.op) {
                 // skipped.operations: not sent, not counted.
                 continue;
@@ -660,6 +705,7 @@ impl ChangeLogMode {
                             table,
                             before,
                             after,
+                            fresh,
                         })
                     }
                 }
@@ -696,6 +742,176 @@ impl ChangeLogMode {
         self.log_tables[i].relids.push(row.relid);
         self.reading = reading(&self.log_tables);
         Some(i)
+    }
+
+    /// Whether the row of `table` means that the table enters the set again
+    /// here: its OID is a table logged under the configured name that is
+    /// not the one read ([`ChangeLogPosition::oids`]) and is the table of
+    /// that name now: it takes the place of the one read (dropped or
+    /// renamed away); or the table read logs under its configured name
+    /// again after it was renamed away ([`ChangeLogPosition::away`]). Either way the
+    /// archive's rows of the name are stale from here: its snapshot begins
+    /// with a TRUNCATE event. Says which in the log.
+    async fn enters_again(&mut self, table: usize, row: &LogRow) -> bool {
+        let t = &self.log_tables[table];
+        let at_name = row.table_name == t.log_name;
+        let log_name = t.log_name.clone();
+        let read = self.tables.iter().position(|c| c.log_name == log_name);
+        let followed = self
+            .position
+            .oids
+            .get(&log_name)
+            .map(|o| i64::from(*o))
+            .or(read.map(|j| i64::from(self.tables[j].oid)));
+        if followed == Some(row.relid) {
+            if !at_name {
+                self.position.away.insert(log_name);
+                return false;
+            }
+            if !self.position.away.remove(&log_name) {
+                return false;
+            }
+            tracing::warn!(table = %t.name, "the table was renamed away and is back under its name: what the archive holds of it under this name lacks its changes logged under the other one, so it enters the set again");
+            return true;
+        }
+        if !at_name || t.older.contains(&row.relid) {
+            return false;
+        }
+        let name = t.name.clone();
+        match TableInfo::load(&self.pool, &name).await {
+            Ok(Some(info)) if i64::from(info.oid) == row.relid => {
+                self.take_place(table, info).await
+            }
+            // An older table of the name (dropped, its rows logged before
+            // the one read was made), or gone again since: read as the
+            // table, as ever.
+            Ok(_) => {
+                self.log_tables[table].older.push(row.relid);
+                false
+            }
+            Err(e) => {
+                tracing::error!(table = %name, error = %format!("{e:#}"), "a new table of the name of a table read is logged, but cannot be read; its changes are sent as they come, without a snapshot");
+                false
+            }
+        }
+    }
+
+    /// The table `info`, the one of the name of table `table` now, takes
+    /// the place of the one read (dropped, or renamed away): it is read from
+    /// here on. Returns whether it could be read; the caller has it enter
+    /// the set again ([`Self::reenter`]).
+    async fn take_place(&mut self, table: usize, info: TableInfo) -> bool {
+        let t = &self.log_tables[table];
+        let (name, topic, log_name) = (t.name.clone(), t.topic.clone(), t.log_name.clone());
+        let oid = info.oid;
+        let captured = match CapturedTable::new(
+            &self.pool,
+            info,
+            topic,
+            &self.connector,
+            &self.database,
+            (!self.drop_schemas.0, !self.drop_schemas.1),
+        )
+        .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(table = %name, error = %format!("{e:#}"), "a new table of the name of a table read is captured, but cannot be read; its changes are sent as they come, without a snapshot");
+                return false;
+            }
+        };
+        let old = match self.tables.iter().position(|c| c.log_name == log_name) {
+            Some(j) => std::mem::replace(&mut self.tables[j], captured).oid,
+            None => {
+                self.tables.push(captured);
+                0
+            }
+        };
+        let t = &mut self.log_tables[table];
+        if !t.relids.contains(&i64::from(oid)) {
+            t.relids.push(i64::from(oid));
+            self.reading = reading(&self.log_tables);
+        }
+        self.position.away.remove(&log_name);
+        self.position.oids.insert(log_name, oid);
+        tracing::warn!(table = %name, old_oid = old, new_oid = oid,
+            "the table read so far left the set (dropped, or renamed away: its changes logged before are sent), and a new table of its name is captured: that one is read from here on, and its rows are sent by an incremental snapshot");
+        true
+    }
+
+    /// Between batches, each table whose name is now another table's,
+    /// captured (the one read was dropped, or renamed away, and a new one
+    /// made and captured), or that came back to its name after it was
+    /// renamed away, enters the set again now, even if it is never written
+    /// to (its rows are in no change log row); a change logged does the
+    /// same in [`Self::enters_again`]. A table of the name without capture
+    /// is said once, with the schema-init run.
+    async fn take_over_now(&mut self) {
+        if self.position.batch.is_some() {
+            return;
+        }
+        for i in 0..self.log_tables.len() {
+            let t = &self.log_tables[i];
+            let (name, log_name) = (t.name.clone(), t.log_name.clone());
+            let followed = self.position.oids.get(&log_name).copied().or_else(|| {
+                self.tables
+                    .iter()
+                    .find(|c| c.log_name == log_name)
+                    .map(|c| c.oid)
+            });
+            let Ok(Some(info)) = TableInfo::load(&self.pool, &name).await else {
+                continue;
+            };
+            if Some(info.oid) == followed {
+                if self.position.away.remove(&log_name) {
+                    tracing::warn!(table = %name, "the table was renamed away and is back under its name: what the archive holds of it under this name lacks its changes logged under the other one, so it enters the set again");
+                    self.reenter(i);
+                }
+                continue;
+            }
+            if check_trigger(&self.pool, &name).await.is_err() {
+                if self.told.insert(name.clone()) {
+                    tracing::warn!(table = %name, "a new table has the name of a table read (which was dropped or renamed away), without change-log capture, so none of its changes are read: run schema-init --capture changelog --table {name}; then it is read, and its rows are sent by an incremental snapshot");
+                }
+                continue;
+            }
+            self.told.remove(&name);
+            if self.take_place(i, info).await {
+                self.reenter(i);
+            }
+        }
+    }
+
+    /// Table `i` enters the set again (see [`Self::enters_again`]): its
+    /// incremental snapshot, queued in place of any it had, begins with a
+    /// TRUNCATE event; with `snapshot.mode` `no_data`, its changes are sent
+    /// from here on.
+    fn reenter(&mut self, i: usize) {
+        let t = &self.log_tables[i];
+        let log_name = t.log_name.clone();
+        metrics::counter!(metric::SOURCE_TABLES_ADDED, "table" => log_name.clone()).increment(1);
+        self.position.incremental.retain(|p| p.table != log_name);
+        if self
+            .incremental
+            .pending
+            .as_ref()
+            .is_some_and(|c| c.table == log_name)
+        {
+            self.incremental.pending = None;
+        }
+        if self.cfg.initial_snapshot {
+            tracing::info!(table = %t.name, topic = %t.topic, "table entered the set again: its rows are sent by an incremental snapshot, which begins with a TRUNCATE event, while every table streams");
+            self.position.incremental.push(IncrementalProgress {
+                table: log_name,
+                reason: "re-entered".to_owned(),
+                since_us: now_us(),
+                ..Default::default()
+            });
+        } else {
+            tracing::info!(table = %t.name, topic = %t.topic, "table entered the set again: its changes from now on are sent (snapshot.mode no_data: its existing rows are not)");
+        }
+        metrics::gauge!(metric::SOURCE_INCREMENTAL_TABLES_LEFT)
+            .set(self.position.incremental.len() as f64);
     }
 
     /// Whether a change moves its row to another key (its key's text
@@ -1059,6 +1275,13 @@ impl ChangeLogMode {
         self.position
             .incremental
             .retain(|p| existing.contains(&p.table.as_str()));
+        // The OID each table is read as, from when it is first read.
+        for t in &self.tables {
+            self.position
+                .oids
+                .entry(t.log_name.clone())
+                .or_insert(t.oid);
+        }
         metrics::gauge!(metric::SOURCE_INCREMENTAL_TABLES_LEFT)
             .set(self.position.incremental.len() as f64);
     }
@@ -1792,6 +2015,7 @@ impl LogTable {
             gone: false,
             uncaptured: false,
             renamed_to: None,
+            older: Vec::new(),
             envelopes: HashMap::new(),
             keys: HashMap::new(),
         })
@@ -2105,6 +2329,10 @@ impl Capture for ChangeLogMode {
             }
         }
         self.reconcile();
+        if self.last_takeover_check.elapsed() >= GONE_CHECK {
+            self.last_takeover_check = Instant::now();
+            self.take_over_now().await;
+        }
         if let Some(batch) = self.incremental_step().await? {
             return Ok(Some(batch));
         }

@@ -11,6 +11,7 @@ mod ddl;
 mod heartbeat;
 mod key_change;
 mod key_change_review;
+mod recreated;
 mod resume;
 mod security;
 mod truncate;

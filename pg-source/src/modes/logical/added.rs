@@ -245,7 +245,23 @@ impl Default for Added {
     }
 }
 
+impl Window {
+    /// Spoils the chunk when it is of `table` (`format('%I.%I')`): it is
+    /// not used, and read again.
+    pub(super) fn spoil_if(&mut self, table: &str, why: &str) {
+        if self.chunk.table == table {
+            self.spoiled = Some(why.to_owned());
+        }
+    }
+}
+
 impl Added {
+    /// The changes of transaction `txid` of a table under snapshot were
+    /// left out: its chunks wait until a snapshot sees it end.
+    pub(super) fn left_out(&mut self, txid: u64) {
+        self.unsettled.insert(txid);
+    }
+
     /// The stream was opened again: a chunk waiting on the old one is read
     /// again.
     pub(super) fn stream_opened(&mut self) {

@@ -38,6 +38,27 @@
 //! `tidemark.column.type` parameter), a new primary key (the record key's
 //! fields).
 //!
+//! Tables that go and come back: a table is followed by its OID (a
+//! Relation message's id), so a renamed table's changes keep coming, under
+//! its configured name (a replay of that name has them all). The position
+//! records the OID each table is read as. When the table of that name is
+//! another one, published (the one read was dropped, or renamed away, and
+//! a new one made and captured: schema-init adds it to the name's
+//! publication, which holds tables by OID), that one takes its place: at
+//! the first Relation of it, or at the look for dropped tables every 10 s,
+//! whichever comes first, so a new table never written to is found too. A
+//! WARN says the old one left, and the new one enters the set again, with
+//! an incremental snapshot that begins with a TRUNCATE event ([`added`]):
+//! the snapshot's chunks take their place after every transaction
+//! committed before they are read, so after every change of the old table,
+//! and the new one's changes before its chunks are left out (their
+//! transactions hold the chunks back until a snapshot sees them end, and
+//! the running ones are taken as a seed, as for a table that joins the
+//! stream). A table created again but not captured is not in the
+//! publication, so none of its changes are read: a WARN names the
+//! schema-init run, and `tidemark_source_tables_uncaptured{table}` is 1,
+//! until it is captured (at a start too: the other tables go on).
+//!
 //! TRUNCATE: a `Truncate` message names every published table it emptied
 //! (`TRUNCATE a, b`, and those a cascade reached); each captured one is an
 //! event of op `t` with `before` and `after` null and a null Kafka key, in
@@ -137,6 +158,10 @@ struct Decoded {
     /// Filtered already: kept by the filters of the batch that read it,
     /// and held back to the next (see [`LogicalMode::hold_back`]).
     filtered: bool,
+    /// A change of a table that a new table of its name took the place
+    /// of in this batch, made after that (see [`relation`]): left out, as
+    /// the new table's snapshot holds it.
+    fresh: bool,
 }
 
 /// A table as the stream describes it.
@@ -184,6 +209,8 @@ struct LogicalTable {
     /// stream once the position passes this LSN, read after the
     /// publication existed (see [`LogicalMode::join_later`]).
     join_at: Option<u64>,
+    /// Dropped, and a table of its name exists without capture: said once.
+    told_uncaptured: bool,
 }
 
 impl AsRef<CapturedTable> for LogicalTable {
@@ -240,6 +267,9 @@ async fn check_publication(pool: &PgPool, name: &TableName) -> anyhow::Result<Op
     if kind.as_deref() == Some("p") {
         bail!("table {name} is partitioned, which logical capture does not carry (the stream names its partitions, and drops a TRUNCATE of one partition unseen): capture it with schema-init --capture changelog --capture-trigger row and mode changelog");
     }
+    if !published && kind.is_some() && made_again(pool, name).await? {
+        bail!("table {name} is not in its publication {publication}, which holds the tables it was made for by their OIDs: the table was dropped and created again (or renamed away and another one given its name) since it was captured; run schema-init --capture logical --table {name} to capture this one (pg-source then sends its rows by an incremental snapshot)");
+    }
     if !published || identity.as_deref() != Some("f") {
         bail!("table {name} has no logical capture (publication {publication} and replica identity full): run schema-init --capture logical --table {name}");
     }
@@ -256,7 +286,34 @@ async fn check_publication(pool: &PgPool, name: &TableName) -> anyhow::Result<Op
     Ok(generated)
 }
 
-/// Checks a table's logical capture.
+/// Whether the table `name` exists and its publication does too, without
+/// it: the publication holds tables by OID, and this one was made after it
+/// (the table captured was dropped, or renamed away, and another one given
+/// its name).
+///
+/// Fails on a database error.
+async fn made_again(pool: &PgPool, name: &TableName) -> anyhow::Result<bool> {
+    Ok(sqlx::query_scalar(
+        "select exists (select 1 from pg_catalog.pg_publication p where p.pubname operator(pg_catalog.=) $1)
+            and not exists (select 1 from pg_catalog.pg_publication_tables p
+                            where p.pubname operator(pg_catalog.=) $1 and p.schemaname operator(pg_catalog.=) $2
+                              and p.tablename operator(pg_catalog.=) $3)
+            and exists (select 1 from pg_catalog.pg_class c
+                          join pg_catalog.pg_namespace n on n.oid operator(pg_catalog.=) c.relnamespace
+                         where n.nspname operator(pg_catalog.=) $2 and c.relname operator(pg_catalog.=) $3)",
+    )
+    .bind(publication_name(name))
+    .bind(&name.schema)
+    .bind(&name.name)
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Checks a table's logical capture. With `at_start`, a table made again
+/// under a captured one's name and not captured yet (see [`made_again`])
+/// stops only itself: it is read as dropped, with a WARN naming the
+/// schema-init run, and takes the old one's place once captured (see
+/// [`LogicalMode::take_over_now`]).
 ///
 /// Fails when the table has no publication or full replica identity, has
 /// generated columns, or has no primary key.
@@ -264,9 +321,14 @@ async fn logical_table(
     pool: &PgPool,
     types: &TypeCache,
     table: CapturedTable,
+    at_start: bool,
 ) -> anyhow::Result<LogicalTable> {
     let name = &table.info.name;
-    if let Some(columns) = check_publication(pool, name).await? {
+    let uncaptured = at_start && made_again(pool, name).await?;
+    if uncaptured {
+        tracing::warn!(table = %name, "the table was created again under the name of a captured table (or another one given its name), and has no logical capture, so none of its changes are read (the other tables go on): run schema-init --capture logical --table {name}; then it is read, and its rows are sent by an incremental snapshot");
+        metrics::gauge!(names::SOURCE_TABLES_UNCAPTURED, "table" => name.to_string()).set(1.0);
+    } else if let Some(columns) = check_publication(pool, name).await? {
         tracing::error!(table = %name, columns = %columns, "the table has generated columns, whose values logical decoding does not send: its changes go to the dead-letter topic (the other tables go on); capture it with schema-init --capture changelog and mode changelog");
     }
     let mut conn = pool.acquire().await?;
@@ -279,8 +341,9 @@ async fn logical_table(
     Ok(LogicalTable {
         table,
         known,
-        gone: false,
+        gone: uncaptured,
         join_at: None,
+        told_uncaptured: uncaptured,
     })
 }
 
@@ -315,6 +378,10 @@ pub struct LogicalStream {
     /// of waiting for the pool to connect again, which would hold the
     /// shutdown up.
     conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    /// Tables a new table of their name took the place of in the batch
+    /// being read (index, and the OID followed before): each enters the set
+    /// again once the batch is filtered (see [`relation`]).
+    reentered: Vec<(usize, Oid)>,
 }
 
 /// `logical` mode: the initial snapshot, then the replication stream.
@@ -391,7 +458,7 @@ impl LogicalMode {
         let mut tables = Vec::new();
         for (info, topic) in infos {
             let t = CapturedTable::new(pool, info, topic, connector, database, schemas).await?;
-            tables.push(logical_table(pool, &types, t).await?);
+            tables.push(logical_table(pool, &types, t, true).await?);
         }
         // Logical positions live under their own key: a connector that
         // changes mode is told so instead of reading another mode's position.
@@ -475,6 +542,24 @@ impl LogicalMode {
             offsets_topic: offsets_topic.to_owned(),
             added: added::Added::default(),
         };
+        for t in &mut mode.tables {
+            match mode.position.oids.get(&t.table.log_name) {
+                Some(&o) if o != t.known.oid => {
+                    // The table of the name now is not the one read before
+                    // (dropped and made again while pg-source was stopped):
+                    // the one read goes on until the new one takes its place
+                    // (see `relation` and `take_over_now`).
+                    t.known.oid = o;
+                    t.table.oid = o;
+                }
+                Some(_) => {}
+                None => {
+                    mode.position
+                        .oids
+                        .insert(t.table.log_name.clone(), t.known.oid);
+                }
+            }
+        }
         mode.reconcile_added(true);
         Ok(mode)
     }
@@ -587,6 +672,7 @@ impl LogicalMode {
             last_commit: at,
             pending: Vec::new(),
             conn,
+            reentered: Vec::new(),
         })
     }
 
@@ -847,6 +933,18 @@ impl LogicalMode {
         let held = changes.iter().take_while(|c| c.filtered).count();
         let mut unfiltered = changes.split_off(held);
         drop_segment_rows(&mut s.conn, &self.tables, &self.position, &mut unfiltered).await?;
+        // The changes of a table that a new one of its name replaced, made
+        // after that: its snapshot holds them. Their transactions hold its
+        // chunks back until a snapshot sees them end, as any left out.
+        // With no snapshot to hold them (`no_data`), they are sent.
+        if self.cfg.initial_snapshot {
+            unfiltered.retain(|c| {
+                if c.fresh {
+                    self.added.left_out(c.txid);
+                }
+                !c.fresh
+            });
+        }
         let unfiltered = added::filter(
             &mut s.conn,
             &self.tables,
@@ -858,6 +956,9 @@ impl LogicalMode {
         changes.extend(unfiltered);
         if let Some(cut) = cut_txn {
             Self::hold_back(&mut self.position, s, cut, &mut changes);
+        }
+        for (i, old) in std::mem::take(&mut s.reentered) {
+            self.reentered(i, old);
         }
         // The events of a transaction cut by the last batch, counted so far.
         let carried = std::mem::take(&mut self.position.in_txn_counts);
@@ -984,6 +1085,32 @@ impl LogicalMode {
         true
     }
 
+    /// A new table of the name of table `i` took its place (the one read
+    /// before, OID `old`, was dropped or renamed away): it enters the set
+    /// again, with an incremental snapshot that begins with a TRUNCATE
+    /// event (what the archive holds of the name is the old table's). Its
+    /// transactions running now are taken as a seed, as for a table that
+    /// joins the stream (see [`added`]).
+    fn reentered(&mut self, i: usize, old: Oid) {
+        let t = &self.tables[i];
+        let (log_name, shown, new) = (
+            t.table.log_name.clone(),
+            t.table.info.name.to_string(),
+            t.known.oid,
+        );
+        tracing::info!(table = %shown, old_oid = old, new_oid = new, "table created again under its name: it enters the set again");
+        metrics::counter!(names::SOURCE_TABLES_ADDED, "table" => log_name.clone()).increment(1);
+        metrics::gauge!(names::SOURCE_TABLES_DROPPED, "table" => shown.clone()).set(0.0);
+        metrics::gauge!(names::SOURCE_TABLES_UNCAPTURED, "table" => shown.clone()).set(0.0);
+        if let Some(w) = self.added.window.as_mut() {
+            w.spoil_if(&log_name, "the table was replaced by a new one of its name");
+        }
+        self.added.seed = true;
+        self.position.oids.insert(log_name.clone(), new);
+        self.position.left.insert(log_name.clone());
+        self.push_snapshot(&log_name, &shown);
+    }
+
     /// Finds the published tables a `table.include.list` pattern has come
     /// to match (schema-init `--capture logical` made their publication)
     /// and adds them: each joins the stream once it has passed the WAL
@@ -1084,7 +1211,7 @@ impl LogicalMode {
             self.schemas,
         )
         .await?;
-        let mut lt = logical_table(&self.pool, &self.types, table).await?;
+        let mut lt = logical_table(&self.pool, &self.types, table, false).await?;
         let lsn: String =
             sqlx::query_scalar("select pg_catalog.pg_current_wal_lsn()::pg_catalog.text")
                 .fetch_one(&self.pool)
@@ -1097,6 +1224,9 @@ impl LogicalMode {
         if let Some(known) = self.position.tables.as_mut() {
             known.insert(lt.table.log_name.clone());
         }
+        self.position
+            .oids
+            .insert(lt.table.log_name.clone(), lt.known.oid);
         let (log_name, shown) = (lt.table.log_name.clone(), t.to_string());
         self.tables.push(lt);
         self.push_snapshot(&log_name, &shown);
@@ -1155,7 +1285,117 @@ impl LogicalMode {
                     .set(1.0);
             }
         }
+        // One made again and not captured yet is said once, with the fix
+        // (bounded, as the look for pattern matches: Postgres may refuse
+        // connections, shutting down); one captured takes the old one's
+        // place.
+        let pool = self.pool.clone();
+        for t in self
+            .tables
+            .iter_mut()
+            .filter(|t| t.gone && t.join_at.is_none())
+        {
+            let name = t.table.info.name.clone();
+            let look = async {
+                let published = check_publication(&pool, &name).await;
+                let exists = TableInfo::load(&pool, &name).await;
+                (published, exists)
+            };
+            let Ok((published, exists)) = tokio::time::timeout(DISCOVERY_PATIENCE, look).await
+            else {
+                break;
+            };
+            if published.is_err() && matches!(exists, Ok(Some(_))) && !t.told_uncaptured {
+                tracing::warn!(table = %name, "a table was created again under the name of a dropped captured table, but has no logical capture (a publication holds tables, not names), so none of its changes are read: run schema-init --capture logical --table {name}; then it is read, and its rows are sent by an incremental snapshot");
+                metrics::gauge!(names::SOURCE_TABLES_UNCAPTURED, "table" => name.to_string())
+                    .set(1.0);
+                t.told_uncaptured = true;
+            }
+        }
+        self.take_over_now().await;
     }
+
+    /// Each table whose name is now another table's, published (the one
+    /// read was dropped or renamed away, and a new one made and captured),
+    /// takes that one's place now, even if it is never written to (its
+    /// rows are in no change): see [`Self::reentered`]. The stream is
+    /// opened again with its publication. A change of it read first does
+    /// the same in [`relation`].
+    async fn take_over_now(&mut self) {
+        let mut again = false;
+        let (pool, types) = (self.pool.clone(), self.types.clone());
+        for i in 0..self.tables.len() {
+            let t = &self.tables[i];
+            if t.join_at.is_some() {
+                continue;
+            }
+            let (name, old, gone) = (t.table.info.name.clone(), t.known.oid, t.gone);
+            let look = async {
+                let mut conn = pool.acquire().await?;
+                let Some(oid) = oid_of_name(&mut conn, &name).await? else {
+                    return Ok(None);
+                };
+                if oid == old && !gone {
+                    return Ok(None);
+                }
+                if check_publication(&pool, &name).await.is_err() {
+                    return Ok(Some(None));
+                }
+                let Some(now) = CatalogShape::load(&mut conn, &types, oid).await? else {
+                    return Ok(None);
+                };
+                anyhow::Ok(Some(Some(now)))
+            };
+            match tokio::time::timeout(DISCOVERY_PATIENCE, look).await {
+                Ok(Ok(Some(None))) => {
+                    let t = &mut self.tables[i];
+                    if !t.gone && !t.told_uncaptured {
+                        // (A dropped one is said by `check_gone`.)
+                        tracing::warn!(table = %name, "the table read was renamed away (its changes are still read, to its topic), and a new table has its name, without logical capture, so none of the new one's changes are read: run schema-init --capture logical --table {name} to read the new one instead (its rows are then sent by an incremental snapshot)");
+                        metrics::gauge!(names::SOURCE_TABLES_UNCAPTURED, "table" => name.to_string())
+                            .set(1.0);
+                        t.told_uncaptured = true;
+                    }
+                }
+                Ok(Ok(Some(Some(now)))) => {
+                    tracing::warn!(table = %name, old_oid = old, new_oid = now.oid,
+                        "the table read so far left the set (dropped, or renamed away: its changes up to here are sent), and a new table of its name is captured: that one is read from here on, and its rows are sent by an incremental snapshot");
+                    let t = &mut self.tables[i];
+                    t.table.oid = now.oid;
+                    t.known = now;
+                    t.gone = false;
+                    t.told_uncaptured = false;
+                    self.reentered(i, old);
+                    again = true;
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(table = %name, error = %format!("{e:#}"), "cannot look whether a new table has the name of a table read; looking again later");
+                }
+                Err(_) => break,
+            }
+        }
+        if again {
+            self.stream = None;
+        }
+    }
+}
+
+/// The OID of the table of this name now, if there is one.
+async fn oid_of_name(
+    conn: &mut sqlx::PgConnection,
+    name: &TableName,
+) -> Result<Option<Oid>, sqlx::Error> {
+    let oid: Option<i64> = sqlx::query_scalar(
+        "select c.oid::pg_catalog.int8 from pg_catalog.pg_class c
+           join pg_catalog.pg_namespace n on n.oid operator(pg_catalog.=) c.relnamespace
+          where n.nspname operator(pg_catalog.=) $1 and c.relname operator(pg_catalog.=) $2",
+    )
+    .bind(&name.schema)
+    .bind(&name.name)
+    .fetch_optional(conn)
+    .await?;
+    Ok(oid.map(|o| o as Oid))
 }
 
 impl LogicalStream {
@@ -1194,9 +1434,18 @@ async fn relation(
     types: &TypeCache,
     rel: pgoutput::Relation,
 ) -> Result<(), SourceError> {
+    // A table is followed by its OID, whatever its name now; a relation of
+    // another OID under a table's name is an older table of that name
+    // (dropped, its WAL still being read: read as that table) or a new one
+    // that took its place (see below).
     let table = tables
         .iter()
-        .position(|t| t.table.info.name.schema == rel.schema && t.table.info.name.name == rel.name);
+        .position(|t| t.known.oid == rel.id)
+        .or_else(|| {
+            tables.iter().position(|t| {
+                t.table.info.name.schema == rel.schema && t.table.info.name.name == rel.name
+            })
+        });
     let Some(i) = table else {
         s.relations.insert(
             rel.id,
@@ -1232,10 +1481,47 @@ async fn relation(
     // catalog's names may not be the message's, and the message's columns
     // are placed by attnum as far as can be proven (see [`attnums`]).
     let mut after_ddl = false;
-    if let Some(now) = CatalogShape::load(&mut s.conn, types, rel.id)
+    let now = CatalogShape::load(&mut s.conn, types, rel.id)
         .await
-        .map_err(catalog)?
-    {
+        .map_err(catalog)?;
+    if rel.id != tables[i].known.oid {
+        // Only to the table that has the name now: an older one's WAL (a
+        // table renamed away, then another given its name) is read as the
+        // table, as ever.
+        let has_name = match &now {
+            Some(_) => {
+                oid_of_name(&mut s.conn, &name)
+                    .await
+                    .map_err(|e| catalog(e.into()))?
+                    == Some(rel.id)
+            }
+            None => false,
+        };
+        if let Some(now) = now.as_ref().filter(|_| has_name) {
+            // The table followed was dropped or renamed away, and a table
+            // created under its name is published: that one is the table
+            // from here on (every change of the old one came before this
+            // point of the WAL). It enters the set again: its rows come by
+            // an incremental snapshot that begins with a TRUNCATE event.
+            let old = tables[i].known.oid;
+            tracing::warn!(table = %name, old_oid = old, new_oid = rel.id,
+                "the table read so far left the set (dropped, or renamed away: its changes up to here were sent), and a new table of its name is published: that one is read from here on, and its rows are sent by an incremental snapshot");
+            tables[i].known = now.clone();
+            tables[i].table.oid = rel.id;
+            tables[i].gone = false;
+            tables[i].told_uncaptured = false;
+            s.reentered.push((i, old));
+            // A change of the one that left (renamed away, still there) is
+            // no longer the table's.
+            for r in s.relations.values_mut() {
+                if r.table == Some(i) {
+                    r.table = None;
+                    r.shape = None;
+                }
+            }
+        }
+    }
+    if let Some(now) = now {
         let newer = xid.is_some_and(|x| xid_after(now.changed_by, x));
         let known = &tables[i].known;
         if !newer {
@@ -1680,6 +1966,7 @@ fn change_place(
         last_commit: txn.last_commit,
         txn_last: false,
         filtered: false,
+        fresh: s.reentered.iter().any(|(i, _)| *i == table),
     };
     Ok(Some((table, shape, place)))
 }

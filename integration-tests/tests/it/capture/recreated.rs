@@ -1,0 +1,218 @@
+//! A table dropped and created again under its name, or renamed away and
+//! back (issue 14.4), in both capture modes, through the whole pipeline:
+//! pg-source, file-sink, then pg-replay of the archive into a new database,
+//! which must equal the source. The new table's rows inserted before it was
+//! captured reach the archive only by a snapshot.
+
+use std::time::{Duration, Instant};
+
+use tidemark_common::envelope::Op;
+use tidemark_common::pg::TableName;
+
+use crate::replay::{config, replay, Db};
+use crate::replay_pipeline::{table_rows, Writer, SEED_DDL};
+use crate::support::{read_events, table_state, Fixture};
+
+/// Runs `sql` on the fixture's database as the user.
+async fn script(fx: &Fixture, sql: &str) {
+    sqlx::raw_sql(sql)
+        .execute(&fx.pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// schema-init's capture of the seed table again (the fixture's kind).
+async fn capture_again(fx: &Fixture) {
+    schema_init::run(&schema_init::Config {
+        target: fx.init.target.clone(),
+        database: fx.database.clone(),
+        table: TableName::parse("streaming_update_table").unwrap(),
+        notify: false,
+        sample_row: false,
+        seed_objects: false,
+        capture: fx.init.capture,
+        logical: fx.logical,
+    })
+    .await
+    .expect("schema-init captures the table again");
+}
+
+/// Waits until the archive file plays back (by key, whatever table name
+/// its events carry) to the table, and failing that for 90 s, fails.
+async fn until_archived(fx: &Fixture) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let events = read_events(&fx.file());
+        if crate::support::replay(&events) == table_state(&fx.pool).await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the archive did not reach the table within 90 s ({} events)",
+            events.len()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// pg-replay of the archive into a new database equals the source table.
+async fn replay_equals_source(fx: &Fixture) {
+    replay_name_equals_source(fx, false).await;
+}
+
+/// The same, with `by_name` of the table's name alone: in changelog mode
+/// the events of a table renamed away name the other table, which a replay
+/// of the name leaves out (the table's snapshot after it came back holds
+/// what they did).
+async fn replay_name_equals_source(fx: &Fixture, by_name: bool) {
+    let db = Db::new().await;
+    sqlx::raw_sql(SEED_DDL).execute(&db.pool).await.unwrap();
+    let mut cfg = config(&db, &[fx.file()]);
+    if by_name {
+        let t = TableName::parse("public.streaming_update_table").unwrap();
+        cfg.tables = vec![(t.clone(), t)];
+        cfg.ignore_unmapped = true;
+    }
+    replay(cfg).await.expect("pg-replay replays the archive");
+    assert_eq!(
+        table_rows(&db.pool).await,
+        table_rows(&fx.pool).await,
+        "restored = source"
+    );
+}
+
+const SEED_TABLE: &str = "create table streaming_update_table (
+  id serial primary key,
+  data varchar(256) not null,
+  is_soft_deleted boolean default false,
+  create_date timestamp not null default now(),
+  last_updated timestamp not null default now())";
+
+/// Dropped and created again while pg-source runs, with rows inserted
+/// before it is captured again, then written to.
+async fn dropped_and_created_again(fx: Fixture) {
+    let source = fx
+        .start_source_with(&[("batch.max.rows", "10")])
+        .ready()
+        .await;
+    let sink = fx.start_sink();
+    Writer::new(&fx.pool, 31).await.run(&fx.pool, 20).await;
+    until_archived(&fx).await;
+    script(
+        &fx,
+        &format!(
+            "drop table streaming_update_table; {SEED_TABLE};
+             insert into streaming_update_table (id, data)
+               select g, 'made again ' || g from generate_series(1, 45) g"
+        ),
+    )
+    .await;
+    capture_again(&fx).await;
+    Writer::new(&fx.pool, 32).await.run(&fx.pool, 20).await;
+    until_archived(&fx).await;
+    source.assert_running();
+    source.stop().await.unwrap();
+    sink.stop().await.unwrap();
+    let events = read_events(&fx.file());
+    assert!(
+        events.iter().any(|e| e.op == Op::Truncate),
+        "the new table's snapshot begins with a TRUNCATE event"
+    );
+    replay_equals_source(&fx).await;
+    fx.drop_slot().await;
+}
+
+/// Dropped and created again while pg-source runs, with rows inserted
+/// before it is captured again, and never written to after: its rows come
+/// by the snapshot alone.
+async fn dropped_and_created_again_never_written(fx: Fixture) {
+    let source = fx
+        .start_source_with(&[("batch.max.rows", "10")])
+        .ready()
+        .await;
+    let sink = fx.start_sink();
+    Writer::new(&fx.pool, 33).await.run(&fx.pool, 20).await;
+    until_archived(&fx).await;
+    script(
+        &fx,
+        &format!(
+            "drop table streaming_update_table; {SEED_TABLE};
+             insert into streaming_update_table (id, data)
+               select g, 'made again ' || g from generate_series(1, 45) g"
+        ),
+    )
+    .await;
+    capture_again(&fx).await;
+    until_archived(&fx).await;
+    source.assert_running();
+    source.stop().await.unwrap();
+    sink.stop().await.unwrap();
+    replay_equals_source(&fx).await;
+    fx.drop_slot().await;
+}
+
+/// Renamed away, written to, and renamed back while pg-source is stopped,
+/// then written to.
+async fn renamed_away_and_back(fx: Fixture) {
+    let overrides = [("batch.max.rows", "10")];
+    let source = fx.start_source_with(&overrides).ready().await;
+    let sink = fx.start_sink();
+    Writer::new(&fx.pool, 41).await.run(&fx.pool, 20).await;
+    until_archived(&fx).await;
+    source.stop().await.unwrap();
+    script(
+        &fx,
+        "alter table streaming_update_table rename to sut_away;
+         update sut_away set data = 'while away' where id in (select id from sut_away order by id limit 3);
+         insert into sut_away (id, data) values (900, 'away');
+         delete from sut_away where id = (select max(id) from sut_away where id < 900);
+         alter table sut_away rename to streaming_update_table",
+    )
+    .await;
+    let source = fx.start_source_with(&overrides).ready().await;
+    script(
+        &fx,
+        "update streaming_update_table set data = 'back' where id = (select min(id) from streaming_update_table);
+         insert into streaming_update_table (id, data) values (901, 'back')",
+    )
+    .await;
+    until_archived(&fx).await;
+    source.assert_running();
+    source.stop().await.unwrap();
+    sink.stop().await.unwrap();
+    replay_name_equals_source(&fx, true).await;
+    fx.drop_slot().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changelog_table_dropped_and_created_again_is_snapshotted() {
+    dropped_and_created_again(Fixture::changelog(schema_init::TriggerLevel::Row).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logical_table_dropped_and_created_again_is_snapshotted() {
+    dropped_and_created_again(Fixture::logical().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changelog_table_renamed_away_and_back_while_stopped_replays_to_the_source() {
+    renamed_away_and_back(Fixture::changelog(schema_init::TriggerLevel::Row).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logical_table_renamed_away_and_back_while_stopped_replays_to_the_source() {
+    renamed_away_and_back(Fixture::logical().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changelog_table_created_again_and_never_written_is_snapshotted() {
+    dropped_and_created_again_never_written(
+        Fixture::changelog(schema_init::TriggerLevel::Row).await,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logical_table_created_again_and_never_written_is_snapshotted() {
+    dropped_and_created_again_never_written(Fixture::logical().await).await;
+}
