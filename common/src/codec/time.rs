@@ -262,7 +262,7 @@ pub fn parse_time(text: &str) -> Result<i64, TimeError> {
 /// Splits microseconds since 1970 into days and microseconds of the day.
 fn split(us: i128) -> Option<(i64, i64)> {
     let days = i64::try_from(us.div_euclid(US_PER_DAY)).ok()?;
-    if days.abs() > 1 << 40 {
+    if days.unsigned_abs() > 1 << 40 {
         return None;
     }
     Some((days, us.rem_euclid(US_PER_DAY) as i64))
@@ -399,7 +399,7 @@ pub fn timestamp_text(us: i128, zoned: bool) -> Option<String> {
 
 /// A `date` as Postgres prints it.
 pub fn date_text(days: i64) -> Option<String> {
-    if days.abs() > 1 << 40 {
+    if days.unsigned_abs() > 1 << 40 {
         return None;
     }
     let mut out = Vec::with_capacity(16);
