@@ -44,7 +44,7 @@ use crate::archive::{Origin, StreamPos, Streams};
 use crate::position::{self, Advance};
 use crate::record::{Op, Row, RowSchema};
 use crate::target::{self, TargetTable};
-use crate::values::{copy_escape, pg_text, COPY_NULL};
+use crate::values::{copy_escape, Fields, COPY_NULL};
 
 /// Bytes of `COPY` data a table buffers before it is sent.
 const COPY_CHUNK: usize = 1 << 20;
@@ -134,10 +134,10 @@ pub struct Stage {
     /// Staging columns c1..cn: indexes into `target.columns`.
     cols: Vec<usize>,
     /// Per record schema (by id): each staging column's field schema.
-    fields: HashMap<u64, Arc<Vec<Value>>>,
+    fields: HashMap<u64, Arc<Fields>>,
     /// For records without a schema: the field schemas the codec gives the
     /// target's column types; set (and the columns checked) at the first.
-    schemaless: Option<Arc<Vec<Value>>>,
+    schemaless: Option<Arc<Fields>>,
     /// Whether a record's columns have matched the target's: a record
     /// that differs after that is a schema change at the source.
     matched: bool,
@@ -968,11 +968,11 @@ impl Applier {
             Some((id, schema)) => match stage.fields.get(&id) {
                 Some(f) => f.clone(),
                 None => {
-                    let f = Arc::new(
+                    let f = Arc::new(Fields::new(
                         stage
                             .field_schemas(schema)
                             .with_context(|| format!("at {origin}"))?,
-                    );
+                    ));
                     stage.fields.insert(id, f.clone());
                     stage.matched = true;
                     f
@@ -1013,7 +1013,7 @@ impl Applier {
                         })
                         .collect();
                     let codec = tidemark_common::codec::RowCodec::new(specs);
-                    let f = Arc::new(codec.fields(&Default::default()).to_vec());
+                    let f = Arc::new(Fields::new(codec.fields(&Default::default()).to_vec()));
                     stage.schemaless = Some(f.clone());
                     f
                 }
@@ -1037,7 +1037,7 @@ impl Applier {
             let value = row
                 .and_then(|r| r.get_at(&col.name, i))
                 .unwrap_or(&Value::Null);
-            let text = pg_text(fields.get(j).unwrap_or(&Value::Null), value).map_err(|why| {
+            let text = fields.pg_text(j, value).map_err(|why| {
                 let key = row
                     .map(|r| key_json(r, &stage.target))
                     .unwrap_or_else(|| "(none)".into());

@@ -2,16 +2,42 @@
 //! and written into `COPY` text format.
 //!
 //! The type mapping itself is the codec's (`common::codec`): this module
-//! only hands it the field schema and the JSON value, and escapes the text
-//! for `COPY`.
+//! only hands it the field schema (with its plan, worked out once per
+//! schema) and the JSON value, and escapes the text for `COPY`.
+
+use std::borrow::Cow;
 
 use serde_json::Value;
+use tidemark_common::codec::{to_pg_text_planned, TextPlan};
 
-/// The Postgres text form of `value` under `field_schema`; `None` for NULL.
-///
-/// Fails, saying why, when the value does not fit its schema.
-pub fn pg_text(field_schema: &Value, value: &Value) -> Result<Option<String>, String> {
-    tidemark_common::codec::to_pg_text(field_schema, value).map_err(|e| e.to_string())
+/// The field schemas of a table's staging columns, each with its
+/// [`TextPlan`], worked out once per record schema.
+#[derive(Debug)]
+pub struct Fields {
+    schemas: Vec<Value>,
+    plans: Vec<TextPlan>,
+}
+
+impl Fields {
+    /// The fields of these schemas, in staging column order.
+    pub fn new(schemas: Vec<Value>) -> Self {
+        let plans = schemas.iter().map(TextPlan::of).collect();
+        Self { schemas, plans }
+    }
+
+    /// The Postgres text of `value` in staging column `j` (0-based); `None`
+    /// for NULL. A column without a field schema reads as a string.
+    ///
+    /// Fails, saying why, when the value does not fit its schema.
+    pub fn pg_text<'a>(&self, j: usize, value: &'a Value) -> Result<Option<Cow<'a, str>>, String> {
+        let schema = self.schemas.get(j).unwrap_or(&Value::Null);
+        let plan = self
+            .plans
+            .get(j)
+            .copied()
+            .unwrap_or_else(|| TextPlan::of(schema));
+        to_pg_text_planned(plan, schema, value).map_err(|e| e.to_string())
+    }
 }
 
 /// Appends `text` to a `COPY ... from stdin` (text format) row: backslash,

@@ -1,6 +1,8 @@
 //! From a record's JSON value and field schema back to the value's Postgres
 //! text, for playback.
 
+use std::borrow::Cow;
+
 use base64::Engine as _;
 use serde_json::Value;
 
@@ -85,6 +87,99 @@ pub fn to_pg_text(field_schema: &Value, json: &Value) -> Result<Option<String>, 
     scalar_text(field_schema, json, column_type == Some("inet"))
         .map(Some)
         .map_err(fail)
+}
+
+/// How [`to_pg_text_planned`] turns the values of one field schema into
+/// their Postgres text: worked out once per field schema, so a value of a
+/// common type is written without reading its schema again. Every plan
+/// gives exactly [`to_pg_text`]'s text (and its errors: a value of another
+/// shape than the plan's goes to [`to_pg_text`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextPlan {
+    /// `int8`/`int16`/`int32`/`int64` without a logical name that
+    /// `to_pg_text` reads otherwise: an integer's digits.
+    Integer,
+    /// `boolean`: `t` or `f`.
+    Boolean,
+    /// `string` of a column that is not `inet`, without a logical name
+    /// that `to_pg_text` reads otherwise: the string itself.
+    Text,
+    /// `io.debezium.time.MicroTimestamp`: the timestamp's text.
+    MicroTimestamp,
+    /// Anything else: [`to_pg_text`].
+    General,
+}
+
+impl TextPlan {
+    /// The plan of `field_schema`'s values.
+    pub fn of(field_schema: &Value) -> Self {
+        let name = field_schema.get("name").and_then(Value::as_str);
+        let ty = field_schema
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("string");
+        let column_type = field_schema
+            .get("parameters")
+            .and_then(|p| p.get(param::COLUMN_TYPE))
+            .and_then(Value::as_str);
+        match name {
+            Some(logical::MICRO_TIMESTAMP) => return Self::MicroTimestamp,
+            Some(
+                logical::ISO_TIMESTAMP
+                | logical::ZONED_TIMESTAMP
+                | logical::DATE
+                | logical::MICRO_TIME,
+            ) => return Self::General,
+            _ => {}
+        }
+        match ty {
+            "int8" | "int16" | "int32" | "int64" => Self::Integer,
+            "boolean" => Self::Boolean,
+            "string" if column_type != Some("inet") => Self::Text,
+            _ => Self::General,
+        }
+    }
+}
+
+/// [`to_pg_text`] of `json` under `field_schema`, whose plan is `plan`
+/// ([`TextPlan::of`] of the same schema): the same text, borrowed from
+/// `json` where it can be.
+///
+/// Fails as [`to_pg_text`] fails.
+pub fn to_pg_text_planned<'a>(
+    plan: TextPlan,
+    field_schema: &Value,
+    json: &'a Value,
+) -> Result<Option<Cow<'a, str>>, CodecError> {
+    match (plan, json) {
+        (_, Value::Null) => return Ok(None),
+        (TextPlan::Integer, Value::Number(n)) => {
+            // The digits of the number's value, as `to_pg_text` prints it
+            // after reading the number's text as an integer.
+            if let Some(i) = n.as_i64() {
+                return Ok(Some(Cow::Owned(i.to_string())));
+            }
+            if let Some(u) = n.as_u64() {
+                return Ok(Some(Cow::Owned(u.to_string())));
+            }
+        }
+        (TextPlan::Boolean, Value::Bool(b)) => {
+            return Ok(Some(Cow::Borrowed(if *b { "t" } else { "f" })));
+        }
+        (TextPlan::Text, Value::String(s)) => return Ok(Some(Cow::Borrowed(s))),
+        (TextPlan::MicroTimestamp, Value::Number(n)) => match n.as_i64() {
+            Some(i64::MAX) => return Ok(Some(Cow::Borrowed("infinity"))),
+            Some(i64::MIN) => return Ok(Some(Cow::Borrowed("-infinity"))),
+            Some(us) => {
+                if let Some(text) = time::timestamp_text(i128::from(us), false) {
+                    return Ok(Some(Cow::Owned(text)));
+                }
+            }
+            None => {}
+        },
+        _ => {}
+    }
+    to_pg_text(field_schema, json).map(|t| t.map(Cow::Owned))
 }
 
 /// The text of a non-null scalar under `schema`.
@@ -300,9 +395,98 @@ mod tests {
         let mut out = Vec::new();
         let v = codec.encode(&[Some(text)], &mut out).unwrap();
         let row: Value = serde_json::from_slice(&out).unwrap();
-        to_pg_text(&codec.fields(&v)[0], &row["c"])
+        let field = &codec.fields(&v)[0];
+        let back = to_pg_text(field, &row["c"])
             .unwrap_or_else(|e| panic!("{oid} {text}: {e}"))
-            .unwrap()
+            .unwrap();
+        let planned = to_pg_text_planned(TextPlan::of(field), field, &row["c"])
+            .unwrap_or_else(|e| panic!("{oid} {text}, planned: {e}"))
+            .unwrap();
+        assert_eq!(planned, back, "{oid} {text}: the planned text");
+        back
+    }
+
+    /// `to_pg_text_planned` gives `to_pg_text`'s text or error.
+    fn same_as_general(schema: &Value, json: &Value) {
+        let general = to_pg_text(schema, json).map_err(|e| e.to_string());
+        let planned = to_pg_text_planned(TextPlan::of(schema), schema, json)
+            .map(|t| t.map(Cow::into_owned))
+            .map_err(|e| e.to_string());
+        assert_eq!(planned, general, "{schema} {json}");
+    }
+
+    #[test]
+    fn planned_texts_are_the_general_ones() {
+        let schemas = [
+            json!({"type": "int16"}),
+            json!({"type": "int32", "optional": false}),
+            json!({"type": "int64"}),
+            json!({"type": "int64", "name": "io.debezium.time.MicroTimestamp"}),
+            json!({"type": "int64", "name": "io.debezium.time.Timestamp"}),
+            json!({"type": "int32", "name": "io.debezium.time.Date"}),
+            json!({"type": "int64", "name": "io.debezium.time.MicroTime"}),
+            json!({"type": "boolean"}),
+            json!({"type": "string"}),
+            json!({"name": "tidemark.data.PgText"}),
+            json!({"type": "string", "name": "io.debezium.time.IsoTimestamp"}),
+            json!({"type": "string", "name": "io.debezium.time.ZonedTimestamp"}),
+            json!({"type": "string", "parameters": {"tidemark.column.type": "inet"}}),
+            json!({"type": "string", "parameters": {"tidemark.column.type": "cidr"}}),
+            json!({"type": "string", "parameters": {"tidemark.column.type": "text"}}),
+            json!({"type": "array", "items": {"type": "int32"}}),
+            json!({"type": "array", "name": "x", "items": {"type": "int32"}}),
+            json!({"type": "bytes"}),
+            json!({"type": "double"}),
+            json!({"type": "struct"}),
+        ];
+        let values = [
+            json!(null),
+            json!(0),
+            json!(-0),
+            json!(7),
+            json!(-32768),
+            json!(i64::MAX),
+            json!(i64::MIN),
+            json!(u64::MAX),
+            serde_json::from_str::<Value>("-0").unwrap(),
+            serde_json::from_str::<Value>("100000000000000000000000").unwrap(),
+            serde_json::from_str::<Value>("-9223372036854775809").unwrap(),
+            serde_json::from_str::<Value>("1.5").unwrap(),
+            serde_json::from_str::<Value>("1e3").unwrap(),
+            serde_json::from_str::<Value>("1.0").unwrap(),
+            json!(1_709_251_199_500_000i64),
+            json!(-210_866_803_200_000_001i64),
+            json!(i64::MAX - 1),
+            json!(true),
+            json!(false),
+            json!(""),
+            json!("a\tb\\c\nd"),
+            json!("10.0.0.1/32"),
+            json!("::1/128"),
+            json!("123"),
+            json!("2024-02-29T23:59:59.500000"),
+            json!("2024-02-29T23:59:59.5Z"),
+            json!("infinity"),
+            json!("AAEC"),
+            json!([1, 2]),
+            json!({"a": 1}),
+        ];
+        for schema in &schemas {
+            for value in &values {
+                same_as_general(schema, value);
+            }
+        }
+        assert_eq!(
+            TextPlan::of(&json!({"type": "int32"})),
+            TextPlan::Integer,
+            "the common types have a plan of their own"
+        );
+        assert_eq!(
+            TextPlan::of(&json!({"type": "int64", "name": "io.debezium.time.MicroTimestamp"})),
+            TextPlan::MicroTimestamp
+        );
+        assert_eq!(TextPlan::of(&json!({"type": "string"})), TextPlan::Text);
+        assert_eq!(TextPlan::of(&json!({"type": "boolean"})), TextPlan::Boolean);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use super::text::{
     parse_array, parse_copy_line, parse_record, write_array_element, write_copy_field, write_record,
 };
 use super::time::{self, Instant, US_PER_DAY};
-use super::{to_pg_text, ColumnSpec, ColumnType, Oid, RowCodec};
+use super::{to_pg_text, to_pg_text_planned, ColumnSpec, ColumnType, Oid, RowCodec, TextPlan};
 
 /// Postgres' first and last `timestamp` (4714-11-24 00:00:00 BC and
 /// 294276-12-31 23:59:59.999999), in µs since 1970.
@@ -43,9 +43,18 @@ fn round(oid: Oid, text: &str) -> Result<String, String> {
         .encode(&[Some(text)], &mut out)
         .map_err(|e| e.to_string())?;
     let row: Value = serde_json::from_slice(&out).map_err(|e| e.to_string())?;
-    to_pg_text(&codec.fields(&v)[0], &row["c"])
+    let field = &codec.fields(&v)[0];
+    let back = to_pg_text(field, &row["c"])
         .map_err(|e| e.to_string())?
-        .ok_or_else(|| "NULL".to_owned())
+        .ok_or_else(|| "NULL".to_owned())?;
+    // The planned path (pg-replay's) gives the same text.
+    let planned = to_pg_text_planned(TextPlan::of(field), field, &row["c"])
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| "NULL".to_owned())?;
+    if planned != back {
+        return Err(format!("planned {planned:?}, general {back:?}"));
+    }
+    Ok(back)
 }
 
 /// Text without NUL, which no Postgres text holds.
