@@ -588,8 +588,14 @@ impl Decoder {
         payload: &[u8],
         schema: Option<Arc<RecordSchema>>,
     ) -> Result<Record, RecordError> {
-        // The common case in one pass: a change event.
-        let raw: RawEvent<'_> = match serde_json::from_slice(payload) {
+        // The common case in one pass: a change event. Checked as UTF-8 at
+        // once (the parser then need not check each string); a line that is
+        // not UTF-8 is parsed as bytes, for the parser's own error.
+        let parsed = match std::str::from_utf8(payload) {
+            Ok(text) => serde_json::from_str::<RawEvent<'_>>(text),
+            Err(_) => serde_json::from_slice::<RawEvent<'_>>(payload),
+        };
+        let raw: RawEvent<'_> = match parsed {
             Ok(raw) => raw,
             Err(first) => return not_an_event(payload, schema, first),
         };
