@@ -1107,6 +1107,30 @@ impl Loop<'_> {
                             .schema_change(applier, total, idx, &steps, tx.commit_order, &origin)
                             .await?;
                         if !made {
+                            if let Some(d) = &self.deferred {
+                                // One change waits already, for a unit before
+                                // this one's: replacing it would lose it and the
+                                // records set aside with it.
+                                let first = self
+                                    .units
+                                    .first_pending()
+                                    .map(|(c, u)| format!("unit {c} ({} events read)", u.events()));
+                                bail!(
+                                    "{origin}: the archive changes the columns of table {}.{} at unit {}, and of another \
+                                     table at unit {}, while {} before them is still incomplete: pg-replay lets one \
+                                     such change wait for the units before it, not two. Nothing after unit {} was \
+                                     applied. If an event is missing, the archive has a gap; if one stream of the \
+                                     archive is behind, replay from here with --until-txid or --until at unit {}'s \
+                                     commit and then the rest",
+                                    c.schema_name,
+                                    c.table,
+                                    tx.commit_order,
+                                    d.co,
+                                    first.unwrap_or_else(|| "a unit".into()),
+                                    self.units.applied().map_or("(none)".into(), |a| a.to_string()),
+                                    tx.commit_order.min(d.co),
+                                );
+                            }
                             // A unit before it is still to come: this
                             // record, and every record of a unit from its
                             // own on, wait aside until it is here.
@@ -1338,11 +1362,25 @@ impl Loop<'_> {
                 records = d.queue.len(),
                 "the units before a schema change are here; taking up the records set aside"
             );
-            self.units.release_holds();
+            // The holds stay while the records are taken up: a run stored
+            // meanwhile (the units before the change, or the replay stopping
+            // at it) must resume no later than the records not added yet.
+            // Then they are what is set aside anew, if anything.
             self.record(applier, d.trigger, total, Some(d.treat))
                 .await?;
             for r in d.queue {
                 self.record(applier, r, total, None).await?;
+            }
+            self.units.release_holds();
+            if let Some(n) = &self.deferred {
+                self.units.hold(n.trigger.stream, n.co, n.trigger.pos);
+                for r in &n.queue {
+                    if let Ok(Record::Change(c)) = &r.record {
+                        if let Some(t) = &c.tx {
+                            self.units.hold(r.stream, t.commit_order, r.pos);
+                        }
+                    }
+                }
             }
         }
         Ok(())

@@ -1427,3 +1427,63 @@ async fn a_schema_change_waits_for_a_unit_before_it_read_later_on_another_stream
     assert!(err.contains("a gap in the archive: unit 2"), "{err}");
     assert_eq!(db.rows("select * from t").await, ["(1,one)"]);
 }
+
+/// Two changes of columns that would both have to wait for a unit before
+/// them (review of 430988f): t's at unit 4, then p's at unit 3, while unit 2
+/// is still incomplete in the file. The second must not replace the first,
+/// which would drop t's change and its row with no error: pg-replay
+/// refuses, names both units, and applies nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_schema_change_waiting_beside_another_is_refused_not_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = [("id", "int32", "integer"), ("data", "string", "text")];
+    let v2 = [
+        ("id", "int32", "integer"),
+        ("data", "string", "text"),
+        ("extra", "int32", "integer"),
+    ];
+    let p1 = [("id", "int32", "integer")];
+    let p2 = [("id", "int32", "integer"), ("x", "int32", "integer")];
+    let t = |fields: &[(&str, &str, &str)], op: &str, after: Value| {
+        event_with_schema(fields, op, after, 1)
+    };
+    // The same event, of table p.
+    let p = |fields: &[(&str, &str, &str)], after: Value| {
+        let mut v: Value = serde_json::from_str(&event_with_schema(fields, "c", after, 1)).unwrap();
+        v["payload"]["source"]["table"] = json!("p");
+        v["schema"]["name"] = json!("src.public.p.Envelope");
+        v.to_string()
+    };
+    let file = dir.path().join("two-waiting.txt");
+    let mut a = Archive::default();
+    a.raw(&placed(&t(&v1, "c", row(1, "one")), 1, 1, Some(1), None))
+        .raw(&placed(&p(&p1, json!({"id": 10})), 2, 1, None, Some(1)))
+        .raw(&placed(
+            &t(&v2, "u", json!({"id": 1, "data": "one", "extra": 7})),
+            4,
+            1,
+            Some(1),
+            Some(3),
+        ))
+        .raw(&placed(
+            &p(&p2, json!({"id": 11, "x": 5})),
+            3,
+            1,
+            Some(1),
+            Some(2),
+        ))
+        .raw(&placed(&t(&v1, "c", row(2, "two")), 2, 2, Some(2), Some(1)));
+    a.write(&file);
+    let db = Db::new().await;
+    db.exec("create table t (id int primary key, data text); create table p (id int primary key)")
+        .await;
+    let mut cfg = config(&db, &[&file]);
+    cfg.schema_changes = pg_replay::apply::SchemaChanges::Apply;
+    let err = format!("{:#}", replay(cfg).await.unwrap_err());
+    assert!(
+        err.contains("at unit 3, and of another table at unit 4") && err.contains("not two"),
+        "{err}"
+    );
+    assert_eq!(db.rows("select * from t").await, Vec::<String>::new());
+    assert_eq!(db.rows("select * from p").await, Vec::<String>::new());
+}
