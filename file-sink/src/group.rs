@@ -543,9 +543,8 @@ fn try_acquire(
             match segments::acquire(&seg, &tp, &owner)? {
                 Acquire::Held(h) => Ok(Acquisition::Held(h)),
                 Acquire::Ready(a) => {
-                    let (low, high) = consumer
-                        .fetch_watermarks(&tp.0, tp.1, Duration::from_secs(10))
-                        .with_context(|| {
+                    let (low, high) =
+                        watermarks_when_led(&*consumer, &tp.0, tp.1).with_context(|| {
                             format!("cannot read the offsets of {} partition {}", tp.0, tp.1)
                         })?;
                     let first = segments::topic_file(&seg.root, &tp.0).map(|t| t.first());
@@ -555,6 +554,38 @@ fn try_acquire(
         })();
         let _ = done.send(Done::Acquire(tp, r));
     });
+}
+
+/// How long a partition that has no leader for the moment (just created, or
+/// the broker restarting) is waited for before taking it fails.
+const LEADER_PATIENCE: Duration = Duration::from_secs(30);
+
+/// The partition's low and high watermarks. A partition whose leader is
+/// being elected (Kafka answers "not leader" or "leader not available" for
+/// a moment after a topic is created or a broker restarts) is asked again
+/// for up to [`LEADER_PATIENCE`], instead of stopping the sink; any other
+/// error fails at once.
+fn watermarks_when_led<C: Consumer<SinkContext>>(
+    consumer: &C,
+    topic: &str,
+    partition: i32,
+) -> rdkafka::error::KafkaResult<(i64, i64)> {
+    use rdkafka::error::RDKafkaErrorCode as Code;
+    let until = Instant::now() + LEADER_PATIENCE;
+    loop {
+        match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
+            Err(e)
+                if matches!(
+                    e.rdkafka_error_code(),
+                    Some(Code::NotLeaderForPartition | Code::LeaderNotAvailable)
+                ) && Instant::now() < until =>
+            {
+                tracing::info!(topic, partition, error = %e, "the partition has no leader yet; asking again");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            r => return r,
+        }
+    }
 }
 
 /// Seeks `tp` to `offset` and resumes it. Always a seek: the fetcher may
