@@ -327,7 +327,10 @@ impl CatalogShape {
     /// The OID of a table by name; `None` when it does not exist.
     ///
     /// Fails on a catalog error.
-    pub async fn oid_of(conn: &mut PgConnection, table: &TableName) -> anyhow::Result<Option<Oid>> {
+    pub async fn oid_of(
+        conn: &mut PgConnection,
+        table: &TableName,
+    ) -> Result<Option<Oid>, sqlx::Error> {
         let oid: Option<i64> = sqlx::query_scalar(
             "select c.oid::pg_catalog.int8 from pg_catalog.pg_class c
              join pg_catalog.pg_namespace n on n.oid operator(pg_catalog.=) c.relnamespace

@@ -1332,7 +1332,7 @@ impl LogicalMode {
             let (name, old, gone) = (t.table.info.name.clone(), t.known.oid, t.gone);
             let look = async {
                 let mut conn = pool.acquire().await?;
-                let Some(oid) = oid_of_name(&mut conn, &name).await? else {
+                let Some(oid) = CatalogShape::oid_of(&mut conn, &name).await? else {
                     return Ok(None);
                 };
                 if oid == old && !gone {
@@ -1379,23 +1379,6 @@ impl LogicalMode {
             self.stream = None;
         }
     }
-}
-
-/// The OID of the table of this name now, if there is one.
-async fn oid_of_name(
-    conn: &mut sqlx::PgConnection,
-    name: &TableName,
-) -> Result<Option<Oid>, sqlx::Error> {
-    let oid: Option<i64> = sqlx::query_scalar(
-        "select c.oid::pg_catalog.int8 from pg_catalog.pg_class c
-           join pg_catalog.pg_namespace n on n.oid operator(pg_catalog.=) c.relnamespace
-          where n.nspname operator(pg_catalog.=) $1 and c.relname operator(pg_catalog.=) $2",
-    )
-    .bind(&name.schema)
-    .bind(&name.name)
-    .fetch_optional(conn)
-    .await?;
-    Ok(oid.map(|o| o as Oid))
 }
 
 impl LogicalStream {
@@ -1490,7 +1473,7 @@ async fn relation(
         // table, as ever.
         let has_name = match &now {
             Some(_) => {
-                oid_of_name(&mut s.conn, &name)
+                CatalogShape::oid_of(&mut s.conn, &name)
                     .await
                     .map_err(|e| catalog(e.into()))?
                     == Some(rel.id)
