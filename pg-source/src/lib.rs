@@ -92,6 +92,22 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
             }
+            Err(e)
+                if !shutdown.is_cancelled()
+                    && matches!(e.downcast_ref::<BatchError>(), Some(BatchError::Lost(_))) =>
+            {
+                // The producer is unusable (a fatal librdkafka error after a
+                // broker restart): start again as a restart of the program
+                // would, with a new producer that fences the old one and the
+                // position read back from Kafka, not the one in memory,
+                // since a commit that failed so may have reached the broker.
+                tracing::warn!(error = %format!("{e:#}"), "kafka producer failed; starting again with a new one from the stored position");
+                first_failure = None;
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
             result => return result,
         }
     }
@@ -379,6 +395,13 @@ async fn drive<M: Capture>(
                     cfg.health.set_ready(false);
                     pg_down = true;
                 }
+            }
+            Err(SourceError::Kafka(e @ BatchError::Lost(_))) => {
+                // [`run`] starts again with a new producer, which reads the
+                // position back from Kafka.
+                metrics::counter!(names::SOURCE_ERRORS, "kind" => "kafka").increment(1);
+                cfg.health.set_ready(false);
+                return Err(anyhow::Error::new(e));
             }
             Err(SourceError::Kafka(BatchError::Fatal(e))) => return Err(e),
             Err(e) => return Err(anyhow::Error::new(e)),

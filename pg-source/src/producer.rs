@@ -50,6 +50,13 @@ pub enum BatchError {
     /// authorised); the program must stop.
     #[error("{0:#}")]
     Fatal(anyhow::Error),
+    /// The producer instance hit a fatal error that a new instance cures
+    /// (librdkafka's `INVALID_TXN_STATE` after a broker restart, say):
+    /// the caller drops it, starts a new one, whose `init_transactions`
+    /// fences this one and aborts its transaction, and goes on from the
+    /// position stored in Kafka.
+    #[error("the Kafka producer failed and is replaced by a new one: {0:#}")]
+    Lost(anyhow::Error),
     /// The program is stopping and the batch was left uncommitted: the
     /// next start fences this producer, which aborts the transaction, and
     /// sends the batch again.
@@ -482,7 +489,11 @@ fn send_blocking(
             )))
         }
         Err(e) => {
-            let err = classify(e, &format!("commit a batch to {}", topics.join(", ")));
+            let what = format!("commit a batch to {}", topics.join(", "));
+            if let Some(lost) = lost(producer, &e, &what) {
+                return Err(lost);
+            }
+            let err = classify(e, &what);
             if let BatchError::Retry(_) = &err {
                 abort(producer)?;
             }
@@ -573,14 +584,61 @@ fn abort(producer: &Producer) -> Result<(), BatchError> {
                 }
                 std::thread::sleep(Duration::from_millis(500));
             }
-            Err(e) => return Err(match classify(e, "abort a failed transaction") {
+            Err(e) => {
+                if let Some(lost) = lost(producer, &e, "abort a failed transaction") {
+                    return Err(lost);
+                }
+                return Err(match classify(e, "abort a failed transaction") {
                 BatchError::Retry(e) => BatchError::Fatal(e.context(
                     "Kafka stayed unreachable; exiting so that a restart starts a fresh producer",
                 )),
                 fatal => fatal,
-            }),
+                })
+            }
         }
     }
+}
+
+/// The codes of fatal errors that a new producer does not cure: another
+/// instance took over, or the user may not use transactions. pg-source
+/// stops on these (see [`classify`]).
+fn fatal_for_good(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::ProducerFenced
+            | RDKafkaErrorCode::InvalidProducerEpoch
+            | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed
+            | RDKafkaErrorCode::TopicAuthorizationFailed
+    )
+}
+
+/// [`BatchError::Lost`] when `e` left the producer unusable for a reason a
+/// new producer cures: the error is fatal (or the instance has raised a
+/// fatal error, which librdkafka reports to later calls as `_FATAL` or
+/// `_STATE`), and the fatal error is not one of [`fatal_for_good`]'s.
+/// Sorted by librdkafka's codes and flags, never by the message.
+fn lost(producer: &Producer, e: &KafkaError, what: &str) -> Option<BatchError> {
+    let instance = producer.client().fatal_error();
+    let flagged = match e {
+        KafkaError::Transaction(t) => t.is_fatal(),
+        _ => false,
+    };
+    let code = e.rdkafka_error_code();
+    if instance.is_none() && !flagged && code != Some(RDKafkaErrorCode::Fatal) {
+        return None;
+    }
+    // The instance's own fatal error is the cause; the call's code may only
+    // say that the instance is in a fatal state.
+    let cause = instance.as_ref().map(|(c, _)| *c).or(code);
+    if cause.is_some_and(fatal_for_good) {
+        return None;
+    }
+    let detail = match &instance {
+        Some((c, reason)) => format!("{e}; the producer's fatal error: {reason} ({c:?})"),
+        None => e.to_string(),
+    };
+    Some(BatchError::Lost(anyhow!("cannot {what}: {detail}")))
 }
 
 /// Sorts a Kafka error into retry or stop, with a message that says why.
@@ -621,7 +679,7 @@ fn classify(e: KafkaError, what: &str) -> BatchError {
 impl BatchError {
     fn into_anyhow(self) -> anyhow::Error {
         match self {
-            Self::Retry(e) | Self::Fatal(e) => e,
+            Self::Retry(e) | Self::Fatal(e) | Self::Lost(e) => e,
             Self::Stopped => anyhow!("{}", Self::Stopped),
         }
     }
