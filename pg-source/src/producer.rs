@@ -51,10 +51,11 @@ pub enum BatchError {
     #[error("{0:#}")]
     Fatal(anyhow::Error),
     /// The producer instance hit a fatal error that a new instance cures
-    /// (librdkafka's `INVALID_TXN_STATE` after a broker restart, say):
-    /// the caller drops it, starts a new one, whose `init_transactions`
-    /// fences this one and aborts its transaction, and goes on from the
-    /// position stored in Kafka.
+    /// (librdkafka's `INVALID_TXN_STATE` after a broker restart, say), or
+    /// a commit failed whose outcome is unknown: the caller drops the
+    /// producer, starts a new one, whose `init_transactions` fences this one
+    /// and aborts its transaction, and goes on from the position stored in
+    /// Kafka, never from the one in memory.
     #[error("the Kafka producer failed and is replaced by a new one: {0:#}")]
     Lost(anyhow::Error),
     /// The program is stopping and the batch was left uncommitted: the
@@ -350,6 +351,9 @@ fn send_blocking(
     topics.sort_unstable();
     topics.dedup();
     let committed_anyway = std::cell::Cell::new(false);
+    // Set once `commit_transaction` was called: from then on a failure
+    // does not say that the broker did not commit.
+    let committing = std::cell::Cell::new(false);
     // The record a failure is about, when it is one record's.
     let failed: std::cell::RefCell<Option<Failed>> = std::cell::RefCell::new(None);
     let run = || -> Result<(), KafkaError> {
@@ -458,6 +462,7 @@ fn send_blocking(
             *failed.borrow_mut() = Some(record);
             return Err(transaction_cause(producer, e, &committed_anyway));
         }
+        committing.set(true);
         commit(producer, stop)
     };
     let result = run();
@@ -492,6 +497,17 @@ fn send_blocking(
             let what = format!("commit a batch to {}", topics.join(", "));
             if let Some(lost) = lost(producer, &e, &what) {
                 return Err(lost);
+            }
+            if committing.get() {
+                // A commit interrupted by a broker restart can fail here
+                // although the coordinator committed it (an abort then
+                // fails with INVALID_TXN_STATE). Going on from the position
+                // in memory, from before the batch, would send the batch
+                // again and store an older position over the newer one;
+                // the position read back from Kafka is the outcome.
+                return Err(BatchError::Lost(anyhow!(
+                    "cannot {what}: {e}; the commit's outcome is read back from Kafka"
+                )));
             }
             let err = classify(e, &what);
             if let BatchError::Retry(_) = &err {
@@ -682,5 +698,47 @@ impl BatchError {
             Self::Retry(e) | Self::Fatal(e) | Self::Lost(e) => e,
             Self::Stopped => anyhow!("{}", Self::Stopped),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A producer that never connects (librdkafka connects lazily), to
+    /// sort errors by the instance's state.
+    fn idle_producer() -> Producer {
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .create_with_context(Acks::default())
+            .expect("a producer is created without a broker")
+    }
+
+    #[test]
+    fn a_fatal_state_is_cured_by_a_new_producer() {
+        let p = idle_producer();
+        let e = KafkaError::MessageProduction(RDKafkaErrorCode::Fatal);
+        assert!(matches!(
+            lost(&p, &e, "send a batch"),
+            Some(BatchError::Lost(_))
+        ));
+    }
+
+    #[test]
+    fn fencing_and_refusals_are_not_cured_by_a_new_producer() {
+        let p = idle_producer();
+        for code in [
+            RDKafkaErrorCode::ProducerFenced,
+            RDKafkaErrorCode::InvalidProducerEpoch,
+            RDKafkaErrorCode::TransactionalIdAuthorizationFailed,
+        ] {
+            let e = KafkaError::MessageProduction(code);
+            assert!(lost(&p, &e, "send a batch").is_none(), "{code:?}");
+            assert!(matches!(classify(e, "send a batch"), BatchError::Fatal(_)));
+        }
+        // A transient error of a healthy instance is retried, not a new
+        // producer.
+        let e = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
+        assert!(lost(&p, &e, "send a batch").is_none());
     }
 }
