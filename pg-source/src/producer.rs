@@ -580,7 +580,8 @@ fn transaction_cause(
 }
 
 /// How long to keep trying to abort a transaction while the brokers are
-/// unreachable before giving up (and exiting, to be restarted).
+/// unreachable before handing the transaction to a new producer, whose
+/// `init_transactions` aborts it.
 const ABORT_PATIENCE: Duration = Duration::from_secs(300);
 
 /// Aborts the open transaction, waiting out a broker restart.
@@ -604,12 +605,15 @@ fn abort(producer: &Producer) -> Result<(), BatchError> {
                 if let Some(lost) = lost(producer, &e, "abort a failed transaction") {
                     return Err(lost);
                 }
+                // Neither fenced nor refused: a new producer's
+                // `init_transactions` aborts the transaction instead (and
+                // fails, so that pg-source stops, if Kafka stays away).
                 return Err(match classify(e, "abort a failed transaction") {
-                BatchError::Retry(e) => BatchError::Fatal(e.context(
-                    "Kafka stayed unreachable; exiting so that a restart starts a fresh producer",
-                )),
-                fatal => fatal,
-                })
+                    BatchError::Retry(e) => BatchError::Lost(
+                        e.context("a new producer aborts the transaction instead"),
+                    ),
+                    fatal => fatal,
+                });
             }
         }
     }
