@@ -498,22 +498,23 @@ fn send_blocking(
             if let Some(lost) = lost(producer, &e, &what) {
                 return Err(lost);
             }
-            if committing.get() {
+            match classify(e, &what) {
                 // A commit interrupted by a broker restart can fail here
                 // although the coordinator committed it (an abort then
                 // fails with INVALID_TXN_STATE). Going on from the position
                 // in memory, from before the batch, would send the batch
                 // again and store an older position over the newer one;
-                // the position read back from Kafka is the outcome.
-                return Err(BatchError::Lost(anyhow!(
-                    "cannot {what}: {e}; the commit's outcome is read back from Kafka"
-                )));
+                // the position read back from Kafka is the outcome. (A
+                // fence or a refusal still stops pg-source.)
+                BatchError::Retry(e) if committing.get() => Err(BatchError::Lost(
+                    e.context("the commit's outcome is read back from Kafka"),
+                )),
+                BatchError::Retry(e) => {
+                    abort(producer)?;
+                    Err(BatchError::Retry(e))
+                }
+                err => Err(err),
             }
-            let err = classify(e, &what);
-            if let BatchError::Retry(_) = &err {
-                abort(producer)?;
-            }
-            Err(err)
         }
     }
 }
