@@ -610,9 +610,9 @@ fn abort(producer: &Producer) -> Result<(), BatchError> {
                 // `init_transactions` aborts the transaction instead (and
                 // fails, so that pg-source stops, if Kafka stays away).
                 return Err(match classify(e, "abort a failed transaction") {
-                    BatchError::Retry(e) => BatchError::Lost(
-                        e.context("a new producer aborts the transaction instead"),
-                    ),
+                    BatchError::Retry(e) => {
+                        BatchError::Lost(e.context("a new producer aborts the transaction instead"))
+                    }
                     fatal => fatal,
                 });
             }
