@@ -233,6 +233,12 @@ pub enum Work {
     Tick,
     /// A partition's new completeness mark.
     Mark(Tp, Mark),
+    /// The archive's topic files count every partition holding events of
+    /// units before this mark (noted after such a unit was read, so after
+    /// every partition it touches existed): a partition's mark from its own
+    /// events goes no further, lest it cover a unit with events in a
+    /// partition the archive does not count yet.
+    Counted(Mark),
     /// Delete sealed segments of a partition whose events all have a
     /// commit order below this one (a retention policy decided it).
     Retire(Tp, i64, String),
@@ -345,10 +351,13 @@ impl PartPoint {
 #[derive(Default)]
 pub struct SegPoint {
     parts: BTreeMap<Tp, PartPoint>,
+    /// A [`Work::Counted`] mark.
+    counted: Option<Mark>,
 }
 
 impl Merge for SegPoint {
     fn merge(&mut self, later: Self) {
+        self.counted = merge_marks([self.counted, later.counted]);
         for (tp, p) in later.parts {
             match self.parts.get_mut(&tp) {
                 Some(mine) => mine.merge(p),
@@ -564,6 +573,7 @@ impl Appender for SegAppender {
                     );
                 }
             }
+            Work::Counted(mark) => point.counted = Some(mark),
             Work::Retire(tp, before, reason) => {
                 if self.parts.contains_key(&tp) {
                     point.parts.insert(
@@ -576,7 +586,7 @@ impl Appender for SegAppender {
                 }
             }
         }
-        Ok((!point.parts.is_empty()).then_some(point))
+        Ok((!point.parts.is_empty() || point.counted.is_some()).then_some(point))
     }
 }
 
@@ -608,6 +618,9 @@ pub struct SegCommitter {
     parts: HashMap<Tp, PartSync>,
     report: SegReport,
     sealing: Option<SealJob>,
+    /// The latest [`Work::Counted`] mark: how far a partition's own events
+    /// may take its mark.
+    counted: Option<Mark>,
 }
 
 /// What compressing a closed segment needs.
@@ -651,6 +664,7 @@ impl SegCommitter {
             parts: HashMap::new(),
             report: SegReport::default(),
             sealing: None,
+            counted: None,
         }
     }
 
@@ -738,7 +752,7 @@ impl SegCommitter {
                 input.segment
             )
         })?;
-        sync.finish_seal(input, compressed)?;
+        sync.finish_seal(input, compressed, self.counted)?;
         self.report.sealed += 1;
         self.report
             .partitions
@@ -806,7 +820,7 @@ impl PartSync {
     }
 
     /// Fsyncs and records what `p` claims; returns the segments retired.
-    fn commit(&mut self, p: PartPoint) -> anyhow::Result<u64> {
+    fn commit(&mut self, p: PartPoint, counted: Option<Mark>) -> anyhow::Result<u64> {
         let mut next = self.checkpoint.clone();
         for c in &p.closed {
             self.fsync(&c.segment)?;
@@ -840,8 +854,9 @@ impl PartSync {
         next.closed.extend(p.closed);
         next.complete_before = merge_marks([
             next.complete_before,
-            p.mark,
-            next.last.as_ref().map(own_mark),
+            // A heartbeat's or a probe's, no further than counted either.
+            p.mark.and_then(|m| counted.map(|c| m.min(c))),
+            next.last.as_ref().and_then(|l| counted_mark(l, counted)),
         ]);
         if next != self.checkpoint {
             save_checkpoint(&self.dir, &next)?;
@@ -883,6 +898,7 @@ impl PartSync {
         &mut self,
         input: &SealInput,
         (bytes, sha256): (u64, String),
+        counted: Option<Mark>,
     ) -> anyhow::Result<()> {
         let seg = self
             .checkpoint
@@ -901,7 +917,7 @@ impl PartSync {
         let mark = if nothing_after {
             self.checkpoint.complete_before
         } else {
-            Some(own_mark(&seg.stats.last))
+            counted_mark(&seg.stats.last, counted)
         };
         self.seal_line(
             &seg,
@@ -1027,6 +1043,13 @@ fn own_mark(last: &Position) -> Mark {
     }
 }
 
+/// A partition's mark from its last event, `last`, no further than what
+/// the archive's topic files are known to count (`counted`, see
+/// [`Work::Counted`]); none before anything is counted.
+fn counted_mark(last: &Position, counted: Option<Mark>) -> Option<Mark> {
+    counted.map(|c| own_mark(last).min(c))
+}
+
 fn merge_marks(marks: impl IntoIterator<Item = Option<Mark>>) -> Option<Mark> {
     marks.into_iter().flatten().reduce(Mark::max)
 }
@@ -1122,6 +1145,7 @@ impl Committer for SegCommitter {
     type Report = SegReport;
 
     fn commit(&mut self, point: SegPoint) -> anyhow::Result<()> {
+        self.counted = merge_marks([self.counted, point.counted]);
         for (tp, mut p) in point.parts {
             if let Some(sync) = p.acquire.take() {
                 self.parts.insert(tp.clone(), *sync);
@@ -1131,7 +1155,7 @@ impl Committer for SegCommitter {
             let Some(sync) = self.parts.get_mut(&tp) else {
                 continue;
             };
-            let retired = sync.commit(p)?;
+            let retired = sync.commit(p, self.counted)?;
             self.report.totals.written += written;
             self.report.totals.dead += dead;
             self.report.totals.skipped += skipped;
@@ -1263,7 +1287,9 @@ fn recover(cfg: &SegmentConfig, tp: &Tp, dir: PathBuf, lock: Lock) -> anyhow::Re
                 );
             }
             tracing::info!(segment = %seg.segment, "sealing a segment a crash left unsealed");
-            let mark = Some(own_mark(&seg.stats.last));
+            // No further than the checkpoint's mark, which was counted
+            // (see [`Work::Counted`]).
+            let mark = counted_mark(&seg.stats.last, sync.checkpoint.complete_before);
             sync.seal(cfg, &seg, mark)?;
             known += 1;
         }

@@ -433,3 +433,60 @@ async fn an_added_partition_cut_by_retention_is_never_claimed_whole() {
     sink.stop().await.unwrap();
     assert_exactly_once_in_order(&got, &all(&want));
 }
+
+/// A partition added while the archive runs, which the sink has not seen
+/// yet (its next metadata refresh is far off): units whose last event is
+/// in partition 0 and an earlier one in the new partition 1 reach the
+/// archive's partition 0 first. The archive's mark must not cover them
+/// while partition 1's events are not in it. Before the fix, partition 0's
+/// mark came from its own events alone, and the archive counted only the
+/// partitions its `topic.json` named (noted every 10 s), so for up to 10 s
+/// it said units 11 to 20 were in it with half their events missing: the
+/// flaky mark check of the test above, whose sink sees new partitions
+/// after a second, when partition 0 was read within it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mark_never_covers_a_unit_in_a_partition_the_sink_has_not_seen() {
+    let first = crate::archive::topic(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("archive");
+    let name = unique("unseen");
+    let mut cfg = archive_sink(&name, &first, &root, &[("file.rotate.bytes", "4000")]);
+    cfg.metadata_refresh = Duration::from_secs(600);
+    let sink = Running::start(|t| file_sink::run(cfg, t));
+    let producer = producer();
+    let mut want = produce_spread(&producer, &[(&first, 0)], 1..11).await;
+    wait_archived(&root, &want, Duration::from_secs(60)).await;
+
+    add_partitions(&first, 2).await;
+    let producer = crate::archive::producer();
+    let later = produce_spread(&producer, &[(&first, 1), (&first, 0)], 11..21).await;
+    // Partition 0's events of units 11 to 20 (each unit's last): the sink
+    // reads them at once; partition 1's wait for its metadata refresh.
+    let in_p0: BTreeMap<i64, Vec<String>> = later
+        .iter()
+        .map(|(co, ls)| (*co, vec![ls[1].clone()]))
+        .collect();
+    want.extend(in_p0);
+    wait_archived(&root, &want, Duration::from_secs(60)).await;
+    // Then some seconds more of looking (a note of the topic's partitions
+    // every 10 s ended the wrong claim before the fix).
+    let mut whole = want.clone();
+    whole.extend(later);
+    let deadline = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < deadline {
+        let mark = Archive::open(&root)
+            .ok()
+            .and_then(|a| a.complete_before(false))
+            .and_then(|m| m.commit_order);
+        if let Some(m) = mark.filter(|m| *m > 11) {
+            let lines = archive_lines(&root);
+            let missing = whole[&11].iter().filter(|l| !lines.contains(l)).count();
+            assert_eq!(
+                missing, 0,
+                "the archive says every unit before {m} is in it, but unit 11 misses {missing} record(s)"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sink.stop().await.unwrap();
+}
