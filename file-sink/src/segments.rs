@@ -143,7 +143,7 @@ pub fn note_partitions(root: &Path, topic: &str, partitions: i32) -> anyhow::Res
     }
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create the archive folder {}", dir.display()))?;
-    // The 10 s refresh and a completeness probe (and other instances) note
+    // The regular note (every 2 s) and a completeness probe (and other instances) note
     // at once: one writer at a time, each looking again under the lock, so
     // an older, smaller count never replaces a larger one (the archive's
     // mark would leave the partition added out) and two never share the
@@ -1789,6 +1789,11 @@ mod tests {
         for w in [
             Work::Acquire(Box::new(a)),
             Work::Batch(vec![(tp.clone(), batch(0, 3))]),
+            // The topic's partitions noted after unit 2 was read.
+            Work::Counted(Mark {
+                commit_order: Some(3),
+                ts_us: None,
+            }),
         ] {
             let p = app.append(w).unwrap().unwrap();
             com.commit(p).unwrap();
@@ -1821,7 +1826,7 @@ mod tests {
 
     #[test]
     fn partition_counts_noted_at_once_never_go_back() {
-        // The 10 s refresh and a completeness probe note a topic's
+        // The regular note (every 2 s) and a completeness probe note a topic's
         // partitions on two threads at once; one with an older count must
         // neither fail nor leave it below the other's (the archive's mark
         // would then leave out the partition added).
