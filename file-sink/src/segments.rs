@@ -301,6 +301,10 @@ struct PartSync {
     checkpoint: PartitionCheckpoint,
     /// Files fsynced by name, kept open.
     handles: HashMap<String, File>,
+    /// The latest heartbeat's or probe's mark, as it came: the checkpoint
+    /// holds it no further than the counted mark, and takes more of it as
+    /// that moves on.
+    wanted: Option<Mark>,
 }
 
 /// What a sync may claim for one partition.
@@ -699,10 +703,10 @@ impl SegCommitter {
                 self.finish_job(&job.tp, &job.input, result)?;
                 sealed += 1;
             }
-            let next = self
-                .parts
-                .iter()
-                .find_map(|(tp, s)| s.next_seal(&self.cfg).map(|i| (tp.clone(), i)));
+            let next = self.parts.iter().find_map(|(tp, s)| {
+                s.next_seal(&self.cfg, self.counted, wait)
+                    .map(|i| (tp.clone(), i))
+            });
             let Some((tp, input)) = next else {
                 return Ok(sealed);
             };
@@ -779,7 +783,11 @@ impl SegCommitter {
             self.finish_job(tp, &job.input, result)?;
             sealed += 1;
         }
-        while let Some(input) = self.parts.get(tp).and_then(|s| s.next_seal(&self.cfg)) {
+        while let Some(input) = self
+            .parts
+            .get(tp)
+            .and_then(|s| s.next_seal(&self.cfg, self.counted, true))
+        {
             let result = input.compress();
             self.finish_job(tp, &input, result)?;
             sealed += 1;
@@ -852,10 +860,11 @@ impl PartSync {
             next.open = open.filter(|o| o.stats.records > 0);
         }
         next.closed.extend(p.closed);
+        self.wanted = merge_marks([self.wanted, p.mark]);
         next.complete_before = merge_marks([
             next.complete_before,
             // A heartbeat's or a probe's, no further than counted either.
-            p.mark.and_then(|m| counted.map(|c| m.min(c))),
+            self.wanted.and_then(|m| counted.map(|c| m.min(c))),
             next.last.as_ref().and_then(|l| counted_mark(l, counted)),
         ]);
         if next != self.checkpoint {
@@ -871,8 +880,25 @@ impl PartSync {
 
     /// The first closed segment's compression job: what [`compress`] needs,
     /// to run on a thread of its own.
-    fn next_seal(&self, cfg: &SegmentConfig) -> Option<SealInput> {
+    ///
+    /// A segment with nothing after it (closed by time on an idle
+    /// partition) takes the partition's mark into its manifest line, so it
+    /// waits until the counted mark covers its own last event, lest the
+    /// line keep a mark held back for good; `force` seals it anyway (the
+    /// partition let go, the run's end).
+    fn next_seal(
+        &self,
+        cfg: &SegmentConfig,
+        counted: Option<Mark>,
+        force: bool,
+    ) -> Option<SealInput> {
         let seg = self.checkpoint.closed.first()?;
+        let nothing_after = self.checkpoint.closed.len() == 1 && self.checkpoint.open.is_none();
+        let covered =
+            counted.is_some_and(|c| c.commit_order >= own_mark(&seg.stats.last).commit_order);
+        if nothing_after && !force && !covered {
+            return None;
+        }
         let name = segment_name(
             &self.checkpoint.topic,
             self.checkpoint.partition,
@@ -1145,7 +1171,25 @@ impl Committer for SegCommitter {
     type Report = SegReport;
 
     fn commit(&mut self, point: SegPoint) -> anyhow::Result<()> {
-        self.counted = merge_marks([self.counted, point.counted]);
+        let counted = merge_marks([self.counted, point.counted]);
+        let moved = counted != self.counted;
+        self.counted = counted;
+        let idle: Vec<Tp> = if moved {
+            // A partition with nothing new would keep the mark its last
+            // commit was held back to: it takes the counted mark's move too.
+            self.parts
+                .keys()
+                .filter(|tp| !point.parts.contains_key(*tp))
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for tp in idle {
+            let sync = self.parts.get_mut(&tp).expect("listed above");
+            sync.commit(PartPoint::default(), counted)?;
+            self.report.partitions.insert(tp, sync.checkpoint.clone());
+        }
         for (tp, mut p) in point.parts {
             if let Some(sync) = p.acquire.take() {
                 self.parts.insert(tp.clone(), *sync);
@@ -1267,6 +1311,7 @@ fn recover(cfg: &SegmentConfig, tp: &Tp, dir: PathBuf, lock: Lock) -> anyhow::Re
         manifest,
         checkpoint: cp.clone(),
         handles: HashMap::new(),
+        wanted: None,
     };
     // Closed segments: sealed already (the crash came after the manifest
     // line), or sealed now.
@@ -1819,6 +1864,95 @@ mod tests {
         assert_eq!(sealed, 3);
         // The last event ends its unit: the partition is complete past it.
         let Some(Mark { commit_order, .. }) = archive.complete_before(true) else {
+            panic!("no mark")
+        };
+        assert_eq!(commit_order, Some(3));
+    }
+
+    #[test]
+    fn an_idle_partition_s_mark_follows_the_counted_mark() {
+        // Partition 0 is idle after its events; the counted mark moves on
+        // later, with nothing new for it: its mark, and the manifest line of
+        // its time-closed segment, take the move, and a heartbeat's mark held
+        // back by counted is taken as counted moves too.
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(dir.path(), 1 << 30, Compression::Zstd);
+        c.rotate_interval = Some(Duration::from_millis(1));
+        create_archive(dir.path()).unwrap();
+        let (t0, t1): (Tp, Tp) = (("t".into(), 0), ("t".into(), 1));
+        let mut app = SegAppender::new(c.clone());
+        let mut com = SegCommitter::new(c.clone());
+        let counted = |co: i64| {
+            Work::Counted(Mark {
+                commit_order: Some(co),
+                ts_us: None,
+            })
+        };
+        let mark_of = |com: &SegCommitter, tp: &Tp| {
+            com.report().partitions[tp]
+                .complete_before
+                .and_then(|m| m.commit_order)
+        };
+        for w in [
+            Work::Acquire(Box::new(take(&c, &t0))),
+            Work::Acquire(Box::new(take(&c, &t1))),
+            Work::Batch(vec![(t0.clone(), batch(0, 3))]),
+            // Counted only up to unit 1: the partition's mark waits at 1.
+            counted(1),
+        ] {
+            if let Some(p) = app.append(w).unwrap() {
+                com.commit(p).unwrap();
+            }
+        }
+        assert_eq!(mark_of(&com, &t0), Some(1));
+        // Time closes its segment; it is not sealed with the held-back mark.
+        std::thread::sleep(Duration::from_millis(5));
+        let p = app.append(Work::Tick).unwrap().unwrap();
+        com.commit(p).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while com.busy() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+            com.idle().unwrap();
+        }
+        assert_eq!(com.report().sealed, 0, "sealed before counted covered it");
+        // Counted moves past its events; nothing new for partition 0.
+        let p = app.append(counted(3)).unwrap().unwrap();
+        com.commit(p).unwrap();
+        assert_eq!(mark_of(&com, &t0), Some(3));
+        // A heartbeat on partition 1 says 10; counted says 5, then 8.
+        for w in [
+            Work::Mark(
+                t1.clone(),
+                Mark {
+                    commit_order: Some(10),
+                    ts_us: None,
+                },
+            ),
+            counted(5),
+        ] {
+            if let Some(p) = app.append(w).unwrap() {
+                com.commit(p).unwrap();
+            }
+        }
+        assert_eq!(mark_of(&com, &t1), Some(5));
+        let p = app.append(counted(8)).unwrap().unwrap();
+        com.commit(p).unwrap();
+        assert_eq!(mark_of(&com, &t1), Some(8));
+        com.settle().unwrap();
+        assert_eq!(com.report().sealed, 1);
+        // Partition 0's sealed segment carries 3, not the 1 it had when
+        // time closed it.
+        let (lines, _) = read_manifest(&partition_dir(dir.path(), "t", 0)).unwrap();
+        let marks: Vec<Option<i64>> = lines
+            .iter()
+            .filter_map(|l| match l {
+                ManifestLine::Sealed(s) => Some(s.complete_before.and_then(|m| m.commit_order)),
+                ManifestLine::Retired { .. } => None,
+            })
+            .collect();
+        assert_eq!(marks, [Some(3)]);
+        let archive = tidemark_common::archive::Archive::open(dir.path()).unwrap();
+        let Some(Mark { commit_order, .. }) = archive.complete_before(false) else {
             panic!("no mark")
         };
         assert_eq!(commit_order, Some(3));
