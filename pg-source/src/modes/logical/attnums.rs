@@ -24,8 +24,19 @@
 //!   `xmin`) precedes the slot's `catalog_xmin`. Every transaction before
 //!   that id had ended before the place in the WAL from which the slot
 //!   decodes, and so before every change the stream still sends; no later
-//!   transaction replaced the row (it is the current one). So the row is
-//!   what the catalog held when the change was written.
+//!   transaction replaced the row (it is the current one). A change still
+//!   sent was written under a lock on the table (`ROW EXCLUSIVE` at least)
+//!   held to its transaction's end, and the `ALTER TABLE` that wrote the
+//!   row held `ACCESS EXCLUSIVE` to its own: the two cannot overlap, so the
+//!   row was in place before the change. So the row is what the catalog
+//!   held when the change was written.
+//! - Which rows are not settled is told by their `xmin` lying in
+//!   [`catalog_xmin`, `next`), `next` being the first id not yet assigned,
+//!   read after the rows (so every row read was written below it). A row
+//!   whose id is outside that range is older than `catalog_xmin`: a frozen
+//!   row keeps its `xmin` (only a flag says it is frozen), which may then
+//!   look newer than `catalog_xmin` in the circular order of ids, but it
+//!   can never lie in the range of ids assigned since.
 //! - A settled live column had its name and type then. The message's
 //!   column of that name is it (names are unique among live columns), and
 //!   must have its type; with no column of that name, it was not sent (a
@@ -46,7 +57,6 @@ use sqlx::PgConnection;
 use tidemark_common::codec::Oid;
 
 use crate::pgoutput::RelationColumn;
-use crate::shape::xid_after;
 
 /// A `pg_attribute` row of a table (attnum above 0, dropped ones too).
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -83,16 +93,27 @@ order by a.attnum
 limit 1600
 "#;
 
+/// The ids of the transactions whose catalog rows are not settled: from
+/// the slot's `catalog_xmin` up to, not including, `next` (see the module
+/// docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Unsettled {
+    pub catalog_xmin: u32,
+    pub next: u32,
+}
+
 /// Reads the slot's `catalog_xmin`, then the table's columns, dropped ones
-/// too (the slot's id first: it only moves forward, so rows written after
-/// it was read are at worst taken as unsettled).
+/// too, then the next transaction id (the slot's id first: it only moves
+/// forward, so rows written after it was read are at worst taken as
+/// unsettled; the next id last, so every row read was written below it).
+/// `None` for the slot without a `catalog_xmin`: then no row is settled.
 ///
 /// Fails on a database error.
 pub(super) async fn load(
     conn: &mut PgConnection,
     table: Oid,
     slot: &str,
-) -> sqlx::Result<(Option<u32>, Vec<Attribute>)> {
+) -> sqlx::Result<(Option<Unsettled>, Vec<Attribute>)> {
     let catalog_xmin: Option<i64> = sqlx::query_scalar(
         "select s.catalog_xmin::pg_catalog.text::pg_catalog.int8 from pg_catalog.pg_replication_slots s
           where s.slot_name operator(pg_catalog.=) $1",
@@ -105,15 +126,28 @@ pub(super) async fn load(
         .bind(i64::from(table))
         .fetch_all(&mut *conn)
         .await?;
-    Ok((catalog_xmin.map(|x| x as u32), attributes))
+    let next: i64 = sqlx::query_scalar(
+        "select (pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())::pg_catalog.text::pg_catalog.int8 operator(pg_catalog.%) 4294967296)",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    let unsettled = catalog_xmin.map(|c| Unsettled {
+        catalog_xmin: c as u32,
+        next: next as u32,
+    });
+    Ok((unsettled, attributes))
 }
 
 /// Whether a catalog row written by `xmin` was the catalog's at every
 /// change the slot still sends (see the module docs).
-fn settled(xmin: u32, catalog_xmin: Option<u32>) -> bool {
+fn settled(xmin: u32, unsettled: Option<Unsettled>) -> bool {
     // The bootstrap (1) and frozen (2) ids precede every normal one.
     const FIRST_NORMAL: u32 = 3;
-    xmin < FIRST_NORMAL || catalog_xmin.is_some_and(|c| c >= FIRST_NORMAL && xid_after(c, xmin))
+    xmin < FIRST_NORMAL
+        || unsettled.is_some_and(|u| {
+            u.catalog_xmin >= FIRST_NORMAL
+                && xmin.wrapping_sub(u.catalog_xmin) >= u.next.wrapping_sub(u.catalog_xmin)
+        })
 }
 
 /// The place of each of `attributes` (in attnum order) among the message's
@@ -123,7 +157,7 @@ fn settled(xmin: u32, catalog_xmin: Option<u32>) -> bool {
 pub(super) fn places(
     sent: &[RelationColumn],
     attributes: &[Attribute],
-    catalog_xmin: Option<u32>,
+    catalog_xmin: Option<Unsettled>,
 ) -> Option<Vec<Place>> {
     let mut out = vec![Place::Unknown; attributes.len()];
     // (attribute index, sent index) of the settled live columns sent.
@@ -182,9 +216,12 @@ mod tests {
 
     const INT4: u32 = 23;
     const TEXT: u32 = 25;
-    /// The slot's catalog_xmin in these tests: rows by 100 are settled,
-    /// rows by 200 are not.
-    const SLOT: Option<u32> = Some(150);
+    /// The slot's catalog_xmin in these tests, 150, and the next id, 300:
+    /// rows by 100 are settled, rows by 200 are not.
+    const SLOT: Option<Unsettled> = Some(Unsettled {
+        catalog_xmin: 150,
+        next: 300,
+    });
 
     fn sent(columns: &[(&str, u32)]) -> Vec<RelationColumn> {
         columns
@@ -310,13 +347,20 @@ mod tests {
     }
 
     #[test]
-    fn settled_follows_the_circular_order() {
+    fn settled_is_outside_the_ids_assigned_since_catalog_xmin() {
+        let u = |catalog_xmin, next| Some(Unsettled { catalog_xmin, next });
         assert!(settled(2, None));
-        assert!(settled(100, Some(150)));
-        assert!(!settled(150, Some(150)));
-        assert!(!settled(200, Some(150)));
+        assert!(!settled(100, None));
+        assert!(settled(100, u(150, 300)));
+        assert!(!settled(150, u(150, 300)));
+        assert!(!settled(299, u(150, 300)));
+        // A frozen row keeps its old xmin, which may look newer than
+        // catalog_xmin in the circular order: it is older all the same.
+        assert!(settled(150 + (1 << 31) + 5, u(150, 300)));
         // Across the wrap: 4_000_000_000 came before 10.
-        assert!(settled(4_000_000_000, Some(10)));
-        assert!(!settled(10, Some(4_000_000_000)));
+        assert!(settled(4_000_000_000, u(10, 20)));
+        assert!(!settled(10, u(4_000_000_000, 20)));
+        assert!(!settled(4_000_000_001, u(4_000_000_000, 20)));
+        assert!(settled(3_999_999_999, u(4_000_000_000, 20)));
     }
 }

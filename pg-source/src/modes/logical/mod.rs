@@ -1609,7 +1609,7 @@ fn placed_columns(
     column_types: Vec<ColumnType>,
     known: &CatalogShape,
     attributes: &[attnums::Attribute],
-    catalog_xmin: Option<u32>,
+    catalog_xmin: Option<attnums::Unsettled>,
 ) -> (Vec<ColumnSpec>, Vec<KeyColumn>, Option<String>) {
     use attnums::Place;
     let places = attnums::places(&rel.columns, attributes, catalog_xmin);
