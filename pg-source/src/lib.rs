@@ -64,7 +64,11 @@ use crate::producer::{BatchError, TxProducer};
 /// While starting (before the mode reads), Postgres or Kafka lost (a
 /// restart of either just then) starts again after a second, for
 /// `connection.attempts` x `connection.backoff.ms` from the first such
-/// failure; then the error is returned.
+/// failure; then the error is returned. A Kafka producer lost while
+/// reading starts again with a new producer, after a wait that doubles
+/// from 1 s to 16 s; more than [`LostRestarts::MAX`] such losses within
+/// [`LostRestarts::WINDOW`] return the error (a broker that keeps failing
+/// the producer is not cured by starting again).
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     if let Some(addr) = cfg.http_addr {
         tidemark_common::ops::serve(
@@ -76,6 +80,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         .await?;
     }
     let mut first_failure: Option<Instant> = None;
+    let mut lost = LostRestarts::default();
     loop {
         let mut reading = false;
         match start_and_run(&cfg, &shutdown, &mut reading).await {
@@ -101,15 +106,54 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                 // would, with a new producer that fences the old one and the
                 // position read back from Kafka, not the one in memory,
                 // since a commit that failed so may have reached the broker.
-                tracing::warn!(error = %format!("{e:#}"), "kafka producer failed; starting again with a new one from the stored position");
+                let Some(wait) = lost.next(Instant::now()) else {
+                    return Err(e.context(format!(
+                        "the Kafka producer was lost {} times within {} minutes, each time after a new one had started; check the brokers' health and logs, and that this instance's transactional.id is not used by another process",
+                        LostRestarts::MAX + 1,
+                        LostRestarts::WINDOW.as_secs() / 60
+                    )));
+                };
+                tracing::warn!(error = %format!("{e:#}"), wait_s = wait.as_secs(), "kafka producer failed; starting again with a new one from the stored position");
                 first_failure = None;
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
             }
             result => return result,
         }
+    }
+}
+
+/// The producers lost lately, and how long to wait before the next one.
+#[derive(Default)]
+struct LostRestarts {
+    /// When each loss within the window happened, oldest first.
+    at: std::collections::VecDeque<Instant>,
+}
+
+impl LostRestarts {
+    /// Losses within [`Self::WINDOW`] started again; one more stops.
+    const MAX: usize = 5;
+    const WINDOW: Duration = Duration::from_secs(600);
+
+    /// Records a loss at `now`: the wait before starting again (1 s,
+    /// doubling with each loss in the window, at most 16 s), or `None` when
+    /// there were too many.
+    fn next(&mut self, now: Instant) -> Option<Duration> {
+        while self
+            .at
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= Self::WINDOW)
+        {
+            self.at.pop_front();
+        }
+        if self.at.len() >= Self::MAX {
+            return None;
+        }
+        let wait = Duration::from_secs(1 << self.at.len().min(4));
+        self.at.push_back(now);
+        Some(wait)
     }
 }
 
@@ -750,6 +794,22 @@ pub(crate) fn is_utc(tz: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn producer_losses_back_off_then_stop_within_the_window_and_are_forgotten_after() {
+        let mut l = LostRestarts::default();
+        let t0 = Instant::now();
+        let waits: Vec<Option<u64>> = (0..6)
+            .map(|i| l.next(t0 + Duration::from_secs(i)).map(|d| d.as_secs()))
+            .collect();
+        assert_eq!(waits, [Some(1), Some(2), Some(4), Some(8), Some(16), None]);
+        // The first loss leaves the window: one more start, waiting 16 s.
+        let later = t0 + LostRestarts::WINDOW;
+        assert_eq!(l.next(later).map(|d| d.as_secs()), Some(16));
+        // All forgotten after a quiet window: back to 1 s.
+        let quiet = later + LostRestarts::WINDOW;
+        assert_eq!(l.next(quiet).map(|d| d.as_secs()), Some(1));
+    }
 
     fn check(tables: &[&str]) -> Result<(), String> {
         let names: Vec<TableName> = tables
