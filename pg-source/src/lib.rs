@@ -83,7 +83,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let mut lost = LostRestarts::default();
     loop {
         let mut reading = false;
-        match start_and_run(&cfg, &shutdown, &mut reading).await {
+        let wait = match start_and_run(&cfg, &shutdown, &mut reading).await {
             Err(e)
                 if !reading
                     && !shutdown.is_cancelled()
@@ -92,10 +92,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             {
                 first_failure.get_or_insert_with(Instant::now);
                 tracing::warn!(error = %format!("{e:#}"), "postgres or kafka lost while starting; starting again");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
+                Duration::from_secs(1)
             }
             Err(e)
                 if !shutdown.is_cancelled()
@@ -115,12 +112,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                 };
                 tracing::warn!(error = %format!("{e:#}"), wait_s = wait.as_secs(), "kafka producer failed; starting again with a new one from the stored position");
                 first_failure = None;
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(wait) => {}
-                }
+                wait
             }
             result => return result,
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }
