@@ -141,6 +141,11 @@ pub struct Stage {
     /// Whether a record's columns have matched the target's: a record
     /// that differs after that is a schema change at the source.
     matched: bool,
+    /// The source attnum of each column, by its name now, as the records
+    /// matched so far gave it: what tells a renamed column from a dropped
+    /// and an added one, and a column dropped and added again under its
+    /// name from one left alone.
+    attnums: HashMap<String, i32>,
     copy_sql: String,
     buf: Vec<u8>,
     /// The units with rows staged (sent or buffered) and not applied.
@@ -497,55 +502,104 @@ fn widens(from: &str, to: &str) -> bool {
     from == "real" && to == "double precision"
 }
 
-/// The changes that turn the `current` columns (name, type) into the
-/// record's (`row`). A single column gone and a single one new, at the same
-/// place and of the same type, is taken for a rename (a record does not
-/// tell a rename from a drop and an add).
-pub fn column_diff(current: &[(String, String)], row: &RowSchema) -> Vec<DdlStep> {
-    let new: Vec<(&str, Option<&str>)> = row
+/// A target column as [`column_diff`] compares it: name, type, and the
+/// source attnum the records gave it, if known.
+pub type Current = (String, String, Option<i32>);
+
+/// The changes that turn the `current` columns into the record's (`row`).
+///
+/// A column is the record's field of the same source attnum, where both
+/// carry one (`tidemark.column.attnum`), whatever their names: a field
+/// under a new name is a rename, and a field of the same name but another
+/// attnum is a column dropped and added again (its old values gone). Where
+/// either lacks an attnum, a column is the field of its name, and a single
+/// column gone and a single one new, at the same place and of the same
+/// type, is taken for a rename (names alone do not tell a rename from a
+/// drop and an add). A column paired by attnum with a field of another
+/// type and name is taken for a drop and an add: nothing says it kept its
+/// values.
+pub fn column_diff(current: &[Current], row: &RowSchema) -> Vec<DdlStep> {
+    let new: Vec<(&str, Option<&str>, Option<i32>)> = row
         .fields
         .iter()
-        .map(|f| (f.name.as_str(), f.column_type()))
+        .map(|f| (f.name.as_str(), f.column_type(), f.attnum()))
         .collect();
-    let old_names: BTreeSet<&str> = current.iter().map(|(n, _)| n.as_str()).collect();
-    let new_names: BTreeSet<&str> = new.iter().map(|(n, _)| *n).collect();
-    let gone: Vec<usize> = (0..current.len())
-        .filter(|&i| !new_names.contains(current[i].0.as_str()))
-        .collect();
-    let added: Vec<usize> = (0..new.len())
-        .filter(|&i| !old_names.contains(new[i].0))
-        .collect();
-    let mut steps = Vec::new();
+    let same_type = |c: &Current, ty: Option<&str>| ty.is_none_or(|t| t == c.1);
+    // pair[i]: the field that current column i is.
+    let mut pair: Vec<Option<usize>> = vec![None; current.len()];
+    let mut taken = vec![false; new.len()];
+    for (i, c) in current.iter().enumerate() {
+        let Some(a) = c.2 else { continue };
+        if let Some(j) = new.iter().position(|f| f.2 == Some(a)) {
+            if new[j].0 == c.0 || same_type(c, new[j].1) {
+                pair[i] = Some(j);
+                taken[j] = true;
+            }
+        }
+    }
+    for (i, c) in current.iter().enumerate() {
+        if pair[i].is_some() {
+            continue;
+        }
+        let by_name = new.iter().enumerate().position(|(j, f)| {
+            !taken[j] && f.0 == c.0 && (c.2.is_none() || f.2.is_none() || f.2 == c.2)
+        });
+        if let Some(j) = by_name {
+            pair[i] = Some(j);
+            taken[j] = true;
+        }
+    }
+    let gone: Vec<usize> = (0..current.len()).filter(|&i| pair[i].is_none()).collect();
+    let added: Vec<usize> = (0..new.len()).filter(|&j| !taken[j]).collect();
     if let ([g], [a]) = (gone.as_slice(), added.as_slice()) {
-        let same_type = new[*a].1.is_none_or(|t| t == current[*g].1);
-        if *g == *a && same_type {
-            steps.push(DdlStep::Rename {
-                from: current[*g].0.clone(),
-                to: new[*a].0.to_owned(),
-            });
+        let unknown = current[*g].2.is_none() || new[*a].2.is_none();
+        let free = !new.iter().any(|f| f.0 == current[*g].0);
+        if *g == *a && unknown && free && same_type(&current[*g], new[*a].1) {
+            pair[*g] = Some(*a);
         }
     }
-    if steps.is_empty() {
-        for &g in &gone {
-            steps.push(DdlStep::Drop {
-                name: current[g].0.clone(),
-            });
-        }
-        for &a in &added {
+    // Drops first, so that a name they free can be taken; then renames,
+    // each after the one that frees its new name (a cycle of renames is
+    // left in its order: the target refuses it, saying which name exists).
+    let mut steps: Vec<DdlStep> = gone
+        .iter()
+        .filter(|&&i| pair[i].is_none())
+        .map(|&i| DdlStep::Drop {
+            name: current[i].0.clone(),
+        })
+        .collect();
+    let mut renames: Vec<(String, String)> = current
+        .iter()
+        .zip(&pair)
+        .filter_map(|(c, p)| {
+            p.filter(|&j| new[j].0 != c.0)
+                .map(|j| (c.0.clone(), new[j].0.to_owned()))
+        })
+        .collect();
+    while !renames.is_empty() {
+        let free = renames
+            .iter()
+            .position(|(_, to)| !renames.iter().any(|(from, _)| from == to))
+            .unwrap_or(0);
+        let (from, to) = renames.remove(free);
+        steps.push(DdlStep::Rename { from, to });
+    }
+    for (j, f) in new.iter().enumerate() {
+        if !pair.contains(&Some(j)) {
             steps.push(DdlStep::Add {
-                name: new[a].0.to_owned(),
-                ty: new[a].1.map(str::to_owned),
+                name: f.0.to_owned(),
+                ty: f.1.map(str::to_owned),
             });
         }
     }
-    for (name, ty) in &new {
-        let Some(ty) = ty else { continue };
-        if let Some((_, was)) = current.iter().find(|(n, _)| n == name) {
-            if was != ty {
+    for (i, c) in current.iter().enumerate() {
+        let Some(j) = pair[i] else { continue };
+        if let Some(ty) = new[j].1 {
+            if ty != c.1 {
                 steps.push(DdlStep::Retype {
-                    name: (*name).to_owned(),
-                    from: was.clone(),
-                    to: (*ty).to_owned(),
+                    name: new[j].0.to_owned(),
+                    from: c.1.clone(),
+                    to: ty.to_owned(),
                 });
             }
         }
@@ -826,6 +880,7 @@ impl Applier {
             fields: HashMap::new(),
             schemaless: None,
             matched: false,
+            attnums: HashMap::new(),
             copy_sql,
             buf: Vec::with_capacity(64 * 1024),
             by_unit: UnitSet::default(),
@@ -868,12 +923,16 @@ impl Applier {
         if stage.fields.contains_key(&id) || !stage.matched {
             return None;
         }
-        let current: Vec<(String, String)> = stage
+        let current: Vec<Current> = stage
             .cols
             .iter()
             .map(|&i| {
                 let c = &stage.target.columns[i];
-                (c.name.clone(), c.type_sql.clone())
+                (
+                    c.name.clone(),
+                    c.type_sql.clone(),
+                    stage.attnums.get(&c.name).copied(),
+                )
             })
             .collect();
         let steps = column_diff(&current, row);
@@ -975,6 +1034,12 @@ impl Applier {
                     ));
                     stage.fields.insert(id, f.clone());
                     stage.matched = true;
+                    for field in &schema.fields {
+                        match field.attnum() {
+                            Some(a) => stage.attnums.insert(field.name.clone(), a),
+                            None => stage.attnums.remove(&field.name),
+                        };
+                    }
                     f
                 }
             },
@@ -2166,8 +2231,143 @@ mod tests {
         }
     }
 
-    fn cols(c: &[(&str, &str)]) -> Vec<(String, String)> {
-        c.iter().map(|(a, b)| ((*a).into(), (*b).into())).collect()
+    fn cols(c: &[(&str, &str)]) -> Vec<Current> {
+        c.iter()
+            .map(|(a, b)| ((*a).into(), (*b).into(), None))
+            .collect()
+    }
+
+    /// Fields with attnums: `(name, type, attnum)`.
+    fn row_at(fields: &[(&str, &str, i32)]) -> RowSchema {
+        RowSchema {
+            fields: fields
+                .iter()
+                .map(|(n, t, a)| Field {
+                    name: (*n).into(),
+                    schema: serde_json::json!({"field": n, "parameters": {
+                        "tidemark.column.type": t,
+                        "tidemark.column.attnum": a.to_string(),
+                    }}),
+                })
+                .collect(),
+        }
+    }
+
+    fn cols_at(c: &[(&str, &str, i32)]) -> Vec<Current> {
+        c.iter()
+            .map(|(n, t, a)| ((*n).into(), (*t).into(), Some(*a)))
+            .collect()
+    }
+
+    #[test]
+    fn attnums_tell_a_rename_beside_other_changes_and_a_column_added_again() {
+        let now = cols_at(&[
+            ("id", "integer", 1),
+            ("flag", "boolean", 2),
+            ("b", "text", 3),
+        ]);
+        // flag renamed and a column added, seen in one step: names alone
+        // would drop flag (and its values) and add two columns.
+        assert_eq!(
+            column_diff(
+                &now,
+                &row_at(&[
+                    ("id", "integer", 1),
+                    ("soft", "boolean", 2),
+                    ("b", "text", 3),
+                    ("note", "text", 4)
+                ])
+            ),
+            [
+                DdlStep::Rename {
+                    from: "flag".into(),
+                    to: "soft".into()
+                },
+                DdlStep::Add {
+                    name: "note".into(),
+                    ty: Some("text".into())
+                }
+            ]
+        );
+        // b dropped and added again: same name, new attnum; its old values
+        // are gone at the source, so they go in the target too.
+        assert_eq!(
+            column_diff(
+                &now,
+                &row_at(&[
+                    ("id", "integer", 1),
+                    ("flag", "boolean", 2),
+                    ("b", "text", 5)
+                ])
+            ),
+            [
+                DdlStep::Drop { name: "b".into() },
+                DdlStep::Add {
+                    name: "b".into(),
+                    ty: Some("text".into())
+                }
+            ]
+        );
+        // A rename onto a dropped column's name, and a rename chain: each
+        // step in an order the target can take.
+        assert_eq!(
+            column_diff(&now, &row_at(&[("id", "integer", 1), ("b", "boolean", 2)])),
+            [
+                DdlStep::Drop { name: "b".into() },
+                DdlStep::Rename {
+                    from: "flag".into(),
+                    to: "b".into()
+                }
+            ]
+        );
+        assert_eq!(
+            column_diff(
+                &now,
+                &row_at(&[("id", "integer", 1), ("b", "boolean", 2), ("c", "text", 3)])
+            ),
+            [
+                DdlStep::Rename {
+                    from: "b".into(),
+                    to: "c".into()
+                },
+                DdlStep::Rename {
+                    from: "flag".into(),
+                    to: "b".into()
+                }
+            ]
+        );
+        // Same attnum, another name and type: not taken for a rename.
+        assert_eq!(
+            column_diff(
+                &now,
+                &row_at(&[("id", "integer", 1), ("x", "integer", 2), ("b", "text", 3)])
+            ),
+            [
+                DdlStep::Drop {
+                    name: "flag".into()
+                },
+                DdlStep::Add {
+                    name: "x".into(),
+                    ty: Some("integer".into())
+                }
+            ]
+        );
+        // Same attnum and name, a wider type: a retype.
+        assert_eq!(
+            column_diff(
+                &now,
+                &row_at(&[
+                    ("id", "bigint", 1),
+                    ("flag", "boolean", 2),
+                    ("b", "text", 3)
+                ])
+            ),
+            [DdlStep::Retype {
+                name: "id".into(),
+                from: "integer".into(),
+                to: "bigint".into()
+            }]
+        );
     }
 
     #[test]

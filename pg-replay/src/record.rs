@@ -184,6 +184,13 @@ impl Field {
         self.param("tidemark.column.type")
     }
 
+    /// The source column's `pg_attribute.attnum`, when the record carries
+    /// it (`tidemark.column.attnum`): the same column under any name, never
+    /// another's (attnums are not reused).
+    pub fn attnum(&self) -> Option<i32> {
+        self.param("tidemark.column.attnum")?.parse().ok()
+    }
+
     /// The field's position in the source table's primary key (1-based),
     /// when the record says (`tidemark.column.key`).
     pub fn key_position(&self) -> Option<u32> {

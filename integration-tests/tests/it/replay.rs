@@ -810,6 +810,92 @@ async fn schema_changes_in_the_archive_stop_the_replay_or_are_applied_in_order()
     assert_eq!(columns, ["id integer", "info text", "extra bigint"]);
 }
 
+/// [`event_with_schema`] whose fields carry their source attnums, as
+/// pg-source's records do (`tidemark.column.attnum`).
+fn event_with_attnums(
+    fields: &[(&str, &str, &str, i32)],
+    op: &str,
+    after: Value,
+    co: i64,
+) -> String {
+    let plain: Vec<(&str, &str, &str)> = fields.iter().map(|f| (f.0, f.1, f.2)).collect();
+    let mut v: Value = serde_json::from_str(&event_with_schema(&plain, op, after, co)).unwrap();
+    for part in [0, 1] {
+        for (k, f) in fields.iter().enumerate() {
+            v["schema"]["fields"][part]["fields"][k]["parameters"]["tidemark.column.attnum"] =
+                json!(f.3.to_string());
+        }
+    }
+    v.to_string()
+}
+
+/// One record can carry several schema changes at once (pg-source read
+/// the change after all of them): a column renamed beside a column added,
+/// and a column dropped and added again under its name. The attnums tell
+/// them apart, so the renamed column keeps its values and the column made
+/// again loses them, as at the source; names alone would drop the renamed
+/// column's values and keep the old ones of the column made again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rename_beside_other_schema_changes_keeps_its_values_by_attnum() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.txt");
+    let v1 = [
+        ("id", "int32", "integer", 1),
+        ("flag", "boolean", "boolean", 2),
+        ("b", "string", "text", 3),
+    ];
+    // alter table t rename flag to soft; alter table t drop b;
+    // alter table t add note text; alter table t add b text
+    let v2 = [
+        ("id", "int32", "integer", 1),
+        ("soft", "boolean", "boolean", 2),
+        ("note", "string", "text", 4),
+        ("b", "string", "text", 5),
+    ];
+    let mut a = Archive::default();
+    a.raw(&event_with_attnums(
+        &v1,
+        "c",
+        json!({"id": 1, "flag": true, "b": "one"}),
+        1,
+    ));
+    a.raw(&event_with_attnums(
+        &v1,
+        "c",
+        json!({"id": 2, "flag": false, "b": "two"}),
+        2,
+    ));
+    a.raw(&event_with_attnums(
+        &v2,
+        "c",
+        json!({"id": 3, "soft": true, "note": "n", "b": "three"}),
+        3,
+    ));
+    a.write(&path);
+
+    let db = Db::new().await;
+    db.exec("create table t (id int primary key, flag boolean, b text)")
+        .await;
+    let mut cfg = config(&db, &[&path]);
+    cfg.schema_changes = pg_replay::apply::SchemaChanges::Apply;
+    replay(cfg).await.unwrap();
+    let columns: Vec<String> = sqlx::query_scalar(
+        "select attname || ' ' || format_type(atttypid, atttypmod) from pg_attribute \
+         where attrelid = 't'::regclass and attnum > 0 and not attisdropped order by attnum",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        columns,
+        ["id integer", "soft boolean", "note text", "b text"]
+    );
+    assert_eq!(
+        db.rows("select * from t order by id").await,
+        vec!["(1,t,,)", "(2,f,,)", "(3,t,n,three)"]
+    );
+}
+
 /// The target's password from a file (`--target-password-file`): kept off
 /// the command line, never in a message; one in `--target-url` on the
 /// command line works but is warned about, naming the file flag.
