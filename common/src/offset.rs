@@ -384,6 +384,13 @@ pub struct SinkCheckpoint {
     /// deleted and created again from the one the file holds.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub fingerprints: BTreeMap<String, BTreeMap<i32, crate::archive::Fingerprint>>,
+    /// `topic` → the partitions it had when the file first took it: one
+    /// numbered at or above this was added to the topic later, so the file
+    /// must hold it from offset 0. A topic is absent until it is first
+    /// assigned, and in checkpoints written before this was kept (the
+    /// count at the first assignment after the upgrade then stands for it).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub first_partitions: BTreeMap<String, i32>,
 }
 
 impl SinkCheckpoint {
@@ -442,6 +449,11 @@ impl SinkCheckpoint {
     /// The last record read from a partition, if recorded.
     pub fn fingerprint(&self, topic: &str, partition: i32) -> Option<&crate::archive::Fingerprint> {
         self.fingerprints.get(topic)?.get(&partition)
+    }
+
+    /// The partitions `topic` had when the file first took it, if noted.
+    pub fn first_partitions(&self, topic: &str) -> Option<i32> {
+        self.first_partitions.get(topic).copied()
     }
 
     /// Records that everything before `next` in a partition is written.
@@ -566,5 +578,29 @@ mod tests {
         assert_eq!(SinkCheckpoint::load(&path).unwrap(), Some(cp));
         std::fs::write(&path, b"{torn").unwrap();
         assert!(SinkCheckpoint::load(&path).is_err());
+    }
+
+    #[test]
+    fn a_checkpoint_without_first_partition_counts_stays_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = SinkCheckpoint::path_for(&dir.path().join("out.txt"));
+        // As written before the first counts were kept.
+        std::fs::write(
+            &path,
+            br#"{"version":1,"file_len":8,"offsets":{"t":{"0":1}}}"#,
+        )
+        .unwrap();
+        let mut cp = SinkCheckpoint::load(&path).unwrap().unwrap();
+        assert_eq!(cp.next_offset("t", 0), Some(1));
+        assert_eq!(cp.first_partitions("t"), None);
+        cp.first_partitions.insert("t".into(), 2);
+        cp.save(&path).unwrap();
+        assert_eq!(
+            SinkCheckpoint::load(&path)
+                .unwrap()
+                .unwrap()
+                .first_partitions("t"),
+            Some(2)
+        );
     }
 }

@@ -21,8 +21,8 @@ use crate::Config;
 
 /// Where each partition's reading would start.
 enum Starts {
-    /// A single file's checkpoint.
-    File(SinkCheckpoint),
+    /// A single file's checkpoint, and the file.
+    File(SinkCheckpoint, PathBuf),
     /// A segmented archive's folder.
     Archive(PathBuf),
     /// Nothing stored: every partition from its beginning.
@@ -32,7 +32,7 @@ enum Starts {
 impl Starts {
     fn of(&self, topic: &str, partition: i32) -> (Option<i64>, Option<Fingerprint>) {
         match self {
-            Starts::File(cp) => (
+            Starts::File(cp, _) => (
                 cp.next_offset(topic, partition),
                 cp.fingerprint(topic, partition).cloned(),
             ),
@@ -169,7 +169,7 @@ fn single_file(file: &Path, r: &mut Report) -> Option<Starts> {
                     String::new()
                 }
             ));
-            Some(Starts::File(cp))
+            Some(Starts::File(cp, file.to_path_buf()))
         }
     }
 }
@@ -315,7 +315,14 @@ fn topics_and_partitions(
                         crate::segments::topic_file(root, topic).map(|t| t.first()),
                         low,
                     ),
-                    _ => None,
+                    Starts::File(cp, file) => crate::added_partition_cut(
+                        file,
+                        topic,
+                        id,
+                        cp.first_partitions(topic),
+                        low,
+                    ),
+                    Starts::Fresh => None,
                 }) {
                     Some((why, fix)) => {
                         r.fail(why, fix);

@@ -25,6 +25,12 @@
 //!   `docker compose down -v`) is told from the one archived by the last
 //!   record's fingerprint ([`identity`]); the old output is kept aside,
 //!   unchanged, under a `.before-reset-<time>` name, and a new one starts.
+//! - A partition added to a topic after the output began is the output's
+//!   to hold from offset 0 (the partitions a topic had when first taken
+//!   are kept: the single file's checkpoint's `first_partitions`, the
+//!   archive's `topic.json`); if Kafka deleted its first records before
+//!   they were read, the sink stops naming them and the fix, instead of
+//!   starting where the partition now begins.
 //!
 //! Two outputs:
 //!
@@ -425,6 +431,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
         .store(FETCH_MIN, std::sync::atomic::Ordering::Relaxed);
 
     let mut assigned = BTreeSet::new();
+    // Per topic, the partitions it had when the file took it: the
+    // checkpoint's, and those noted since (kept here at once, as the
+    // checkpoint that keeps them is saved on the syncer's thread).
+    let mut firsts = out.checkpoint.first_partitions.clone();
+    // Notes the checkpoint has yet to keep.
+    let mut noted = Vec::new();
     let mut waiting_logged = false;
     while assigned.is_empty() {
         cfg.health.progress();
@@ -432,10 +444,16 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
             &consumer,
             &cfg.kafka,
             &cfg.topics,
+            &cfg.file,
             &out.checkpoint,
+            &mut firsts,
             &mut assigned,
         ) {
-            Ok(()) if !assigned.is_empty() => break,
+            Ok(n) if !assigned.is_empty() => {
+                noted.extend(n);
+                break;
+            }
+            Err(e) if e.downcast_ref::<AddedPartitionCut>().is_some() => return Err(e),
             Err(e) if e.downcast_ref::<Recreated>().is_some() => {
                 let why = e.to_string();
                 let (path, owner) = (cfg.file.clone(), cfg.name.clone());
@@ -450,9 +468,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
                     Output::open(&path, &owner)
                 })
                 .await??;
+                // A new file: its topics are noted anew.
+                firsts = out.checkpoint.first_partitions.clone();
+                noted.clear();
                 continue;
             }
-            Ok(()) => {
+            Ok(n) => {
+                noted.extend(n);
                 if !waiting_logged {
                     tracing::info!(topics = ?cfg.topics, "waiting for the topics to exist");
                     waiting_logged = true;
@@ -501,6 +523,17 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
     cfg.health.set_ready(true);
 
     let mut pipeline = Pipeline::start(out)?;
+    // The counts noted are kept before any record is read, so a restart
+    // finds them even if no record ever comes.
+    if !noted.is_empty() {
+        let batch = Batch {
+            noted: std::mem::take(&mut noted),
+            ..Default::default()
+        };
+        if !pipeline.send(batch).await {
+            return pipeline.finish().await.map(|c| c.totals);
+        }
+    }
     let mut reported = Totals::default();
     let mut hinted = std::time::Instant::now()
         .checked_sub(HINT_INTERVAL)
@@ -554,13 +587,25 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
             _ = refresh.tick() => {
                 cfg.health.progress();
                 let checkpoint = pipeline.committed().borrow().checkpoint.clone();
-                match assign_new(&consumer, &cfg.kafka, &cfg.topics, &checkpoint, &mut assigned) {
+                match assign_new(&consumer, &cfg.kafka, &cfg.topics, &cfg.file, &checkpoint, &mut firsts, &mut assigned) {
                     Err(e) if e.downcast_ref::<Recreated>().is_some() => {
                         fatal = Some(anyhow::anyhow!("{e}; restart file-sink to keep the file aside and start a new one"));
                         break;
                     }
+                    Err(e) if e.downcast_ref::<AddedPartitionCut>().is_some() => {
+                        fatal = Some(e);
+                        break;
+                    }
                     Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot refresh topic metadata"),
-                    Ok(()) => {}
+                    Ok(n) if n.is_empty() => {}
+                    // Ahead of the topic's first records, in the order the
+                    // writer takes batches.
+                    Ok(n) => {
+                        let batch = Batch { noted: n, ..Default::default() };
+                        if !pipeline.send(batch).await {
+                            break;
+                        }
+                    }
                 }
                 continue;
             }
@@ -1069,22 +1114,69 @@ fn report_lag(
     metrics::gauge!(names::SINK_LAG_RECORDS).set(lag as f64);
 }
 
-/// Assigns partitions of `topics` not yet assigned, each at the checkpoint's
-/// offset or the beginning.
 /// A partition's topic is not the one the file holds (see [`identity`]).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct Recreated(String);
 
+/// A partition added to its topic after the file began lost records the
+/// file must hold (see [`added_partition_cut`]): waiting cannot bring them
+/// back, so the sink stops.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct AddedPartitionCut(String);
+
+/// Why a partition the single file holds nothing of cannot start at `low`,
+/// and the fix: it was added to the topic after the file first took the
+/// topic's `first` partitions, so its records from offset 0 are the file's
+/// to hold, and Kafka deleted those before `low`. `None` when it may start
+/// there: a partition the topic had when the file took it (a file begun
+/// on an old topic starts at what Kafka still holds), or nothing deleted.
+/// `file` is the output file, whose checkpoint the fix names.
+pub(crate) fn added_partition_cut(
+    file: &Path,
+    topic: &str,
+    partition: i32,
+    first: Option<i32>,
+    low: i64,
+) -> Option<(String, String)> {
+    let first = first?;
+    (low > 0 && partition >= first).then(|| {
+        (
+            format!(
+                "{topic} partition {partition} was added to the topic after the file began (it had {first} partition(s) then), so the file must hold it from offset 0, but the topic now starts at offset {low}: records 0 to {} were deleted before they were written (retention, or a lost broker), and the file cannot be complete",
+                low - 1
+            ),
+            format!(
+                "to write what is left and accept the loss, stop file-sink and remove \"{topic}\" from \"first_partitions\" in {} (the next start notes the topic's partitions anew, as for a file begun on this topic now), or move the file and that checkpoint away to start a new file from what Kafka still holds; and raise the topic's retention.ms so that a partition added later is read before Kafka deletes its records",
+                SinkCheckpoint::path_for(file).display()
+            ),
+        )
+    })
+}
+
+/// Assigns partitions of `topics` not yet assigned, each at the checkpoint's
+/// offset or the beginning. `firsts` holds, per topic, the partitions it
+/// had when the file first took it; a topic not in it is noted now with
+/// the partitions it has, and the notes made are returned, for the
+/// checkpoint to keep.
+///
+/// Fails when Kafka cannot be asked, when a partition's topic is not the
+/// one the file holds ([`Recreated`]), or when a partition added to the
+/// topic after the file began lost records before the file read them
+/// ([`AddedPartitionCut`]); nothing is assigned or noted then.
 fn assign_new(
     consumer: &StreamConsumer<SinkContext>,
     kafka: &KafkaSettings,
     topics: &[String],
+    file: &Path,
     checkpoint: &SinkCheckpoint,
+    firsts: &mut BTreeMap<String, i32>,
     assigned: &mut BTreeSet<(String, i32)>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<(String, i32)>> {
     let mut fresh = TopicPartitionList::new();
     let mut keys = Vec::new();
+    let mut noted = Vec::new();
     for topic in topics {
         let md = consumer
             .fetch_metadata(Some(topic), Duration::from_secs(2))
@@ -1101,6 +1193,30 @@ fn assign_new(
                 }
                 continue;
             }
+            if t.partitions().is_empty() {
+                continue;
+            }
+            let first = match firsts.get(topic) {
+                Some(n) => *n,
+                None => {
+                    let n = t.partitions().len() as i32;
+                    if checkpoint.offsets.contains_key(topic) {
+                        tracing::info!(
+                            topic = %topic,
+                            partitions = n,
+                            "the checkpoint was written before file-sink kept the partitions a topic had when the file took it: the partitions the topic has now stand for them, and a partition added from now on must be read from offset 0"
+                        );
+                    } else {
+                        tracing::info!(
+                            topic = %topic,
+                            partitions = n,
+                            "noting the partitions the topic has as the file takes it: a partition added later must be read from offset 0"
+                        );
+                    }
+                    noted.push((topic.clone(), n));
+                    n
+                }
+            };
             for p in t.partitions() {
                 let key = (topic.clone(), p.id());
                 if assigned.contains(&key) {
@@ -1115,6 +1231,21 @@ fn assign_new(
                         identity::check(kafka, topic, p.id(), fp)?
                     {
                         return Err(Recreated(why).into());
+                    }
+                }
+                // A partition added after the file began is the file's to
+                // hold from offset 0: if Kafka no longer has its first
+                // records, reading it from where it now starts would lose
+                // them without a word.
+                if offset == Offset::Beginning && p.id() >= first {
+                    let (low, _) = group::watermarks_when_led(consumer, topic, p.id())
+                        .with_context(|| {
+                            format!("cannot read the offsets of {topic} partition {}", p.id())
+                        })?;
+                    if let Some((why, fix)) =
+                        added_partition_cut(file, topic, p.id(), Some(first), low)
+                    {
+                        return Err(AddedPartitionCut(format!("{why}. To go on: {fix}")).into());
                     }
                 }
                 fresh.add_partition_offset(topic, p.id(), offset)?;
@@ -1142,7 +1273,8 @@ fn assign_new(
     // Only now: a partition marked before an error above would never be
     // read.
     assigned.extend(keys);
-    Ok(())
+    firsts.extend(noted.iter().cloned());
+    Ok(noted)
 }
 
 #[cfg(test)]
@@ -1165,6 +1297,31 @@ mod tests {
         // On one line it is kept as it is, as before.
         let line = b"{\"a\": \"\\ud800\"}";
         assert!(matches!(check(Some(line), 1 << 20), Prepared::Line(..)));
+    }
+
+    #[test]
+    fn only_a_partition_added_after_the_file_began_must_start_at_zero() {
+        let file = Path::new("/data/out.txt");
+        // Added later (the topic had 1 partition), cut before offset 5.
+        let (why, fix) = added_partition_cut(file, "t", 1, Some(1), 5).unwrap();
+        assert!(
+            why.starts_with("t partition 1 was added to the topic after the file began (it had 1 partition(s) then)"),
+            "{why}"
+        );
+        assert!(why.contains("records 0 to 4 were deleted"), "{why}");
+        assert!(
+            fix.contains(
+                r#"remove "t" from "first_partitions" in /data/out.txt.tidemark-checkpoint"#
+            ),
+            "{fix}"
+        );
+        // Nothing deleted, a partition the topic had when the file took it,
+        // or a topic not noted yet: read from where Kafka starts.
+        assert_eq!(added_partition_cut(file, "t", 1, Some(1), 0), None);
+        assert_eq!(added_partition_cut(file, "t", 0, Some(1), 5), None);
+        assert_eq!(added_partition_cut(file, "t", 2, Some(3), 5), None);
+        assert_eq!(added_partition_cut(file, "t", 1, None, 5), None);
+        assert!(added_partition_cut(file, "t", 3, Some(3), 1).is_some());
     }
 
     #[test]

@@ -60,6 +60,11 @@ pub struct Batch {
     pub skipped: u64,
     /// The last record of each partition in the batch.
     pub fingerprints: Vec<(String, i32, Fingerprint)>,
+    /// `(topic, partitions)`: topics first taken, with the partitions each
+    /// had then (see [`SinkCheckpoint::first_partitions`]). A batch may
+    /// carry only these, so that the count is durable before any record of
+    /// the topic is read.
+    pub noted: Vec<(String, i32)>,
 }
 
 impl Batch {
@@ -109,6 +114,9 @@ pub struct CommitPoint {
     pub skipped: u64,
     /// The last record of each partition the batches read.
     pub fingerprints: Vec<(String, i32, Fingerprint)>,
+    /// Topics first taken and their partitions then; the first note of a
+    /// topic wins.
+    pub noted: Vec<(String, i32)>,
 }
 
 impl CommitPoint {
@@ -126,6 +134,11 @@ impl CommitPoint {
             self.fingerprints
                 .retain(|(t2, p2, _)| !(*t2 == t && *p2 == p));
             self.fingerprints.push((t, p, fp));
+        }
+        for (t, n) in later.noted {
+            if !self.noted.iter().any(|(t2, _)| *t2 == t) {
+                self.noted.push((t, n));
+            }
         }
     }
 }
@@ -351,6 +364,7 @@ impl Output {
             dead_count: batch.dead_count,
             skipped: batch.skipped,
             fingerprints: batch.fingerprints,
+            noted: batch.noted,
         })
     }
 
@@ -418,6 +432,13 @@ impl Syncer {
                 .entry(topic.clone())
                 .or_default()
                 .insert(*partition, fp.clone());
+        }
+        // The count a topic was first taken with is kept for good: a later
+        // note (the same topic taken again) never replaces it.
+        for (topic, partitions) in &point.noted {
+            next.first_partitions
+                .entry(topic.clone())
+                .or_insert(*partitions);
         }
         next.save(&self.checkpoint_path)?;
         self.checkpoint = next;
@@ -535,6 +556,44 @@ mod tests {
         );
         drop(out);
         Output::open(&path, "second").unwrap();
+    }
+
+    #[test]
+    fn a_topics_first_partition_count_is_kept_across_commits_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.txt");
+        let mut out = Output::open(&path, "test").unwrap();
+        // A note alone, before any record of the topic: durable at once.
+        out.commit(Batch {
+            noted: vec![("t".into(), 1)],
+            ..Default::default()
+        })
+        .unwrap();
+        let stored = SinkCheckpoint::load(&SinkCheckpoint::path_for(&path))
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored.first_partitions("t"), Some(1));
+        assert_eq!(stored.file_len, 0);
+        out.commit(batch("{\"a\":1}\n", "t", 1)).unwrap();
+        // Taken again later with more partitions: the first count stays.
+        let mut b = batch("{\"a\":2}\n", "t", 2);
+        b.noted = vec![("t".into(), 3), ("u".into(), 2)];
+        out.commit(b).unwrap();
+        drop(out);
+        let out = Output::open(&path, "test").unwrap();
+        assert_eq!(out.checkpoint.first_partitions("t"), Some(1));
+        assert_eq!(out.checkpoint.first_partitions("u"), Some(2));
+        assert_eq!(out.checkpoint.next_offset("t", 0), Some(2));
+        // Merged points keep the first note of each topic too.
+        let mut point = CommitPoint {
+            noted: vec![("v".into(), 4)],
+            ..Default::default()
+        };
+        point.merge(CommitPoint {
+            noted: vec![("v".into(), 6), ("w".into(), 1)],
+            ..Default::default()
+        });
+        assert_eq!(point.noted, vec![("v".into(), 4), ("w".into(), 1)]);
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! Partitions added to a topic, and a listed topic created, while
 //! file-sink runs (issue 13): both outputs start reading them without a
 //! restart, from their beginning, every record once; a restart goes on
-//! from the positions kept; and the archive's completeness mark never
-//! claims a unit whose records in a new partition are not archived yet.
+//! from the positions kept; the archive's completeness mark never claims
+//! a unit whose records in a new partition are not archived yet; and a
+//! partition added while the sink was stopped, whose first records Kafka
+//! deleted before the sink read them, stops either output.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -432,6 +434,141 @@ async fn an_added_partition_cut_by_retention_is_never_claimed_whole() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     sink.stop().await.unwrap();
     assert_exactly_once_in_order(&got, &all(&want));
+}
+
+/// The single file, likewise (issue 13): its checkpoint keeps the
+/// partitions the topic had when the file took it (`first_partitions`), so
+/// partition 1, added while the sink was stopped and cut by retention
+/// before the sink read it, is one the file must hold from offset 0. The
+/// sink stops at its start with an error naming topic, partition, the
+/// records lost and the fix, and writes nothing of the partition; `--check`
+/// says so too. The fix it names (the topic taken out of the checkpoint's
+/// `first_partitions`: the loss accepted) then lets it write what is left,
+/// every record once. Before the fix, the partition was read from its low
+/// watermark without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_single_file_refuses_an_added_partition_cut_by_retention() {
+    let first = crate::archive::topic(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("out.txt");
+    let checkpoint = dir.path().join("out.txt.tidemark-checkpoint");
+    let name = unique("cut1");
+    let start = || {
+        let mut cfg = archive_sink(&name, &first, &file, &[]);
+        cfg.metadata_refresh = Duration::from_secs(1);
+        Running::start(|t| file_sink::run(cfg, t))
+    };
+    let lines = || -> Vec<String> {
+        std::fs::read_to_string(&file)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    let wait = |n: usize| async move {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let got = lines();
+            if got.len() >= n {
+                return got;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waited 60 s for {n} lines, found {}",
+                got.len()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let producer = producer();
+    let mut want = produce_spread(&producer, &[(&first, 0)], 1..11).await;
+    let sink = start();
+    wait(10).await;
+    sink.stop().await.unwrap();
+    let noted = checkpoint_json(&checkpoint);
+    assert_eq!(
+        noted["first_partitions"][&first], 1,
+        "the checkpoint noted the topic's first partition count: {noted}"
+    );
+    add_partitions(&first, 2).await;
+    let producer = crate::archive::producer();
+    want.extend(produce_spread(&producer, &[(&first, 1), (&first, 0)], 11..21).await);
+    // Retention: partition 1's records 0 to 4 (units 11 to 15) go.
+    let mut cut = rdkafka::TopicPartitionList::new();
+    cut.add_partition_offset(&first, 1, rdkafka::Offset::Offset(5))
+        .unwrap();
+    kafka()
+        .admin()
+        .unwrap()
+        .delete_records(&cut, &AdminOptions::new())
+        .await
+        .unwrap();
+    let sink = start();
+    let err = sink
+        .exited(Duration::from_secs(60))
+        .await
+        .expect_err("file-sink must stop: partition 1 lost records the file must hold");
+    let msg = format!("{err:#}");
+    for part in [
+        format!("{first} partition 1 was added to the topic after the file began"),
+        "records 0 to 4 were deleted before they were written".to_owned(),
+        format!(
+            r#"remove "{first}" from "first_partitions" in {}"#,
+            checkpoint.display()
+        ),
+    ] {
+        assert!(msg.contains(&part), "the error says {part:?}: {msg}");
+    }
+    // Units 11 to 20 have their first event in partition 1.
+    let got = lines();
+    let of_partition_1: Vec<&String> = (11..21).map(|co| &want[&co][0]).collect();
+    assert!(
+        !got.iter().any(|l| of_partition_1.contains(&l)),
+        "the file holds none of partition 1's records"
+    );
+    assert_eq!(
+        got,
+        all(&want)[..10],
+        "the file is as the first run left it"
+    );
+    // `--check` says so too, with the same fix.
+    let report = file_sink::check::check(&archive_sink(&name, &first, &file, &[])).await;
+    let text = format!("{report:?}");
+    assert!(
+        text.contains("partition 1 was added to the topic after the file began"),
+        "--check names the cut partition: {text}"
+    );
+
+    // The fix named: the loss accepted, what is left is written once.
+    let mut edited = checkpoint_json(&checkpoint);
+    edited["first_partitions"]
+        .as_object_mut()
+        .unwrap()
+        .remove(&first);
+    std::fs::write(&checkpoint, serde_json::to_vec(&edited).unwrap()).unwrap();
+    for co in 11..16 {
+        want.get_mut(&co).unwrap().remove(0);
+    }
+    let total: usize = want.values().map(Vec::len).sum();
+    let sink = start();
+    wait(total).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    sink.stop().await.unwrap();
+    let mut got = lines();
+    got.sort();
+    let mut sorted_want = all(&want);
+    sorted_want.sort();
+    assert!(
+        got == sorted_want,
+        "the file holds every record left once: {} lines, {} wanted",
+        got.len(),
+        sorted_want.len()
+    );
+}
+
+/// The checkpoint at `path`, as JSON.
+fn checkpoint_json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
 
 /// A partition added while the archive runs, which the sink has not seen
