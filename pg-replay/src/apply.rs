@@ -410,6 +410,14 @@ pub enum DdlStep {
         /// The new name.
         to: String,
     },
+    /// Changes told by names alone where the records tell columns by
+    /// attnum: which column is which is not proven, so none is made.
+    Unproven {
+        /// The changes names alone give, described.
+        steps: String,
+        /// The target's columns no record gave an attnum for.
+        columns: String,
+    },
     /// A column whose type changed.
     Retype {
         /// Its name.
@@ -432,6 +440,9 @@ impl DdlStep {
             Self::Drop { name } => format!("column {name} dropped"),
             Self::Rename { from, to } => format!("column {from} renamed to {to}"),
             Self::Retype { name, from, to } => format!("column {name} changed from {from} to {to}"),
+            Self::Unproven { steps, columns } => format!(
+                "columns changed ({steps} by their names), but the records tell columns by attnum and none of them gave one for {columns}, so which column is which is not proven"
+            ),
         }
     }
 
@@ -454,6 +465,10 @@ impl DdlStep {
             Self::Retype { name, from, to } if widens(from, to) && target::is_plain_type_name(to) => {
                 Ok(format!("alter column {} type {to}", quote_ident(name)))
             }
+            Self::Unproven { .. } => Err(format!(
+                "{}: make the change to the target as the source made it, and run pg-replay again",
+                self.describe()
+            )),
             Self::Retype { name, from, to } => Err(format!(
                 "column {name} changed from {from} to {to}, which does not keep every value as it was: \
                  the rows the archive has no later change of hold what the source's USING made of them, \
@@ -515,9 +530,10 @@ pub type Current = (String, String, Option<i32>);
 /// either lacks an attnum, a column is the field of its name, and a single
 /// column gone and a single one new, at the same place and of the same
 /// type, is taken for a rename (names alone do not tell a rename from a
-/// drop and an add). A column paired by attnum with a field of another
-/// type and name is taken for a drop and an add: nothing says it kept its
-/// values.
+/// drop and an add). A column paired by attnum is renamed and retyped as
+/// its field is (a retype that may alter values stops). Where the record
+/// gives attnums but a target column has none known, only added columns
+/// are taken: anything else is [`DdlStep::Unproven`].
 pub fn column_diff(current: &[Current], row: &RowSchema) -> Vec<DdlStep> {
     let new: Vec<(&str, Option<&str>, Option<i32>)> = row
         .fields
@@ -530,11 +546,11 @@ pub fn column_diff(current: &[Current], row: &RowSchema) -> Vec<DdlStep> {
     let mut taken = vec![false; new.len()];
     for (i, c) in current.iter().enumerate() {
         let Some(a) = c.2 else { continue };
+        // The same column, whatever its name and type now: a rename, a
+        // retype (which widens or stops), or both.
         if let Some(j) = new.iter().position(|f| f.2 == Some(a)) {
-            if new[j].0 == c.0 || same_type(c, new[j].1) {
-                pair[i] = Some(j);
-                taken[j] = true;
-            }
+            pair[i] = Some(j);
+            taken[j] = true;
         }
     }
     for (i, c) in current.iter().enumerate() {
@@ -603,6 +619,25 @@ pub fn column_diff(current: &[Current], row: &RowSchema) -> Vec<DdlStep> {
                 });
             }
         }
+    }
+    // The record tells its columns by attnum, but a column of the target
+    // has none known: a match by its name (or place) is no proof, and a
+    // wrong one would move or lose values. Only added columns are sure.
+    let mixed = new.iter().any(|f| f.2.is_some()) && current.iter().any(|c| c.2.is_none());
+    if mixed && steps.iter().any(|s| !matches!(s, DdlStep::Add { .. })) {
+        let unknown: Vec<&str> = current
+            .iter()
+            .filter(|c| c.2.is_none())
+            .map(|c| c.0.as_str())
+            .collect();
+        return vec![DdlStep::Unproven {
+            steps: steps
+                .iter()
+                .map(DdlStep::describe)
+                .collect::<Vec<_>>()
+                .join(", "),
+            columns: unknown.join(", "),
+        }];
     }
     steps
 }
@@ -1034,11 +1069,14 @@ impl Applier {
                     ));
                     stage.fields.insert(id, f.clone());
                     stage.matched = true;
+                    // A field without one (pg-source could not place it) keeps
+                    // the attnum known for its name: the record is of the
+                    // shape the target has, so the name is still that
+                    // column's.
                     for field in &schema.fields {
-                        match field.attnum() {
-                            Some(a) => stage.attnums.insert(field.name.clone(), a),
-                            None => stage.attnums.remove(&field.name),
-                        };
+                        if let Some(a) = field.attnum() {
+                            stage.attnums.insert(field.name.clone(), a);
+                        }
                     }
                     f
                 }
@@ -2336,22 +2374,49 @@ mod tests {
                 }
             ]
         );
-        // Same attnum, another name and type: not taken for a rename.
+        // Same attnum, another name and type: renamed and retyped (the
+        // retype then stops, as it may alter values).
+        let steps = column_diff(
+            &now,
+            &row_at(&[("id", "integer", 1), ("x", "integer", 2), ("b", "text", 3)]),
+        );
         assert_eq!(
-            column_diff(
-                &now,
-                &row_at(&[("id", "integer", 1), ("x", "integer", 2), ("b", "text", 3)])
-            ),
+            steps,
             [
-                DdlStep::Drop {
-                    name: "flag".into()
+                DdlStep::Rename {
+                    from: "flag".into(),
+                    to: "x".into()
                 },
-                DdlStep::Add {
+                DdlStep::Retype {
                     name: "x".into(),
-                    ty: Some("integer".into())
+                    from: "boolean".into(),
+                    to: "integer".into()
                 }
             ]
         );
+        assert!(steps[1].clause().is_err());
+        // A target column with no attnum known, against a record with
+        // attnums: an added column is sure, a rename is not.
+        let half = vec![
+            ("id".to_string(), "integer".to_string(), Some(1)),
+            ("a".to_string(), "text".to_string(), None),
+        ];
+        assert_eq!(
+            column_diff(
+                &half,
+                &row_at(&[("id", "integer", 1), ("a", "text", 2), ("d", "text", 4)])
+            ),
+            [DdlStep::Add {
+                name: "d".into(),
+                ty: Some("text".into())
+            }]
+        );
+        let steps = column_diff(&half, &row_at(&[("id", "integer", 1), ("c", "text", 2)]));
+        assert!(
+            matches!(&steps[..], [DdlStep::Unproven { columns, .. }] if columns == "a"),
+            "{steps:?}"
+        );
+        assert!(steps[0].clause().is_err());
         // Same attnum and name, a wider type: a retype.
         assert_eq!(
             column_diff(
