@@ -1142,8 +1142,19 @@ fn note_topics(consumer: &SharedConsumer, topics: &[String], root: &Path) -> any
     for t in topics {
         let md = consumer.fetch_metadata(Some(t), Duration::from_secs(5))?;
         for mt in md.topics() {
-            if mt.error().is_none() && !mt.partitions().is_empty() {
-                segments::note_partitions(root, mt.name(), mt.partitions().len() as i32)?;
+            match mt.error() {
+                None if !mt.partitions().is_empty() => {
+                    segments::note_partitions(root, mt.name(), mt.partitions().len() as i32)?;
+                }
+                // A topic that does not exist (yet) holds no unit's events.
+                None => {}
+                Some(rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART) => {}
+                // Anything else (a leader being elected, no permission) says
+                // nothing of its partitions: nothing is counted from this
+                // note, lest a mark cover a unit with events there.
+                Some(e) => {
+                    anyhow::bail!("cannot read the partitions of topic {}: {e:?}", mt.name())
+                }
             }
         }
     }

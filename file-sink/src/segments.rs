@@ -166,11 +166,10 @@ pub fn note_partitions(root: &Path, topic: &str, partitions: i32) -> anyhow::Res
         partitions,
         first_partitions: Some(before.map_or(partitions, |t| t.first())),
     };
-    // Through a name of this process's own, so a rename is whole.
+    // Through a name of this process's own, so a rename is whole; fsynced,
+    // as the marks the count allows are durable in the checkpoints.
     let tmp = dir.join(format!("{TOPIC_FILE}.{}.tmp", std::process::id()));
-    std::fs::write(&tmp, serde_json::to_vec(&t)?)?;
-    std::fs::rename(&tmp, &path)?;
-    Ok(())
+    write_through(&path, &tmp, &serde_json::to_vec(&t)?)
 }
 
 /// Writes `bytes` to `path` through a temporary file, fsynced, renamed
@@ -627,6 +626,11 @@ pub struct SegCommitter {
     counted: Option<Mark>,
 }
 
+/// How long past its rotation a time-closed segment with nothing after it
+/// waits for the counted mark to cover it before it is sealed anyway (see
+/// [`PartSync::next_seal`]).
+const SEAL_WAIT: Duration = Duration::from_secs(30);
+
 /// What compressing a closed segment needs.
 struct SealInput {
     /// The plain segment's file name.
@@ -894,9 +898,16 @@ impl PartSync {
     ) -> Option<SealInput> {
         let seg = self.checkpoint.closed.first()?;
         let nothing_after = self.checkpoint.closed.len() == 1 && self.checkpoint.open.is_none();
-        let covered =
-            counted.is_some_and(|c| c.commit_order >= own_mark(&seg.stats.last).commit_order);
-        if nothing_after && !force && !covered {
+        let own = own_mark(&seg.stats.last);
+        // Records without a commit order (not pg-source's) give no mark to
+        // wait for; and the wait is bounded, should the topics not be
+        // noted (the brokers' metadata out of reach).
+        let covered = own.commit_order.is_none()
+            || counted.is_some_and(|c| c.commit_order >= own.commit_order);
+        let waited = cfg.rotate_interval.is_some_and(|iv| {
+            now_ms() - seg.opened_at_ms >= iv.as_millis() as i64 + SEAL_WAIT.as_millis() as i64
+        });
+        if nothing_after && !force && !covered && !waited {
             return None;
         }
         let name = segment_name(
