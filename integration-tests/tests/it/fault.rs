@@ -1019,18 +1019,12 @@ async fn fault_injection_with(fx: Fixture, sinks_setup: Sinks) {
     let seconds = env_num("TIDEMARK_FAULT_SECONDS", 30);
     let writers = env_num("TIDEMARK_FAULT_WRITERS", 4);
     let added_rows = env_num("TIDEMARK_FAULT_ADDED_ROWS", 10_000) as i64;
-    // The added table (and with it `TRUNCATE` of both tables) in logical
-    // mode only when asked (TIDEMARK_FAULT_LOGICAL_ADDED=1). Its runs
-    // failed 3 times in 8 before 132d577 and 430988f fixed two causes; of 5
-    // runs after them one failed (pg-source exiting on a fatal Kafka
-    // error, now started again in-process); of 10 runs after that 4
-    // failed (twice a renamed column restored as dropped and added, twice
-    // changes of the seed table lost, not explained): see
-    // docs/development.md. A flaky suite would block every landing.
-    // The archive run has it again: its one failure (a553fa0, "a gap in
-    // the archive") was a unit whose later chunks the incremental
-    // snapshot's filter left out wholly, fixed in pg-source (020e630).
-    let with_added = !fx.logical || env_num("TIDEMARK_FAULT_LOGICAL_ADDED", 0) == 1;
+    // The added table (and with it `TRUNCATE` of both tables) in every
+    // mode; TIDEMARK_FAULT_LOGICAL_ADDED=0 leaves it out of the logical
+    // run. That run had it off by default for a while: see
+    // docs/development.md for its failures, their fixes and the runs that
+    // brought it back (30 of 30 passed on 2026-12-03).
+    let with_added = !fx.logical || env_num("TIDEMARK_FAULT_LOGICAL_ADDED", 1) == 1;
     let seed = env_num("TIDEMARK_FAULT_SEED", rand::rng().random());
     println!(
         "fault injection ({} mode): {seconds} s, {writers} writers, seed {seed}",
@@ -1084,7 +1078,7 @@ async fn fault_injection_with(fx: Fixture, sinks_setup: Sinks) {
         ))
     });
     if !with_added {
-        println!("without the added table (logical mode: TIDEMARK_FAULT_LOGICAL_ADDED=1 adds it)");
+        println!("without the added table (TIDEMARK_FAULT_LOGICAL_ADDED=0)");
     }
     let truncates = tokio::spawn(truncator(
         fx.user_options(),
