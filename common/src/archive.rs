@@ -1105,6 +1105,65 @@ impl Iterator for PartitionRecords {
     }
 }
 
+/// Which topics and partitions a segmented archive holds, read from its
+/// folders and `topic.json` files alone (no checkpoint or manifest): cheap
+/// enough for a player following the archive to look again at every poll
+/// for partitions and topics added since it started.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Layout {
+    /// Every partition folder, by topic and partition, in that order.
+    pub folders: Vec<(String, i32)>,
+    /// Per topic, the partitions its `topic.json` says it has.
+    pub topics: Vec<(String, i32)>,
+}
+
+impl Layout {
+    /// Reads the layout of the segmented archive at `root` (which must be
+    /// one: [`Archive::open`] checks its marker).
+    ///
+    /// Fails when a folder cannot be listed or a `topic.json` is damaged.
+    pub fn read(root: &Path) -> Result<Self, ArchiveError> {
+        let mut layout = Layout::default();
+        for topic in sorted_dir(root)? {
+            let tdir = root.join(&topic);
+            if !tdir.is_dir() {
+                continue;
+            }
+            if let Ok(bytes) = std::fs::read(tdir.join(TOPIC_FILE)) {
+                let t: TopicFile = serde_json::from_slice(&bytes)
+                    .map_err(|e| damaged(&tdir.join(TOPIC_FILE), e.to_string()))?;
+                layout.topics.push((topic.clone(), t.partitions));
+            }
+            let mut numbers: Vec<i32> = sorted_dir(&tdir)?
+                .iter()
+                .filter_map(|n| {
+                    n.parse::<i32>()
+                        .ok()
+                        .filter(|p| *p >= 0 && p.to_string() == *n)
+                })
+                .collect();
+            numbers.sort_unstable();
+            layout
+                .folders
+                .extend(numbers.into_iter().map(|p| (topic.clone(), p)));
+        }
+        Ok(layout)
+    }
+
+    /// Every partition the archive has or will have: each folder, and each
+    /// partition a `topic.json` counts (one that has received nothing yet
+    /// may have no folder), by topic and partition.
+    pub fn partitions(&self) -> Vec<(String, i32)> {
+        let mut out = self.folders.clone();
+        for (topic, n) in &self.topics {
+            out.extend((0..*n).map(|p| (topic.clone(), p)));
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+}
+
 /// An archive opened for reading.
 #[derive(Debug, Clone)]
 pub enum Archive {
@@ -1153,39 +1212,19 @@ impl Archive {
                 format!("a folder without {ARCHIVE_MARKER} is not an archive file-sink wrote"),
             ));
         }
+        let layout = Layout::read(path)?;
         let mut partitions = Vec::new();
-        let mut topics = Vec::new();
-        for topic in sorted_dir(path)? {
-            let tdir = path.join(&topic);
-            if !tdir.is_dir() {
-                continue;
-            }
-            if let Ok(bytes) = std::fs::read(tdir.join(TOPIC_FILE)) {
-                let t: TopicFile = serde_json::from_slice(&bytes)
-                    .map_err(|e| damaged(&tdir.join(TOPIC_FILE), e.to_string()))?;
-                topics.push((topic.clone(), t.partitions));
-            }
-            let mut numbers: Vec<i32> = sorted_dir(&tdir)?
-                .iter()
-                .filter_map(|n| {
-                    n.parse::<i32>()
-                        .ok()
-                        .filter(|p| *p >= 0 && p.to_string() == *n)
-                })
-                .collect();
-            numbers.sort_unstable();
-            for p in numbers {
-                partitions.push(PartitionArchive::open(
-                    &partition_dir(path, &topic, p),
-                    &topic,
-                    p,
-                )?);
-            }
+        for (topic, p) in &layout.folders {
+            partitions.push(PartitionArchive::open(
+                &partition_dir(path, topic, *p),
+                topic,
+                *p,
+            )?);
         }
         Ok(Archive::Segmented {
             root: path.to_path_buf(),
             partitions,
-            topics,
+            topics: layout.topics,
         })
     }
 

@@ -40,7 +40,7 @@ use serde_json::Value;
 use sqlx::{Connection as _, PgConnection, Row as _};
 use tidemark_common::pg::{quote_ident, TableName};
 
-use crate::archive::{Origin, StreamPos, Streams};
+use crate::archive::{Origin, StreamKind, StreamPos, Streams};
 use crate::position::{self, Advance};
 use crate::record::{Op, Row, RowSchema};
 use crate::target::{self, TargetTable};
@@ -727,6 +727,13 @@ impl Applier {
             streams,
             acting: None,
         }
+    }
+
+    /// A stream added to the replay (a partition that appeared in a
+    /// segmented archive), for the places named in messages; its id is the
+    /// next one.
+    pub fn add_stream(&mut self, kind: StreamKind) {
+        self.streams.add(kind);
     }
 
     /// Starts a transaction (as this session's own role).

@@ -312,6 +312,11 @@ struct Inputs {
     /// Where the replay stops, once known: readers of a segmented archive
     /// read a partition no further than its first record past it.
     until: Until,
+    /// The segmented archives' folders: following, they are listed again
+    /// on every poll for partitions and topics added since.
+    roots: Vec<PathBuf>,
+    /// The stored resume points, by stream key.
+    hints: BTreeMap<String, StreamPos>,
 }
 
 async fn open_inputs(cfg: &Config, pos: &position::Position) -> anyhow::Result<Inputs> {
@@ -319,6 +324,7 @@ async fn open_inputs(cfg: &Config, pos: &position::Position) -> anyhow::Result<I
     let mut streams = Streams::default();
     let mut starts = Vec::new();
     let mut total = 0;
+    let mut roots = Vec::new();
     for given in &cfg.inputs {
         // The absolute path keys the resume point, whatever directory
         // pg-replay is started from.
@@ -351,6 +357,7 @@ async fn open_inputs(cfg: &Config, pos: &position::Position) -> anyhow::Result<I
                 total += segmented::last_offset(&dir);
                 streams.add(kind);
             }
+            roots.push(path.clone());
             continue;
         }
         let kind = StreamKind::File(path.clone());
@@ -395,18 +402,23 @@ async fn open_inputs(cfg: &Config, pos: &position::Position) -> anyhow::Result<I
         total,
         applied: pos.commit_order,
         until: Until::End,
+        roots,
+        hints: hints.clone(),
     })
 }
 
 /// Starts a reader per file and one for all partitions, handing over
-/// through one bounded channel.
+/// through one bounded channel. Returns its receiving end and a weak
+/// sender, for readers of streams added later ([`Loop::pick_up_partitions`]):
+/// the channel closes once every reader is gone, as if there were none.
 fn start_readers(
     cfg: &Config,
     inputs: &Inputs,
     follow: bool,
     stop: &CancellationToken,
-) -> mpsc::Receiver<Item> {
+) -> (mpsc::Receiver<Item>, mpsc::WeakSender<Item>) {
     let (tx, rx) = mpsc::channel(archive::CHANNEL_BATCHES);
+    let weak = tx.downgrade();
     let mut partitions = Vec::new();
     for id in 0..inputs.streams.len() as u32 {
         match &**inputs.streams.kind(id) {
@@ -429,10 +441,7 @@ fn start_readers(
                     applied: inputs.applied,
                     until: inputs.until,
                 };
-                let (tx, stop, max_line) = (tx.clone(), stop.clone(), cfg.max_line_bytes);
-                std::thread::spawn(move || {
-                    segmented::read_partition(p, follow, max_line, tx, stop)
-                });
+                start_segments(cfg, p, follow, tx.clone(), stop.clone());
             }
         }
     }
@@ -443,7 +452,19 @@ fn start_readers(
             archive::read_partitions(kafka, group, partitions, follow, tx, stop)
         });
     }
-    rx
+    (rx, weak)
+}
+
+/// Starts the reader of one partition of a segmented archive.
+fn start_segments(
+    cfg: &Config,
+    p: segmented::Partition,
+    follow: bool,
+    tx: mpsc::Sender<Item>,
+    stop: CancellationToken,
+) {
+    let max_line = cfg.max_line_bytes;
+    std::thread::spawn(move || segmented::read_partition(p, follow, max_line, tx, stop));
 }
 
 /// Reads the archive once from its start, handing each batch of records to
@@ -461,7 +482,7 @@ async fn first_pass(
     mut see: impl FnMut(&[archive::Decoded]) -> std::ops::ControlFlow<()>,
 ) -> anyhow::Result<bool> {
     let stop = shutdown.child_token();
-    let mut rx = start_readers(cfg, inputs, follow, &stop);
+    let (mut rx, _) = start_readers(cfg, inputs, follow, &stop);
     let mut ended = 0;
     let done = loop {
         let item = tokio::select! {
@@ -701,15 +722,25 @@ async fn run_once(
         inputs.streams.clone(),
     );
     let stop = shutdown.child_token();
-    let mut rx = start_readers(cfg, &inputs, cfg.follow, &stop);
+    let (mut rx, tx) = start_readers(cfg, &inputs, cfg.follow, &stop);
+    // Following a segmented archive: partitions and topics added to it are
+    // picked up as it grows.
+    let grow = (cfg.follow && !inputs.roots.is_empty()).then(|| Grow {
+        tx,
+        stop: stop.clone(),
+        last: Instant::now(),
+        known: (0..inputs.streams.len() as u32)
+            .map(|id| inputs.streams.kind(id).hint_key())
+            .collect(),
+    });
     let mut result = replay_loop(
         cfg,
         shutdown,
-        &inputs,
+        &mut inputs,
         pos,
         (until, starts),
         &mut applier,
-        &mut rx,
+        (&mut rx, grow),
         total,
     )
     .await;
@@ -736,10 +767,30 @@ const BATCH_UNITS: usize = 30_000;
 /// one-change transactions stays in bounded memory.
 const BATCH_READY_UNITS: usize = 200_000;
 
+/// How often a follower lists a segmented archive's partitions for ones
+/// added since it started (a few folders and `topic.json` files).
+const PARTITION_POLL: Duration = Duration::from_millis(200);
+
+/// What a follower of a segmented archive needs to pick up partitions and
+/// topics added to it.
+struct Grow {
+    /// For the readers of the streams added: weak, so that the channel
+    /// still closes when every reader is gone.
+    tx: mpsc::WeakSender<Item>,
+    /// Stops them with the others.
+    stop: CancellationToken,
+    /// When the partitions were last listed.
+    last: Instant,
+    /// The streams there are, by key.
+    known: std::collections::HashSet<String>,
+}
+
 /// The state of one replay run.
 struct Loop<'a> {
     cfg: &'a Config,
-    inputs: &'a Inputs,
+    inputs: &'a mut Inputs,
+    /// Following a segmented archive: how to pick up its new partitions.
+    grow: Option<Grow>,
     units: Units,
     kind: Option<Kind>,
     connector: Option<String>,
@@ -788,24 +839,31 @@ const MAX_DEFERRED: usize = 100_000;
 async fn replay_loop(
     cfg: &Config,
     shutdown: &CancellationToken,
-    inputs: &Inputs,
+    inputs: &mut Inputs,
     pos: position::Position,
     (until, starts): (Until, Starts),
     applier: &mut Applier,
-    rx: &mut mpsc::Receiver<Item>,
+    (rx, grow): (&mut mpsc::Receiver<Item>, Option<Grow>),
     total: &mut Summary,
 ) -> anyhow::Result<()> {
     total.position = pos.commit_order;
     total.ts_us = pos.ts_us;
+    let mut units = Units::new(
+        pos.commit_order,
+        &inputs.starts,
+        until,
+        cfg.max_pending_units,
+    );
+    if grow.is_some() {
+        units
+            .follow_listing(|id| matches!(&**inputs.streams.kind(id), StreamKind::Segments { .. }));
+    }
+    let input_total = inputs.total;
     let mut st = Loop {
         cfg,
         inputs,
-        units: Units::new(
-            pos.commit_order,
-            &inputs.starts,
-            until,
-            cfg.max_pending_units,
-        ),
+        grow,
+        units,
         kind: None,
         connector: None,
         seq: 0,
@@ -823,7 +881,7 @@ async fn replay_loop(
         last: Instant::now(),
         last_read: 0,
         last_changes: 0,
-        total: inputs.total,
+        total: input_total,
     };
     cfg.health.set_ready(true);
     let mut tick = tokio::time::interval(cfg.max_delay.max(Duration::from_millis(10)));
@@ -837,6 +895,7 @@ async fn replay_loop(
             item = rx.recv() => item,
             _ = tick.tick() => {
                 cfg.health.progress();
+                st.pick_up_partitions(applier)?;
                 // Not following, the archive is there to read: a batch is
                 // applied when full or when the archive has nothing more,
                 // so fewer, larger runs apply each key's changes once.
@@ -861,7 +920,7 @@ async fn replay_loop(
                 idle = true;
             }
             Some(Item::CaughtUp(s)) => {
-                if matches!(&**inputs.streams.kind(s), StreamKind::Partition { .. }) {
+                if matches!(&**st.inputs.streams.kind(s), StreamKind::Partition { .. }) {
                     st.units.partition_caught_up(s);
                 }
                 idle = true;
@@ -875,6 +934,8 @@ async fn replay_loop(
                 st.units.fold().map_err(|e| anyhow::anyhow!("{e}"))?;
             }
         }
+        // After the item: what it brought was read before this listing.
+        st.pick_up_partitions(applier)?;
         if st.staged_since_apply >= cfg.batch_changes
             || st.units.pending().len() >= BATCH_UNITS
             || st.units.ready_units() >= BATCH_READY_UNITS
@@ -915,6 +976,65 @@ fn report_lag(total: &Summary) {
 }
 
 impl Loop<'_> {
+    /// Following a segmented archive, at most every [`PARTITION_POLL`]:
+    /// lists its partitions (folders and `topic.json` counts) and starts a
+    /// stream for each that appeared since (a partition added to a topic,
+    /// a topic added), read from its start (or its stored resume point).
+    /// Then the marks the partitions had read before the listing count
+    /// ([`Units::follow_listing`], [`Units::partitions_listed`]): no unit
+    /// whose place in the order rests on them is applied while a partition
+    /// listed has no stream, and a new stream's events are merged by
+    /// commit order like the others'.
+    ///
+    /// Fails when the archive's folder cannot be listed or a `topic.json`
+    /// is damaged.
+    fn pick_up_partitions(&mut self, applier: &mut Applier) -> anyhow::Result<()> {
+        let Some(grow) = &mut self.grow else {
+            return Ok(());
+        };
+        if grow.last.elapsed() < PARTITION_POLL {
+            return Ok(());
+        }
+        grow.last = Instant::now();
+        let Some(tx) = grow.tx.upgrade() else {
+            // Every reader is gone: the replay is ending.
+            return Ok(());
+        };
+        let inputs = &mut *self.inputs;
+        for root in &inputs.roots {
+            for (topic, partition, dir) in segmented::partitions_now(root)? {
+                let kind = StreamKind::Segments {
+                    dir: dir.clone(),
+                    topic: topic.clone(),
+                    partition,
+                };
+                let key = kind.hint_key();
+                if grow.known.contains(&key) {
+                    continue;
+                }
+                // Its start, unless a position stored before holds it.
+                let start = inputs.hints.get(&key).copied().unwrap_or_default();
+                tracing::info!(%topic, partition, archive = %root.display(),
+                    "reading a partition that appeared in the archive");
+                grow.known.insert(key);
+                let id = inputs.streams.add(kind.clone());
+                applier.add_stream(kind);
+                inputs.starts.push(start);
+                self.units.add_stream(start);
+                let p = segmented::Partition {
+                    id,
+                    dir,
+                    start,
+                    applied: inputs.applied,
+                    until: inputs.until,
+                };
+                start_segments(self.cfg, p, true, tx.clone(), grow.stop.clone());
+            }
+        }
+        self.units.partitions_listed();
+        Ok(())
+    }
+
     /// Whether there is nothing more to do.
     fn done(&self) -> bool {
         self.units.reached_end() || (!self.cfg.follow && self.units.all_ended())

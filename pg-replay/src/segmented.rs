@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::bail;
 use tidemark_common::archive::{
-    Archive, PartitionArchive, PartitionTail, Position, ReadOptions, SegmentPos,
+    Archive, Layout, PartitionArchive, PartitionTail, Position, ReadOptions, SegmentPos,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -45,22 +45,26 @@ pub fn partitions(root: &Path) -> anyhow::Result<Vec<(String, i32, PathBuf)>> {
             root.display()
         )
     })?;
-    let Archive::Segmented {
-        partitions, topics, ..
-    } = archive
-    else {
+    if !matches!(archive, Archive::Segmented { .. }) {
         bail!("{} is not a segmented archive", root.display());
-    };
-    let mut out: Vec<(String, i32)> = partitions
-        .iter()
-        .map(|p| (p.topic.clone(), p.partition))
-        .collect();
-    for (topic, n) in topics {
-        out.extend((0..n).map(|p| (topic.clone(), p)));
     }
-    out.sort();
-    out.dedup();
-    Ok(out
+    partitions_now(root)
+}
+
+/// Like [`partitions`], from the folders and `topic.json` files alone
+/// (no checkpoint or manifest is read): what a follower looks at on each
+/// poll for partitions and topics added since it started.
+///
+/// Fails when a folder cannot be listed or a `topic.json` is damaged.
+pub fn partitions_now(root: &Path) -> anyhow::Result<Vec<(String, i32, PathBuf)>> {
+    let layout = Layout::read(root).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read the segmented archive {} (--input): {e}",
+            root.display()
+        )
+    })?;
+    Ok(layout
+        .partitions()
         .into_iter()
         .map(|(t, p)| {
             let dir = tidemark_common::archive::partition_dir(root, &t, p);

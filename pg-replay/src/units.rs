@@ -12,7 +12,11 @@
 //! - otherwise every stream must have passed the unit's commit_order (each
 //!   stream holds its units in commit order), have ended, or be a Kafka
 //!   partition read to its end (pg-source commits units to Kafka in commit
-//!   order, so a partition read to its end holds nothing older to come).
+//!   order, so a partition read to its end holds nothing older to come);
+//!   following a segmented archive, whose topics may gain partitions, a
+//!   partition counts only once its completeness mark, as it was when the
+//!   archive's partitions were last listed, is past the unit
+//!   ([`Units::follow_listing`]).
 //!
 //! Units are applied as a prefix in commit order: the run of ready units
 //! stops at the first that is not ready, and at the point in time asked for
@@ -260,6 +264,13 @@ struct StreamState {
     complete_before: Option<i64>,
     /// Where its next record starts.
     read: StreamPos,
+    /// A partition of a segmented archive that may grow while the replay
+    /// follows it ([`Units::follow_listing`]): only its mark says what it
+    /// holds nothing more of, not its head.
+    by_mark: bool,
+    /// `complete_before` as it was when the archive's partitions were last
+    /// listed ([`Units::partitions_listed`]).
+    listed: Option<i64>,
 }
 
 /// The run of units ready to apply.
@@ -373,6 +384,47 @@ impl Units {
             until,
             end: None,
             max_pending,
+        }
+    }
+
+    /// The replay follows a segmented archive, whose topics may gain
+    /// partitions (and which may gain topics) while it runs, and
+    /// `segments` says which streams are its partitions. A partition not
+    /// listed yet has no stream, and one file-sink has not seen yet is not
+    /// even in `topic.json`: how far the others have been read (their
+    /// heads) says nothing of it. Their completeness marks do: file-sink
+    /// notes a partition in `topic.json` before any partition's mark
+    /// covers a unit with events in it. So from now on such a stream holds
+    /// nothing more of a unit once its mark, as it was when the partitions
+    /// were last listed ([`Units::partitions_listed`]), is past the unit:
+    /// what it had read then, it had read before the listing, which gave
+    /// every partition counted a stream. Units that name the one before
+    /// them (`prev_commit_order`) need none of this.
+    pub fn follow_listing(&mut self, segments: impl Fn(StreamId) -> bool) {
+        for (id, s) in self.streams.iter_mut().enumerate() {
+            s.by_mark = segments(id as StreamId);
+        }
+    }
+
+    /// A partition that appeared in the segmented archive followed
+    /// ([`Units::follow_listing`]), resuming at `start`; its id is the next
+    /// one. Until its mark passes a unit, that unit and every later one
+    /// whose place in the order rests on the streams' marks waits for it.
+    pub fn add_stream(&mut self, start: StreamPos) {
+        self.streams.push(StreamState {
+            read: start,
+            by_mark: true,
+            ..Default::default()
+        });
+        self.ready_first.push(None);
+        self.holds.push(None);
+    }
+
+    /// The archive's partitions were listed, and every one listed has a
+    /// stream: the marks the streams have now count.
+    pub fn partitions_listed(&mut self) {
+        for s in &mut self.streams {
+            s.listed = s.complete_before;
         }
     }
 
@@ -590,6 +642,9 @@ impl Units {
     /// Whether no stream can still hold a unit at or before `commit_order`.
     fn streams_past(&self, commit_order: i64) -> bool {
         self.streams.iter().all(|s| {
+            if s.by_mark {
+                return s.ended || s.listed.is_some_and(|c| commit_order < c);
+            }
             s.ended
                 || s.caught_up_partition
                 || s.watermark.is_some_and(|w| w >= commit_order)
@@ -934,6 +989,58 @@ mod tests {
         let run = u.ready().unwrap().unwrap();
         assert_eq!((run.last, run.units), (40, 1));
         assert_eq!(u.resume_points(), vec![at(400)]);
+    }
+
+    #[test]
+    fn a_stream_added_while_following_is_merged_in_commit_order() {
+        // One partition of a segmented archive at first: its mark counts as
+        // it was when the partitions were last listed, its head not at all
+        // (a partition not in topic.json yet may hold an earlier unit).
+        let mut u = Units::new(None, &[at(0)], Until::End, 100);
+        u.follow_listing(|_| true);
+        u.add(&ev(10, 1, Some(1), 0), at(1)).unwrap();
+        u.add(&ev(20, 1, Some(1), 0), at(2)).unwrap();
+        u.partitions_listed();
+        assert_eq!(
+            u.ready().unwrap(),
+            None,
+            "its head is at 20, its mark unknown"
+        );
+        u.stream_complete_before(0, 11);
+        assert_eq!(u.ready().unwrap(), None, "read after the last listing");
+        u.partitions_listed();
+        assert_eq!(u.ready().unwrap().unwrap().last, 10);
+        u.applied_run(10);
+        // Unit 30 too, the mark past both; a listing finds a second
+        // partition, which holds unit 25.
+        u.add(&ev(30, 1, Some(1), 0), at(3)).unwrap();
+        u.stream_complete_before(0, 31);
+        u.add_stream(at(0));
+        u.partitions_listed();
+        assert_eq!(
+            u.ready().unwrap(),
+            None,
+            "unit 20 waits for the new partition"
+        );
+        u.add(&ev(25, 1, Some(1), 1), at(1)).unwrap();
+        u.stream_complete_before(1, 26);
+        u.partitions_listed();
+        let run = u.ready().unwrap().unwrap();
+        assert_eq!(
+            (run.last, run.units),
+            (25, 2),
+            "25 comes before 30, which waits for stream 1's mark to pass it"
+        );
+        u.stream_complete_before(1, 31);
+        assert_eq!(u.ready().unwrap().unwrap().last, 25, "until listed");
+        u.partitions_listed();
+        assert_eq!(u.ready().unwrap().unwrap().last, 30);
+        assert_eq!(u.resume_points().len(), 2);
+        // Units that name the one before them need no mark.
+        let mut e = ev(40, 1, Some(1), 1);
+        e.prev = Some(Some(30));
+        u.add(&e, at(2)).unwrap();
+        assert_eq!(u.ready().unwrap().unwrap().last, 40);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::archive::{
 use crate::support::*;
 
 /// Grows `topic` to `partitions` partitions.
-async fn add_partitions(topic: &str, partitions: usize) {
+pub(crate) async fn add_partitions(topic: &str, partitions: usize) {
     let admin = kafka().admin().unwrap();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let r = admin

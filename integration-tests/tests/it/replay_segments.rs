@@ -18,7 +18,7 @@ use crate::archive::{archive_lines, archive_sink};
 use crate::replay::{config, replay, Db};
 use crate::support::*;
 
-const DDL: &str = "
+pub(crate) const DDL: &str = "
 create table streaming_update_table (
   id serial primary key,
   data varchar(256) not null,
@@ -26,7 +26,7 @@ create table streaming_update_table (
   create_date timestamp not null default now(),
   last_updated timestamp not null default now())";
 
-async fn rows(pool: &PgPool) -> Vec<String> {
+pub(crate) async fn rows(pool: &PgPool) -> Vec<String> {
     sqlx::query_scalar("select t::text from streaming_update_table t order by id")
         .fetch_all(pool)
         .await
@@ -35,7 +35,7 @@ async fn rows(pool: &PgPool) -> Vec<String> {
 
 /// `n` transactions of 1 to 6 inserts, updates and deletes (some rolled
 /// back), so units span partitions.
-async fn write(pool: &PgPool, rng: &mut rand::rngs::StdRng, n: usize, next: &mut i32) {
+pub(crate) async fn write(pool: &PgPool, rng: &mut rand::rngs::StdRng, n: usize, next: &mut i32) {
     for _ in 0..n {
         let mut tx = pool.begin().await.unwrap();
         for _ in 0..rng.random_range(1..=6) {
@@ -76,7 +76,7 @@ async fn write(pool: &PgPool, rng: &mut rand::rngs::StdRng, n: usize, next: &mut
 }
 
 /// Waits until the archive's durable records stop growing for a while.
-async fn wait_idle(dir: &Path) -> usize {
+pub(crate) async fn wait_idle(dir: &Path) -> usize {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut last = (usize::MAX, Instant::now());
     loop {
