@@ -811,11 +811,16 @@ impl PartitionArchive {
     /// The partition's completeness mark, counting the open segment
     /// unless `sealed_only`.
     pub fn complete_before(&self, sealed_only: bool) -> Option<Mark> {
-        if sealed_only {
-            return self.segments.last().and_then(|s| s.complete_before);
+        let sealed = self.segments.last().and_then(|s| s.complete_before);
+        // With nothing unsealed, all the partition holds is sealed (or it
+        // holds nothing: a heartbeat topic's partition, one never written,
+        // one whose segments retention deleted): the checkpoint's mark is
+        // the sealed part's too. Else such a partition would hold the
+        // archive's sealed mark, and with it retention, back for good.
+        if sealed_only && !self.unsealed().is_empty() {
+            return sealed;
         }
         let cp = self.checkpoint.as_ref()?.complete_before;
-        let sealed = self.segments.last().and_then(|s| s.complete_before);
         match (cp, sealed) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
