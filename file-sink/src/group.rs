@@ -285,6 +285,9 @@ pub async fn run(
     let mut known: Option<(i64, Option<i64>)> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut ticks = 0u64;
+    // A note of the topics in flight: the next waits for it (each can wait
+    // 5 s per topic for the brokers).
+    let noting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut complete_logged: Option<Mark> = None;
     let mut kafka_error_logged = false;
     let mut fatal: Option<anyhow::Error> = None;
@@ -348,7 +351,7 @@ pub async fn run(
             _ = tick.tick() => {
                 ticks += 1;
                 cfg.health.progress();
-                on_tick(ticks, &seg, &cfg, &consumer, &done_tx, &mut parts, &report, known, &mut pre);
+                on_tick(ticks, &seg, &cfg, &consumer, &done_tx, &mut parts, &report, known, &noting, &mut pre);
                 let mut stopped = false;
                 for w in pre.drain(..) {
                     if !pipeline.send(w).await {
@@ -995,6 +998,7 @@ fn on_tick(
     parts: &mut HashMap<Tp, Part>,
     report: &SegReport,
     known: Option<(i64, Option<i64>)>,
+    noting: &std::sync::Arc<std::sync::atomic::AtomicBool>,
     pre: &mut Vec<Work>,
 ) {
     if seg.rotate_interval.is_some() {
@@ -1104,15 +1108,18 @@ fn on_tick(
     }
     // Often: a partition's mark from its own events waits for this (see
     // `Done::Topics`).
-    if ticks % 2 == 1 {
-        let (done, consumer, topics, root) = (
+    if ticks % 2 == 1 && !noting.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        let (done, consumer, topics, root, noting) = (
             done_tx.clone(),
             consumer.clone(),
             cfg.topics.clone(),
             root.clone(),
+            noting.clone(),
         );
         tokio::task::spawn_blocking(move || {
-            let _ = done.send(Done::Topics(note_topics(&consumer, &topics, &root), known));
+            let noted = note_topics(&consumer, &topics, &root);
+            noting.store(false, std::sync::atomic::Ordering::Release);
+            let _ = done.send(Done::Topics(noted, known));
         });
     }
     if ticks % 10 == 5 {
