@@ -551,7 +551,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
     loop {
         if let Some(fetch) = resize.take() {
             let checkpoint = pipeline.committed().borrow().checkpoint.clone();
-            match resized(&cfg, fetch, &assigned, &delivered, &checkpoint) {
+            match resized(&cfg, fetch, &assigned, &delivered, &checkpoint, &firsts) {
                 Ok(new) => {
                     tracing::info!(
                         fetch_bytes = fetch,
@@ -832,6 +832,7 @@ fn resized(
     assigned: &BTreeSet<(String, i32)>,
     delivered: &HashMap<(String, i32), i64>,
     checkpoint: &SinkCheckpoint,
+    firsts: &BTreeMap<String, i32>,
 ) -> anyhow::Result<StreamConsumer<SinkContext>> {
     let consumer = single_consumer(cfg, fetch)?;
     let mut tpl = TopicPartitionList::new();
@@ -842,6 +843,9 @@ fn resized(
             .or_else(|| checkpoint.next_offset(topic, *p))
         {
             Some(next) => Offset::Offset(next),
+            // A partition added after the file began, from offset 0 as
+            // when it was first assigned (see `assign_new`).
+            None if firsts.get(topic).is_some_and(|f| *p >= *f) => Offset::Offset(0),
             None => Offset::Beginning,
         };
         tpl.add_partition_offset(topic, *p, offset)?;
@@ -1237,16 +1241,27 @@ fn assign_new(
                 // hold from offset 0: if Kafka no longer has its first
                 // records, reading it from where it now starts would lose
                 // them without a word.
+                let mut offset = offset;
                 if offset == Offset::Beginning && p.id() >= first {
-                    let (low, _) = group::watermarks_when_led(consumer, topic, p.id())
-                        .with_context(|| {
-                            format!("cannot read the offsets of {topic} partition {}", p.id())
-                        })?;
+                    // Briefly, and this partition only: the others are read
+                    // meanwhile, and it is asked again at the next refresh.
+                    let low = match consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(5))
+                    {
+                        Ok((low, _)) => low,
+                        Err(e) => {
+                            tracing::warn!(topic = %topic, partition = p.id(), error = %e, "cannot read the offsets of a partition added to the topic; asking again at the next metadata refresh");
+                            continue;
+                        }
+                    };
                     if let Some((why, fix)) =
                         added_partition_cut(file, topic, p.id(), Some(first), low)
                     {
                         return Err(AddedPartitionCut(format!("{why}. To go on: {fix}")).into());
                     }
+                    // From offset 0 itself, not from wherever the partition
+                    // begins when librdkafka asks: records deleted meanwhile
+                    // then stop the sink (`auto.offset.reset=error`).
+                    offset = Offset::Offset(0);
                 }
                 fresh.add_partition_offset(topic, p.id(), offset)?;
                 keys.push(key);
