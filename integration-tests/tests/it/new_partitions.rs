@@ -566,6 +566,72 @@ async fn the_single_file_refuses_an_added_partition_cut_by_retention() {
     );
 }
 
+/// A partition the topic had when the file began but that held no record
+/// yet has no position of its own; if file-sink is stopped, records come to
+/// it and Kafka deletes the first of them, a restart must not read it from
+/// wherever it begins now. Its start is in the checkpoint from its first
+/// assignment, so the restart stops, as for any position the topic lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_partition_cut_while_the_single_file_was_stopped_stops_it() {
+    let topic = crate::archive::topic(2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("out.txt");
+    let checkpoint = dir.path().join("out.txt.tidemark-checkpoint");
+    let name = unique("empty1");
+    let start = || {
+        let cfg = archive_sink(&name, &topic, &file, &[]);
+        Running::start(|t| file_sink::run(cfg, t))
+    };
+    let producer = producer();
+    produce_spread(&producer, &[(&topic, 0)], 1..6).await;
+    let sink = start();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_to_string(&file)
+        .unwrap_or_default()
+        .lines()
+        .count()
+        < 5
+    {
+        assert!(Instant::now() < deadline, "waited 60 s for 5 lines");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sink.stop().await.unwrap();
+    let kept = checkpoint_json(&checkpoint);
+    assert_eq!(
+        kept["offsets"][&topic]["1"], 0,
+        "the empty partition's start is kept: {kept}"
+    );
+    // Stopped: partition 1 gets records, and Kafka deletes the first 3.
+    produce_spread(&producer, &[(&topic, 1)], 6..11).await;
+    let mut cut = rdkafka::TopicPartitionList::new();
+    cut.add_partition_offset(&topic, 1, rdkafka::Offset::Offset(3))
+        .unwrap();
+    kafka()
+        .admin()
+        .unwrap()
+        .delete_records(&cut, &AdminOptions::new())
+        .await
+        .unwrap();
+    let sink = start();
+    let err = sink
+        .exited(Duration::from_secs(60))
+        .await
+        .expect_err("file-sink must stop: partition 1 lost records after the file began");
+    let msg = format!("{err:#}");
+    for part in [
+        "the checkpoint's position is not in the topic any more",
+        topic.as_str(),
+    ] {
+        assert!(msg.contains(part), "the error says {part:?}: {msg}");
+    }
+    let lines = std::fs::read_to_string(&file).unwrap_or_default();
+    assert_eq!(
+        lines.lines().count(),
+        5,
+        "nothing of partition 1 was written"
+    );
+}
+
 /// The checkpoint at `path`, as JSON.
 fn checkpoint_json(path: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
