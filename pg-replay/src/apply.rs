@@ -532,8 +532,8 @@ pub type Current = (String, String, Option<i32>);
 /// type, is taken for a rename (names alone do not tell a rename from a
 /// drop and an add). A column paired by attnum is renamed and retyped as
 /// its field is (a retype that may alter values stops). Where the record
-/// gives attnums but a target column has none known, only added columns
-/// are taken: anything else is [`DdlStep::Unproven`].
+/// gives attnums, a target column with none known that would be dropped,
+/// or renamed by its place, makes the change [`DdlStep::Unproven`].
 pub fn column_diff(current: &[Current], row: &RowSchema) -> Vec<DdlStep> {
     let new: Vec<(&str, Option<&str>, Option<i32>)> = row
         .fields
@@ -567,11 +567,13 @@ pub fn column_diff(current: &[Current], row: &RowSchema) -> Vec<DdlStep> {
     }
     let gone: Vec<usize> = (0..current.len()).filter(|&i| pair[i].is_none()).collect();
     let added: Vec<usize> = (0..new.len()).filter(|&j| !taken[j]).collect();
+    let mut by_place = false;
     if let ([g], [a]) = (gone.as_slice(), added.as_slice()) {
         let unknown = current[*g].2.is_none() || new[*a].2.is_none();
         let free = !new.iter().any(|f| f.0 == current[*g].0);
         if *g == *a && unknown && free && same_type(&current[*g], new[*a].1) {
             pair[*g] = Some(*a);
+            by_place = true;
         }
     }
     // Drops first, so that a name they free can be taken; then renames,
@@ -621,10 +623,12 @@ pub fn column_diff(current: &[Current], row: &RowSchema) -> Vec<DdlStep> {
         }
     }
     // The record tells its columns by attnum, but a column of the target
-    // has none known: a match by its name (or place) is no proof, and a
-    // wrong one would move or lose values. Only added columns are sure.
-    let mixed = new.iter().any(|f| f.2.is_some()) && current.iter().any(|c| c.2.is_none());
-    if mixed && steps.iter().any(|s| !matches!(s, DdlStep::Add { .. })) {
+    // with none known is gone from it, or was renamed by its place: that is
+    // no proof (its name may be another column's now), and a wrong drop or
+    // rename would lose or move values.
+    let attnums = new.iter().any(|f| f.2.is_some());
+    let unknown_gone = (0..current.len()).any(|i| pair[i].is_none() && current[i].2.is_none());
+    if attnums && (unknown_gone || by_place) {
         let unknown: Vec<&str> = current
             .iter()
             .filter(|c| c.2.is_none())
@@ -2424,6 +2428,27 @@ mod tests {
             "{steps:?}"
         );
         assert!(steps[0].clause().is_err());
+        // The fault run's case: a column added with no attnum known (its
+        // records did not carry one), then a rename proven by attnum: made.
+        let late = vec![
+            ("id".to_string(), "integer".to_string(), Some(1)),
+            ("flag".to_string(), "boolean".to_string(), Some(5)),
+            ("note".to_string(), "text".to_string(), None),
+        ];
+        assert_eq!(
+            column_diff(
+                &late,
+                &row_at(&[
+                    ("id", "integer", 1),
+                    ("soft", "boolean", 5),
+                    ("note", "text", 7)
+                ])
+            ),
+            [DdlStep::Rename {
+                from: "flag".into(),
+                to: "soft".into()
+            }]
+        );
         // Same attnum and name, a wider type: a retype.
         assert_eq!(
             column_diff(
