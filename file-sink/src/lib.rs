@@ -435,10 +435,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
     // checkpoint's, and those noted since (kept here at once, as the
     // checkpoint that keeps them is saved on the syncer's thread).
     let mut firsts = out.checkpoint.first_partitions.clone();
-    // Notes the checkpoint has yet to keep: topics' first partition counts,
-    // and where partitions with no position were first assigned.
+    // Notes the checkpoint has yet to keep.
     let mut noted = Vec::new();
-    let mut starts = Vec::new();
     let mut waiting_logged = false;
     while assigned.is_empty() {
         cfg.health.progress();
@@ -451,9 +449,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
             &mut firsts,
             &mut assigned,
         ) {
-            Ok((n, st)) if !assigned.is_empty() => {
+            Ok(n) if !assigned.is_empty() => {
                 noted.extend(n);
-                starts.extend(st);
                 break;
             }
             Err(e) if e.downcast_ref::<AddedPartitionCut>().is_some() => return Err(e),
@@ -474,12 +471,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
                 // A new file: its topics are noted anew.
                 firsts = out.checkpoint.first_partitions.clone();
                 noted.clear();
-                starts.clear();
                 continue;
             }
-            Ok((n, st)) => {
+            Ok(n) => {
                 noted.extend(n);
-                starts.extend(st);
                 if !waiting_logged {
                     tracing::info!(topics = ?cfg.topics, "waiting for the topics to exist");
                     waiting_logged = true;
@@ -530,10 +525,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
     let mut pipeline = Pipeline::start(out)?;
     // The counts noted are kept before any record is read, so a restart
     // finds them even if no record ever comes.
-    if !noted.is_empty() || !starts.is_empty() {
+    if !noted.is_empty() {
         let batch = Batch {
             noted: std::mem::take(&mut noted),
-            reached: std::mem::take(&mut starts),
             ..Default::default()
         };
         if !pipeline.send(batch).await {
@@ -603,11 +597,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Tot
                         break;
                     }
                     Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot refresh topic metadata"),
-                    Ok((n, st)) if n.is_empty() && st.is_empty() => {}
+                    Ok(n) if n.is_empty() => {}
                     // Ahead of the topic's first records, in the order the
                     // writer takes batches.
-                    Ok((n, st)) => {
-                        let batch = Batch { noted: n, reached: st, ..Default::default() };
+                    Ok(n) => {
+                        let batch = Batch { noted: n, ..Default::default() };
                         if !pipeline.send(batch).await {
                             break;
                         }
@@ -1129,11 +1123,6 @@ fn report_lag(
 #[error("{0}")]
 struct Recreated(String);
 
-/// What [`assign_new`] noted for the checkpoint to keep: topics first taken
-/// with their partitions then, and `(topic, partition, offset)` where a
-/// partition with no position was first assigned.
-type Noted = (Vec<(String, i32)>, Vec<(String, i32, i64)>);
-
 /// A partition added to its topic after the file began lost records the
 /// file must hold (see [`added_partition_cut`]): waiting cannot bring them
 /// back, so the sink stops.
@@ -1171,8 +1160,7 @@ pub(crate) fn added_partition_cut(
 }
 
 /// Assigns partitions of `topics` not yet assigned, each at the checkpoint's
-/// offset, or where Kafka begins it now (offset 0 for one added after the
-/// file began), which is returned for the checkpoint to keep. `firsts` holds, per topic, the partitions it
+/// offset or the beginning. `firsts` holds, per topic, the partitions it
 /// had when the file first took it; a topic not in it is noted now with
 /// the partitions it has, and the notes made are returned, for the
 /// checkpoint to keep.
@@ -1189,11 +1177,10 @@ fn assign_new(
     checkpoint: &SinkCheckpoint,
     firsts: &mut BTreeMap<String, i32>,
     assigned: &mut BTreeSet<(String, i32)>,
-) -> anyhow::Result<Noted> {
+) -> anyhow::Result<Vec<(String, i32)>> {
     let mut fresh = TopicPartitionList::new();
     let mut keys = Vec::new();
     let mut noted = Vec::new();
-    let mut started = Vec::new();
     for topic in topics {
         let md = consumer
             .fetch_metadata(Some(topic), Duration::from_secs(2))
@@ -1275,23 +1262,6 @@ fn assign_new(
                     // begins when librdkafka asks: records deleted meanwhile
                     // then stop the sink (`auto.offset.reset=error`).
                     offset = Offset::Offset(0);
-                    started.push((topic.clone(), p.id(), 0));
-                } else if offset == Offset::Beginning {
-                    // A partition the topic had as the file took it starts
-                    // where Kafka begins it now; that place goes into the
-                    // checkpoint at once, so a restart before any record of
-                    // it was written goes on from there, and records Kafka
-                    // deleted meanwhile stop the sink instead of being
-                    // skipped. Unknown for the moment: from its beginning.
-                    match consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(5)) {
-                        Ok((low, _)) => {
-                            offset = Offset::Offset(low);
-                            started.push((topic.clone(), p.id(), low));
-                        }
-                        Err(e) => {
-                            tracing::debug!(topic = %topic, partition = p.id(), error = %e, "cannot read where the partition begins; reading it from its beginning")
-                        }
-                    }
                 }
                 fresh.add_partition_offset(topic, p.id(), offset)?;
                 keys.push(key);
@@ -1319,7 +1289,7 @@ fn assign_new(
     // read.
     assigned.extend(keys);
     firsts.extend(noted.iter().cloned());
-    Ok((noted, started))
+    Ok(noted)
 }
 
 #[cfg(test)]
