@@ -544,13 +544,19 @@ pub fn column_diff(current: &[Current], row: &RowSchema) -> Vec<DdlStep> {
     // pair[i]: the field that current column i is.
     let mut pair: Vec<Option<usize>> = vec![None; current.len()];
     let mut taken = vec![false; new.len()];
+    // Two target columns known by one attnum: one of them is wrong.
+    let mut twice = false;
     for (i, c) in current.iter().enumerate() {
         let Some(a) = c.2 else { continue };
         // The same column, whatever its name and type now: a rename, a
         // retype (which widens or stops), or both.
         if let Some(j) = new.iter().position(|f| f.2 == Some(a)) {
-            pair[i] = Some(j);
-            taken[j] = true;
+            if taken[j] {
+                twice = true;
+            } else {
+                pair[i] = Some(j);
+                taken[j] = true;
+            }
         }
     }
     for (i, c) in current.iter().enumerate() {
@@ -628,7 +634,7 @@ pub fn column_diff(current: &[Current], row: &RowSchema) -> Vec<DdlStep> {
     // rename would lose or move values.
     let attnums = new.iter().any(|f| f.2.is_some());
     let unknown_gone = (0..current.len()).any(|i| pair[i].is_none() && current[i].2.is_none());
-    if attnums && (unknown_gone || by_place) {
+    if attnums && (unknown_gone || by_place || twice) {
         let unknown: Vec<&str> = current
             .iter()
             .filter(|c| c.2.is_none())
@@ -1047,6 +1053,28 @@ impl Applier {
             .await?;
         }
         let stage = &mut self.stages[idx];
+        // The attnums follow the columns' new names; a column added is
+        // known by the attnum its next record gives, not by an old one of
+        // its name.
+        for step in steps {
+            match step {
+                DdlStep::Drop { name } | DdlStep::Add { name, .. } => {
+                    stage.attnums.remove(name);
+                }
+                DdlStep::Rename { from, to } => match stage.attnums.remove(from) {
+                    Some(a) => {
+                        stage.attnums.insert(to.clone(), a);
+                    }
+                    None => {
+                        stage.attnums.remove(to);
+                    }
+                },
+                DdlStep::Retype { .. } | DdlStep::Unproven { .. } => {}
+            }
+        }
+        stage
+            .attnums
+            .retain(|n, _| target.columns.iter().any(|c| &c.name == n));
         stage.target = target;
         stage.cols = cols;
         stage.fields.clear();
@@ -2428,6 +2456,16 @@ mod tests {
             "{steps:?}"
         );
         assert!(steps[0].clause().is_err());
+        // Two target columns known by one attnum (a stale entry): refused.
+        let stale = cols_at(&[("id", "integer", 1), ("c", "text", 2), ("a", "text", 2)]);
+        let steps = column_diff(
+            &stale,
+            &row_at(&[("id", "integer", 1), ("c", "text", 2), ("a", "text", 3)]),
+        );
+        assert!(
+            matches!(&steps[..], [DdlStep::Unproven { .. }]),
+            "{steps:?}"
+        );
         // The fault run's case: a column added with no attnum known (its
         // records did not carry one), then a rename proven by attnum: made.
         let late = vec![

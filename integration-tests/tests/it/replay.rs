@@ -896,6 +896,69 @@ async fn a_rename_beside_other_schema_changes_keeps_its_values_by_attnum() {
     );
 }
 
+/// A column renamed, then another added under its old name that pg-source
+/// could not place (no attnum), then the renamed one dropped: the added
+/// column keeps its values. The attnum known for the old name went with the
+/// rename; a stale one left under the name would take the added column for
+/// a column dropped and added again, and empty it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attnum_follows_its_column_through_a_rename() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.txt");
+    let v1 = [("id", "int32", "integer", 1), ("a", "string", "text", 2)];
+    let v2 = [("id", "int32", "integer", 1), ("c", "string", "text", 2)];
+    let v4 = [("id", "int32", "integer", 1), ("a", "string", "text", 3)];
+    let mut a = Archive::default();
+    a.raw(&event_with_attnums(
+        &v1,
+        "c",
+        json!({"id": 1, "a": "one"}),
+        1,
+    ));
+    a.raw(&event_with_attnums(
+        &v2,
+        "c",
+        json!({"id": 2, "c": "two"}),
+        2,
+    ));
+    // `a` added again, sent without an attnum.
+    let mut v3: Value = serde_json::from_str(&event_with_attnums(
+        &[
+            ("id", "int32", "integer", 1),
+            ("c", "string", "text", 2),
+            ("a", "string", "text", 0),
+        ],
+        "c",
+        json!({"id": 3, "c": "three", "a": "A3"}),
+        3,
+    ))
+    .unwrap();
+    for part in [0, 1] {
+        v3["schema"]["fields"][part]["fields"][2]["parameters"]
+            .as_object_mut()
+            .unwrap()
+            .remove("tidemark.column.attnum");
+    }
+    a.raw(&v3.to_string());
+    a.raw(&event_with_attnums(
+        &v4,
+        "c",
+        json!({"id": 4, "a": "A4"}),
+        4,
+    ));
+    a.write(&path);
+
+    let db = Db::new().await;
+    db.exec("create table t (id int primary key, a text)").await;
+    let mut cfg = config(&db, &[&path]);
+    cfg.schema_changes = pg_replay::apply::SchemaChanges::Apply;
+    replay(cfg).await.unwrap();
+    assert_eq!(
+        db.rows("select * from t order by id").await,
+        vec!["(1,)", "(2,)", "(3,A3)", "(4,A4)"]
+    );
+}
+
 /// The target's password from a file (`--target-password-file`): kept off
 /// the command line, never in a message; one in `--target-url` on the
 /// command line works but is warned about, naming the file flag.
