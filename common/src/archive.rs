@@ -817,7 +817,7 @@ impl PartitionArchive {
         // one whose segments retention deleted): the checkpoint's mark is
         // the sealed part's too. Else such a partition would hold the
         // archive's sealed mark, and with it retention, back for good.
-        if sealed_only && !self.unsealed().is_empty() {
+        if sealed_only && (self.checkpoint.is_none() || !self.unsealed().is_empty()) {
             return sealed;
         }
         let cp = self.checkpoint.as_ref()?.complete_before;

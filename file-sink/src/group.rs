@@ -1117,8 +1117,17 @@ fn on_tick(
             noting.clone(),
         );
         tokio::task::spawn_blocking(move || {
+            // Cleared however the note ends, a panic included: else no
+            // note would run again, and the marks would stall unseen.
+            struct Clear(std::sync::Arc<std::sync::atomic::AtomicBool>);
+            impl Drop for Clear {
+                fn drop(&mut self) {
+                    self.0.store(false, std::sync::atomic::Ordering::Release);
+                }
+            }
+            let clear = Clear(noting);
             let noted = note_topics(&consumer, &topics, &root);
-            noting.store(false, std::sync::atomic::Ordering::Release);
+            drop(clear);
             let _ = done.send(Done::Topics(noted, known));
         });
     }
