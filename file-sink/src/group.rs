@@ -569,7 +569,7 @@ const LEADER_PATIENCE: Duration = Duration::from_secs(30);
 /// a moment after a topic is created or a broker restarts) is asked again
 /// for up to [`LEADER_PATIENCE`], instead of stopping the sink; any other
 /// error fails at once.
-pub(crate) fn watermarks_when_led<C: Consumer<SinkContext>>(
+fn watermarks_when_led<C: Consumer<SinkContext>>(
     consumer: &C,
     topic: &str,
     partition: i32,

@@ -255,28 +255,8 @@ async fn the_single_file_reads_partitions_and_topics_added_while_it_runs_exactly
         cfg.metadata_refresh = Duration::from_secs(1);
         Running::start(|t| file_sink::run(cfg, t))
     };
-    let lines = || -> Vec<String> {
-        std::fs::read_to_string(&file)
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    };
-    let wait = |n: usize| async move {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let got = lines();
-            if got.len() >= n {
-                return got;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "waited 60 s for {n} lines, found {}",
-                got.len()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
+    let lines = || file_lines(&file);
+    let wait = |n: usize| wait_lines(&file, n);
     let producer = producer();
     let mut want = produce_spread(&producer, &[(&first, 0)], 1..31).await;
     let sink = start();
@@ -458,28 +438,8 @@ async fn the_single_file_refuses_an_added_partition_cut_by_retention() {
         cfg.metadata_refresh = Duration::from_secs(1);
         Running::start(|t| file_sink::run(cfg, t))
     };
-    let lines = || -> Vec<String> {
-        std::fs::read_to_string(&file)
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    };
-    let wait = |n: usize| async move {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let got = lines();
-            if got.len() >= n {
-                return got;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "waited 60 s for {n} lines, found {}",
-                got.len()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
+    let lines = || file_lines(&file);
+    let wait = |n: usize| wait_lines(&file, n);
     let producer = producer();
     let mut want = produce_spread(&producer, &[(&first, 0)], 1..11).await;
     let sink = start();
@@ -564,6 +524,32 @@ async fn the_single_file_refuses_an_added_partition_cut_by_retention() {
         got.len(),
         sorted_want.len()
     );
+}
+
+/// The lines of the single file at `path` (none before it exists).
+fn file_lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits up to 60 s for the file at `path` to hold `n` lines; returns them.
+async fn wait_lines(path: &Path, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = file_lines(path);
+        if got.len() >= n {
+            return got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "waited 60 s for {n} lines, found {}",
+            got.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// The checkpoint at `path`, as JSON.
