@@ -210,6 +210,12 @@ pub struct LogicalPosition {
     /// those names at the next start.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub oids: BTreeMap<String, u32>,
+    /// The snapshot (`pg_snapshot` text) up to which the signal table was
+    /// read (snapshots on demand): a signal whose transaction it shows was
+    /// acted on. `None` in a position stored before: signals are read from
+    /// the first look on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signals: Option<String>,
 }
 
 /// Which units a connector has sent, for `transaction.prev_commit_order`:

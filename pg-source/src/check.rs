@@ -142,27 +142,7 @@ async fn postgres(
                         format!("grant usage on schema {} to {user}; grant select on {}, {} to {user}", names::SCHEMA, names::CHANGE_LOG, names::SHAPES),
                     );
                     }
-                    let signal: Option<bool> = sqlx::query_scalar(&format!(
-                        "select pg_catalog.has_table_privilege(c.oid, 'SELECT') from pg_catalog.pg_class c
-                          where c.oid operator(pg_catalog.=) pg_catalog.to_regclass('{}')",
-                        names::SIGNAL
-                    ))
-                    .fetch_optional(pool)
-                    .await?;
-                    match signal {
-                        Some(true) => r.ok(format!(
-                            "signal table {} readable: snapshots on demand are on",
-                            names::SIGNAL
-                        )),
-                        Some(false) => r.warn(
-                            format!("user {user} cannot read the signal table {}: snapshots on demand are off", names::SIGNAL),
-                            format!("grant select on {} to {user}", names::SIGNAL),
-                        ),
-                        None => r.warn(
-                            format!("no signal table {}: snapshots on demand are off", names::SIGNAL),
-                            "run schema-init --capture changelog of this release",
-                        ),
-                    }
+                    signal_table(pool, &user, "changelog", r).await?;
                     if ddl {
                         r.ok(format!(
                             "event trigger {} records schema changes",
@@ -210,6 +190,7 @@ async fn postgres(
                 );
             }
             slot(pool, &l.slot_name, slots, used, r).await?;
+            signal_table(pool, &user, "logical", r).await?;
         }
     }
 
@@ -251,6 +232,45 @@ async fn postgres(
     }
     if !matches!(cfg.mode, ModeConfig::Timestamp(_)) {
         topics.push(crate::dead_letter::TOPIC.to_owned());
+    }
+    Ok(())
+}
+
+/// The signal table (snapshots on demand): there, made as schema-init
+/// makes it (a table a superuser owns, in a schema a superuser owns), and
+/// readable by `user`. `mode`: the `--capture` that creates it.
+async fn signal_table(pool: &PgPool, user: &str, mode: &str, r: &mut Report) -> anyhow::Result<()> {
+    let (schema, table) = names::SIGNAL.split_once('.').expect("schema.table");
+    let signal: Option<(bool, bool)> = sqlx::query_as(
+        "select c.relkind operator(pg_catalog.=) 'r' and o.rolsuper and so.rolsuper,
+                pg_catalog.has_table_privilege(c.oid, 'SELECT')
+           from pg_catalog.pg_class c
+           join pg_catalog.pg_namespace n on n.oid operator(pg_catalog.=) c.relnamespace
+           join pg_catalog.pg_roles o on o.oid operator(pg_catalog.=) c.relowner
+           join pg_catalog.pg_roles so on so.oid operator(pg_catalog.=) n.nspowner
+          where n.nspname operator(pg_catalog.=) $1 and c.relname operator(pg_catalog.=) $2",
+    )
+    .bind(schema)
+    .bind(table)
+    .fetch_optional(pool)
+    .await?;
+    match signal {
+        Some((true, true)) => r.ok(format!(
+            "signal table {} readable: snapshots on demand are on",
+            names::SIGNAL
+        )),
+        Some((false, _)) => r.warn(
+            format!("{} is not a table owned by a superuser in a schema a superuser owns: pg-source does not read it, and snapshots on demand are off", names::SIGNAL),
+            format!("check who made it; drop it and run schema-init --capture {mode} of this release as a superuser"),
+        ),
+        Some((true, false)) => r.warn(
+            format!("user {user} cannot read the signal table {}: snapshots on demand are off", names::SIGNAL),
+            format!("grant usage on schema {} to {user}; grant select on {} to {user}", names::SCHEMA, names::SIGNAL),
+        ),
+        None => r.warn(
+            format!("no signal table {}: snapshots on demand are off", names::SIGNAL),
+            format!("run schema-init --capture {mode} of this release as a superuser"),
+        ),
     }
     Ok(())
 }

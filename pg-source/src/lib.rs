@@ -34,6 +34,7 @@ pub mod pgoutput;
 pub mod producer;
 pub mod shape;
 pub mod shapes;
+pub mod signal;
 pub mod snapshot;
 pub mod table;
 pub mod visibility;

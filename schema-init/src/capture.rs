@@ -126,12 +126,32 @@ pub fn capture_role_sql(role: &str) -> String {
     fill(include_str!("sql/capture_role.sql")).replace(names::CAPTURE_ROLE, role)
 }
 
+/// The part of the schema checks that lists what in schema `tidemark` a
+/// role other than a superuser controls (into `v_bad`).
+const UNSAFE_OBJECTS: &str = include_str!("sql/unsafe_objects.sql");
+
+/// The signal table (snapshots on demand), in both captures.
+fn signal_table() -> String {
+    format!(
+        r#"create table if not exists {signal} (
+  id pg_catalog.int8 generated always as identity primary key,
+  kind pg_catalog.text not null,
+  data pg_catalog.jsonb not null default '{{}}'::pg_catalog.jsonb,
+  txid pg_catalog.xid8 not null default pg_catalog.pg_current_xact_id(),
+  created_by pg_catalog.text not null default pg_catalog."current_user"(),
+  created_at pg_catalog.timestamptz not null default pg_catalog.clock_timestamp()
+)"#,
+        signal = names::SIGNAL
+    )
+}
+
 /// Fills the `@NAME@` placeholders of the SQL files with the names of
 /// [`names`] (and a few constants of this module).
 fn fill(template: &str) -> String {
     let settings = function_settings();
-    let values: [(&str, &str); 28] = [
+    let values: [(&str, &str); 29] = [
         ("SCHEMA", names::SCHEMA),
+        ("SIGNAL", names::SIGNAL),
         ("CHANGE_LOG", names::CHANGE_LOG),
         ("SHAPES", names::SHAPES),
         ("CAPTURE_ROLE", names::CAPTURE_ROLE),
@@ -326,7 +346,7 @@ pub fn changelog_steps(table: &TableName, capture: impl Into<Capture>) -> Vec<St
     let mut steps = vec![
         step(
             "check that schema-init runs as a superuser and that schema tidemark is safe",
-            fill(include_str!("sql/check_changelog.sql")),
+            fill(&include_str!("sql/check_changelog.sql").replace("@UNSAFE_OBJECTS@", UNSAFE_OBJECTS)),
         ),
         step(
             "create schema tidemark",
@@ -373,17 +393,7 @@ pub fn changelog_steps(table: &TableName, capture: impl Into<Capture>) -> Vec<St
         ),
         step(
             "create table tidemark.signal",
-            format!(
-                r#"create table if not exists {signal} (
-  id pg_catalog.int8 generated always as identity primary key,
-  kind pg_catalog.text not null,
-  data pg_catalog.jsonb not null default '{{}}'::pg_catalog.jsonb,
-  txid pg_catalog.xid8 not null default pg_catalog.pg_current_xact_id(),
-  created_by pg_catalog.text not null default pg_catalog."current_user"(),
-  created_at pg_catalog.timestamptz not null default pg_catalog.clock_timestamp()
-)"#,
-                signal = names::SIGNAL
-            ),
+            signal_table(),
         ),
         step(
             "revoke every privilege on tidemark.signal from public",
@@ -784,6 +794,17 @@ end"#,
             ident = quote_ident(&publication),
         )),
     ));
+    steps.push(Step {
+        needs_key: false,
+        ..step(
+            "create table tidemark.signal (snapshots on demand; as a superuser only)",
+            fill(
+                &include_str!("sql/signal_logical.sql")
+                    .replace("@UNSAFE_OBJECTS@", UNSAFE_OBJECTS)
+                    .replace("@SIGNAL_TABLE@", &signal_table()),
+            ),
+        )
+    });
     steps
 }
 

@@ -283,6 +283,17 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Report> {
                  (or start it with -c wal_level=logical), or use --capture changelog"
             );
         }
+        let superuser: bool = sqlx::query_scalar(
+            "select r.rolsuper from pg_catalog.pg_roles r where r.rolname operator(pg_catalog.=) current_user",
+        )
+        .fetch_one(&pool)
+        .await?;
+        if !superuser {
+            tracing::warn!(
+                "snapshots on demand are off: only a superuser's schema-init creates the signal table {} that pg-source reads them from (run schema-init --capture logical once as a superuser to turn them on)",
+                names::SIGNAL
+            );
+        }
     }
     let mut conn = pool.acquire().await?;
     let mut tx = conn.begin().await?;

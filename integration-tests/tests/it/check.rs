@@ -62,6 +62,7 @@ async fn pg_source_check_passes_a_logical_setup_and_names_what_breaks_it() {
         "published with replica identity full",
         "does not exist yet: the first start creates it",
         "stored position: none; a start does: initial snapshot, then stream changes",
+        "ok   signal table tidemark.signal readable: snapshots on demand are on",
         "0 failed",
     ] {
         assert!(out.contains(line), "no {line:?} in\n{out}");

@@ -1,5 +1,5 @@
 //! Snapshots on demand (issue 14.3): a row in `tidemark.signal` asks a
-//! running pg-source (changelog mode) for an incremental snapshot of a
+//! running pg-source (changelog and logical modes) for an incremental snapshot of a
 //! table while paced writers change it; file-sink writes the archive; a
 //! replay from the beginning and one from the newest complete snapshot
 //! (`--from-snapshot newest`) both equal the source table. And a signal is
@@ -30,6 +30,11 @@ async fn signal(pool: &PgPool, kind: &str, data: &str) {
         .execute(pool)
         .await
         .unwrap();
+}
+
+/// Runs one statement.
+async fn exec(pool: &PgPool, sql: &str) {
+    sqlx::query(sql).execute(pool).await.unwrap();
 }
 
 /// One writer's transactions (inserts, updates, deletes, key changes,
@@ -156,7 +161,18 @@ async fn both_replays(file: &Path, expected: &[String]) -> (u64, u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_re_snapshot_on_demand_under_writes_restores_from_the_newest_snapshot_as_from_the_beginning(
 ) {
-    let fx = Fixture::changelog(schema_init::TriggerLevel::Row).await;
+    re_snapshots_under_writes(Fixture::changelog(schema_init::TriggerLevel::Row).await).await;
+}
+
+/// The same in `logical` mode, where the signal table is read between
+/// batches and a chunk takes its place in the replication stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logical_a_re_snapshot_on_demand_under_writes_restores_from_the_newest_snapshot_as_from_the_beginning(
+) {
+    re_snapshots_under_writes(Fixture::logical().await).await;
+}
+
+async fn re_snapshots_under_writes(fx: Fixture) {
     fill(&fx.pool, 1500).await;
     let source = fx
         .start_source_with(&[("batch.max.rows", "100")])
@@ -239,7 +255,16 @@ async fn a_re_snapshot_on_demand_under_writes_restores_from_the_newest_snapshot_
 /// read twice), and the archive restores to the source either way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signal_is_acted_on_once_across_a_kill_mid_snapshot() {
-    let fx = Fixture::changelog(schema_init::TriggerLevel::Row).await;
+    acted_on_once_across_a_kill(Fixture::changelog(schema_init::TriggerLevel::Row).await).await;
+}
+
+/// The same in `logical` mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logical_a_signal_is_acted_on_once_across_a_kill_mid_snapshot() {
+    acted_on_once_across_a_kill(Fixture::logical().await).await;
+}
+
+async fn acted_on_once_across_a_kill(fx: Fixture) {
     fill(&fx.pool, 10_000).await;
     let overrides = [("batch.max.rows", "50")];
     let source = fx.start_source_with(&overrides).ready().await;
@@ -292,5 +317,64 @@ async fn a_signal_is_acted_on_once_across_a_kill_mid_snapshot() {
     );
     let twice: Vec<_> = reads.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "keys read twice: {twice:?}");
+    both_replays(&fx.file(), &table_rows(&fx.pool).await).await;
+}
+
+/// pg-source reads only a signal table made as schema-init makes it (a
+/// plain table a superuser owns, in a schema a superuser owns): one that a
+/// less privileged role owns is not read (its signal queues nothing, and
+/// the stream goes on), and once a superuser owns it again, the next start
+/// acts on the signal waiting there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logical_a_signal_table_a_less_privileged_role_owns_is_not_read() {
+    let fx = Fixture::logical().await;
+    fill(&fx.pool, 200).await;
+    let role = unique("tm_signal_owner_");
+    exec(&fx.pool, &format!("create role {role}")).await;
+    exec(
+        &fx.pool,
+        &format!("alter table tidemark.signal owner to {role}"),
+    )
+    .await;
+    let source = fx.start_source_with(&[]).ready().await;
+    let sink = fx.start_sink();
+    signal(
+        &fx.pool,
+        "execute-snapshot",
+        r#"{"data-collections": ["public.streaming_update_table"]}"#,
+    )
+    .await;
+    // Well past a few looks at the signal table; the stream goes on.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    exec(
+        &fx.pool,
+        "update streaming_update_table set data = 'after the signal' where id = 100000",
+    )
+    .await;
+    let deadline = Instant::now() + WAIT;
+    while lines_with(&fx.file(), "after the signal").0 == 0 {
+        assert!(Instant::now() < deadline, "the stream stopped");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        lines_with(&fx.file(), "\"snapshot\":\"incremental\"").0,
+        0,
+        "a signal in a table a less privileged role owns was acted on"
+    );
+    source.assert_running();
+    source.stop().await.unwrap();
+    exec(
+        &fx.pool,
+        "alter table tidemark.signal owner to current_user",
+    )
+    .await;
+    exec(&fx.pool, &format!("drop role {role}")).await;
+    let source = fx.start_source_with(&[]);
+    wait_for_snapshots(&fx.file(), 1, WAIT).await;
+    wait_idle(&fx.file()).await;
+    source.stop().await.unwrap();
+    sink.stop().await.unwrap();
+    let events = read_events(&fx.file());
+    assert_eq!(units_marked(&events, "first").len(), 1, "one snapshot");
     both_replays(&fx.file(), &table_rows(&fx.pool).await).await;
 }

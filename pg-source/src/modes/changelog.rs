@@ -102,6 +102,7 @@ use crate::modes::{Batch, Capture, Committed, Wakeup};
 use crate::producer::Record;
 use crate::shape::{lexicographic_gt, CatalogShape, KeyColumn};
 use crate::shapes::{Image, Shape, Shapes};
+use crate::signal;
 use crate::snapshot::{self, InitialSnapshot};
 use crate::table::CapturedTable;
 use crate::visibility::PgSnapshot;
@@ -1441,30 +1442,20 @@ impl ChangeLogMode {
         if self.signals_unreadable {
             return Ok(());
         }
-        let rows: Result<Vec<(i64, String, String)>, sqlx::Error> = sqlx::query_as(&format!(
-            "select s.id, s.kind, s.data::pg_catalog.text from {} s
-              where pg_catalog.pg_visible_in_snapshot(s.txid, $2::pg_catalog.pg_snapshot)
-                and not pg_catalog.pg_visible_in_snapshot(s.txid, $1::pg_catalog.pg_snapshot)
-              order by s.id",
-            names::SIGNAL
-        ))
-        .bind(done)
-        .bind(cur)
-        .fetch_all(&self.pool)
-        .await;
-        let rows = match rows {
-            Ok(rows) => rows,
-            Err(sqlx::Error::Database(e))
-                if matches!(e.code().as_deref(), Some("42P01" | "42501" | "42703")) =>
-            {
-                self.signals_unreadable = true;
-                tracing::warn!(error = %e, "cannot read the signal table {}: snapshots on demand are off until pg-source restarts (run schema-init --capture changelog of this release to create it, and grant select on it to pg-source's user)", names::SIGNAL);
-                return Ok(());
+        match signal::read(&self.pool, done, cur).await? {
+            signal::Read::Signals(signals) => {
+                for s in &signals {
+                    let tables = self.tables.iter().map(|t| signal::Readable {
+                        name: &t.info.name,
+                        log_name: &t.log_name,
+                    });
+                    signal::act(s, tables, &mut self.position.incremental);
+                }
             }
-            Err(e) => return Err(SourceError::postgres("cannot read the signal table", e)),
-        };
-        for (id, kind, data) in rows {
-            self.act_on_signal(id, &kind, &data);
+            signal::Read::Off(why) => {
+                self.signals_unreadable = true;
+                tracing::warn!(error = %why, "cannot read the signal table {}: snapshots on demand are off until pg-source restarts (run schema-init --capture changelog of this release to create it, and grant select on it to pg-source's user)", names::SIGNAL);
+            }
         }
         Ok(())
     }
@@ -1503,54 +1494,6 @@ impl ChangeLogMode {
             }
         }
         Ok(())
-    }
-
-    /// Acts on one signal (see [`Self::read_signals`]).
-    fn act_on_signal(&mut self, id: i64, kind: &str, data: &str) {
-        if kind != names::SIGNAL_EXECUTE_SNAPSHOT {
-            tracing::warn!(
-                signal = id,
-                kind,
-                "signal ignored: its kind is not one pg-source knows (it knows {:?})",
-                names::SIGNAL_EXECUTE_SNAPSHOT
-            );
-            return;
-        }
-        let tables = match signal_tables(data) {
-            Ok(tables) => tables,
-            Err(why) => {
-                tracing::warn!(signal = id, data, "signal ignored: {why}");
-                return;
-            }
-        };
-        for name in tables {
-            let table = TableName::parse(&name)
-                .ok()
-                .and_then(|n| self.tables.iter().find(|t| t.info.name == n));
-            let Some(table) = table else {
-                tracing::warn!(signal = id, table = %name, "signal names a table this connector does not read (not in table.whitelist / table.include.list, or not captured); nothing is snapshotted for it");
-                continue;
-            };
-            if self
-                .position
-                .incremental
-                .iter()
-                .any(|p| p.table == table.log_name)
-            {
-                tracing::info!(signal = id, table = %table.info.name, "signal asks for a snapshot of a table whose incremental snapshot is already running; that one goes on, no second is queued");
-                continue;
-            }
-            tracing::info!(signal = id, table = %table.info.name, "signal: incremental snapshot of the table queued; every table keeps streaming meanwhile");
-            self.position.incremental.push(IncrementalProgress {
-                table: table.log_name.clone(),
-                reason: incremental::SIGNAL_REASON.to_owned(),
-                since_us: now_us(),
-                signal: Some(id),
-                ..Default::default()
-            });
-        }
-        metrics::gauge!(metric::SOURCE_INCREMENTAL_TABLES_LEFT)
-            .set(self.position.incremental.len() as f64);
     }
 
     /// Reads the key index's columns (operators, collations) of the table
@@ -2233,52 +2176,6 @@ fn in_range_sql(
     } else {
         format!("({})", cond.join(" and "))
     }
-}
-
-/// The tables a signal's `data` names: Debezium's
-/// `{"data-collections": ["schema.table", ...], "type": "incremental"}`
-/// (`type` optional).
-///
-/// Fails, saying what is wrong, when `data` is not such an object.
-fn signal_tables(data: &str) -> Result<Vec<String>, String> {
-    let v: Value = serde_json::from_str(data).map_err(|e| format!("its data is not JSON: {e}"))?;
-    let Value::Object(o) = v else {
-        return Err(
-            "its data is not a JSON object like {\"data-collections\": [\"public.t\"]}".into(),
-        );
-    };
-    match o.get("type") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(t)) if t.eq_ignore_ascii_case("incremental") => {}
-        Some(other) => {
-            return Err(format!(
-                "its snapshot type {other} is not one pg-source runs (only \"incremental\")"
-            ))
-        }
-    }
-    let Some(list) = o.get("data-collections") else {
-        return Err(
-            "its data has no \"data-collections\": a list of tables like [\"public.t\"]".into(),
-        );
-    };
-    let Value::Array(list) = list else {
-        return Err(format!(
-            "its \"data-collections\" is {list}, not a list of tables like [\"public.t\"]"
-        ));
-    };
-    if list.is_empty() {
-        return Err("its \"data-collections\" is empty".into());
-    }
-    list.iter()
-        .map(|t| match t {
-            Value::String(s) => TableName::parse(s)
-                .map(|_| s.clone())
-                .map_err(|e| format!("its \"data-collections\" holds {e}")),
-            other => Err(format!(
-                "its \"data-collections\" holds {other}, not a table name like \"public.t\""
-            )),
-        })
-        .collect()
 }
 
 impl Capture for ChangeLogMode {

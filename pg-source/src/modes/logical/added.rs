@@ -21,6 +21,16 @@
 //! archive holds exactly the table's rows with keys up to `K` as the
 //! transactions before that boundary left them.
 //!
+//! A snapshot on demand (a signal, [`crate::signal`]) re-reads a table the
+//! archive already holds whole, so its stream is left alone: every change
+//! is sent, and the claim is that at every boundary the archive holds the
+//! whole table as the transactions before it left it. Everything below
+//! holds for it as written, with "left out" read as "sent above `K`": a
+//! chunk is the rows of `(K, K']` as they are at its place (repaired the
+//! same way), placed after every change before it, so it overwrites those
+//! keys with the state they already have there. Its first chunk takes the
+//! seed too, since the stream sent changes before the signal was read.
+//!
 //! # A chunk's place
 //!
 //! A chunk is read in a `repeatable read` transaction that first locks the
@@ -176,6 +186,7 @@ use crate::errors::{Class, SourceError};
 use crate::incremental::{self, Chunk, Incremental, Repair};
 use crate::modes::Batch;
 use crate::shape::{lexicographic_gt, literal, KeyColumn};
+use crate::signal;
 use crate::table::EncodedChange;
 use crate::visibility::PgSnapshot;
 
@@ -612,6 +623,56 @@ impl LogicalMode {
         })
     }
 
+    /// Reads the signal table (see [`crate::signal`]): the signals whose
+    /// transactions became visible since the snapshot in the position, which
+    /// then moves to a snapshot of now. Each snapshot asked for is queued in
+    /// the position, with the signal's id, and runs as the added tables'
+    /// do, except that it leaves the table's stream alone (see
+    /// [`filter`]): every change is still sent, and the chunks are the rows
+    /// as they are at their places. Its first chunk waits, as after a
+    /// start, for the transactions running now: the stream may have sent
+    /// changes of theirs that a chunk's snapshot would not see yet.
+    ///
+    /// Fails on a database error other than the signal table being absent,
+    /// unreadable or untrusted (then a WARN says so, once per start).
+    pub(super) async fn read_signals(&mut self) -> Result<(), SourceError> {
+        self.last_signals = Instant::now();
+        if self.signals_off {
+            return Ok(());
+        }
+        let cur: String =
+            sqlx::query_scalar("select pg_catalog.pg_current_snapshot()::pg_catalog.text")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| SourceError::postgres("cannot take a snapshot", e))?;
+        let Some(done) = self.position.signals.clone() else {
+            // A position stored before signals were read: from now on.
+            self.position.signals = Some(cur);
+            return Ok(());
+        };
+        match signal::read(&self.pool, &done, &cur).await? {
+            signal::Read::Signals(signals) => {
+                let mut queued = 0;
+                for s in &signals {
+                    let tables = self.tables.iter().map(|t| signal::Readable {
+                        name: &t.table.info.name,
+                        log_name: &t.table.log_name,
+                    });
+                    queued += signal::act(s, tables, &mut self.position.incremental);
+                }
+                if queued > 0 {
+                    self.added.seed = true;
+                }
+                self.position.signals = Some(cur);
+            }
+            signal::Read::Off(why) => {
+                self.signals_off = true;
+                tracing::warn!(error = %why, "cannot read the signal table {}: snapshots on demand are off until pg-source restarts (run schema-init --capture logical of this release as a superuser to create it, and grant select on it to pg-source's user)", tidemark_common::names::SIGNAL);
+            }
+        }
+        Ok(())
+    }
+
     /// Checks the left-out transactions against a new snapshot when there
     /// are many (no chunk was read for a while).
     pub(super) async fn settle_unsettled(&mut self) {
@@ -777,6 +838,10 @@ pub(super) async fn filter(
             out.push(c);
             continue;
         };
+        // A snapshot on demand re-reads a table the archive holds whole:
+        // every change of it is sent. What the rule takes from the chunks
+        // (the repairs, the transactions they wait for) is the same.
+        let whole = progress[pi].reason == incremental::SIGNAL_REASON;
         let keep = match &mut c.change {
             EncodedChange::Dead(_) => true,
             EncodedChange::Truncate { .. } => {
@@ -791,7 +856,7 @@ pub(super) async fn filter(
                 if progress[pi].last_key.is_none() {
                     added.unsettled.insert(c.txid);
                 }
-                progress[pi].last_key.is_some()
+                whole || progress[pi].last_key.is_some()
             }
             EncodedChange::Ok {
                 shape,
@@ -833,6 +898,7 @@ pub(super) async fn filter(
                     added.unsettled.insert(c.txid);
                 }
                 match (*op, b_above, a_above) {
+                    _ if whole => true,
                     (Op::Update, Some(false), Some(true)) => {
                         // Moves above K: the old key's delete only.
                         *op = Op::Delete;

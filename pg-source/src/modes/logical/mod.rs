@@ -126,6 +126,10 @@ const LINGER_SLICE: Duration = Duration::from_millis(5);
 /// While idle, how often to look whether a captured table was dropped.
 const GONE_CHECK_EVERY: Duration = Duration::from_secs(10);
 
+/// How often the signal table is read (snapshots on demand): one cheap
+/// query, between batches.
+const SIGNALS_EVERY: Duration = Duration::from_secs(1);
+
 /// Longest the look for tables a pattern came to match may hold the stream.
 /// While Postgres refuses new connections (as during a shutdown) the pool
 /// would wait its acquire timeout (10 s) at every look, and the stream
@@ -432,6 +436,11 @@ pub struct LogicalMode {
     /// The incremental snapshots' chunk waiting for its place, and what
     /// they keep of the stream (see [`added`]).
     added: added::Added,
+    /// When the signal table was last read (see [`Self::read_signals`]).
+    last_signals: Instant,
+    /// The signal table cannot be read: said once, and not read again
+    /// until pg-source restarts.
+    signals_off: bool,
 }
 
 impl LogicalMode {
@@ -497,6 +506,8 @@ impl LogicalMode {
                 (
                     LogicalPosition {
                         lsn,
+                        // Signals committed before the slot are not acted on.
+                        signals: Some(done.clone()),
                         done,
                         snapshot,
                         ..Default::default()
@@ -541,6 +552,10 @@ impl LogicalMode {
             schemas,
             offsets_topic: offsets_topic.to_owned(),
             added: added::Added::default(),
+            last_signals: Instant::now()
+                .checked_sub(SIGNALS_EVERY)
+                .unwrap_or_else(Instant::now),
+            signals_off: false,
         };
         for t in &mut mode.tables {
             match mode.position.oids.get(&t.table.log_name) {
@@ -2223,6 +2238,9 @@ impl Capture for LogicalMode {
             self.discover().await;
         }
         self.rejoin();
+        if self.position.snapshot.is_none() && self.last_signals.elapsed() >= SIGNALS_EVERY {
+            self.read_signals().await?;
+        }
         if let Some(batch) = self.incremental_step().await? {
             return Ok(Some(batch));
         }
