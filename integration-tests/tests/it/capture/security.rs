@@ -787,3 +787,73 @@ async fn two_schema_inits_creating_the_capture_role_at_once_both_succeed() {
         .expect("the second schema-init checks the role the first created");
     exec(&db.admin, &format!("drop role {role}")).await;
 }
+
+/// schema-init `--capture logical` as `target`.
+async fn logical_init_as(db: &Db, target: PgTarget, table: &str) -> anyhow::Result<()> {
+    schema_init::run(&schema_init::Config {
+        target: Some(target.with_database("postgres")),
+        database: db.name.clone(),
+        table: TableName::parse(table).unwrap(),
+        notify: false,
+        sample_row: false,
+        seed_objects: false,
+        capture: None,
+        logical: true,
+    })
+    .await
+    .map(|_| ())
+}
+
+/// Logical capture by a table owner who is not a superuser works, and
+/// makes no signal table (pg-source reads only one a superuser made); a
+/// superuser's run makes it, and refuses a `tidemark` schema someone else
+/// controls, as changelog capture does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logical_capture_makes_the_signal_table_only_as_a_superuser_in_a_safe_schema() {
+    let db = Db::new().await;
+    let (owner, owner_pool) = db.role("owner_").await;
+    exec(
+        &db.admin,
+        &format!("grant create on schema public to {owner}"),
+    )
+    .await;
+    exec(
+        &db.admin,
+        &format!("grant create on database {} to {owner}", db.name),
+    )
+    .await;
+    exec(&owner_pool, "create table public.t (id int primary key)").await;
+    logical_init_as(&db, db.target_as(&owner), "t")
+        .await
+        .expect("a table owner's logical capture");
+    let signal = || async {
+        sqlx::query_scalar::<_, bool>("select to_regclass('tidemark.signal') is not null")
+            .fetch_one(&db.admin)
+            .await
+            .unwrap()
+    };
+    assert!(!signal().await, "a non-superuser's run made a signal table");
+    // The owner makes a schema tidemark of its own: a superuser's run
+    // refuses to put the signal table there.
+    exec(&owner_pool, "create schema tidemark").await;
+    let err = logical_init_as(&db, db.superuser.clone(), "t")
+        .await
+        .expect_err("made the signal table in a schema the owner controls");
+    let err = format!("{err:#}");
+    assert!(
+        err.contains(&format!(
+            "schema tidemark is not safe to create the signal table tidemark.signal in: the schema is owned by {owner}, who is not a superuser"
+        )),
+        "{err}"
+    );
+    assert!(!signal().await);
+    exec(&owner_pool, "drop schema tidemark").await;
+    logical_init_as(&db, db.superuser.clone(), "t")
+        .await
+        .expect("a superuser's logical capture");
+    assert!(signal().await, "a superuser's run made no signal table");
+    // Safe to run again.
+    logical_init_as(&db, db.superuser.clone(), "t")
+        .await
+        .unwrap();
+}
