@@ -17,12 +17,16 @@ const WAIT: Duration = Duration::from_secs(60);
 async fn wait_for_replay(fx: &Fixture, timeout: Duration) {
     let start = std::time::Instant::now();
     loop {
+        // Whether the time is up, before the read: a read of a large file
+        // under load takes many seconds, and the last one must start after
+        // the time is up, or a file complete by then fails on a stale read.
+        let last = start.elapsed() > timeout;
         let want = table_state(&fx.pool).await;
         let got = replay(&read_events(&fx.file()));
         if got == want {
             return;
         }
-        if start.elapsed() > timeout {
+        if last {
             let missing: Vec<_> = want
                 .iter()
                 .filter(|(k, v)| got.get(k) != Some(v))
