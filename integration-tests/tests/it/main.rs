@@ -21,6 +21,7 @@ mod logical_ddl;
 mod new_partitions;
 mod ordering;
 mod replay;
+mod replay_follow_backlog;
 mod replay_new_partitions;
 mod replay_pipeline;
 mod replay_segments;

@@ -168,7 +168,7 @@ async fn a_follower_picks_up_partitions_added_to_the_topic_and_applies_in_commit
 /// `place(co)`, in commit order. The events do not name the unit before
 /// them (no `prev_commit_order`), so only the partitions' completeness
 /// marks can tell the replay that no earlier unit is still to come.
-async fn produce_placed(
+pub(crate) async fn produce_placed(
     producer: &rdkafka::producer::FutureProducer,
     topic: &str,
     units: std::ops::RangeInclusive<i64>,
