@@ -267,7 +267,7 @@ impl Batcher {
     }
 
     /// Sends what is queued; false once the receiver is gone.
-    fn flush(&mut self) -> bool {
+    pub(crate) fn flush(&mut self) -> bool {
         if self.batch.is_empty() {
             return true;
         }

@@ -317,6 +317,9 @@ struct Inputs {
     roots: Vec<PathBuf>,
     /// The stored resume points, by stream key.
     hints: BTreeMap<String, StreamPos>,
+    /// How far the segmented archives' partition readers may read ahead
+    /// ([`segmented::Gate`]).
+    gate: Arc<segmented::Gate>,
 }
 
 async fn open_inputs(cfg: &Config, pos: &position::Position) -> anyhow::Result<Inputs> {
@@ -404,6 +407,7 @@ async fn open_inputs(cfg: &Config, pos: &position::Position) -> anyhow::Result<I
         until: Until::End,
         roots,
         hints: hints.clone(),
+        gate: Arc::default(),
     })
 }
 
@@ -440,6 +444,7 @@ fn start_readers(
                     start: inputs.starts[id as usize],
                     applied: inputs.applied,
                     until: inputs.until,
+                    gate: inputs.gate.clone(),
                 };
                 start_segments(cfg, p, follow, tx.clone(), stop.clone());
             }
@@ -771,6 +776,12 @@ const BATCH_READY_UNITS: usize = 200_000;
 /// added since it started (a few folders and `topic.json` files).
 const PARTITION_POLL: Duration = Duration::from_millis(200);
 
+/// How often at most it lists them while many units wait for the
+/// partitions' marks to count ([`Loop::pick_up_partitions`]): a follower
+/// reading a backlog of units that do not name the one before them reads
+/// many in 200 ms.
+const PARTITION_POLL_PRESSED: Duration = Duration::from_millis(10);
+
 /// What a follower of a segmented archive needs to pick up partitions and
 /// topics added to it.
 struct Grow {
@@ -810,6 +821,8 @@ struct Loop<'a> {
     /// A schema change waiting for the units before it, and the records
     /// set aside meanwhile.
     deferred: Option<Deferred>,
+    /// The partition readers read ahead are held back ([`Loop::gate_readers`]).
+    gated: bool,
 }
 
 /// Records set aside while a change of a table's columns waits for the
@@ -875,6 +888,7 @@ async fn replay_loop(
         starts,
         windows: Windows::default(),
         deferred: None,
+        gated: false,
     };
     let mut progress = Progress {
         every: cfg.progress_interval,
@@ -896,6 +910,8 @@ async fn replay_loop(
             _ = tick.tick() => {
                 cfg.health.progress();
                 st.pick_up_partitions(applier)?;
+                st.units.fold().map_err(|e| anyhow::anyhow!("{e}"))?;
+                st.gate_readers();
                 // Not following, the archive is there to read: a batch is
                 // applied when full or when the archive has nothing more,
                 // so fewer, larger runs apply each key's changes once.
@@ -936,6 +952,9 @@ async fn replay_loop(
         }
         // After the item: what it brought was read before this listing.
         st.pick_up_partitions(applier)?;
+        // The units the marks listed made ready wait in little memory.
+        st.units.fold().map_err(|e| anyhow::anyhow!("{e}"))?;
+        st.gate_readers();
         if st.staged_since_apply >= cfg.batch_changes
             || st.units.pending().len() >= BATCH_UNITS
             || st.units.ready_units() >= BATCH_READY_UNITS
@@ -992,7 +1011,15 @@ impl Loop<'_> {
         let Some(grow) = &mut self.grow else {
             return Ok(());
         };
-        if grow.last.elapsed() < PARTITION_POLL {
+        // Units waiting for the marks fill the pending ones between two
+        // listings: past a quarter of --max-pending-units, the marks read
+        // count sooner.
+        let every = if self.units.pending().len() >= self.cfg.max_pending_units / 4 {
+            PARTITION_POLL_PRESSED
+        } else {
+            PARTITION_POLL
+        };
+        if grow.last.elapsed() < every {
             return Ok(());
         }
         grow.last = Instant::now();
@@ -1027,12 +1054,40 @@ impl Loop<'_> {
                     start,
                     applied: inputs.applied,
                     until: inputs.until,
+                    gate: inputs.gate.clone(),
                 };
                 start_segments(self.cfg, p, true, tx.clone(), grow.stop.clone());
             }
         }
         self.units.partitions_listed();
         Ok(())
+    }
+
+    /// Holds back the segmented archives' partition readers that read
+    /// past the first quarter of the units waiting once half of
+    /// --max-pending-units wait ([`segmented::Gate`]), and lets them go
+    /// again below a quarter: the units waiting stay below the bound
+    /// however unevenly the readers run. A reader that holds the first
+    /// unit back has not read past it (or, following, has, and waits for
+    /// its mark, which it takes while it waits), so it is never held.
+    fn gate_readers(&mut self) {
+        let waiting = self.units.pending().len();
+        let max = self.cfg.max_pending_units;
+        if waiting >= max / 2 || (self.gated && waiting > max / 4) {
+            // Readers past the quarter of the waiting units wait: those
+            // behind it (the one the first unit waits for among them) read
+            // on in large batches.
+            let upto = self.units.pending().keys().nth(max / 4).copied();
+            if !self.gated {
+                tracing::debug!(waiting, upto = ?upto,
+                    "many units wait for the one before them: the partitions read ahead of them pause");
+            }
+            self.gated = true;
+            self.inputs.gate.hold_above(upto);
+        } else if self.gated {
+            self.gated = false;
+            self.inputs.gate.hold_above(None);
+        }
     }
 
     /// Whether there is nothing more to do.
@@ -1170,7 +1225,7 @@ impl Loop<'_> {
                     let disposition = self
                         .units
                         .add(&info, r.next)
-                        .map_err(|e| unit_error(e, &origin))?;
+                        .map_err(|e| unit_error(e, &origin, &self.inputs.streams))?;
                     if disposition == Disposition::Skip {
                         return Ok(());
                     }
@@ -1348,7 +1403,7 @@ impl Loop<'_> {
                 };
                 self.units
                     .add(&info, r.next)
-                    .map_err(|e| unit_error(e, &origin))?;
+                    .map_err(|e| unit_error(e, &origin, &self.inputs.streams))?;
                 let row_schema = rs
                     .schema
                     .as_ref()
@@ -1660,6 +1715,7 @@ impl Loop<'_> {
     }
 }
 
-fn unit_error(e: UnitError, origin: &archive::Origin) -> anyhow::Error {
+fn unit_error(e: UnitError, origin: &archive::Origin, streams: &Streams) -> anyhow::Error {
+    let e = e.name_streams(|id| streams.kind(id).to_string());
     anyhow::anyhow!("{origin}: {e}; nothing of that unit was applied")
 }

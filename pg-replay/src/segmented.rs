@@ -20,6 +20,9 @@
 //! is handed over so that the replay sees where the point ends.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use tidemark_common::archive::{
@@ -102,6 +105,39 @@ fn not_held(p: &Partition) -> anyhow::Error {
     )
 }
 
+/// The partition's completeness mark as its folder says now (`None`: no
+/// mark yet, or its files cannot be read at this instant).
+fn read_mark(dir: &Path) -> Option<i64> {
+    PartitionArchive::open(dir, "", 0)
+        .ok()
+        .and_then(|a| a.complete_before(false))
+        .and_then(|m| m.commit_order)
+}
+
+/// Following, records read after which the reader hands over what the
+/// partition holds nothing more of ([`mark_while_reading`]), while it is
+/// still short of its durable end: a batch's worth.
+const MARK_EVERY: usize = 256;
+
+/// Following, how often at most the mark is read again while the records
+/// read are past it (it is a manifest and a checkpoint to read).
+const MARK_REFRESH: Duration = Duration::from_millis(200);
+
+/// What a partition read up to a record of unit `last` (in offset order)
+/// holds nothing more of, given its mark `mark` read before: the units
+/// before both. Before `last`, because a partition holds its units in
+/// commit order (pg-source commits them to Kafka in that order, file-sink
+/// archives each partition in offset order), so every event of an earlier
+/// unit came before; before `mark`, because the replay counts a mark only
+/// where it also says that every partition holding such a unit was in its
+/// topic's `topic.json` when the mark was read ([`crate::units`]). A
+/// follower reading a backlog so applies it as it reads, instead of only
+/// once every partition was read to its durable end, with every unit of
+/// the backlog waiting in memory meanwhile (issue 13, review M1).
+fn mark_while_reading(mark: Option<i64>, last: Option<i64>) -> Option<i64> {
+    Some(mark?.min(last?))
+}
+
 /// What one partition reader is to read.
 pub struct Partition {
     /// The stream's id.
@@ -115,6 +151,45 @@ pub struct Partition {
     pub applied: Option<i64>,
     /// The point in time: reading stops after the first record past it.
     pub until: Until,
+    /// Shared by the archive's partition readers: how far they may read
+    /// ahead.
+    pub gate: Arc<Gate>,
+}
+
+/// How far the partition readers of a segmented archive may read ahead of
+/// the units the replay can apply. Each partition holds its units in
+/// commit order, but the readers run side by side: one may read far ahead
+/// of another (in commit order), and every unit it reads waits, in
+/// memory, until the other has read past it (or, following, its mark
+/// is). While too many units wait, the replay sets [`Gate::hold_above`]
+/// to the first of them, and a reader that has read past it waits (having
+/// handed over what it read and, following, its mark) until the replay
+/// lifts it; the readers behind it read on, so the replay always moves.
+#[derive(Debug)]
+pub struct Gate {
+    hold_above: AtomicI64,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Self {
+            hold_above: AtomicI64::new(i64::MAX),
+        }
+    }
+}
+
+impl Gate {
+    /// Readers that have read a unit after `commit_order` wait (`None`:
+    /// none waits).
+    pub fn hold_above(&self, commit_order: Option<i64>) {
+        self.hold_above
+            .store(commit_order.unwrap_or(i64::MAX), Ordering::Relaxed);
+    }
+
+    /// Whether a reader that has read up to unit `last` waits.
+    fn holds(&self, last: Option<i64>) -> bool {
+        last.is_some_and(|co| co > self.hold_above.load(Ordering::Relaxed))
+    }
 }
 
 /// Reads one partition from `p.start` and hands its records to `tx`.
@@ -172,9 +247,16 @@ fn read_inner(
     let mut to_skip = p.start.line;
     // Following: the partition's completeness mark, read before the
     // records were last read to their durable end (so they hold everything
-    // it covers), and the last one handed over.
-    let mut mark: Option<i64> = None;
+    // it covers), and the last one handed over. Read before the first
+    // record too, for the marks handed over while a backlog is read.
+    let mut mark: Option<i64> = follow.then(|| read_mark(&p.dir)).flatten();
+    let mut mark_read = Instant::now();
     let mut sent: Option<i64> = None;
+    // Following, while the partition is read towards its durable end: the
+    // commit order of the last record read and how many records were read
+    // since a mark was last handed over (see [`mark_while_reading`]).
+    let mut last_co: Option<i64> = None;
+    let mut since_sent = 0usize;
     let here = |pos: SegmentPos| StreamPos {
         offset: pos.segment.max(0) as u64,
         line: pos.lines,
@@ -204,10 +286,9 @@ fn read_inner(
                 return Ok(());
             }
             std::thread::sleep(FILE_POLL);
-            mark = PartitionArchive::open(&p.dir, "", 0)
-                .ok()
-                .and_then(|a| a.complete_before(false))
-                .and_then(|m| m.commit_order);
+            mark = read_mark(&p.dir);
+            mark_read = Instant::now();
+            since_sent = 0;
             continue;
         };
         if to_skip > 0 {
@@ -236,6 +317,49 @@ fn read_inner(
         };
         if !out.push(record) {
             return Ok(());
+        }
+        last_co = rec.position.commit_order.or(last_co);
+        if p.gate.holds(last_co) {
+            // Read ahead of the units that wait: what was read goes over,
+            // then the reader waits, taking its mark meanwhile.
+            if !out.flush() {
+                return Ok(());
+            }
+            while p.gate.holds(last_co) {
+                if shutdown.is_cancelled() {
+                    return Ok(());
+                }
+                if follow {
+                    if mark_read.elapsed() >= MARK_REFRESH {
+                        mark = read_mark(&p.dir).max(mark);
+                        mark_read = Instant::now();
+                    }
+                    if let Some(c) = mark_while_reading(mark, last_co).filter(|c| Some(*c) > sent) {
+                        if !out.send(Item::CompleteBefore(id, c)) {
+                            return Ok(());
+                        }
+                        sent = Some(c);
+                    }
+                }
+                std::thread::sleep(FILE_POLL);
+            }
+        }
+        if follow {
+            since_sent += 1;
+            if since_sent >= MARK_EVERY {
+                since_sent = 0;
+                if last_co >= mark && mark_read.elapsed() >= MARK_REFRESH {
+                    // Read past the mark: a later one may be there.
+                    mark = read_mark(&p.dir).max(mark);
+                    mark_read = Instant::now();
+                }
+                if let Some(c) = mark_while_reading(mark, last_co).filter(|c| Some(*c) > sent) {
+                    if !out.send(Item::CompleteBefore(id, c)) {
+                        return Ok(());
+                    }
+                    sent = Some(c);
+                }
+            }
         }
         if beyond {
             out.send(Item::End(id));
@@ -346,6 +470,7 @@ mod tests {
             start,
             applied,
             until,
+            gate: Arc::default(),
         };
         let s = shutdown.clone();
         let reader = std::thread::spawn(move || read_partition(p, follow, 1 << 20, tx, s));

@@ -103,17 +103,115 @@ pub enum UnitError {
         /// What that means.
         why: &'static str,
     },
-    /// Too many units wait for an incomplete one.
+    /// Too many units wait behind one not ready.
     #[error(
-        "{waiting} units wait behind unit {commit_order}, which is still incomplete: \
-         an event of it is missing from the archive (see --max-pending-units)"
+        "{waiting} units wait in memory behind unit {commit_order}, {why}. pg-replay keeps at most \
+         --max-pending-units (TIDEMARK_MAX_PENDING_UNITS, here {max}) units waiting, since each holds \
+         memory until it is applied: raise it if the machine has the memory (a waiting unit takes a \
+         few hundred bytes), or replay up to an earlier point (--until) and then the rest"
     )]
     TooManyPending {
-        /// The first incomplete unit.
+        /// The first unit not ready.
         commit_order: i64,
         /// How many wait.
         waiting: usize,
+        /// The bound (`--max-pending-units`).
+        max: usize,
+        /// Why the first unit is not ready.
+        why: Waiting,
     },
+}
+
+impl UnitError {
+    /// Names the streams an error speaks of, by `name` (a file, a
+    /// partition's folder, a topic partition), instead of by number.
+    pub fn name_streams(mut self, name: impl Fn(StreamId) -> String) -> Self {
+        if let UnitError::TooManyPending {
+            why: Waiting::Streams { ids, names },
+            ..
+        } = &mut self
+        {
+            *names = ids.iter().map(|id| name(*id)).collect();
+        }
+        self
+    }
+}
+
+/// Why a unit is not ready, for [`UnitError::TooManyPending`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Waiting {
+    /// Not all its events are here.
+    Incomplete {
+        /// Events read.
+        events: i64,
+        /// Its event_count, once its last event was read.
+        count: Option<i64>,
+        /// The first total_order missing.
+        first_missing: i64,
+    },
+    /// It is whole and names the unit before it, which is not here yet.
+    Prev(i64),
+    /// It is whole and does not name the unit before it: it waits until
+    /// no stream can still hold an earlier one.
+    Streams {
+        /// The streams that still may.
+        ids: Vec<StreamId>,
+        /// Their names, once given ([`UnitError::name_streams`]).
+        names: Vec<String>,
+    },
+}
+
+impl std::fmt::Display for Waiting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Waiting::Incomplete {
+                events,
+                count,
+                first_missing,
+            } => {
+                match count {
+                    Some(n) => write!(
+                        f,
+                        "which is still incomplete (it holds {events} of its {n} events; total_order \
+                         {first_missing} is the first missing)"
+                    )?,
+                    None => write!(
+                        f,
+                        "which is still incomplete (it holds {events} events but not its last one, the \
+                         one with event_count)"
+                    )?,
+                }
+                write!(
+                    f,
+                    ": an event of it is missing from the archive, or a stream of the archive that holds \
+                     it is read far behind the others"
+                )
+            }
+            Waiting::Prev(p) => write!(
+                f,
+                "which is whole but names unit {p} before it, which is not read yet: a stream of the archive \
+                 that holds it is read far behind the others, or it is missing from the archive"
+            ),
+            Waiting::Streams { ids, names } => {
+                let which = if names.is_empty() {
+                    ids.iter()
+                        .map(|i| format!("stream {i}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                } else {
+                    names.join(", ")
+                };
+                write!(
+                    f,
+                    "which is whole, but its events do not name the unit before them (no \
+                     transaction.prev_commit_order: they were written by a pg-source from before it carried \
+                     it), so it is applied only once no part of the archive can still hold an earlier unit, \
+                     and {which} may: not read past it yet, or, following a segmented archive, with no \
+                     completeness mark past it yet (file-sink's checkpoint)"
+                )
+            }
+        }
+    }
 }
 
 /// Seen total_orders of a unit, as sorted disjoint ranges `[a, b)`, so that
@@ -479,11 +577,11 @@ impl Units {
             }
         }
         if !self.pending.contains_key(&e.commit_order) && self.pending.len() >= self.max_pending {
-            let (first, _) = self.pending.iter().next().expect("not empty");
-            return Err(UnitError::TooManyPending {
-                commit_order: *first,
-                waiting: self.pending.len(),
-            });
+            // Those that became ready since the last fold leave first.
+            self.fold()?;
+            if self.pending.len() >= self.max_pending {
+                return Err(self.too_many_pending());
+            }
         }
         let unit = self
             .pending
@@ -546,6 +644,33 @@ impl Units {
             None => unit.first_pos.push((e.stream, e.pos)),
         }
         Ok(Disposition::Stage)
+    }
+
+    /// The error for too many pending units: why the first is not ready.
+    fn too_many_pending(&self) -> UnitError {
+        let (&co, unit) = self.pending.iter().next().expect("not empty");
+        let why = if !unit.is_complete() {
+            Waiting::Incomplete {
+                events: unit.events(),
+                count: unit.count,
+                first_missing: unit.first_missing(),
+            }
+        } else if let Some(Some(p)) = unit.prev {
+            Waiting::Prev(p)
+        } else {
+            Waiting::Streams {
+                ids: (0..self.streams.len() as StreamId)
+                    .filter(|&id| !self.stream_past(id, co))
+                    .collect(),
+                names: Vec::new(),
+            }
+        };
+        UnitError::TooManyPending {
+            commit_order: co,
+            waiting: self.pending.len(),
+            max: self.max_pending,
+            why,
+        }
     }
 
     /// Counts a staged change of a unit.
@@ -641,15 +766,20 @@ impl Units {
 
     /// Whether no stream can still hold a unit at or before `commit_order`.
     fn streams_past(&self, commit_order: i64) -> bool {
-        self.streams.iter().all(|s| {
-            if s.by_mark {
-                return s.ended || s.listed.is_some_and(|c| commit_order < c);
-            }
-            s.ended
-                || s.caught_up_partition
-                || s.watermark.is_some_and(|w| w >= commit_order)
-                || s.complete_before.is_some_and(|c| commit_order < c)
-        })
+        (0..self.streams.len() as StreamId).all(|id| self.stream_past(id, commit_order))
+    }
+
+    /// Whether stream `id` can no longer hold a unit at or before
+    /// `commit_order`.
+    fn stream_past(&self, id: StreamId, commit_order: i64) -> bool {
+        let s = &self.streams[id as usize];
+        if s.by_mark {
+            return s.ended || s.listed.is_some_and(|c| commit_order < c);
+        }
+        s.ended
+            || s.caught_up_partition
+            || s.watermark.is_some_and(|w| w >= commit_order)
+            || s.complete_before.is_some_and(|c| commit_order < c)
     }
 
     /// Moves the units that have become ready (complete and in order, in
