@@ -1276,6 +1276,60 @@ mod tests {
     }
 
     #[test]
+    fn too_many_pending_says_why_the_first_unit_waits() {
+        // Whole, without prev_commit_order, while stream 1 is not past it:
+        // the error names the stream and the bound, not a missing event.
+        let mut u = Units::new(None, &[at(0), at(0)], Until::End, 2);
+        u.add(&ev(1, 1, Some(1), 0), at(1)).unwrap();
+        u.add(&ev(2, 1, Some(1), 0), at(2)).unwrap();
+        let e = u
+            .add(&ev(3, 1, Some(1), 0), at(3))
+            .unwrap_err()
+            .name_streams(|id| format!("input {id}"));
+        let UnitError::TooManyPending {
+            commit_order: 1,
+            max: 2,
+            why: Waiting::Streams { ids, .. },
+            ..
+        } = &e
+        else {
+            panic!("{e:?}")
+        };
+        assert_eq!(ids, &[1]);
+        let text = e.to_string();
+        assert!(text.contains("which is whole"), "{text}");
+        assert!(text.contains("input 1 may"), "{text}");
+        assert!(text.contains("--max-pending-units"), "{text}");
+        assert!(!text.contains("incomplete"), "{text}");
+        // Ready ones leave before the bound is checked: stream 1 passed
+        // both, so unit 3 is taken.
+        u.add(&ev(9, 1, None, 1), at(1)).unwrap();
+        assert_eq!(
+            u.add(&ev(3, 1, Some(1), 0), at(3)).unwrap(),
+            Disposition::Stage
+        );
+        // Incomplete: says so, with what it holds.
+        let mut u = Units::new(None, &[at(0)], Until::End, 1);
+        u.add(&ev(1, 1, None, 0), at(1)).unwrap();
+        let e = u.add(&ev(2, 1, Some(1), 0), at(2)).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                UnitError::TooManyPending {
+                    why: Waiting::Incomplete {
+                        events: 1,
+                        count: None,
+                        ..
+                    },
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("still incomplete"), "{e}");
+    }
+
+    #[test]
     fn units_applied_before_are_skipped() {
         let mut u = Units::new(Some(10), &[at(0)], Until::End, 100);
         assert_eq!(
