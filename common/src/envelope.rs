@@ -679,12 +679,13 @@ impl ChangeEnvelope {
     /// database `db`, from connector `name` (Debezium's topic prefix slot).
     pub fn new(name: &str, db: &str, schema: &str, table: &str, columns: &[Column]) -> Self {
         let fields: Vec<Value> = columns.iter().map(Column::field_schema).collect();
-        Self::for_rows(name, db, schema, table, &fields, &fields)
+        Self::for_rows(name, db, schema, table, &fields, &fields, None)
     }
 
     /// An envelope whose `before` and `after` have the Connect field
     /// schemas `before` and `after` (a [`crate::codec::RowCodec`]'s, for the
-    /// variants each row image took).
+    /// variants each row image took), and say the source table's OID
+    /// (`tidemark.table.oid`) where `table_oid` gives it.
     pub fn for_rows(
         name: &str,
         db: &str,
@@ -692,15 +693,21 @@ impl ChangeEnvelope {
         table: &str,
         before: &[Value],
         after: &[Value],
+        table_oid: Option<crate::codec::Oid>,
     ) -> Self {
+        let parameters = crate::codec::table_parameters(table_oid);
         let row = |field: &str, fields: &[Value]| {
-            json!({
+            let mut s = json!({
                 "type": "struct",
                 "fields": fields,
                 "optional": true,
                 "name": format!("{name}.{schema}.{table}.Value"),
                 "field": field,
-            })
+            });
+            if let Some(p) = &parameters {
+                s["parameters"] = p.clone();
+            }
+            s
         };
         let source_fields = json!([
             {"type": "string", "optional": false, "field": "version"},
@@ -1310,6 +1317,64 @@ mod tests {
         let rec = ConnectRecord::decode(&bytes).unwrap();
         assert_eq!(rec.field("id"), Some(&json!(7)));
         assert_eq!(rec.schema, schema);
+    }
+
+    #[test]
+    fn before_and_after_say_the_source_table_s_oid_where_known() {
+        let fields = vec![col("id", "int4", true).field_schema()];
+        let schema = |e: &ChangeEnvelope| -> Value {
+            let bytes = e.render(&Change {
+                op: Op::Create,
+                before: None,
+                after: Some(r#"{"id":1}"#),
+                commit_us: 1_700_000_000_000_000,
+                txid: Some(1),
+                sequence: Sequence::Logical {
+                    last_commit: 1,
+                    lsn: 2,
+                },
+                snapshot: SnapshotMark::No,
+                read_us: 1_700_000_000_000_000,
+                transaction: TxPlace {
+                    commit_order: 2,
+                    prev_commit_order: None,
+                    total_order: 1,
+                    data_collection_order: 1,
+                    end: None,
+                },
+            });
+            serde_json::from_slice::<Value>(&bytes).unwrap()["schema"].clone()
+        };
+        let with = schema(&ChangeEnvelope::for_rows(
+            "conn",
+            "db",
+            "public",
+            "t",
+            &fields,
+            &fields,
+            Some(16400),
+        ));
+        for part in [0, 1] {
+            assert_eq!(
+                with["fields"][part]["parameters"],
+                json!({"tidemark.table.oid": "16400"}),
+                "{}",
+                with["fields"][part]["field"]
+            );
+        }
+        let without = schema(&ChangeEnvelope::for_rows(
+            "conn", "db", "public", "t", &fields, &fields, None,
+        ));
+        // Otherwise the envelope is the one it was.
+        let mut stripped = with.clone();
+        for part in [0, 1] {
+            stripped["fields"][part]
+                .as_object_mut()
+                .unwrap()
+                .remove("parameters");
+        }
+        assert_eq!(stripped, without);
+        assert_eq!(without["fields"][0].get("parameters"), None);
     }
 
     #[test]

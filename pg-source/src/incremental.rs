@@ -332,7 +332,12 @@ pub async fn read_chunk_at(
         );
     }
     shape.literal_safe_key(&table.info.name)?;
-    let shape = Arc::new(Shape::new(table.origin.clone(), shape.columns, shape.key)?);
+    let shape = Arc::new(Shape::new(
+        table.origin.clone(),
+        shape.oid,
+        shape.columns,
+        shape.key,
+    )?);
     let after = match resume_point(progress, &shape.key) {
         Resume::Start => None,
         Resume::After(texts) => Some(texts),

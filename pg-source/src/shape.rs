@@ -549,11 +549,14 @@ pub struct Encoded {
 }
 
 impl Shape {
-    /// A shape of `columns` keyed by `key` (columns by name).
+    /// A shape of `columns` keyed by `key` (columns by name), of the
+    /// table whose OID is `table_oid` (which its row images' schemas say:
+    /// the attnums of the columns are this table's).
     ///
     /// Fails when a key column is not among the columns.
     pub fn new(
         origin: Arc<Origin>,
+        table_oid: Oid,
         columns: Vec<ColumnSpec>,
         key: Vec<KeyColumn>,
     ) -> anyhow::Result<Self> {
@@ -573,7 +576,7 @@ impl Shape {
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let (row, key_codec) = RowCodec::keyed(columns.clone(), &key_index);
-        let (row, key_codec) = (Arc::new(row), Arc::new(key_codec));
+        let (row, key_codec) = (Arc::new(row.with_table_oid(table_oid)), Arc::new(key_codec));
         let t = &origin.table;
         let keys = Templates::new(
             key_codec.clone(),
@@ -672,6 +675,7 @@ impl Shape {
             &o.table.name,
             &self.row.fields(&b),
             &self.row.fields(&a),
+            self.row.table_oid(),
         );
         if !o.value_schemas {
             env = env.without_schema();

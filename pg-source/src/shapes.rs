@@ -254,6 +254,10 @@ impl Shapes {
             key_index.push(i);
         }
         let (row, key_codec) = RowCodec::keyed(specs, &key_index);
+        // The attnums are those of the table the shape was recorded for.
+        let relid = Oid::try_from(r.relid)
+            .with_context(|| format!("shape {} has a bad table OID {}", r.id, r.relid))?;
+        let row = row.with_table_oid(relid);
         Ok(Shape {
             id: r.id,
             relid: r.relid,

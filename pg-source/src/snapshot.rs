@@ -297,7 +297,7 @@ impl SnapshotRun {
                 );
             }
             shape.literal_safe_key(&t.info.name)?;
-            let shape = Shape::new(t.origin.clone(), shape.columns, shape.key)?;
+            let shape = Shape::new(t.origin.clone(), shape.oid, shape.columns, shape.key)?;
             shapes.insert(
                 name.clone(),
                 SnapshotTable {

@@ -166,7 +166,7 @@ mod types;
 pub use cache::TypeCache;
 pub use json::escape_json_into;
 pub use playback::{to_pg_row, to_pg_text, to_pg_text_planned, TextPlan};
-pub use row::{logical, param, ColumnSpec, RowCodec, Variant, Variants};
+pub use row::{logical, param, table_parameters, ColumnSpec, RowCodec, Variant, Variants};
 pub use text::{
     parse_array, parse_copy_line, parse_record, write_array_element, write_copy_field,
     write_record, ArrayText, Dim, Field, MAX_DIMS,

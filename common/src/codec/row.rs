@@ -10,7 +10,7 @@ use serde_json::{json, Map, Value};
 use super::json::{escape_json_into, is_json_number, is_pg_integer};
 use super::text::{parse_array, parse_record, ArrayText, Dim, Field};
 use super::time::{self, Instant};
-use super::types::{length_and_scale, ColumnType, PgType, TypeKind};
+use super::types::{length_and_scale, ColumnType, Oid, PgType, TypeKind};
 use super::CodecError;
 
 /// Connect logical names the codec writes.
@@ -59,6 +59,12 @@ pub mod param {
     pub const COLUMN_KEY: &str = "tidemark.column.key";
     /// The column's `pg_attribute.attnum` in the source, where known.
     pub const COLUMN_ATTNUM: &str = "tidemark.column.attnum";
+    /// The source table's `pg_class` OID, where known, as a parameter of
+    /// the row struct schema (a change event's `before` and `after`, a row
+    /// state's value), not of a field: attnums are a column's identity
+    /// within one table only, and a table dropped and created again under
+    /// its name has another OID and attnums counted again from 1.
+    pub const TABLE_OID: &str = "tidemark.table.oid";
 }
 
 /// How one value of a column was carried, when its column's usual schema
@@ -303,6 +309,9 @@ pub struct RowCodec {
     columns: Vec<Plan>,
     default_fields: Arc<[Value]>,
     variant_fields: Mutex<HashMap<Variants, Arc<[Value]>>>,
+    /// The source table's OID, for a table's row image: what its struct
+    /// schema's `tidemark.table.oid` says (see [`RowCodec::with_table_oid`]).
+    table_oid: Option<Oid>,
 }
 
 /// At most this many variant combinations are cached per codec; more are
@@ -321,7 +330,22 @@ impl RowCodec {
             columns,
             default_fields,
             variant_fields: Mutex::new(HashMap::new()),
+            table_oid: None,
         }
+    }
+
+    /// The same codec for the row image of the table whose OID is `oid`:
+    /// its struct schemas carry `tidemark.table.oid`. (A key's codec has
+    /// none: a key's schema is part of the record key, which must not
+    /// change.)
+    pub fn with_table_oid(mut self, oid: Oid) -> Self {
+        self.table_oid = Some(oid);
+        self
+    }
+
+    /// The source table's OID, when the codec was given it.
+    pub fn table_oid(&self) -> Option<Oid> {
+        self.table_oid
     }
 
     /// The codecs of a table's rows and of its key, the key being the
@@ -428,13 +452,24 @@ impl RowCodec {
     /// The Connect struct schema `name` of a row whose values took
     /// `variants`.
     pub fn struct_schema(&self, name: &str, optional: bool, variants: &Variants) -> Value {
-        json!({
+        let mut s = json!({
             "type": "struct",
             "fields": self.fields(variants).to_vec(),
             "optional": optional,
             "name": name,
-        })
+        });
+        if let Some(parameters) = table_parameters(self.table_oid) {
+            s["parameters"] = parameters;
+        }
+        s
     }
+}
+
+/// The parameters of a row struct schema of the table whose OID is
+/// `table_oid`: `{"tidemark.table.oid": "<oid>"}`; `None` when it is not
+/// known (the struct then has no parameters, as before there were any).
+pub fn table_parameters(table_oid: Option<Oid>) -> Option<Value> {
+    table_oid.map(|oid| json!({ param::TABLE_OID: oid.to_string() }))
 }
 
 impl Plan {
@@ -1149,5 +1184,24 @@ mod tests {
         assert_eq!(names, [json!("c"), json!("a")]);
         assert_eq!(params(&key_fields[0], param::COLUMN_KEY), Some(json!("1")));
         assert_eq!(params(&key_fields[1], param::COLUMN_KEY), Some(json!("2")));
+    }
+
+    #[test]
+    fn a_row_struct_says_its_table_s_oid_and_a_key_struct_does_not() {
+        let (row, key) =
+            RowCodec::keyed(vec![col("id", 23, -1, true), col("b", 25, -1, false)], &[0]);
+        // Without it (a codec of a key, or of playback's own), the struct has
+        // no parameters, as before.
+        let plain = row.struct_schema("t", false, &Variants::default());
+        assert_eq!(plain.get("parameters"), None);
+        let row = row.with_table_oid(16400);
+        assert_eq!(row.table_oid(), Some(16400));
+        let s = row.struct_schema("t", false, &Variants::default());
+        assert_eq!(s["parameters"], json!({"tidemark.table.oid": "16400"}));
+        assert_eq!(s["parameters"][param::TABLE_OID], "16400");
+        // The field schemas are the same with or without it.
+        assert_eq!(s["fields"], plain["fields"]);
+        let k = key.struct_schema("t.Key", false, &Variants::default());
+        assert_eq!(k.get("parameters"), None, "a record key never changes");
     }
 }

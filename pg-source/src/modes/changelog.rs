@@ -1165,6 +1165,7 @@ impl ChangeLogMode {
             &table,
             &d.shape.row.fields(&key.1),
             &d.shape.row.fields(&key.2),
+            d.shape.row.table_oid(),
         );
         if drop_values {
             e = e.without_schema();

@@ -209,7 +209,9 @@ impl TimestampReader {
         } else {
             RowCodec::keyed(shape.columns, &key_index)
         };
-        let (row, key) = (Arc::new(row), Arc::new(key));
+        // A row state's schema says its table's OID, as a change event's
+        // `after` does: the attnums are that table's.
+        let (row, key) = (Arc::new(row.with_table_oid(shape.oid)), Arc::new(key));
         Ok(Self {
             keys: Templates::new(
                 key.clone(),

@@ -1599,8 +1599,8 @@ async fn relation(
     if let Some(columns) = &unsent {
         tracing::error!(table = %name, columns = %columns, "the table has generated columns, whose values logical decoding does not send: its changes go to the dead-letter topic from now on (the other tables go on); capture it with schema-init --capture changelog and mode changelog");
     }
-    let shape =
-        Shape::new(tables[i].table.origin.clone(), columns, key).map_err(SourceError::Definite)?;
+    let shape = Shape::new(tables[i].table.origin.clone(), rel.id, columns, key)
+        .map_err(SourceError::Definite)?;
     s.relations.insert(
         rel.id,
         Relation {
