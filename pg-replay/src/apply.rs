@@ -142,10 +142,10 @@ pub struct Stage {
     /// that differs after that is a schema change at the source.
     matched: bool,
     /// The source attnum of each column, by its name now, as the records
-    /// matched so far gave it: what tells a renamed column from a dropped
-    /// and an added one, and a column dropped and added again under its
-    /// name from one left alone.
-    attnums: HashMap<String, i32>,
+    /// matched so far gave it, and the source table it is of: what tells a
+    /// renamed column from a dropped and an added one, and a column dropped
+    /// and added again under its name from one left alone.
+    attnums: KnownAttnums,
     copy_sql: String,
     buf: Vec<u8>,
     /// The units with rows staged (sent or buffered) and not applied.
@@ -521,6 +521,89 @@ fn widens(from: &str, to: &str) -> bool {
 /// source attnum the records gave it, if known.
 pub type Current = (String, String, Option<i32>);
 
+/// The source attnums of a target table's columns, by the columns' names
+/// now, as the records matched so far gave them, and the source table
+/// (`tidemark.table.oid`) they belong to.
+///
+/// Attnums are never reused within one table, but a table dropped and
+/// created again under its name is another table, with another OID and
+/// attnums counted again from 1: its attnum 2 may be the old table's
+/// attnum 3, or a column the old one had dropped. So the attnums known are
+/// of one OID, and a record of another OID is not paired with them. Built
+/// again after a restart from the first record that matches the target.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct KnownAttnums {
+    by_name: HashMap<String, i32>,
+    /// The source table the attnums are of, where the records said
+    /// (records of archives before `tidemark.table.oid` do not).
+    table_oid: Option<u32>,
+}
+
+impl KnownAttnums {
+    /// The attnum known for column `name`.
+    pub fn get(&self, name: &str) -> Option<i32> {
+        self.by_name.get(name).copied()
+    }
+
+    /// `(old, new)` when `row` says a source table OID other than the one
+    /// the attnums known are of: the source table was dropped and created
+    /// again under its name, and the attnums known say nothing of its
+    /// columns. `None` when either OID is not known (a record without one
+    /// is paired as before there were any).
+    pub fn created_again(&self, row: &RowSchema) -> Option<(u32, u32)> {
+        match (self.table_oid, row.table_oid) {
+            (Some(old), Some(new)) if old != new => Some((old, new)),
+            _ => None,
+        }
+    }
+
+    /// Learns the attnums of a record whose columns match the target. A
+    /// record of another source table ([`KnownAttnums::created_again`])
+    /// first forgets every attnum known, and that is returned (old and new
+    /// OID). A field without an attnum (pg-source could not place it)
+    /// keeps the one known for its name: the record is of the shape the
+    /// target has, so the name is still that column's.
+    pub fn learn(&mut self, row: &RowSchema) -> Option<(u32, u32)> {
+        let again = self.created_again(row);
+        if again.is_some() {
+            self.by_name.clear();
+        }
+        if let Some(oid) = row.table_oid {
+            self.table_oid = Some(oid);
+        }
+        for field in &row.fields {
+            if let Some(a) = field.attnum() {
+                self.by_name.insert(field.name.clone(), a);
+            }
+        }
+        again
+    }
+
+    /// Follows `steps`, made to the target, whose columns are now
+    /// `columns`: a rename moves its attnum to the new name; a column
+    /// dropped or added is known by the attnum its next record gives, not
+    /// by an old one of its name.
+    fn follow<'a>(&mut self, steps: &[DdlStep], columns: impl Iterator<Item = &'a str> + Clone) {
+        for step in steps {
+            match step {
+                DdlStep::Drop { name } | DdlStep::Add { name, .. } => {
+                    self.by_name.remove(name);
+                }
+                DdlStep::Rename { from, to } => match self.by_name.remove(from) {
+                    Some(a) => {
+                        self.by_name.insert(to.clone(), a);
+                    }
+                    None => {
+                        self.by_name.remove(to);
+                    }
+                },
+                DdlStep::Retype { .. } | DdlStep::Unproven { .. } => {}
+            }
+        }
+        self.by_name.retain(|n, _| columns.clone().any(|c| c == n));
+    }
+}
+
 /// The changes that turn the `current` columns into the record's (`row`).
 ///
 /// A column is the record's field of the same source attnum, where both
@@ -540,6 +623,26 @@ pub fn column_diff(current: &[Current], row: &RowSchema) -> Vec<DdlStep> {
         .iter()
         .map(|f| (f.name.as_str(), f.column_type(), f.attnum()))
         .collect();
+    diff(current, &new)
+}
+
+/// [`column_diff`] by names alone, as for records without attnums: for a
+/// record of a source table created again under its name, whose attnums
+/// are not those of the columns the target has.
+pub fn column_diff_by_name(current: &[Current], row: &RowSchema) -> Vec<DdlStep> {
+    let current: Vec<Current> = current
+        .iter()
+        .map(|(n, t, _)| (n.clone(), t.clone(), None))
+        .collect();
+    let new: Vec<(&str, Option<&str>, Option<i32>)> = row
+        .fields
+        .iter()
+        .map(|f| (f.name.as_str(), f.column_type(), None))
+        .collect();
+    diff(&current, &new)
+}
+
+fn diff(current: &[Current], new: &[(&str, Option<&str>, Option<i32>)]) -> Vec<DdlStep> {
     let same_type = |c: &Current, ty: Option<&str>| ty.is_none_or(|t| t == c.1);
     // pair[i]: the field that current column i is.
     let mut pair: Vec<Option<usize>> = vec![None; current.len()];
@@ -932,7 +1035,7 @@ impl Applier {
             fields: HashMap::new(),
             schemaless: None,
             matched: false,
-            attnums: HashMap::new(),
+            attnums: KnownAttnums::default(),
             copy_sql,
             buf: Vec::with_capacity(64 * 1024),
             by_unit: UnitSet::default(),
@@ -970,6 +1073,10 @@ impl Applier {
     /// the table's columns: the changes, once records of the table have
     /// matched the target. `None` for a schema seen before, one that
     /// matches, or a first record (whose mismatch is an error of its own).
+    ///
+    /// A record of a source table created again under the table's name
+    /// ([`Applier::created_again`]) is compared by names alone: its
+    /// attnums are another table's.
     pub fn schema_change(&self, idx: usize, id: u64, row: &RowSchema) -> Option<Vec<DdlStep>> {
         let stage = &self.stages[idx];
         if stage.fields.contains_key(&id) || !stage.matched {
@@ -983,12 +1090,22 @@ impl Applier {
                 (
                     c.name.clone(),
                     c.type_sql.clone(),
-                    stage.attnums.get(&c.name).copied(),
+                    stage.attnums.get(&c.name),
                 )
             })
             .collect();
-        let steps = column_diff(&current, row);
+        let steps = match stage.attnums.created_again(row) {
+            Some(_) => column_diff_by_name(&current, row),
+            None => column_diff(&current, row),
+        };
         (!steps.is_empty()).then_some(steps)
+    }
+
+    /// `(old, new)` source table OIDs when a record of table `idx` with
+    /// `row` is of another source table than the attnums known (one
+    /// dropped and created again under its name): for messages.
+    pub fn created_again(&self, idx: usize, row: &RowSchema) -> Option<(u32, u32)> {
+        self.stages[idx].attnums.created_again(row)
     }
 
     /// Whether changes of table `idx` in unit `commit_order` are staged.
@@ -1053,28 +1170,11 @@ impl Applier {
             .await?;
         }
         let stage = &mut self.stages[idx];
-        // The attnums follow the columns' new names; a column added is
-        // known by the attnum its next record gives, not by an old one of
-        // its name.
-        for step in steps {
-            match step {
-                DdlStep::Drop { name } | DdlStep::Add { name, .. } => {
-                    stage.attnums.remove(name);
-                }
-                DdlStep::Rename { from, to } => match stage.attnums.remove(from) {
-                    Some(a) => {
-                        stage.attnums.insert(to.clone(), a);
-                    }
-                    None => {
-                        stage.attnums.remove(to);
-                    }
-                },
-                DdlStep::Retype { .. } | DdlStep::Unproven { .. } => {}
-            }
-        }
+        // The attnums follow the columns' new names (and are forgotten at
+        // the next record, when it is of a source table created again).
         stage
             .attnums
-            .retain(|n, _| target.columns.iter().any(|c| &c.name == n));
+            .follow(steps, target.columns.iter().map(|c| c.name.as_str()));
         stage.target = target;
         stage.cols = cols;
         stage.fields.clear();
@@ -1108,14 +1208,14 @@ impl Applier {
                     ));
                     stage.fields.insert(id, f.clone());
                     stage.matched = true;
-                    // A field without one (pg-source could not place it) keeps
-                    // the attnum known for its name: the record is of the
-                    // shape the target has, so the name is still that
-                    // column's.
-                    for field in &schema.fields {
-                        if let Some(a) = field.attnum() {
-                            stage.attnums.insert(field.name.clone(), a);
-                        }
+                    if let Some((old, new)) = stage.attnums.learn(schema) {
+                        tracing::info!(
+                            source = %stage.source,
+                            target = %stage.target.name,
+                            old_oid = old,
+                            new_oid = new,
+                            "the source table was created again under its name: its columns are paired with the target's by name, not by the old table's attnums"
+                        );
                     }
                     f
                 }
@@ -2305,6 +2405,7 @@ mod tests {
                     schema: serde_json::json!({"field": n, "parameters": {"tidemark.column.type": t}}),
                 })
                 .collect(),
+            table_oid: None,
         }
     }
 
@@ -2327,6 +2428,15 @@ mod tests {
                     }}),
                 })
                 .collect(),
+            table_oid: None,
+        }
+    }
+
+    /// [`row_at`] of the source table whose OID is `oid`.
+    fn row_of(oid: u32, fields: &[(&str, &str, i32)]) -> RowSchema {
+        RowSchema {
+            table_oid: Some(oid),
+            ..row_at(fields)
         }
     }
 
@@ -2334,6 +2444,86 @@ mod tests {
         c.iter()
             .map(|(n, t, a)| ((*n).into(), (*t).into(), Some(*a)))
             .collect()
+    }
+
+    #[test]
+    fn the_attnums_of_a_source_table_created_again_are_forgotten() {
+        // Old table (id, a text, b integer), a dropped: b is attnum 3.
+        let mut known = KnownAttnums::default();
+        let old = row_of(
+            16400,
+            &[("id", "integer", 1), ("a", "text", 2), ("b", "integer", 3)],
+        );
+        assert_eq!(known.learn(&old), None, "the first table is not another");
+        known.follow(
+            &[DdlStep::Drop { name: "a".into() }],
+            ["id", "b"].into_iter(),
+        );
+        assert_eq!(
+            (known.get("id"), known.get("a"), known.get("b")),
+            (Some(1), None, Some(3))
+        );
+        // A later record of the same table keeps them.
+        assert_eq!(
+            known.created_again(&row_of(16400, &[("id", "integer", 1), ("b", "integer", 3)])),
+            None
+        );
+        // Created again as (id, b integer, c text): b is attnum 2 and c
+        // attnum 3, which was the old b's.
+        let new = row_of(
+            16500,
+            &[("id", "integer", 1), ("b", "integer", 2), ("c", "text", 3)],
+        );
+        assert_eq!(known.created_again(&new), Some((16400, 16500)));
+        let current: Vec<Current> = ["id", "b"]
+            .iter()
+            .zip(["integer", "integer"])
+            .map(|(n, t)| ((*n).into(), t.into(), known.get(n)))
+            .collect();
+        // By attnum, the old b would be taken for c (renamed and retyped,
+        // which stops) and b for a column added.
+        assert!(matches!(
+            column_diff(&current, &new).as_slice(),
+            [
+                DdlStep::Rename { .. },
+                DdlStep::Add { .. },
+                DdlStep::Retype { .. }
+            ]
+        ));
+        // By name, as the table's attnums say nothing of the old one: c
+        // is added, b is b.
+        assert_eq!(
+            column_diff_by_name(&current, &new),
+            [DdlStep::Add {
+                name: "c".into(),
+                ty: Some("text".into())
+            }]
+        );
+        // Learning the new table's record forgets the old attnums, then
+        // knows the new ones, of the new OID.
+        assert_eq!(known.learn(&new), Some((16400, 16500)));
+        assert_eq!((known.get("b"), known.get("c")), (Some(2), Some(3)));
+        assert_eq!(known.created_again(&new), None);
+        // A record without an OID (an archive written before pg-source sent
+        // it) is paired as before: by the attnums known.
+        let mut plain = new.clone();
+        plain.table_oid = None;
+        assert_eq!(known.created_again(&plain), None);
+        assert_eq!(known.learn(&plain), None);
+        assert_eq!(known.get("c"), Some(3));
+        // Attnums learnt from records without an OID belong to no known
+        // table: a first record with one keeps them and tells the table.
+        let mut old_archive = KnownAttnums::default();
+        old_archive.learn(&row_at(&[("id", "integer", 1), ("b", "integer", 3)]));
+        assert_eq!(
+            old_archive.learn(&row_of(16600, &[("id", "integer", 1)])),
+            None
+        );
+        assert_eq!(old_archive.get("b"), Some(3));
+        assert_eq!(
+            old_archive.created_again(&row_of(16700, &[("id", "integer", 1)])),
+            Some((16600, 16700))
+        );
     }
 
     #[test]

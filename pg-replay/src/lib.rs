@@ -1278,8 +1278,16 @@ impl Loop<'_> {
                 };
                 if let Some((id, rs)) = &row_schema {
                     if let Some(steps) = applier.schema_change(idx, *id, rs) {
+                        let again = applier.created_again(idx, rs);
                         let made = self
-                            .schema_change(applier, total, idx, &steps, tx.commit_order, &origin)
+                            .schema_change(
+                                applier,
+                                total,
+                                idx,
+                                (&steps, again),
+                                tx.commit_order,
+                                &origin,
+                            )
                             .await?;
                         if !made {
                             if let Some(d) = &self.deferred {
@@ -1443,18 +1451,26 @@ impl Loop<'_> {
     /// apply`, `true`) or stops, saying what changed. `false` when a unit
     /// before it is not all read yet (its events on a stream not read that
     /// far, or in a single file after this record): the change waits.
+    /// `again` is the old and new OID of a source table created again under
+    /// its name, whose columns `steps` pair by name.
     async fn schema_change(
         &mut self,
         applier: &mut Applier,
         total: &mut Summary,
         idx: usize,
-        steps: &[apply::DdlStep],
+        (steps, again): (&[apply::DdlStep], Option<(u32, u32)>),
         co: i64,
         origin: &archive::Origin,
     ) -> anyhow::Result<bool> {
         let table = applier.stage(idx).target.name.clone();
         let what: Vec<String> = steps.iter().map(apply::DdlStep::describe).collect();
-        let what = what.join(", ");
+        let mut what = what.join(", ");
+        if let Some((old, new)) = again {
+            what = format!(
+                "source table {} was created again (OID {old}, now {new}), so its columns are told by name: {what}",
+                applier.stage(idx).source
+            );
+        }
         if applier.stages_unit(idx, co) {
             bail!(
                 "{origin}: table {table}'s columns change inside source transaction {co} ({what}), between its \

@@ -186,7 +186,8 @@ impl Field {
 
     /// The source column's `pg_attribute.attnum`, when the record carries
     /// it (`tidemark.column.attnum`): the same column under any name, never
-    /// another's (attnums are not reused).
+    /// another's (attnums are not reused within one table; see
+    /// [`RowSchema::table_oid`]).
     pub fn attnum(&self) -> Option<i32> {
         self.param("tidemark.column.attnum")?.parse().ok()
     }
@@ -215,10 +216,21 @@ impl Field {
 pub struct RowSchema {
     /// The fields.
     pub fields: Vec<Field>,
+    /// The source table's `pg_class` OID, when the record carries it
+    /// (the struct's `tidemark.table.oid`): the table the fields' attnums
+    /// belong to. A table dropped and created again under its name has
+    /// another, and attnums counted again, so an attnum of another OID is
+    /// another column.
+    pub table_oid: Option<u32>,
 }
 
 impl RowSchema {
     fn from_struct(schema: &Value) -> Option<Self> {
+        let table_oid = schema
+            .get("parameters")
+            .and_then(|p| p.get("tidemark.table.oid"))
+            .and_then(Value::as_str)
+            .and_then(|t| t.parse().ok());
         let fields = schema.get("fields")?.as_array()?;
         let mut out = Vec::with_capacity(fields.len());
         for f in fields {
@@ -228,7 +240,10 @@ impl RowSchema {
                 schema: f.clone(),
             });
         }
-        Some(Self { fields: out })
+        Some(Self {
+            fields: out,
+            table_oid,
+        })
     }
 
     /// The field named `name`.
@@ -848,6 +863,34 @@ pub(crate) mod tests {
                 assert_eq!(row.fields[0].name, "id");
             }
         }
+    }
+
+    #[test]
+    fn the_source_table_oid_is_read_from_the_row_struct() {
+        let mut d = Decoder::new();
+        let line = event_line(
+            "c",
+            Value::Null,
+            json!({"id": 1, "data": "a"}),
+            "t",
+            tx(1, 1, Some(1)),
+            true,
+        );
+        let mut v: Value = serde_json::from_slice(&line).unwrap();
+        let Record::Change(c) = d.decode(&line).unwrap() else {
+            panic!("not a change")
+        };
+        let row = c.schema.unwrap().row.clone().unwrap();
+        assert_eq!(row.table_oid, None, "an archive without it");
+        for part in [0, 1] {
+            v["schema"]["fields"][part]["parameters"] = json!({"tidemark.table.oid": "16400"});
+        }
+        let Record::Change(c) = d.decode(&serde_json::to_vec(&v).unwrap()).unwrap() else {
+            panic!("not a change")
+        };
+        let row = c.schema.unwrap().row.clone().unwrap();
+        assert_eq!(row.table_oid, Some(16400));
+        assert_eq!(row.fields.len(), 2);
     }
 
     #[test]
