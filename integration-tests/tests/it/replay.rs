@@ -959,6 +959,217 @@ async fn an_attnum_follows_its_column_through_a_rename() {
     );
 }
 
+/// [`event_with_attnums`] of the source table whose OID is `oid`, which
+/// pg-source's records say on the row structs (`tidemark.table.oid`).
+fn event_of_table(
+    oid: u32,
+    fields: &[(&str, &str, &str, i32)],
+    op: &str,
+    after: Value,
+    co: i64,
+) -> String {
+    let mut v: Value = serde_json::from_str(&event_with_attnums(fields, op, after, co)).unwrap();
+    for part in [0, 1] {
+        v["schema"]["fields"][part]["parameters"] = json!({"tidemark.table.oid": oid.to_string()});
+    }
+    v.to_string()
+}
+
+/// A session with `search_path = pg_catalog, pg_temp`.
+async fn session(db: &Db) -> sqlx::pool::PoolConnection<sqlx::Postgres> {
+    let mut c = db.pool.acquire().await.unwrap();
+    sqlx::query("set search_path = pg_catalog, pg_temp")
+        .execute(&mut *c)
+        .await
+        .unwrap();
+    c
+}
+
+/// Table `public.t`'s live columns (`name type`, by attnum) and rows (by
+/// key, as text).
+async fn columns_and_rows(db: &Db) -> (Vec<String>, Vec<String>) {
+    let mut c = session(db).await;
+    let columns = sqlx::query_scalar(
+        "select a.attname::text || ' ' || format_type(a.atttypid, a.atttypmod) \
+         from pg_attribute a where a.attrelid = 'public.t'::regclass \
+         and a.attnum > 0 and not a.attisdropped order by a.attnum",
+    )
+    .fetch_all(&mut *c)
+    .await
+    .unwrap();
+    let rows = sqlx::query_scalar("select t::text from public.t t order by t.id")
+        .fetch_all(&mut *c)
+        .await
+        .unwrap();
+    (columns, rows)
+}
+
+/// The source table's OID and the attnums of its live columns.
+async fn oid_and_attnums(db: &Db) -> (u32, Vec<(String, i32)>) {
+    let mut c = session(db).await;
+    let oid: i64 = sqlx::query_scalar("select 'public.t'::regclass::oid::int8")
+        .fetch_one(&mut *c)
+        .await
+        .unwrap();
+    let attnums = sqlx::query_as(
+        "select a.attname::text, a.attnum::int4 from pg_attribute a \
+         where a.attrelid = 'public.t'::regclass and a.attnum > 0 and not a.attisdropped \
+         order by a.attnum",
+    )
+    .fetch_all(&mut *c)
+    .await
+    .unwrap();
+    (u32::try_from(oid).unwrap(), attnums)
+}
+
+/// A source table dropped and created again under its name (pg-source then
+/// sends the new one's rows after a TRUNCATE, by a snapshot) is another
+/// table: its attnums are counted again, and collide with the old one's.
+/// Here the old (id, a text, b integer) has `a` dropped, so b is attnum 3;
+/// the new (id, b integer, c text) has b at 2 (the old a's) and c at 3
+/// (the old b's). Paired by attnum, the old b would be taken for c,
+/// renamed and retyped to text (which stops), and b for a column added.
+/// The records say the table's OID, so pg-replay pairs the new table's
+/// columns by name: the target equals the source. With --schema-changes
+/// stop, the message says the table was created again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_table_created_again_is_not_paired_with_the_old_one_by_attnum() {
+    // The source, as it was and is, for its OIDs, attnums and rows.
+    let source = Db::new().await;
+    source
+        .exec(
+            "set search_path = pg_catalog, pg_temp;
+             create table public.t (id integer primary key, a text, b integer);
+             insert into public.t values (1, 'one', 10), (2, 'two', 20)",
+        )
+        .await;
+    let (old_oid, old_attnums) = oid_and_attnums(&source).await;
+    source
+        .exec(
+            "set search_path = pg_catalog, pg_temp;
+             alter table public.t drop column a;
+             insert into public.t values (3, 30)",
+        )
+        .await;
+    assert_eq!(
+        oid_and_attnums(&source).await.1,
+        [("id".into(), 1), ("b".into(), 3)]
+    );
+    source
+        .exec(
+            "set search_path = pg_catalog, pg_temp;
+             drop table public.t;
+             create table public.t (id integer primary key, b integer, c text);
+             insert into public.t values (1, 100, 'x'), (5, 500, 'y')",
+        )
+        .await;
+    let (new_oid, new_attnums) = oid_and_attnums(&source).await;
+    assert_ne!(old_oid, new_oid);
+    assert_eq!(
+        new_attnums,
+        [("id".into(), 1), ("b".into(), 2), ("c".into(), 3)],
+        "the new table's attnums collide with the old one's"
+    );
+    source
+        .exec("set search_path = pg_catalog, pg_temp; insert into public.t values (6, 600, 'z')")
+        .await;
+    assert_eq!(old_attnums[1], ("a".into(), 2));
+
+    let v1 = [
+        ("id", "int32", "integer", 1),
+        ("a", "string", "text", 2),
+        ("b", "int32", "integer", 3),
+    ];
+    let v2 = [("id", "int32", "integer", 1), ("b", "int32", "integer", 3)];
+    let v3 = [
+        ("id", "int32", "integer", 1),
+        ("b", "int32", "integer", 2),
+        ("c", "string", "text", 3),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.txt");
+    let mut a = Archive::default();
+    a.raw(&event_of_table(
+        old_oid,
+        &v1,
+        "c",
+        json!({"id": 1, "a": "one", "b": 10}),
+        1,
+    ));
+    a.raw(&event_of_table(
+        old_oid,
+        &v1,
+        "c",
+        json!({"id": 2, "a": "two", "b": 20}),
+        2,
+    ));
+    a.raw(&event_of_table(
+        old_oid,
+        &v2,
+        "c",
+        json!({"id": 3, "b": 30}),
+        3,
+    ));
+    // The new table: a TRUNCATE, its rows, then a change.
+    a.raw(&event_of_table(new_oid, &v3, "t", NULL, 4));
+    a.raw(&event_of_table(
+        new_oid,
+        &v3,
+        "c",
+        json!({"id": 1, "b": 100, "c": "x"}),
+        5,
+    ));
+    a.raw(&event_of_table(
+        new_oid,
+        &v3,
+        "c",
+        json!({"id": 5, "b": 500, "c": "y"}),
+        6,
+    ));
+    a.raw(&event_of_table(
+        new_oid,
+        &v3,
+        "c",
+        json!({"id": 6, "b": 600, "c": "z"}),
+        7,
+    ));
+    a.write(&path);
+    let target_ddl = "set search_path = pg_catalog, pg_temp;
+        create table public.t (id integer primary key, a text, b integer)";
+
+    let db = Db::new().await;
+    db.exec(target_ddl).await;
+    let mut cfg = config(&db, &[&path]);
+    cfg.schema_changes = pg_replay::apply::SchemaChanges::Apply;
+    replay(cfg)
+        .await
+        .expect("pg-replay replays the table created again");
+    let (columns, rows) = columns_and_rows(&db).await;
+    assert_eq!(columns, ["id integer", "b integer", "c text"]);
+    assert_eq!(
+        (columns, rows),
+        columns_and_rows(&source).await,
+        "target = source"
+    );
+
+    // Stopping at the change, the message says why the columns are told by
+    // name, naming both OIDs.
+    let db = Db::new().await;
+    db.exec(target_ddl).await;
+    let err = format!("{:#}", replay(config(&db, &[&path])).await.unwrap_err());
+    assert!(err.contains("at unit 3: column a dropped"), "{err}");
+    db.exec("set search_path = pg_catalog, pg_temp; alter table public.t drop column a")
+        .await;
+    let err = format!("{:#}", replay(config(&db, &[&path])).await.unwrap_err());
+    assert!(
+        err.contains(&format!(
+            "source table public.t was created again (OID {old_oid}, now {new_oid}), so its columns are told by name: column c (text) added"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("out.txt line 4"), "{err}");
+}
+
 /// The target's password from a file (`--target-password-file`): kept off
 /// the command line, never in a message; one in `--target-url` on the
 /// command line works but is warned about, naming the file flag.
