@@ -184,6 +184,99 @@ async fn renamed_away_and_back(fx: Fixture) {
     fx.drop_slot().await;
 }
 
+/// Dropped and created again with columns whose attnums are the old
+/// table's for other columns (issue 12): the old table had `a text` and
+/// `b integer` added and `a` dropped (b at attnum 7); the new one has
+/// `b integer` at 6 (the old a's) and `c text` at 7 (the old b's). pg-replay
+/// with --schema-changes apply must not take the old b for c (renamed and
+/// retyped to text, which stops): the records say each table's OID, so it
+/// pairs the new table's columns by name, and the restore equals the
+/// source. (Changelog mode only for now: in logical mode the old table's
+/// records of `a` come without an attnum here, so its drop stops as not
+/// proven before the table is created again; see the report of issue 12.)
+async fn created_again_with_colliding_attnums(fx: Fixture) {
+    let source = fx
+        .start_source_with(&[("batch.max.rows", "10")])
+        .ready()
+        .await;
+    let sink = fx.start_sink();
+    script(
+        &fx,
+        "begin; set local search_path = pg_catalog, pg_temp;
+         alter table public.streaming_update_table add column a text, add column b integer;
+         commit;
+         begin; set local search_path = pg_catalog, pg_temp;
+         insert into public.streaming_update_table (id, data, a, b)
+           select g, 'old ' || g, 'a' || g, g from pg_catalog.generate_series(5001, 5005) g;
+         commit;
+         begin; set local search_path = pg_catalog, pg_temp;
+         alter table public.streaming_update_table drop column a;
+         commit;
+         begin; set local search_path = pg_catalog, pg_temp;
+         update public.streaming_update_table set b = 70 where id = 5002;
+         commit",
+    )
+    .await;
+    until_archived(&fx).await;
+    script(
+        &fx,
+        &format!(
+            "begin; set local search_path = pg_catalog, pg_temp;
+             drop table public.streaming_update_table; {};
+             insert into public.streaming_update_table (id, data, b, c)
+               select g, 'made again ' || g, g * 10, 'c' || g from pg_catalog.generate_series(3, 9) g; commit",
+            SEED_TABLE
+                .replace("create table streaming_update_table", "create table public.streaming_update_table")
+                .replace("now())", "now(),\n  b integer,\n  c text)")
+                .replace("default now()", "default pg_catalog.now()")
+        ),
+    )
+    .await;
+    capture_again(&fx).await;
+    script(
+        &fx,
+        "begin; set local search_path = pg_catalog, pg_temp;
+         update public.streaming_update_table set c = 'changed', b = 1 where id = 4;
+         insert into public.streaming_update_table (id, data, b, c) values (20, 'new', 200, 'c20'); commit",
+    )
+    .await;
+    until_archived(&fx).await;
+    source.assert_running();
+    source.stop().await.unwrap();
+    sink.stop().await.unwrap();
+    let attnums: Vec<(String, i32)> = sqlx::query_as(
+        "select a.attname::pg_catalog.text, a.attnum::pg_catalog.int4 from pg_catalog.pg_attribute a
+         where a.attrelid operator(pg_catalog.=) 'public.streaming_update_table'::pg_catalog.regclass
+           and a.attnum operator(pg_catalog.>) 5 order by a.attnum",
+    )
+    .fetch_all(&fx.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        attnums,
+        [("b".into(), 6), ("c".into(), 7)],
+        "the attnums collide"
+    );
+
+    let db = Db::new().await;
+    sqlx::raw_sql(SEED_DDL).execute(&db.pool).await.unwrap();
+    let mut cfg = config(&db, &[fx.file()]);
+    cfg.schema_changes = pg_replay::apply::SchemaChanges::Apply;
+    replay(cfg).await.expect("pg-replay replays the archive");
+    assert_eq!(
+        table_rows(&db.pool).await,
+        table_rows(&fx.pool).await,
+        "restored = source"
+    );
+    fx.drop_slot().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changelog_table_created_again_with_colliding_attnums_replays_to_the_source() {
+    created_again_with_colliding_attnums(Fixture::changelog(schema_init::TriggerLevel::Row).await)
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changelog_table_dropped_and_created_again_is_snapshotted() {
     dropped_and_created_again(Fixture::changelog(schema_init::TriggerLevel::Row).await).await;
