@@ -244,6 +244,7 @@ async fn signal_table(pool: &PgPool, user: &str, mode: &str, r: &mut Report) -> 
     let signal: Option<(bool, bool)> = sqlx::query_as(
         "select c.relkind operator(pg_catalog.=) 'r' and o.rolsuper and so.rolsuper,
                 pg_catalog.has_table_privilege(c.oid, 'SELECT')
+                  and pg_catalog.has_schema_privilege(n.oid, 'USAGE')
            from pg_catalog.pg_class c
            join pg_catalog.pg_namespace n on n.oid operator(pg_catalog.=) c.relnamespace
            join pg_catalog.pg_roles o on o.oid operator(pg_catalog.=) c.relowner

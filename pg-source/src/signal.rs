@@ -51,6 +51,22 @@ pub enum Read {
 /// unreadable or untrusted (those are [`Read::Off`]).
 pub async fn read(pool: &PgPool, done: &str, cur: &str) -> Result<Read, SourceError> {
     let (schema, table) = names::SIGNAL.split_once('.').expect("schema.table");
+    let pg = |what| move |e| SourceError::postgres(what, e);
+    // One short transaction: the check and the read see the same table,
+    // and a lock held on it (or a slow server) costs a second, not the
+    // stream.
+    let mut tx = pool
+        .begin()
+        .await
+        .map_err(pg("cannot read the signal table"))?;
+    sqlx::query("set local lock_timeout = '1s'")
+        .execute(&mut *tx)
+        .await
+        .map_err(pg("cannot read the signal table"))?;
+    sqlx::query("set local statement_timeout = '10s'")
+        .execute(&mut *tx)
+        .await
+        .map_err(pg("cannot read the signal table"))?;
     let trusted: Option<bool> = sqlx::query_scalar(
         "select c.relkind operator(pg_catalog.=) 'r' and o.rolsuper and so.rolsuper
            from pg_catalog.pg_class c
@@ -61,9 +77,9 @@ pub async fn read(pool: &PgPool, done: &str, cur: &str) -> Result<Read, SourceEr
     )
     .bind(schema)
     .bind(table)
-    .fetch_optional(pool)
+    .fetch_optional(&mut *tx)
     .await
-    .map_err(|e| SourceError::postgres("cannot look up the signal table", e))?;
+    .map_err(pg("cannot look up the signal table"))?;
     match trusted {
         None => return Ok(Read::Off(format!("there is no table {}", names::SIGNAL))),
         Some(false) => {
@@ -75,7 +91,7 @@ pub async fn read(pool: &PgPool, done: &str, cur: &str) -> Result<Read, SourceEr
         Some(true) => {}
     }
     let rows: Result<Vec<(i64, String, String)>, sqlx::Error> = sqlx::query_as(&format!(
-        "select s.id, s.kind, s.data::pg_catalog.text from {} s
+        "select s.id, s.kind, s.data::pg_catalog.text from only {} s
           where pg_catalog.pg_visible_in_snapshot(s.txid, $2::pg_catalog.pg_snapshot)
             and not pg_catalog.pg_visible_in_snapshot(s.txid, $1::pg_catalog.pg_snapshot)
           order by s.id",
@@ -83,7 +99,7 @@ pub async fn read(pool: &PgPool, done: &str, cur: &str) -> Result<Read, SourceEr
     ))
     .bind(done)
     .bind(cur)
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await;
     match rows {
         Ok(rows) => Ok(Read::Signals(

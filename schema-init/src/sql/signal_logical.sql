@@ -9,13 +9,15 @@ begin
   if not (select r.rolsuper from pg_catalog.pg_roles r where r.rolname operator(pg_catalog.=) current_user) then
     return;
   end if;
+  -- Made first, then checked: a schema someone else made meanwhile is
+  -- the one checked.
+  create schema if not exists @SCHEMA@;
 @UNSAFE_OBJECTS@
   if v_bad is not null then
     raise exception using
       message = pg_catalog.format('schema @SCHEMA@ is not safe to create the signal table @SIGNAL@ in: %s', v_bad),
       hint = 'superusers'' sessions would trust what those roles control: check the objects, then make a superuser own them (alter schema @SCHEMA@ owner to postgres; alter table/function ... owner to postgres) and revoke CREATE on the schema from others';
   end if;
-  create schema if not exists @SCHEMA@;
   @SIGNAL_TABLE@;
   revoke all on table @SIGNAL@ from public;
 end

@@ -136,7 +136,9 @@
 //! younger than the WAL to read is queued on the position put back, not
 //! under it.
 //!
-//! **The key changes.** As in [`crate::incremental`]: `K` names its key
+//! **The key changes.** (A snapshot on demand starts again the same way
+//! but without the TRUNCATE, and its changes are all still sent.) As in
+//! [`crate::incremental`]: `K` names its key
 //! by index OID and attnums, so a renamed key column goes on; a replaced
 //! key (found by a chunk's read, by the filter at the first change of the
 //! new key's shape, or at a start) starts the table's snapshot again from
@@ -155,8 +157,9 @@
 //!
 //! # Limits
 //!
-//! - A transaction running when pg-source starts, or when a table under
-//!   snapshot joins the stream, holds the table's first chunk until it ends
+//! - A transaction running when pg-source starts, when a table under
+//!   snapshot joins the stream, or when a snapshot on demand's first chunk
+//!   is read, holds the table's first chunk until it ends
 //!   (the other tables stream on; a WARN names it after 10 s). So does a
 //!   transaction that the stream sent but that is not yet visible (one
 //!   waiting for a synchronous standby).
@@ -181,7 +184,7 @@ use tidemark_common::envelope::{now_us, Op};
 use tidemark_common::offset::IncrementalProgress;
 use tidemark_common::ops::names;
 
-use super::{Decoded, LogicalMode, LogicalTable};
+use super::{Decoded, LogicalMode, LogicalTable, SIGNALS_EVERY};
 use crate::errors::{Class, SourceError};
 use crate::incremental::{self, Chunk, Incremental, Repair};
 use crate::modes::Batch;
@@ -189,6 +192,9 @@ use crate::shape::{lexicographic_gt, literal, KeyColumn};
 use crate::signal;
 use crate::table::EncodedChange;
 use crate::visibility::PgSnapshot;
+
+/// After the signal table could not be read: the next look.
+const SIGNALS_RETRY: Duration = Duration::from_secs(10);
 
 /// After a table's chunk cannot be read: the others' turn first.
 const RETRY_AFTER_ERROR: Duration = Duration::from_secs(5);
@@ -416,7 +422,9 @@ impl LogicalMode {
             // opened first (by the stream's step, which knows its errors).
             return Ok(None);
         }
-        let seed = std::mem::take(&mut self.added.seed);
+        // Cleared only once taken: a failure on the way keeps it for the
+        // next try.
+        let seed = self.added.seed;
         if seed || !self.added.unsettled.is_empty() {
             // A snapshot of now: its running transactions are the seed, and
             // a chunk is not read while one it may miss still runs (the
@@ -456,6 +464,7 @@ impl LogicalMode {
             let now = PgSnapshot::parse(&now).map_err(|e| SourceError::Definite(e.into()))?;
             if seed {
                 self.added.unsettled.extend(now.in_progress());
+                self.added.seed = false;
             } else {
                 self.added.unsettled.retain(|x| !now.visible(*x));
                 if !self.added.unsettled.is_empty() {
@@ -646,11 +655,21 @@ impl LogicalMode {
                 .await
                 .map_err(|e| SourceError::postgres("cannot take a snapshot", e))?;
         let Some(done) = self.position.signals.clone() else {
-            // A position stored before signals were read: from now on.
+            tracing::info!("the stored position is from a release that read no signals in logical mode: signals are acted on from now on, not those written before");
             self.position.signals = Some(cur);
             return Ok(());
         };
-        match signal::read(&self.pool, &done, &cur).await? {
+        let read = match signal::read(&self.pool, &done, &cur).await {
+            Ok(read) => read,
+            Err(e) => {
+                // Snapshots on demand are optional: the stream goes on, and
+                // the same signals are read at the next look.
+                tracing::warn!(error = %format!("{e:#}"), "cannot read the signal table {} now; the stream goes on, and it is read again in {}s", tidemark_common::names::SIGNAL, SIGNALS_RETRY.as_secs());
+                self.last_signals = Instant::now() + SIGNALS_RETRY - SIGNALS_EVERY;
+                return Ok(());
+            }
+        };
+        match read {
             signal::Read::Signals(signals) => {
                 let mut queued = 0;
                 for s in &signals {
