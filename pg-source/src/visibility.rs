@@ -1,6 +1,7 @@
 //! Postgres snapshots (`pg_snapshot` text) read in Rust, so logical mode
 //! tells which transactions an initial snapshot already holds without a
-//! query.
+//! query, and changelog mode ends a batch at a schema change (the snapshot
+//! its DDL recorded joined with the batch's start, [`PgSnapshot::union`]).
 
 /// A snapshot as `pg_current_snapshot()` prints it: `xmin:xmax:xip,...`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +59,74 @@ impl PgSnapshot {
             self.xip.binary_search(&xid).is_err()
         }
     }
+
+    /// The snapshot with transaction `xid` not visible, as if it were still
+    /// in progress (a snapshot taken inside a transaction may show that
+    /// transaction as ended).
+    pub fn hiding(&self, xid: u64) -> Self {
+        let mut s = self.clone();
+        if xid < s.xmax && s.visible(xid) {
+            s.xip.push(xid);
+            s.xip.sort_unstable();
+            s.xmin = s.xmin.min(xid);
+        }
+        s
+    }
+
+    /// The snapshot in which every transaction either shows is visible, and
+    /// no other.
+    pub fn union(&self, other: &Self) -> Self {
+        let (big, small) = if self.xmax >= other.xmax {
+            (self, other)
+        } else {
+            (other, self)
+        };
+        // Below the larger xmax, what the larger one hides is hidden by
+        // both only when the smaller one hides it too.
+        let xip: Vec<u64> = big
+            .xip
+            .iter()
+            .copied()
+            .filter(|&x| !small.visible(x))
+            .collect();
+        Self {
+            xmin: xip.first().copied().unwrap_or(big.xmax),
+            xmax: big.xmax,
+            xip,
+        }
+    }
+
+    /// Whether some transaction visible in this snapshot is not visible in
+    /// `other`.
+    pub fn shows_more_than(&self, other: &Self) -> bool {
+        if self.xip.is_empty() && other.xip.is_empty() {
+            return self.xmax > other.xmax;
+        }
+        // One visible here and hidden there: one `other` had in progress,
+        // or one at or past its xmax below this xmax, not in progress here.
+        if other.xip.iter().any(|&x| self.visible(x)) {
+            return true;
+        }
+        if self.xmax > other.xmax {
+            let hidden_above = self.xip.iter().filter(|&&x| x >= other.xmax).count() as u64;
+            return self.xmax - other.xmax > hidden_above;
+        }
+        false
+    }
+}
+
+impl std::fmt::Display for PgSnapshot {
+    /// As Postgres prints it: `xmin:xmax:xip,...`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}:", self.xmin, self.xmax)?;
+        for (i, x) in self.xip.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{x}")?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -79,6 +148,49 @@ mod tests {
         assert!(empty.visible(6) && !empty.visible(7));
         for bad in ["", "1:2", "a:b:", "5:3:", "1:5:9", "1:5:2,,3"] {
             assert!(PgSnapshot::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// Every xid below 40 is visible in the union exactly when it is in
+    /// either snapshot; `hiding` hides one; `shows_more_than` says whether
+    /// some xid is visible in one and not the other.
+    #[test]
+    fn union_hiding_and_shows_more_than_agree_with_visible() {
+        let texts = [
+            "10:10:",
+            "10:20:10,12,15",
+            "12:25:12,21,24",
+            "5:30:5,6,29",
+            "30:30:",
+            "15:18:15,17",
+        ];
+        let snaps: Vec<PgSnapshot> = texts
+            .iter()
+            .map(|t| PgSnapshot::parse(t).unwrap())
+            .collect();
+        for a in &snaps {
+            assert_eq!(PgSnapshot::parse(&a.to_string()).unwrap(), *a);
+            for x in 0..40 {
+                let h = a.hiding(x);
+                assert!(!h.visible(x), "{a} hiding {x}");
+                for y in (0..40).filter(|&y| y != x) {
+                    assert_eq!(h.visible(y), a.visible(y), "{a} hiding {x}, at {y}");
+                }
+                assert_eq!(PgSnapshot::parse(&h.to_string()).unwrap(), h);
+            }
+            for b in &snaps {
+                let u = a.union(b);
+                assert_eq!(PgSnapshot::parse(&u.to_string()).unwrap(), u, "{a} ∪ {b}");
+                for x in 0..40 {
+                    assert_eq!(
+                        u.visible(x),
+                        a.visible(x) || b.visible(x),
+                        "{a} ∪ {b} at {x}"
+                    );
+                }
+                let more = (0..40).any(|x| a.visible(x) && !b.visible(x));
+                assert_eq!(a.shows_more_than(b), more, "{a} shows more than {b}");
+            }
         }
     }
 }

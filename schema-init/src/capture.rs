@@ -224,8 +224,10 @@ fn fill(template: &str) -> String {
 /// the row before and after as the text of `pg_catalog.record_out` (a
 /// composite literal, which pg-source decodes with the codec by the shape).
 /// **`tidemark.shapes`** holds each shape: the table's live columns in order
-/// (name, attnum, type OID and typmod, `format_type` text, not-null) and its
-/// primary key's column names in index order. A row image is never rendered by Postgres, so a `json` value jsonb
+/// (name, attnum, type OID and typmod, `format_type` text, not-null), its
+/// primary key's column names in index order, and the transaction and
+/// snapshot (`pg_current_snapshot()`) of the DDL that recorded it, at which
+/// pg-source ends a batch. A row image is never rendered by Postgres, so a `json` value jsonb
 /// refuses, an `hstore` or a type without a JSON form is kept exactly.
 ///
 /// **Privileges.** Each table's capture function is `security definer`,
@@ -378,6 +380,24 @@ pub fn changelog_steps(table: &TableName, capture: impl Into<Capture>) -> Vec<St
   key pg_catalog.jsonb not null,
   created_at pg_catalog.timestamptz not null default pg_catalog.clock_timestamp()
 )"#
+            ),
+        ),
+        // Each shape's DDL transaction and the snapshot it saw (made empty
+        // first, so shapes recorded before keep none rather than this
+        // run's): pg-source ends a batch there, so that no unit holds a
+        // table's changes of two shapes (see pg-source's changelog mode).
+        step(
+            "add txid and snapshot to tidemark.shapes",
+            format!(
+                "alter table {shapes}\n  add column if not exists txid pg_catalog.xid8,\n  \
+                 add column if not exists snapshot pg_catalog.pg_snapshot"
+            ),
+        ),
+        step(
+            "record the DDL's transaction and snapshot with each new shape",
+            format!(
+                "alter table {shapes}\n  alter column txid set default pg_catalog.pg_current_xact_id(),\n  \
+                 alter column snapshot set default pg_catalog.pg_current_snapshot()"
             ),
         ),
         step(

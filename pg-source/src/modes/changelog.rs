@@ -117,6 +117,69 @@ const GONE_CHECK: Duration = Duration::from_secs(5);
 /// table whose rows vary more is rendered from fresh ones.
 const MAX_TEMPLATES: usize = 512;
 
+/// The snapshot that begins a batch, its time, and the shapes recorded by
+/// transactions that ended since `done` ($1): each as `txid snapshot us`,
+/// its DDL's transaction, the snapshot the DDL saw, and when.
+const SNAPSHOT_AND_SHAPES_SQL: &str = "select c.s::pg_catalog.text, c.us,
+  (select pg_catalog.array_agg(pg_catalog.concat_ws(' ', h.txid::pg_catalog.text, h.snapshot::pg_catalog.text,
+            (extract(epoch from h.created_at) operator(pg_catalog.*) 1000000)::pg_catalog.int8::pg_catalog.text)
+            order by h.id)
+     from tidemark.shapes h
+    where h.txid is not null and h.snapshot is not null
+      and h.txid operator(pg_catalog.>=) pg_catalog.pg_snapshot_xmin($1::pg_catalog.pg_snapshot)
+      and pg_catalog.pg_visible_in_snapshot(h.txid, c.s)
+      and not pg_catalog.pg_visible_in_snapshot(h.txid, $1::pg_catalog.pg_snapshot))
+  from (select pg_catalog.pg_current_snapshot() s,
+               (extract(epoch from pg_catalog.clock_timestamp()) operator(pg_catalog.*) 1000000)::pg_catalog.int8 us) c";
+
+/// Where a batch beginning after `done` ends when a schema change
+/// committed in it: at the snapshot its DDL saw (without the DDL's own
+/// transaction), joined with `done`. `shapes` are the new shapes'
+/// `txid snapshot us` ([`SNAPSHOT_AND_SHAPES_SQL`]). Of several, the
+/// earliest: one whose snapshot shows none of the others' DDL. `None`
+/// when no snapshot shows a transaction `done` does not (the batch ends
+/// where it was taken).
+///
+/// Why it holds: the DDL held its table's ACCESS EXCLUSIVE lock when its
+/// snapshot was taken, so every change written with the old shape belongs
+/// to a transaction that ended before (visible in it), and every change
+/// with the new one to a transaction that wrote after the DDL committed
+/// (not visible). Every transaction the snapshot shows ended before any
+/// it does not, so the two batches stay in commit order.
+///
+/// Fails when a text is not a snapshot.
+fn shape_split(done: &str, shapes: Vec<String>) -> anyhow::Result<Option<(String, i64)>> {
+    if shapes.is_empty() {
+        return Ok(None);
+    }
+    let done = PgSnapshot::parse(done)?;
+    let mut ends = Vec::new();
+    for line in &shapes {
+        let mut parts = line.split(' ');
+        let (Some(txid), Some(snapshot), Some(us)) = (parts.next(), parts.next(), parts.next())
+        else {
+            bail!("tidemark.shapes gave `{line}`, not a transaction, snapshot and time");
+        };
+        let txid: u64 = txid
+            .parse()
+            .with_context(|| format!("tidemark.shapes gave transaction `{txid}`"))?;
+        let us: i64 = us
+            .parse()
+            .with_context(|| format!("tidemark.shapes gave time `{us}`"))?;
+        let seen = PgSnapshot::parse(snapshot)?.hiding(txid);
+        if seen.shows_more_than(&done) {
+            ends.push((txid, seen, us));
+        }
+    }
+    let earliest = ends
+        .iter()
+        .position(|(_, seen, _)| !ends.iter().any(|(other, _, _)| seen.visible(*other)))
+        .unwrap_or(0);
+    Ok(ends
+        .get(earliest)
+        .map(|(_, seen, us)| (done.union(seen).to_string(), *us)))
+}
+
 /// One configured table, as the change log knows it.
 struct LogTable {
     /// The table as configured.
@@ -196,6 +259,10 @@ pub struct ChangeLogMode {
     /// The signal table cannot be read (absent, no privilege): said once,
     /// not asked again until a restart.
     signals_unreadable: bool,
+    /// `tidemark.shapes` records each DDL's transaction and snapshot, so a
+    /// batch ends at a schema change (a schema-init before this release
+    /// made it without them).
+    shape_snapshots: bool,
     /// When the last batch was committed (or pg-source started).
     last_sent: Instant,
     /// The time of the last snapshot that showed nothing left to send:
@@ -364,6 +431,21 @@ impl ChangeLogMode {
             }
             progress.tables.retain(|t| exists.contains(&t.as_str()));
         }
+        let shape_snapshots: bool = sqlx::query_scalar(
+            "select pg_catalog.count(*) operator(pg_catalog.=) 2 from pg_catalog.pg_attribute a
+              where a.attrelid operator(pg_catalog.=) pg_catalog.to_regclass('tidemark.shapes')
+                and a.attname operator(pg_catalog.=) any (array['txid', 'snapshot']::pg_catalog.name[])
+                and not a.attisdropped",
+        )
+        .fetch_one(pool)
+        .await?;
+        if !shape_snapshots {
+            tracing::warn!(
+                "tidemark.shapes was made by an older schema-init and records no DDL's snapshot: run schema-init \
+                 again. Until then a schema change can fall inside a batch, and pg-replay --schema-changes apply \
+                 stops there"
+            );
+        }
         let types = Arc::new(TypeCache::new());
         let mut mode = Self {
             wakeup: Wakeup::new(pool, cfg.listen).await,
@@ -392,6 +474,7 @@ impl ChangeLogMode {
             told: std::collections::HashSet::new(),
             heartbeat_topic: None,
             signals_unreadable: false,
+            shape_snapshots,
             last_sent: Instant::now(),
             caught_up_us: None,
             batch_taken: None,
@@ -447,12 +530,20 @@ impl ChangeLogMode {
         let had_rows = !self.position.after_seq.is_empty();
         if self.position.batch.is_none() {
             let taken = Instant::now();
-            let (cur, at_us): (String, i64) = sqlx::query_as(
-                "select pg_catalog.pg_current_snapshot()::pg_catalog.text,
-                        (extract(epoch from pg_catalog.clock_timestamp()) operator(pg_catalog.*) 1000000)::pg_catalog.int8",
-            )
-            .fetch_one(&self.pool)
-            .await
+            let (cur, at_us, shapes): (String, i64, Option<Vec<String>>) = if self.shape_snapshots {
+                sqlx::query_as(SNAPSHOT_AND_SHAPES_SQL)
+                    .bind(&self.position.done)
+                    .fetch_one(&self.pool)
+                    .await
+            } else {
+                sqlx::query_as(
+                    "select pg_catalog.pg_current_snapshot()::pg_catalog.text,
+                            (extract(epoch from pg_catalog.clock_timestamp()) operator(pg_catalog.*) 1000000)::pg_catalog.int8,
+                            null::pg_catalog.text[]",
+                )
+                .fetch_one(&self.pool)
+                .await
+            }
             .map_err(pg("cannot take a snapshot"))?;
             if cur == self.position.done {
                 self.caught_up_us = Some(at_us);
@@ -460,10 +551,19 @@ impl ChangeLogMode {
             }
             let done = self.position.done.clone();
             self.read_signals(&done, &cur).await?;
-            self.position.batch = Some(cur);
-            self.position.batch_us = Some(at_us);
+            let (batch, batch_us, split) = match shape_split(&done, shapes.unwrap_or_default()) {
+                Ok(Some((snapshot, us))) => (snapshot, us.min(at_us), true),
+                Ok(None) => (cur, at_us, false),
+                Err(e) => return Err(SourceError::Definite(e)),
+            };
+            if split {
+                tracing::debug!(done = %done, batch = %batch, "a schema change ends this batch");
+            }
+            self.position.batch = Some(batch);
+            self.position.batch_us = Some(batch_us);
             self.batch_taken = Some(taken);
-            self.batch_full = false;
+            // The rest follows at once.
+            self.batch_full = split;
         }
         let cur = self.position.batch.clone().expect("set above");
         // Every table's changes up to the same seq are read (a 0.1 position

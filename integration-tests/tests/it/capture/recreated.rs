@@ -271,6 +271,93 @@ async fn created_again_with_colliding_attnums(fx: Fixture) {
     fx.drop_slot().await;
 }
 
+/// Schema changes among writes that pg-source reads in one go (it was
+/// stopped meanwhile): each ALTER ends a changelog batch at the snapshot
+/// its DDL saw, so no unit holds a table's changes of two shapes, and
+/// pg-replay with --schema-changes apply replays the archive to the source
+/// (before, the first batch after the start held all of them, and pg-replay
+/// stopped at "columns change inside source transaction").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changelog_schema_changes_between_writes_read_at_once_replay_to_the_source() {
+    let fx = Fixture::changelog(schema_init::TriggerLevel::Row).await;
+    let source = fx.start_source_with(&[]).ready().await;
+    let sink = fx.start_sink();
+    until_archived(&fx).await;
+    source.stop().await.unwrap();
+    script(
+        &fx,
+        "begin; set local search_path = pg_catalog, pg_temp;
+         alter table public.streaming_update_table add column a text, add column b integer;
+         commit;
+         begin; set local search_path = pg_catalog, pg_temp;
+         insert into public.streaming_update_table (id, data, a, b)
+           select g, 'old ' || g, 'a' || g, g from pg_catalog.generate_series(5001, 5005) g;
+         commit;
+         begin; set local search_path = pg_catalog, pg_temp;
+         update public.streaming_update_table set a = 'changed' where id = 5001;
+         commit;
+         begin; set local search_path = pg_catalog, pg_temp;
+         alter table public.streaming_update_table drop column a;
+         commit;
+         begin; set local search_path = pg_catalog, pg_temp;
+         update public.streaming_update_table set b = 70 where id = 5002;
+         commit;
+         begin; set local search_path = pg_catalog, pg_temp;
+         alter table public.streaming_update_table alter column b type pg_catalog.int8;
+         commit;
+         begin; set local search_path = pg_catalog, pg_temp;
+         insert into public.streaming_update_table (id, data, b) values (6001, 'after', 9000000000);
+         delete from public.streaming_update_table where id = 5003;
+         commit",
+    )
+    .await;
+    let source = fx.start_source_with(&[]).ready().await;
+    until_archived(&fx).await;
+    source.assert_running();
+    source.stop().await.unwrap();
+    sink.stop().await.unwrap();
+
+    // The changes of each shape are units of their own.
+    let events = read_events(&fx.file());
+    let unit_of = |id: i64, has: &str| -> u64 {
+        events
+            .iter()
+            .rev()
+            .find(|e| {
+                e.after
+                    .as_ref()
+                    .is_some_and(|a| a["id"] == id && a.get(has).is_some())
+                    || (has == "-" && e.before.as_ref().is_some_and(|b| b["id"] == id))
+            })
+            .and_then(|e| e.transaction.as_ref())
+            .map(|t| t.commit_order)
+            .unwrap_or_else(|| panic!("no event of id {id} with {has}"))
+    };
+    let with_a = unit_of(5001, "a");
+    let without_a = unit_of(5002, "b");
+    let wider_b = unit_of(6001, "b");
+    assert!(
+        with_a < without_a && without_a < wider_b,
+        "units {with_a}, {without_a}, {wider_b}: each shape in units of its own"
+    );
+    assert_eq!(
+        unit_of(5003, "-"),
+        wider_b,
+        "the delete goes with its transaction"
+    );
+
+    let db = Db::new().await;
+    sqlx::raw_sql(SEED_DDL).execute(&db.pool).await.unwrap();
+    let mut cfg = config(&db, &[fx.file()]);
+    cfg.schema_changes = pg_replay::apply::SchemaChanges::Apply;
+    replay(cfg).await.expect("pg-replay replays the archive");
+    assert_eq!(
+        table_rows(&db.pool).await,
+        table_rows(&fx.pool).await,
+        "restored = source"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changelog_table_created_again_with_colliding_attnums_replays_to_the_source() {
     created_again_with_colliding_attnums(Fixture::changelog(schema_init::TriggerLevel::Row).await)
