@@ -570,3 +570,62 @@ async fn logical_mode_sends_changes_of_a_table_that_gained_a_generated_column_to
     source.stop().await.unwrap();
     fx.drop_slot().await;
 }
+
+/// The attnum an event's `after` struct gives field `name`, if any.
+fn after_attnum<'a>(raw: &'a Value, name: &str) -> Option<&'a str> {
+    raw["schema"]["fields"][1]["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["field"] == name)
+        .unwrap_or_else(|| panic!("no field {name}: {raw}"))["parameters"]["tidemark.column.attnum"]
+        .as_str()
+}
+
+/// A change written after a rename and an added column, known to pg-source
+/// from a change before them, and read once a later ALTER (one that does
+/// not wait for writers: SET STATISTICS) committed: the names pg-source
+/// knew do not prove attnums then, the catalog does, so the renamed and the
+/// added column carry theirs (before, neither carried one, and pg-replay
+/// refused a later rename as not proven).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logical_mode_gives_attnums_to_columns_renamed_and_added_before_a_later_alter() {
+    let fx = Fixture::logical().await;
+    exec(
+        &fx.pool,
+        "create table m (id int primary key, b text, c int)",
+    )
+    .await;
+    for step in schema_init::logical_steps(&tidemark_common::pg::TableName::parse("m").unwrap()) {
+        exec(&fx.pool, &step.sql).await;
+    }
+    let overrides = [("table.whitelist", "m")];
+    let source = fx.start_source_with(&overrides).ready().await;
+    let topic = format!("{}m", fx.prefix);
+    exec(&fx.pool, "insert into m values (1, 'one', 1)").await;
+    read_topic(&topic, 1).await;
+    exec(
+        &fx.pool,
+        "alter table m rename column b to b2; alter table m add column note text",
+    )
+    .await;
+    // The change's transaction is decoded at its commit, after the
+    // catalog's last change.
+    let mut tx = fx.pool.begin().await.unwrap();
+    sqlx::query("insert into m values (2, 'two', 2, 'n')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    exec(&fx.pool, "alter table m alter column c set statistics 200").await;
+    tx.commit().await.unwrap();
+    let events = read_topic(&topic, 2).await;
+    let (_, insert, raw) = &events[1];
+    assert_eq!(insert.after.as_ref().unwrap()["note"], "n", "{raw}");
+    assert_eq!(after_attnum(raw, "id"), Some("1"), "{raw}");
+    assert_eq!(after_attnum(raw, "b2"), Some("2"), "{raw}");
+    assert_eq!(after_attnum(raw, "c"), Some("3"), "{raw}");
+    assert_eq!(after_attnum(raw, "note"), Some("4"), "{raw}");
+    source.assert_running();
+    source.stop().await.unwrap();
+    fx.drop_slot().await;
+}

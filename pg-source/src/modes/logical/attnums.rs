@@ -210,6 +210,35 @@ pub(super) fn places(
     Some(out)
 }
 
+/// The attnum of each of the message's `n` columns that `places` (of
+/// `attributes`) proves; `None` where it proves none.
+pub(super) fn attnums_of_sent(
+    n: usize,
+    attributes: &[Attribute],
+    places: Option<&[Place]>,
+) -> Vec<Option<i32>> {
+    let mut out = vec![None; n];
+    for (a, p) in attributes.iter().zip(places.unwrap_or_default()) {
+        if let Place::Sent(j) = *p {
+            if let Some(slot) = out.get_mut(j) {
+                *slot = Some(a.attnum);
+            }
+        }
+    }
+    out
+}
+
+/// The attnum of each column of a Relation message `sent` that the catalog
+/// (`attributes`, `catalog_xmin`) proves, as [`places`] tells them.
+pub(super) fn sent_attnums(
+    sent: &[RelationColumn],
+    attributes: &[Attribute],
+    catalog_xmin: Option<Unsettled>,
+) -> Vec<Option<i32>> {
+    let places = places(sent, attributes, catalog_xmin);
+    attnums_of_sent(sent.len(), attributes, places.as_deref())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

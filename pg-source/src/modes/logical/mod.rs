@@ -1479,6 +1479,7 @@ async fn relation(
     // catalog's names may not be the message's, and the message's columns
     // are placed by attnum as far as can be proven (see [`attnums`]).
     let mut after_ddl = false;
+    let mut before_ddl = false;
     let now = CatalogShape::load(&mut s.conn, types, rel.id)
         .await
         .map_err(catalog)?;
@@ -1529,9 +1530,27 @@ async fn relation(
             tables[i].known = now;
             after_ddl = true;
         } else {
-            tracing::debug!(table = %name, ddl_xid = now.changed_by, "a change written before an ALTER TABLE: the key and NOT NULL flags known before stand for it");
+            tracing::debug!(table = %name, ddl_xid = now.changed_by, "a change written before an ALTER TABLE: the key and NOT NULL flags known before stand for it; its columns' attnums are the ones the catalog proves");
+            before_ddl = true;
         }
     }
+    // A change written before the catalog's last ALTER TABLE, with the
+    // table known from an earlier change: other ALTERs may lie between
+    // the two (pg-source is behind), so the known names do not prove
+    // attnums; only the catalog's settled rows do (a column added or
+    // renamed between them is told, by its place, where they prove it).
+    let proven = if before_ddl {
+        let (catalog_xmin, attributes) = attnums::load(&mut s.conn, rel.id, &s.slot)
+            .await
+            .map_err(|e| catalog(e.into()))?;
+        Some(attnums::sent_attnums(
+            &rel.columns,
+            &attributes,
+            catalog_xmin,
+        ))
+    } else {
+        None
+    };
     let known = &tables[i].known;
     let previous = s.relations.get(&rel.id).and_then(|r| r.shape.clone());
     let by_name = if after_ddl {
@@ -1541,13 +1560,17 @@ async fn relation(
             .columns
             .iter()
             .zip(column_types.iter().cloned())
-            .map(|(c, ty)| {
+            .enumerate()
+            .map(|(j, (c, ty))| {
                 let catalog = known.columns.iter().find(|k| k.name == c.name);
                 ColumnSpec {
                     name: c.name.clone(),
                     ty,
                     not_null: catalog.is_some_and(|k| k.not_null),
-                    attnum: catalog.and_then(|k| k.attnum),
+                    attnum: match &proven {
+                        Some(p) => p[j],
+                        None => catalog.and_then(|k| k.attnum),
+                    },
                     key_position: None,
                 }
             })
@@ -1640,21 +1663,14 @@ fn placed_columns(
             })
             .unwrap_or(Place::Unknown)
     };
-    let attnum_of = |j: usize| -> Option<i32> {
-        let p = places.as_ref()?;
-        attributes
-            .iter()
-            .zip(p)
-            .find(|(_, p)| **p == Place::Sent(j))
-            .map(|(a, _)| a.attnum)
-    };
+    let attnums = attnums::attnums_of_sent(rel.columns.len(), attributes, places.as_deref());
     let columns: Vec<ColumnSpec> = rel
         .columns
         .iter()
         .zip(column_types)
         .enumerate()
         .map(|(j, (c, ty))| {
-            let attnum = attnum_of(j);
+            let attnum = attnums[j];
             let catalog = attnum.and_then(|n| known.columns.iter().find(|k| k.attnum == Some(n)));
             ColumnSpec {
                 name: c.name.clone(),
