@@ -138,6 +138,19 @@ fn mark_while_reading(mark: Option<i64>, last: Option<i64>) -> Option<i64> {
     Some(mark?.min(last?))
 }
 
+/// Hands mark `c` of stream `id` over when it is past the last one
+/// handed over (`sent`, which it then becomes). `false` when the
+/// receiver is gone.
+fn hand_over(out: &mut Batcher, id: u32, c: Option<i64>, sent: &mut Option<i64>) -> bool {
+    match c.filter(|c| Some(*c) > *sent) {
+        Some(c) => {
+            *sent = Some(c);
+            out.send(Item::CompleteBefore(id, c))
+        }
+        None => true,
+    }
+}
+
 /// What one partition reader is to read.
 pub struct Partition {
     /// The stream's id.
@@ -276,11 +289,8 @@ fn read_inner(
                 out.send(Item::End(id));
                 return Ok(());
             }
-            if let Some(c) = mark.filter(|c| Some(*c) > sent) {
-                if !out.send(Item::CompleteBefore(id, c)) {
-                    return Ok(());
-                }
-                sent = Some(c);
+            if !hand_over(out, id, mark, &mut sent) {
+                return Ok(());
             }
             if !out.send(Item::CaughtUp(id)) {
                 return Ok(());
@@ -334,11 +344,8 @@ fn read_inner(
                         mark = read_mark(&p.dir).max(mark);
                         mark_read = Instant::now();
                     }
-                    if let Some(c) = mark_while_reading(mark, last_co).filter(|c| Some(*c) > sent) {
-                        if !out.send(Item::CompleteBefore(id, c)) {
-                            return Ok(());
-                        }
-                        sent = Some(c);
+                    if !hand_over(out, id, mark_while_reading(mark, last_co), &mut sent) {
+                        return Ok(());
                     }
                 }
                 std::thread::sleep(FILE_POLL);
@@ -353,11 +360,8 @@ fn read_inner(
                     mark = read_mark(&p.dir).max(mark);
                     mark_read = Instant::now();
                 }
-                if let Some(c) = mark_while_reading(mark, last_co).filter(|c| Some(*c) > sent) {
-                    if !out.send(Item::CompleteBefore(id, c)) {
-                        return Ok(());
-                    }
-                    sent = Some(c);
+                if !hand_over(out, id, mark_while_reading(mark, last_co), &mut sent) {
+                    return Ok(());
                 }
             }
         }

@@ -241,20 +241,11 @@ async fn postgres(
 /// readable by `user`. `mode`: the `--capture` that creates it.
 async fn signal_table(pool: &PgPool, user: &str, mode: &str, r: &mut Report) -> anyhow::Result<()> {
     let (schema, table) = names::SIGNAL.split_once('.').expect("schema.table");
-    let signal: Option<(bool, bool)> = sqlx::query_as(
-        "select c.relkind operator(pg_catalog.=) 'r' and o.rolsuper and so.rolsuper,
-                pg_catalog.has_table_privilege(c.oid, 'SELECT')
-                  and pg_catalog.has_schema_privilege(n.oid, 'USAGE')
-           from pg_catalog.pg_class c
-           join pg_catalog.pg_namespace n on n.oid operator(pg_catalog.=) c.relnamespace
-           join pg_catalog.pg_roles o on o.oid operator(pg_catalog.=) c.relowner
-           join pg_catalog.pg_roles so on so.oid operator(pg_catalog.=) n.nspowner
-          where n.nspname operator(pg_catalog.=) $1 and c.relname operator(pg_catalog.=) $2",
-    )
-    .bind(schema)
-    .bind(table)
-    .fetch_optional(pool)
-    .await?;
+    let signal: Option<(bool, bool)> = sqlx::query_as(crate::signal::TRUST_SQL)
+        .bind(schema)
+        .bind(table)
+        .fetch_optional(pool)
+        .await?;
     match signal {
         Some((true, true)) => r.ok(format!(
             "signal table {} readable: snapshots on demand are on",

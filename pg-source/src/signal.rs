@@ -21,6 +21,18 @@ use tidemark_common::pg::TableName;
 use crate::errors::SourceError;
 use crate::incremental;
 
+/// Whether table $2 in schema $1 is one pg-source trusts (a plain table a
+/// superuser owns, in a schema a superuser owns), and whether this session
+/// may read it (SELECT on it, USAGE on its schema). No row: no such table.
+pub(crate) const TRUST_SQL: &str =
+    "select c.relkind operator(pg_catalog.=) 'r' and o.rolsuper and so.rolsuper,
+        pg_catalog.has_table_privilege(c.oid, 'SELECT')
+          and pg_catalog.has_schema_privilege(n.oid, 'USAGE')
+   from pg_catalog.pg_class c
+   join pg_catalog.pg_namespace n on n.oid operator(pg_catalog.=) c.relnamespace
+   join pg_catalog.pg_roles o on o.oid operator(pg_catalog.=) c.relowner
+   join pg_catalog.pg_roles so on so.oid operator(pg_catalog.=) n.nspowner
+  where n.nspname operator(pg_catalog.=) $1 and c.relname operator(pg_catalog.=) $2";
 /// One row of the signal table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Signal {
@@ -67,19 +79,13 @@ pub async fn read(pool: &PgPool, done: &str, cur: &str) -> Result<Read, SourceEr
         .execute(&mut *tx)
         .await
         .map_err(pg("cannot read the signal table"))?;
-    let trusted: Option<bool> = sqlx::query_scalar(
-        "select c.relkind operator(pg_catalog.=) 'r' and o.rolsuper and so.rolsuper
-           from pg_catalog.pg_class c
-           join pg_catalog.pg_namespace n on n.oid operator(pg_catalog.=) c.relnamespace
-           join pg_catalog.pg_roles o on o.oid operator(pg_catalog.=) c.relowner
-           join pg_catalog.pg_roles so on so.oid operator(pg_catalog.=) n.nspowner
-          where n.nspname operator(pg_catalog.=) $1 and c.relname operator(pg_catalog.=) $2",
-    )
-    .bind(schema)
-    .bind(table)
-    .fetch_optional(&mut *tx)
-    .await
-    .map_err(pg("cannot look up the signal table"))?;
+    let trusted: Option<(bool, bool)> = sqlx::query_as(TRUST_SQL)
+        .bind(schema)
+        .bind(table)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(pg("cannot look up the signal table"))?;
+    let trusted = trusted.map(|(trusted, _)| trusted);
     match trusted {
         None => return Ok(Read::Off(format!("there is no table {}", names::SIGNAL))),
         Some(false) => {
