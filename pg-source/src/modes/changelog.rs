@@ -132,6 +132,18 @@ const SNAPSHOT_AND_SHAPES_SQL: &str = "select c.s::pg_catalog.text, c.us,
   from (select pg_catalog.pg_current_snapshot() s,
                (extract(epoch from pg_catalog.clock_timestamp()) operator(pg_catalog.*) 1000000)::pg_catalog.int8 us) c";
 
+/// The shapes recorded by transactions visible in snapshot $2 and not in
+/// `done` ($1), as [`SNAPSHOT_AND_SHAPES_SQL`] gives them.
+const SHAPES_BETWEEN_SQL: &str = "select pg_catalog.array_agg(pg_catalog.concat_ws(' ', h.txid::pg_catalog.text,
+            h.snapshot::pg_catalog.text,
+            (extract(epoch from h.created_at) operator(pg_catalog.*) 1000000)::pg_catalog.int8::pg_catalog.text)
+            order by h.id)
+     from tidemark.shapes h
+    where h.txid is not null and h.snapshot is not null
+      and h.txid operator(pg_catalog.>=) pg_catalog.pg_snapshot_xmin($1::pg_catalog.pg_snapshot)
+      and pg_catalog.pg_visible_in_snapshot(h.txid, $2::pg_catalog.pg_snapshot)
+      and not pg_catalog.pg_visible_in_snapshot(h.txid, $1::pg_catalog.pg_snapshot)";
+
 /// Where a batch beginning after `done` ends when a schema change
 /// committed in it: at the snapshot its DDL saw (without the DDL's own
 /// transaction), joined with `done`. `shapes` are the new shapes'
@@ -551,16 +563,7 @@ impl ChangeLogMode {
             }
             let done = self.position.done.clone();
             self.read_signals(&done, &cur).await?;
-            let (batch, batch_us, split) = match shape_split(&done, shapes.unwrap_or_default()) {
-                Ok(Some((snapshot, us))) => (snapshot, us.min(at_us), true),
-                Ok(None) => (cur, at_us, false),
-                Err(e) => return Err(SourceError::Definite(e)),
-            };
-            if split {
-                tracing::debug!(done = %done, batch = %batch, "a schema change ends this batch");
-            }
-            self.position.batch = Some(batch);
-            self.position.batch_us = Some(batch_us);
+            let split = self.set_batch(shapes, cur, at_us)?;
             self.batch_taken = Some(taken);
             // The rest follows at once.
             self.batch_full = split;
@@ -1404,10 +1407,19 @@ impl ChangeLogMode {
             return Ok(None);
         }
         if let Some(chunk) = self.incremental.pending.take() {
-            if chunk.snapshot == self.position.done
-                && self.position.incremental[0].table == chunk.table
-            {
-                return Ok(Some(self.emit_chunk(chunk)));
+            if self.position.incremental[0].table == chunk.table {
+                if chunk.snapshot == self.position.done {
+                    return Ok(Some(self.emit_chunk(chunk)));
+                }
+                // A schema change ended the batch before the chunk's
+                // snapshot: the stream goes on towards it.
+                if self.shape_snapshots {
+                    let end = chunk.snapshot.clone();
+                    let at_us = chunk.at_us;
+                    self.incremental.pending = Some(chunk);
+                    self.begin_batch_towards(&end, at_us).await?;
+                    return Ok(None);
+                }
             }
         }
         if self
@@ -1475,10 +1487,56 @@ impl ChangeLogMode {
         // (and acts on the signals that came meanwhile).
         let done = self.position.done.clone();
         self.read_signals(&done, &chunk.snapshot).await?;
-        self.position.batch = Some(chunk.snapshot.clone());
-        self.position.batch_us = Some(chunk.at_us);
+        let (end, at_us) = (chunk.snapshot.clone(), chunk.at_us);
         self.incremental.pending = Some(chunk);
+        self.begin_batch_towards(&end, at_us).await?;
         Ok(None)
+    }
+
+    /// Begins the batch that ends at snapshot `end` (taken at `at_us`), or
+    /// earlier, at a schema change that committed before it (see
+    /// [`shape_split`]).
+    ///
+    /// Fails on a database error.
+    async fn begin_batch_towards(&mut self, end: &str, at_us: i64) -> Result<(), SourceError> {
+        let shapes: Option<Vec<String>> = if self.shape_snapshots {
+            sqlx::query_scalar(SHAPES_BETWEEN_SQL)
+                .bind(&self.position.done)
+                .bind(end)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| SourceError::postgres("cannot read tidemark.shapes", e))?
+        } else {
+            None
+        };
+        let split = self.set_batch(shapes, end.to_owned(), at_us)?;
+        self.batch_full |= split;
+        Ok(())
+    }
+
+    /// Sets the batch to end at snapshot `end` (taken at `at_us`), or at the
+    /// first schema change of `shapes` before it ([`shape_split`]); `true`
+    /// for the latter.
+    ///
+    /// Fails when a snapshot text is not one.
+    fn set_batch(
+        &mut self,
+        shapes: Option<Vec<String>>,
+        end: String,
+        at_us: i64,
+    ) -> Result<bool, SourceError> {
+        let split = shape_split(&self.position.done, shapes.unwrap_or_default())
+            .map_err(SourceError::Definite)?;
+        let (batch, batch_us) = match &split {
+            Some((snapshot, us)) => {
+                tracing::debug!(done = %self.position.done, batch = %snapshot, "a schema change ends this batch");
+                (snapshot.clone(), (*us).min(at_us))
+            }
+            None => (end, at_us),
+        };
+        self.position.batch = Some(batch);
+        self.position.batch_us = Some(batch_us);
+        Ok(split.is_some())
     }
 
     /// The chunk as its own unit, moving its table's progress; the table

@@ -322,6 +322,63 @@ async fn changelog_table_added_by_restart_is_snapshotted_incrementally() {
     assert!(reads.len() >= 247, "{} keys read", reads.len());
 }
 
+/// A schema change among the changes an added table's first snapshot chunk
+/// waits for (pg-source was stopped across it): the batch up to the
+/// chunk's snapshot ends at the schema change too, so the changes of each
+/// shape of `a` are units of their own (pg-replay applies the change
+/// between them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changelog_schema_change_before_an_added_table_s_first_chunk_ends_the_batch() {
+    let db = Db::new().await;
+    script(
+        &db.admin,
+        "create table public.a (id int8 primary key, v text not null);
+         create table public.b (id int8 primary key, v text not null);
+         insert into public.a values (1, 'a1');
+         insert into public.b select g, 'b' || g from generate_series(1, 250) g;",
+    )
+    .await;
+    db.capture("a", Capture::full(TriggerLevel::Row)).await;
+    db.capture("b", Capture::full(TriggerLevel::Row)).await;
+    let overrides = [("batch.max.rows", "100")];
+    let source = db.start_source(&["a"], &overrides).await;
+    let mut reader = TopicReader::new(&[db.topic("a"), db.topic("b")]);
+    reader.at_least(&db.topic("a"), 1).await;
+    source.stop().await;
+    // Each statement its own transaction.
+    for sql in [
+        "insert into public.a values (2, 'old shape')",
+        "update public.a set v = 'old shape too' where id = 1",
+        "alter table public.a add column n text",
+        "insert into public.a values (3, 'new shape', 'n3')",
+        "update public.a set n = 'n1' where id = 1",
+    ] {
+        script(&db.admin, sql).await;
+    }
+    let source = db.start_source(&["a", "b"], &overrides).await;
+    let topic = db.topic("a");
+    let events = reader.at_least(&topic, 5).await.to_vec();
+    reader
+        .until("every row of b", WAIT, |e| {
+            e.get(&db.topic("b"))
+                .is_some_and(|ev| super::replay(ev).len() == 250)
+        })
+        .await;
+    source.stop().await;
+    let unit = |i: usize| {
+        let e = events[i].event.as_ref().unwrap();
+        (
+            e.transaction.as_ref().map(|t| t.commit_order),
+            e.after.as_ref().unwrap().get("n").is_some(),
+        )
+    };
+    let (old_a, old_b, new_a, new_b) = (unit(1), unit(2), unit(3), unit(4));
+    assert!(!old_a.1 && !old_b.1 && new_a.1 && new_b.1, "{events:?}");
+    assert_eq!(old_a.0, old_b.0, "the old shape's changes: one unit");
+    assert_eq!(new_a.0, new_b.0, "the new shape's changes: one unit");
+    assert!(old_a.0 < new_a.0, "each shape in units of its own: {old_a:?} {new_a:?}");
+}
+
 /// Logical mode: a table captured (its publication made) while pg-source
 /// is stopped, with WAL from before the publication still to read, and a
 /// restart with the longer list: pg-source streams instead of exiting with
