@@ -629,3 +629,48 @@ async fn logical_mode_gives_attnums_to_columns_renamed_and_added_before_a_later_
     source.stop().await.unwrap();
     fx.drop_slot().await;
 }
+
+/// As above, with the key column's name swapped with another's: the change
+/// is keyed by the key's attnum under its name now, never by the column
+/// that took the key's old name (review6's HIGH finding, case c).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logical_mode_keys_a_change_by_attnum_after_key_names_were_swapped_before_a_later_alter() {
+    let fx = Fixture::logical().await;
+    exec(&fx.pool, "create table m (a int primary key, b int)").await;
+    for step in schema_init::logical_steps(&tidemark_common::pg::TableName::parse("m").unwrap()) {
+        exec(&fx.pool, &step.sql).await;
+    }
+    let overrides = [("table.whitelist", "m")];
+    let source = fx.start_source_with(&overrides).ready().await;
+    let topic = format!("{}m", fx.prefix);
+    exec(&fx.pool, "insert into m values (1, 100)").await;
+    read_topic(&topic, 1).await;
+    exec(
+        &fx.pool,
+        "begin; alter table m rename column a to t; alter table m rename column b to a;
+         alter table m rename column t to b; commit",
+    )
+    .await;
+    let mut tx = fx.pool.begin().await.unwrap();
+    // b is the key column now (attnum 1), a the other.
+    sqlx::query("insert into m (b, a) values (2, 200)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    exec(&fx.pool, "alter table m alter column a set statistics 200").await;
+    tx.commit().await.unwrap();
+    let events = read_topic(&topic, 2).await;
+    let (key, insert, raw) = &events[1];
+    assert_eq!(insert.after.as_ref().unwrap()["b"], 2, "{raw}");
+    let key_payload = key.get("payload").unwrap_or(key);
+    assert_eq!(
+        key_payload,
+        &serde_json::json!({"b": 2}),
+        "keyed by the key column: {key}"
+    );
+    assert_eq!(after_attnum(raw, "b"), Some("1"), "{raw}");
+    assert_eq!(after_attnum(raw, "a"), Some("2"), "{raw}");
+    source.assert_running();
+    source.stop().await.unwrap();
+    fx.drop_slot().await;
+}

@@ -1578,9 +1578,28 @@ async fn relation(
         let has = |key: &[KeyColumn]| {
             !key.is_empty() && key.iter().all(|k| columns.iter().any(|c| c.name == k.name))
         };
-        // Else the catalog's key is not among the columns sent (a key column
-        // dropped or renamed since this change): the key it had, if known.
-        let key = if has(&known.key) {
+        // Where the catalog proves the key's columns among those sent, they
+        // are the key under the names sent (names known may have been
+        // swapped since). Else the catalog's key by name; else, when that is
+        // not among the columns sent (a key column dropped or renamed since
+        // this change), the key it had, if known.
+        let by_attnum = proven.as_ref().and_then(|p| {
+            known
+                .key
+                .iter()
+                .map(|k| {
+                    let j = p.iter().position(|a| *a == Some(k.attnum))?;
+                    Some(KeyColumn {
+                        name: rel.columns[j].name.clone(),
+                        ..k.clone()
+                    })
+                })
+                .collect::<Option<Vec<_>>>()
+                .filter(|key| !key.is_empty())
+        });
+        let key = if by_attnum.is_some() {
+            by_attnum
+        } else if has(&known.key) {
             Some(known.key.clone())
         } else {
             previous
