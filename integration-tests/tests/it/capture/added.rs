@@ -376,7 +376,10 @@ async fn changelog_schema_change_before_an_added_table_s_first_chunk_ends_the_ba
     assert!(!old_a.1 && !old_b.1 && new_a.1 && new_b.1, "{events:?}");
     assert_eq!(old_a.0, old_b.0, "the old shape's changes: one unit");
     assert_eq!(new_a.0, new_b.0, "the new shape's changes: one unit");
-    assert!(old_a.0 < new_a.0, "each shape in units of its own: {old_a:?} {new_a:?}");
+    assert!(
+        old_a.0 < new_a.0,
+        "each shape in units of its own: {old_a:?} {new_a:?}"
+    );
 }
 
 /// Logical mode: a table captured (its publication made) while pg-source
