@@ -582,51 +582,66 @@ fn after_attnum<'a>(raw: &'a Value, name: &str) -> Option<&'a str> {
         .as_str()
 }
 
-/// A change written after a rename and an added column, known to pg-source
-/// from a change before them, and read once a later ALTER (one that does
-/// not wait for writers: SET STATISTICS) committed: the names pg-source
-/// knew do not prove attnums then, the catalog does, so the renamed and the
-/// added column carry theirs (before, neither carried one, and pg-replay
-/// refused a later rename as not proven).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn logical_mode_gives_attnums_to_columns_renamed_and_added_before_a_later_alter() {
-    let fx = Fixture::logical().await;
-    exec(
-        &fx.pool,
-        "create table m (id int primary key, b text, c int)",
-    )
-    .await;
+/// Table m made by `create` and published; pg-source reads its change
+/// `first`, then `ddl` runs, then `insert` is written in a transaction that
+/// commits after `alter column {late} set statistics 200` (an ALTER that
+/// waits for no writer), so the change is decoded once the catalog changed
+/// after it. The first two events of m, then pg-source stopped.
+async fn read_after_a_later_alter(
+    fx: &Fixture,
+    create: &str,
+    first: &str,
+    ddl: &str,
+    insert: &str,
+    late: &str,
+) -> Vec<(Value, ChangeEvent, Value)> {
+    exec(&fx.pool, create).await;
     for step in schema_init::logical_steps(&tidemark_common::pg::TableName::parse("m").unwrap()) {
         exec(&fx.pool, &step.sql).await;
     }
     let overrides = [("table.whitelist", "m")];
     let source = fx.start_source_with(&overrides).ready().await;
     let topic = format!("{}m", fx.prefix);
-    exec(&fx.pool, "insert into m values (1, 'one', 1)").await;
+    exec(&fx.pool, first).await;
     read_topic(&topic, 1).await;
+    exec(&fx.pool, ddl).await;
+    let mut tx = fx.pool.begin().await.unwrap();
+    sqlx::query(insert).execute(&mut *tx).await.unwrap();
     exec(
         &fx.pool,
-        "alter table m rename column b to b2; alter table m add column note text",
+        &format!("alter table m alter column {late} set statistics 200"),
     )
     .await;
-    // The change's transaction is decoded at its commit, after the
-    // catalog's last change.
-    let mut tx = fx.pool.begin().await.unwrap();
-    sqlx::query("insert into m values (2, 'two', 2, 'n')")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    exec(&fx.pool, "alter table m alter column c set statistics 200").await;
     tx.commit().await.unwrap();
     let events = read_topic(&topic, 2).await;
+    source.assert_running();
+    source.stop().await.unwrap();
+    events
+}
+
+/// A change written after a rename and an added column, known to pg-source
+/// from a change before them, and read once a later ALTER committed: the
+/// names pg-source knew do not prove attnums then, the catalog does, so the
+/// renamed and the added column carry theirs (before, neither carried one,
+/// and pg-replay refused a later rename as not proven).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logical_mode_gives_attnums_to_columns_renamed_and_added_before_a_later_alter() {
+    let fx = Fixture::logical().await;
+    let events = read_after_a_later_alter(
+        &fx,
+        "create table m (id int primary key, b text, c int)",
+        "insert into m values (1, 'one', 1)",
+        "alter table m rename column b to b2; alter table m add column note text",
+        "insert into m values (2, 'two', 2, 'n')",
+        "c",
+    )
+    .await;
     let (_, insert, raw) = &events[1];
     assert_eq!(insert.after.as_ref().unwrap()["note"], "n", "{raw}");
     assert_eq!(after_attnum(raw, "id"), Some("1"), "{raw}");
     assert_eq!(after_attnum(raw, "b2"), Some("2"), "{raw}");
     assert_eq!(after_attnum(raw, "c"), Some("3"), "{raw}");
     assert_eq!(after_attnum(raw, "note"), Some("4"), "{raw}");
-    source.assert_running();
-    source.stop().await.unwrap();
     fx.drop_slot().await;
 }
 
@@ -636,30 +651,17 @@ async fn logical_mode_gives_attnums_to_columns_renamed_and_added_before_a_later_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logical_mode_keys_a_change_by_attnum_after_key_names_were_swapped_before_a_later_alter() {
     let fx = Fixture::logical().await;
-    exec(&fx.pool, "create table m (a int primary key, b int)").await;
-    for step in schema_init::logical_steps(&tidemark_common::pg::TableName::parse("m").unwrap()) {
-        exec(&fx.pool, &step.sql).await;
-    }
-    let overrides = [("table.whitelist", "m")];
-    let source = fx.start_source_with(&overrides).ready().await;
-    let topic = format!("{}m", fx.prefix);
-    exec(&fx.pool, "insert into m values (1, 100)").await;
-    read_topic(&topic, 1).await;
-    exec(
-        &fx.pool,
+    // b is the key column after the swap (attnum 1), a the other.
+    let events = read_after_a_later_alter(
+        &fx,
+        "create table m (a int primary key, b int)",
+        "insert into m values (1, 100)",
         "begin; alter table m rename column a to t; alter table m rename column b to a;
          alter table m rename column t to b; commit",
+        "insert into m (b, a) values (2, 200)",
+        "a",
     )
     .await;
-    let mut tx = fx.pool.begin().await.unwrap();
-    // b is the key column now (attnum 1), a the other.
-    sqlx::query("insert into m (b, a) values (2, 200)")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    exec(&fx.pool, "alter table m alter column a set statistics 200").await;
-    tx.commit().await.unwrap();
-    let events = read_topic(&topic, 2).await;
     let (key, insert, raw) = &events[1];
     assert_eq!(insert.after.as_ref().unwrap()["b"], 2, "{raw}");
     let key_payload = key.get("payload").unwrap_or(key);
@@ -670,7 +672,5 @@ async fn logical_mode_keys_a_change_by_attnum_after_key_names_were_swapped_befor
     );
     assert_eq!(after_attnum(raw, "b"), Some("1"), "{raw}");
     assert_eq!(after_attnum(raw, "a"), Some("2"), "{raw}");
-    source.assert_running();
-    source.stop().await.unwrap();
     fx.drop_slot().await;
 }

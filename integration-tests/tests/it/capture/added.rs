@@ -258,10 +258,8 @@ async fn changelog_table_created_while_running_is_snapshotted_incrementally() {
     );
 }
 
-/// A table added by a longer list at a restart gets the snapshot too, and
-/// its changes made while pg-source was stopped are not lost.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn changelog_table_added_by_restart_is_snapshotted_incrementally() {
+/// Tables `a` (one row) and `b` (250), both captured with row triggers.
+async fn two_captured_tables() -> Db {
     let db = Db::new().await;
     script(
         &db.admin,
@@ -273,6 +271,14 @@ async fn changelog_table_added_by_restart_is_snapshotted_incrementally() {
     .await;
     db.capture("a", Capture::full(TriggerLevel::Row)).await;
     db.capture("b", Capture::full(TriggerLevel::Row)).await;
+    db
+}
+
+/// A table added by a longer list at a restart gets the snapshot too, and
+/// its changes made while pg-source was stopped are not lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changelog_table_added_by_restart_is_snapshotted_incrementally() {
+    let db = two_captured_tables().await;
     let overrides = [("batch.max.rows", "100")];
     let source = db.start_source(&["a"], &overrides).await;
     script(&db.admin, "insert into public.a values (2, 'a2')").await;
@@ -329,17 +335,7 @@ async fn changelog_table_added_by_restart_is_snapshotted_incrementally() {
 /// between them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changelog_schema_change_before_an_added_table_s_first_chunk_ends_the_batch() {
-    let db = Db::new().await;
-    script(
-        &db.admin,
-        "create table public.a (id int8 primary key, v text not null);
-         create table public.b (id int8 primary key, v text not null);
-         insert into public.a values (1, 'a1');
-         insert into public.b select g, 'b' || g from generate_series(1, 250) g;",
-    )
-    .await;
-    db.capture("a", Capture::full(TriggerLevel::Row)).await;
-    db.capture("b", Capture::full(TriggerLevel::Row)).await;
+    let db = two_captured_tables().await;
     let overrides = [("batch.max.rows", "100")];
     let source = db.start_source(&["a"], &overrides).await;
     let mut reader = TopicReader::new(&[db.topic("a"), db.topic("b")]);
