@@ -674,3 +674,41 @@ async fn logical_mode_keys_a_change_by_attnum_after_key_names_were_swapped_befor
     assert_eq!(after_attnum(raw, "a"), Some("2"), "{raw}");
     fx.drop_slot().await;
 }
+
+/// As above, with a NOT NULL column's name swapped with a nullable one's:
+/// each column keeps its own NOT NULL (found by its attnum), so the null
+/// now in `a` is sent as such, with `a` optional and `b` not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logical_mode_keeps_not_null_with_its_column_after_names_were_swapped_before_a_later_alter()
+{
+    let fx = Fixture::logical().await;
+    let events = read_after_a_later_alter(
+        &fx,
+        "create table m (id int primary key, a int not null, b int)",
+        "insert into m values (1, 10, null)",
+        "begin; alter table m rename column a to t; alter table m rename column b to a;
+         alter table m rename column t to b; commit",
+        "insert into m (id, b) values (2, 7)",
+        "id",
+    )
+    .await;
+    let (_, insert, raw) = &events[1];
+    let after = insert.after.as_ref().unwrap();
+    assert_eq!(
+        (&after["a"], &after["b"]),
+        (&Value::Null, &serde_json::json!(7)),
+        "{raw}"
+    );
+    let optional = |name: &str| {
+        raw["schema"]["fields"][1]["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["field"] == name)
+            .unwrap()["optional"]
+            .clone()
+    };
+    assert_eq!(optional("a"), true, "{raw}");
+    assert_eq!(optional("b"), false, "{raw}");
+    fx.drop_slot().await;
+}

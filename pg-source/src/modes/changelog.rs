@@ -561,9 +561,11 @@ impl ChangeLogMode {
                 self.caught_up_us = Some(at_us);
                 return Ok(None);
             }
+            let (batch, batch_us, split) = self.batch_end(shapes, cur, at_us)?;
             let done = self.position.done.clone();
-            self.read_signals(&done, &cur).await?;
-            let split = self.set_batch(shapes, cur, at_us)?;
+            self.read_signals(&done, &batch).await?;
+            self.position.batch = Some(batch);
+            self.position.batch_us = Some(batch_us);
             self.batch_taken = Some(taken);
             // The rest follows at once.
             self.batch_full = split;
@@ -1485,8 +1487,6 @@ impl ChangeLogMode {
         }
         // The stream first sends every change up to the chunk's snapshot
         // (and acts on the signals that came meanwhile).
-        let done = self.position.done.clone();
-        self.read_signals(&done, &chunk.snapshot).await?;
         let (end, at_us) = (chunk.snapshot.clone(), chunk.at_us);
         self.incremental.pending = Some(chunk);
         self.begin_batch_towards(&end, at_us).await?;
@@ -1509,34 +1509,37 @@ impl ChangeLogMode {
         } else {
             None
         };
-        let split = self.set_batch(shapes, end.to_owned(), at_us)?;
+        let (batch, batch_us, split) = self.batch_end(shapes, end.to_owned(), at_us)?;
+        // The signals that came meanwhile.
+        let done = self.position.done.clone();
+        self.read_signals(&done, &batch).await?;
+        self.position.batch = Some(batch);
+        self.position.batch_us = Some(batch_us);
         self.batch_full |= split;
         Ok(())
     }
 
-    /// Sets the batch to end at snapshot `end` (taken at `at_us`), or at the
-    /// first schema change of `shapes` before it ([`shape_split`]); `true`
-    /// for the latter.
+    /// Where the batch after `done` ends: at snapshot `end` (taken at
+    /// `at_us`), or at the first schema change of `shapes` before it
+    /// ([`shape_split`]); the snapshot, its time, and whether it is the
+    /// latter.
     ///
     /// Fails when a snapshot text is not one.
-    fn set_batch(
-        &mut self,
+    fn batch_end(
+        &self,
         shapes: Option<Vec<String>>,
         end: String,
         at_us: i64,
-    ) -> Result<bool, SourceError> {
+    ) -> Result<(String, i64, bool), SourceError> {
         let split = shape_split(&self.position.done, shapes.unwrap_or_default())
             .map_err(SourceError::Definite)?;
-        let (batch, batch_us) = match &split {
+        Ok(match split {
             Some((snapshot, us)) => {
                 tracing::debug!(done = %self.position.done, batch = %snapshot, "a schema change ends this batch");
-                (snapshot.clone(), (*us).min(at_us))
+                (snapshot, us.min(at_us), true)
             }
-            None => (end, at_us),
-        };
-        self.position.batch = Some(batch);
-        self.position.batch_us = Some(batch_us);
-        Ok(split.is_some())
+            None => (end, at_us, false),
+        })
     }
 
     /// The chunk as its own unit, moving its table's progress; the table

@@ -40,6 +40,11 @@ begin
     perform @REFRESH_CAPTURES@(v_relids);
   else
     perform @REFRESH_CAPTURES@(null);
+    -- A rename of a schema, type or domain locks no captured table, so
+    -- writers of the old shape may still be writing: its shapes keep no
+    -- snapshot, and pg-source ends no batch there.
+    update @SHAPES@ set snapshot = null
+     where txid operator(pg_catalog.=) pg_catalog.pg_current_xact_id();
     return;
   end if;
   -- A partition attached to a captured partitioned table (at any depth)

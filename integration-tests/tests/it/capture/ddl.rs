@@ -1013,3 +1013,53 @@ async fn a_table_whose_owner_drops_its_capture_stops_only_itself() {
     source.assert_running("pg-source").await;
     source.stop().await;
 }
+
+/// The shapes a DDL records carry the snapshot pg-source ends a batch at
+/// only where it was taken under the table's lock: an ALTER TABLE in read
+/// committed; not one in repeatable read (its snapshot may be older than
+/// the lock), nor a schema rename (which locks no table).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shape_keeps_its_ddl_s_snapshot_only_where_the_ddl_locked_the_table() {
+    let db = Db::new().await;
+    exec(&db.admin, "create schema s1").await;
+    exec(&db.admin, "create table s1.t (id int primary key, b text)").await;
+    db.capture("s1.t", every_capture()[0]).await;
+    let latest = || async {
+        sqlx::query_as::<_, (Option<String>, Option<String>)>(
+            "select txid::text, snapshot::text from tidemark.shapes order by id desc limit 1",
+        )
+        .fetch_one(&db.admin)
+        .await
+        .unwrap()
+    };
+    exec(&db.admin, "alter table s1.t add column c int").await;
+    let (txid, snapshot) = latest().await;
+    assert!(
+        txid.is_some() && snapshot.is_some(),
+        "read committed: {txid:?} {snapshot:?}"
+    );
+    let mut tx = db.admin.begin().await.unwrap();
+    for sql in [
+        "set transaction isolation level repeatable read",
+        "alter table s1.t add column d int",
+    ] {
+        sqlx::query(sql).execute(&mut *tx).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let (txid, snapshot) = latest().await;
+    assert!(
+        txid.is_some() && snapshot.is_none(),
+        "repeatable read: {txid:?} {snapshot:?}"
+    );
+    exec(&db.admin, "alter schema s1 rename to s2").await;
+    let (txid, snapshot) = latest().await;
+    assert!(
+        txid.is_some() && snapshot.is_none(),
+        "schema rename: {txid:?} {snapshot:?}"
+    );
+    let shapes: i64 = sqlx::query_scalar("select count(*) from tidemark.shapes")
+        .fetch_one(&db.admin)
+        .await
+        .unwrap();
+    assert!(shapes >= 4, "a shape per change: {shapes}");
+}

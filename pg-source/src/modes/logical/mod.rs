@@ -1563,14 +1563,21 @@ async fn relation(
             .enumerate()
             .map(|(j, (c, ty))| {
                 let catalog = known.columns.iter().find(|k| k.name == c.name);
+                let attnum = match &proven {
+                    Some(p) => p[j],
+                    None => catalog.and_then(|k| k.attnum),
+                };
+                // A proven attnum finds the column known (names may have
+                // moved since); else its name.
+                let known_column = match (&proven, attnum) {
+                    (Some(_), Some(n)) => known.columns.iter().find(|k| k.attnum == Some(n)),
+                    _ => catalog,
+                };
                 ColumnSpec {
                     name: c.name.clone(),
                     ty,
-                    not_null: catalog.is_some_and(|k| k.not_null),
-                    attnum: match &proven {
-                        Some(p) => p[j],
-                        None => catalog.and_then(|k| k.attnum),
-                    },
+                    not_null: known_column.is_some_and(|k| k.not_null),
+                    attnum,
                     key_position: None,
                 }
             })
