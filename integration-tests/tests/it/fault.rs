@@ -1495,8 +1495,19 @@ async fn fault_injection_with(fx: Fixture, sinks_setup: Sinks) {
     };
     cfg.schema_changes = pg_replay::apply::SchemaChanges::Apply;
     // In both modes the migrations fall between units (a changelog batch
-    // ends at each schema change), so every table is restored.
-    let restored: &[&str] = if with_added { &[MAIN, ADDED] } else { &[MAIN] };
+    // ends at each schema change), so every table is restored; but from a
+    // changelog segmented archive, where a unit is spread over several
+    // streams, two tables' schema changes can wait at once for a unit
+    // before them, which pg-replay refuses (it lets one wait; see
+    // replay::a_second_schema_change_waiting_beside_another_is_refused_not_lost):
+    // there only the added table is restored, and the seed table's
+    // restore is checked by the strict replay above.
+    let archive = matches!(sinks_setup, Sinks::Archive { .. });
+    let restored: &[&str] = match (with_added, !fx.logical && archive) {
+        (true, true) => &[ADDED],
+        (true, false) => &[MAIN, ADDED],
+        (false, _) => &[MAIN],
+    };
     let pairs: Vec<(TableName, TableName)> = restored
         .iter()
         .map(|t| (TableName::parse(t).unwrap(), TableName::parse(t).unwrap()))
