@@ -571,15 +571,19 @@ async fn logical_mode_sends_changes_of_a_table_that_gained_a_generated_column_to
     fx.drop_slot().await;
 }
 
-/// The attnum an event's `after` struct gives field `name`, if any.
-fn after_attnum<'a>(raw: &'a Value, name: &str) -> Option<&'a str> {
+/// Field `name` of an event's `after` struct schema.
+fn after_field<'a>(raw: &'a Value, name: &str) -> &'a Value {
     raw["schema"]["fields"][1]["fields"]
         .as_array()
         .unwrap()
         .iter()
         .find(|f| f["field"] == name)
-        .unwrap_or_else(|| panic!("no field {name}: {raw}"))["parameters"]["tidemark.column.attnum"]
-        .as_str()
+        .unwrap_or_else(|| panic!("no field {name}: {raw}"))
+}
+
+/// The attnum an event's `after` struct gives field `name`, if any.
+fn after_attnum<'a>(raw: &'a Value, name: &str) -> Option<&'a str> {
+    after_field(raw, name)["parameters"]["tidemark.column.attnum"].as_str()
 }
 
 /// Table m made by `create` and published; pg-source reads its change
@@ -699,15 +703,7 @@ async fn logical_mode_keeps_not_null_with_its_column_after_names_were_swapped_be
         (&Value::Null, &serde_json::json!(7)),
         "{raw}"
     );
-    let optional = |name: &str| {
-        raw["schema"]["fields"][1]["fields"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|f| f["field"] == name)
-            .unwrap()["optional"]
-            .clone()
-    };
+    let optional = |name: &str| after_field(raw, name)["optional"].clone();
     assert_eq!(optional("a"), true, "{raw}");
     assert_eq!(optional("b"), false, "{raw}");
     fx.drop_slot().await;
